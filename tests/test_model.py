@@ -1,0 +1,100 @@
+"""Logit parity with transformers' Phi3ForCausalLM on tiny random configs of every variant (fp32, ≤ 1e-4)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import Phi3Config as HFConfig
+from transformers import Phi3ForCausalLM as HFModel
+
+from phiforge.engine import load_model
+from phiforge.engine.config import ConfigError, Phi3Config
+
+TINY = dict(vocab_size=211, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=256, original_max_position_embeddings=256, pad_token_id=0, bos_token_id=1,
+            eos_token_id=2)
+
+
+def _longrope(rotary_half: int, orig: int = 32, max_pos: int = 256) -> dict:
+    g = torch.Generator().manual_seed(3)
+    short = (1 + torch.rand(rotary_half, generator=g)).tolist()
+    long = (1 + 8 * torch.rand(rotary_half, generator=g)).tolist()
+    return dict(original_max_position_embeddings=orig, max_position_embeddings=max_pos,
+                rope_scaling={"type": "longrope", "short_factor": short, "long_factor": long})
+
+
+VARIANTS = {
+    # mini-4k: sliding window, sequence longer than the window
+    "mini-4k-window": (dict(sliding_window=15), 40),
+    # 128k LongRoPE, below and above original_max_position_embeddings (32 here)
+    "longrope-short": (_longrope(8), 20),
+    "longrope-long": (_longrope(8), 70),
+    "longrope-legacy-su": (_longrope(8), 50),  # config.json rewritten below to say "su", as old hub files do
+    # medium: grouped-query attention
+    "gqa": (dict(num_key_value_heads=2), 33),
+    # Phi-4-mini: partial rotary, tied embeddings, GQA, longrope
+    "partial-tied": ({**dict(partial_rotary_factor=0.75, tie_word_embeddings=True, num_key_value_heads=2),
+                      **_longrope(6)}, 45),
+}
+
+
+def make_hf_checkpoint(tmp_path, overrides: dict, dtype=torch.float32, seed: int = 0):
+    torch.manual_seed(seed)
+    cfg = HFConfig(**{**TINY, **overrides})
+    hf = HFModel(cfg).to(dtype).eval()
+    # Random norms too, so a wrong norm order cannot hide behind ones.
+    with torch.no_grad():
+        for n, p in hf.named_parameters():
+            if "norm" in n:
+                p.uniform_(0.5, 1.5)
+    hf.save_pretrained(tmp_path)
+    return hf
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_logits_match_transformers(tmp_path, variant):
+    overrides, T = VARIANTS[variant]
+    hf = make_hf_checkpoint(tmp_path, overrides)
+    if variant == "longrope-legacy-su":
+        cfg = json.loads((tmp_path / "config.json").read_text())
+        rope = cfg.pop("rope_parameters", None) or cfg.pop("rope_scaling")
+        cfg["rope_scaling"] = {"type": "su", "short_factor": rope["short_factor"], "long_factor": rope["long_factor"]}
+        (tmp_path / "config.json").write_text(json.dumps(cfg))
+    ours = load_model(tmp_path, dtype=torch.float32)
+    ids = torch.randint(0, TINY["vocab_size"], (2, T), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = hf(ids).logits
+        got = ours(ids)
+    assert got.shape == ref.shape
+    assert (got - ref).abs().max().item() <= 1e-4
+
+
+def test_kv_cache_equals_full_forward(tmp_path):
+    make_hf_checkpoint(tmp_path, dict(sliding_window=9, num_key_value_heads=2))
+    model = load_model(tmp_path, dtype=torch.float32)
+    ids = torch.randint(0, TINY["vocab_size"], (2, 30), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        full = model(ids)
+        cache = model.new_cache(2, 32)
+        parts = [model(ids[:, :11], cache=cache)] + [model(ids[:, t:t + 1], cache=cache) for t in range(11, 30)]
+    assert (torch.cat(parts, 1) - full).abs().max().item() <= 1e-4
+
+
+def test_hf_config_forms_and_errors():
+    base = {"architectures": ["Phi3ForCausalLM"], "model_type": "phi3", **TINY, "partial_rotary_factor": 0.5}
+    new_form = {**base, "rope_parameters": {"rope_type": "longrope", "rope_theta": 5000.0, "short_factor": [1.0] * 4,
+                                            "long_factor": [2.0] * 4, "partial_rotary_factor": 0.5}}
+    c = Phi3Config.from_hf(new_form)
+    assert (c.rope_type, c.rope_theta, c.rotary_dim) == ("longrope", 5000.0, 8)
+    assert c.attention_factor == 1.0  # max_pos == original max: no stretch, no scaling
+    c = Phi3Config.from_hf({**base, "max_position_embeddings": 131072, "original_max_position_embeddings": 4096,
+                            "rope_scaling": {"type": "yarn", "short_factor": [1.0] * 4, "long_factor": [1.0] * 4}})
+    assert c.rope_type == "longrope" and abs(c.attention_factor - 1.1902380714) < 1e-8
+    with pytest.raises(ConfigError, match="Phi3SmallForCausalLM"):
+        Phi3Config.from_hf({"architectures": ["Phi3SmallForCausalLM"], "model_type": "phi3small"})
+    with pytest.raises(ConfigError, match="Phi3VForCausalLM"):
+        Phi3Config.from_hf({"architectures": ["Phi3VForCausalLM"], "model_type": "phi3_v"})
+    with pytest.raises(ConfigError, match="short_factor"):
+        Phi3Config.from_hf({**base, "rope_scaling": {"type": "longrope", "short_factor": [1.0],
+                                                     "long_factor": [1.0] * 4}})
