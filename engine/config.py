@@ -98,6 +98,8 @@ class Phi3Config:
         names = {f.name for f in fields(cls) if f.init}
         for k in names & d.keys():
             kw[k] = d[k]
+        if kw.get("torch_dtype") is None and isinstance(d.get("dtype"), str):  # transformers 5 writes "dtype"
+            kw["torch_dtype"] = d["dtype"]
         # RoPE: rope_parameters (new transformers) wins over rope_scaling (hub files); top-level keys fill gaps.
         rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
         rope_type = rope.get("rope_type", rope.get("type", "default"))

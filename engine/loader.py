@@ -185,7 +185,8 @@ def _load_dense(model: Phi3ForCausalLM, reader: SafetensorsReader, dtype: torch.
     missing = sorted(set(shapes) - present)
     unexpected = sorted(k for k in present - set(shapes) if not k.endswith("rotary_emb.inv_freq"))
     if missing:
-        raise CheckpointError(f"{reader.file_of.get(missing[0], reader.dir)}: missing tensor {missing[0]!r}"
+        files = ", ".join(sorted({p.name for p in reader.file_of.values()}))
+        raise CheckpointError(f"{reader.dir} ({files}): missing tensor {missing[0]!r}"
                               + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
     if unexpected:
         raise CheckpointError(f"{reader.file_of[unexpected[0]]}: unexpected tensor {unexpected[0]!r}"
