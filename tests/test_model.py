@@ -98,3 +98,30 @@ def test_hf_config_forms_and_errors():
     with pytest.raises(ConfigError, match="short_factor"):
         Phi3Config.from_hf({**base, "rope_scaling": {"type": "longrope", "short_factor": [1.0],
                                                      "long_factor": [1.0] * 4}})
+
+
+def test_default_model_greedy_32_equals_transformers():
+    """The real default model, fp32: logits close and 32 greedy tokens (KV-cached loop) identical."""
+    from transformers import AutoTokenizer
+
+    from phiforge.engine.fetch import default_model_path
+    path = default_model_path()
+    hf = HFModel.from_pretrained(path, dtype=torch.float32).eval()
+    ours = load_model(path, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(path)
+    chat = [{"role": "user", "content": "What is the capital of France? Answer briefly."}]
+    ids = tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=True)
+    ids = torch.tensor([list(ids["input_ids"] if hasattr(ids, "keys") else ids)])
+    with torch.no_grad():
+        ref = hf.generate(ids, max_new_tokens=32, do_sample=False, min_new_tokens=32)[0, ids.shape[1]:]
+        assert (ours(ids) - hf(ids).logits).abs().max().item() <= 1e-3
+        cache = ours.new_cache(1, ids.shape[1] + 32)
+        logits, got = ours(ids, cache=cache, num_logits=1), []
+        eos = hf.generation_config.eos_token_id
+        for _ in range(32):
+            logits[..., eos] = float("-inf")  # what min_new_tokens=32 does on transformers' side
+            nxt = logits[:, -1].argmax(-1, keepdim=True)  # (1, 1)
+            got.append(int(nxt))
+            logits = ours(nxt, cache=cache)
+    assert got == ref.tolist()
+    assert "Paris" in tok.decode(got)
