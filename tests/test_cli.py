@@ -1,0 +1,38 @@
+"""The one CLI: every command is routed to a module that exists and builds its parser."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import subprocess
+import sys
+
+import pytest
+
+from phiforge.engine.cli import COMMANDS, _hooks, main
+
+
+def test_help_lists_every_command(capsys):
+    assert main([]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in COMMANDS)
+
+
+def test_unknown_command_is_an_error(capsys):
+    assert main(["frobnicate"]) == 2
+    assert "unknown command 'frobnicate'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", list(COMMANDS))
+def test_every_command_builds_its_parser(name):
+    add, run = _hooks(importlib.import_module(COMMANDS[name][0]), name)
+    parser = argparse.ArgumentParser(prog=f"phiforge {name}")
+    add(parser)
+    assert callable(run) and parser.format_help()
+
+
+def test_console_script_fetch_prints_the_model_dir():
+    exe = [sys.executable, "-c", "import sys; from phiforge.engine.cli import main; sys.exit(main())", "fetch"]
+    out = subprocess.run(exe, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    from phiforge.engine.fetch import default_model_path
+    assert out.stdout.strip().splitlines()[-1] == str(default_model_path())
