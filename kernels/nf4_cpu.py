@@ -1,16 +1,226 @@
-"""NF4 matmul on CPU tensors (placeholder torch path; the native path lands next)."""
+"""NF4 matmul on CPU tensors: a tiny native kernel for decode, dequantize-into-a-buffer + oneDNN for the rest.
+
+Why native code on the CPU path: at M = 1 the dense bf16 GEMV streams 2 bytes per weight at memory speed. Any
+unfused torch NF4 path first writes the whole dequantized W (2 bytes per weight) and then reads it back, so it can
+never come within 1.5x of dense; it needs the dequantize fused into the dot product. torch has no such op for a
+non-uniform 4-bit code (its int4 kernels are affine), so ~100 lines of C do it, compiled once with the system C
+compiler and called through ctypes (which releases the GIL, so row ranges run on threads).
+
+The whole NF4 table is 16 fp32 values = one AVX-512 register, so the lookup is one `vpermps` per 16 weights:
+
+    bytes  = 16 packed bytes -> 16 int32            (32 weights)
+    hi, lo = bytes >> 4, bytes & 15                 (elements 2j and 2j+1)
+    w_hi   = permutexvar(hi, table) * absmax        fp32, exactly as bitsandbytes dequantizes
+    acc_m += w_hi * x_m[0::2] + w_lo * x_m[1::2]     x split into even/odd halves once per call
+
+Without a C compiler (or for shapes outside the fast path) everything falls back to `dequantize_nf4_ref` + matmul.
+Shape legend: M rows of x, N = out_features, K = in_features, n = N*K, nb = n / blocksize.
+"""
 from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import subprocess
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import torch
 
 from phiforge.kernels.nf4 import NF4Weight, dequantize_nf4_ref
 
+_SRC = r"""
+#include <stdint.h>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
+static inline float scale_of(const void *absmax, const float *ncode, const float *nabs, float offset,
+                             int dq, int nbs, int64_t b) {
+    /* absmax[b], or nested_code[a8[b]] * nested_absmax[b / 256] + offset: two roundings, no FMA (-ffp-contract=off) */
+    return dq ? ncode[((const uint8_t *)absmax)[b]] * nabs[b / nbs] + offset : ((const float *)absmax)[b];
+}
+
+static inline void store(void *out, int kind, int64_t i, float v) {
+    if (kind == 0) { ((float *)out)[i] = v; return; }
+    union { float f; uint32_t u; } c = {v};
+    if (kind == 1) { ((uint16_t *)out)[i] = (uint16_t)((c.u + 0x7FFF + ((c.u >> 16) & 1)) >> 16); return; }
+#ifdef __F16C__
+    ((uint16_t *)out)[i] = _cvtss_sh(v, 0);
+#endif
+}
+
+/* out[i] = code[q_i] * absmax[i / bs] for flat i in [i0, i1); i0 a multiple of bs. kind: 0 fp32, 1 bf16, 2 fp16. */
+void nf4_dequant(const uint8_t *packed, const void *absmax, const float *code, const float *ncode,
+                 const float *nabs, float offset, int dq, int bs, int nbs, int64_t i0, int64_t i1,
+                 void *out, int kind) {
+    for (int64_t b0 = i0; b0 < i1; b0 += bs) {
+        float s = scale_of(absmax, ncode, nabs, offset, dq, nbs, b0 / bs);
+        int64_t e = b0 + bs < i1 ? b0 + bs : i1, i = b0;
+#ifdef __AVX512F__
+        __m512 lut = _mm512_loadu_ps(code), vs = _mm512_set1_ps(s);
+        const __m512i even = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+        const __m512i odd = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
+        for (; i + 32 <= e; i += 32) {
+            __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(packed + i / 2)));
+            __m512 hi = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(q, 4), lut), vs);
+            __m512 lo = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_and_si512(q, _mm512_set1_epi32(15)), lut), vs);
+            __m512 v[2] = {_mm512_permutex2var_ps(hi, even, lo), _mm512_permutex2var_ps(hi, odd, lo)};
+            for (int h = 0; h < 2; h++) {
+                if (kind == 0) {
+                    _mm512_storeu_ps((float *)out + i + 16 * h, v[h]);
+                } else if (kind == 1) {  /* fp32 -> bf16, round to nearest even: u + 0x7FFF + lsb, keep the top half */
+                    __m512i u = _mm512_castps_si512(v[h]);
+                    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+                    u = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb), 16);
+                    _mm256_storeu_si256((__m256i *)((uint16_t *)out + i + 16 * h), _mm512_cvtepi32_epi16(u));
+                } else {
+                    _mm256_storeu_si256((__m256i *)((uint16_t *)out + i + 16 * h),
+                                        _mm512_cvtps_ph(v[h], _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+                }
+            }
+        }
+#endif
+        for (; i < e; i++) {
+            uint8_t byte = packed[i / 2];
+            store(out, kind, i, code[(i & 1) ? (byte & 15) : (byte >> 4)] * s);
+        }
+    }
+}
+
+/* y[m, n] = sum_k x[m, k] W[n, k] for rows n in [n0, n1); needs K % bs == 0 (bs is a multiple of 32).
+   xe, xo: (M, K/2) fp32 even and odd columns of x. y: (M, N) fp32. */
+void nf4_gemv(const float *xe, const float *xo, int M, const uint8_t *packed, const void *absmax,
+              const float *code, const float *ncode, const float *nabs, float offset, int dq, int bs, int nbs,
+              int64_t N, int64_t K, int64_t n0, int64_t n1, float *y) {
+    int64_t K2 = K / 2;
+    for (int64_t n = n0; n < n1; n++) {
+        const uint8_t *row = packed + n * K2;
+#ifdef __AVX512F__
+        __m512 lut = _mm512_loadu_ps(code);
+        __m512 acc[8];
+        for (int m = 0; m < M; m++) acc[m] = _mm512_setzero_ps();
+        for (int64_t k = 0; k < K; k += bs) {
+            __m512 vs = _mm512_set1_ps(scale_of(absmax, ncode, nabs, offset, dq, nbs, (n * K + k) / bs));
+            for (int64_t j = k / 2; j < (k + bs) / 2; j += 16) {
+                __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(row + j)));
+                __m512 hi = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(q, 4), lut), vs);
+                __m512 lo = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_and_si512(q, _mm512_set1_epi32(15)), lut), vs);
+                for (int m = 0; m < M; m++) {
+                    acc[m] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xe + m * K2 + j), acc[m]);
+                    acc[m] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xo + m * K2 + j), acc[m]);
+                }
+            }
+        }
+        for (int m = 0; m < M; m++) y[m * N + n] = _mm512_reduce_add_ps(acc[m]);
+#else
+        float acc[8] = {0};
+        for (int64_t k = 0; k < K; k += bs) {
+            float s = scale_of(absmax, ncode, nabs, offset, dq, nbs, (n * K + k) / bs);
+            for (int64_t j = k / 2; j < (k + bs) / 2; j++) {
+                float hi = code[row[j] >> 4] * s, lo = code[row[j] & 15] * s;
+                for (int m = 0; m < M; m++) acc[m] += hi * xe[m * K2 + j] + lo * xo[m * K2 + j];
+            }
+        }
+        for (int m = 0; m < M; m++) y[m * N + n] = acc[m];
+#endif
+    }
+}
+"""
+
+GEMV_MAX_M = 8  # acc[8] in the C kernel: one AVX-512 accumulator per row of x
+_lib: ctypes.CDLL | None | bool = False  # False: not tried yet; None: no compiler, use the torch fallback
+_pool: ThreadPoolExecutor | None = None
+
+
+def _load() -> ctypes.CDLL | None:
+    """Compile the C source once per machine (cached by source + CPU flags), then dlopen it."""
+    global _lib
+    if _lib is not False:
+        return _lib
+    _lib = None
+    if os.environ.get("PHIFORGE_CPU_NATIVE", "1") == "0":
+        return None
+    try:
+        flags = next((l for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("flags")), "")
+    except OSError:
+        flags = platform.processor()
+    key = hashlib.sha256((_SRC + flags + platform.machine()).encode()).hexdigest()[:16]
+    home = Path(os.environ.get("PHIFORGE_HOME") or Path.home() / ".cache" / "phiforge")
+    so = home / "cpu_kernels" / f"nf4_{key}.so"
+    try:
+        if not so.exists():
+            so.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=so.parent) as tmp:
+                src, out = Path(tmp) / "nf4.c", Path(tmp) / "nf4.so"
+                src.write_text(_SRC)
+                subprocess.run([os.environ.get("CC", "cc"), "-O3", "-march=native", "-ffp-contract=off", "-shared",
+                                "-fPIC", str(src), "-o", str(out)], check=True, capture_output=True)
+                os.replace(out, so)  # atomic: a concurrent process sees the old state or the whole file
+        lib = ctypes.CDLL(str(so))
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    P, I, L, F = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
+    lib.nf4_dequant.argtypes = [P, P, P, P, P, F, I, I, I, L, L, P, I]
+    lib.nf4_gemv.argtypes = [P, P, I, P, P, P, P, P, F, I, I, I, L, L, L, L, P]
+    _lib = lib
+    return lib
+
+
+def _parallel(fn, total: int, align: int) -> None:
+    """Run fn(start, stop) over [0, total) in one chunk per torch thread, chunk edges multiples of `align`."""
+    global _pool
+    threads = max(1, torch.get_num_threads())
+    step = -(-total // threads // align) * align or align
+    chunks = [(s, min(s + step, total)) for s in range(0, total, step)]
+    if len(chunks) == 1:
+        fn(*chunks[0])
+        return
+    if _pool is None:
+        _pool = ThreadPoolExecutor(threads)
+    list(_pool.map(lambda c: fn(*c), chunks))
+
+
+def _w_args(w: NF4Weight) -> tuple:
+    dq = w.double_quant
+    nested = (w.nested_code.data_ptr(), w.nested_absmax.data_ptr()) if dq else (None, None)
+    return (w.packed.data_ptr(), w.absmax.data_ptr(), w.code.data_ptr(), *nested, float(w.offset), int(dq))
+
+
+_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
 
 def dequantize_into(w: NF4Weight, out: torch.Tensor) -> torch.Tensor:
-    out.copy_(dequantize_nf4_ref(w, out.dtype))
+    """Fill out (N, K), contiguous fp32/bf16/fp16, with dequantize(W); bit-identical to `dequantize_nf4_ref`."""
+    lib = _load()
+    if lib is None or out.dtype not in _KIND or not out.is_contiguous():
+        return out.copy_(dequantize_nf4_ref(w, out.dtype))
+    args = _w_args(w)
+    _parallel(lambda i0, i1: lib.nf4_dequant(*args, w.blocksize, w.nested_blocksize, i0, i1, out.data_ptr(),
+                                             _KIND[out.dtype]), w.numel, w.blocksize)
     return out
 
 
+def _gemv(x: torch.Tensor, w: NF4Weight, lib: ctypes.CDLL) -> torch.Tensor:
+    """x (M <= 8, K) -> (M, N) via the fused C kernel."""
+    N, K = w.shape
+    xe = x[:, 0::2].float().contiguous()  # (M, K/2) the weights in HIGH nibbles multiply these
+    xo = x[:, 1::2].float().contiguous()  # (M, K/2)
+    y = torch.empty(x.shape[0], N, dtype=torch.float32)
+    args = _w_args(w)
+    _parallel(lambda n0, n1: lib.nf4_gemv(xe.data_ptr(), xo.data_ptr(), x.shape[0], *args, w.blocksize,
+                                          w.nested_blocksize, N, K, n0, n1, y.data_ptr()), N, 16)
+    return y.to(x.dtype)
+
+
 def matmul(a: torch.Tensor, w: NF4Weight, trans_w: bool) -> torch.Tensor:
-    wd = dequantize_nf4_ref(w, a.dtype)
+    """a (M, K) -> a·Wᵀ (M, N), or with trans_w a (M, N) -> a·W (M, K). CPU tensors."""
+    from phiforge.kernels.nf4_matmul import dequantize_into_buffer  # the shared reused buffer
+
+    lib = _load()
+    if lib is not None and not trans_w and a.shape[0] <= GEMV_MAX_M and w.shape[1] % w.blocksize == 0:
+        return _gemv(a, w, lib)
+    wd = dequantize_into_buffer(w, a.dtype)  # (N, K)
     return a @ (wd if trans_w else wd.T)

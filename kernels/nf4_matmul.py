@@ -62,7 +62,7 @@ GEMV_CONFIGS = {
 # three would stage the per-element gathers in more shared memory than sm_86/89 offer (99 KB). A 128-row tile at
 # 8 warps was dropped: ptxas capped it at 128 registers and spilled in the transposed+LoRA variant.
 GEMM_CONFIGS = {
-    "small": dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=2, num_stages=2),
+    "small": dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=2, num_stages=2),
     "medium": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=2),
 }
 GEMV_MAX_M = 8
