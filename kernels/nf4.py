@@ -23,8 +23,12 @@ Double quantization ("compress_statistics") stores absmax in 8 bits:
 
 which takes the scale overhead from 32/64 = 0.5 to 8/64 + 32/(64*256) ~= 0.127 bits per weight.
 
-The two reference computations carry bitsandbytes' own rounding so results match it exactly: full 4-bit blocks
-scale by `w * (1 / absmax)`, the short tail block by `w / absmax`; the nested 8-bit step divides.
+Both steps round as bitsandbytes' reference (pure-torch "default" backend) does: a full block scales by
+`x * (1 / absmax)`, a short tail block by `x / absmax`, then takes the nearest code by bucketizing on the fp32
+midpoints. The 4-bit step is also what bitsandbytes' CPU build runs. For the 8-bit nested step its CPU build uses a
+native kernel that looks codes up on a 2**-15 grid instead of rounding to the nearest code; it differs from the
+reference (and from us) on ~0.15% of the absmax codes, by one or two codes. Checkpoints written by it load
+exactly (we read its codes); only re-quantizing a weight can differ in those codes. tests/test_nf4.py pins both facts.
 
 Shape legend: N = out_features, K = in_features, n = N*K, nb = ceil(n / blocksize) blocks,
 nnb = ceil(nb / nested_blocksize) nested groups.
@@ -156,15 +160,19 @@ class NF4Weight:
 _CHUNK_BLOCKS = 1 << 16  # blocks per step: bounds the fp32 temporaries to ~16 MB * blocksize/64
 
 
-def _nearest_nf4(scaled: torch.Tensor) -> torch.Tensor:
-    """Index of the nearest NF4 code; a value exactly on a midpoint goes to the lower code (bucketize, right=False)."""
-    table = NF4_TABLE.to(scaled.device)
-    midpoints = (table[:-1] + table[1:]) / 2  # (15,) fp32, as bitsandbytes computes them
+def _nearest(scaled: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest entry of a sorted table; a value exactly on a midpoint goes to the lower entry."""
+    midpoints = (table[:-1] + table[1:]) / 2  # fp32, as bitsandbytes computes them
     return torch.bucketize(scaled, midpoints, out_int32=True).to(torch.uint8)
 
 
-def _quantize_codes(flat: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """flat (n,) any float dtype -> (codes uint8 (n,), absmax fp32 (nb,))."""
+def _quantize_blockwise(flat: torch.Tensor, table: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """flat (n,) any float dtype -> (codes uint8 (n,), absmax fp32 (nb,)) against a sorted code table in [-1, 1].
+
+    Full blocks scale by the reciprocal `x * (1 / absmax)`, the short tail block divides, as bitsandbytes does;
+    a zero block scales by 0 * 1e38 = 0.
+    """
+    table = table.to(flat.device)
     n = flat.numel()
     full_blocks, rem = divmod(n, blocksize)
     codes = torch.empty(n, dtype=torch.uint8, device=flat.device)
@@ -174,35 +182,14 @@ def _quantize_codes(flat: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, t
         x = flat[b0 * blocksize:b1 * blocksize].float().view(b1 - b0, blocksize)  # (blocks, blocksize)
         am = x.abs().amax(dim=1)
         absmax[b0:b1] = am
-        # bitsandbytes multiplies by the reciprocal on full blocks; a zero block scales by 1e38 * 0 = 0.
         scaled = (x * (1.0 / am.clamp(min=1e-38)).view(-1, 1)).clamp_(-1, 1)
-        codes[b0 * blocksize:b1 * blocksize] = _nearest_nf4(scaled.view(-1))
+        codes[b0 * blocksize:b1 * blocksize] = _nearest(scaled.view(-1), table)
     if rem:
         x = flat[full_blocks * blocksize:].float()
         am = x.abs().amax().clamp(min=1e-38)  # the tail's stored absmax is clamped too, as in bitsandbytes
         absmax[-1] = am
-        codes[full_blocks * blocksize:] = _nearest_nf4((x / am).clamp(-1, 1))  # the tail divides
+        codes[full_blocks * blocksize:] = _nearest((x / am).clamp(-1, 1), table)
     return codes, absmax
-
-
-def _quantize_dynamic(a: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """8-bit blockwise quantization with the dynamic map, matching bitsandbytes' CPU kernel.
-
-    a (nb,) fp32 -> (codes uint8 (nb,), absmax fp32 (nnb,)). Per element: v = a / absmax; take the largest code
-    <= v, then step up one if the next code is strictly closer (so ties go to the lower code).
-    """
-    code = DYNAMIC_MAP.to(a.device)
-    nb = a.numel()
-    pad = (-nb) % blocksize
-    groups = torch.nn.functional.pad(a, (0, pad)).view(-1, blocksize)  # (nnb, 256); zero padding leaves max intact
-    absmax = groups.abs().amax(dim=1)  # (nnb,)
-    v = (groups / absmax.view(-1, 1)).reshape(-1)[:nb]  # (nb,)
-    # All-equal absmax in a group gives 0/0; bitsandbytes maps those to the lowest code, and so do we.
-    v = torch.nan_to_num(v, nan=-1.0)
-    lo = (torch.searchsorted(code, v, right=True) - 1).clamp_(0, 255)  # (nb,) largest code <= v
-    hi = (lo + 1).clamp_(max=255)
-    closer_hi = (v - code[hi]).abs() < (v - code[lo]).abs()
-    return torch.where(closer_hi, hi, lo).to(torch.uint8), absmax
 
 
 def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True) -> NF4Weight:
@@ -214,7 +201,7 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True
         raise ValueError(f"quantize_nf4 expects fp32/fp16/bf16, got {w.dtype}")
     if blocksize not in BLOCKSIZES:
         raise ValueError(f"NF4 blocksize must be one of {BLOCKSIZES}, got {blocksize}")
-    codes, absmax = _quantize_codes(w.detach().reshape(-1), blocksize)  # (n,), (nb,)
+    codes, absmax = _quantize_blockwise(w.detach().reshape(-1), NF4_TABLE, blocksize)  # (n,), (nb,)
     if codes.numel() % 2:
         codes = torch.nn.functional.pad(codes, (0, 1), value=7)  # bitsandbytes pads with 0.0, which is code 7
     packed = (codes[0::2] << 4) | codes[1::2]  # (ceil(n/2),)
@@ -224,7 +211,7 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True
     if not double_quant:
         return NF4Weight(absmax=absmax, **q)
     offset = absmax.mean()
-    absmax8, nested = _quantize_dynamic(absmax - offset, 256)
+    absmax8, nested = _quantize_blockwise(absmax - offset, DYNAMIC_MAP, 256)  # (nb,), (nnb,)
     return NF4Weight(absmax=absmax8, nested_absmax=nested, nested_code=DYNAMIC_MAP.to(w.device),
                      offset=offset.item(), **q)
 
