@@ -1,0 +1,434 @@
+"""The document index: one folder holding chunk text and metadata in SQLite and vectors in an hnswlib graph.
+
+    index/
+      manifest.json        encoder, dim, space, count, generation, hnsw file + sha256 + size + M/ef/capacity
+      chunks.sqlite        (WAL) files(source, sha256, ...), chunks(id, source, heading, start, end, text, hash,
+                           vec) and meta(generation, ...): the source of truth, vectors included
+      vectors-<gen>.hnsw   the graph, a rebuildable accelerator; named by generation, so a new one never
+                           overwrites the file the current manifest vouches for
+
+Search: below EXACT_THRESHOLD live chunks (5,000, measured: see retrieval/vectors.py and
+bench/bench_retrieval.py) a single matrix-vector product over all vectors is as fast as the graph walk and
+exact; above it HNSW answers, with `ef` calibrated so recall@10 against the exact scan is >= 0.99 on
+near-data queries, stored in the manifest and set again after every load (hnswlib forgets it).
+
+Durability and crashes:
+* Each file's chunks are replaced in one SQLite transaction (synchronous=FULL): a crash mid-add loses at
+  most the file being written; everything committed before stays.
+* Every commit bumps `generation`. The graph is saved after each add/remove call to a temp file, fsynced,
+  renamed, hashed, and only then does the manifest (written the same way) point at it. A crash between a
+  commit and the save leaves manifest.generation behind the database's, and `open` rebuilds the graph from
+  the vectors in SQLite.
+* The sha256 in the manifest is checked *before* hnswlib's `load_index`: a corrupted graph file can pass
+  hnswlib's own checks and then segfault the process on the first query. A mismatch raises IndexCorrupt
+  (or, with `repair=True`, rebuilds the graph from SQLite).
+
+Concurrency: searches share a readers-writer lock; the short critical section of a mutation (SQLite commit +
+graph/matrix update) takes it exclusively, since hnswlib's add/resize/mark_deleted are unsafe during a query.
+Encoding, the slow part of an add, runs outside the lock. One writer at a time (a plain mutex).
+
+Incremental: a file whose bytes hash as before is not read again; a changed file has its chunks replaced,
+and chunks whose text hash already has a vector anywhere in the index reuse it instead of being re-embedded.
+"""
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .atomic import sha256_file, write_atomic, write_json_atomic
+from .chunking import Chunk, Skipped, chunk_file, collect_files, counting_tokenizer
+from .rwlock import RWLock
+from .vectors import EXACT_THRESHOLD, VectorSet
+
+FORMAT = "phiforge-index/1"
+MANIFEST, DB = "manifest.json", "chunks.sqlite"
+DEFAULT_ENCODER, DEFAULT_DIM = "sentence-transformers/all-MiniLM-L6-v2", 384
+EMBED_BATCH = 256  # chunks gathered across files before one encode call (keeps length-sorted batches full)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS files(source TEXT PRIMARY KEY, sha256 TEXT NOT NULL, bytes INTEGER NOT NULL,
+                                 n_chunks INTEGER NOT NULL, added REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS chunks(id INTEGER PRIMARY KEY AUTOINCREMENT, source TEXT NOT NULL,
+                                  heading TEXT NOT NULL, start INTEGER NOT NULL, "end" INTEGER NOT NULL,
+                                  text TEXT NOT NULL, hash TEXT NOT NULL, n_tokens INTEGER NOT NULL,
+                                  vec BLOB NOT NULL);
+CREATE INDEX IF NOT EXISTS chunks_source ON chunks(source);
+CREATE INDEX IF NOT EXISTS chunks_hash ON chunks(hash);
+"""
+
+
+class IndexCorrupt(RuntimeError):
+    """An index file failed a check (checksum, size, JSON, SQLite integrity); the message names the file."""
+
+
+class IndexMismatch(ValueError):
+    """The index was built with a different encoder or dimension than the one requested."""
+
+
+class EmptyIndexError(LookupError):
+    """Search on an index with no chunks."""
+
+
+@dataclass
+class Hit:
+    chunk_id: int
+    source: str
+    text: str
+    score: float
+    heading: str
+    start: int
+    end: int
+
+
+@dataclass
+class AddReport:
+    files_added: int = 0
+    files_replaced: int = 0
+    files_unchanged: int = 0
+    chunks_added: int = 0
+    chunks_removed: int = 0
+    chunks_embedded: int = 0  # chunks_added minus those whose vector was reused by text hash
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+class Index:
+    """Open with `Index.open(folder)`; use as a context manager or call close()."""
+
+    def __init__(self, folder: Path, encoder, name: str, dim: int, vs: VectorSet, db: sqlite3.Connection,
+                 manifest: dict):
+        self.folder, self._encoder, self.encoder_name, self.dim = folder, encoder, name, dim
+        self._vs, self._db, self._manifest = vs, db, manifest
+        self._rw, self._wmutex = RWLock(), threading.Lock()
+        self._local, self._readers = threading.local(), []
+
+    # ------------------------------------------------------------------------------------------------ open
+    @classmethod
+    def open(cls, folder: str | Path, encoder=None, *, M: int = 16, ef_construction: int = 200,
+             repair: bool = False) -> "Index":
+        """Open the index in `folder`, creating it if missing.
+
+        encoder: any object with `.name`, `.dim` and `.encode(list[str]) -> (N, dim)`; default MiniLM, loaded
+        only when first needed. repair: rebuild a graph file that fails its checksum instead of raising.
+        """
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        name = getattr(encoder, "name", DEFAULT_ENCODER)
+        dim = int(getattr(encoder, "dim", DEFAULT_DIM))
+        mpath, dbpath = folder / MANIFEST, folder / DB
+        if mpath.exists():
+            try:
+                manifest = json.loads(mpath.read_text())
+                assert manifest.get("format") == FORMAT, f"format {manifest.get('format')!r}, want {FORMAT!r}"
+            except (ValueError, AssertionError, UnicodeDecodeError) as e:
+                raise IndexCorrupt(f"{mpath}: unreadable manifest ({e})") from None
+            if manifest["dim"] != dim or manifest["encoder"] != name:
+                raise IndexMismatch(f"{folder}: index holds {manifest['dim']}-d vectors from {manifest['encoder']!r}"
+                                    f", but the encoder is {name!r} with dim {dim}")
+        elif dbpath.exists():
+            raise IndexCorrupt(f"{mpath}: missing, but {dbpath} exists (not created by this version?)")
+        else:
+            manifest = {"format": FORMAT, "encoder": name, "dim": dim, "space": "cosine", "count": 0,
+                        "generation": 0, "hnsw": None, "M": M, "ef_construction": ef_construction, "ef": 64,
+                        "exact_threshold": EXACT_THRESHOLD}
+        try:
+            db = sqlite3.connect(dbpath, isolation_level=None, check_same_thread=False)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            check = db.execute("PRAGMA quick_check").fetchone()[0]
+            if check != "ok":
+                raise sqlite3.DatabaseError(check)
+            db.executescript(SCHEMA)
+            db.execute("INSERT OR IGNORE INTO meta VALUES ('generation', '0')")
+            gen = int(db.execute("SELECT value FROM meta WHERE key='generation'").fetchone()[0])
+            rows = db.execute("SELECT id, vec FROM chunks ORDER BY id").fetchall()
+            ids, blobs = [r[0] for r in rows], [r[1] for r in rows]
+        except sqlite3.DatabaseError as e:
+            raise IndexCorrupt(f"{dbpath}: {e}") from None
+        if any(len(b) != 4 * dim for b in blobs):
+            raise IndexCorrupt(f"{dbpath}: stored vectors are not {dim}-d float32")
+        vs = VectorSet(dim, manifest["M"], manifest["ef_construction"], manifest["ef"])
+        vs.ids = np.array(ids, dtype=np.int64)
+        vs.vecs = np.frombuffer(b"".join(blobs), dtype=np.float32).reshape(-1, dim).copy()  # (n, d)
+        vs.n = len(ids)
+        self = cls(folder, encoder, name, dim, vs, db, manifest)
+        h = manifest["hnsw"]
+        if not mpath.exists():
+            self._save()
+        elif h is not None and manifest["generation"] == gen:
+            try:
+                self._load_graph(h)
+            except IndexCorrupt:
+                if not repair:
+                    db.close()
+                    raise
+                self._rebuild_and_save()
+        elif vs.n:  # the database moved on after the last graph save (a crash in between): rebuild
+            self._rebuild_and_save()
+        return self
+
+    def _load_graph(self, h: dict) -> None:
+        path = self.folder / h["file"]
+        if not path.is_file():
+            raise IndexCorrupt(f"{path}: missing graph file (open with repair=True to rebuild it)")
+        if path.stat().st_size != h["bytes"]:
+            raise IndexCorrupt(f"{path}: {path.stat().st_size} bytes, manifest says {h['bytes']} (truncated?); "
+                               "open with repair=True to rebuild it from chunks.sqlite")
+        if sha256_file(path) != h["sha256"]:
+            raise IndexCorrupt(f"{path}: sha256 differs from the manifest (corrupted); "
+                               "open with repair=True to rebuild it from chunks.sqlite")
+        try:
+            self._vs.load_hnsw(str(path), h["capacity"])
+        except RuntimeError as e:
+            raise IndexCorrupt(f"{path}: hnswlib cannot load it ({e})") from None
+        if self._vs.graph_nodes - self._vs.n != h["deleted"]:
+            raise IndexCorrupt(f"{path}: {self._vs.graph_nodes} graph nodes do not match {self._vs.n} chunks "
+                               f"+ {h['deleted']} tombstones")
+        self._vs.calibrated_at = h.get("calibrated_at", 0)
+
+    def _rebuild_and_save(self) -> None:
+        self._vs.rebuild()
+        self._vs.calibrated_at = 0
+        self._save()
+
+    # ------------------------------------------------------------------------------------------- persist
+    def _generation(self) -> int:
+        return int(self._db.execute("SELECT value FROM meta WHERE key='generation'").fetchone()[0])
+
+    def _save(self) -> None:
+        """Calibrate ef if the size moved, write the graph under a new name, then the manifest. Writer only."""
+        vs, gen = self._vs, self._generation()
+        if vs.n >= EXACT_THRESHOLD // 2 and abs(vs.n - vs.calibrated_at) > 0.1 * max(vs.calibrated_at, 1):
+            with self._rw.write():  # set_ef must not race a knn_query
+                vs.calibrate_ef()
+        old = self._manifest.get("hnsw")
+        h = None
+        if vs.hnsw is not None:
+            path = self.folder / f"vectors-{gen}.hnsw"
+            with self._rw.read():  # save_index only reads the graph, like a query
+                write_atomic(path, vs.save_hnsw)
+            h = {"file": path.name, "sha256": sha256_file(path), "bytes": path.stat().st_size,
+                 "capacity": vs.capacity, "elements": vs.graph_nodes, "deleted": vs.deleted,
+                 "calibrated_at": vs.calibrated_at}
+        self._manifest.update(count=vs.n, generation=gen, hnsw=h, ef=vs.ef, updated=time.time())
+        write_json_atomic(self.folder / MANIFEST, self._manifest)
+        keep = h["file"] if h else None
+        for f in self.folder.glob("vectors-*.hnsw"):  # files no manifest points at any more
+            if f.name != keep:
+                f.unlink(missing_ok=True)
+        del old
+
+    # ------------------------------------------------------------------------------------------- writing
+    @property
+    def encoder(self):
+        if self._encoder is None:
+            from .encoder import load_encoder
+
+            self._encoder = load_encoder()
+        return self._encoder
+
+    def _replace_source(self, source: str, sha: str, size: int, chunks: list[Chunk], vecs: np.ndarray) -> int:
+        """One transaction: drop a source's old chunks, insert the new ones; then update the vectors."""
+        vecs = np.ascontiguousarray(vecs, dtype=np.float32).reshape(len(chunks), self.dim)  # (m, d)
+        # normalise before storing, so the rows reloaded from SQLite equal the in-memory ones bit for bit
+        vecs = vecs / np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12)
+        db = self._db
+        with self._rw.write():
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                old = [r[0] for r in db.execute("SELECT id FROM chunks WHERE source=?", (source,))]
+                db.execute("DELETE FROM chunks WHERE source=?", (source,))
+                new = []
+                for c, v in zip(chunks, vecs):
+                    cur = db.execute('INSERT INTO chunks(source, heading, start, "end", text, hash, n_tokens, vec)'
+                                     " VALUES (?,?,?,?,?,?,?,?)",
+                                     (source, c.heading, c.start, c.end, c.text, c.hash, c.n_tokens, v.tobytes()))
+                    new.append(cur.lastrowid)
+                db.execute("INSERT OR REPLACE INTO files VALUES (?,?,?,?,?)", (source, sha, size, len(chunks),
+                                                                               time.time()))
+                db.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key='generation'")
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            self._vs.remove(np.array(old, dtype=np.int64))
+            self._vs.add(np.array(new, dtype=np.int64), vecs, normalized=True)
+        return len(old)
+
+    def add_chunks(self, chunks: list[Chunk], vecs: np.ndarray, sha: str = "") -> None:
+        """Store pre-embedded chunks (grouped by source, replacing each source's chunks). For tests/benches."""
+        by_source: dict[str, list[int]] = {}
+        for i, c in enumerate(chunks):
+            by_source.setdefault(c.source, []).append(i)
+        with self._wmutex:
+            for source, rows in by_source.items():
+                self._replace_source(source, sha, 0, [chunks[i] for i in rows], vecs[rows])
+            self._save()
+
+    def _embed(self, chunks: list[Chunk], report: AddReport) -> np.ndarray:
+        """Vectors for chunks: reuse stored ones with the same text hash, encode the rest once each."""
+        hashes = sorted({c.hash for c in chunks})
+        known: dict[str, bytes] = {}
+        for i in range(0, len(hashes), 500):
+            part = hashes[i:i + 500]
+            q = f"SELECT hash, vec FROM chunks WHERE hash IN ({','.join('?' * len(part))})"
+            known.update(self._db.execute(q, part).fetchall())
+        todo = {c.hash: c.embed_text for c in chunks if c.hash not in known}
+        if todo:
+            fresh = self.encoder.encode(list(todo.values()))  # (m, d)
+            if fresh.shape[1] != self.dim:
+                raise IndexMismatch(f"encoder returned {fresh.shape[1]}-d vectors for a {self.dim}-d index")
+            known.update((h, v.astype(np.float32).tobytes()) for h, v in zip(todo, fresh))
+            report.chunks_embedded += len(todo)
+        return np.stack([np.frombuffer(known[c.hash], dtype=np.float32) for c in chunks]) if chunks else \
+            np.zeros((0, self.dim), np.float32)
+
+    def add(self, paths: list[str | Path], log=None) -> AddReport:
+        """Index files and folders incrementally. log: optional callable(str) for per-file progress."""
+        files, skipped = collect_files([paths] if isinstance(paths, (str, Path)) else paths)
+        own = self.folder.resolve()
+        files = [f for f in files if own not in f.resolve().parents]  # never index the index itself
+        skipped = [(p, r) for p, r in skipped if own not in Path(p).resolve().parents]
+        report = AddReport(skipped=list(skipped))
+        say = log or (lambda s: None)
+        tok = counting_tokenizer()
+        with self._wmutex:
+            pending: list[tuple[str, str, int, list[Chunk]]] = []
+
+            def flush():
+                vecs = self._embed([c for *_, cs in pending for c in cs], report)
+                row = 0
+                for source, sha, size, cs in pending:
+                    removed = self._replace_source(source, sha, size, cs, vecs[row:row + len(cs)])
+                    row += len(cs)
+                    report.chunks_added += len(cs)
+                    report.chunks_removed += removed
+                    say(f"{'replaced' if removed else 'added'} {source} ({len(cs)} chunks)")
+                pending.clear()
+
+            for f in files:
+                source = str(f.resolve())
+                try:
+                    sha, size = sha256_file(f), f.stat().st_size
+                except OSError as e:
+                    report.skipped.append((str(f), f"unreadable: {e.strerror or e}"))
+                    continue
+                row = self._db.execute("SELECT sha256 FROM files WHERE source=?", (source,)).fetchone()
+                if row and row[0] == sha:
+                    report.files_unchanged += 1
+                    continue
+                try:
+                    doc, chunks = chunk_file(f, tok)
+                except Skipped as e:
+                    report.skipped.append((str(f), str(e)))
+                    continue
+                report.warnings += doc.warnings
+                report.files_replaced += bool(row)
+                report.files_added += not row
+                pending.append((source, sha, size, chunks))
+                if sum(len(p[3]) for p in pending) >= EMBED_BATCH:
+                    flush()
+            if pending:
+                flush()
+            if report.files_added or report.files_replaced:
+                self._save()
+        for path, reason in report.skipped:
+            say(f"skipped {path}: {reason}")
+        return report
+
+    def remove(self, source: str | Path) -> int:
+        """Remove a file's chunks (or every file under a folder). Returns chunks removed."""
+        resolved = str(Path(source).resolve())
+        with self._wmutex:
+            rows = self._db.execute("SELECT source FROM files WHERE source IN (?, ?) OR source LIKE ? ESCAPE '\\'",
+                                    (str(source), resolved, _like_prefix(resolved))).fetchall()
+            if not rows:
+                raise KeyError(f"{source}: no such source in index {self.folder}")
+            removed = 0
+            for (src,) in rows:
+                with self._rw.write():
+                    db = self._db
+                    db.execute("BEGIN IMMEDIATE")
+                    ids = [r[0] for r in db.execute("SELECT id FROM chunks WHERE source=?", (src,))]
+                    db.execute("DELETE FROM chunks WHERE source=?", (src,))
+                    db.execute("DELETE FROM files WHERE source=?", (src,))
+                    db.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key='generation'")
+                    db.execute("COMMIT")
+                    removed += self._vs.remove(np.array(ids, dtype=np.int64))
+            self._save()
+        return removed
+
+    # ------------------------------------------------------------------------------------------- reading
+    def _reader(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.folder / DB, check_same_thread=False)
+            conn.execute("PRAGMA query_only=1")
+            self._local.conn = conn
+            self._readers.append(conn)
+        return conn
+
+    def search(self, query: str, k: int = 5, mode: str = "auto") -> list[Hit]:
+        """Top-k chunks for a text query, best first. mode: auto (threshold) | exact | hnsw."""
+        if not isinstance(query, str) or not query.strip():
+            raise ValueError("empty query: give some words to search for")
+        if self._vs.n == 0:
+            raise EmptyIndexError(f"index {self.folder} is empty: add documents first "
+                                  f"(phiforge index add PATH --index {self.folder})")
+        return self.search_vector(self.encoder.encode([query])[0], k, mode)
+
+    def search_vector(self, q: np.ndarray, k: int = 5, mode: str = "auto") -> list[Hit]:
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        with self._rw.read():
+            if self._vs.n == 0:
+                raise EmptyIndexError(f"index {self.folder} is empty: add documents first")
+            ids, scores, _ = self._vs.search(q, k, mode)
+            marks = ",".join("?" * len(ids))
+            rows = self._reader().execute(f'SELECT id, source, text, heading, start, "end" FROM chunks '
+                                          f"WHERE id IN ({marks})", ids.tolist()).fetchall()
+        by_id = {r[0]: r for r in rows}
+        return [Hit(int(i), by_id[i][1], by_id[i][2], float(s), by_id[i][3], by_id[i][4], by_id[i][5])
+                for i, s in zip(ids.tolist(), scores.tolist()) if i in by_id]
+
+    def sources(self) -> list[str]:
+        return [r[0] for r in self._reader().execute("SELECT source FROM files ORDER BY source")]
+
+    def stats(self) -> dict:
+        vs = self._vs
+        files = self._reader().execute("SELECT COUNT(*) FROM files").fetchone()[0]
+        disk = sum(f.stat().st_size for f in self.folder.iterdir() if f.is_file())
+        return {"folder": str(self.folder), "encoder": self.encoder_name, "dim": self.dim, "space": "cosine",
+                "files": files, "chunks": vs.n, "graph_nodes": vs.graph_nodes, "tombstones": vs.deleted,
+                "capacity": vs.capacity, "M": vs.M, "ef_construction": vs.ef_construction, "ef": vs.ef,
+                "search_mode": "exact" if vs.n < EXACT_THRESHOLD else "hnsw",
+                "exact_threshold": EXACT_THRESHOLD, "generation": self._manifest["generation"], "bytes": disk}
+
+    def close(self) -> None:
+        with self._wmutex, self._rw.write():
+            for conn in self._readers:
+                conn.close()
+            self._readers.clear()
+            self._db.close()
+
+    def __enter__(self) -> "Index":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __len__(self) -> int:
+        return self._vs.n
+
+
+def _like_prefix(folder: str) -> str:
+    """LIKE pattern for paths under `folder`, with LIKE's wildcards escaped."""
+    esc = folder.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return esc.rstrip("/") + "/%"
