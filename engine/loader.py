@@ -9,6 +9,7 @@ Every failure names the file and the tensor: a truncated shard, a missing, unexp
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import shutil
 import struct
@@ -17,17 +18,19 @@ from pathlib import Path
 from typing import Iterable
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
 from .config import Phi3Config
-from .model import LINEAR_NAMES, Phi3ForCausalLM, RotaryEmbedding
+from .model import LINEAR_NAMES, Phi3ForCausalLM
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
           "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _ST_DTYPE_SIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                   "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+_ST_TORCH_DTYPE = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                   "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                   "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 
 
 class CheckpointError(ValueError):
@@ -87,14 +90,16 @@ class SafetensorsReader:
             p = self.dir / name
             if not p.exists():
                 raise CheckpointError(f"{p}: shard listed in {index.name} is missing")
-            for key, info in _read_header(p).items():
+            header = _read_header(p)
+            data_start = 8 + struct.unpack("<Q", p.open("rb").read(8))[0]
+            for key, info in header.items():
                 if key != "__metadata__":
-                    self.file_of[key], self.info[key] = p, info
+                    self.file_of[key], self.info[key] = p, {**info, "data_start": data_start}
         if weight_map is not None:
             for key, shard in weight_map.items():
                 if key not in self.file_of:
                     raise CheckpointError(f"{self.dir / shard}: tensor {key!r} listed in the index is not in the file")
-        self._handles: dict[Path, object] = {}
+        self._maps: dict[Path, mmap.mmap] = {}
 
     def keys(self) -> list[str]:
         return list(self.file_of)
@@ -105,13 +110,32 @@ class SafetensorsReader:
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self.info[key]["shape"])
 
-    def get(self, key: str) -> torch.Tensor:
+    def get(self, key: str, copy: bool = False) -> torch.Tensor:
+        """The tensor as stored. By default a zero-copy view of a private (copy-on-write) file mapping, so a
+        tensor kept in its stored dtype costs no extra memory; `copy=True` reads it into its own buffer instead,
+        for tensors about to be cast or quantized (their file pages are then never mapped in)."""
         if key not in self.file_of:
             raise CheckpointError(f"{self.dir}: tensor {key!r} is missing")
-        p = self.file_of[key]
-        if p not in self._handles:
-            self._handles[p] = safe_open(str(p), framework="pt")
-        return self._handles[p].get_tensor(key)
+        p, info = self.file_of[key], self.info[key]
+        dtype = _ST_TORCH_DTYPE.get(info["dtype"])
+        if dtype is None:
+            raise CheckpointError(f"{p}: tensor {key!r} has unsupported dtype {info['dtype']}")
+        begin, end = info["data_offsets"]
+        offset = info["data_start"] + begin
+        if end == begin:
+            return torch.empty(info["shape"], dtype=dtype)
+        if copy:
+            buf = bytearray(end - begin)
+            with open(p, "rb") as f:
+                f.seek(offset)
+                f.readinto(buf)
+            flat = torch.frombuffer(buf, dtype=dtype)
+        else:
+            if p not in self._maps:
+                with open(p, "rb") as f:
+                    self._maps[p] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            flat = torch.frombuffer(self._maps[p], dtype=dtype, count=(end - begin) // dtype.itemsize, offset=offset)
+        return flat.view(info["shape"])
 
 
 def expected_shapes(cfg: Phi3Config) -> dict[str, tuple[int, ...]]:
@@ -154,9 +178,8 @@ def load_model(path: str | Path, dtype: torch.dtype | str | None = None, device:
     if quant not in (None, "nf4"):
         raise ValueError(f"quant={quant!r}: only None and 'nf4' are supported")
     reader = SafetensorsReader(path)
-    with torch.device("meta"):
-        model = Phi3ForCausalLM(cfg)
-    model.rotary_emb = RotaryEmbedding(cfg).to(device)
+    model = Phi3ForCausalLM(cfg, device="meta")
+    model.rotary_emb.to(device)
 
     if cfg.quantization_config is not None:
         from . import quant as q  # noqa: PLC0415  (NF4 lives in its own module)
@@ -199,10 +222,12 @@ def _load_dense(model: Phi3ForCausalLM, reader: SafetensorsReader, dtype: torch.
         if reader.shape(key) != shape:
             raise CheckpointError(f"{reader.file_of[key]}: tensor {key!r} has shape {list(reader.shape(key))}, "
                                   f"the config implies {list(shape)}")
-        t = reader.get(key).to(device=device, dtype=dtype)
         module_name, attr = key.rsplit(".", 1)
         module = model.get_submodule(module_name)
         is_linear = module_name.rsplit(".", 1)[-1] in LINEAR_NAMES
+        stored = _ST_TORCH_DTYPE.get(reader.info[key]["dtype"])
+        zero_copy = stored == dtype and torch.device(device).type == "cpu" and not (quantize and is_linear)
+        t = reader.get(key, copy=not zero_copy).to(device=device, dtype=dtype)
         if nf4_from_linear is not None and is_linear:
             module.weight = nn.Parameter(t, requires_grad=False)
             model.set_submodule(module_name, nf4_from_linear(module))

@@ -32,9 +32,9 @@ LINEAR_NAMES = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float) -> None:
+    def __init__(self, dim: int, eps: float, device=None) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.weight = nn.Parameter(torch.ones(dim, device=device))
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -114,12 +114,12 @@ class KVCache(nn.Module):
 
 
 class Phi3Attention(nn.Module):
-    def __init__(self, cfg: Phi3Config, layer_idx: int) -> None:
+    def __init__(self, cfg: Phi3Config, layer_idx: int, device=None) -> None:
         super().__init__()
         self.cfg, self.layer_idx = cfg, layer_idx
         nh, nkv, hs = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.qkv_proj = nn.Linear(cfg.hidden_size, (nh + 2 * nkv) * hs, bias=False)
-        self.o_proj = nn.Linear(nh * hs, cfg.hidden_size, bias=False)
+        self.qkv_proj = nn.Linear(cfg.hidden_size, (nh + 2 * nkv) * hs, bias=False, device=device)
+        self.o_proj = nn.Linear(nh * hs, cfg.hidden_size, bias=False, device=device)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
                 cache: KVCache | None = None) -> torch.Tensor:
@@ -146,10 +146,10 @@ class Phi3Attention(nn.Module):
 
 
 class Phi3MLP(nn.Module):
-    def __init__(self, cfg: Phi3Config) -> None:
+    def __init__(self, cfg: Phi3Config, device=None) -> None:
         super().__init__()
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False, device=device)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False, device=device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # (B, T, I) each; the gate is the first half
@@ -157,12 +157,12 @@ class Phi3MLP(nn.Module):
 
 
 class Phi3DecoderLayer(nn.Module):
-    def __init__(self, cfg: Phi3Config, layer_idx: int) -> None:
+    def __init__(self, cfg: Phi3Config, layer_idx: int, device=None) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Phi3Attention(cfg, layer_idx)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = Phi3MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, device)
+        self.self_attn = Phi3Attention(cfg, layer_idx, device)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, device)
+        self.mlp = Phi3MLP(cfg, device)
 
     def forward(self, x, cos, sin, mask, cache=None):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
@@ -170,11 +170,14 @@ class Phi3DecoderLayer(nn.Module):
 
 
 class Phi3Model(nn.Module):
-    def __init__(self, cfg: Phi3Config) -> None:
+    def __init__(self, cfg: Phi3Config, device=None) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(Phi3DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        # normal_() on a meta tensor drags in torch._dynamo (2 s); the loader overwrites the weight anyway.
+        init = torch.empty if device is not None and torch.device(device).type == "meta" else torch.randn
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size,
+                                         _weight=init(cfg.vocab_size, cfg.hidden_size, device=device))
+        self.layers = nn.ModuleList(Phi3DecoderLayer(cfg, i, device) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, device)
 
 
 def build_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, q_slot: torch.Tensor, k_slot: torch.Tensor,
@@ -197,11 +200,12 @@ def build_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, q_slot: torch.Tensor, k
 
 
 class Phi3ForCausalLM(nn.Module):
-    def __init__(self, cfg: Phi3Config) -> None:
+    def __init__(self, cfg: Phi3Config, device: torch.device | str | None = None) -> None:
+        """device="meta" builds the skeleton without allocating or initialising weights (what the loader does)."""
         super().__init__()
         self.config = cfg
-        self.model = Phi3Model(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.model = Phi3Model(cfg, device)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, device=device)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.rotary_emb = RotaryEmbedding(cfg)
