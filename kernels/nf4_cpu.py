@@ -220,7 +220,8 @@ def matmul(a: torch.Tensor, w: NF4Weight, trans_w: bool) -> torch.Tensor:
     from phiforge.kernels.nf4_matmul import dequantize_into_buffer  # the shared reused buffer
 
     lib = _load()
-    if lib is not None and not trans_w and a.shape[0] <= GEMV_MAX_M and w.shape[1] % w.blocksize == 0:
+    if (lib is not None and not trans_w and a.shape[0] <= GEMV_MAX_M and a.dtype in _KIND
+            and w.shape[1] % w.blocksize == 0):
         return _gemv(a, w, lib)
     wd = dequantize_into_buffer(w, a.dtype)  # (N, K)
     return a @ (wd if trans_w else wd.T)

@@ -97,7 +97,9 @@ def compile_spec(spec: dict, arch: int, out_dir: Path | None = None) -> dict:
 def build_report(archs=DEFAULT_ARCHS, out_dir: Path | None = None, workers: int | None = None) -> list[dict]:
     """Every shipped spec x arch. Compiles run in threads: most of the time is in LLVM and ptxas, which release
     the GIL, so two cores give close to 2x."""
-    os.environ.pop("TRITON_INTERPRET", None)  # the interpreter would shadow the compiler
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        # @triton.jit read it at import: the kernels are interpreter objects, which have nothing to compile
+        raise RuntimeError("phiforge kernels report compiles real GPU code: unset TRITON_INTERPRET")
     jobs = [(s, a) for s in all_specs() for a in archs]
     workers = workers or max(1, os.cpu_count() or 1)
     with ThreadPoolExecutor(workers) as pool:
