@@ -1,0 +1,91 @@
+"""Next-token choice: repetition penalty, temperature, top-k, top-p, then a seeded draw (or argmax).
+
+The order is transformers' (`RepetitionPenaltyLogitsProcessor` → `TemperatureLogitsWarper` → `TopKLogitsWarper`
+→ `TopPLogitsWarper` → softmax → multinomial), so the same settings mean the same distribution:
+
+    l'_v = l_v / p   if v was seen and l_v > 0        (repetition penalty p, CTRL-style; seen = prompt + output)
+         = l_v * p   if v was seen and l_v <= 0
+    q    = softmax(l' / T) restricted to the k largest, then to the smallest prefix of the sorted tokens whose
+           mass reaches top_p (always at least one token)
+
+`temperature == 0` is greedy: argmax of l' (the penalty still applies, as in transformers).
+
+Reproducibility: every row draws from its own `torch.Generator`, so a row's tokens depend only on its seed and its
+logits, not on which other prompts share the batch. Legend: B batch rows, V vocabulary.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.7
+    top_k: int | None = None          # None or 0: no top-k cut
+    top_p: float = 1.0                # 1.0: no nucleus cut
+    repetition_penalty: float = 1.0   # 1.0: off
+
+    def __post_init__(self) -> None:
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if self.top_k is not None and self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 or None = off), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def make_generators(seeds: list[int | None]) -> list[torch.Generator | None]:
+    """One CPU generator per row; None (no seed) draws from torch's global RNG."""
+    return [None if s is None else torch.Generator().manual_seed(int(s)) for s in seeds]
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """logits (B, V) fp32, seen (B, V) bool → penalized logits (B, V)."""
+    if penalty == 1.0:
+        return logits
+    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalized, logits)
+
+
+def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float) -> torch.Tensor:
+    """Set everything outside the top-k / top-p set to -inf. logits (B, V) already divided by temperature."""
+    if top_k and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]                  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)      # (B, V)
+        probs = sorted_logits.softmax(dim=-1)
+        # Drop a token when the mass of the tokens strictly before it already reaches top_p: the first token
+        # always survives, and the kept set is the smallest prefix with mass >= top_p.
+        drop_sorted = (probs.cumsum(dim=-1) - probs) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter_(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, generators: list[torch.Generator | None],
+           seen: torch.Tensor | None = None) -> torch.Tensor:
+    """logits (B, V) → next token ids (B,) int64.
+
+    `seen` (B, V) bool marks tokens of each row's prompt and output (for the repetition penalty); `generators`
+    has one entry per row.
+    """
+    logits = logits.float()
+    if seen is not None:
+        logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
+    if params.greedy:
+        return logits.argmax(dim=-1)
+    logits = filter_logits(logits / params.temperature, params.top_k, params.top_p)
+    probs = logits.softmax(dim=-1)                                       # (B, V)
+    out = torch.empty(probs.shape[0], dtype=torch.long)
+    for b, g in enumerate(generators):  # per-row generators: a row's draw never depends on its batch mates
+        out[b] = torch.multinomial(probs[b], 1, generator=g)[0]
+    return out
