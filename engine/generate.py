@@ -311,3 +311,8 @@ class Generator:
             if piece:
                 yield r.index, piece
 
+
+
+# The CLI commands `phiforge generate` / `phiforge chat` are routed to this module (engine/cli.py); they live in
+# their own file.
+from .generate_cli import add_arguments_chat, add_arguments_generate, run_chat, run_generate  # noqa: E402,F401
