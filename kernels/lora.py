@@ -236,18 +236,25 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor | NF4Weight, lora_A: torch
 
 
 def aot_specs() -> list[dict]:
-    """The dense fused-LoRA GEMM for `phiforge kernels report`: every config, bf16, forward and backward-dX
-    (the same kernel; the backward differs only in the strides it is given, so one compile covers both)."""
+    """The dense fused-LoRA GEMM for `phiforge kernels report`: every config, bf16, forward (W's unit stride along
+    the reduction) and backward dX (W read through swapped strides: unit stride along the output). At run time
+    Triton specializes a stride of 1 into the code, so each direction is its own compiled kernel; so here."""
     from phiforge.kernels.report import aligned, signature
 
     fn = _lora_gemm_kernel
     ptrs = dict(a_ptr="*bf16", w_ptr="*bf16", p_ptr="*bf16", q_ptr="*bf16", c_ptr="*bf16")
     specs = []
-    for key, cfg in DENSE_CONFIGS.items():
-        launch = {k: v for k, v in cfg.items() if not k.startswith("num_")}
-        specs.append(dict(
-            kernel="lora_gemm", config=f"{key}+lora", fn=fn, signature=signature(fn, ptrs, ("scaling",)),
-            constexprs=dict(HAS_LORA=True, BLOCK_R=16, **launch),
-            attrs=aligned(fn, list(ptrs) + ["OUT", "RED", "stride_am", "stride_cm"]),
-            options=dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])))
+    # the forward always carries the adapter; backward dX runs without the epilogue when dropout is on
+    variants = (("lora_gemm", "stride_wr", "stride_wo", True), ("lora_gemm_t", "stride_wo", "stride_wr", True),
+                ("lora_gemm_t", "stride_wo", "stride_wr", False))
+    for name, unit, other, has_lora in variants:
+        for key, cfg in DENSE_CONFIGS.items():
+            sig = signature(fn, ptrs, ("scaling",))
+            sig[unit] = "constexpr"
+            launch = {k: v for k, v in cfg.items() if not k.startswith("num_")}
+            specs.append(dict(
+                kernel=name, config=key + ("+lora" if has_lora else ""), fn=fn, signature=sig,
+                constexprs={unit: 1, "HAS_LORA": has_lora, "BLOCK_R": 16, **launch},
+                attrs=aligned(fn, list(ptrs) + ["OUT", "RED", "stride_am", "stride_cm", other]),
+                options=dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])))
     return specs

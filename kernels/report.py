@@ -34,9 +34,13 @@ DEFAULT_ARCHS = (80, 86, 89)
 
 def signature(fn, pointers: dict[str, str], floats: tuple[str, ...] = ()) -> dict[str, str]:
     """Triton signature for `fn`: named pointer types, fp32 scalars, constexprs (tl.constexpr params), i32 rest."""
+    import inspect
+
+    # Read the annotations off the Python function, so this also works on interpreter objects (TRITON_INTERPRET=1)
+    params = inspect.signature(fn.fn).parameters
     sig = {}
-    for i, name in enumerate(fn.arg_names):
-        if fn.params[i].is_constexpr:
+    for name in fn.arg_names:
+        if "constexpr" in str(params[name].annotation):
             sig[name] = "constexpr"
         elif name in pointers:
             sig[name] = pointers[name]
