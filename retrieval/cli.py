@@ -1,0 +1,131 @@
+"""CLI hooks for `phiforge index add|rm|stats`, `phiforge search` and `phiforge ask` (routed by engine/cli.py).
+
+    phiforge index add docs/ notes.md --index idx/
+    phiforge index rm docs/old.md --index idx/
+    phiforge index stats --index idx/
+    phiforge search --index idx/ "boil water notice" -k 5
+    phiforge ask --index idx/ [--model DIR] [--adapter DIR] "When is a boil water notice issued?"
+
+Errors the user can fix (empty index, corrupt file, wrong encoder, unknown source) print one line to stderr
+and exit 1 instead of a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+
+def _index_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--index", required=True, metavar="DIR", help="index folder (created if missing)")
+
+
+def _fail(e: BaseException) -> int:
+    msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+    print(f"error: {msg}", file=sys.stderr)
+    return 1
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from .chunking import Skipped
+    from .store import EmptyIndexError, IndexCorrupt, IndexMismatch
+
+    return (EmptyIndexError, IndexCorrupt, IndexMismatch, Skipped, KeyError, ValueError, FileNotFoundError)
+
+
+# ---------------------------------------------------------------------------------------------------- index
+def add_arguments_index(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="action", required=True)
+    add = sub.add_parser("add", help="add or update files and folders (.txt .md .html .jsonl)")
+    add.add_argument("paths", nargs="+", metavar="PATH")
+    _index_arg(add)
+    rm = sub.add_parser("rm", help="remove a source file (or every file under a folder)")
+    rm.add_argument("source", metavar="SOURCE")
+    _index_arg(rm)
+    stats = sub.add_parser("stats", help="counts, sizes and search settings")
+    _index_arg(stats)
+    stats.add_argument("--json", action="store_true", help="print JSON")
+
+
+def run_index(args: argparse.Namespace) -> int:
+    from .store import Index
+
+    try:
+        with Index.open(args.index) as ix:
+            if args.action == "add":
+                t0 = time.perf_counter()
+                r = ix.add(args.paths, log=print)
+                for w in r.warnings:
+                    print(f"warning: {w}")
+                print(f"{r.files_added} added, {r.files_replaced} replaced, {r.files_unchanged} unchanged, "
+                      f"{len(r.skipped)} skipped; {r.chunks_added} chunks written, {r.chunks_embedded} embedded, "
+                      f"{r.chunks_removed} removed; {len(ix)} chunks in index ({time.perf_counter() - t0:.1f} s)")
+            elif args.action == "rm":
+                print(f"removed {ix.remove(args.source)} chunks; {len(ix)} left")
+            else:
+                s = ix.stats()
+                print(json.dumps(s, indent=2) if args.json else "\n".join(f"{k:>16}: {v}" for k, v in s.items()))
+    except _user_errors() as e:
+        return _fail(e)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------- search
+def add_arguments_search(parser: argparse.ArgumentParser) -> None:
+    _index_arg(parser)
+    parser.add_argument("query")
+    parser.add_argument("-k", type=int, default=5, help="number of hits (default 5)")
+    parser.add_argument("--json", action="store_true", help="print hits as JSON lines")
+
+
+def run_search(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .store import Index
+
+    try:
+        with Index.open(args.index) as ix:
+            hits = ix.search(args.query, k=args.k)
+    except _user_errors() as e:
+        return _fail(e)
+    for i, h in enumerate(hits, 1):
+        if args.json:
+            print(json.dumps(h.__dict__))
+            continue
+        snippet = " ".join(h.text.split())
+        snippet = snippet[:240] + ("…" if len(snippet) > 240 else "")
+        print(f"{i:>2}. {h.score:.3f}  {Path(h.source).name}"
+              f"{' — ' + h.heading if h.heading else ''}  [chunk {h.chunk_id}, chars {h.start}-{h.end}]\n"
+              f"    {snippet}\n    {h.source}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------------ ask
+def add_arguments_ask(parser: argparse.ArgumentParser) -> None:
+    _index_arg(parser)
+    parser.add_argument("question")
+    parser.add_argument("--model", metavar="DIR", help="model directory (default: the built-in default model)")
+    parser.add_argument("--adapter", metavar="DIR", help="LoRA adapter directory (PEFT format)")
+    parser.add_argument("-k", type=int, default=4, help="chunks retrieved into the prompt (default 4)")
+    parser.add_argument("--max-new-tokens", type=int, default=200)
+    parser.add_argument("--max-prompt-tokens", type=int, default=3072,
+                        help="prompt budget, further capped by the model's context (default 3072)")
+
+
+def run_ask(args: argparse.Namespace) -> int:
+    from .rag import answer_question, format_sources, load_generator
+    from .store import Index
+
+    try:
+        with Index.open(args.index) as ix:
+            if not len(ix):
+                ix.search(args.question)  # raises the empty-index error with its hint
+            gen = load_generator(args.model, args.adapter)
+            ans = answer_question(args.question, ix, gen, k=args.k, max_new_tokens=args.max_new_tokens,
+                                  max_prompt_tokens=args.max_prompt_tokens,
+                                  on_piece=lambda s: print(s, end="", flush=True))
+    except _user_errors() as e:
+        return _fail(e)
+    print("\n\n" + format_sources(ans))
+    return 0
