@@ -22,9 +22,11 @@ cannot fill a GPU when N is small (down_proj: N = 3072). Splitting K multiplies 
 are combined by fp32 atomic adds into an (M, N) buffer. The output is a few KB, so atomics cost nothing against W,
 and no second launch is needed. The price: summation order varies run to run (fp32, ~1e-7 relative).
 
-Why dequantize per element (flat index i) rather than per byte: one helper serves every kernel and every K (blocks
-may straddle rows when K is not a multiple of the blocksize), and the tile equals `dequantize_nf4_ref` bit for bit
-before it meets tl.dot. A tile is a small gather from L1-resident tables (16-entry code, absmax) plus one byte load.
+Why dequantize per element (flat index i) rather than per byte: one helper (`_nf4_load`) serves every kernel and
+every K (blocks may straddle rows when K is not a multiple of the blocksize), and the tile holds the reference's
+own fp32 products before it meets tl.dot (up to FMA contraction of the double-quant scale on GPU). Each element
+is one byte load plus a gather from the 16-entry code table, both L1-resident; when a tile row sits inside one
+absmax block (ROW_ALIGNED, every Phi-3 shape) the scale is fetched once per row, not per element.
 
 Dispatch (`nf4_matmul`, `nf4_matmul_t`): CUDA tensors -> Triton (GEMV if M <= 8 else GEMM); CPU tensors -> torch
 (see kernels/nf4_cpu.py); PHIFORGE_KERNELS=triton forces Triton (the tests run it under TRITON_INTERPRET=1).
@@ -58,7 +60,7 @@ GEMV_CONFIGS = {
     8: dict(BLOCK_M=8, BLOCK_N=16, BLOCK_K=64, num_warps=4, num_stages=2),
 }
 # GEMM, keyed by an M bucket: small M (short prompts, micro-batches) wastes less of a 16-row tile. BLOCK_N and
-# BLOCK_K stay at 64 = the NF4 blocksize so both the forward and the transposed tiles are ROW_ALIGNED. Two stages:
+# BLOCK_K divide 64 = the NF4 blocksize, so both the forward and the transposed tiles are ROW_ALIGNED. Two stages:
 # three would stage the per-element gathers in more shared memory than sm_86/89 offer (99 KB). A 128-row tile at
 # 8 warps was dropped: ptxas capped it at 128 registers and spilled in the transposed+LoRA variant.
 GEMM_CONFIGS = {
@@ -66,7 +68,7 @@ GEMM_CONFIGS = {
     "medium": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=2),
 }
 GEMV_MAX_M = 8
-_TARGET_PROGRAMS = 264  # ~2 waves on a 132-SM GPU, ~3 on an 84-SM RTX 3090/4090: enough to hide latency
+_TARGET_PROGRAMS = 264  # split-K until ~2 waves on a 128-SM RTX 4090 (2.4 on an A100, 3.2 on an RTX 3090)
 
 
 def gemv_config(M: int) -> dict:
@@ -170,8 +172,8 @@ def _nf4_gemm_kernel(
     BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """c (M, OUT) = a (M, RED) · Wᵀ  (OUT = N, RED = K)   or, TRANS_W,  a · W  (OUT = K, RED = N)."""
-    # Grouped launch order: GROUP_M row-tiles sweep the same columns of W together, so a dequantized-from
-    # L2 column strip of W serves GROUP_M tiles of `a` before it is evicted.
+    # Grouped launch order: GROUP_M row-tiles of `a` run over the same column strip of W together, so W's packed
+    # bytes come from DRAM once per group and from L2 after (Triton's matmul tutorial, "L2 cache optimizations").
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(OUT, BLOCK_N)
@@ -251,7 +253,7 @@ def _gemv(x: torch.Tensor, w: NF4Weight, lora: LoRAEpilogue | None) -> torch.Ten
     split_k = max(1, min(k_blocks, triton.cdiv(_TARGET_PROGRAMS, n_tiles)))
     k_per_split = triton.cdiv(k_blocks, split_k) * cfg["BLOCK_K"]
     split_k = triton.cdiv(K, k_per_split)  # no empty splits
-    (p, q, spm, sqn, sqr, r, s), lcfg = _lora_args(lora, x, N, min_block=1)
+    (p, q, spm, sqn, sqr, r, s), lcfg = _lora_args(lora, x, N, min_block=16)  # 16: what the report compiles
     _nf4_gemv_kernel[(n_tiles, split_k)](
         x, *_weight_args(w), p, q, out, M, N, K, k_per_split, x.stride(0), spm, sqn, sqr, r, s, float(w.offset),
         BLOCKSIZE=w.blocksize, NESTED_BLOCKSIZE=w.nested_blocksize, DOUBLE_QUANT=w.double_quant,
@@ -288,9 +290,11 @@ def dequantize_into_buffer(w: NF4Weight, dtype: torch.dtype) -> torch.Tensor:
     out = buf[: w.numel].view(w.shape)  # (N, K)
     if w.device.type == "cpu" and not _use_triton(w.packed):
         return nf4_cpu.dequantize_into(w, out)
+    # kernels/nf4.py's kernel, launched into our buffer; no FMA so the scales round as bitsandbytes' do
+    exact = {} if os.environ.get("TRITON_INTERPRET") == "1" else {"enable_fp_fusion": False}
     _nf4_dequantize_kernel[(triton.cdiv(w.numel, 1024),)](
-        *_weight_args(w)[:3], *_weight_args(w)[3:], out, w.numel, float(w.offset),
-        BLOCKSIZE=w.blocksize, NESTED_BLOCKSIZE=w.nested_blocksize, DOUBLE_QUANT=w.double_quant, BLOCK=1024)
+        *_weight_args(w), out, w.numel, float(w.offset), BLOCKSIZE=w.blocksize,
+        NESTED_BLOCKSIZE=w.nested_blocksize, DOUBLE_QUANT=w.double_quant, BLOCK=1024, **exact)
     return out
 
 
@@ -367,7 +371,9 @@ def nf4_matmul(x: torch.Tensor, w: NF4Weight, lora: LoRAEpilogue | None = None,
                method: str = "auto") -> torch.Tensor:
     """y = x · Wᵀ (+ s · lora.p · lora.qᵀ): x (..., K) -> (..., N). Differentiable in x when lora is None."""
     _check(w, x, 1, "nf4_matmul")
-    if lora is None and x.requires_grad and torch.is_grad_enabled():
+    if x.requires_grad and torch.is_grad_enabled():
+        if lora is not None:
+            raise ValueError("nf4_matmul: the LoRA epilogue has no autograd; use kernels.lora.lora_linear")
         return NF4Matmul.apply(x, w, method)
     return _matmul(x, w, lora, False, method)
 
@@ -381,7 +387,8 @@ def nf4_matmul_t(dy: torch.Tensor, w: NF4Weight, lora: LoRAEpilogue | None = Non
 
 # ---------------------------------------------------------------------------------------------------------------
 # Ahead-of-time specs for `phiforge kernels report`: exactly the configs above, bf16 activations, double-quantized
-# absmax (bitsandbytes' default), with and without the LoRA epilogue.
+# absmax (bitsandbytes' default), blocksize 64, with and without the LoRA epilogue at rank <= 16 (BLOCK_R = 16;
+# a larger rank compiles BLOCK_R = next_pow2(r), which the report does not cover).
 # ---------------------------------------------------------------------------------------------------------------
 
 def aot_specs() -> list[dict]:
