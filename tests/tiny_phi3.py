@@ -25,6 +25,8 @@ def hf_phi3(vocab_size: int = 128, seed: int = 0, **overrides):
         for p in model.parameters():
             if p.dim() == 2:
                 p.normal_(0, 0.08)
+        # a wide-range output layer, so a few LoRA steps can move the next-token distribution a lot
+        model.lm_head.weight.normal_(0, 0.5)
     return model
 
 
