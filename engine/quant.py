@@ -23,6 +23,7 @@ Shape legend: N out_features, K in_features, nb = ceil(N*K / blocksize) blocks, 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import shutil
 from pathlib import Path
@@ -71,6 +72,7 @@ class NF4Linear(nn.Module):
     def from_linear(cls, linear: nn.Linear, blocksize: int = 64, double_quant: bool = True) -> "NF4Linear":
         if getattr(linear, "bias", None) is not None:
             raise ValueError("NF4Linear has no bias; Phi-3's projections have none")
+        release_freed_memory()  # the previous projection's dense weight, freed by now, goes back to the OS
         return cls(quantize_nf4(linear.weight.detach(), blocksize, double_quant))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -112,6 +114,27 @@ class NF4Linear(nn.Module):
             return
         q = read_nf4({k[len(prefix):]: state_dict[k] for k in keys}.__getitem__, "", self.dtype, where=prefix)
         self._set(q.to(self.packed.device))
+
+
+def release_freed_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc's malloc_trim; a no-op elsewhere).
+
+    Quantizing layer by layer frees one dense weight per projection, but glibc raises its mmap threshold after the
+    first large free, so later weights of a few MB come from the heap and stay resident once freed: peak RSS would
+    creep towards the dense model. Trimming after each projection keeps it at the NF4 total plus one layer.
+    """
+    global _libc
+    if _libc is None:
+        try:
+            _libc = ctypes.CDLL("libc.so.6")
+            _libc.malloc_trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):
+            _libc = False
+    if _libc:
+        _libc.malloc_trim(0)
+
+
+_libc = None
 
 
 def nf4_tensors(q: NF4Weight) -> dict[str, torch.Tensor]:
@@ -187,6 +210,7 @@ def quantize_model_(model: nn.Module, blocksize: int = 64, double_quant: bool = 
     for name in _decoder_linears(model):
         if type(model.get_submodule(name)) is nn.Linear:
             model.set_submodule(name, NF4Linear.from_linear(model.get_submodule(name), blocksize, double_quant))
+    release_freed_memory()
     return model
 
 

@@ -157,7 +157,7 @@ class NF4Weight:
 # Quantization (torch; runs once per weight, so it is not a kernel)
 # ---------------------------------------------------------------------------------------------------------------
 
-_CHUNK_BLOCKS = 1 << 16  # blocks per step: bounds the fp32 temporaries to ~16 MB * blocksize/64
+_CHUNK = 1 << 20  # values per step: bounds the fp32 temporaries of quantizing one weight to a few MB
 
 
 def _nearest(scaled: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
@@ -177,8 +177,9 @@ def _quantize_blockwise(flat: torch.Tensor, table: torch.Tensor, blocksize: int)
     full_blocks, rem = divmod(n, blocksize)
     codes = torch.empty(n, dtype=torch.uint8, device=flat.device)
     absmax = torch.empty(full_blocks + (rem > 0), dtype=torch.float32, device=flat.device)
-    for b0 in range(0, full_blocks, _CHUNK_BLOCKS):
-        b1 = min(b0 + _CHUNK_BLOCKS, full_blocks)
+    step = max(1, _CHUNK // blocksize)
+    for b0 in range(0, full_blocks, step):
+        b1 = min(b0 + step, full_blocks)
         x = flat[b0 * blocksize:b1 * blocksize].float().view(b1 - b0, blocksize)  # (blocks, blocksize)
         am = x.abs().amax(dim=1)
         absmax[b0:b1] = am
