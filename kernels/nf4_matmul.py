@@ -51,13 +51,14 @@ from phiforge.kernels.nf4 import NF4Weight, _nf4_dequantize_kernel, dequantize_n
 # ---------------------------------------------------------------------------------------------------------------
 # Shipped configurations: dispatch picks from these and `phiforge kernels report` compiles exactly these.
 # ---------------------------------------------------------------------------------------------------------------
-# GEMV, keyed by BLOCK_M = next_pow2(M): the [BLOCK_M, BLOCK_N, BLOCK_K] product lives in registers, so BLOCK_N·BLOCK_K
-# shrinks as M grows (about 64 fp32 values per thread at 4 warps).
+# GEMV, keyed by BLOCK_M = next_pow2(M): the [BLOCK_M, BLOCK_N, BLOCK_K] product lives in registers, so BLOCK_N
+# shrinks as M grows. Small tiles keep registers low (<= 126 on sm_80, see the report): a memory-bound kernel wants
+# many warps resident to keep loads in flight, and split-K restores the program count.
 GEMV_CONFIGS = {
-    1: dict(BLOCK_M=1, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=2),
-    2: dict(BLOCK_M=2, BLOCK_N=32, BLOCK_K=64, num_warps=4, num_stages=2),
+    1: dict(BLOCK_M=1, BLOCK_N=32, BLOCK_K=64, num_warps=4, num_stages=2),
+    2: dict(BLOCK_M=2, BLOCK_N=16, BLOCK_K=64, num_warps=4, num_stages=2),
     4: dict(BLOCK_M=4, BLOCK_N=16, BLOCK_K=64, num_warps=4, num_stages=2),
-    8: dict(BLOCK_M=8, BLOCK_N=16, BLOCK_K=64, num_warps=4, num_stages=2),
+    8: dict(BLOCK_M=8, BLOCK_N=8, BLOCK_K=64, num_warps=4, num_stages=2),
 }
 # GEMM, keyed by an M bucket: small M (short prompts, micro-batches) wastes less of a 16-row tile. BLOCK_N and
 # BLOCK_K divide 64 = the NF4 blocksize, so both the forward and the transposed tiles are ROW_ALIGNED. Two stages:
