@@ -13,7 +13,7 @@ One call runs its prompts as one batch:
      treats as empty slots, so each row computes exactly what it would alone. The prompt goes through the model in
      chunks of `prefill_chunk` tokens (bounded activation memory; cancellation is checked between chunks); only the
      last chunk goes through the lm_head, and only for its last position.
-  3. **Decode.** One token per row per step into the next cache slot: sample (engine/sampling.py), detokenize
+  3. **Decode.** One token per row per step into the next cache slot (engine/decode.py's lean step): sample (engine/sampling.py), detokenize
      (engine/detokenize.py), test the stop rules, check `cancel`, run the model on the (B, 1) new tokens. A row
      ends on any id of the full stop set (`tokenizer.stop_ids`: generation_config's EOS ids plus the end-of-turn
      token), on a stop string (text cut right before it), at max_new_tokens, or when cancelled. A finished row
@@ -54,6 +54,7 @@ from typing import Any, Callable, Iterator, Sequence, Union
 
 import torch
 
+from .decode import DecodeStep
 from .detokenize import IncrementalDetokenizer
 from .sampling import SamplingParams, make_generators, sample
 
@@ -108,7 +109,8 @@ def _cancel_fn(cancel: Cancel) -> Callable[[], bool]:
 class Generator:
     """Generation over one model and its tokenizer. See the module docstring for the loop, policies and results."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer: Any, prefill_chunk: int = 512) -> None:
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, prefill_chunk: int = 512,
+                 lean_decode: bool = True) -> None:
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
         self.model = model.eval()
@@ -116,6 +118,7 @@ class Generator:
         self.config = model.config
         self.stop_ids = frozenset(int(i) for i in tokenizer.stop_ids)
         self.prefill_chunk = prefill_chunk
+        self.lean_decode = lean_decode  # engine/decode.py's DecodeStep (else model.forward) for one-token steps
         self._cache = None     # reused across calls while batch size and regime match and it is long enough
         self._busy = False
 
@@ -272,7 +275,12 @@ class Generator:
                         return_hidden=not last)
         logits = out[:, -1]                                            # (B, V)
 
-        next_pos = pos[:, -1:] + 1                                     # (B, 1) position of the next token
+        next_pos = pos[:, -1] + 1                                      # (B,) position of the next token
+        if self.lean_decode:
+            decode = DecodeStep(model, cache)
+        else:
+            def decode(tokens, positions):
+                return model(tokens[:, None], position_ids=positions[:, None], cache=cache)[:, -1]
         active = list(range(B))
         for step in range(max_new):
             tokens = sample(logits, params, gens, seen)               # (B,)
@@ -302,7 +310,7 @@ class Generator:
                 break
             if seen is not None:
                 seen[torch.arange(B), tokens] = True
-            logits = model(tokens[:, None], position_ids=next_pos, cache=cache)[:, -1]  # (B, V)
+            logits = decode(tokens, next_pos)                         # (B, V)
             next_pos += 1
         for b in active:  # cancelled: release what was held back, as the text so far
             r = reqs[b]

@@ -231,7 +231,7 @@ def _scripted(smol, texts: list[str]):
     end = tok.token_to_id("<|im_end|>")  # a stop id after each script: rows end by "stop", not by repetition
     scripts = [tok.encode(t, add_special_tokens=False) + [end] for t in texts]
     prompts = [[tok.encode("Hi", add_special_tokens=False)[0]] for _ in texts]
-    return Generator(Scripted(smol.model, scripts, [1] * len(texts)), tok), prompts, scripts
+    return Generator(Scripted(smol.model, scripts, [1] * len(texts)), tok, lean_decode=False), prompts, scripts
 
 
 def test_utf8_and_split_stop_strings_through_the_loop(smol):

@@ -1,0 +1,87 @@
+"""The one-token decode step, lean: what does not change from step to step is computed once per cache.
+
+`Phi3ForCausalLM.forward` serves training, packing, prefill and decode, so each call rebuilds positions, the
+rotary cos/sin, and a boolean (B, 1, T, S) mask, then runs `scaled_dot_product_attention`. For a decode step
+(T = 1) on a CPU that generality costs more than the math: SDPA's fused CPU kernel is built for long query blocks
+and takes longer for one query than the plain three-op form below, and the per-step setup is dozens of small ops.
+`DecodeStep` runs the *same* model (its modules and weights, so NF4 or LoRA linears swapped in still apply) and
+the same KVCache, with:
+
+  - cos/sin for every position the cache can hold, computed once with the model's own rotary embedding, in the
+    cache's LongRoPE regime (indexing a table gives bit-identical values to recomputing them);
+  - the mask built once per step as an additive (B, 1, 1, S) row from the cache's slot positions, shared by all
+    layers: pad/empty slots (position -1) and, for sliding-window models, keys with q_pos - k_pos >= window get
+    -inf; everything else in slots 0..s is visible (decode is causal by construction: slot s is the newest);
+  - attention as scores = q·Kᵀ·hs^-½ + mask → softmax (fp32) → ·V, with grouped-query heads handled by a view:
+    query head h = g·rep + r reads KV head g, so q (B, nh, hs) is viewed as (B, nkv, rep, hs) and no K/V copy
+    is made;
+  - RoPE applied to q and k in one go (they are adjacent in the fused qkv output).
+
+Prefill stays with `model.forward` (long query blocks are where SDPA's kernel shines). Decode and prefill write
+the same cache, so they can alternate freely. tests/test_decode.py checks logits against `model.forward`.
+
+Legend: B rows, C hidden, nh/nkv query/KV heads, rep = nh/nkv, hs head dim, rd rotary dims, S cache slots used,
+V vocabulary.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class DecodeStep:
+    """Bound to one model and one KVCache: `step(tokens (B,), positions (B,)) -> logits (B, V)`."""
+
+    def __init__(self, model: nn.Module, cache) -> None:
+        cfg = model.config
+        self.model, self.cache, self.cfg = model, cache, cfg
+        self.layers = list(model.model.layers)
+        self.nh, self.nkv, self.hs, self.rd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, \
+            cfg.rotary_dim
+        self.scale = cfg.head_dim ** -0.5
+        self.window = cfg.sliding_window
+        # positions never exceed the slot index (left padding only lowers them), so max_len rows suffice
+        positions = torch.arange(cache.max_len, device=cache.pos.device)[None]        # (1, S_max)
+        cos, sin = model.rotary_emb(positions, cache.rope_long, model.dtype)           # (1, S_max, rd)
+        self.cos, self.sin = cos[0], sin[0]                                            # (S_max, rd)
+
+    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x (B, h, hs); cos/sin (B, 1, rd). The model's formula: x·cos + rotate_half(x)·sin on the first rd dims."""
+        rd = self.rd
+        xr = x[..., :rd] if rd < self.hs else x
+        x1, x2 = xr[..., : rd // 2], xr[..., rd // 2:]
+        out = xr * cos + torch.cat((-x2, x1), dim=-1) * sin
+        return out if rd == self.hs else torch.cat((out, x[..., rd:]), dim=-1)
+
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        cache, model = self.cache, self.model
+        B = tokens.shape[0]
+        nh, nkv, hs = self.nh, self.nkv, self.hs
+        s = cache.length
+        if s >= cache.max_len:
+            raise ValueError(f"KV cache overflow: slot {s} of {cache.max_len}")
+        cache.pos[:, s] = positions
+        k_pos = cache.pos[:, : s + 1]                                                  # (B, S)
+        hidden = k_pos < 0
+        if self.window is not None and self.window < s + 1:
+            hidden |= (positions[:, None] - k_pos) >= self.window
+        mask = torch.zeros(B, 1, 1, s + 1).masked_fill_(hidden[:, None, None], float("-inf"))  # (B, 1, 1, S)
+        cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]          # (B, 1, rd)
+
+        x = model.model.embed_tokens(tokens)[:, None]                                  # (B, 1, C)
+        for i, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            qkv = attn.qkv_proj(layer.input_layernorm(x)).view(B, nh + 2 * nkv, hs)   # (B, nh + 2 nkv, hs)
+            qk = self._rope(qkv[:, : nh + nkv], cos, sin)                              # (B, nh + nkv, hs)
+            cache.k[i, :, :, s] = qk[:, nh:]
+            cache.v[i, :, :, s] = qkv[:, nh + nkv:]
+            k = cache.k[i, :, :, : s + 1]                                              # (B, nkv, S, hs)
+            v = cache.v[i, :, :, : s + 1]                                              # (B, nkv, S, hs)
+            q = qk[:, :nh].reshape(B, nkv, nh // nkv, hs)                              # (B, nkv, rep, hs)
+            scores = torch.matmul(q, k.transpose(-1, -2)).float() * self.scale + mask  # (B, nkv, rep, S)
+            y = torch.matmul(scores.softmax(dim=-1).to(v.dtype), v)                    # (B, nkv, rep, hs)
+            x = x + attn.o_proj(y.view(B, 1, nh * hs))                                 # (B, 1, C)
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        cache.length = s + 1
+        return model.lm_head(model.model.norm(x))[:, 0]                                # (B, V)

@@ -1,0 +1,47 @@
+"""DecodeStep computes what model.forward computes for one token per row, on every variant, padded batches too."""
+from __future__ import annotations
+
+import pytest
+import torch
+from test_model import TINY, VARIANTS, make_hf_checkpoint
+
+from phiforge.engine import load_model
+from phiforge.engine.decode import DecodeStep
+
+
+@pytest.mark.parametrize("variant", ["mini-4k-window", "gqa", "partial-tied"])
+@pytest.mark.parametrize("rope_long", [False, True])
+def test_decode_step_equals_model_forward(tmp_path, variant, rope_long):
+    make_hf_checkpoint(tmp_path, VARIANTS[variant][0])
+    model = load_model(tmp_path, dtype=torch.float32)
+    g = torch.Generator().manual_seed(0)
+    lens = [7, 19, 1]                                     # left-padded to 19; pad tokens at position -1
+    B, P, steps = len(lens), max(lens), 24                # 19 + 24 > the window (15) of mini-4k-window
+    ids = torch.randint(0, TINY["vocab_size"], (B, P + steps), generator=g)
+    pos = torch.full((B, P), -1)
+    for b, n in enumerate(lens):
+        pos[b, P - n:] = torch.arange(n)
+    caches = [model.new_cache(B, P + steps, rope_long=rope_long) for _ in range(2)]
+    with torch.inference_mode():
+        for c in caches:
+            model(ids[:, :P], position_ids=pos, cache=c, num_logits=1)
+        step = DecodeStep(model, caches[1])
+        next_pos = torch.tensor(lens)
+        for t in range(steps):
+            tok = ids[:, P + t]
+            ref = model(tok[:, None], position_ids=next_pos[:, None], cache=caches[0])[:, -1]
+            got = step(tok, next_pos)
+            assert (got - ref).abs().max().item() <= 1e-4, f"step {t}"
+            next_pos += 1
+    assert caches[1].length == caches[0].length == P + steps
+    assert torch.equal(caches[1].pos, caches[0].pos)
+
+
+def test_decode_step_overflow_is_an_error(tmp_path):
+    make_hf_checkpoint(tmp_path, {})
+    model = load_model(tmp_path, dtype=torch.float32)
+    cache = model.new_cache(1, 4)
+    with torch.inference_mode():
+        model(torch.tensor([[5, 6, 7, 8]]), cache=cache)
+        with pytest.raises(ValueError, match="overflow"):
+            DecodeStep(model, cache)(torch.tensor([9]), torch.tensor([4]))
