@@ -22,11 +22,16 @@ cannot fill a GPU when N is small (down_proj: N = 3072). Splitting K multiplies 
 are combined by fp32 atomic adds into an (M, N) buffer. The output is a few KB, so atomics cost nothing against W,
 and no second launch is needed. The price: summation order varies run to run (fp32, ~1e-7 relative).
 
-Why dequantize per element (flat index i) rather than per byte: one helper (`_nf4_load`) serves every kernel and
-every K (blocks may straddle rows when K is not a multiple of the blocksize), and the tile holds the reference's
-own fp32 products before it meets tl.dot (up to FMA contraction of the double-quant scale on GPU). Each element
-is one byte load plus a gather from the 16-entry code table, both L1-resident; when a tile row sits inside one
-absmax block (ROW_ALIGNED, every Phi-3 shape) the scale is fetched once per row, not per element.
+Two ways to read W. An aligned tile (K % blocksize == 0, every Phi-3 shape) loads each packed byte once and uses
+both nibbles, by splitting the activations by column parity instead of interleaving the weights:
+
+    x·Wᵀ = x[:, 0::2]·W[:, 0::2]ᵀ + x[:, 1::2]·W[:, 1::2]ᵀ          W[:, 0::2] = HIGH nibbles, W[:, 1::2] = low
+    dY·W = (dY·W[:, 0::2], dY·W[:, 1::2]) interleaved column by column  (two accumulators, joined at the end)
+
+and fetches one scale per tile row (`_nf4_load_pairs`). Any other K (blocks straddle rows) goes through the flat
+index i, one element per nibble (`_nf4_load`). Either way the tile holds the reference's own fp32 products
+code·absmax before it meets tl.dot (up to FMA contraction of the double-quant scale on GPU); the code table and
+the scales are tiny, L1-resident gathers.
 
 Dispatch (`nf4_matmul`, `nf4_matmul_t`): CUDA tensors -> Triton (GEMV if M <= 8 else GEMM); CPU tensors -> torch
 (see kernels/nf4_cpu.py); PHIFORGE_KERNELS=triton forces Triton (the tests run it under TRITON_INTERPRET=1).
@@ -62,11 +67,11 @@ GEMV_CONFIGS = {
 }
 # GEMM, keyed by an M bucket: small M (short prompts, micro-batches) wastes less of a 16-row tile. BLOCK_N and
 # BLOCK_K divide 64 = the NF4 blocksize, so both the forward and the transposed tiles are ROW_ALIGNED. Two stages:
-# three would stage the per-element gathers in more shared memory than sm_86/89 offer (99 KB). A 128-row tile at
-# 8 warps was dropped: ptxas capped it at 128 registers and spilled in the transposed+LoRA variant.
+# the pipeliner also stages the gathered code and scale loads, and three overran sm_86/89's 99 KB of shared memory
+# in an earlier version. A 128-row, 8-warp tile was tried and dropped: ptxas capped it at 128 registers and spilled.
 GEMM_CONFIGS = {
     "small": dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=2, num_stages=2),
-    "medium": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=2),
+    "medium": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=2),
 }
 GEMV_MAX_M = 8
 _TARGET_PROGRAMS = 264  # split-K until ~2 waves on a 128-SM RTX 4090 (2.4 on an A100, 3.2 on an RTX 3090)
@@ -92,16 +97,10 @@ class LoRAEpilogue(NamedTuple):
 # ---------------------------------------------------------------------------------------------------------------
 
 @triton.jit
-def _nf4_load(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset,
-              rows, cols, col0, row_mask, col_mask, K,
-              BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
-              ROW_ALIGNED: tl.constexpr):
-    """W[rows, cols] in fp32 for broadcastable index tensors rows (into N) and cols (into K); col0 = min(cols).
-
-    ROW_ALIGNED (K % BLOCKSIZE == 0 and the tile's column span divides BLOCKSIZE) means the whole tile row shares
-    one absmax, so scales are fetched once per row instead of once per element.
-    """
-    mask = row_mask & col_mask
+def _nf4_load(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset, rows, cols, mask, K,
+              BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr):
+    """W[rows, cols] in fp32 for broadcastable index tensors rows (into N) and cols (into K). Any K: blocks may
+    straddle rows, so everything is addressed through the flat index, one element per nibble."""
     # i = n * K + k                                   flat index (the launcher checks N*K < 2**31)
     i = rows * K + cols
     # byte = packed[i // 2]; q = byte >> 4 if i even else byte & 0xF
@@ -109,21 +108,40 @@ def _nf4_load(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_p
     q = tl.where(i % 2 == 0, byte >> 4, byte & 0xF)
     # value = code[q]                                  16 fp32 values: an L1-resident gather
     value = tl.load(code_ptr + q, mask=mask, other=0.0)
-    if ROW_ALIGNED:
-        block = (rows * K + col0) // BLOCKSIZE  # shaped like rows: [1, BLOCK] or [BLOCK, 1]
-        bmask = row_mask
-    else:
-        block = i // BLOCKSIZE
-        bmask = mask
+    block = i // BLOCKSIZE
     if DOUBLE_QUANT:
         # scale = nested_code[a8[b]] * nested_absmax[b // 256] + offset
-        a8 = tl.load(absmax_ptr + block, mask=bmask, other=0).to(tl.int32)
-        scale = tl.load(nested_code_ptr + a8, mask=bmask, other=0.0)
-        scale = scale * tl.load(nested_absmax_ptr + block // NESTED_BLOCKSIZE, mask=bmask, other=0.0) + offset
+        a8 = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
+        scale = tl.load(nested_code_ptr + a8, mask=mask, other=0.0)
+        scale = scale * tl.load(nested_absmax_ptr + block // NESTED_BLOCKSIZE, mask=mask, other=0.0) + offset
     else:
         # scale = absmax[b]
-        scale = tl.load(absmax_ptr + block, mask=bmask, other=0.0)
+        scale = tl.load(absmax_ptr + block, mask=mask, other=0.0)
     return value * scale
+
+
+@triton.jit
+def _nf4_load_pairs(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset,
+                    rows, byte_cols, col0, row_mask, col_mask, K,
+                    BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr):
+    """(W[rows, 2·byte_cols], W[rows, 2·byte_cols + 1]) in fp32: one byte load yields both nibbles.
+
+    Only for ROW_ALIGNED tiles (K % BLOCKSIZE == 0, so K is even and every row starts on a byte boundary).
+    The caller splits its activations into even and odd columns to match, instead of interleaving the weights.
+    """
+    mask = row_mask & col_mask
+    # byte = packed[n * K/2 + j]                       HIGH nibble: column 2j, low nibble: column 2j + 1
+    byte = tl.load(packed_ptr + rows * (K // 2) + byte_cols, mask=mask, other=0).to(tl.int32)
+    hi = tl.load(code_ptr + (byte >> 4), mask=mask, other=0.0)
+    lo = tl.load(code_ptr + (byte & 0xF), mask=mask, other=0.0)
+    block = (rows * K + col0) // BLOCKSIZE  # one scale per tile row, shaped like rows
+    if DOUBLE_QUANT:
+        a8 = tl.load(absmax_ptr + block, mask=row_mask, other=0).to(tl.int32)
+        scale = tl.load(nested_code_ptr + a8, mask=row_mask, other=0.0)
+        scale = scale * tl.load(nested_absmax_ptr + block // NESTED_BLOCKSIZE, mask=row_mask, other=0.0) + offset
+    else:
+        scale = tl.load(absmax_ptr + block, mask=row_mask, other=0.0)
+    return hi * scale, lo * scale
 
 
 @triton.jit
@@ -141,16 +159,31 @@ def _nf4_gemv_kernel(
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K_PER_SPLIT, BLOCK_K):
-        rk = pid_k * K_PER_SPLIT + k0 + tl.arange(0, BLOCK_K)  # [BLOCK_K]
-        # w = W[rn, rk]                                [BLOCK_N, BLOCK_K]
-        w = _nf4_load(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset,
-                      rn[:, None], rk[None, :], pid_k * K_PER_SPLIT + k0, rn[:, None] < N, rk[None, :] < K, K,
-                      BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT, ROW_ALIGNED)
-        # x_tile = x[:, rk]                            [BLOCK_M, BLOCK_K]
-        x_mask = (rm[:, None] < M) & (rk[None, :] < K)
-        x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=x_mask, other=0.0).to(tl.float32)
-        # acc += x_tile @ w.T                          [BLOCK_M, BLOCK_N, BLOCK_K] summed over K: too few rows
-        acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)  # for tl.dot, so CUDA cores do it
+        col0 = pid_k * K_PER_SPLIT + k0
+        if ROW_ALIGNED:
+            # x·Wᵀ = x[:, 0::2]·W[:, 0::2]ᵀ + x[:, 1::2]·W[:, 1::2]ᵀ: each packed byte is loaded once
+            rb = col0 // 2 + tl.arange(0, BLOCK_K // 2)  # [BLOCK_K/2] byte columns
+            w_hi, w_lo = _nf4_load_pairs(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr,
+                                         offset, rn[:, None], rb[None, :], col0, rn[:, None] < N,
+                                         rb[None, :] < K // 2, K, BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT)
+            # x_even, x_odd = x[:, 2*rb], x[:, 2*rb + 1]  [BLOCK_M, BLOCK_K/2]
+            x_mask = (rm[:, None] < M) & (rb[None, :] < K // 2)
+            x_ptrs = x_ptr + rm[:, None] * stride_xm + 2 * rb[None, :]
+            x_even = tl.load(x_ptrs, mask=x_mask, other=0.0).to(tl.float32)
+            x_odd = tl.load(x_ptrs + 1, mask=x_mask, other=0.0).to(tl.float32)
+            # acc += x_even @ w_hi.T + x_odd @ w_lo.T   [BLOCK_M, BLOCK_N, BLOCK_K/2] summed: too few rows for
+            acc += tl.sum(x_even[:, None, :] * w_hi[None, :, :] + x_odd[:, None, :] * w_lo[None, :, :], axis=2)
+        else:  # tl.dot, so CUDA cores do it
+            rk = col0 + tl.arange(0, BLOCK_K)  # [BLOCK_K]
+            # w = W[rn, rk]                            [BLOCK_N, BLOCK_K]
+            w = _nf4_load(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset,
+                          rn[:, None], rk[None, :], (rn[:, None] < N) & (rk[None, :] < K), K,
+                          BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT)
+            # x_tile = x[:, rk]                        [BLOCK_M, BLOCK_K]
+            x_mask = (rm[:, None] < M) & (rk[None, :] < K)
+            x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=x_mask, other=0.0).to(tl.float32)
+            # acc += x_tile @ w.T                      [BLOCK_M, BLOCK_N, BLOCK_K] summed over K
+            acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
     if HAS_LORA:
         if pid_k == 0:  # exactly one split adds the adapter term
             rr = tl.arange(0, BLOCK_R)  # [BLOCK_R]
@@ -186,23 +219,57 @@ def _nf4_gemm_kernel(
 
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N] output columns
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, RED, BLOCK_K):
-        rk = k0 + tl.arange(0, BLOCK_K)  # [BLOCK_K] reduction index
-        a = tl.load(a_ptr + rm[:, None] * stride_am + rk[None, :],
-                    mask=(rm[:, None] < M) & (rk[None, :] < RED), other=0.0)  # [BLOCK_M, BLOCK_K]
-        if TRANS_W:
-            # w = W[rk, rn]                            [BLOCK_K, BLOCK_N]  (dX = dY · W: reduce over W's rows)
-            w = _nf4_load(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset,
-                          rk[:, None], rn[None, :], pid_n * BLOCK_N, rk[:, None] < RED, rn[None, :] < OUT, K,
-                          BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT, ROW_ALIGNED)
-        else:
-            # w = W[rn, rk].T                          [BLOCK_K, BLOCK_N]  (y = x · Wᵀ: reduce over W's columns)
-            w = _nf4_load(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset,
-                          rn[None, :], rk[:, None], k0, rn[None, :] < OUT, rk[:, None] < RED, K,
-                          BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT, ROW_ALIGNED)
-        # acc += a @ w.to(a.dtype)                     fp32 products rounded to the activation dtype, as the
-        acc = tl.dot(a, w.to(a.dtype), acc)  # reference `x @ dequantize(W).to(x.dtype).T` does
+    dt = a_ptr.dtype.element_ty
+    if ROW_ALIGNED and TRANS_W:
+        # dX = dY·W, split by output column parity: dX[:, 0::2] = dY·W[:, 0::2], dX[:, 1::2] = dY·W[:, 1::2]
+        rbo = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)  # [BLOCK_N/2] byte columns of W
+        acc_even = tl.zeros([BLOCK_M, BLOCK_N // 2], dtype=tl.float32)
+        acc_odd = tl.zeros([BLOCK_M, BLOCK_N // 2], dtype=tl.float32)
+        for k0 in range(0, RED, BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)  # [BLOCK_K] reduction index = rows of W
+            a = tl.load(a_ptr + rm[:, None] * stride_am + rk[None, :],
+                        mask=(rm[:, None] < M) & (rk[None, :] < RED), other=0.0)  # [BLOCK_M, BLOCK_K]
+            # w_hi, w_lo = W[rk, 2*rbo], W[rk, 2*rbo + 1]   [BLOCK_K, BLOCK_N/2] each
+            w_hi, w_lo = _nf4_load_pairs(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr,
+                                         offset, rk[:, None], rbo[None, :], pid_n * BLOCK_N, rk[:, None] < RED,
+                                         rbo[None, :] < OUT // 2, K, BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT)
+            acc_even = tl.dot(a, w_hi.to(dt), acc_even)
+            acc_odd = tl.dot(a, w_lo.to(dt), acc_odd)
+        # acc[:, 2j + t] = (acc_even, acc_odd)[t][:, j]   [BLOCK_M, BLOCK_N/2, 2] -> [BLOCK_M, BLOCK_N]
+        acc = tl.reshape(tl.join(acc_even, acc_odd), [BLOCK_M, BLOCK_N])
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, RED, BLOCK_K):
+            if ROW_ALIGNED:
+                # y = x[:, 0::2]·W[:, 0::2]ᵀ + x[:, 1::2]·W[:, 1::2]ᵀ: each packed byte is loaded once
+                rb = k0 // 2 + tl.arange(0, BLOCK_K // 2)  # [BLOCK_K/2] byte columns
+                a_mask = (rm[:, None] < M) & (rb[None, :] < RED // 2)
+                a_ptrs = a_ptr + rm[:, None] * stride_am + 2 * rb[None, :]
+                a_even = tl.load(a_ptrs, mask=a_mask, other=0.0)  # [BLOCK_M, BLOCK_K/2]
+                a_odd = tl.load(a_ptrs + 1, mask=a_mask, other=0.0)  # [BLOCK_M, BLOCK_K/2]
+                # w_hi, w_lo = W[rn, 2*rb].T, W[rn, 2*rb + 1].T   [BLOCK_K/2, BLOCK_N] each
+                w_hi, w_lo = _nf4_load_pairs(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr,
+                                             offset, rn[None, :], rb[:, None], k0, rn[None, :] < OUT,
+                                             rb[:, None] < RED // 2, K, BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT)
+                # acc += a_even @ w_hi + a_odd @ w_lo      fp32 products rounded to the activation dtype, as
+                acc = tl.dot(a_even, w_hi.to(dt), acc)  # the reference x @ dequantize(W).to(x.dtype).T does
+                acc = tl.dot(a_odd, w_lo.to(dt), acc)
+            else:
+                # any K (blocks may straddle rows): one element per nibble, flat index i = n·K + k
+                rk = k0 + tl.arange(0, BLOCK_K)  # [BLOCK_K] reduction index
+                a = tl.load(a_ptr + rm[:, None] * stride_am + rk[None, :],
+                            mask=(rm[:, None] < M) & (rk[None, :] < RED), other=0.0)  # [BLOCK_M, BLOCK_K]
+                if TRANS_W:
+                    # w = W[rk, rn]                    [BLOCK_K, BLOCK_N]  (dX = dY · W: reduce over W's rows)
+                    w = _nf4_load(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset,
+                                  rk[:, None], rn[None, :], (rk[:, None] < RED) & (rn[None, :] < OUT), K,
+                                  BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT)
+                else:
+                    # w = W[rn, rk].T                  [BLOCK_K, BLOCK_N]  (y = x · Wᵀ: reduce over W's columns)
+                    w = _nf4_load(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset,
+                                  rn[None, :], rk[:, None], (rn[None, :] < OUT) & (rk[:, None] < RED), K,
+                                  BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT)
+                acc = tl.dot(a, w.to(dt), acc)
     if HAS_LORA:
         rr = tl.arange(0, BLOCK_R)  # [BLOCK_R], >= 16 for tl.dot; padding is masked to zero
         # acc += s * P[rm] @ Q[rn].T                    [BLOCK_M, BLOCK_R] @ [BLOCK_R, BLOCK_N]
