@@ -54,6 +54,7 @@ class NF4Linear(nn.Module):
         self._set(qweight)
 
     def _set(self, qweight: NF4Weight) -> None:
+        self._q: NF4Weight | None = qweight  # built once: forward is called per token, validation is not free
         self.out_features, self.in_features = qweight.shape
         self.blocksize, self.nested_blocksize = qweight.blocksize, qweight.nested_blocksize
         self.offset, self.dtype = qweight.offset, qweight.dtype
@@ -63,10 +64,13 @@ class NF4Linear(nn.Module):
 
     @property
     def qweight(self) -> NF4Weight:
-        return NF4Weight(packed=self.packed, absmax=self.absmax, shape=(self.out_features, self.in_features),
-                         blocksize=self.blocksize, code=self.code, nested_absmax=self.nested_absmax,
-                         nested_code=self.nested_code, nested_blocksize=self.nested_blocksize, offset=self.offset,
-                         dtype=self.dtype)
+        if self._q is not None and self._q.packed is self.packed and self._q.dtype == self.dtype:
+            return self._q
+        self._q = NF4Weight(packed=self.packed, absmax=self.absmax, shape=(self.out_features, self.in_features),
+                            blocksize=self.blocksize, code=self.code, nested_absmax=self.nested_absmax,
+                            nested_code=self.nested_code, nested_blocksize=self.nested_blocksize,
+                            offset=self.offset, dtype=self.dtype)
+        return self._q
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, blocksize: int = 64, double_quant: bool = True) -> "NF4Linear":
@@ -94,6 +98,7 @@ class NF4Linear(nn.Module):
         for name, t in self._buffers.items():
             if t is not None:
                 self._buffers[name] = t.to(probe.device)
+        self._q = None  # rebuilt on next use, so the old device's tensors are not kept alive
         return self
 
     def extra_repr(self) -> str:
@@ -171,8 +176,11 @@ def read_nf4(get: Callable[[str], torch.Tensor], prefix: str, dtype: torch.dtype
         shape = tuple(int(s) for s in state["shape"])
         blocksize = int(state["blocksize"])
         nested = "nested_offset" in state
+        packed = fetch("weight")
+        if packed.dtype != torch.uint8:  # bnb_4bit_quant_storage other than uint8: the same bytes, another dtype
+            packed = packed.contiguous().view(torch.uint8)
         q = NF4Weight(
-            packed=fetch("weight").reshape(-1), absmax=fetch("weight.absmax").reshape(-1), shape=shape,
+            packed=packed.reshape(-1), absmax=fetch("weight.absmax").reshape(-1), shape=shape,
             blocksize=blocksize, code=fetch("weight.quant_map").float(),
             nested_absmax=fetch("weight.nested_absmax").float() if nested else None,
             nested_code=fetch("weight.nested_quant_map").float() if nested else None,

@@ -101,7 +101,8 @@ def test_quantize_cli_output_loads_in_transformers(dirs):
     assert cfg["bnb_4bit_use_double_quant"] is True and cfg["bnb_4bit_compute_dtype"] == "bfloat16"
     # same key set and dtypes as transformers' own save of the same model
     from safetensors import safe_open
-    with safe_open(str(out / "model.safetensors"), "pt") as a, safe_open(str(dirs["bnb"] / "model.safetensors"), "pt") as b:
+    with safe_open(str(out / "model.safetensors"), "pt") as a, \
+            safe_open(str(dirs["bnb"] / "model.safetensors"), "pt") as b:
         assert sorted(a.keys()) == sorted(b.keys())
         for k in a.keys():
             ta, tb = a.get_tensor(k), b.get_tensor(k)
