@@ -49,7 +49,8 @@ import triton.language as tl
 from torch.amp import custom_bwd, custom_fwd
 
 from phiforge.kernels.nf4 import NF4Weight, dequantize_nf4_ref
-from phiforge.kernels.nf4_matmul import LoRAEpilogue, nf4_matmul, nf4_matmul_t
+from phiforge.kernels.nf4_matmul import nf4_matmul, nf4_matmul_t
+from phiforge.kernels.nf4_tiles import LoRAEpilogue
 
 # Shipped configurations (dispatch picks from these; `phiforge kernels report` compiles exactly these).
 DENSE_CONFIGS = {
