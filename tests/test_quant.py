@@ -293,3 +293,17 @@ def test_load_with_quant_nf4_peak_memory(tmp_path):
     dense_layer = dense_linear // L
     assert m["peak"] < m["nf4"] + 2 * V * C * 2 + dense_layer + 24 * 2**20
     assert m["peak"] < dense_linear
+
+
+def test_load_nf4_state_from_a_dict(dirs):
+    """The dict interface gives the same model as the loader's memory-mapped reader."""
+    from safetensors.torch import load_file
+
+    from phiforge.engine import Phi3Config, Phi3ForCausalLM
+    from phiforge.engine.quant import load_nf4_state
+
+    cfg = Phi3Config.from_file(dirs["bnb"])
+    model = Phi3ForCausalLM(cfg, device="meta")
+    model.rotary_emb.to("cpu")
+    load_nf4_state(model, load_file(str(dirs["bnb"] / "model.safetensors")), cfg, dtype=torch.bfloat16)
+    assert torch.equal(_logits(model.eval()), _logits(load_model(dirs["bnb"])))
