@@ -1,9 +1,10 @@
 """NF4 matmul vs dense bf16 matmul on Phi-3-mini layer shapes, on the machine at hand. Prints JSON.
 
-    python bench/bench_nf4.py [--quick] [--iters N]
+    python bench/bench_nf4.py [--quick] [--iters N] [--threads N]
 
 For each layer (qkv 3072->9216, gate_up 3072->16384, down 8192->3072) and M in (1, 16, 512):
-  - checks nf4_matmul against the pure-torch reference first (within twice the bf16 reference's own error vs fp64);
+  - checks both NF4 providers against the pure-torch reference first (within twice the bf16 reference's own error,
+    both measured against fp64), on up to 64 rows of x, which keeps M's dispatch bucket;
   - times the providers interleaved, one call each per round, and reports medians (robust on a shared machine):
         dense_bf16     x @ W.T with W in bf16                      (oneDNN on CPU, cuBLAS on CUDA)
         nf4            nf4_matmul(x, w): the dispatched path        (CPU: native GEMV for M <= 8, else dequant+matmul;
@@ -53,16 +54,17 @@ def _time_interleaved(fns: dict, iters: int, device: torch.device) -> dict[str, 
 
 
 def _check(x: torch.Tensor, w) -> dict:
-    """nf4_matmul on a few rows vs the reference in bf16 and fp64."""
-    xs = x[:4]
-    out, ref, ref64 = nf4_matmul(xs, w), nf4_matmul_ref(xs, w), nf4_matmul_ref(xs.double(), w)
-    err = (out.double() - ref64).abs().max().item()
+    """Both NF4 providers vs the reference in bf16 and fp64, on up to 64 rows of x (the same dispatch bucket)."""
+    x = x[:64]
+    out = {"nf4": nf4_matmul(x, w), "nf4_dequant": nf4_matmul(x, w, method="dequant")}
+    ref, ref64 = nf4_matmul_ref(x, w), nf4_matmul_ref(x.double(), w)
     ref_err = (ref.double() - ref64).abs().max().item()
-    ok = err <= 2 * ref_err + 1e-6 * ref64.abs().max().item()
-    if not ok:
-        raise SystemExit(f"bench_nf4: nf4_matmul is wrong for {tuple(w.shape)}: error {err:.3g} vs the bf16 "
-                         f"reference's own {ref_err:.3g}")
-    return dict(max_abs_err=err, ref_bf16_max_abs_err=ref_err)
+    errs = {k: (v.double() - ref64).abs().max().item() for k, v in out.items()}
+    for k, err in errs.items():
+        if err > 2 * ref_err + 1e-6 * ref64.abs().max().item():
+            raise SystemExit(f"bench_nf4: {k} is wrong for {tuple(w.shape)}, M={x.shape[0]}: error {err:.3g} vs "
+                             f"the bf16 reference's own {ref_err:.3g}")
+    return dict(max_abs_err=errs, ref_bf16_max_abs_err=ref_err)
 
 
 def _peak_gbps(device: torch.device) -> float | None:
@@ -77,7 +79,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="qkv and down only, M in (1, 16), fewer rounds")
     ap.add_argument("--iters", type=int, default=None, help="timed rounds per case (default 30, quick 8)")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     iters = args.iters or (8 if args.quick else 30)
     layers = {k: v for k, v in LAYERS.items() if not args.quick or k != "gate_up_proj"}
