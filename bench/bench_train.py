@@ -1,0 +1,277 @@
+"""QLoRA vs LoRA training throughput and peak memory, against transformers + PEFT (+ bitsandbytes), in one run.
+
+    python bench/bench_train.py [--methods lora,qlora] [--shape default|phi3-mini] [--seq 256] [--batch 4]
+                                [--steps 3] [--dtype bf16,fp32] [--rank 16] [--no-hf] [--out results.json]
+
+Every (framework, method, dtype) runs in its own subprocess, so peak memory is that run's alone: the CUDA
+allocator's peak on a GPU, peak RSS (ru_maxrss) on CPU. A run loads the model, takes one warm-up step, then
+times `--steps` optimizer steps of batch × seq tokens. The batch is synthetic: random token rows of exactly `seq`
+tokens with labels on the second half of each row (a prompt/answer split), identical across frameworks.
+tokens_per_s counts every token; labelled_tokens_per_s only the labelled ones (torchtune's convention).
+Settings are the issue's: r=16, alpha=32, dropout 0.05, all four fused projections, gradient checkpointing on.
+
+Shapes: `default` is the default model (SmolLM2-135M in Phi-3 layout, real weights); `phi3-mini` is Phi-3-mini's
+shape with random weights built layer by layer (no checkpoint file; NF4 weights are drawn directly as random codes,
+so the LoRA run never holds more than its bf16 model and the QLoRA run never holds a dense copy).
+
+The JSON ends with ratios measured in this run (phiforge LoRA / HF LoRA, phiforge QLoRA / phiforge LoRA, QLoRA peak
+memory / LoRA peak memory) and the memory model's estimate (bench/train_memory.py) for seq 2048 on a 24 GB GPU.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TARGETS = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def synthetic_batch(vocab: int, batch: int, seq: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (batch, seq), generator=g)  # (B, T)
+    labels = ids.clone()
+    labels[:, : seq // 2] = -100  # prompt half unlabelled
+    return ids, labels
+
+
+def peak_memory_bytes(device: str) -> int:
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KB
+
+
+# ---- model builders ---------------------------------------------------------------------------------------------
+
+def phi3_mini_random(dtype: torch.dtype, quant: bool, device: str):
+    """Phi-3-mini shapes with random weights, one layer at a time (never two copies of anything)."""
+    from phiforge.engine.config import Phi3Config
+    from phiforge.engine.model import Phi3ForCausalLM, RotaryEmbedding
+    cfg = Phi3Config.from_name("phi3-mini-4k")
+    with torch.device("meta"):
+        model = Phi3ForCausalLM(cfg)
+    model.rotary_emb = RotaryEmbedding(cfg).to(device)
+    for name, p in list(model.named_parameters()):
+        mod_name, attr = name.rsplit(".", 1)
+        mod = model.get_submodule(mod_name)
+        if quant and mod_name.rsplit(".", 1)[-1] in TARGETS:
+            model.set_submodule(mod_name, random_nf4_linear(p.shape, dtype, device))
+            continue
+        t = torch.empty(p.shape, dtype=dtype, device=device)
+        t.normal_(0, 0.02) if p.dim() == 2 else t.fill_(1.0)
+        setattr(mod, attr, torch.nn.Parameter(t, requires_grad=False))
+    return model.eval()
+
+
+def random_nf4_linear(shape, dtype, device):
+    from phiforge.engine.quant import NF4Linear
+    from phiforge.kernels.nf4 import NF4Weight
+    n = shape[0] * shape[1]
+    nb = -(-n // 64)
+    w = NF4Weight(packed=torch.randint(0, 256, ((n + 1) // 2,), dtype=torch.uint8, device=device),
+                  absmax=torch.randint(0, 256, (nb,), dtype=torch.uint8, device=device), shape=tuple(shape),
+                  blocksize=64, nested_absmax=torch.full((-(-nb // 256),), 0.01, device=device), offset=0.03,
+                  dtype=dtype)
+    return NF4Linear(w)
+
+
+# ---- one measured run (subprocess) ------------------------------------------------------------------------------
+
+def run_phiforge(a) -> dict:
+    from phiforge.engine.lora import LoRALinear, apply_lora, trainable_parameters
+    from phiforge.engine.loss import lm_loss_sum, lm_loss_sum_ref
+    dtype, quant = DTYPES[a.dtype], a.method == "qlora"
+    if a.shape == "phi3-mini":
+        model = phi3_mini_random(dtype, quant, a.device)
+    else:
+        from phiforge.engine.fetch import default_model_path
+        from phiforge.engine.loader import load_model
+        model = load_model(default_model_path(), dtype=dtype, device=a.device, quant="nf4" if quant else None)
+    apply_lora(model, a.rank, 2 * a.rank, 0.05, TARGETS)
+    LoRALinear.use_fused = not a.unfused
+    model.gradient_checkpointing = not a.no_checkpointing
+    model.train()
+    params = [p for _, p in trainable_parameters(model)]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    ids, labels = synthetic_batch(model.config.vocab_size, a.batch, a.seq)
+    targets = torch.cat([labels[:, 1:], torch.full((a.batch, 1), -100)], 1).to(a.device)
+    ids = ids.to(a.device)
+    n_lab = int((targets != -100).sum())
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if a.device == "cuda" else torch.autocast("cpu", enabled=False)
+
+    def step():
+        with autocast:
+            loss = (lm_loss_sum_ref if a.full_logits else lm_loss_sum)(model, ids, targets) / n_lab
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(loss)
+
+    return timed(step, a, n_lab)
+
+
+def run_hf(a) -> dict:
+    import transformers
+    from peft import LoraConfig, get_peft_model
+    dtype, quant = DTYPES[a.dtype], a.method == "qlora"
+    if a.shape == "phi3-mini":
+        cfg = transformers.Phi3Config(vocab_size=32064, hidden_size=3072, intermediate_size=8192,
+                                      num_hidden_layers=32, num_attention_heads=32, sliding_window=2047)
+        with torch.device(a.device):
+            model = transformers.Phi3ForCausalLM(cfg).to(dtype)
+    else:
+        from phiforge.engine.fetch import default_model_path
+        kw = {}
+        if quant:
+            kw["quantization_config"] = transformers.BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=dtype)
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(default_model_path()), dtype=dtype,
+                                                                  device_map=a.device, **kw)
+    model.config.use_cache = False
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    model = get_peft_model(model, LoraConfig(r=a.rank, lora_alpha=2 * a.rank, lora_dropout=0.05,
+                                             target_modules=TARGETS, task_type="CAUSAL_LM"))
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    ids, labels = synthetic_batch(model.config.vocab_size, a.batch, a.seq)
+    ids, labels = ids.to(a.device), labels.to(a.device)
+    n_lab = int((labels[:, 1:] != -100).sum())
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if a.device == "cuda" else torch.autocast("cpu", enabled=False)
+
+    def step():
+        with autocast:
+            loss = model(input_ids=ids, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(loss)
+
+    return timed(step, a, n_lab)
+
+
+def timed(step, a, n_lab: int) -> dict:
+    losses = [step()]  # warm-up (allocator, kernels, first-touch pages)
+    if a.device == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(a.steps):
+        losses.append(step())
+    if a.device == "cuda":
+        torch.cuda.synchronize()
+    dt = (time.perf_counter() - t0) / a.steps
+    return dict(seconds_per_step=dt, tokens_per_s=a.batch * a.seq / dt, labelled_tokens_per_s=n_lab / dt,
+                peak_memory_bytes=peak_memory_bytes(a.device),
+                peak_memory_kind="cuda_max_allocated" if a.device == "cuda" else "cpu_peak_rss", losses=losses)
+
+
+def worker(a) -> None:
+    torch.manual_seed(0)
+    res = (run_hf if a.framework == "hf" else run_phiforge)(a)
+    print("RESULT " + json.dumps(res), flush=True)
+
+
+# ---- driver -----------------------------------------------------------------------------------------------------
+
+def spawn(a, framework: str, method: str, dtype: str, extra: list[str] | None = None) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--framework", framework, "--method", method,
+           "--dtype", dtype, "--shape", a.shape, "--seq", str(a.seq), "--batch", str(a.batch), "--steps",
+           str(a.steps), "--rank", str(a.rank), "--device", a.device] + (extra or [])
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    line = next((ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    if line is None:
+        err = (p.stderr.strip().splitlines() or ["no output"])[-1]
+        return dict(error=err[-300:])
+    return json.loads(line[len("RESULT "):])
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="phiforge LoRA/QLoRA training bench")
+    ap.add_argument("--methods", default="lora,qlora")
+    ap.add_argument("--shape", choices=["default", "phi3-mini"], default="default")
+    ap.add_argument("--seq", type=int, default=None, help="default 256 (default shape), 512 (phi3-mini)")
+    ap.add_argument("--batch", type=int, default=None, help="default 4 (default shape), 1 (phi3-mini)")
+    ap.add_argument("--steps", type=int, default=None, help="default 3 (default shape), 1 (phi3-mini)")
+    ap.add_argument("--dtype", default=None, help="comma list of bf16,fp32 (default: both on CPU, bf16 on CUDA)")
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--no-hf", action="store_true", help="skip transformers+PEFT(+bitsandbytes)")
+    ap.add_argument("--ablations", action="store_true",
+                    help="also phiforge LoRA with full logits / without fusion / without checkpointing")
+    ap.add_argument("--out", default=None, help="write the JSON here too")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    # worker-only
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--framework", default="phiforge", help=argparse.SUPPRESS)
+    ap.add_argument("--method", default="lora", help=argparse.SUPPRESS)
+    ap.add_argument("--full-logits", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--unfused", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--no-checkpointing", action="store_true", help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    mini = a.shape == "phi3-mini"
+    a.seq = a.seq or (512 if mini else 256)
+    a.batch = a.batch or (1 if mini else 4)
+    a.steps = a.steps or (1 if mini else 3)
+    if a.worker:
+        worker(a)
+        return 0
+    from phiforge.engine.train_memory import estimate
+
+    dtypes = (a.dtype or ("bf16" if a.device == "cuda" or mini else "bf16,fp32")).split(",")
+    methods = a.methods.split(",")
+    runs: dict[str, dict] = {}
+    for dt in dtypes:
+        for m in methods:
+            runs[f"phiforge-{m}-{dt}"] = spawn(a, "phiforge", m, dt)
+            print(f"phiforge {m} {dt}: {json.dumps(runs[f'phiforge-{m}-{dt}'])}", file=sys.stderr, flush=True)
+            if not a.no_hf and not mini:
+                runs[f"hf-{m}-{dt}"] = spawn(a, "hf", m, dt)
+                print(f"hf {m} {dt}: {json.dumps(runs[f'hf-{m}-{dt}'])}", file=sys.stderr, flush=True)
+        if a.ablations:
+            for flag in ("--full-logits", "--unfused", "--no-checkpointing"):
+                key = f"phiforge-lora-{dt}{flag.replace('--', '-')}"
+                runs[key] = spawn(a, "phiforge", "lora", dt, [flag])
+                print(f"{key}: {json.dumps(runs[key])}", file=sys.stderr, flush=True)
+
+    def ratio(num: str, den: str, field: str) -> float | None:
+        x, y = runs.get(num, {}).get(field), runs.get(den, {}).get(field)
+        return None if not x or not y else x / y
+
+    ratios = {}
+    for dt in dtypes:
+        ratios[f"lora_vs_hf_peft_tokens_per_s_{dt}"] = ratio(f"phiforge-lora-{dt}", f"hf-lora-{dt}", "tokens_per_s")
+        ratios[f"qlora_vs_hf_bnb_tokens_per_s_{dt}"] = ratio(f"phiforge-qlora-{dt}", f"hf-qlora-{dt}", "tokens_per_s")
+        ratios[f"qlora_vs_lora_tokens_per_s_{dt}"] = ratio(f"phiforge-qlora-{dt}", f"phiforge-lora-{dt}",
+                                                          "tokens_per_s")
+        ratios[f"qlora_vs_lora_peak_memory_{dt}"] = ratio(f"phiforge-qlora-{dt}", f"phiforge-lora-{dt}",
+                                                         "peak_memory_bytes")
+    shape = "phi3-mini-4k" if mini else "default"
+    result = dict(config=dict(shape=a.shape, seq=a.seq, batch=a.batch, steps=a.steps, rank=a.rank, alpha=2 * a.rank,
+                              dropout=0.05, targets=TARGETS, gradient_checkpointing=True, device=a.device,
+                              threads=torch.get_num_threads()),
+                  runs=runs, ratios=ratios,
+                  memory_model=dict(
+                      this_run={m: estimate(shape, m, a.seq, a.batch, a.rank) for m in methods},
+                      seq2048_24GB={m: estimate(shape if mini else "phi3-mini-4k", m, 2048, 1, a.rank, budget_gb=24)
+                                    for m in ("lora", "qlora")}))
+    text = json.dumps(result, indent=2)
+    print(text)
+    if a.out:
+        with open(a.out, "w") as f:
+            f.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, HERE)
+    raise SystemExit(main())
