@@ -11,7 +11,12 @@ import torch
 import phiforge.engine.train as train
 from phiforge.engine.cli import main as cli_main
 from phiforge.engine.train import finetune, lr_at
-from tiny_phi3 import save_tiny
+from tiny_phi3 import one_thread, save_tiny
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    yield from one_thread()
 
 ROWS = [
     {"messages": [{"role": "user", "content": "What is the emergency number?"},

@@ -15,7 +15,7 @@ TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_atten
             bos_token_id=1, eos_token_id=2, sliding_window=None, tie_word_embeddings=False)
 
 
-def hf_phi3(vocab_size: int = 128, seed: int = 0, **overrides):
+def hf_phi3(vocab_size: int = 128, seed: int = 0, lm_head_std: float | None = None, **overrides):
     from transformers import Phi3Config, Phi3ForCausalLM
 
     torch.manual_seed(seed)
@@ -25,8 +25,8 @@ def hf_phi3(vocab_size: int = 128, seed: int = 0, **overrides):
         for p in model.parameters():
             if p.dim() == 2:
                 p.normal_(0, 0.08)
-        # a wide-range output layer, so a few LoRA steps can move the next-token distribution a lot
-        model.lm_head.weight.normal_(0, 0.5)
+        if lm_head_std is not None:  # a wide-range output layer: a few LoRA steps move the distribution a lot
+            model.lm_head.weight.normal_(0, lm_head_std)
     return model
 
 
@@ -39,7 +39,7 @@ def save_tiny(path: Path, vocab_size: int = 128, seed: int = 0, with_tokenizer: 
 
         src = default_model_path()
         vocab_size = load_tokenizer(src).vocab_size
-    model = hf_phi3(vocab_size, seed, **overrides)
+    model = hf_phi3(vocab_size, seed, lm_head_std=0.5 if with_tokenizer else None, **overrides)
     model.save_pretrained(path, safe_serialization=True)
     if with_tokenizer:
         copy_auxiliary_files(src, path)
@@ -83,3 +83,12 @@ def randomize_lora_B(model, seed: int = 1, std: float = 0.05) -> None:
         for name, p in sorted(model.named_parameters()):
             if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+def one_thread():
+    """Tiny shapes run fastest on one thread (OpenMP fork/join costs more than the work, and far more when the
+    machine is oversubscribed); used as a module-scoped autouse fixture, restoring the thread count after."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
