@@ -39,8 +39,11 @@ _SRC = r"""
 
 static inline float scale_of(const void *absmax, const float *ncode, const float *nabs, float offset,
                              int dq, int nbs, int64_t b) {
-    /* absmax[b], or nested_code[a8[b]] * nested_absmax[b / 256] + offset: two roundings, no FMA (-ffp-contract=off) */
-    return dq ? ncode[((const uint8_t *)absmax)[b]] * nabs[b / nbs] + offset : ((const float *)absmax)[b];
+    /* absmax[b], or nested_code[a8[b]] * nested_absmax[b / 256] + offset: two roundings, no FMA (-ffp-contract=off).
+       A shift for the power-of-two group size: a 64-bit division per block would cost more than its 64 weights. */
+    if (!dq) return ((const float *)absmax)[b];
+    int64_t g = (nbs & (nbs - 1)) == 0 ? b >> __builtin_ctz(nbs) : b / nbs;
+    return ncode[((const uint8_t *)absmax)[b]] * nabs[g] + offset;
 }
 
 static inline void store(void *out, int kind, int64_t i, float v) {
@@ -56,8 +59,8 @@ static inline void store(void *out, int kind, int64_t i, float v) {
 void nf4_dequant(const uint8_t *packed, const void *absmax, const float *code, const float *ncode,
                  const float *nabs, float offset, int dq, int bs, int nbs, int64_t i0, int64_t i1,
                  void *out, int kind) {
-    for (int64_t b0 = i0; b0 < i1; b0 += bs) {
-        float s = scale_of(absmax, ncode, nabs, offset, dq, nbs, b0 / bs);
+    for (int64_t b0 = i0, b = i0 / bs; b0 < i1; b0 += bs, b++) {
+        float s = scale_of(absmax, ncode, nabs, offset, dq, nbs, b);
         int64_t e = b0 + bs < i1 ? b0 + bs : i1, i = b0;
 #ifdef __AVX512F__
         __m512 lut = _mm512_loadu_ps(code), vs = _mm512_set1_ps(s);
@@ -91,34 +94,42 @@ void nf4_dequant(const uint8_t *packed, const void *absmax, const float *code, c
 }
 
 /* y[m, n] = sum_k x[m, k] W[n, k] for rows n in [n0, n1); needs K % bs == 0 (bs is a multiple of 32).
-   xe, xo: (M, K/2) fp32 even and odd columns of x. y: (M, N) fp32. */
-void nf4_gemv(const float *xe, const float *xo, int M, const uint8_t *packed, const void *absmax,
-              const float *code, const float *ncode, const float *nabs, float offset, int dq, int bs, int nbs,
-              int64_t N, int64_t K, int64_t n0, int64_t n1, float *y) {
+   xe, xo: (M, K/2) fp32 even and odd columns of x. y: (M, N) fp32. Inlined with M as a literal where it matters,
+   so the accumulators live in registers. Each row of x keeps four FMA chains (hi/lo nibbles x two 16-byte halves):
+   one chain would wait out the FMA latency (4 cycles) on every 32 weights and run at half the memory speed. */
+static inline __attribute__((always_inline)) void gemv_rows(
+        const float *xe, const float *xo, const int M, const uint8_t *packed, const void *absmax,
+        const float *code, const float *ncode, const float *nabs, float offset, int dq, int bs, int nbs,
+        int64_t N, int64_t K, int64_t n0, int64_t n1, float *y) {
     int64_t K2 = K / 2;
     for (int64_t n = n0; n < n1; n++) {
         const uint8_t *row = packed + n * K2;
 #ifdef __AVX512F__
-        __m512 lut = _mm512_loadu_ps(code);
-        __m512 acc[8];
-        for (int m = 0; m < M; m++) acc[m] = _mm512_setzero_ps();
-        for (int64_t k = 0; k < K; k += bs) {
-            __m512 vs = _mm512_set1_ps(scale_of(absmax, ncode, nabs, offset, dq, nbs, (n * K + k) / bs));
+        const __m512 lut = _mm512_loadu_ps(code);
+        const __m512i low4 = _mm512_set1_epi32(15);
+        __m512 acc[4][8];
+        for (int c = 0; c < 4; c++)
+            for (int m = 0; m < M; m++) acc[c][m] = _mm512_setzero_ps();
+        for (int64_t k = 0, b = n * (K / bs); k < K; k += bs, b++) {
+            __m512 vs = _mm512_set1_ps(scale_of(absmax, ncode, nabs, offset, dq, nbs, b));
             for (int64_t j = k / 2; j < (k + bs) / 2; j += 16) {
+                int c = (int)(j >> 4) & 1;  /* alternate 16-byte halves between two pairs of chains */
                 __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(row + j)));
                 __m512 hi = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(q, 4), lut), vs);
-                __m512 lo = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_and_si512(q, _mm512_set1_epi32(15)), lut), vs);
+                __m512 lo = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_and_si512(q, low4), lut), vs);
                 for (int m = 0; m < M; m++) {
-                    acc[m] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xe + m * K2 + j), acc[m]);
-                    acc[m] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xo + m * K2 + j), acc[m]);
+                    acc[2 * c][m] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xe + m * K2 + j), acc[2 * c][m]);
+                    acc[2 * c + 1][m] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xo + m * K2 + j), acc[2 * c + 1][m]);
                 }
             }
         }
-        for (int m = 0; m < M; m++) y[m * N + n] = _mm512_reduce_add_ps(acc[m]);
+        for (int m = 0; m < M; m++)
+            y[m * N + n] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0][m], acc[1][m]),
+                                                              _mm512_add_ps(acc[2][m], acc[3][m])));
 #else
         float acc[8] = {0};
-        for (int64_t k = 0; k < K; k += bs) {
-            float s = scale_of(absmax, ncode, nabs, offset, dq, nbs, (n * K + k) / bs);
+        for (int64_t k = 0, b = n * (K / bs); k < K; k += bs, b++) {
+            float s = scale_of(absmax, ncode, nabs, offset, dq, nbs, b);
             for (int64_t j = k / 2; j < (k + bs) / 2; j++) {
                 float hi = code[row[j] >> 4] * s, lo = code[row[j] & 15] * s;
                 for (int m = 0; m < M; m++) acc[m] += hi * xe[m * K2 + j] + lo * xo[m * K2 + j];
@@ -127,6 +138,15 @@ void nf4_gemv(const float *xe, const float *xo, int M, const uint8_t *packed, co
         for (int m = 0; m < M; m++) y[m * N + n] = acc[m];
 #endif
     }
+}
+
+void nf4_gemv(const float *xe, const float *xo, int M, const uint8_t *packed, const void *absmax,
+              const float *code, const float *ncode, const float *nabs, float offset, int dq, int bs, int nbs,
+              int64_t N, int64_t K, int64_t n0, int64_t n1, float *y) {
+    if (M == 1)  /* decode: the case that matters, specialised */
+        gemv_rows(xe, xo, 1, packed, absmax, code, ncode, nabs, offset, dq, bs, nbs, N, K, n0, n1, y);
+    else
+        gemv_rows(xe, xo, M, packed, absmax, code, ncode, nabs, offset, dq, bs, nbs, N, K, n0, n1, y);
 }
 """
 

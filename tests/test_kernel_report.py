@@ -79,3 +79,16 @@ def test_dispatch_picks_only_reported_configs():
         assert {("nf4_gemm", key), ("nf4_gemm_t", key + "+lora")} <= shipped
     for key in lora.DENSE_CONFIGS:
         assert {("lora_gemm", key + "+lora"), ("lora_gemm_t", key + "+lora"), ("lora_gemm_t", key)} <= shipped
+
+
+def test_table_format_and_bad_arch(capsys):
+    import argparse
+
+    from phiforge.kernels.report import format_table, run
+
+    rec = dict(kernel="nf4_gemv", config="M<=1", arch=86, registers=40, spill_bytes=0, shared_bytes=2048, mma=False,
+               cp_async=False)
+    line = format_table([rec]).splitlines()[-1].split()
+    assert line == ["nf4_gemv", "M<=1", "sm_86", "40", "0", "2.0", "no", "no"]
+    assert run(argparse.Namespace(action="report", arch="8x", out=None, json=False)) == 2
+    assert "--arch" in capsys.readouterr().err
