@@ -150,7 +150,10 @@ void nf4_gemv(const float *xe, const float *xo, int M, const uint8_t *packed, co
 }
 """
 
-GEMV_MAX_M = 8  # acc[8] in the C kernel: one AVX-512 accumulator per row of x
+# The fused GEMV wins while W's bytes dominate; its fp32 FMAs grow with M, and oneDNN's bf16 GEMM does not. Measured
+# on a 2-core AVX-512 (bf16) EPYC, qkv 3072->9216, one thread: GEMV 1.7 / 3.0 / 7.1 / 12.0 ms at M = 1 / 2 / 4 / 8,
+# dequantize + bf16 matmul ~9 ms at any small M, dense bf16 2.4-2.8 ms. So M <= 4 (the C code allows up to 8).
+GEMV_MAX_M = 4
 _lib: ctypes.CDLL | None | bool = False  # False: not tried yet; None: no compiler, use the torch fallback
 _pool: ThreadPoolExecutor | None = None
 
