@@ -41,7 +41,6 @@ Shape legend: M = rows of x (batch·tokens), K = in_features, N = out_features, 
 """
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
@@ -50,7 +49,7 @@ from torch.amp import custom_bwd, custom_fwd
 
 from phiforge.kernels.nf4 import NF4Weight, dequantize_nf4_ref
 from phiforge.kernels.nf4_matmul import nf4_matmul, nf4_matmul_t
-from phiforge.kernels.nf4_tiles import LoRAEpilogue
+from phiforge.kernels.nf4_tiles import LoRAEpilogue, use_triton
 
 # Shipped configurations (dispatch picks from these; `phiforge kernels report` compiles exactly these).
 DENSE_CONFIGS = {
@@ -114,9 +113,6 @@ def _lora_gemm_kernel(
 # Launchers
 # ---------------------------------------------------------------------------------------------------------------
 
-def _use_triton(t: torch.Tensor) -> bool:
-    return t.is_cuda or os.environ.get("PHIFORGE_KERNELS") == "triton"
-
 
 def _dense_lora_gemm(a: torch.Tensor, w: torch.Tensor, lora: LoRAEpilogue | None) -> torch.Tensor:
     """a (M, RED) · wᵀ (+ s·p·qᵀ) with w (OUT, RED) any strides (a transposed view is fine) -> (M, OUT)."""
@@ -124,7 +120,7 @@ def _dense_lora_gemm(a: torch.Tensor, w: torch.Tensor, lora: LoRAEpilogue | None
     out_features = w.shape[0]
     if w.shape[1] != red:
         raise ValueError(f"lora_linear: input has {red} features, weight {tuple(w.shape)} expects {w.shape[1]}")
-    if not _use_triton(a):
+    if not use_triton(a):
         c = a @ w.T  # (M, OUT)
         return c if lora is None else c.addmm_(lora.p.to(c.dtype), lora.q.T.to(c.dtype), alpha=lora.scaling)
     a = a.contiguous()

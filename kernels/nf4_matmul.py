@@ -32,7 +32,7 @@ from phiforge.kernels import nf4_cpu, nf4_gemv
 from phiforge.kernels.nf4 import NF4Weight, _nf4_dequantize_kernel, dequantize_nf4_ref
 from phiforge.kernels.nf4_gemv import GEMV_CONFIGS, GEMV_MAX_M, gemv_config  # noqa: F401  (re-exported)
 from phiforge.kernels.nf4_tiles import (
-    AOT_WEIGHT_PTRS, LoRAEpilogue, _lora_args, _nf4_load, _nf4_load_pairs, _row_aligned, _weight_args,
+    AOT_WEIGHT_PTRS, LoRAEpilogue, _lora_args, _nf4_load, _nf4_load_pairs, _row_aligned, _weight_args, use_triton,
 )
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -168,7 +168,7 @@ def dequantize_into_buffer(w: NF4Weight, dtype: torch.dtype) -> torch.Tensor:
     if buf is None or buf.numel() < w.numel:
         buf = _BUFFERS[key] = torch.empty(w.numel, dtype=dtype, device=w.device)
     out = buf[: w.numel].view(w.shape)  # (N, K)
-    if w.device.type == "cpu" and not _use_triton(w.packed):
+    if w.device.type == "cpu" and not use_triton(w.packed):
         return nf4_cpu.dequantize_into(w, out)
     # kernels/nf4.py's kernel, launched into our buffer; no FMA so the scales round as bitsandbytes' do
     exact = {} if os.environ.get("TRITON_INTERPRET") == "1" else {"enable_fp_fusion": False}
@@ -177,9 +177,6 @@ def dequantize_into_buffer(w: NF4Weight, dtype: torch.dtype) -> torch.Tensor:
         NESTED_BLOCKSIZE=w.nested_blocksize, DOUBLE_QUANT=w.double_quant, BLOCK=1024, **exact)
     return out
 
-
-def _use_triton(t: torch.Tensor) -> bool:
-    return t.is_cuda or os.environ.get("PHIFORGE_KERNELS") == "triton"
 
 
 def _check(w: NF4Weight, t: torch.Tensor, dim: int, name: str) -> None:
@@ -199,7 +196,7 @@ def _matmul(a: torch.Tensor, w: NF4Weight, lora: LoRAEpilogue | None, trans_w: b
     a2 = a.reshape(-1, a.shape[-1]).contiguous()  # (M, K) or (M, N)
     if lora is not None:
         lora = LoRAEpilogue(lora.p.reshape(a2.shape[0], -1), lora.q, lora.scaling)
-    if method == "dequant" or (method == "auto" and not _use_triton(a2)):
+    if method == "dequant" or (method == "auto" and not use_triton(a2)):
         if a2.device.type == "cpu" and method == "auto":
             out = nf4_cpu.matmul(a2, w, trans_w)
         else:

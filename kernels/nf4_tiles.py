@@ -22,6 +22,7 @@ turn an NF4Weight and an epilogue into kernel arguments.
 """
 from __future__ import annotations
 
+import os
 from typing import NamedTuple
 
 import torch
@@ -82,6 +83,19 @@ def _nf4_load_pairs(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_
 # ---------------------------------------------------------------------------------------------------------------
 # Host side
 # ---------------------------------------------------------------------------------------------------------------
+
+def use_triton(t: torch.Tensor) -> bool:
+    """The dispatch rule: CUDA tensors -> Triton; CPU tensors -> torch unless PHIFORGE_KERNELS=triton, which needs
+    the interpreter (a CPU tensor handed to a compiled kernel fails deep inside the launcher)."""
+    if t.is_cuda:
+        return True
+    if os.environ.get("PHIFORGE_KERNELS") != "triton":
+        return False
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("PHIFORGE_KERNELS=triton on CPU tensors needs TRITON_INTERPRET=1, set before triton "
+                           "is first imported")
+    return True
+
 
 class LoRAEpilogue(NamedTuple):
     """Adds scaling · p · qᵀ to the output: p (M, r), q (out_features, r); any strides."""

@@ -156,3 +156,10 @@ def test_bad_input_names_the_shapes():
         nf4_matmul(torch.randn(2, 64), torch.randn(17, 64))
     with pytest.raises(ValueError, match="method"):
         nf4_matmul(torch.randn(2, 64), w, method="cublas")
+
+
+def test_forcing_triton_on_cpu_needs_the_interpreter(monkeypatch):
+    monkeypatch.setenv("PHIFORGE_KERNELS", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        nf4_matmul(torch.randn(2, 64), _weight(17, 64))
