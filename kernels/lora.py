@@ -120,7 +120,7 @@ def _dense_lora_gemm(a: torch.Tensor, w: torch.Tensor, lora: LoRAEpilogue | None
     out_features = w.shape[0]
     if w.shape[1] != red:
         raise ValueError(f"lora_linear: input has {red} features, weight {tuple(w.shape)} expects {w.shape[1]}")
-    if not use_triton(a):
+    if not use_triton(a) or M == 0:
         c = a @ w.T  # (M, OUT)
         return c if lora is None else c.addmm_(lora.p.to(c.dtype), lora.q.T.to(c.dtype), alpha=lora.scaling)
     a = a.contiguous()

@@ -17,6 +17,8 @@ Dispatch (`nf4_matmul`, `nf4_matmul_t`): CUDA tensors -> Triton (GEMV if M <= 8 
 Triton (the tests run it under TRITON_INTERPRET=1). `method="dequant"` instead dequantizes W into one reused buffer
 and calls cuBLAS, so the bench can measure which wins per shape instead of assuming fusion does.
 
+fp32 activations reach tl.dot as TF32 on GPU (Triton's default); the engine trains and decodes in bf16.
+
 Shape legend: M = rows of x (batch·tokens), K = in_features, N = out_features, r = LoRA rank.
 Blocks: [BLOCK_M, BLOCK_K] of x, [BLOCK_K, BLOCK_N] of Wᵀ (or of W when TRANS_W), [BLOCK_M, BLOCK_N] of out.
 """
@@ -194,6 +196,9 @@ def _check(w: NF4Weight, t: torch.Tensor, dim: int, name: str) -> None:
 def _matmul(a: torch.Tensor, w: NF4Weight, lora: LoRAEpilogue | None, trans_w: bool, method: str) -> torch.Tensor:
     lead = a.shape[:-1]
     a2 = a.reshape(-1, a.shape[-1]).contiguous()  # (M, K) or (M, N)
+    out_features = w.shape[1] if trans_w else w.shape[0]
+    if a2.shape[0] == 0:  # an empty batch: no grid to launch
+        return a.new_zeros(*lead, out_features)
     if lora is not None:
         lora = LoRAEpilogue(lora.p.reshape(a2.shape[0], -1), lora.q, lora.scaling)
     if method == "dequant" or (method == "auto" and not use_triton(a2)):

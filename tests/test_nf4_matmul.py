@@ -163,3 +163,12 @@ def test_forcing_triton_on_cpu_needs_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         nf4_matmul(torch.randn(2, 64), _weight(17, 64))
+
+
+@pytest.mark.parametrize("path_name", ["triton", "torch"])
+def test_empty_batch(path_name, monkeypatch):
+    if path_name == "triton":
+        monkeypatch.setenv("PHIFORGE_KERNELS", "triton")
+    w = _weight(17, 64)
+    assert nf4_matmul(torch.randn(0, 64), w).shape == (0, 17)
+    assert nf4_matmul_t(torch.randn(2, 0, 17), w).shape == (2, 0, 64)
