@@ -49,7 +49,7 @@ from torch.amp import custom_bwd, custom_fwd
 
 from phiforge.kernels.nf4 import NF4Weight, dequantize_nf4_ref
 from phiforge.kernels.nf4_matmul import nf4_matmul, nf4_matmul_t
-from phiforge.kernels.nf4_tiles import LoRAEpilogue, use_triton
+from phiforge.kernels.nf4_tiles import LoRAEpilogue, _lora_args, use_triton
 
 # Shipped configurations (dispatch picks from these; `phiforge kernels report` compiles exactly these).
 DENSE_CONFIGS = {
@@ -113,7 +113,6 @@ def _lora_gemm_kernel(
 # Launchers
 # ---------------------------------------------------------------------------------------------------------------
 
-
 def _dense_lora_gemm(a: torch.Tensor, w: torch.Tensor, lora: LoRAEpilogue | None) -> torch.Tensor:
     """a (M, RED) · wᵀ (+ s·p·qᵀ) with w (OUT, RED) any strides (a transposed view is fine) -> (M, OUT)."""
     M, red = a.shape
@@ -126,17 +125,10 @@ def _dense_lora_gemm(a: torch.Tensor, w: torch.Tensor, lora: LoRAEpilogue | None
     a = a.contiguous()
     cfg = dict(dense_config(M))
     c = torch.empty(M, out_features, dtype=a.dtype, device=a.device)
-    if lora is None:
-        extra, has, block_r = (a, a, 0, 0, 0, 0, 0.0), False, 16
-    else:
-        p = lora.p.contiguous()
-        r = lora.q.shape[1]
-        extra = (p, lora.q, p.stride(0), lora.q.stride(0), lora.q.stride(1), r, float(lora.scaling))
-        has, block_r = True, max(16, triton.next_power_of_2(r))
-    p, q, spm, sqo, sqr, r, s = extra
+    (p, q, spm, sqo, sqr, r, s), lcfg = _lora_args(lora, a, out_features, min_block=16)  # BLOCK_R >= 16: tl.dot
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(out_features, cfg["BLOCK_N"]),)
     _lora_gemm_kernel[grid](a, w, p, q, c, M, out_features, red, a.stride(0), w.stride(0), w.stride(1), c.stride(0),
-                            spm, sqo, sqr, r, s, HAS_LORA=has, BLOCK_R=block_r, **cfg)
+                            spm, sqo, sqr, r, s, **lcfg, **cfg)
     return c
 
 

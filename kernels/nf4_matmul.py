@@ -180,7 +180,6 @@ def dequantize_into_buffer(w: NF4Weight, dtype: torch.dtype) -> torch.Tensor:
     return out
 
 
-
 def _check(w: NF4Weight, t: torch.Tensor, dim: int, name: str) -> None:
     if not isinstance(w, NF4Weight):
         raise TypeError(f"{name}: expected an NF4Weight, got {type(w).__name__}")
