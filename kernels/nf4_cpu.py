@@ -55,6 +55,15 @@ static inline void store(void *out, int kind, int64_t i, float v) {
 #endif
 }
 
+/* 1 if fp16 output is supported (F16C, or AVX-512 which implies it), else the caller falls back to torch */
+int nf4_has_fp16(void) {
+#ifdef __F16C__
+    return 1;
+#else
+    return 0;
+#endif
+}
+
 /* out[i] = code[q_i] * absmax[i / bs] for flat i in [i0, i1); i0 a multiple of bs. kind: 0 fp32, 1 bf16, 2 fp16. */
 void nf4_dequant(const uint8_t *packed, const void *absmax, const float *code, const float *ncode,
                  const float *nabs, float offset, int dq, int bs, int nbs, int64_t i0, int64_t i1,
@@ -188,6 +197,8 @@ def _load() -> ctypes.CDLL | None:
     P, I, L, F = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
     lib.nf4_dequant.argtypes = [P, P, P, P, P, F, I, I, I, L, L, P, I]
     lib.nf4_gemv.argtypes = [P, P, I, P, P, P, P, P, F, I, I, I, L, L, L, L, P]
+    if not lib.nf4_has_fp16():
+        _KIND.pop(torch.float16, None)
     _lib = lib
     return lib
 
