@@ -147,16 +147,26 @@ class BertLayer(nn.Module):
         self.intermediate = BertIntermediate(cfg)
         self.output = BertOutput(cfg)
 
+    def fuse_qkv(self) -> None:
+        """One (3H, H) GEMM instead of three: fewer, larger matmuls. The checkpoint's q/k/v modules stay the
+        source of truth (and the state-dict keys); this is a non-persistent copy made after loading."""
+        att = self.attention.self
+        self.register_buffer("qkv_weight", torch.cat([att.query.weight, att.key.weight, att.value.weight]),
+                             persistent=False)  # (3H, H)
+        self.register_buffer("qkv_bias", torch.cat([att.query.bias, att.key.bias, att.value.bias]),
+                             persistent=False)  # (3H,)
+
     def forward(self, x: torch.Tensor, pk: Packing) -> torch.Tensor:  # x: (P, H)
         cfg, att = self.cfg, self.attention.self
-        nh, hs = cfg.num_attention_heads, cfg.head_size
+        nh, hs, H = cfg.num_attention_heads, cfg.head_size, cfg.hidden_size
 
-        def padded_heads(y: torch.Tensor) -> torch.Tensor:  # (P, H) -> (B, nh, T, hs)
-            grid = y.new_zeros(pk.B * pk.T, cfg.hidden_size)
-            grid[pk.flat] = y
-            return grid.view(pk.B, pk.T, nh, hs).transpose(1, 2)
-
-        q, k, v = padded_heads(att.query(x)), padded_heads(att.key(x)), padded_heads(att.value(x))
+        if hasattr(self, "qkv_weight"):
+            qkv = F.linear(x, self.qkv_weight, self.qkv_bias)  # (P, 3H)
+        else:
+            qkv = torch.cat([att.query(x), att.key(x), att.value(x)], dim=-1)  # (P, 3H)
+        grid = qkv.new_zeros(pk.B * pk.T, 3 * H)  # one scatter into the padded grid for q, k and v
+        grid[pk.flat] = qkv
+        q, k, v = grid.view(pk.B, pk.T, 3, nh, hs).permute(2, 0, 3, 1, 4)  # each (B, nh, T, hs)
         ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=pk.mask)  # (B, nh, T, hs)
         ctx = ctx.transpose(1, 2).reshape(pk.B * pk.T, cfg.hidden_size)[pk.flat]  # (P, H), pad rows dropped
         so = self.attention.output
@@ -256,7 +266,10 @@ def load_encoder(path: str | Path | None = None, dtype: torch.dtype = torch.floa
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(f"{root / 'model.safetensors'}: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    return Encoder(model.to(dtype), load_wordpiece(root))
+    model = model.to(dtype)
+    for layer in model.encoder.layer:
+        layer.fuse_qkv()
+    return Encoder(model, load_wordpiece(root))
 
 
 if __name__ == "__main__":

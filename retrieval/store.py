@@ -112,11 +112,13 @@ class Index:
     # ------------------------------------------------------------------------------------------------ open
     @classmethod
     def open(cls, folder: str | Path, encoder=None, *, M: int = 16, ef_construction: int = 200,
-             repair: bool = False) -> "Index":
+             ef: int | None = None, repair: bool = False) -> "Index":
         """Open the index in `folder`, creating it if missing.
 
         encoder: any object with `.name`, `.dim` and `.encode(list[str]) -> (N, dim)`; default MiniLM, loaded
-        only when first needed. repair: rebuild a graph file that fails its checksum instead of raising.
+        only when first needed. M, ef_construction: graph build settings of a *new* index (an existing one
+        keeps its own). ef: pin the query-time ef (saved; disables automatic calibration); None keeps the
+        calibrated one. repair: rebuild a graph file that fails its checksum instead of raising.
         """
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
@@ -172,7 +174,21 @@ class Index:
                 self._rebuild_and_save()
         elif vs.n:  # the database moved on after the last graph save (a crash in between): rebuild
             self._rebuild_and_save()
+        if ef is not None:
+            self.set_ef(ef)
         return self
+
+    def set_ef(self, ef: int) -> None:
+        """Pin HNSW's query-time ef (candidate list size: higher is slower and more exact) and save it."""
+        if ef < 1:
+            raise ValueError(f"ef must be >= 1, got {ef}")
+        with self._wmutex:
+            with self._rw.write():
+                self._vs.ef = ef
+                if self._vs.hnsw is not None:
+                    self._vs.hnsw.set_ef(ef)
+            self._manifest["ef_pinned"] = True
+            self._save()
 
     def _load_graph(self, h: dict) -> None:
         path = self.folder / h["file"]
@@ -205,7 +221,8 @@ class Index:
     def _save(self) -> None:
         """Calibrate ef if the size moved, write the graph under a new name, then the manifest. Writer only."""
         vs, gen = self._vs, self._generation()
-        if vs.n >= EXACT_THRESHOLD // 2 and abs(vs.n - vs.calibrated_at) > 0.1 * max(vs.calibrated_at, 1):
+        if not self._manifest.get("ef_pinned") and vs.n >= EXACT_THRESHOLD // 2 and \
+                abs(vs.n - vs.calibrated_at) > 0.1 * max(vs.calibrated_at, 1):
             with self._rw.write():  # set_ef must not race a knn_query
                 vs.calibrate_ef()
         old = self._manifest.get("hnsw")
@@ -402,6 +419,10 @@ class Index:
         return [r[0] for r in self._reader().execute("SELECT source FROM files ORDER BY source")]
 
     def stats(self) -> dict:
+        with self._rw.read():
+            return self._stats()
+
+    def _stats(self) -> dict:
         vs = self._vs
         files = self._reader().execute("SELECT COUNT(*) FROM files").fetchone()[0]
         disk = sum(f.stat().st_size for f in self.folder.iterdir() if f.is_file())

@@ -112,6 +112,10 @@ def test_reopen_gives_identical_results(tmp_path):
              for mode in ("exact", "hnsw")]
     assert before == after and ix.stats()["chunks"] == stats["chunks"]
     ix.close()
+    with Index.open(tmp_path, HashEncoder(32), ef=200) as ix:  # a pinned ef is saved and survives reopen
+        assert ix._vs.hnsw.ef == 200
+    with Index.open(tmp_path, HashEncoder(32)) as ix:
+        assert ix._vs.hnsw.ef == 200 and ix.stats()["ef"] == 200
 
 
 CORRUPT_PROBE = FAKE_ENCODER + '''
