@@ -80,6 +80,12 @@ void nf4_dequant(const uint8_t *packed, const void *absmax, const float *code, c
             __m512 hi = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(q, 4), lut), vs);
             __m512 lo = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_and_si512(q, _mm512_set1_epi32(15)), lut), vs);
             __m512 v[2] = {_mm512_permutex2var_ps(hi, even, lo), _mm512_permutex2var_ps(hi, odd, lo)};
+#ifdef __AVX512BF16__
+            if (kind == 1) {  /* one instruction rounds both halves to bf16 (nearest even, as torch does) */
+                _mm512_storeu_si512((uint16_t *)out + i, (__m512i)_mm512_cvtne2ps_pbh(v[1], v[0]));
+                continue;
+            }
+#endif
             for (int h = 0; h < 2; h++) {
                 if (kind == 0) {
                     _mm512_storeu_ps((float *)out + i + 16 * h, v[h]);
