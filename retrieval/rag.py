@@ -179,8 +179,6 @@ def format_sources(ans: Answer) -> str:
 
 def load_generator(model_dir: str | Path | None = None, adapter_dir: str | Path | None = None):
     """A phiforge Generator for `model_dir` (default: the built-in default model), optionally with a LoRA adapter."""
-    import jinja2.ext  # noqa: F401  engine/tokenizer.py uses jinja2.ext without importing it (reported)
-
     from phiforge.engine import Generator, default_model_path, load_model, load_tokenizer
 
     import torch

@@ -32,7 +32,6 @@ and chunks whose text hash already has a vector anywhere in the index reuse it i
 """
 from __future__ import annotations
 
-import json
 import sqlite3
 import threading
 import time
@@ -43,11 +42,11 @@ import numpy as np
 
 from .atomic import sha256_file, write_atomic, write_json_atomic
 from .chunking import Chunk, Skipped, chunk_file, collect_files, counting_tokenizer
+from .manifest import MANIFEST, IndexCorrupt, IndexMismatch, new_manifest, read_manifest, verify_graph_file
 from .rwlock import RWLock
 from .vectors import EXACT_THRESHOLD, VectorSet
 
-FORMAT = "phiforge-index/1"
-MANIFEST, DB = "manifest.json", "chunks.sqlite"
+DB = "chunks.sqlite"
 DEFAULT_ENCODER, DEFAULT_DIM = "sentence-transformers/all-MiniLM-L6-v2", 384
 EMBED_BATCH = 256  # chunks gathered across files before one encode call (keeps length-sorted batches full)
 
@@ -62,14 +61,6 @@ CREATE TABLE IF NOT EXISTS chunks(id INTEGER PRIMARY KEY AUTOINCREMENT, source T
 CREATE INDEX IF NOT EXISTS chunks_source ON chunks(source);
 CREATE INDEX IF NOT EXISTS chunks_hash ON chunks(hash);
 """
-
-
-class IndexCorrupt(RuntimeError):
-    """An index file failed a check (checksum, size, JSON, SQLite integrity); the message names the file."""
-
-
-class IndexMismatch(ValueError):
-    """The index was built with a different encoder or dimension than the one requested."""
 
 
 class EmptyIndexError(LookupError):
@@ -126,20 +117,11 @@ class Index:
         dim = int(getattr(encoder, "dim", DEFAULT_DIM))
         mpath, dbpath = folder / MANIFEST, folder / DB
         if mpath.exists():
-            try:
-                manifest = json.loads(mpath.read_text())
-                assert manifest.get("format") == FORMAT, f"format {manifest.get('format')!r}, want {FORMAT!r}"
-            except (ValueError, AssertionError, UnicodeDecodeError) as e:
-                raise IndexCorrupt(f"{mpath}: unreadable manifest ({e})") from None
-            if manifest["dim"] != dim or manifest["encoder"] != name:
-                raise IndexMismatch(f"{folder}: index holds {manifest['dim']}-d vectors from {manifest['encoder']!r}"
-                                    f", but the encoder is {name!r} with dim {dim}")
+            manifest = read_manifest(folder, name, dim)
         elif dbpath.exists():
             raise IndexCorrupt(f"{mpath}: missing, but {dbpath} exists (not created by this version?)")
         else:
-            manifest = {"format": FORMAT, "encoder": name, "dim": dim, "space": "cosine", "count": 0,
-                        "generation": 0, "hnsw": None, "M": M, "ef_construction": ef_construction, "ef": 64,
-                        "exact_threshold": EXACT_THRESHOLD}
+            manifest = new_manifest(name, dim, M, ef_construction, EXACT_THRESHOLD)
         try:
             db = sqlite3.connect(dbpath, isolation_level=None, check_same_thread=False)
             db.execute("PRAGMA journal_mode=WAL")
@@ -191,15 +173,7 @@ class Index:
             self._save()
 
     def _load_graph(self, h: dict) -> None:
-        path = self.folder / h["file"]
-        if not path.is_file():
-            raise IndexCorrupt(f"{path}: missing graph file (open with repair=True to rebuild it)")
-        if path.stat().st_size != h["bytes"]:
-            raise IndexCorrupt(f"{path}: {path.stat().st_size} bytes, manifest says {h['bytes']} (truncated?); "
-                               "open with repair=True to rebuild it from chunks.sqlite")
-        if sha256_file(path) != h["sha256"]:
-            raise IndexCorrupt(f"{path}: sha256 differs from the manifest (corrupted); "
-                               "open with repair=True to rebuild it from chunks.sqlite")
+        path = verify_graph_file(self.folder, h)  # before hnswlib reads a byte: corrupt files can segfault it
         try:
             self._vs.load_hnsw(str(path), h["capacity"])
         except RuntimeError as e:

@@ -108,6 +108,16 @@ def test_clean_text_keeps_valid_groups():
     assert a.clean_text == "x [1] y  z [2]"
 
 
+def test_demo_runs_with_a_fake_generator(tmp_path, capsys):
+    from phiforge.retrieval.demo import run_demo
+
+    run_demo(n_questions=2, index_dir=tmp_path, generator=FakeGenerator(["Within 1 hour [1]."]))
+    out = capsys.readouterr().out
+    assert "10 added" in out and out.count("Sources cited:") == 2 and "expected source: 04_burst_mains.html" in out
+    run_demo(n_questions=1, index_dir=tmp_path, generator=FakeGenerator(["ok"]))
+    assert "10 unchanged; 0 chunks embedded" in capsys.readouterr().out
+
+
 # ------------------------------------------------------------------------------------------ end to end (real)
 @pytest.fixture(scope="module")
 def docs_index(tmp_path_factory):
