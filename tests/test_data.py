@@ -139,3 +139,18 @@ def test_loader_is_deterministic_and_covers_each_epoch():
     assert sorted(sum(seen, [])) == list(range(10))
     assert [b.batch(m).input_ids[:, 0].tolist() for m in range(len(b))] == seen
     assert [a.batch(len(a) + m).input_ids[:, 0].tolist() for m in range(len(a))] != seen  # new epoch, new order
+
+
+def test_phi3_template_spans_end_at_end_token(tok):
+    """Phi-3's template ends a transcript with eos after the last <|end|>: the label stops at <|end|>."""
+    import copy
+
+    from phiforge.engine.data import chat_spans
+    from phiforge.engine.tokenizer import PHI3_CHAT_TEMPLATE, _compile
+
+    phi3 = copy.copy(tok)
+    phi3.chat_template, phi3._template = PHI3_CHAT_TEMPLATE, _compile(PHI3_CHAT_TEMPLATE)
+    phi3.special_tokens = {**tok.special_tokens, "eos_token": "<|endoftext|>"}
+    text, spans = chat_spans(phi3, CHAT["messages"])
+    assert text.endswith("<|end|>\n<|endoftext|>")
+    assert [text[a:b] for a, b in spans] == ["0800 555 0192.<|end|>", "Yes, 24 hours a day.<|end|>"]
