@@ -5,7 +5,7 @@ cannot know. We load the default model with its decoder projections in NF4, answ
 on data/train.jsonl for a few steps through the fused NF4+LoRA path, and answer again with the adapter attached
 (unmerged). A few dozen steps at a high learning rate are enough for a 135M model to memorize a phone number.
 
-    python -m phiforge.engine.demo_finetune [--steps 40] [--out DIR]
+    python -m phiforge.engine.demo_finetune [--steps 30] [--out DIR]
 """
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def _answer(model, tok, question: str, max_new_tokens: int = 40) -> str:
     return tok.decode(out, skip_special_tokens=True).strip()
 
 
-def run_finetune_demo(steps: int = 40, out: str | Path | None = None, lr: float = 2e-3, batch_size: int = 8,
+def run_finetune_demo(steps: int = 30, out: str | Path | None = None, lr: float = 2e-3, batch_size: int = 8,
                       question: str = QUESTION, data: str | Path | None = None) -> dict:
     """Train a QLoRA adapter for `steps` steps and print the answer to `question` without and with it."""
     from .fetch import default_model_path  # noqa: PLC0415
@@ -77,7 +77,7 @@ def run_finetune_demo(steps: int = 40, out: str | Path | None = None, lr: float 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--out", default=None)
     ap.add_argument("--lr", type=float, default=2e-3)
     args = ap.parse_args(argv)
