@@ -10,6 +10,7 @@ import torch
 from safetensors import safe_open
 
 from phiforge.engine.adapter import AdapterError
+from phiforge.engine.cli import main as cli_main
 from phiforge.engine.loader import load_model
 from phiforge.engine.lora import (LoRALinear, apply_lora, load_adapter, lora_modules, merge_adapter, save_adapter)
 from phiforge.engine.lora import run as merge_run
@@ -211,9 +212,10 @@ def test_merge_parity_and_cli(tiny, tmp_path):
     assert not list(lora_modules(ours))
     torch.testing.assert_close(ours(IDS), want, rtol=1e-5, atol=1e-5)
 
+    assert cli_main(["merge", "--model", str(tiny), "--adapter", str(tmp_path / "ad"), "--out",
+                     str(tmp_path / "merged32"), "--dtype", "float32"]) == 0
     args = argparse.Namespace(model=str(tiny), adapter=str(tmp_path / "ad"), out=str(tmp_path / "merged32"),
                               dtype="float32", quant=None)
-    assert merge_run(args) == 0
     torch.testing.assert_close(load_model(tmp_path / "merged32")(IDS), want, rtol=1e-5, atol=1e-5)
     # PEFT's own merge agrees with ours
     pm = peft.PeftModel.from_pretrained(hf_phi3(), tmp_path / "ad").merge_and_unload()
