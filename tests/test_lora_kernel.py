@@ -68,8 +68,17 @@ def test_forward_backward_match_reference(path, M, nf4, dtype, dropout):
         assert_within_ref_error(o, rd, r64, rel_eps=1e-5)
 
 
+@pytest.fixture
+def one_thread():
+    """gradcheck runs thousands of tiny ops; on a busy 2-core machine OpenMP's thread hand-offs dominate them."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.mark.parametrize("nf4", [False, True])
-def test_gradcheck_fp64(nf4, monkeypatch):
+def test_gradcheck_fp64(nf4, monkeypatch, one_thread):
     monkeypatch.delenv("PHIFORGE_KERNELS", raising=False)
     weight, x, A, B, _ = _case(2, 5, 32, 2, nf4, blocksize=32)  # gradcheck: one forward per input element
     w = weight if nf4 else weight.double()
