@@ -25,6 +25,7 @@ Blocks: [BLOCK_M, BLOCK_K] of x, [BLOCK_K, BLOCK_N] of Wᵀ (or of W when TRANS_
 from __future__ import annotations
 
 import os
+import threading
 
 import torch
 import triton
@@ -163,9 +164,10 @@ _BUFFERS: dict[tuple, torch.Tensor] = {}
 
 
 def dequantize_into_buffer(w: NF4Weight, dtype: torch.dtype) -> torch.Tensor:
-    """W (N, K) dequantized into one buffer per (device, dtype), grown to the largest weight and reused, so
-    dequant+matmul allocates nothing per call (unsloth's and bitsandbytes' fallback). Valid until the next call."""
-    key = (w.device, dtype)
+    """W (N, K) dequantized into one buffer per (device, dtype, thread), grown to the largest weight and reused, so
+    dequant+matmul allocates nothing per call (unsloth's and bitsandbytes' fallback). Valid until the same thread's
+    next call; per thread so that a multi-threaded service cannot overwrite a buffer another thread is reading."""
+    key = (w.device, dtype, threading.get_ident())
     buf = _BUFFERS.get(key)
     if buf is None or buf.numel() < w.numel:
         buf = _BUFFERS[key] = torch.empty(w.numel, dtype=dtype, device=w.device)
