@@ -23,9 +23,10 @@ class _Counted:
 
 def _count_launches(monkeypatch) -> dict:
     import phiforge.kernels.lora as kl
+    import phiforge.kernels.nf4_gemv as ng
     import phiforge.kernels.nf4_matmul as nm
     counts = {"_nf4_gemm_kernel": 0, "_nf4_gemv_kernel": 0, "_lora_gemm_kernel": 0}
-    for mod in (nm, kl):
+    for mod in (nm, ng, kl):
         for name in counts:
             if hasattr(mod, name):
                 monkeypatch.setattr(mod, name, _Counted(getattr(mod, name), counts, name))
@@ -59,6 +60,11 @@ def test_forward_backward_triton_equals_torch(tmp_path, monkeypatch, quant):
     logits, grads = _run(model, ids)
     # the Triton kernels really ran: NF4 GEMM (forward, and transposed for dX) or the dense fused-LoRA GEMM
     assert launches["_nf4_gemm_kernel" if quant else "_lora_gemm_kernel"] > 0, launches
+    # and decode-sized inputs take the split-K GEMV
+    if quant:
+        with torch.no_grad():
+            model(ids[:1, :1])
+        assert launches["_nf4_gemv_kernel"] > 0, launches
 
     assert (logits - ref_logits).abs().max().item() <= 1e-4
     assert ref_grads.keys() == grads.keys() and len(grads) == 2 * 4 * 2  # A and B of 4 sites in 2 layers
