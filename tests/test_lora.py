@@ -239,3 +239,26 @@ def test_qlora_merge_onto_dequantized_base(tiny, tmp_path):
     merge_run(argparse.Namespace(model=str(tiny), adapter=str(tmp_path / "ad"), out=str(tmp_path / "m"),
                                  dtype="float32", quant=None))
     torch.testing.assert_close(load_model(tmp_path / "m")(IDS), want, rtol=1e-4, atol=1e-4)
+
+
+def test_qlora_gradients_equal_lora_on_the_dequantized_base(tiny):
+    """QLoRA through the fused NF4 path = LoRA on a dense copy of the dequantized weights (torchtune's parity test)."""
+    pytest.importorskip("phiforge.engine.quant")
+    q = load_model(tiny, dtype=torch.float32, quant="nf4")
+    dense = load_model(tiny, dtype=torch.float32)
+    with torch.no_grad():
+        for name, m in q.linears():
+            dense.get_submodule(name).weight.copy_(m.dequantize(torch.float32))
+    grads = []
+    for model in (q, dense):
+        torch.manual_seed(0)
+        apply_lora(model, r=4, alpha=8, dropout=0.0)
+        randomize_lora_B(model)
+        model.train()
+        model.gradient_checkpointing = True
+        targets = shifted(IDS)
+        (lm_loss_sum(model, IDS, targets) / (targets != IGNORE).sum()).backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-4, atol=1e-6, msg=n)
