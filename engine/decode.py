@@ -15,7 +15,9 @@ the same KVCache, with:
   - attention as scores = q·Kᵀ·hs^-½ + mask → softmax (fp32) → ·V, with grouped-query heads handled by a view:
     query head h = g·rep + r reads KV head g, so q (B, nh, hs) is viewed as (B, nkv, rep, hs) and no K/V copy
     is made;
-  - RoPE applied to q and k in one go (they are adjacent in the fused qkv output).
+  - RoPE applied to q and k in one go (they are adjacent in the fused qkv output);
+  - plain dense projections through engine/cpu_gemv.py's native GEMV at batch 1 (a swapped-in NF4/LoRA linear is
+    called as its module, so it keeps its own kernel).
 
 Prefill stays with `model.forward` (long query blocks are where SDPA's kernel shines). Decode and prefill write
 the same cache, so they can alternate freely. tests/test_decode.py checks logits against `model.forward`.
@@ -25,9 +27,18 @@ V vocabulary.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from . import cpu_gemv
+
+
+def _is_plain(module: nn.Module) -> bool:
+    return (type(module) is nn.Linear and module.bias is None and not module._forward_hooks
+            and not module._forward_pre_hooks and cpu_gemv.supports(module.weight))
 
 
 class DecodeStep:
@@ -37,6 +48,18 @@ class DecodeStep:
         cfg = model.config
         self.model, self.cache, self.cfg = model, cache, cfg
         self.layers = list(model.model.layers)
+        # per layer: (input norm, qkv, o, post-attention norm, gate_up, down), looked up once
+        self.procs = []
+        for layer in self.layers:
+            mlp = layer.mlp
+            self.procs.append((layer.input_layernorm, self._projection(layer.self_attn.qkv_proj),
+                               self._projection(layer.self_attn.o_proj), layer.post_attention_layernorm,
+                               self._projection(mlp.gate_up_proj), self._projection(mlp.down_proj)))
+        self.lm_head = self._projection(model.lm_head)
+        projections = [m for layer in self.layers for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj,
+                                                             layer.mlp.gate_up_proj, layer.mlp.down_proj)]
+        self.all_native = all(_is_plain(m) for m in projections + [model.lm_head])
+        self._threads = torch.get_num_threads()
         self.nh, self.nkv, self.hs, self.rd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, \
             cfg.rotary_dim
         self.scale = cfg.head_dim ** -0.5
@@ -45,6 +68,14 @@ class DecodeStep:
         positions = torch.arange(cache.max_len, device=cache.pos.device)[None]        # (1, S_max)
         cos, sin = model.rotary_emb(positions, cache.rope_long, model.dtype)           # (1, S_max, rd)
         self.cos, self.sin = cos[0], sin[0]                                            # (S_max, rd)
+
+    def _projection(self, module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+        """A plain nn.Linear runs through engine/cpu_gemv.py (native GEMV at batch 1, torch otherwise); anything
+        swapped in (NF4Linear, LoRALinear, a module with hooks) is called as the module it is."""
+        if not _is_plain(module):
+            return module
+        weight = module.weight
+        return lambda x: cpu_gemv.linear(x, weight, self._threads)
 
     def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x (B, h, hs); cos/sin (B, 1, rd). The model's formula: x·cos + rotate_half(x)·sin on the first rd dims."""
@@ -55,6 +86,23 @@ class DecodeStep:
         return out if rd == self.hs else torch.cat((out, x[..., rd:]), dim=-1)
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """tokens (B,), positions (B,) → logits (B, V); writes cache slot `cache.length` and advances it.
+
+        At batch 1 with every projection native, torch itself runs on one thread for the step: its remaining ops
+        are tiny (attention over one query, norms), and each parallel region would end in a barrier that, on a busy
+        machine, waits for a descheduled thread (measured: seconds per token instead of ~50 ms). The native GEMV
+        still splits the big matrices over the configured thread count.
+        """
+        self._threads = torch.get_num_threads()
+        if tokens.shape[0] == 1 and self.all_native and self._threads > 1 and cpu_gemv.enabled:
+            torch.set_num_threads(1)
+            try:
+                return self._step(tokens, positions)
+            finally:
+                torch.set_num_threads(self._threads)
+        return self._step(tokens, positions)
+
+    def _step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         cache, model = self.cache, self.model
         B = tokens.shape[0]
         nh, nkv, hs = self.nh, self.nkv, self.hs
@@ -70,9 +118,8 @@ class DecodeStep:
         cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]          # (B, 1, rd)
 
         x = model.model.embed_tokens(tokens)[:, None]                                  # (B, 1, C)
-        for i, layer in enumerate(self.layers):
-            attn = layer.self_attn
-            qkv = attn.qkv_proj(layer.input_layernorm(x)).view(B, nh + 2 * nkv, hs)   # (B, nh + 2 nkv, hs)
+        for i, (norm1, qkv_proj, o_proj, norm2, gate_up_proj, down_proj) in enumerate(self.procs):
+            qkv = qkv_proj(norm1(x)).view(B, nh + 2 * nkv, hs)                        # (B, nh + 2 nkv, hs)
             qk = self._rope(qkv[:, : nh + nkv], cos, sin)                              # (B, nh + nkv, hs)
             cache.k[i, :, :, s] = qk[:, nh:]
             cache.v[i, :, :, s] = qkv[:, nh + nkv:]
@@ -81,7 +128,8 @@ class DecodeStep:
             q = qk[:, :nh].reshape(B, nkv, nh // nkv, hs)                              # (B, nkv, rep, hs)
             scores = torch.matmul(q, k.transpose(-1, -2)).float() * self.scale + mask  # (B, nkv, rep, S)
             y = torch.matmul(scores.softmax(dim=-1).to(v.dtype), v)                    # (B, nkv, rep, hs)
-            x = x + attn.o_proj(y.view(B, 1, nh * hs))                                 # (B, 1, C)
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            x = x + o_proj(y.view(B, 1, nh * hs))                                      # (B, 1, C)
+            gate, up = gate_up_proj(norm2(x)).chunk(2, dim=-1)                         # (B, 1, I) each
+            x = x + down_proj(up * F.silu(gate))                                       # Phi3MLP's formula
         cache.length = s + 1
-        return model.lm_head(model.model.norm(x))[:, 0]                                # (B, V)
+        return self.lm_head(model.model.norm(x))[:, 0]                                 # (B, V)

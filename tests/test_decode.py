@@ -9,13 +9,14 @@ from phiforge.engine import load_model
 from phiforge.engine.decode import DecodeStep
 
 
-@pytest.mark.parametrize("variant", ["mini-4k-window", "gqa", "partial-tied"])
+@pytest.mark.parametrize("variant,lens", [("mini-4k-window", [7, 19, 1]), ("gqa", [7, 19, 1]),
+                                          ("partial-tied", [7, 19, 1]), ("gqa", [11])])  # batch 1: native GEMV
 @pytest.mark.parametrize("rope_long", [False, True])
-def test_decode_step_equals_model_forward(tmp_path, variant, rope_long):
+def test_decode_step_equals_model_forward(tmp_path, variant, lens, rope_long):
     make_hf_checkpoint(tmp_path, VARIANTS[variant][0])
     model = load_model(tmp_path, dtype=torch.float32)
     g = torch.Generator().manual_seed(0)
-    lens = [7, 19, 1]                                     # left-padded to 19; pad tokens at position -1
+    # lens [7, 19, 1]: left-padded to 19; pad tokens at position -1
     B, P, steps = len(lens), max(lens), 24                # 19 + 24 > the window (15) of mini-4k-window
     ids = torch.randint(0, TINY["vocab_size"], (B, P + steps), generator=g)
     pos = torch.full((B, P), -1)

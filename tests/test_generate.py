@@ -190,15 +190,18 @@ def test_default_model_stream_stop_and_batch(smol):
     # a stop string spanning two tokens (" of" + " France") is cut exactly where it starts
     [cut] = smol.generate(q, max_new_tokens=24, temperature=0, stop=["f Fr", "zebra"])
     assert (cut.text, cut.finish_reason) == ("The capital o", "stop")
-    # a batch with another prompt of a different length equals one by one
-    batch = smol.generate([STORY, q], max_new_tokens=12, temperature=0)
-    assert batch[1].token_ids == full.token_ids[:12]
-    assert batch[0].token_ids == smol.generate(STORY, max_new_tokens=12, temperature=0)[0].token_ids
-    # streaming a batch yields (index, piece) pairs that concatenate per prompt
-    got = {0: "", 1: ""}
-    for i, piece in smol.stream([STORY, q], max_new_tokens=12, temperature=0):
+    # a batch (streamed: (index, piece) pairs) with a prompt of another length equals one by one
+    got, run = {0: "", 1: ""}, smol.stream([STORY, q], max_new_tokens=8, temperature=0)
+    while True:
+        try:
+            i, piece = next(run)
+        except StopIteration as done:
+            batch = done.value
+            break
         got[i] += piece
     assert [got[0], got[1]] == [r.text for r in batch]
+    assert batch[1].token_ids == full.token_ids[:8]
+    assert batch[0].token_ids == smol.generate(STORY, max_new_tokens=8, temperature=0)[0].token_ids
 
 
 class Scripted(torch.nn.Module):
