@@ -15,7 +15,17 @@ shape with random weights built layer by layer (no checkpoint file; NF4 weights 
 so the LoRA run never holds more than its bf16 model and the QLoRA run never holds a dense copy).
 
 The JSON ends with ratios measured in this run (phiforge LoRA / HF LoRA, phiforge QLoRA / phiforge LoRA, QLoRA peak
-memory / LoRA peak memory) and the memory model's estimate (bench/train_memory.py) for seq 2048 on a 24 GB GPU.
+memory / LoRA peak memory) and the memory model's estimate (engine/train_memory.py) for seq 2048 on a 24 GB GPU.
+
+Measured 2026-11-24 on the 2-core CPU box while other jobs ran (load 6-10, so --threads 1 --repeats 2; best round):
+  default, batch 4 x seq 256, bf16:  phiforge LoRA 165 tok/s, HF+PEFT 125 (1.32x); phiforge QLoRA 167 (1.02x LoRA),
+                                     HF+PEFT+bnb 132; peak RSS 1.17 / 2.19 / 1.02 / 2.30 GB
+  same, fp32:                        phiforge LoRA 76.5, HF+PEFT 69.9 (1.09x); QLoRA 78.7 (1.03x LoRA)
+  ablations (bf16, phiforge LoRA):   full logits 152 tok/s (chunked CE on labelled rows: +9%, -0.4 GB);
+                                     unfused LoRA 166 (same on CPU); no checkpointing 238 (+44%, +1.1 GB)
+  phi3-mini, seq 512, batch 1, bf16: peak RSS LoRA 9.00 GB, QLoRA 3.72 GB (0.41x)
+In fp32 the base GEMMs (6 x params FLOPs/token with recompute) dominate both frameworks; the lm_head work we skip is
+the only big difference, which bounds the fp32 ratio near 1.1x.
 """
 from __future__ import annotations
 
