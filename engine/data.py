@@ -29,8 +29,6 @@ from typing import Any
 
 import torch
 
-import jinja2.ext  # noqa: F401  (engine/tokenizer.py uses jinja2.ext without importing it; reported to the lead)
-
 IGNORE = -100
 ROLES = ("system", "user", "assistant", "tool")
 
