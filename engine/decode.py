@@ -56,9 +56,6 @@ class DecodeStep:
                                self._projection(layer.self_attn.o_proj), layer.post_attention_layernorm,
                                self._projection(mlp.gate_up_proj), self._projection(mlp.down_proj)))
         self.lm_head = self._projection(model.lm_head)
-        projections = [m for layer in self.layers for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj,
-                                                             layer.mlp.gate_up_proj, layer.mlp.down_proj)]
-        self.all_native = all(_is_plain(m) for m in projections + [model.lm_head])
         self._threads = torch.get_num_threads()
         self.nh, self.nkv, self.hs, self.rd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, \
             cfg.rotary_dim
@@ -70,12 +67,19 @@ class DecodeStep:
         self.cos, self.sin = cos[0], sin[0]                                            # (S_max, rd)
 
     def _projection(self, module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-        """A plain nn.Linear runs through engine/cpu_gemv.py (native GEMV at batch 1, torch otherwise); anything
-        swapped in (NF4Linear, LoRALinear, a module with hooks) is called as the module it is."""
-        if not _is_plain(module):
-            return module
-        weight = module.weight
-        return lambda x: cpu_gemv.linear(x, weight, self._threads)
+        """A plain nn.Linear runs through engine/cpu_gemv.py (native GEMV for one row); anything else (batches,
+        NF4Linear, LoRALinear, a module with hooks) runs through torch with the configured thread count."""
+        weight = module.weight if _is_plain(module) else None
+
+        def project(x: torch.Tensor) -> torch.Tensor:
+            if weight is not None and x.shape[0] == 1:
+                return cpu_gemv.linear(x, weight, self._threads)
+            torch.set_num_threads(self._threads)
+            try:
+                return module(x)
+            finally:
+                torch.set_num_threads(1)
+        return project
 
     def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x (B, h, hs); cos/sin (B, 1, rd). The model's formula: x·cos + rotate_half(x)·sin on the first rd dims."""
@@ -88,19 +92,17 @@ class DecodeStep:
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """tokens (B,), positions (B,) → logits (B, V); writes cache slot `cache.length` and advances it.
 
-        At batch 1 with every projection native, torch itself runs on one thread for the step: its remaining ops
-        are tiny (attention over one query, norms), and each parallel region would end in a barrier that, on a busy
-        machine, waits for a descheduled thread (measured: seconds per token instead of ~50 ms). The native GEMV
-        still splits the big matrices over the configured thread count.
+        torch itself runs on one thread during the step, except inside projections it computes (batches, NF4,
+        LoRA): everything else is tiny (attention over one query per row, norms), and each parallel region ends in
+        a barrier that, on a busy machine, waits for a descheduled thread (measured on this 2-core box: seconds
+        per token instead of ~50 ms). The native GEMV splits the big matrices over the configured thread count.
         """
         self._threads = torch.get_num_threads()
-        if tokens.shape[0] == 1 and self.all_native and self._threads > 1 and cpu_gemv.enabled:
-            torch.set_num_threads(1)
-            try:
-                return self._step(tokens, positions)
-            finally:
-                torch.set_num_threads(self._threads)
-        return self._step(tokens, positions)
+        torch.set_num_threads(1)
+        try:
+            return self._step(tokens, positions)
+        finally:
+            torch.set_num_threads(self._threads)
 
     def _step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         cache, model = self.cache, self.model

@@ -33,6 +33,13 @@ would be alone. Tests compare against transformers run with that same regime for
 **Sliding window** (mini-4k, 2047): the model masks keys older than the window. The cache here is linear (slot =
 order in the sequence), sized prompt + max_new_tokens, which for a 4k model is at most 4096 slots.
 
+**Speed** (bench/bench_generate.py). Batch-1 decode is a chain of GEMVs bound by memory bandwidth; the step
+(engine/decode.py) skips model.forward's per-call setup and SDPA, streams plain weights through a native AVX-512
+GEMV (engine/cpu_gemv.py), and keeps torch on one thread for the tiny ops in between (on a busy 2-core machine
+every OpenMP barrier can wait a whole scheduler slice). torch.compile was not kept: the issue's measurement on
+this CPU found a plain decode step slower compiled, and the static shapes it wants would mean attending over the
+whole cache every step.
+
 **Results** (one per prompt, in order): `text` (special tokens skipped, cut before a stop string), `token_ids` (the
 new tokens, including the stop id that ended the row), `finish_reason` ("stop", "length", "cancelled"), `ttft_s`
 (call start → first token) and `decode_tokens_per_s` (tokens after the first ÷ the time they took).
