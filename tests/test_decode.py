@@ -46,3 +46,19 @@ def test_decode_step_overflow_is_an_error(tmp_path):
         model(torch.tensor([[5, 6, 7, 8]]), cache=cache)
         with pytest.raises(ValueError, match="overflow"):
             DecodeStep(model, cache)(torch.tensor([9]), torch.tensor([4]))
+
+
+def test_decode_step_bf16_close_to_model_forward(tmp_path):
+    """bf16 takes another attention formulation (K·qᵀ, see decode.py): equal to bf16 rounding."""
+    make_hf_checkpoint(tmp_path, VARIANTS["gqa"][0])
+    model = load_model(tmp_path, dtype=torch.bfloat16)
+    ids = torch.randint(0, TINY["vocab_size"], (1, 20), generator=torch.Generator().manual_seed(3))
+    caches = [model.new_cache(1, 20) for _ in range(2)]
+    with torch.inference_mode():
+        for c in caches:
+            model(ids[:, :12], cache=c, num_logits=1)
+        step = DecodeStep(model, caches[1])
+        for t in range(12, 20):
+            ref = model(ids[:, t:t + 1], cache=caches[0])[:, -1].float()
+            got = step(ids[:, t], torch.tensor([t])).float()
+            assert (got - ref).abs().max().item() <= 0.02 * ref.abs().max().item() + 0.02
