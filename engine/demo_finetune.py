@@ -10,6 +10,7 @@ on data/train.jsonl for a few steps through the fused NF4+LoRA path, and answer 
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -46,6 +47,19 @@ def _answer(model, tok, question: str, max_new_tokens: int = 40) -> str:
 def run_finetune_demo(steps: int = 30, out: str | Path | None = None, lr: float = 2e-3, batch_size: int = 8,
                       question: str = QUESTION, data: str | Path | None = None) -> dict:
     """Train a QLoRA adapter for `steps` steps and print the answer to `question` without and with it."""
+    threads = torch.get_num_threads()
+    if os.getloadavg()[0] > (os.cpu_count() or 1):
+        # On an oversubscribed machine OpenMP fork/join waits for descheduled threads: measured here, the 30 steps
+        # took 676 s on 2 threads and 178 s on 1 while other jobs ran. One thread is the safe choice then.
+        torch.set_num_threads(1)
+        print(f"(load average {os.getloadavg()[0]:.1f} > {os.cpu_count()} cores: training on 1 thread)")
+    try:
+        return _run(steps, out, lr, batch_size, question, data)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(steps: int, out, lr: float, batch_size: int, question: str, data) -> dict:
     from .fetch import default_model_path  # noqa: PLC0415
     from .loader import load_model  # noqa: PLC0415
     from .lora import lora_modules  # noqa: PLC0415
