@@ -8,8 +8,8 @@
                            overwrites the file the current manifest vouches for
 
 Search: below EXACT_THRESHOLD live chunks (1,000, measured by bench/bench_retrieval.py on real MiniLM
-vectors, one thread: the exact scan wins at 500 chunks, HNSW from 1,000 on; at 30k it is 1.3 ms exact vs
-0.09 ms HNSW) one matrix-vector product over all vectors is as fast as the graph walk and exact; above it HNSW
+vectors, one thread: the exact scan wins at 500 chunks, ties at 1,000, loses beyond; at 30k it is 1.3 ms
+exact vs 0.15 ms HNSW) one matrix-vector product over all vectors is as fast as the graph walk and exact; above it HNSW
 answers, with `ef` calibrated so recall@10 against the exact scan is >= 0.99 (see VectorSet.calibrate_ef),
 stored in the manifest and set again after every load (hnswlib forgets it).
 

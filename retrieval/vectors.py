@@ -23,10 +23,10 @@ from __future__ import annotations
 import numpy as np
 
 # Measured on the 2-core dev box (bench/bench_retrieval.py "threshold": real MiniLM docstring vectors, one
-# query at a time, one thread, p50, ef calibrated per size). The exact scan still wins at 500 vectors
-# (0.015 vs 0.016 ms) and loses from 1,000 on (0.026 vs 0.020 ms; 5k: 0.092 vs 0.030; 30k: 1.32 vs 0.086).
-# Both are microseconds next to the ~100 ms of embedding the query, so below this size we take the exact
-# answer; above it HNSW, whose advantage grows linearly with the index.
+# query at a time, one thread, p50, ef calibrated per size as calibrate_ef does). The exact scan wins at 500
+# vectors (0.017 vs 0.021 ms), ties at 1,000 (0.0267 vs 0.0265) and loses beyond (2k: 0.044 vs 0.039; 5k:
+# 0.094 vs 0.044; 30k: 1.30 vs 0.15). Both are microseconds next to the ~100 ms of embedding the query, so
+# below this size we take the exact answer; above it HNSW, whose advantage grows linearly with the index.
 EXACT_THRESHOLD = 1000
 REBUILD_FRACTION = 0.2  # tombstones / graph nodes that trigger a rebuild
 EF_CANDIDATES = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
