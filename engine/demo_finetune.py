@@ -5,7 +5,7 @@ cannot know. We load the default model with its decoder projections in NF4, answ
 on data/train.jsonl for a few steps through the fused NF4+LoRA path, and answer again with the adapter attached
 (unmerged). A few dozen steps at a high learning rate are enough for a 135M model to memorize a phone number.
 
-    python -m phiforge.engine.demo_finetune [--steps 30] [--out DIR]
+    python -m phiforge.engine.demo_finetune [--steps 20] [--out DIR]
 """
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def _answer(model, tok, question: str, max_new_tokens: int = 40) -> str:
     return tok.decode(out, skip_special_tokens=True).strip()
 
 
-def run_finetune_demo(steps: int = 30, out: str | Path | None = None, lr: float = 2e-3, batch_size: int = 8,
+def run_finetune_demo(steps: int = 20, out: str | Path | None = None, lr: float = 3e-3, batch_size: int = 8,
                       question: str = QUESTION, data: str | Path | None = None) -> dict:
     """Train a QLoRA adapter for `steps` steps and print the answer to `question` without and with it."""
     threads = torch.get_num_threads()
@@ -91,9 +91,9 @@ def _run(steps: int, out, lr: float, batch_size: int, question: str, data) -> di
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--out", default=None)
-    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--lr", type=float, default=3e-3)
     args = ap.parse_args(argv)
     run_finetune_demo(steps=args.steps, out=args.out, lr=args.lr)
     return 0
