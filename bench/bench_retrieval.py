@@ -51,9 +51,10 @@ def pct(xs: list[float], q: float) -> float:
 # ------------------------------------------------------------------------------------------------ datasets
 def chatterbot() -> tuple[list[str], list[str], list[set[int]]]:
     """(corpus, queries, relevant corpus ids per query) from chatterbot-corpus' English YAML files."""
-    if importlib.util.find_spec("chatterbot_corpus") is None:
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "chatterbot-corpus==1.3.3"],
-                       check=True)
+    missing = [pkg for mod, pkg in (("chatterbot_corpus", "chatterbot-corpus==1.3.3"), ("yaml", "pyyaml"))
+               if importlib.util.find_spec(mod) is None]
+    if missing:  # --no-deps: the corpus package declares nothing it needs at read time
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", *missing], check=True)
         importlib.invalidate_caches()
     import yaml
 
