@@ -143,17 +143,11 @@ def chat_spans(tok, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
     return text, spans
 
 
-def _offsets(tok, text: str) -> tuple[list[int], list[tuple[int, int]]]:
-    # The Rust tokenizer's offsets; the Tokenizer wrapper exposes ids only (asked the lead for a public method).
-    enc = tok._tok.encode(text, add_special_tokens=False)
-    return enc.ids, enc.offsets
-
-
 def encode_row(tok, row: dict) -> tuple[list[int], list[bool]]:
     """ids and a per-token 'labelled' flag (True on tokens the model should learn to produce)."""
     if "messages" in row:
         text, spans = chat_spans(tok, row["messages"])
-        ids, offs = _offsets(tok, text)
+        ids, offs = tok.encode_with_offsets(text)
         labelled = [any(a <= s < b for a, b in spans) for s, _ in offs]
         return ids, labelled
     prompt = tok.encode(row["prompt"], add_special_tokens=True)
