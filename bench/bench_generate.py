@@ -1,0 +1,213 @@
+"""Generation speed on the default model: phiforge vs transformers (and llama.cpp where installed), one JSON object.
+
+For each dtype (float32, bfloat16) and batch size (1, 8), with 512-token prompts and greedy decoding of N tokens
+(stop tokens ignored on both sides, so both decode exactly N):
+
+  - ttft_s: call start → first new token (prefill of 512 tokens + one sample), median over repeats;
+  - decode_tokens_per_s: tokens after the first ÷ the time they took, per row; `aggregate` multiplies by batch;
+  - ratios phiforge / transformers, measured interleaved in the same run (this machine is shared: only
+    same-run ratios mean anything);
+  - roofline: batch-1 decode reads every weight once per token, so tokens/s ≤ copy bandwidth ÷ weight bytes,
+    with the bandwidth of a large tensor copy (bytes read + written ÷ time) measured in the same run;
+  - tokens_match: phiforge's greedy tokens equal transformers' (float32 only; bf16 rounding may differ).
+
+llama.cpp (llama-cpp-python on the GGUF the default model is converted from) runs in a child process when
+`--llama-python` names an interpreter that has it, or when this one does; it is never a dependency.
+
+    python bench/bench_generate.py [--quick] [--threads T] [--ablations] [--new-tokens N] [--repeats R]
+                                   [--llama-python PATH]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+PROMPT_LEN = 512
+
+
+def copy_bandwidth_gbs(mb: int = 256, repeats: int = 5) -> float:
+    src = torch.ones(mb * 2**20 // 4)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    best = min(_timed(lambda: dst.copy_(src)) for _ in range(repeats))
+    return 2 * src.numel() * 4 / best / 1e9
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def weight_bytes_per_token(model: torch.nn.Module) -> int:
+    """Bytes of every weight a decode step reads: all parameters, except that an *untied* embedding table is read
+    one row per token (a tied one is read whole, as the lm_head)."""
+    seen, total = set(), 0
+    embed = model.model.embed_tokens.weight
+    tied = model.lm_head.weight is embed
+    for p in model.parameters():
+        if p.data_ptr() in seen or (p is embed and not tied):
+            continue
+        seen.add(p.data_ptr())
+        total += p.numel() * p.element_size()
+    return total
+
+
+def make_prompts(tok, batch: int) -> list[list[int]]:
+    text = " ".join(f"Section {i}: station {i % 13} reported {i * 37 % 101} psi and {i * 11 % 7} alarms."
+                    for i in range(400))
+    ids = tok.encode(text, add_special_tokens=False)
+    return [ids[16 * b: 16 * b + PROMPT_LEN] for b in range(batch)]
+
+
+def run_phiforge(gen, prompts, n: int) -> dict:
+    rs = gen.generate(prompts, max_new_tokens=n, temperature=0)
+    assert all(len(r.token_ids) == n for r in rs)
+    return {"ttft_s": rs[0].ttft_s, "decode_tokens_per_s": min(r.decode_tokens_per_s for r in rs),
+            "tokens": [r.token_ids for r in rs]}
+
+
+def run_transformers(hf, prompts, n: int) -> dict:
+    from transformers.generation.streamers import BaseStreamer
+
+    class Stamps(BaseStreamer):  # generate() calls put() once with the prompt, then once per new token
+        def __init__(self):
+            self.times = []
+
+        def put(self, value):
+            self.times.append(time.perf_counter())
+
+        def end(self):
+            pass
+
+    ids = torch.tensor(prompts)
+    s = Stamps()
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                          do_sample=False, streamer=s, pad_token_id=0)
+    first, last = s.times[1], s.times[-1]
+    return {"ttft_s": first - t0, "decode_tokens_per_s": (n - 1) / (last - first),
+            "tokens": out[:, ids.shape[1]:].tolist()}
+
+
+LLAMA_CHILD = r"""
+import json, sys, time
+from llama_cpp import Llama
+gguf, n, repeats = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+prompt = json.loads(sys.stdin.read())
+llm = Llama(model_path=gguf, n_ctx=2048, n_batch=512, n_threads=2, verbose=False)
+runs = []
+for _ in range(repeats + 1):  # the first is a warm-up
+    llm.reset()
+    t0, times = time.perf_counter(), []
+    for i, tok in enumerate(llm.generate(prompt, temp=0.0, top_k=1, reset=True)):
+        times.append(time.perf_counter())
+        if len(times) == n:
+            break
+    runs.append({"ttft_s": times[0] - t0, "decode_tokens_per_s": (n - 1) / (times[-1] - times[0])})
+runs = runs[1:]
+print(json.dumps({k: sorted(r[k] for r in runs)[len(runs) // 2] for k in runs[0]}))
+"""
+
+
+def run_llama_cpp(python: str, prompt: list[int], n: int, repeats: int) -> dict | str:
+    from phiforge.engine.fetch import default_gguf_path
+
+    out = subprocess.run([python, "-c", LLAMA_CHILD, str(default_gguf_path()), str(n), str(repeats)],
+                         input=json.dumps(prompt), capture_output=True, text=True)
+    if out.returncode != 0:
+        return f"failed: {out.stderr.strip().splitlines()[-1] if out.stderr.strip() else out.returncode}"
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _median(runs: list[dict], key: str) -> float:
+    return statistics.median(r[key] for r in runs)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None, help="model directory (default: the default model)")
+    ap.add_argument("--quick", action="store_true", help="16 new tokens, 1 repeat, batch 1 only")
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    ap.add_argument("--llama-python", default=None, help="a Python with llama-cpp-python installed")
+    ap.add_argument("--ablations", action="store_true",
+                    help="batch 1 also without the native GEMV, and with model.forward as the decode step")
+    args = ap.parse_args()
+    if args.quick:
+        args.new_tokens, args.repeats, args.batches = 16, 1, "1"
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from transformers import Phi3ForCausalLM
+
+    from phiforge.engine import Generator, cpu_gemv, load_model, load_tokenizer
+    if args.model is None:
+        from phiforge.engine.fetch import default_model_path
+        args.model = str(default_model_path())
+    tok = load_tokenizer(args.model)
+    n, batches = args.new_tokens, [int(b) for b in args.batches.split(",")]
+    report: dict = {"model": args.model, "prompt_tokens": PROMPT_LEN, "new_tokens": n, "repeats": args.repeats,
+                    "threads": torch.get_num_threads(), "copy_bandwidth_gbs": round(copy_bandwidth_gbs(), 2)}
+    for dtype_name in args.dtypes.split(","):
+        dtype = getattr(torch, dtype_name)
+        ours = Generator(load_model(args.model, dtype=dtype), tok)
+        ours.stop_ids = frozenset()  # decode exactly n tokens, as min_new_tokens does on transformers' side
+        hf = Phi3ForCausalLM.from_pretrained(args.model, dtype=dtype).eval()
+        wbytes = weight_bytes_per_token(ours.model)
+        warm = make_prompts(tok, 1)
+        run_phiforge(ours, warm, 4), run_transformers(hf, warm, 4)
+        for batch in batches:
+            prompts = make_prompts(tok, batch)
+            runs_p, runs_t = [], []
+            ablations = {"no_native_gemv": [], "model_forward_decode": []} if args.ablations and batch == 1 else {}
+            for _ in range(args.repeats):  # interleaved, so load from other processes hits both alike
+                runs_p.append(run_phiforge(ours, prompts, n))
+                runs_t.append(run_transformers(hf, prompts, n))
+                for name, runs in ablations.items():
+                    cpu_gemv.enabled, ours.lean_decode = name != "no_native_gemv", name != "model_forward_decode"
+                    try:
+                        runs.append(run_phiforge(ours, prompts, n))
+                    finally:
+                        cpu_gemv.enabled, ours.lean_decode = True, True
+            p = {k: _median(runs_p, k) for k in ("ttft_s", "decode_tokens_per_s")}
+            t = {k: _median(runs_t, k) for k in ("ttft_s", "decode_tokens_per_s")}
+            entry = {
+                "phiforge": {**p, "aggregate_tokens_per_s": p["decode_tokens_per_s"] * batch},
+                "transformers": {**t, "aggregate_tokens_per_s": t["decode_tokens_per_s"] * batch},
+                "decode_speedup": p["decode_tokens_per_s"] / t["decode_tokens_per_s"],
+                "ttft_ratio": p["ttft_s"] / t["ttft_s"],
+            }
+            for name, runs in ablations.items():
+                entry[f"phiforge_{name}"] = {k: _median(runs, k) for k in ("ttft_s", "decode_tokens_per_s")}
+            if dtype == torch.float32:
+                entry["tokens_match"] = runs_p[0]["tokens"] == runs_t[0]["tokens"]
+            if batch == 1:
+                roof = report["copy_bandwidth_gbs"] * 1e9 / wbytes
+                entry["roofline"] = {"weight_bytes_per_token": wbytes, "roofline_tokens_per_s": roof,
+                                     "fraction": p["decode_tokens_per_s"] / roof}
+            report[f"{dtype_name}_batch{batch}"] = entry
+            print(f"# {dtype_name} batch {batch}: phiforge {p['decode_tokens_per_s']:.1f} tok/s, "
+                  f"TTFT {p['ttft_s'] * 1000:.0f} ms | transformers {t['decode_tokens_per_s']:.1f} tok/s, "
+                  f"TTFT {t['ttft_s'] * 1000:.0f} ms", file=sys.stderr, flush=True)
+        del ours, hf
+    llama_py = args.llama_python
+    if llama_py is None:
+        import importlib.util
+        llama_py = sys.executable if importlib.util.find_spec("llama_cpp") else None
+    report["llama_cpp"] = (run_llama_cpp(llama_py, make_prompts(tok, 1)[0], n, args.repeats) if llama_py
+                           else "not installed (pass --llama-python)")
+    print(json.dumps(report, indent=1, default=lambda x: round(x, 4) if isinstance(x, float) else str(x)))
+
+
+if __name__ == "__main__":
+    main()
