@@ -112,10 +112,11 @@ int has_kernels(void) { return 0; }
 
 _lib: ctypes.CDLL | None | bool = False  # False: not tried yet; None: unavailable (torch fallback)
 enabled = True                           # a switch for A/B measurements (bench/bench_generate.py)
-# Weights smaller than this run on one thread. An OpenMP region ends in a barrier that waits for the slowest
-# thread; on a busy 2-core machine that thread is often descheduled, and a few hundred barriers per token turned
-# a 50 ms step into seconds. Only the big matrices (the lm_head) are worth splitting.
-parallel_min_elements = 1 << 22
+# Weights smaller than this run on one thread: below ~128K weights the OpenMP barrier costs more than the split
+# saves. Measured on the 2-core box (default model, decode tok/s, best of 5): splitting only the lm_head (>= 4M)
+# fp32 33 / bf16 47; every matrix >= 128K fp32 50 / bf16 62. (On a heavily oversubscribed machine every barrier
+# can wait a scheduler slice; torch's own tiny ops are kept single-threaded during a step for that reason.)
+parallel_min_elements = 1 << 17
 
 
 def _cpu_flags() -> str:
