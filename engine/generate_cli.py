@@ -43,8 +43,6 @@ def add_arguments_chat(p: argparse.ArgumentParser) -> None:
 
 
 def _load(args: argparse.Namespace):
-    import jinja2.ext  # noqa: F401  (tokenizer.py uses jinja2.ext without importing it; harmless once it does)
-
     from .generate import Generator
     from .loader import load_model
     from .tokenizer import load_tokenizer
