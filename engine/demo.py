@@ -21,7 +21,8 @@ def demo_chat() -> None:
     from phiforge.engine import Generator, default_model_path, load_model, load_tokenizer
 
     path = default_model_path()
-    model, tok = load_model(path), load_tokenizer(path)
+    # fp32 on CPU: this small model is compute-bound at prefill, where bf16 matmuls are slower here
+    model, tok = load_model(path, dtype="float32"), load_tokenizer(path)
     gen = Generator(model, tok)
     question = "What is the capital of France? Answer briefly."
     print(f"user> {question}\nassistant> ", end="", flush=True)
