@@ -150,7 +150,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     from transformers import Phi3ForCausalLM
 
-    from phiforge.engine import Generator, cpu_gemv, load_model, load_tokenizer
+    from phiforge.engine import Generator, load_model, load_tokenizer
+    from phiforge.kernels import cpu_gemv
     if args.model is None:
         from phiforge.engine.fetch import default_model_path
         args.model = str(default_model_path())

@@ -16,7 +16,7 @@ the same KVCache, with:
     query head h = g·rep + r reads KV head g, so q (B, nh, hs) is viewed as (B, nkv, rep, hs) and no K/V copy
     is made;
   - RoPE applied to q and k in one go (they are adjacent in the fused qkv output);
-  - plain dense projections through engine/cpu_gemv.py's native GEMV at batch 1 (a swapped-in NF4/LoRA linear is
+  - plain dense projections through kernels/cpu_gemv.py's native GEMV at batch 1 (a swapped-in NF4/LoRA linear is
     called as its module, so it keeps its own kernel).
 
 Prefill stays with `model.forward` (long query blocks are where SDPA's kernel shines). Decode and prefill write
@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import cpu_gemv
+from phiforge.kernels import cpu_gemv
 
 
 def _is_plain(module: nn.Module) -> bool:
@@ -67,7 +67,7 @@ class DecodeStep:
         self.cos, self.sin = cos[0], sin[0]                                            # (S_max, rd)
 
     def _projection(self, module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-        """A plain nn.Linear runs through engine/cpu_gemv.py (native GEMV for one row); anything else (batches,
+        """A plain nn.Linear runs through kernels/cpu_gemv.py (native GEMV for one row); anything else (batches,
         NF4Linear, LoRALinear, a module with hooks) runs through torch with the configured thread count."""
         weight = module.weight if _is_plain(module) else None
 

@@ -35,7 +35,7 @@ order in the sequence), sized prompt + max_new_tokens, which for a 4k model is a
 
 **Speed** (bench/bench_generate.py). Batch-1 decode is a chain of GEMVs bound by memory bandwidth; the step
 (engine/decode.py) skips model.forward's per-call setup and SDPA, streams plain weights through a native AVX-512
-GEMV (engine/cpu_gemv.py), and keeps torch on one thread for the tiny ops in between (on a busy 2-core machine
+GEMV (kernels/cpu_gemv.py), and keeps torch on one thread for the tiny ops in between (on a busy 2-core machine
 every OpenMP barrier can wait a whole scheduler slice). torch.compile was not kept: the issue's measurement on
 this CPU found a plain decode step slower compiled, and the static shapes it wants would mean attending over the
 whole cache every step.

@@ -251,7 +251,9 @@ class Phi3ForCausalLM(nn.Module):
         cos, sin = self.rotary_emb(position_ids.clamp(min=0), long, self.dtype)  # (B, T, rd)
 
         window = cfg.sliding_window if cfg.sliding_window is not None and cfg.sliding_window < start + T else None
-        pure_causal = cache is None and segment_ids is None and window is None and bool((position_ids >= 0).all())
+        # An empty cache holds exactly these T keys, so a plain causal prefill still takes SDPA's fused path.
+        fresh = cache is None or start == 0
+        pure_causal = fresh and segment_ids is None and window is None and bool((position_ids >= 0).all())
         mask = None if pure_causal else build_mask(
             position_ids, k_pos, q_slot, torch.arange(start + T, device=dev), window, segment_ids, segment_ids)
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from phiforge.engine import cpu_gemv
+from phiforge.kernels import cpu_gemv
 
 pytestmark = pytest.mark.skipif(not cpu_gemv.available(), reason="no C compiler or no AVX-512 BF16 on this CPU")
 
