@@ -253,22 +253,15 @@ def _atomic_dir(out_dir: Path):
     return tmp, commit
 
 
-def save_model(model: Phi3ForCausalLM, out_dir: str | Path, dtype: torch.dtype = torch.bfloat16,
-               copy_from: str | Path | None = None, tensors: dict[str, torch.Tensor] | None = None) -> Path:
-    """Write a dense HF checkpoint atomically: config.json, model.safetensors, and the tokenizer/generation files
-    copied from `copy_from`. `tensors` overrides the model's own state (e.g. merged LoRA weights)."""
+def write_checkpoint(out_dir: str | Path, state: dict[str, torch.Tensor], hf_config: dict,
+                     copy_from: str | Path | None = None) -> Path:
+    """model.safetensors + config.json (+ the tokenizer/generation files of `copy_from`), written into a temp dir
+    beside `out_dir` and swapped in whole: a crash leaves the old checkpoint or the new one, never half of one."""
     out_dir = Path(out_dir)
     tmp, commit = _atomic_dir(out_dir)
     try:
-        state = tensors if tensors is not None else {
-            k: v for k, v in model.state_dict().items()
-            if not (model.config.tie_word_embeddings and k == "lm_head.weight")}
-        state = {k: v.detach().to(dtype).contiguous().cpu() for k, v in state.items()}
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        hf = model.config.to_hf()
-        hf["torch_dtype"] = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}[dtype]
-        hf.pop("quantization_config", None)
-        (tmp / "config.json").write_text(json.dumps(hf, indent=2))
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         if copy_from is not None:
             copy_auxiliary_files(copy_from, tmp)
         commit()
@@ -276,6 +269,19 @@ def save_model(model: Phi3ForCausalLM, out_dir: str | Path, dtype: torch.dtype =
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def save_model(model: Phi3ForCausalLM, out_dir: str | Path, dtype: torch.dtype = torch.bfloat16,
+               copy_from: str | Path | None = None, tensors: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write a dense HF checkpoint atomically. `tensors` overrides the model's own state (e.g. merged LoRA weights)."""
+    state = tensors if tensors is not None else {
+        k: v for k, v in model.state_dict().items()
+        if not (model.config.tie_word_embeddings and k == "lm_head.weight")}
+    state = {k: v.detach().to(dtype).contiguous().cpu() for k, v in state.items()}
+    hf = model.config.to_hf()
+    hf["torch_dtype"] = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}[dtype]
+    hf.pop("quantization_config", None)
+    return write_checkpoint(out_dir, state, hf, copy_from)
 
 
 AUX_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",

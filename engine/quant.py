@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
-import shutil
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -367,11 +366,8 @@ def save_nf4_checkpoint(model: nn.Module, out_dir: str | Path, config_dict: dict
     config_dict: the Hugging Face config (defaults to model.config.to_hf()); its quantization_config is replaced by
     the one describing these weights. copy_from: a model directory whose tokenizer/generation files are copied.
     """
-    from safetensors.torch import save_file
+    from .loader import write_checkpoint
 
-    from .loader import _atomic_dir, copy_auxiliary_files
-
-    out_dir = Path(out_dir)
     hf = dict(config_dict if config_dict is not None else model.config.to_hf())
     hf["quantization_config"] = quantization_config(model)
     dense_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.bfloat16)
@@ -379,17 +375,7 @@ def save_nf4_checkpoint(model: nn.Module, out_dir: str | Path, config_dict: dict
     tied = bool(hf.get("tie_word_embeddings", False))
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()
              if not (tied and k == "lm_head.weight") and not k.endswith("rotary_emb.inv_freq")}
-    tmp, commit = _atomic_dir(out_dir)
-    try:
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
-        if copy_from is not None:
-            copy_auxiliary_files(copy_from, tmp)
-        commit()
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+    return write_checkpoint(out_dir, state, hf, copy_from)
 
 
 # ---------------------------------------------------------------------------------------------------------------
