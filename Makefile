@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 PHIFORGE_HOME ?= $(HOME)/.cache/phiforge
 export PHIFORGE_HOME
 
-.PHONY: demo test test-long bench setup fetch clean
+.PHONY: demo test bench bench-quick setup fetch clean
 
 setup: $(STAMP)
 
@@ -30,11 +30,15 @@ demo: fetch
 test: fetch
 	$(BIN)/pytest -q -x --benchmark-disable tests
 
-test-long: fetch
-	PHIFORGE_LONG_TESTS=1 $(BIN)/pytest -q --benchmark-disable tests
-
+# Every bench prints JSON (phiforge and its reference side by side, one run). The first bench_retrieval run embeds
+# ~31k passages (30-50 minutes on 2 cores; cached after), and bench_train's default runs transformers+PEFT too.
 bench: fetch
-	for b in bench/bench_*.py; do $(BIN)/python $$b || exit 1; done
+	for b in bench/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+bench-quick: fetch
+	$(BIN)/python bench/bench_load.py
+	$(BIN)/python bench/bench_nf4.py --quick
+	$(BIN)/python bench/bench_generate.py --quick
 
 clean:
 	rm -rf $(VENV) build *.egg-info
