@@ -1,1 +1,14 @@
-"""phiforge.kernels"""
+"""phiforge.kernels: the NF4 and LoRA kernels, each file beside its pure-torch reference.
+
+    nf4.py         NF4Weight, the bitsandbytes-exact codec (quantize / dequantize) and the Triton dequantize kernel
+    nf4_tiles.py   what every NF4 kernel shares: reading a tile of packed W, the LoRA epilogue, the dispatch rule
+    nf4_gemv.py    decode (M <= 8): split-K dequant-GEMV
+    nf4_matmul.py  prefill / training: dequant-GEMM into tl.dot, its transposed form for dX, the public nf4_matmul
+    lora.py        fused LoRA linear y = x·Wᵀ + s·(x·Aᵀ)·Bᵀ, forward and backward, W dense or NF4
+    nf4_cpu.py     the CPU path of nf4_matmul (a fused NF4 GEMV in C, else dequantize + matmul)
+    cpu_gemv.py    the dense batch-1 GEMV used by the decode step on CPU
+    report.py      `phiforge kernels report`: ahead-of-time compiles for sm_80/86/89, registers/spills/smem
+
+Dispatch everywhere: CUDA tensors -> Triton; CPU tensors -> the torch (or native CPU) path;
+PHIFORGE_KERNELS=triton with TRITON_INTERPRET=1 forces Triton on CPU tensors (the tests do).
+"""
