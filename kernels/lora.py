@@ -49,7 +49,7 @@ from torch.amp import custom_bwd, custom_fwd
 
 from phiforge.kernels.nf4 import NF4Weight, dequantize_nf4_ref
 from phiforge.kernels.nf4_matmul import nf4_matmul, nf4_matmul_t
-from phiforge.kernels.nf4_tiles import LoRAEpilogue, _lora_args, use_triton
+from phiforge.kernels.nf4_tiles import LoRAEpilogue, _grouped_tile, _lora_args, _lora_epilogue, use_triton
 
 # Shipped configurations (dispatch picks from these; `phiforge kernels report` compiles exactly these).
 DENSE_CONFIGS = {
@@ -74,15 +74,7 @@ def _lora_gemm_kernel(
 
     Forward: W = weight (N, K), strides (K, 1), Q = B.   Backward dX: W = weightᵀ, strides (1, K), Q = Aᵀ.
     """
-    # Grouped launch order (GROUP_M row-tiles share W's column strip in L2), as in Triton's matmul tutorial.
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(OUT, BLOCK_N)
-    group = pid // (GROUP_M * num_n)
-    first_m = group * GROUP_M
-    group_size = min(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * num_n)) % group_size
-    pid_n = (pid % (GROUP_M * num_n)) // group_size
+    pid_m, pid_n = _grouped_tile(M, OUT, BLOCK_M, BLOCK_N, GROUP_M)
 
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
@@ -98,13 +90,8 @@ def _lora_gemm_kernel(
         # acc += a_tile @ w_tile
         acc = tl.dot(a, w.to(a.dtype), acc)
     if HAS_LORA:
-        rr = tl.arange(0, BLOCK_R)  # [BLOCK_R], >= 16 for tl.dot; the padding is masked to zero
-        # acc += s * P[rm] @ Q[rn].T                    [BLOCK_M, BLOCK_R] @ [BLOCK_R, BLOCK_N]
-        p = tl.load(p_ptr + rm[:, None] * stride_pm + rr[None, :],
-                    mask=(rm[:, None] < M) & (rr[None, :] < R), other=0.0).to(a_ptr.dtype.element_ty)
-        qt = tl.load(q_ptr + rn[None, :] * stride_qo + rr[:, None] * stride_qr,
-                     mask=(rn[None, :] < OUT) & (rr[:, None] < R), other=0.0).to(a_ptr.dtype.element_ty)
-        acc += scaling * tl.dot(p, qt)
+        acc = _lora_epilogue(acc, a_ptr, p_ptr, q_ptr, rm, rn, M, OUT, R, stride_pm, stride_qo, stride_qr, scaling,
+                             BLOCK_R)
     c_mask = (rm[:, None] < M) & (rn[None, :] < OUT)
     tl.store(c_ptr + rm[:, None] * stride_cm + rn[None, :], acc.to(c_ptr.dtype.element_ty), mask=c_mask)
 

@@ -35,7 +35,8 @@ from phiforge.kernels import nf4_cpu, nf4_gemv
 from phiforge.kernels.nf4 import NF4Weight, _nf4_dequantize_kernel, dequantize_nf4_ref
 from phiforge.kernels.nf4_gemv import GEMV_CONFIGS, GEMV_MAX_M, gemv_config  # noqa: F401  (re-exported)
 from phiforge.kernels.nf4_tiles import (
-    AOT_WEIGHT_PTRS, LoRAEpilogue, _lora_args, _nf4_load, _nf4_load_pairs, _row_aligned, _weight_args, use_triton,
+    AOT_WEIGHT_PTRS, LoRAEpilogue, _grouped_tile, _lora_args, _lora_epilogue, _nf4_load, _nf4_load_pairs,
+    _row_aligned, _weight_args, use_triton,
 )
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -64,16 +65,7 @@ def _nf4_gemm_kernel(
     BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """c (M, OUT) = a (M, RED) · Wᵀ  (OUT = N, RED = K)   or, TRANS_W,  a · W  (OUT = K, RED = N)."""
-    # Grouped launch order: GROUP_M row-tiles of `a` run over the same column strip of W together, so W's packed
-    # bytes come from DRAM once per group and from L2 after (Triton's matmul tutorial, "L2 cache optimizations").
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(OUT, BLOCK_N)
-    group = pid // (GROUP_M * num_n)
-    first_m = group * GROUP_M
-    group_size = min(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * num_n)) % group_size
-    pid_n = (pid % (GROUP_M * num_n)) // group_size
+    pid_m, pid_n = _grouped_tile(M, OUT, BLOCK_M, BLOCK_N, GROUP_M)
 
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N] output columns
@@ -129,13 +121,8 @@ def _nf4_gemm_kernel(
                                   BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT)
                 acc = tl.dot(a, w.to(dt), acc)
     if HAS_LORA:
-        rr = tl.arange(0, BLOCK_R)  # [BLOCK_R], >= 16 for tl.dot; padding is masked to zero
-        # acc += s * P[rm] @ Q[rn].T                    [BLOCK_M, BLOCK_R] @ [BLOCK_R, BLOCK_N]
-        p = tl.load(p_ptr + rm[:, None] * stride_pm + rr[None, :],
-                    mask=(rm[:, None] < M) & (rr[None, :] < R), other=0.0).to(a_ptr.dtype.element_ty)
-        qt = tl.load(q_ptr + rn[None, :] * stride_qo + rr[:, None] * stride_qr,
-                     mask=(rn[None, :] < OUT) & (rr[:, None] < R), other=0.0).to(a_ptr.dtype.element_ty)
-        acc += scaling * tl.dot(p, qt)
+        acc = _lora_epilogue(acc, a_ptr, p_ptr, q_ptr, rm, rn, M, OUT, R, stride_pm, stride_qo, stride_qr, scaling,
+                             BLOCK_R)
     c_mask = (rm[:, None] < M) & (rn[None, :] < OUT)
     tl.store(c_ptr + rm[:, None] * stride_cm + rn[None, :], acc.to(c_ptr.dtype.element_ty), mask=c_mask)
 

@@ -80,6 +80,34 @@ def _nf4_load_pairs(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_
     return hi * scale, lo * scale
 
 
+@triton.jit
+def _grouped_tile(M, OUT, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of this program in grouped launch order: GROUP_M row-tiles of `a` run over the same column
+    strip of W together, so W comes from DRAM once per group and from L2 after (Triton's matmul tutorial)."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(OUT, BLOCK_N)
+    first_m = (pid // (GROUP_M * num_n)) * GROUP_M
+    group_size = min(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * num_n)) % group_size
+    pid_n = (pid % (GROUP_M * num_n)) // group_size
+    return pid_m, pid_n
+
+
+@triton.jit
+def _lora_epilogue(acc, a_ptr, p_ptr, q_ptr, rm, rn, M, OUT, R, stride_pm, stride_qo, stride_qr, scaling,
+                   BLOCK_R: tl.constexpr):
+    """acc [BLOCK_M, BLOCK_N] += s · P[rm] @ Q[rn]ᵀ, in the activations' dtype (a_ptr's) for tl.dot."""
+    rr = tl.arange(0, BLOCK_R)  # [BLOCK_R], >= 16 for tl.dot; the padding is masked to zero
+    # P[rm]                                             [BLOCK_M, BLOCK_R]
+    p = tl.load(p_ptr + rm[:, None] * stride_pm + rr[None, :],
+                mask=(rm[:, None] < M) & (rr[None, :] < R), other=0.0).to(a_ptr.dtype.element_ty)
+    # Q[rn].T                                           [BLOCK_R, BLOCK_N]
+    qt = tl.load(q_ptr + rn[None, :] * stride_qo + rr[:, None] * stride_qr,
+                 mask=(rn[None, :] < OUT) & (rr[:, None] < R), other=0.0).to(a_ptr.dtype.element_ty)
+    return acc + scaling * tl.dot(p, qt)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Host side
 # ---------------------------------------------------------------------------------------------------------------
