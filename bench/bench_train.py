@@ -114,18 +114,8 @@ def run_phiforge(a) -> dict:
     targets = torch.cat([labels[:, 1:], torch.full((a.batch, 1), -100)], 1).to(a.device)
     ids = ids.to(a.device)
     n_lab = int((targets != -100).sum())
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if a.device == "cuda" else torch.autocast("cpu", enabled=False)
-
-    def step():
-        with autocast:
-            loss = (lm_loss_sum_ref if a.full_logits else lm_loss_sum)(model, ids, targets) / n_lab
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return float(loss)
-
-    return timed(step, a, n_lab)
+    loss_sum = lm_loss_sum_ref if a.full_logits else lm_loss_sum
+    return timed(optimizer_step(lambda: loss_sum(model, ids, targets) / n_lab, params, opt, a.device), a, n_lab)
 
 
 def run_hf(a) -> dict:
@@ -157,18 +147,23 @@ def run_hf(a) -> dict:
     ids, labels = synthetic_batch(model.config.vocab_size, a.batch, a.seq)
     ids, labels = ids.to(a.device), labels.to(a.device)
     n_lab = int((labels[:, 1:] != -100).sum())
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if a.device == "cuda" else torch.autocast("cpu", enabled=False)
+    return timed(optimizer_step(lambda: model(input_ids=ids, labels=labels).loss, params, opt, a.device), a, n_lab)
 
-    def step():
+
+def optimizer_step(loss_fn, params: list, opt, device: str):
+    """One training step as both frameworks run it here: loss (bf16 autocast on CUDA), backward, clip, AdamW."""
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
+
+    def step() -> float:
         with autocast:
-            loss = model(input_ids=ids, labels=labels).loss
+            loss = loss_fn()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         return float(loss)
 
-    return timed(step, a, n_lab)
+    return step
 
 
 def timed(step, a, n_lab: int) -> dict:
