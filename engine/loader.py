@@ -37,8 +37,9 @@ class CheckpointError(ValueError):
     """A checkpoint phiforge cannot load; the message names the file and the tensor."""
 
 
-def _read_header(path: Path) -> dict:
-    """Parse and validate a safetensors header: every tensor's bytes must lie inside the file."""
+def _read_header(path: Path) -> tuple[dict, int]:
+    """Parse and validate a safetensors header (every tensor's bytes must lie inside the file); returns it and the
+    file offset where the data section starts."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         raw = f.read(8)
@@ -65,7 +66,7 @@ def _read_header(path: Path) -> dict:
         if end - begin != expect:
             raise CheckpointError(f"{path}: tensor {key!r} has {end - begin} bytes for shape {info['shape']} "
                                   f"{info['dtype']} ({expect} expected)")
-    return header
+    return header, 8 + n
 
 
 class SafetensorsReader:
@@ -90,8 +91,7 @@ class SafetensorsReader:
             p = self.dir / name
             if not p.exists():
                 raise CheckpointError(f"{p}: shard listed in {index.name} is missing")
-            header = _read_header(p)
-            data_start = 8 + struct.unpack("<Q", p.open("rb").read(8))[0]
+            header, data_start = _read_header(p)
             for key, info in header.items():
                 if key != "__metadata__":
                     self.file_of[key], self.info[key] = p, {**info, "data_start": data_start}

@@ -142,16 +142,6 @@ class Tokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
-    def is_special(self, token_id: int) -> bool:
-        return token_id in self._special_ids
-
-    @property
-    def _special_ids(self) -> set[int]:
-        if not hasattr(self, "_special_cache"):
-            self._special_cache = {t.content and self._tok.token_to_id(t.content)
-                                   for t in self._tok.get_added_tokens_decoder().values() if t.special}
-        return self._special_cache
-
     # ---- chat ------------------------------------------------------------------------------------------------------
     def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **kwargs: Any) -> str:
         for i, m in enumerate(messages):
