@@ -200,12 +200,6 @@ class CheckpointFormatError(ValueError):
 # Quantize a dense model in place
 # ---------------------------------------------------------------------------------------------------------------
 
-def _decoder_linears(model: nn.Module) -> list[str]:
-    from .model import LINEAR_NAMES
-
-    return [n for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in LINEAR_NAMES and ".layers." in f".{n}"]
-
-
 def quantize_model_(model: nn.Module, blocksize: int = 64, double_quant: bool = True) -> nn.Module:
     """Replace every dense decoder projection by an NF4Linear, one at a time (embeddings and lm_head stay dense).
 
@@ -214,7 +208,7 @@ def quantize_model_(model: nn.Module, blocksize: int = 64, double_quant: bool = 
     """
     if blocksize not in BLOCKSIZES:
         raise ValueError(f"blocksize must be one of {BLOCKSIZES}, got {blocksize}")
-    for name in _decoder_linears(model):
+    for name in [n for n, _ in model.linears()]:  # a list: modules are swapped while looping
         if type(model.get_submodule(name)) is nn.Linear:
             model.set_submodule(name, NF4Linear.from_linear(model.get_submodule(name), blocksize, double_quant))
     release_freed_memory()
@@ -285,7 +279,7 @@ def load_nf4_state(model: nn.Module, tensors: Any, config: Any, dtype: torch.dty
             return get(prefix + "weight").to(device=device, dtype=dtype)
         return None
 
-    for name in _decoder_linears(model):
+    for name in [n for n, _ in model.linears()]:  # a list: modules are swapped while looping
         module = model.get_submodule(name)
         N, K = module.out_features, module.in_features
         parent, leaf = name.rsplit(".", 1)
