@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from phiforge.kernels.cpu_linear import Linear
+
 from .model import LINEAR_NAMES
 
 try:  # the fused LoRA autograd.Function (Triton on CUDA, torch on CPU) from the kernels issue
@@ -110,12 +112,12 @@ class LoRALinear(nn.Module):
         return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling  # (out, r)@(r, in)
 
     @torch.no_grad()
-    def merge(self, dtype: torch.dtype | None = None) -> nn.Linear:
+    def merge(self, dtype: torch.dtype | None = None) -> Linear:
         """A dense nn.Linear holding W + s·B·A, summed in fp32 and cast once (onto the dequantized W for NF4)."""
         w = dense_weight(self.base_layer, torch.float32) + self.delta_weight()  # (out, in)
         if dtype is None:
             dtype = self.base_layer.qweight.dtype if hasattr(self.base_layer, "qweight") else self.base_layer.weight.dtype
-        out = nn.Linear(self.in_features, self.out_features, bias=False, device=w.device, dtype=dtype)
+        out = Linear(self.in_features, self.out_features, bias=False, device=w.device, dtype=dtype)
         out.weight.copy_(w)
         out.weight.requires_grad_(False)
         return out
@@ -166,7 +168,7 @@ def merge_adapter(model: nn.Module, dtype: torch.dtype | None = None, dequantize
         for name, m in list(model.named_modules()):
             if hasattr(m, "qweight") and hasattr(m, "dequantize"):
                 w = dense_weight(m, dtype or m.qweight.dtype)
-                lin = nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
+                lin = Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
                 with torch.no_grad():
                     lin.weight.copy_(w)
                 lin.weight.requires_grad_(False)

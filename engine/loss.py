@@ -22,6 +22,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from phiforge.kernels.cpu_linear import matmul_nt
+
 IGNORE = -100
 
 
@@ -33,14 +35,14 @@ class LinearCrossEntropySum(torch.autograd.Function):
         need_grad = ctx.needs_input_grad[0]
         grad_h = torch.empty_like(h) if need_grad else None
         for s in range(0, h.shape[0], chunk):
-            z = (h[s:s + chunk] @ weight.T).float()  # (c, V)
+            z = matmul_nt(h[s:s + chunk], weight).float()  # (c, V)
             y = targets[s:s + chunk]
             lse = torch.logsumexp(z, dim=-1)  # (c,)
             total += (lse - z.gather(1, y[:, None]).squeeze(1)).sum()
             if need_grad:
                 z.sub_(lse[:, None]).exp_()  # softmax, in place: (c, V)
                 z[torch.arange(z.shape[0], device=z.device), y] -= 1.0
-                grad_h[s:s + chunk] = (z.to(weight.dtype) @ weight).to(h.dtype)  # (c, V)·(V, C)
+                grad_h[s:s + chunk] = matmul_nt(z.to(weight.dtype), weight.T).to(h.dtype)  # (c, V)·(V, C)
         ctx.save_for_backward(grad_h if need_grad else None)
         return total
 

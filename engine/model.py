@@ -8,7 +8,8 @@ Legend for shape comments: B batch, T query length, S key length (cache slots), 
 nkv key/value heads, hs head_dim, rd rotary dims, I intermediate_size, V vocab.
 
 Module names equal the checkpoint keys (`model.layers.N.self_attn.qkv_proj`, ...), so loading is a name-for-name
-copy. Every projection is a plain `nn.Linear(bias=False)` until something swaps it with `model.set_submodule`:
+copy. Every projection is a plain linear (`kernels/cpu_linear.Linear`: an `nn.Linear` whose fp32 CPU forward goes
+to oneDNN) until something swaps it with `model.set_submodule`:
 `NF4Linear` (engine/quant.py) or `LoRALinear` (engine/lora.py); all the model asks of a linear is
 `forward(x (..., in)) -> (..., out)`.
 
@@ -25,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from phiforge.kernels.cpu_linear import Linear
 
 from .config import Phi3Config
 
@@ -118,8 +121,8 @@ class Phi3Attention(nn.Module):
         super().__init__()
         self.cfg, self.layer_idx = cfg, layer_idx
         nh, nkv, hs = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.qkv_proj = nn.Linear(cfg.hidden_size, (nh + 2 * nkv) * hs, bias=False, device=device)
-        self.o_proj = nn.Linear(nh * hs, cfg.hidden_size, bias=False, device=device)
+        self.qkv_proj = Linear(cfg.hidden_size, (nh + 2 * nkv) * hs, bias=False, device=device)
+        self.o_proj = Linear(nh * hs, cfg.hidden_size, bias=False, device=device)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
                 cache: KVCache | None = None) -> torch.Tensor:
@@ -148,8 +151,8 @@ class Phi3Attention(nn.Module):
 class Phi3MLP(nn.Module):
     def __init__(self, cfg: Phi3Config, device=None) -> None:
         super().__init__()
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False, device=device)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False, device=device)
+        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False, device=device)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False, device=device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # (B, T, I) each; the gate is the first half
@@ -205,7 +208,7 @@ class Phi3ForCausalLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.model = Phi3Model(cfg, device)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, device=device)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False, device=device)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.rotary_emb = RotaryEmbedding(cfg)

@@ -31,6 +31,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
+from phiforge.kernels.cpu_linear import Linear
 from phiforge.kernels.nf4 import BLOCKSIZES, NF4Weight, nf4_dequantize, quantize_nf4
 
 try:  # the NF4 matmul kernels; without them NF4Linear falls back to dequantize-then-matmul
@@ -209,7 +210,7 @@ def quantize_model_(model: nn.Module, blocksize: int = 64, double_quant: bool = 
     if blocksize not in BLOCKSIZES:
         raise ValueError(f"blocksize must be one of {BLOCKSIZES}, got {blocksize}")
     for name in [n for n, _ in model.linears()]:  # a list: modules are swapped while looping
-        if type(model.get_submodule(name)) is nn.Linear:
+        if type(model.get_submodule(name)) in (nn.Linear, Linear):
             model.set_submodule(name, NF4Linear.from_linear(model.get_submodule(name), blocksize, double_quant))
     release_freed_memory()
     return model

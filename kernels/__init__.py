@@ -7,6 +7,7 @@
     lora.py        fused LoRA linear y = x·Wᵀ + s·(x·Aᵀ)·Bᵀ, forward and backward, W dense or NF4
     nf4_cpu.py     the CPU path of nf4_matmul (a fused NF4 GEMV in C, else dequantize + matmul)
     cpu_gemv.py    the dense batch-1 GEMV used by the decode step on CPU
+    cpu_linear.py  dense fp32 linear (forward and backward) through oneDNN on CPU: the model's projections
     report.py      `phiforge kernels report`: ahead-of-time compiles for sm_80/86/89, registers/spills/smem
 
 Dispatch everywhere: CUDA tensors -> Triton; CPU tensors -> the torch (or native CPU) path;

@@ -15,9 +15,7 @@ M = 1 (batch-1 decode) runs here; a variant looping over up to 8 rows of x was s
 Accumulation is in fp32 in both dtypes, like torch's kernels; only the summation order differs, so
 results agree to rounding (tests/test_cpu_gemv.py).
 
-It is C compiled on first use with the system compiler (`cc -O3 -march=native -fopenmp`), cached by source and CPU
-flags, and called through ctypes. The OpenMP runtime is torch's own (libgomp.so.1 is already loaded when this is
-dlopened), so both share one thread pool instead of fighting over two. No compiler, no AVX-512 (BF16), M > 1 or
+It is C, compiled on first use and cached by kernels/native.py, and called through ctypes. No compiler, no AVX-512 (BF16), M > 1 or
 a non-contiguous weight: `linear` falls back to `torch.nn.functional.linear`.
 
 Legend: M rows of x, N out_features, K in_features.
@@ -25,15 +23,11 @@ Legend: M rows of x, N out_features, K in_features.
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import platform
-import subprocess
-import tempfile
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from phiforge.kernels import native
 
 MAX_M = 1  # a per-row x-loop for M up to 8 measured slower than oneDNN at M = 8 here: torch does batches
 
@@ -119,44 +113,19 @@ enabled = True                           # a switch for A/B measurements (bench/
 parallel_min_elements = 1 << 17
 
 
-def _cpu_flags() -> str:
-    try:
-        return next((l for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("flags")), "")
-    except OSError:
-        return platform.processor()
-
-
 def _load() -> ctypes.CDLL | None:
-    """Compile once per machine (cached by source + CPU flags), then dlopen. Any failure means: use torch."""
+    """The compiled kernels (kernels/native.py builds and caches them), or None: use torch."""
     global _lib
     if _lib is not False:
         return _lib
-    _lib = None
-    if platform.machine() not in ("x86_64", "AMD64") or "avx512f" not in _cpu_flags():
-        return None
-    key = hashlib.sha256((_SRC + _cpu_flags()).encode()).hexdigest()[:16]
-    home = Path(os.environ.get("PHIFORGE_HOME") or Path.home() / ".cache" / "phiforge")
-    so = home / "build" / f"cpu_gemv-{key}.so"
-    try:
-        if not so.exists():
-            so.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=so.parent) as tmp:  # compile aside, then rename: atomic
-                src, out = Path(tmp) / "gemv.c", Path(tmp) / "gemv.so"
-                src.write_text(_SRC)
-                subprocess.run([os.environ.get("CC", "cc"), "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC",
-                                str(src), "-o", str(out)], check=True, capture_output=True)
-                os.replace(out, so)
-        lib = ctypes.CDLL(str(so))
-        if not lib.has_kernels():
-            return None
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    for name in ("gemv_bf16", "gemv_f32"):
-        fn = getattr(lib, name)
-        fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 4
-        fn.restype = None
-    _lib = lib
-    return lib
+    lib = native.build("cpu_gemv", _SRC, need=("avx512f",))
+    if lib is not None and lib.has_kernels():
+        for name in ("gemv_bf16", "gemv_f32"):
+            fn = getattr(lib, name)
+            fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 4
+            fn.restype = None
+    _lib = lib if lib is not None and lib.has_kernels() else None
+    return _lib
 
 
 def available() -> bool:

@@ -47,6 +47,7 @@ import triton
 import triton.language as tl
 from torch.amp import custom_bwd, custom_fwd
 
+from phiforge.kernels.cpu_linear import matmul_nt
 from phiforge.kernels.nf4 import NF4Weight, dequantize_nf4_ref
 from phiforge.kernels.nf4_matmul import nf4_matmul, nf4_matmul_t
 from phiforge.kernels.nf4_tiles import LoRAEpilogue, _grouped_tile, _lora_args, _lora_epilogue, use_triton
@@ -107,7 +108,7 @@ def _dense_lora_gemm(a: torch.Tensor, w: torch.Tensor, lora: LoRAEpilogue | None
     if w.shape[1] != red:
         raise ValueError(f"lora_linear: input has {red} features, weight {tuple(w.shape)} expects {w.shape[1]}")
     if not use_triton(a) or M == 0:
-        c = a @ w.T  # (M, OUT)
+        c = matmul_nt(a, w)  # (M, OUT)
         return c if lora is None else c.addmm_(lora.p.to(c.dtype), lora.q.T.to(c.dtype), alpha=lora.scaling)
     a = a.contiguous()
     cfg = dict(dense_config(M))

@@ -19,16 +19,12 @@ Shape legend: M rows of x, N = out_features, K = in_features, n = N*K, nb = n / 
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import platform
-import subprocess
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import torch
 
+from phiforge.kernels import native
+from phiforge.kernels.cpu_linear import matmul_nt
 from phiforge.kernels.nf4 import NF4Weight, dequantize_nf4_ref
 
 _SRC = r"""
@@ -174,37 +170,17 @@ _pool: ThreadPoolExecutor | None = None
 
 
 def _load() -> ctypes.CDLL | None:
-    """Compile the C source once per machine (cached by source + CPU flags), then dlopen it."""
+    """The compiled kernels (kernels/native.py builds and caches them), or None: use the torch fallback."""
     global _lib
     if _lib is not False:
         return _lib
-    _lib = None
-    if os.environ.get("PHIFORGE_CPU_NATIVE", "1") == "0":
-        return None
-    try:
-        flags = next((l for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("flags")), "")
-    except OSError:
-        flags = platform.processor()
-    key = hashlib.sha256((_SRC + flags + platform.machine()).encode()).hexdigest()[:16]
-    home = Path(os.environ.get("PHIFORGE_HOME") or Path.home() / ".cache" / "phiforge")
-    so = home / "cpu_kernels" / f"nf4_{key}.so"
-    try:
-        if not so.exists():
-            so.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=so.parent) as tmp:
-                src, out = Path(tmp) / "nf4.c", Path(tmp) / "nf4.so"
-                src.write_text(_SRC)
-                subprocess.run([os.environ.get("CC", "cc"), "-O3", "-march=native", "-ffp-contract=off", "-shared",
-                                "-fPIC", str(src), "-o", str(out)], check=True, capture_output=True)
-                os.replace(out, so)  # atomic: a concurrent process sees the old state or the whole file
-        lib = ctypes.CDLL(str(so))
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    P, I, L, F = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
-    lib.nf4_dequant.argtypes = [P, P, P, P, P, F, I, I, I, L, L, P, I]
-    lib.nf4_gemv.argtypes = [P, P, I, P, P, P, P, P, F, I, I, I, L, L, L, L, P]
-    if not lib.nf4_has_fp16():
-        _KIND.pop(torch.float16, None)
+    lib = native.build("nf4_cpu", _SRC)
+    if lib is not None:
+        P, I, L, F = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
+        lib.nf4_dequant.argtypes = [P, P, P, P, P, F, I, I, I, L, L, P, I]
+        lib.nf4_gemv.argtypes = [P, P, I, P, P, P, P, P, F, I, I, I, L, L, L, L, P]
+        if not lib.nf4_has_fp16():
+            _KIND.pop(torch.float16, None)
     _lib = lib
     return lib
 
@@ -264,4 +240,4 @@ def matmul(a: torch.Tensor, w: NF4Weight, trans_w: bool) -> torch.Tensor:
             and w.shape[1] % w.blocksize == 0):
         return _gemv(a, w, lib)
     wd = dequantize_into_buffer(w, a.dtype)  # (N, K)
-    return a @ (wd if trans_w else wd.T)
+    return matmul_nt(a, wd.T if trans_w else wd)
