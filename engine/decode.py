@@ -34,10 +34,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from phiforge.kernels import cpu_gemv
+from phiforge.kernels.cpu_decode import NativeDecode
+from phiforge.kernels.cpu_linear import Linear
 
 
 def _is_plain(module: nn.Module) -> bool:
-    return (type(module) is nn.Linear and module.bias is None and not module._forward_hooks
+    return (type(module) in (nn.Linear, Linear) and module.bias is None and not module._forward_hooks
             and not module._forward_pre_hooks and cpu_gemv.supports(module.weight))
 
 
@@ -65,6 +67,7 @@ class DecodeStep:
         positions = torch.arange(cache.max_len, device=cache.pos.device)[None]        # (1, S_max)
         cos, sin = model.rotary_emb(positions, cache.rope_long, model.dtype)           # (1, S_max, rd)
         self.cos, self.sin = cos[0], sin[0]                                            # (S_max, rd)
+        self.native = NativeDecode.create(model, cache, self.cos, self.sin)          # batch 1, dense: one C call
 
     def _projection(self, module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
         """A plain nn.Linear runs through kernels/cpu_gemv.py (native GEMV for one row); anything else (batches,
@@ -97,6 +100,13 @@ class DecodeStep:
         a barrier that, on a busy machine, waits for a descheduled thread (measured on this 2-core box: seconds
         per token instead of ~50 ms). The native GEMV splits the big matrices over the configured thread count.
         """
+        if self.native is not None and tokens.shape[0] == 1:
+            s = self.cache.length
+            if s >= self.cache.max_len:
+                raise ValueError(f"KV cache overflow: slot {s} of {self.cache.max_len}")
+            logits = self.native(int(tokens[0]), int(positions[0]))                     # (1, V)
+            self.cache.length = s + 1
+            return logits
         self._threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:

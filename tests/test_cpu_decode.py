@@ -1,0 +1,97 @@
+"""The native whole-step decode computes what the torch decode step computes (tests/test_decode.py holds that
+step, native at batch 1, to model.forward): fp32 to fp32
+rounding, bf16 no further from an fp32 reference than torch's own bf16 step; on odd shapes (K and N not multiples
+of the vector width, head dim 8), GQA, sliding window, partial rotary, tied embeddings, long rope; and it steps
+aside for what it does not cover (batches, NF4 or LoRA projections)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from test_model import TINY, VARIANTS, make_hf_checkpoint
+
+from phiforge.engine import load_model
+from phiforge.engine.decode import DecodeStep
+from phiforge.engine.lora import LoRALinear
+from phiforge.engine.quant import quantize_model_
+from phiforge.kernels import cpu_decode
+
+pytestmark = pytest.mark.skipif(cpu_decode._load() is None, reason="no C compiler or no AVX-512 BF16 on this CPU")
+
+# hidden 40 (bf16 K tail 8), head dim 8, intermediate 52, vocab 97 (N % 4 = 1), one KV head, window 9, half rotary
+ODD = dict(hidden_size=40, num_attention_heads=5, num_key_value_heads=1, intermediate_size=52, vocab_size=97,
+           sliding_window=9, partial_rotary_factor=0.5)
+CASES = {"odd": ODD, **{k: VARIANTS[k][0] for k in ("gqa", "mini-4k-window", "partial-tied", "longrope-long")}}
+
+
+def _run(model, prompt: torch.Tensor, steps: torch.Tensor, native: bool, rope_long: bool = False):
+    """Prefill with model.forward, then decode `steps` one token at a time; logits (steps, V) and the cache."""
+    cache = model.new_cache(1, prompt.shape[1] + steps.shape[0], rope_long=rope_long)
+    cpu_decode.enabled = native
+    try:
+        with torch.inference_mode():
+            model(prompt, cache=cache, num_logits=1)
+            step = DecodeStep(model, cache)
+            assert (step.native is not None) == native
+            out = [step(steps[t:t + 1], torch.tensor([prompt.shape[1] + t])) for t in range(steps.shape[0])]
+    finally:
+        cpu_decode.enabled = True
+    return torch.cat(out).float(), cache
+
+
+def _ids(vocab: int, n: int, seed: int) -> torch.Tensor:
+    return torch.randint(0, vocab, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_fp32_equals_torch_step_and_forward(tmp_path, case):
+    make_hf_checkpoint(tmp_path, CASES[case])
+    model = load_model(tmp_path, dtype=torch.float32)
+    vocab = model.config.vocab_size
+    prompt, steps = _ids(vocab, 13, 1), _ids(vocab, 20, 2)[0]     # 13 + 20 > every window above
+    long = case == "longrope-long"
+    got, c1 = _run(model, prompt, steps, native=True, rope_long=long)
+    ref, c2 = _run(model, prompt, steps, native=False, rope_long=long)
+    assert (got - ref).abs().max().item() <= 1e-4
+    assert torch.equal(c1.pos, c2.pos) and c1.length == c2.length
+    assert (c1.k - c2.k).abs().max().item() <= 1e-5 and (c1.v - c2.v).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("case", ["odd", "gqa", "partial-tied"])
+def test_bf16_no_worse_than_torch_bf16(tmp_path, case):
+    make_hf_checkpoint(tmp_path, CASES[case])
+    model = load_model(tmp_path, dtype=torch.bfloat16)
+    exact = load_model(tmp_path, dtype=torch.bfloat16).float()     # the same bf16 weights, fp32 arithmetic
+    vocab = model.config.vocab_size
+    prompt, steps = _ids(vocab, 11, 3), _ids(vocab, 12, 4)[0]
+    got, _ = _run(model, prompt, steps, native=True)
+    torch_bf16, _ = _run(model, prompt, steps, native=False)
+    ref, _ = _run(exact, prompt, steps, native=False)
+    err, budget = (got - ref).abs().max().item(), (torch_bf16 - ref).abs().max().item()
+    assert err <= 1.5 * budget + 1e-3 * ref.abs().max().item(), (err, budget)
+
+
+def test_default_shapes_bf16_close_to_torch_step(tmp_path):
+    """The hot loops (K a multiple of 32, N of 4) on the default model's layer shapes, two layers."""
+    make_hf_checkpoint(tmp_path, dict(hidden_size=576, intermediate_size=1536, num_attention_heads=9,
+                                      num_key_value_heads=3, vocab_size=512))
+    model = load_model(tmp_path, dtype=torch.bfloat16)
+    exact = load_model(tmp_path, dtype=torch.bfloat16).float()
+    prompt, steps = _ids(512, 30, 5), _ids(512, 6, 6)[0]
+    got, _ = _run(model, prompt, steps, native=True)
+    torch_bf16, _ = _run(model, prompt, steps, native=False)
+    ref, _ = _run(exact, prompt, steps, native=False)
+    err, budget = (got - ref).abs().max().item(), (torch_bf16 - ref).abs().max().item()
+    assert err <= 1.5 * budget + 1e-3 * ref.abs().max().item(), (err, budget)
+
+
+def test_steps_aside_for_batches_nf4_and_lora(tmp_path):
+    make_hf_checkpoint(tmp_path, VARIANTS["gqa"][0])
+    model = load_model(tmp_path, dtype=torch.float32)
+    assert DecodeStep(model, model.new_cache(1, 8)).native is not None
+    assert DecodeStep(model, model.new_cache(2, 8)).native is None                 # a batch
+    assert DecodeStep(model, model.new_cache(1, 8, dtype=torch.bfloat16)).native is None  # cache dtype differs
+    name, lin = next(model.linears())
+    model.set_submodule(name, LoRALinear(lin, r=4, alpha=8))
+    assert DecodeStep(model, model.new_cache(1, 8)).native is None                 # a LoRA projection
+    nf4 = quantize_model_(load_model(tmp_path, dtype=torch.float32))
+    assert DecodeStep(nf4, nf4.new_cache(1, 8)).native is None                     # NF4 projections
