@@ -73,6 +73,11 @@ class _LinearFn(torch.autograd.Function):
 def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear, through oneDNN for fp32 CPU tensors (with autograd)."""
     if not supports(x, w):
+        if x.dim() > 2:
+            # F.linear on a (B, T, K) view whose size-1 dims carry odd strides (the last position of a prefill,
+            # h[:, -1:], counts as contiguous) runs a batched matmul that first copies the whole transposed
+            # weight: 37 ms instead of 1.7 ms for the default model's bf16 lm_head. Folding to 2-D avoids it.
+            return F.linear(x.reshape(-1, x.shape[-1]), w, bias).view(*x.shape[:-1], w.shape[0])  # (..., N)
         return F.linear(x, w, bias)
     if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (bias is not None and bias.requires_grad)):
         return _LinearFn.apply(x, w, bias)

@@ -78,3 +78,13 @@ def test_linear_module_is_a_drop_in_for_nn_linear():
     assert _err(ours(x), exact) <= _budget(expect, exact)
     with torch.inference_mode():                                  # no autograd: the plain op
         assert _err(ours(x), exact) <= _budget(expect, exact)
+
+
+def test_strided_3d_input_folds_into_one_gemm():
+    """(B, T, K) views (the last position of a prefill, or a strided slice) give F.linear's result."""
+    w = torch.randn(300, 48, dtype=torch.bfloat16)
+    h = torch.randn(2, 9, 48, dtype=torch.bfloat16)
+    for x in (h[:1, -1:], h[:, -1:], h[:, ::2]):                  # (1, 1, 48) odd strides, (2, 1, 48), (2, 5, 48)
+        got = cpu_linear.linear(x, w)
+        assert got.shape == (*x.shape[:-1], 300)
+        assert torch.equal(got, F.linear(x.clone(memory_format=torch.contiguous_format), w))
