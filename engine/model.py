@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from phiforge.kernels.cpu_attention import causal_attention
 from phiforge.kernels.cpu_linear import Linear
 
 from .config import Phi3Config
@@ -140,11 +141,11 @@ class Phi3Attention(nn.Module):
             cache.v[self.layer_idx, :, :, start:start + T] = v
             k = cache.k[self.layer_idx, :, :, :start + T]             # (B, nkv, S, hs)
             v = cache.v[self.layer_idx, :, :, :start + T]             # (B, nkv, S, hs)
-        if mask is None:  # pure causal, no cache: SDPA's fused path
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=nkv != nh)
+        if mask is None:  # pure causal from slot 0: the native CPU kernel for inference, else SDPA's fused path
+            y = causal_attention(q, k, v)                             # (B, T, C)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=nkv != nh)
-        y = y.transpose(1, 2).reshape(B, T, nh * hs)                  # (B, T, C)
+            y = y.transpose(1, 2).reshape(B, T, nh * hs)              # (B, T, C)
         return self.o_proj(y)
 
 

@@ -1,0 +1,57 @@
+"""The native causal prefill attention equals the fp64 reference at least as closely as SDPA does in the same dtype,
+on odd shapes (T not a multiple of 4, 16 or 32; head dims below, between and above 64; GQA; strided K/V cache
+slices), its vector exp matches torch.exp, and it steps aside for autograd."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from phiforge.kernels import cpu_attention
+from phiforge.kernels.cpu_attention import causal_attention, causal_attention_ref
+
+pytestmark = pytest.mark.skipif(cpu_attention._load() is None, reason="no C compiler or no AVX-512 on this CPU")
+
+
+def _sdpa(q, k, v):
+    B, nh, T, hs = q.shape
+    y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != nh)
+    return y.transpose(1, 2).reshape(B, T, nh * hs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B,nh,nkv,T,hs", [(1, 9, 3, 70, 64), (2, 4, 4, 37, 8), (1, 6, 2, 1, 96), (2, 2, 1, 33, 80),
+                                           (1, 3, 3, 130, 128)])
+def test_matches_reference_like_sdpa(dtype, B, nh, nkv, T, hs):
+    g = torch.Generator().manual_seed(T * hs + nh)
+    q = torch.randn(B, nh, T, hs, generator=g).to(dtype)
+    # K/V as slices of a bigger cache (B, nkv, S, hs), the way a prefill into a KV cache passes them
+    cache = torch.randn(2, B, nkv, T + 5, hs, generator=g).to(dtype)
+    k, v = cache[0, :, :, :T], cache[1, :, :, :T]
+    ref = causal_attention_ref(q, k, v)
+    with torch.inference_mode():
+        got = causal_attention(q, k, v)
+        sdpa = _sdpa(q, k, v)
+    assert got.shape == (B, T, nh * hs) and got.dtype == dtype
+    budget = (sdpa.double() - ref).abs().max().item()
+    assert (got.double() - ref).abs().max().item() <= 1.5 * budget + (1e-6 if dtype == torch.float32 else 0)
+
+
+def test_vector_exp_matches_torch():
+    x = torch.cat([torch.linspace(-100, 0, 10_001), torch.tensor([-87.5, -86.9, -1e-8, 0.0, float("-inf")])])
+    got = x.clone()
+    cpu_attention._lib.exp_f32(got.data_ptr(), got.numel())
+    ref = x.double().exp()
+    ulp = torch.finfo(torch.float32).eps
+    assert ((got.double() - ref).abs() <= 2 * ulp * ref + 1e-37).all()     # ≤ 2 ulp; underflow to 0 below -87
+    assert got[-1] == 0 and got[-2] == 1
+
+
+def test_autograd_and_other_devices_take_sdpa():
+    q = torch.randn(1, 2, 5, 16, requires_grad=True)
+    k, v = torch.randn(1, 2, 5, 16), torch.randn(1, 2, 5, 16)
+    assert not cpu_attention.supports(q, k)
+    y = causal_attention(q, k, v)
+    y.sum().backward()                                   # SDPA's backward ran
+    assert q.grad is not None and torch.allclose(y, _sdpa(q, k, v))
+    assert not cpu_attention.supports(q.detach().double(), k.double())
