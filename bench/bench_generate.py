@@ -8,8 +8,12 @@ For each dtype (float32, bfloat16) and batch size (1, 8), with 512-token prompts
   - ratios phiforge / transformers, measured interleaved in the same run (this machine is shared: only
     same-run ratios mean anything);
   - roofline: batch-1 decode reads every weight once per token, so tokens/s ≤ copy bandwidth ÷ weight bytes,
-    with the bandwidth of a large tensor copy (bytes read + written ÷ time) measured in the same run;
-  - tokens_match: phiforge's greedy tokens equal transformers' (float32 only; bf16 rounding may differ).
+    with the bandwidth of a large tensor copy (bytes read + written ÷ time) measured in the same run (the issue's
+    definition); `fraction_of_read_bandwidth` uses a large read instead, the stricter ceiling for a GEMV;
+  - tokens_match: phiforge's greedy tokens equal transformers' (float32 only; bf16 rounding may differ);
+  - ttft_floor: the prefill's projections alone (the same GEMMs, timed in the same run) and that time as a
+    fraction of transformers' TTFT: a TTFT ratio below that fraction is out of reach for any attention or
+    overhead savings.
 
 llama.cpp (llama-cpp-python on the GGUF the default model is converted from) runs in a child process when
 `--llama-python` names an interpreter that has it, or when this one does; it is never a dependency.
@@ -39,6 +43,14 @@ def copy_bandwidth_gbs(mb: int = 256, repeats: int = 5) -> float:
     return 2 * src.numel() * 4 / best / 1e9
 
 
+def read_bandwidth_gbs(mb: int = 256, repeats: int = 5) -> float:
+    """A large sum: reads only. A copy also writes (and on most CPUs reads each destination line first), so this
+    is the higher ceiling and the one a GEMV, which only reads weights, can approach."""
+    src = torch.ones(mb * 2**20 // 4)
+    src.sum()
+    return src.numel() * 4 / min(_timed(src.sum) for _ in range(repeats)) / 1e9
+
+
 def _timed(fn) -> float:
     t = time.perf_counter()
     fn()
@@ -57,6 +69,24 @@ def weight_bytes_per_token(model: torch.nn.Module) -> int:
         seen.add(p.data_ptr())
         total += p.numel() * p.element_size()
     return total
+
+
+@torch.inference_mode()
+def prefill_matmul_floor_s(model: torch.nn.Module, T: int = PROMPT_LEN, repeats: int = 3) -> float:
+    """Seconds the projections alone take for a T-token prefill (every layer's four GEMMs through the model's own
+    linear modules, plus the lm_head on one row), best of `repeats`: no TTFT can be below this with these GEMMs."""
+    cfg, dt = model.config, model.dtype
+    xs = {n: torch.randn(T, n, dtype=dt) for n in (cfg.hidden_size, cfg.intermediate_size,
+                                                    cfg.num_attention_heads * cfg.head_dim)}
+
+    def run():
+        for layer in model.model.layers:
+            a, m = layer.self_attn, layer.mlp
+            a.qkv_proj(xs[cfg.hidden_size]), a.o_proj(xs[cfg.num_attention_heads * cfg.head_dim])
+            m.gate_up_proj(xs[cfg.hidden_size]), m.down_proj(xs[cfg.intermediate_size])
+        model.lm_head(xs[cfg.hidden_size][-1:])
+    run()
+    return min(_timed(run) for _ in range(repeats))
 
 
 def make_prompts(tok, batch: int) -> list[list[int]]:
@@ -142,7 +172,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     ap.add_argument("--llama-python", default=None, help="a Python with llama-cpp-python installed")
     ap.add_argument("--ablations", action="store_true",
-                    help="batch 1 also without the native GEMV, and with model.forward as the decode step")
+                    help="batch 1 also without the native decode step, with SDPA for the prefill attention, and with "
+                         "model.forward as the decode step")
     args = ap.parse_args()
     if args.quick:
         args.new_tokens, args.repeats, args.batches = 16, 1, "1"
@@ -151,14 +182,15 @@ def main() -> None:
     from transformers import Phi3ForCausalLM
 
     from phiforge.engine import Generator, load_model, load_tokenizer
-    from phiforge.kernels import cpu_gemv
+    from phiforge.kernels import cpu_attention, cpu_decode
     if args.model is None:
         from phiforge.engine.fetch import default_model_path
         args.model = str(default_model_path())
     tok = load_tokenizer(args.model)
     n, batches = args.new_tokens, [int(b) for b in args.batches.split(",")]
     report: dict = {"model": args.model, "prompt_tokens": PROMPT_LEN, "new_tokens": n, "repeats": args.repeats,
-                    "threads": torch.get_num_threads(), "copy_bandwidth_gbs": round(copy_bandwidth_gbs(), 2)}
+                    "threads": torch.get_num_threads(), "copy_bandwidth_gbs": round(copy_bandwidth_gbs(), 2),
+                    "read_bandwidth_gbs": round(read_bandwidth_gbs(), 2)}
     for dtype_name in args.dtypes.split(","):
         dtype = getattr(torch, dtype_name)
         ours = Generator(load_model(args.model, dtype=dtype), tok)
@@ -170,16 +202,18 @@ def main() -> None:
         for batch in batches:
             prompts = make_prompts(tok, batch)
             runs_p, runs_t = [], []
-            ablations = {"no_native_gemv": [], "model_forward_decode": []} if args.ablations and batch == 1 else {}
+            ablations = ({"no_native_step": [], "sdpa_prefill": [], "model_forward_decode": []}
+                         if args.ablations and batch == 1 else {})
             for _ in range(args.repeats):  # interleaved, so load from other processes hits both alike
                 runs_p.append(run_phiforge(ours, prompts, n))
                 runs_t.append(run_transformers(hf, prompts, n))
                 for name, runs in ablations.items():
-                    cpu_gemv.enabled, ours.lean_decode = name != "no_native_gemv", name != "model_forward_decode"
+                    cpu_decode.enabled, cpu_attention.enabled = name != "no_native_step", name != "sdpa_prefill"
+                    ours.lean_decode = name != "model_forward_decode"
                     try:
                         runs.append(run_phiforge(ours, prompts, n))
                     finally:
-                        cpu_gemv.enabled, ours.lean_decode = True, True
+                        cpu_decode.enabled = cpu_attention.enabled = ours.lean_decode = True
             p = {k: _median(runs_p, k) for k in ("ttft_s", "decode_tokens_per_s")}
             t = {k: _median(runs_t, k) for k in ("ttft_s", "decode_tokens_per_s")}
             entry = {
@@ -193,9 +227,13 @@ def main() -> None:
             if dtype == torch.float32:
                 entry["tokens_match"] = runs_p[0]["tokens"] == runs_t[0]["tokens"]
             if batch == 1:
+                floor = prefill_matmul_floor_s(ours.model)
+                entry["ttft_floor"] = {"prefill_matmuls_s": floor, "as_ratio_of_transformers_ttft": floor / t["ttft_s"]}
                 roof = report["copy_bandwidth_gbs"] * 1e9 / wbytes
                 entry["roofline"] = {"weight_bytes_per_token": wbytes, "roofline_tokens_per_s": roof,
-                                     "fraction": p["decode_tokens_per_s"] / roof}
+                                     "fraction": p["decode_tokens_per_s"] / roof,
+                                     "fraction_of_read_bandwidth": p["decode_tokens_per_s"] * wbytes / 1e9
+                                     / report["read_bandwidth_gbs"]}
             report[f"{dtype_name}_batch{batch}"] = entry
             print(f"# {dtype_name} batch {batch}: phiforge {p['decode_tokens_per_s']:.1f} tok/s, "
                   f"TTFT {p['ttft_s'] * 1000:.0f} ms | transformers {t['decode_tokens_per_s']:.1f} tok/s, "

@@ -56,32 +56,28 @@ def test_fp32_equals_torch_step_and_forward(tmp_path, case):
     assert (c1.k - c2.k).abs().max().item() <= 1e-5 and (c1.v - c2.v).abs().max().item() <= 1e-5
 
 
+def _assert_bf16_no_worse_than_torch(path, overrides: dict, prompt_len: int, steps: int, seed: int) -> None:
+    make_hf_checkpoint(path, overrides)
+    model = load_model(path, dtype=torch.bfloat16)
+    exact = load_model(path, dtype=torch.bfloat16).float()       # the same bf16 weights, fp32 arithmetic
+    vocab = model.config.vocab_size
+    prompt, tokens = _ids(vocab, prompt_len, seed), _ids(vocab, steps, seed + 1)[0]
+    got, _ = _run(model, prompt, tokens, native=True)
+    torch_bf16, _ = _run(model, prompt, tokens, native=False)
+    ref, _ = _run(exact, prompt, tokens, native=False)
+    err, budget = (got - ref).abs().max().item(), (torch_bf16 - ref).abs().max().item()
+    assert err <= 1.5 * budget + 1e-3 * ref.abs().max().item(), (err, budget)
+
+
 @pytest.mark.parametrize("case", ["odd", "gqa", "partial-tied"])
 def test_bf16_no_worse_than_torch_bf16(tmp_path, case):
-    make_hf_checkpoint(tmp_path, CASES[case])
-    model = load_model(tmp_path, dtype=torch.bfloat16)
-    exact = load_model(tmp_path, dtype=torch.bfloat16).float()     # the same bf16 weights, fp32 arithmetic
-    vocab = model.config.vocab_size
-    prompt, steps = _ids(vocab, 11, 3), _ids(vocab, 12, 4)[0]
-    got, _ = _run(model, prompt, steps, native=True)
-    torch_bf16, _ = _run(model, prompt, steps, native=False)
-    ref, _ = _run(exact, prompt, steps, native=False)
-    err, budget = (got - ref).abs().max().item(), (torch_bf16 - ref).abs().max().item()
-    assert err <= 1.5 * budget + 1e-3 * ref.abs().max().item(), (err, budget)
+    _assert_bf16_no_worse_than_torch(tmp_path, CASES[case], 11, 12, 3)
 
 
-def test_default_shapes_bf16_close_to_torch_step(tmp_path):
+def test_default_shapes_bf16_no_worse_than_torch_bf16(tmp_path):
     """The hot loops (K a multiple of 32, N of 4) on the default model's layer shapes, two layers."""
-    make_hf_checkpoint(tmp_path, dict(hidden_size=576, intermediate_size=1536, num_attention_heads=9,
-                                      num_key_value_heads=3, vocab_size=512))
-    model = load_model(tmp_path, dtype=torch.bfloat16)
-    exact = load_model(tmp_path, dtype=torch.bfloat16).float()
-    prompt, steps = _ids(512, 30, 5), _ids(512, 6, 6)[0]
-    got, _ = _run(model, prompt, steps, native=True)
-    torch_bf16, _ = _run(model, prompt, steps, native=False)
-    ref, _ = _run(exact, prompt, steps, native=False)
-    err, budget = (got - ref).abs().max().item(), (torch_bf16 - ref).abs().max().item()
-    assert err <= 1.5 * budget + 1e-3 * ref.abs().max().item(), (err, budget)
+    _assert_bf16_no_worse_than_torch(tmp_path, dict(hidden_size=576, intermediate_size=1536, num_attention_heads=9,
+                                                    num_key_value_heads=3, vocab_size=512), 30, 6, 5)
 
 
 def test_steps_aside_for_batches_nf4_and_lora(tmp_path):

@@ -132,3 +132,18 @@ def test_autocast_feeds_bf16_to_the_kernels():
     with torch.autocast("cuda", dtype=torch.bfloat16):
         y = lora_linear(x, weight, A, B, 1.0)
     assert y.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("p", [0.05, 0.3])
+def test_dropout_mask_keeps_one_minus_p_and_follows_the_seed(p):
+    shape = (257, 1001)                                          # odd element count: not a multiple of 4
+    torch.manual_seed(7)
+    a = dropout_mask(shape, p, torch.device("cpu"))
+    torch.manual_seed(7)
+    b = dropout_mask(shape, p, torch.device("cpu"))
+    assert a.shape == shape and a.dtype == torch.bool and torch.equal(a, b)
+    n = a.numel()
+    sd = (p * (1 - p) / n) ** 0.5
+    assert abs((1 - a.float().mean().item()) - p) < 5 * sd + 2 ** -16          # binomial: 5 sigma
+    # rows and columns are not correlated (four elements share a 64-bit draw)
+    assert abs(a[:, 0::4].float().mean().item() - a[:, 1::4].float().mean().item()) < 10 * sd
