@@ -34,12 +34,12 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from phiforge.kernels import cpu_gemv
 from phiforge.kernels.cpu_decode import NativeDecode
 from phiforge.kernels.cpu_linear import Linear
+from phiforge.kernels.cpu_ops import swiglu
 
 
 def _is_plain(module: nn.Module) -> bool:
@@ -149,7 +149,6 @@ class DecodeStep:
             scores = qk.float() * self.scale + mask                                    # (B, nkv, rep, S)
             y = torch.matmul(scores.softmax(dim=-1).to(v.dtype), v)                    # (B, nkv, rep, hs)
             x = x + o_proj(y.view(B, 1, nh * hs))                                      # (B, 1, C)
-            gate, up = gate_up_proj(norm2(x)).chunk(2, dim=-1)                         # (B, 1, I) each
-            x = x + down_proj(up * F.silu(gate))                                       # Phi3MLP's formula
+            x = x + down_proj(swiglu(gate_up_proj(norm2(x))))                          # (B, 1, I) inside
         cache.length = s + 1
         return self.lm_head(model.model.norm(x))[:, 0]                                 # (B, V)

@@ -29,6 +29,7 @@ from torch.utils.checkpoint import checkpoint
 
 from phiforge.kernels.cpu_attention import causal_attention
 from phiforge.kernels.cpu_linear import Linear
+from phiforge.kernels.cpu_ops import rms_norm, swiglu
 
 from .config import Phi3Config
 
@@ -42,10 +43,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Statistics in fp32, then back to the input dtype *before* the weight: transformers' order, bit for bit.
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)  # transformers' order and roundings (kernels/cpu_ops.py)
 
 
 class RotaryEmbedding(nn.Module):
@@ -156,8 +154,7 @@ class Phi3MLP(nn.Module):
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False, device=device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # (B, T, I) each; the gate is the first half
-        return self.down_proj(up * F.silu(gate))
+        return self.down_proj(swiglu(self.gate_up_proj(x)))  # up · silu(gate), gate the first half: (B, T, I)
 
 
 class Phi3DecoderLayer(nn.Module):

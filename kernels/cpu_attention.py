@@ -6,8 +6,7 @@ and exponentiates the masked half too. This kernel does only the causal triangle
 
     s_j = (q · k_j) · hs^-½   for j ≤ i            16 keys at a time: K is transposed once per KV head, so
                                                    a block of scores is hs broadcast-FMAs into 16 lanes
-    p_j = exp(s_j − max_j s) / Σ_j exp(…)         fp32, a vector exp (Cody-Waite reduction, degree-6
-                                                   Taylor polynomial: ≤ 2 ulp, tested against torch's exp)
+    p_j = exp(s_j − max_j s) / Σ_j exp(…)         fp32, kernels/native.py's vector exp (≤ 2 ulp)
     y_i = Σ_j p_j v_j                              fp32, rounded once to the model dtype
 
 Everything is fp32 inside (bf16 inputs are widened exactly), so bf16 results are at least as close to exact as
@@ -29,7 +28,7 @@ import torch.nn.functional as F
 
 from phiforge.kernels import native
 
-_SRC = r"""
+_SRC = native.VECMATH + r"""
 #include <immintrin.h>
 #include <math.h>
 #include <omp.h>
@@ -37,23 +36,6 @@ _SRC = r"""
 #include <string.h>
 
 #define QBLOCK 32
-
-static inline __m512 exp512(__m512 x) {              /* x <= 0; exp(x) to ~2 ulp, 0 below -87 */
-    const __m512 lo = _mm512_set1_ps(-87.0f);
-    __mmask16 under = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
-    x = _mm512_max_ps(x, lo);
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);      /* ln2 split in two: exact n*hi */
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.f / 720);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-    return _mm512_maskz_mov_ps(~under, _mm512_scalef_ps(p, n));
-}
 
 /* exp512 on n floats in place, for the tests: torch.exp is the reference */
 void exp_f32(float *x, int n) {

@@ -38,13 +38,17 @@ def test_matches_reference_like_sdpa(dtype, B, nh, nkv, T, hs):
 
 
 def test_vector_exp_matches_torch():
-    x = torch.cat([torch.linspace(-100, 0, 10_001), torch.tensor([-87.5, -86.9, -1e-8, 0.0, float("-inf")])])
+    """kernels/native.py's exp512, shared by the attention softmax and the SiLU kernel."""
+    x = torch.cat([torch.linspace(-100, 88, 20_001), torch.tensor([-87.5, -86.9, -1e-8, 0.0, float("-inf")])])
     got = x.clone()
     cpu_attention._lib.exp_f32(got.data_ptr(), got.numel())
     ref = x.double().exp()
     ulp = torch.finfo(torch.float32).eps
     assert ((got.double() - ref).abs() <= 2 * ulp * ref + 1e-37).all()     # ≤ 2 ulp; underflow to 0 below -87
     assert got[-1] == 0 and got[-2] == 1
+    edge = torch.tensor([89.0, float("inf"), float("nan")])
+    cpu_attention._lib.exp_f32(edge.data_ptr(), 3)
+    assert edge[0] == float("inf") and edge[1] == float("inf") and edge[2].isnan()
 
 
 def test_autograd_and_other_devices_take_sdpa():

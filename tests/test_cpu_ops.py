@@ -1,0 +1,53 @@
+"""The native RMSNorm and SwiGLU equal their torch forms: fp32 to fp32 rounding, bf16 no further from an fp32
+reference than torch's own bf16 form; odd widths (tails of a 16-lane vector); extreme SiLU inputs; autograd and
+other dtypes take the torch forms."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from phiforge.kernels import cpu_ops
+from phiforge.kernels.cpu_ops import rms_norm, rms_norm_ref, swiglu, swiglu_ref
+
+pytestmark = pytest.mark.skipif(cpu_ops._load() is None, reason="no C compiler or no AVX-512 on this CPU")
+
+
+def _check(got: torch.Tensor, torch_form: torch.Tensor, exact: torch.Tensor) -> None:
+    assert got.shape == torch_form.shape and got.dtype == torch_form.dtype
+    err, budget = (got.double() - exact).abs().max().item(), (torch_form.double() - exact).abs().max().item()
+    if got.dtype == torch.float32:
+        assert err <= 2 * budget + 1e-6 * exact.abs().max().item()
+    else:  # bf16: the same roundings in the same places; an ulp of difference may flip one rounding
+        assert err <= budget + 2 ** -8 * exact.abs().max().item()
+        assert (got != torch_form).float().mean().item() < 0.01
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(3, 7, 576), (5, 40), (1, 1, 17), (2, 3072)])
+def test_rms_norm(dtype, shape):
+    g = torch.Generator().manual_seed(shape[-1])
+    x = (torch.randn(*shape, generator=g) * 3).to(dtype)
+    w = (torch.rand(shape[-1], generator=g) + 0.5).to(dtype)
+    with torch.inference_mode():
+        got, ref = rms_norm(x, w, 1e-5), rms_norm_ref(x, w, 1e-5)
+    _check(got, ref, rms_norm_ref(x.double(), w.double(), 1e-5))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(3, 7, 2 * 1536), (5, 2 * 20), (1, 2 * 9)])
+def test_swiglu(dtype, shape):
+    g = torch.Generator().manual_seed(shape[-1])
+    gu = (torch.randn(*shape, generator=g) * 4).to(dtype)
+    gu.view(-1)[:4] = torch.tensor([-100.0, 100.0, -1e-3, 0.0]).to(dtype)      # saturated and tiny gates
+    with torch.inference_mode():
+        got, ref = swiglu(gu), swiglu_ref(gu)
+    _check(got, ref, swiglu_ref(gu.double()))
+
+
+def test_torch_forms_under_autograd_and_for_other_dtypes():
+    x = torch.randn(4, 24, requires_grad=True)
+    w = torch.rand(24)
+    y = rms_norm(x, w, 1e-6)
+    y.sum().backward()                                            # the torch form ran: autograd works
+    assert x.grad is not None and torch.equal(y, rms_norm_ref(x, w, 1e-6))
+    assert torch.equal(swiglu(x.detach().double()), swiglu_ref(x.detach().double()))
