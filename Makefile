@@ -38,6 +38,7 @@ bench: fetch
 bench-quick: fetch
 	$(BIN)/python bench/bench_load.py
 	$(BIN)/python bench/bench_nf4.py --quick
+	$(BIN)/python bench/bench_cpu_kernels.py --repeats 3 --iters 10
 	$(BIN)/python bench/bench_generate.py --quick
 
 clean:

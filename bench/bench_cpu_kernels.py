@@ -1,0 +1,101 @@
+"""The CPU-path kernels against what they replace, on the default model's shapes, one JSON object.
+
+Each row times the kernel and its torch counterpart interleaved in the same run (best of `--repeats` rounds of
+`--iters` calls) and prints both and the speedup:
+
+  - kernels/cpu_linear.py      oneDNN fp32 linear vs F.linear (MKL), forward and the backward dX form, 512 rows
+  - kernels/cpu_attention.py   causal prefill attention vs SDPA, (1, 9 heads, 512, 64), 3 KV heads, fp32 and bf16
+  - kernels/cpu_ops.py         RMSNorm (512 x 576) and SwiGLU (512 x 2·1536) vs their torch forms, fp32 and bf16
+  - kernels/cpu_decode.py      the whole batch-1 decode step vs the torch step, default model, 512 cached tokens
+
+    python bench/bench_cpu_kernels.py [--repeats 5] [--iters 20] [--threads T] [--skip-decode]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+T, C, I, NH, NKV, HS = 512, 576, 1536, 9, 3, 64
+
+
+def _best_ms(fn: Callable[[], object], iters: int) -> float:
+    t = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    return (time.perf_counter() - t) / iters * 1e3
+
+
+def compare(ours: Callable, theirs: Callable, repeats: int, iters: int) -> dict:
+    ours(), theirs()
+    a, b = [], []
+    for _ in range(repeats):  # interleaved: machine load drifts over seconds
+        a.append(_best_ms(ours, iters))
+        b.append(_best_ms(theirs, iters))
+    return {"phiforge_ms": min(a), "torch_ms": min(b), "speedup": min(b) / min(a)}
+
+
+@torch.inference_mode()
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--skip-decode", action="store_true", help="skip the decode-step row (loads the default model)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from phiforge.kernels import cpu_attention, cpu_decode, cpu_linear, cpu_ops
+
+    r, n = args.repeats, args.iters
+    out: dict = {"threads": torch.get_num_threads()}
+    g = torch.Generator().manual_seed(0)
+    for N, K in ((3 * 320, C), (C, C), (2 * I, C), (C, I)):  # qkv, o, gate_up, down
+        x, w, dy = torch.randn(T, K, generator=g), torch.randn(N, K, generator=g), torch.randn(T, N, generator=g)
+        row = compare(lambda: cpu_linear.matmul_nt(x, w), lambda: F.linear(x, w), r, n)
+        row["phiforge_gflops"] = 2 * T * N * K / row["phiforge_ms"] / 1e6
+        row["backward_dx"] = compare(lambda: cpu_linear.matmul_nt(dy, w.t()), lambda: dy @ w, r, n)
+        out[f"linear_fp32_{N}x{K}"] = row
+    for dt in (torch.float32, torch.bfloat16):
+        name = str(dt).split(".")[1]
+        q = torch.randn(1, NH, T, HS, generator=g).to(dt)
+        k, v = torch.randn(1, NKV, T, HS, generator=g).to(dt), torch.randn(1, NKV, T, HS, generator=g).to(dt)
+        out[f"attention_{name}"] = compare(
+            lambda: cpu_attention.causal_attention(q, k, v),
+            lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            .transpose(1, 2).reshape(1, T, NH * HS), r, n)
+        x, wn = torch.randn(1, T, C, generator=g).to(dt), (torch.rand(C, generator=g) + 0.5).to(dt)
+        out[f"rms_norm_{name}"] = compare(lambda: cpu_ops.rms_norm(x, wn, 1e-5),
+                                          lambda: cpu_ops.rms_norm_ref(x, wn, 1e-5), r, n)
+        gu = torch.randn(1, T, 2 * I, generator=g).to(dt)
+        out[f"swiglu_{name}"] = compare(lambda: cpu_ops.swiglu(gu), lambda: cpu_ops.swiglu_ref(gu), r, n)
+    if not args.skip_decode:
+        from phiforge.engine import load_model
+        from phiforge.engine.decode import DecodeStep
+        from phiforge.engine.fetch import default_model_path
+        for dt in (torch.float32, torch.bfloat16):
+            model = load_model(default_model_path(), dtype=dt)
+            caches = [model.new_cache(1, T + r * n * 2 + 8) for _ in range(2)]
+            ids = torch.randint(0, model.config.vocab_size, (1, T), generator=g)
+            for c in caches:
+                model(ids, cache=c, num_logits=1)
+            native = DecodeStep(model, caches[0])
+            cpu_decode.enabled = False
+            try:
+                plain = DecodeStep(model, caches[1])
+            finally:
+                cpu_decode.enabled = True
+            tok = torch.tensor([7])
+            row = compare(lambda: native(tok, torch.tensor([caches[0].length])),
+                          lambda: plain(tok, torch.tensor([caches[1].length])), r, n)
+            row["phiforge_tokens_per_s"] = 1e3 / row["phiforge_ms"]
+            out[f"decode_step_{str(dt).split('.')[1]}"] = row
+    print(json.dumps(out, indent=1, default=lambda x: round(x, 4) if isinstance(x, float) else str(x)))
+
+
+if __name__ == "__main__":
+    main()
