@@ -19,7 +19,7 @@ the same KVCache, with:
   - plain dense projections through kernels/cpu_gemv.py's native GEMV at batch 1 (a swapped-in NF4/LoRA linear is
     called as its module, so it keeps its own kernel).
 
-At batch 1 with dense fp32/bf16 projections the whole step is one native call instead
+With dense fp32/bf16 projections (and up to 16 rows) the whole step is one native call instead
 (kernels/cpu_decode.py: same math, same roundings; bf16 172 vs 74 tok/s for this step, `bench_generate.py
 --ablations`); this torch step serves batches, NF4 and LoRA models, and machines without a C compiler.
 
@@ -71,7 +71,7 @@ class DecodeStep:
         positions = torch.arange(cache.max_len, device=cache.pos.device)[None]        # (1, S_max)
         cos, sin = model.rotary_emb(positions, cache.rope_long, model.dtype)           # (1, S_max, rd)
         self.cos, self.sin = cos[0], sin[0]                                            # (S_max, rd)
-        self.native = NativeDecode.create(model, cache, self.cos, self.sin)          # batch 1, dense: one C call
+        self.native = NativeDecode.create(model, cache, self.cos, self.sin)          # dense: one C call a step
 
     def _projection(self, module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
         """A plain nn.Linear runs through kernels/cpu_gemv.py (native GEMV for one row); anything else (batches,
@@ -104,11 +104,11 @@ class DecodeStep:
         a barrier that, on a busy machine, waits for a descheduled thread (measured on this 2-core box: seconds
         per token instead of ~50 ms). The native GEMV splits the big matrices over the configured thread count.
         """
-        if self.native is not None and tokens.shape[0] == 1:
+        if self.native is not None:
             s = self.cache.length
             if s >= self.cache.max_len:
                 raise ValueError(f"KV cache overflow: slot {s} of {self.cache.max_len}")
-            logits = self.native(int(tokens[0]), int(positions[0]))                     # (1, V)
+            logits = self.native(tokens, positions)                                     # (B, V)
             self.cache.length = s + 1
             return logits
         self._threads = torch.get_num_threads()

@@ -8,7 +8,7 @@
     nf4_cpu.py     the CPU path of nf4_matmul (a fused NF4 GEMV in C, else dequantize + matmul)
     cpu_gemv.py    the dense batch-1 GEMV used by the decode step on CPU
     cpu_linear.py  dense fp32 linear (forward and backward) through oneDNN on CPU: the model's projections
-    cpu_decode.py  the whole batch-1 dense decode step (all layers, lm_head) in one native call
+    cpu_decode.py  the whole dense decode step (all layers, lm_head, 1-16 rows) in one native call
     cpu_attention.py  causal prefill attention in C (the causal triangle only, fp32 inside)
     native.py      builds and caches the C kernels above with the system compiler (torch fallback)
     report.py      `phiforge kernels report`: ahead-of-time compiles for sm_80/86/89, registers/spills/smem

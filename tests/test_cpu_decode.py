@@ -1,8 +1,8 @@
 """The native whole-step decode computes what the torch decode step computes (tests/test_decode.py holds that
-step, native at batch 1, to model.forward): fp32 to fp32
-rounding, bf16 no further from an fp32 reference than torch's own bf16 step; on odd shapes (K and N not multiples
-of the vector width, head dim 8), GQA, sliding window, partial rotary, tied embeddings, long rope; and it steps
-aside for what it does not cover (batches, NF4 or LoRA projections)."""
+step, native, to model.forward): fp32 to fp32 rounding, bf16 no further from an fp32 reference than torch's own
+bf16 step; on odd shapes (K and N not multiples of the vector width, head dim 8), GQA, sliding window, partial
+rotary, tied embeddings, long rope, left-padded batches (more rows than one 8-row block); and it steps aside for
+what it does not cover (too many rows, NF4 or LoRA projections)."""
 from __future__ import annotations
 
 import pytest
@@ -84,10 +84,56 @@ def test_steps_aside_for_batches_nf4_and_lora(tmp_path):
     make_hf_checkpoint(tmp_path, VARIANTS["gqa"][0])
     model = load_model(tmp_path, dtype=torch.float32)
     assert DecodeStep(model, model.new_cache(1, 8)).native is not None
-    assert DecodeStep(model, model.new_cache(2, 8)).native is None                 # a batch
+    assert DecodeStep(model, model.new_cache(cpu_decode.MAX_BATCH, 8)).native is not None
+    assert DecodeStep(model, model.new_cache(cpu_decode.MAX_BATCH + 1, 8)).native is None  # too many rows
     assert DecodeStep(model, model.new_cache(1, 8, dtype=torch.bfloat16)).native is None  # cache dtype differs
     name, lin = next(model.linears())
     model.set_submodule(name, LoRALinear(lin, r=4, alpha=8))
     assert DecodeStep(model, model.new_cache(1, 8)).native is None                 # a LoRA projection
     nf4 = quantize_model_(load_model(tmp_path, dtype=torch.float32))
     assert DecodeStep(nf4, nf4.new_cache(1, 8)).native is None                     # NF4 projections
+
+
+def _run_batch(model, lens: list[int], steps: int, native: bool, seed: int):
+    """Left-padded prompts of `lens` tokens (pad slots at position -1), then `steps` batched decode steps."""
+    vocab, B, P = model.config.vocab_size, len(lens), max(lens)
+    ids = torch.randint(0, vocab, (B, P + steps), generator=torch.Generator().manual_seed(seed))
+    pos = torch.full((B, P), -1)
+    for b, n in enumerate(lens):
+        pos[b, P - n:] = torch.arange(n)
+    cache = model.new_cache(B, P + steps)
+    cpu_decode.enabled = native
+    try:
+        with torch.inference_mode():
+            model(ids[:, :P], position_ids=pos, cache=cache, num_logits=1)
+            step = DecodeStep(model, cache)
+            assert (step.native is not None) == native
+            nxt, out = torch.tensor(lens), []
+            for t in range(steps):
+                out.append(step(ids[:, P + t], nxt).float())
+                nxt = nxt + 1
+    finally:
+        cpu_decode.enabled = True
+    return torch.stack(out), cache
+
+
+@pytest.mark.parametrize("lens", [[7, 19, 1], [5, 3, 9, 9, 2, 11, 4, 6, 8]])     # 9 rows: blocks of 8 and 1
+def test_batches_fp32_equal_torch_step(tmp_path, lens):
+    make_hf_checkpoint(tmp_path, ODD)
+    model = load_model(tmp_path, dtype=torch.float32)
+    got, c1 = _run_batch(model, lens, 14, native=True, seed=8)
+    ref, c2 = _run_batch(model, lens, 14, native=False, seed=8)
+    assert (got - ref).abs().max().item() <= 1e-4
+    assert torch.equal(c1.pos, c2.pos) and (c1.k - c2.k).abs().max().item() <= 1e-5
+
+
+def test_batches_bf16_no_worse_than_torch_bf16(tmp_path):
+    make_hf_checkpoint(tmp_path, CASES["gqa"])
+    model = load_model(tmp_path, dtype=torch.bfloat16)
+    exact = load_model(tmp_path, dtype=torch.bfloat16).float()
+    lens = [6, 13, 2, 9]
+    got, _ = _run_batch(model, lens, 10, native=True, seed=9)
+    torch_bf16, _ = _run_batch(model, lens, 10, native=False, seed=9)
+    ref, _ = _run_batch(exact, lens, 10, native=False, seed=9)
+    err, budget = (got - ref).abs().max().item(), (torch_bf16 - ref).abs().max().item()
+    assert err <= 1.5 * budget + 1e-3 * ref.abs().max().item(), (err, budget)
