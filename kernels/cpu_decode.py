@@ -21,7 +21,8 @@ rounded to the model dtype (identity for fp32, round-to-nearest-even for bf16), 
 
 Only the summation order and exp's last ulp (kernels/native.py) differ from torch's kernels, so logits agree to
 rounding (tests/test_cpu_decode.py compares them with `model.forward` and with the torch decode step). Dense
-fp32/bf16 weights only: an NF4 or LoRA projection, more than MAX_BATCH rows, or a missing compiler keeps the torch step.
+fp32/bf16 weights only: an NF4 or LoRA projection, more than MAX_BATCH rows, or a missing compiler keeps the
+torch step.
 
 Legend: C hidden, nh/nkv query/KV heads, hs head dim, rd rotary dims, I intermediate, V vocabulary, S cache slots.
 """
