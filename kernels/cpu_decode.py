@@ -78,7 +78,8 @@ static void prep(const Model *m, const float *x, int K) {
 /* y[n] = R(Σ_k W[n, k] x[k]) for n < N, inside the parallel region: groups of four rows split over the threads,
    one load of x feeding four accumulators. The hot loop has full-width loads only; K % STEP and N % 4 leftovers
    go through masked loads and a one-row loop (masked loads in the hot loop, or the leftover rows as a branch in
-   it, measured 15-50% slower). Ends with the barrier of `omp for`. One macro body for both dtypes: LOAD gives one vector, FMA accumulates in fp32. */
+   it, measured 15-50% slower). Ends with the barrier of `omp for`. One macro body for both dtypes: LOAD gives
+   one vector, FMA accumulates in fp32. */
 #define GEMV_BODY(T, STEP, LOAD, MLOAD, FMA, MASK)                                                        \
     const int N4 = N - N % 4, Kf = K - K % STEP;                                                           \
     _Pragma("omp single nowait")   /* N % 4 rows: the for-loop's barrier below waits for this thread too */ \

@@ -15,8 +15,8 @@ M = 1 (batch-1 decode) runs here; a variant looping over up to 8 rows of x was s
 Accumulation is in fp32 in both dtypes, like torch's kernels; only the summation order differs, so
 results agree to rounding (tests/test_cpu_gemv.py).
 
-It is C, compiled on first use and cached by kernels/native.py, and called through ctypes. No compiler, no AVX-512 (BF16), M > 1 or
-a non-contiguous weight: `linear` falls back to `torch.nn.functional.linear`.
+It is C, compiled on first use and cached by kernels/native.py, and called through ctypes. No compiler, no AVX-512
+(BF16), M > 1 or a non-contiguous weight: `linear` falls back to `torch.nn.functional.linear`.
 
 Legend: M rows of x, N out_features, K in_features.
 """
