@@ -225,12 +225,16 @@ static void attend(const Model *m, int l, int b, int h, int s, int64_t position)
         _mm512_mask_storeu_ps(sc + j, mk, e);
         vsum = _mm512_add_ps(vsum, e);
     }
-    float sum = _mm512_reduce_add_ps(vsum);
+    const __m512 sum = _mm512_set1_ps(_mm512_reduce_add_ps(vsum));
+    for (int j = 0; j <= s; j += 16) {                /* p = R(e / Σ e) */
+        __mmask16 mk = MASK16(s + 1 - j);
+        _mm512_mask_storeu_ps(sc + j, mk, round16(_mm512_div_ps(_mm512_maskz_loadu_ps(mk, sc + j), sum), m->bf));
+    }
     for (int d0 = 0; d0 < hs; d0 += 64) {            /* up to four accumulators of 16 dims in registers */
         int nd = hs - d0 < 64 ? hs - d0 : 64;
         __m512 o0 = _mm512_setzero_ps(), o1 = o0, o2 = o0, o3 = o0;
         for (int j = 0; j <= s; j++) {
-            float p = R(m, sc[j] / sum);
+            float p = sc[j];
             if (p == 0.f) continue;
             const int64_t o = base + (int64_t)j * hs + d0;
             __m512 pv = _mm512_set1_ps(p);

@@ -34,14 +34,6 @@ static inline __m512 load16(const void *p, int64_t i, int bf, __mmask16 mk) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
         _mm256_maskz_loadu_epi16(mk, (const uint16_t *)p + i)), 16));
 }
-static inline __m512 round16(__m512 v, int bf) {           /* R(v): to bf16 and back, NaN kept */
-    if (!bf) return v;
-    __m512i u = _mm512_castps_si512(v);
-    __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff),
-                                 _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
-    r = _mm512_and_si512(r, _mm512_set1_epi32((int)0xffff0000u));
-    return _mm512_mask_mov_ps(_mm512_castsi512_ps(r), _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), v);
-}
 static inline void store16(void *p, int64_t i, int bf, __m512 v, __mmask16 mk) {   /* v already R()-rounded */
     if (!bf) { _mm512_mask_storeu_ps((float *)p + i, mk, v); return; }
     __m256i h = _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(v), 16));

@@ -22,6 +22,7 @@ from pathlib import Path
 # Prepended to the kernels that exponentiate (softmax, SiLU): exp(x) for 16 fp32 lanes, Cody-Waite reduction
 # x = n·ln2 + r (ln2 in two parts, so n·hi is exact) and a degree-6 Taylor polynomial on |r| ≤ ln2/2, then 2^n
 # by scalef: ≤ 2 ulp (tests/test_cpu_attention.py against torch.exp), 0 below -87, inf above ~88.7, NaN kept.
+# round16(v, bf): 16 lanes rounded to bf16 precision (nearest even, NaN kept) when bf, as torch rounds.
 VECMATH = r"""
 #include <immintrin.h>
 static inline __m512 exp512(__m512 x) {
@@ -40,6 +41,14 @@ static inline __m512 exp512(__m512 x) {
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
     __m512 e = _mm512_maskz_mov_ps(~under, _mm512_scalef_ps(p, n));
     return _mm512_mask_mov_ps(e, nan, x);
+}
+static inline __m512 round16(__m512 v, int bf) {           /* R(v): to bf16 and back, NaN kept */
+    if (!bf) return v;
+    __m512i u = _mm512_castps_si512(v);
+    __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff),
+                                 _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
+    r = _mm512_and_si512(r, _mm512_set1_epi32((int)0xffff0000u));
+    return _mm512_mask_mov_ps(_mm512_castsi512_ps(r), _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), v);
 }
 """
 
