@@ -7,12 +7,15 @@ from test_model import TINY, VARIANTS, make_hf_checkpoint
 
 from phiforge.engine import load_model
 from phiforge.engine.decode import DecodeStep
+from phiforge.kernels import cpu_decode
 
 
 @pytest.mark.parametrize("variant,lens", [("mini-4k-window", [7, 19, 1]), ("gqa", [7, 19, 1]),
-                                          ("partial-tied", [7, 19, 1]), ("gqa", [11])])  # batch 1: native GEMV
+                                          ("partial-tied", [7, 19, 1]), ("gqa", [11])])
 @pytest.mark.parametrize("rope_long", [False, True])
-def test_decode_step_equals_model_forward(tmp_path, variant, lens, rope_long):
+@pytest.mark.parametrize("native", [True, False])  # kernels/cpu_decode.py's whole step, or the torch step
+def test_decode_step_equals_model_forward(tmp_path, variant, lens, rope_long, native, monkeypatch):
+    monkeypatch.setattr(cpu_decode, "enabled", native)
     make_hf_checkpoint(tmp_path, VARIANTS[variant][0])
     model = load_model(tmp_path, dtype=torch.float32)
     g = torch.Generator().manual_seed(0)
@@ -27,6 +30,7 @@ def test_decode_step_equals_model_forward(tmp_path, variant, lens, rope_long):
         for c in caches:
             model(ids[:, :P], position_ids=pos, cache=c, num_logits=1)
         step = DecodeStep(model, caches[1])
+        assert (step.native is not None) == (native and cpu_decode._load() is not None)
         next_pos = torch.tensor(lens)
         for t in range(steps):
             tok = ids[:, P + t]
