@@ -11,6 +11,7 @@ For each dtype (float32, bfloat16) and batch size (1, 8), with 512-token prompts
     with the bandwidth of a large tensor copy (bytes read + written ÷ time) measured in the same run (the issue's
     definition); `fraction_of_read_bandwidth` uses a large read instead, the stricter ceiling for a GEMV;
   - tokens_match: phiforge's greedy tokens equal transformers' (float32 only; bf16 rounding may differ);
+  - next_turn: a chat's next turn (the prompt, a reply, 32 new tokens): TTFT with the prefix cache and without;
   - ttft_floor: the prefill's projections alone (the same GEMMs, timed in the same run) and that time as a
     fraction of transformers' TTFT: a TTFT ratio below that fraction is out of reach for any attention or
     overhead savings.
@@ -87,6 +88,24 @@ def prefill_matmul_floor_s(model: torch.nn.Module, T: int = PROMPT_LEN, repeats:
         model.lm_head(xs[cfg.hidden_size][-1:])
     run()
     return min(_timed(run) for _ in range(repeats))
+
+
+def next_turn_ttft(gen, prompt: list[int], repeats: int, reply: int = 32, turn: int = 32) -> dict:
+    """A chat's next turn: the 512-token prompt, its reply, and `turn` new tokens. TTFT with the prefix cache (the
+    previous call's K/V reused) and without (the whole conversation prefilled again), median over repeats."""
+    follow = prompt + list(range(1000, 1000 + reply + turn))  # any ids: the reply as generated, then the new turn
+    runs = {"cached": [], "cold": []}
+    for _ in range(repeats):
+        for name in runs:
+            gen.prefix_cache = name == "cached"
+            gen.generate([follow[:len(prompt) + reply]], max_new_tokens=1, temperature=0)  # the previous turn
+            [r] = gen.generate([follow], max_new_tokens=4, temperature=0)
+            runs[name].append(r.ttft_s)
+            assert (r.cached_tokens > 0) == (name == "cached")
+    gen.prefix_cache = False
+    cached, cold = (statistics.median(runs[k]) for k in ("cached", "cold"))
+    return {"prompt_tokens": len(follow), "new_tokens_prefilled": turn, "ttft_cached_s": cached,
+            "ttft_cold_s": cold, "speedup": cold / cached}
 
 
 def make_prompts(tok, batch: int) -> list[list[int]]:
@@ -193,7 +212,8 @@ def main() -> None:
                     "read_bandwidth_gbs": round(read_bandwidth_gbs(), 2)}
     for dtype_name in args.dtypes.split(","):
         dtype = getattr(torch, dtype_name)
-        ours = Generator(load_model(args.model, dtype=dtype), tok)
+        # prefix_cache off: every repeat sends the same prompt, and TTFT here means a cold 512-token prefill
+        ours = Generator(load_model(args.model, dtype=dtype), tok, prefix_cache=False)
         ours.stop_ids = frozenset()  # decode exactly n tokens, as min_new_tokens does on transformers' side
         hf = Phi3ForCausalLM.from_pretrained(args.model, dtype=dtype).eval()
         wbytes = weight_bytes_per_token(ours.model)
@@ -227,6 +247,7 @@ def main() -> None:
             if dtype == torch.float32:
                 entry["tokens_match"] = runs_p[0]["tokens"] == runs_t[0]["tokens"]
             if batch == 1:
+                entry["next_turn"] = next_turn_ttft(ours, prompts[0], args.repeats)
                 floor = prefill_matmul_floor_s(ours.model)
                 entry["ttft_floor"] = {"prefill_matmuls_s": floor, "as_ratio_of_transformers_ttft": floor / t["ttft_s"]}
                 roof = report["copy_bandwidth_gbs"] * 1e9 / wbytes

@@ -13,11 +13,12 @@ One call runs its prompts as one batch:
      treats as empty slots, so each row computes exactly what it would alone. The prompt goes through the model in
      chunks of `prefill_chunk` tokens (bounded activation memory; cancellation is checked between chunks); only the
      last chunk goes through the lm_head, and only for its last position.
-  3. **Decode.** One token per row per step into the next cache slot (engine/decode.py's lean step): sample (engine/sampling.py), detokenize
-     (engine/detokenize.py), test the stop rules, check `cancel`, run the model on the (B, 1) new tokens. A row
-     ends on any id of the full stop set (`tokenizer.stop_ids`: generation_config's EOS ids plus the end-of-turn
-     token), on a stop string (text cut right before it), at max_new_tokens, or when cancelled. A finished row
-     keeps riding along (its outputs are ignored) until every row is done: rows never move between slots.
+  3. **Decode.** One token per row per step into the next cache slot (engine/decode.py's step): sample
+     (engine/sampling.py), detokenize (engine/detokenize.py), test the stop rules, check `cancel`, run the model on
+     the (B, 1) new tokens. A row ends on any id of the full stop set (`tokenizer.stop_ids`: generation_config's
+     EOS ids plus the end-of-turn token), on a stop string (text cut right before it), at max_new_tokens, or when
+     cancelled. A finished row keeps riding along (its outputs are ignored) until every row is done: rows never
+     move between slots.
 
 **LongRoPE policy.** A longrope model (Phi-3-mini-128k, 3.5-mini, 4-mini) has two rotary tables: short factors
 while the sequence fits `original_max_position_embeddings`, long factors beyond. transformers decides *per forward*
@@ -33,12 +34,20 @@ would be alone. Tests compare against transformers run with that same regime for
 **Sliding window** (mini-4k, 2047): the model masks keys older than the window. The cache here is linear (slot =
 order in the sequence), sized prompt + max_new_tokens, which for a 4k model is at most 4096 slots.
 
-**Speed** (bench/bench_generate.py). Batch-1 decode is a chain of GEMVs bound by memory bandwidth; the step
-(engine/decode.py) skips model.forward's per-call setup and SDPA, streams plain weights through a native AVX-512
-GEMV (kernels/cpu_gemv.py), and keeps torch on one thread for the tiny ops in between (on a busy 2-core machine
-every OpenMP barrier can wait a whole scheduler slice). torch.compile was not kept: the issue's measurement on
-this CPU found a plain decode step slower compiled, and the static shapes it wants would mean attending over the
-whole cache every step.
+**Prefix cache.** A one-prompt call keeps the cache and the tokens it holds; the next one-prompt call reuses the
+K/V of its longest common prefix with them (all but its own last token, which must run to give logits) and
+prefills only the rest. A chat's next turn repeats the conversation so far, so its TTFT shrinks to the new turn's
+tokens. `cached_tokens` in the result says how many were reused; `prefix_cache=False` turns it off. Reused K/V are
+what the earlier call computed (prefill or decode step), equal to a fresh prefill's up to rounding; a batch call
+starts from an empty cache.
+
+**Speed** (bench/bench_generate.py). Batch-1 decode is a chain of GEMVs bound by memory bandwidth: the step
+(engine/decode.py) runs the whole model in one native call (kernels/cpu_decode.py) where it can, else a lean
+torch step with a native GEMV (kernels/cpu_gemv.py). Prefill goes through model.forward, whose CPU inference path
+uses the native causal attention and the fused RMSNorm/SwiGLU (kernels/cpu_attention.py, cpu_ops.py) and, for
+fp32, oneDNN's GEMMs (kernels/cpu_linear.py). torch.compile was not kept: the issue's measurement on this CPU
+found a plain decode step slower compiled, and the static shapes it wants would mean attending over the whole
+cache every step.
 
 **Results** (one per prompt, in order): `text` (special tokens skipped, cut before a stop string), `token_ids` (the
 new tokens, including the stop id that ended the row), `finish_reason` ("stop", "length", "cancelled"), `ttft_s`
@@ -80,6 +89,7 @@ class GenerationResult:
     ttft_s: float
     decode_tokens_per_s: float
     rope_long: bool = False             # the LongRoPE regime chosen at admission
+    cached_tokens: int = 0              # prompt tokens whose K/V came from the previous call (prefix cache)
 
 
 @dataclass
@@ -91,6 +101,7 @@ class _Request:
     detok: IncrementalDetokenizer = field(init=False, repr=False)
     out: list[int] = field(default_factory=list)
     finish: str | None = None
+    cached: int = 0
     t_first: float = 0.0
     t_last: float = 0.0
 
@@ -117,7 +128,7 @@ class Generator:
     """Generation over one model and its tokenizer. See the module docstring for the loop, policies and results."""
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, prefill_chunk: int = 512,
-                 lean_decode: bool = True) -> None:
+                 lean_decode: bool = True, prefix_cache: bool = True) -> None:
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
         self.model = model.eval()
@@ -127,6 +138,9 @@ class Generator:
         self.prefill_chunk = prefill_chunk
         self.lean_decode = lean_decode  # engine/decode.py's DecodeStep (else model.forward) for one-token steps
         self._cache = None     # reused across calls while batch size and regime match and it is long enough
+        self.prefix_cache = prefix_cache  # a one-prompt call reuses the K/V of the previous call's leading tokens
+        self._cached_ids: list[int] = []  # the tokens whose K/V the cache holds, slot by slot (one-prompt calls)
+        self.reused_tokens = 0            # how many prompt tokens the last call took from the cache
         self._busy = False
 
     # ---- public API -----------------------------------------------------------------------------------------------
@@ -216,16 +230,26 @@ class Generator:
             reqs.append(_Request(i, ids, stops[i], seeds[i]))
         return reqs
 
-    def _new_cache(self, batch: int, need: int, rope_long: bool):
-        c = self._cache
+    def _new_cache(self, batch: int, need: int, rope_long: bool, ids: list[int] | None = None):
+        """(cache, reused): a cache for `batch` rows and `need` slots, and how many leading tokens of `ids` (a
+        one-prompt call) it already holds from the previous call: the prompt's longest common prefix with the
+        tokens cached then, less its last token (which must run to give logits). A chat's next turn repeats the
+        whole conversation, so its prefill shrinks to the new turn."""
+        c, reuse = self._cache, 0
         if (c is not None and c.k.shape[1] == batch and c.max_len >= need and c.rope_long == rope_long
                 and c.k.dtype == self.model.dtype):
-            c.reset()
-            return c
-        self._cache = None  # free the old one before allocating
-        slots = min(max(need, -(-need // 256) * 256), self.config.max_position_embeddings)
-        self._cache = self.model.new_cache(batch, slots, rope_long=rope_long)
-        return self._cache
+            if ids is not None and self.prefix_cache:
+                held, limit = self._cached_ids, min(len(ids) - 1, len(self._cached_ids))
+                while reuse < limit and held[reuse] == ids[reuse]:
+                    reuse += 1
+            c.pos[:, reuse:] = -1  # slots past the reused prefix hold nothing (the next writes overwrite them)
+            c.length = reuse
+        else:
+            self._cache = None  # free the old one before allocating
+            slots = min(max(need, -(-need // 256) * 256), self.config.max_position_embeddings)
+            self._cache = c = self.model.new_cache(batch, slots, rope_long=rope_long)
+        self._cached_ids = self._cached_ids[:reuse]
+        return c, reuse
 
     # ---- the loop -------------------------------------------------------------------------------------------------
     def _run(self, prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop, cancel):
@@ -251,7 +275,7 @@ class Generator:
             text=r.detok.text, token_ids=r.out, finish_reason=r.finish or "cancelled", prompt_tokens=len(r.ids),
             ttft_s=(r.t_first - t0) if r.out else 0.0,
             decode_tokens_per_s=(len(r.out) - 1) / (r.t_last - r.t_first) if r.t_last > r.t_first else 0.0,
-            rope_long=rope.use_long(len(r.ids) + max_new_tokens - 1)) for r in reqs]
+            rope_long=rope.use_long(len(r.ids) + max_new_tokens - 1), cached_tokens=r.cached) for r in reqs]
 
     def _run_group(self, reqs: list[_Request], max_new: int, params: SamplingParams, rope_long: bool,
                    cancelled: Callable[[], bool]) -> Iterator[tuple[int, str]]:
@@ -270,16 +294,21 @@ class Generator:
             for b, r in enumerate(reqs):
                 seen[b, r.ids] = True
         gens = make_generators([r.seed for r in reqs])
-        cache = self._new_cache(B, P + max_new, rope_long)
+        one = B == 1  # only one-prompt calls track (and reuse) the cached tokens
+        cache, start = self._new_cache(B, P + max_new, rope_long, reqs[0].ids if one else None)
+        self.reused_tokens = reqs[0].cached = start
 
-        # Prefill in chunks; only the last chunk's last position needs logits.
+        # Prefill in chunks, from the first token the cache does not hold; only the last chunk's last position
+        # needs logits.
         C = self.prefill_chunk
-        for s in range(0, P, C):
+        for s in range(start, P, C):
             if cancelled():
                 return
             last = s + C >= P
             out = model(ids[:, s:s + C], position_ids=pos[:, s:s + C], cache=cache, num_logits=1,
                         return_hidden=not last)
+            if one:
+                self._cached_ids = reqs[0].ids[:s + C]
         logits = out[:, -1]                                            # (B, V)
 
         next_pos = pos[:, -1] + 1                                      # (B,) position of the next token
@@ -319,6 +348,8 @@ class Generator:
                 seen[torch.arange(B), tokens] = True
             logits = decode(tokens, next_pos)                         # (B, V)
             next_pos += 1
+            if one:
+                self._cached_ids.append(toks[0])
         for b in active:  # cancelled: release what was held back, as the text so far
             r = reqs[b]
             r.finish = "cancelled"

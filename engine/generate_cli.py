@@ -76,7 +76,8 @@ def _stream_to_stdout(gen, prompt, kw: dict[str, Any]):
 
 
 def _print_stats(r) -> None:
-    print(f"[{r.prompt_tokens} prompt tokens, {len(r.token_ids)} new, finish: {r.finish_reason}, "
+    cached = f" ({r.cached_tokens} from the cache)" if r.cached_tokens else ""
+    print(f"[{r.prompt_tokens} prompt tokens{cached}, {len(r.token_ids)} new, finish: {r.finish_reason}, "
           f"TTFT {r.ttft_s * 1000:.0f} ms, decode {r.decode_tokens_per_s:.1f} tokens/s]", file=sys.stderr)
 
 

@@ -262,3 +262,36 @@ def test_utf8_and_split_stop_strings_through_the_loop(smol):
     assert ["".join(pieces[i]) for i in range(3)] == [r.text for r in results]
     assert [r.finish_reason for r in results] == ["stop"] * 3
     assert results[0].token_ids == scripts[0] and len(results[1].token_ids) < len(scripts[1])
+
+
+def _common(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def test_prefix_cache_next_turn_equals_a_fresh_run(tmp_path):
+    """A one-prompt call reuses the K/V of the previous call's tokens it starts with (a chat's next turn), and
+    generates what a fresh Generator generates; sliding window model, so reused slots must still age out."""
+    make_hf_checkpoint(tmp_path, dict(sliding_window=15, num_key_value_heads=2))
+    model = load_model(tmp_path, dtype=torch.float32)
+    warm, cold = Generator(model, StubTokenizer()), Generator(model, StubTokenizer(), prefix_cache=False)
+    kw = dict(max_new_tokens=10, temperature=0)
+    first = _prompt(20, 4)
+    [r1] = warm.generate([first], **kw)
+    assert warm.reused_tokens == 0
+    turn2 = first + r1.token_ids + _prompt(7, 5)          # the conversation so far, then a new turn
+    [r2] = warm.generate([turn2], **kw)
+    assert warm.reused_tokens == r2.cached_tokens == len(first) + len(r1.token_ids) - 1  # all fed tokens
+    assert r2.token_ids == cold.generate([turn2], **kw)[0].token_ids
+    other = first[:12] + _prompt(9, 6)                   # shares only a part: reuse stops at the first difference
+    [r3] = warm.generate([other], **kw)
+    assert warm.reused_tokens == _common(turn2 + r2.token_ids[:-1], other)
+    assert r3.token_ids == cold.generate([other], **kw)[0].token_ids
+    [r4] = warm.generate([other], **kw)                  # the same prompt again: all but its last token
+    assert warm.reused_tokens == len(other) - 1 and r4.token_ids == r3.token_ids
+    warm.generate([first, other], **kw)                  # a batch neither reuses nor leaves tokens to reuse
+    assert warm.reused_tokens == 0
+    warm.generate([first], **kw)
+    assert warm.reused_tokens == 0 and cold.reused_tokens == 0
