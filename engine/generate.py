@@ -37,8 +37,10 @@ order in the sequence), sized prompt + max_new_tokens, which for a 4k model is a
 **Prefix cache.** A one-prompt call keeps the cache and the tokens it holds; the next one-prompt call reuses the
 K/V of its longest common prefix with them (all but its own last token, which must run to give logits) and
 prefills only the rest. A chat's next turn repeats the conversation so far, so its TTFT shrinks to the new turn's
-tokens. `cached_tokens` in the result says how many were reused; `prefix_cache=False` turns it off. Reused K/V are
-what the earlier call computed (prefill or decode step), equal to a fresh prefill's up to rounding; a batch call
+tokens. `cached_tokens` in the result says how many were reused. It is opt-in (`prefix_cache=True`; `phiforge
+chat` turns it on): reused K/V are what the earlier call computed (by prefill or decode step, in other chunks),
+equal to a fresh prefill's only up to rounding, so with it a call's tokens can depend on the calls before it (in
+bf16 a near-tie can flip); off, the same inputs and seed give the same tokens whatever ran before. A batch call
 starts from an empty cache.
 
 **Speed** (bench/bench_generate.py). Batch-1 decode is a chain of GEMVs bound by memory bandwidth: the step
@@ -128,7 +130,7 @@ class Generator:
     """Generation over one model and its tokenizer. See the module docstring for the loop, policies and results."""
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, prefill_chunk: int = 512,
-                 lean_decode: bool = True, prefix_cache: bool = True) -> None:
+                 lean_decode: bool = True, prefix_cache: bool = False) -> None:
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
         self.model = model.eval()
@@ -138,7 +140,7 @@ class Generator:
         self.prefill_chunk = prefill_chunk
         self.lean_decode = lean_decode  # engine/decode.py's DecodeStep (else model.forward) for one-token steps
         self._cache = None     # reused across calls while batch size and regime match and it is long enough
-        self.prefix_cache = prefix_cache  # a one-prompt call reuses the K/V of the previous call's leading tokens
+        self.prefix_cache = prefix_cache  # opt-in: a one-prompt call reuses the previous call's leading K/V
         self._cached_ids: list[int] = []  # the tokens whose K/V the cache holds, slot by slot (one-prompt calls)
         self.reused_tokens = 0            # how many prompt tokens the last call took from the cache
         self._busy = False

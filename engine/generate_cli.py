@@ -42,7 +42,7 @@ def add_arguments_chat(p: argparse.ArgumentParser) -> None:
     _add_common(p)
 
 
-def _load(args: argparse.Namespace):
+def _load(args: argparse.Namespace, prefix_cache: bool = False):
     from .generate import Generator
     from .loader import load_model
     from .tokenizer import load_tokenizer
@@ -52,7 +52,7 @@ def _load(args: argparse.Namespace):
         from .fetch import default_model_path
         path = default_model_path()
     model = load_model(path, dtype=args.dtype, quant=args.quant, adapter=args.adapter)
-    return Generator(model, load_tokenizer(path))
+    return Generator(model, load_tokenizer(path), prefix_cache=prefix_cache)
 
 
 def _sampling(args: argparse.Namespace) -> dict[str, Any]:
@@ -99,7 +99,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def run_chat(args: argparse.Namespace) -> int:
-    gen = _load(args)
+    gen = _load(args, prefix_cache=True)  # each turn repeats the conversation: reuse its K/V
     kw = _sampling(args)
     system = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(system)

@@ -36,3 +36,24 @@ def test_console_script_fetch_prints_the_model_dir():
     assert out.returncode == 0, out.stderr
     from phiforge.engine.fetch import default_model_path
     assert out.stdout.strip().splitlines()[-1] == str(default_model_path())
+
+
+def test_chat_streams_turns_and_reuses_the_conversation(monkeypatch, capsys):
+    """`phiforge chat`: two turns on stdin, each reply streamed; the second turn's prompt (the whole conversation)
+    comes mostly from the prefix cache; /reset empties the history."""
+    import io
+
+    from phiforge.engine.fetch import default_model_path
+    monkeypatch.setattr("sys.stdin", io.StringIO("What is the capital of France?\nAnd of Italy?\n/reset\nHi\n/exit\n"))
+    assert main(["chat", "--model", str(default_model_path()), "--greedy", "--max-new-tokens", "12",
+                     "--stats"]) == 0
+    out, err = capsys.readouterr()
+    replies = [line for line in out.splitlines() if line.strip()]
+    assert len(replies) == 3 and "Paris" in replies[0]
+    stats = [line for line in err.splitlines() if line.startswith("[")]
+    assert len(stats) == 3
+    assert "from the cache" not in stats[0] and "from the cache" in stats[1]
+    first, second = (int(s.split()[0][1:]) for s in stats[:2])
+    cached = int(stats[1].split("(")[1].split()[0])
+    assert second > first and cached >= first            # at least the first turn's prompt was reused
+    assert "from the cache" not in stats[2] or int(stats[2].split("(")[1].split()[0]) < first  # after /reset

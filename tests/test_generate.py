@@ -276,7 +276,7 @@ def test_prefix_cache_next_turn_equals_a_fresh_run(tmp_path):
     generates what a fresh Generator generates; sliding window model, so reused slots must still age out."""
     make_hf_checkpoint(tmp_path, dict(sliding_window=15, num_key_value_heads=2))
     model = load_model(tmp_path, dtype=torch.float32)
-    warm, cold = Generator(model, StubTokenizer()), Generator(model, StubTokenizer(), prefix_cache=False)
+    warm, cold = Generator(model, StubTokenizer(), prefix_cache=True), Generator(model, StubTokenizer())
     kw = dict(max_new_tokens=10, temperature=0)
     first = _prompt(20, 4)
     [r1] = warm.generate([first], **kw)
