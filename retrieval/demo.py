@@ -31,6 +31,14 @@ def run_demo(n_questions: int = 3, index_dir: str | Path | None = None, generato
     print(f"Indexing {data / 'docs'} into {index_dir}")
     with Index.open(index_dir) as ix:
         t0 = time.perf_counter()
+        # The demo index lives in $PHIFORGE_HOME, shared by every checkout: drop sources that are not this
+        # checkout's bundled files (another clone's copies would come back as duplicate, near-tie hits).
+        docs = (data / "docs").resolve()
+        stale = [s for s in ix.sources() if not Path(s).is_relative_to(docs) or not Path(s).exists()]
+        for s in stale:
+            ix.remove(s)
+        if stale:
+            print(f"  removed {len(stale)} sources from elsewhere (another checkout's copies, or deleted files)")
         r = ix.add([data / "docs"])
         print(f"  {r.files_added} added, {r.files_replaced} replaced, {r.files_unchanged} unchanged; "
               f"{r.chunks_embedded} chunks embedded; {len(ix)} chunks in the index "

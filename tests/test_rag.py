@@ -118,6 +118,28 @@ def test_demo_runs_with_a_fake_generator(tmp_path, capsys):
     assert "10 unchanged; 0 chunks embedded" in capsys.readouterr().out
 
 
+def test_demo_index_keeps_only_this_checkouts_documents(tmp_path, monkeypatch, capsys):
+    """The demo index is shared by every checkout ($PHIFORGE_HOME): another clone's copies of the documents must
+    not stay in it as duplicate hits."""
+    import shutil
+
+    from phiforge.retrieval import demo
+    from phiforge.retrieval.store import Index
+
+    clones = []
+    for name in ("clone_a", "clone_b"):
+        (tmp_path / name / "docs").mkdir(parents=True)
+        shutil.copy(DOCS / "04_burst_mains.html", tmp_path / name / "docs")
+        clones.append(tmp_path / name)
+    for clone in clones:
+        monkeypatch.setattr(demo, "_data_dir", lambda c=clone: c)
+        (clone / "docs_questions.jsonl").write_text("")
+        demo.run_demo(n_questions=0, index_dir=tmp_path / "ix", generator=FakeGenerator(["ok"]))
+    assert "removed 1 sources from elsewhere" in capsys.readouterr().out
+    with Index.open(tmp_path / "ix") as ix:
+        assert ix.sources() == [str((clones[1] / "docs" / "04_burst_mains.html").resolve())]
+
+
 # ------------------------------------------------------------------------------------------ end to end (real)
 @pytest.fixture(scope="module")
 def docs_index(tmp_path_factory):
