@@ -4,8 +4,8 @@ torch's CPU flash-attention kernel (what `scaled_dot_product_attention(is_causal
 layer on the default model's 512-token prefill, a third of the whole prefill: it computes full query × key blocks
 and exponentiates the masked half too. This kernel does only the causal triangle, per query row:
 
-    s_j = (q · k_j) · hs^-½   for j ≤ i            16 keys at a time: K is transposed once per KV head, so
-                                                   a block of scores is hs broadcast-FMAs into 16 lanes
+    s_j = (q · k_j) · hs^-½   for j ≤ i            16 keys x 4 query rows at a time: K is transposed once per
+                                                   KV head, so each load of 16 keys feeds four broadcast-FMAs
     p_j = exp(s_j − max_j s) / Σ_j exp(…)         fp32, kernels/native.py's vector exp (≤ 2 ulp)
     y_i = Σ_j p_j v_j                              fp32, rounded once to the model dtype
 
