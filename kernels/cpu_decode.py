@@ -201,6 +201,73 @@ static void rope(const Model *m, float *h, const void *cos, const void *sin) {  
     for (int d = 0; d < m->rd; d++) h[d] = R(m, R(m, h[d] * ld(m, cos, d)) + R(m, rot[d] * ld(m, sin, d)));
 }
 
+/* The bf16 form of `attend` below, same math: q and the probabilities are bf16-exact (R-rounded), so q·k_j and
+   p_j·v_j go through _mm512_dpbf16_ps (exact products, fp32 sums) straight from the bf16 cache, 32 head dims per
+   instruction. p·V takes keys in pairs: the rows v_j, v_j+1 are interleaved (unpacklo/hi_epi16), so each lane holds
+   (v_j[d], v_j+1[d]) for one d and one dpbf16 with the broadcast pair (p_j, p_j+1) adds both; lane i of the lo/hi
+   halves holds d = 8(i/4) + i%4 (+4 for hi) within each 32-dim chunk. */
+static void attend_bf16(const Model *m, int l, int b, int h, int s, int64_t position) {
+    const int hs = m->hs, g = h / (m->nh / m->nkv), nqkv = (m->nh + 2 * m->nkv) * hs;
+    const int64_t base = ((((int64_t)l * m->B + b) * m->nkv + g) * m->smax) * hs;
+    const uint16_t *K = (const uint16_t *)m->k_cache + base, *V = (const uint16_t *)m->v_cache + base;
+    const float *q = m->qkv + (int64_t)b * nqkv + (int64_t)h * hs;
+    const int64_t *pos = m->pos + (int64_t)b * m->smax;
+    float *sc = m->scores + ((int64_t)b * m->nh + h) * m->smax, mx = -INFINITY;
+    uint16_t qb[hs + 32];
+    for (int d = 0; d < hs; d++) qb[d] = f2bf(q[d]);
+    for (int j = 0; j <= s; j++) {
+        int64_t kp = pos[j];
+        if (kp < 0 || (m->window > 0 && position - kp >= m->window)) { sc[j] = -INFINITY; continue; }
+        __m512 acc = _mm512_setzero_ps();
+        for (int d = 0; d < hs; d += 32) {
+            __mmask32 mk = MASK32(hs - d);
+            acc = DPBF16(acc, _mm512_maskz_loadu_epi16(mk, K + (int64_t)j * hs + d), _mm512_maskz_loadu_epi16(mk, qb + d));
+        }
+        sc[j] = R(m, _mm512_reduce_add_ps(acc)) * m->scale;
+        if (sc[j] > mx) mx = sc[j];
+    }
+    __m512 vsum = _mm512_setzero_ps(), vmx = _mm512_set1_ps(mx);
+    for (int j = 0; j <= s; j += 16) {
+        __mmask16 mk = MASK16(s + 1 - j);
+        __m512 e = _mm512_maskz_mov_ps(mk, exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, sc + j), vmx)));
+        _mm512_mask_storeu_ps(sc + j, mk, e);
+        vsum = _mm512_add_ps(vsum, e);
+    }
+    const __m512 sum = _mm512_set1_ps(_mm512_reduce_add_ps(vsum));
+    for (int j = 0; j <= s; j += 16) {
+        __mmask16 mk = MASK16(s + 1 - j);
+        _mm512_mask_storeu_ps(sc + j, mk, round16(_mm512_div_ps(_mm512_maskz_loadu_ps(mk, sc + j), sum), 1));
+    }
+    for (int d0 = 0; d0 < hs; d0 += 64) {            /* 64 dims: two chunks of 32, each a lo and a hi half */
+        __m512 a[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+        const int nd = hs - d0 < 64 ? hs - d0 : 64;
+        const __mmask32 m0 = MASK32(nd), m1 = nd > 32 ? MASK32(nd - 32) : 0;
+        for (int j = 0; j <= s; j += 2) {
+            const int two = j + 1 <= s;
+            const float p0 = sc[j], p1 = two ? sc[j + 1] : 0.f;
+            if (p0 == 0.f && p1 == 0.f) continue;
+            const uint16_t *v0 = V + (int64_t)j * hs + d0, *v1 = two ? v0 + hs : v0;
+            __m512i pp = _mm512_set1_epi32((int)((uint32_t)f2bf(p1) << 16 | f2bf(p0)));
+            __m512i x0 = _mm512_maskz_loadu_epi16(m0, v0), y0 = _mm512_maskz_loadu_epi16(m0, v1);
+            a[0] = DPBF16(a[0], _mm512_unpacklo_epi16(x0, y0), pp);
+            a[1] = DPBF16(a[1], _mm512_unpackhi_epi16(x0, y0), pp);
+            if (m1) {
+                __m512i x1 = _mm512_maskz_loadu_epi16(m1, v0 + 32), y1 = _mm512_maskz_loadu_epi16(m1, v1 + 32);
+                a[2] = DPBF16(a[2], _mm512_unpacklo_epi16(x1, y1), pp);
+                a[3] = DPBF16(a[3], _mm512_unpackhi_epi16(x1, y1), pp);
+            }
+        }
+        float lanes[4][16];
+        for (int c = 0; c < 4; c++) _mm512_storeu_ps(lanes[c], a[c]);
+        float *out = m->att + ((int64_t)b * m->nh + h) * hs + d0;
+        for (int c = 0; c < 4; c++)
+            for (int i = 0; i < 16; i++) {
+                int d = (c / 2) * 32 + (i / 4) * 8 + (c % 2) * 4 + i % 4;
+                if (d < nd) out[d] = R(m, lanes[c][i]);
+            }
+    }
+}
+
 /* row b, query head h over slots 0..s: att[b, h] = R(Σ_j R(softmax(s)_j) v_j), 16 head dims per vector */
 static void attend(const Model *m, int l, int b, int h, int s, int64_t position) {
     int hs = m->hs, g = h / (m->nh / m->nkv), nqkv = (m->nh + 2 * m->nkv) * hs;
@@ -281,7 +348,8 @@ void decode_step(const Model *m, const int64_t *tokens, const int64_t *positions
                 }
             }
             #pragma omp for schedule(static)
-            for (int bh = 0; bh < B * nh; bh++) attend(m, l, bh / nh, bh % nh, s, positions[bh / nh]);
+            for (int bh = 0; bh < B * nh; bh++)
+                (m->bf ? attend_bf16 : attend)(m, l, bh / nh, bh % nh, s, positions[bh / nh]);
             #pragma omp single
             prep(m, m->att, B * nh * hs);
             gemv(m, m->o_w[l], m->att, m->proj, C, nh * hs);
