@@ -1,13 +1,14 @@
 """The whole decode step of a dense Phi-3 in one native call: embedding → 30 layers → lm_head, for 1-16 rows.
 
 At batch 1 a decode step reads every weight once (270 MB for the default model in bf16) and does almost nothing
-else, so its speed limit is memory bandwidth. The same GEMV called from Python once per projection reaches ~30
-GB/s here (121 calls a token, each paying ctypes, allocation and an OpenMP fork/join), and the ~1,000 small torch
-ops between them (norms, RoPE, attention over one query, SwiGLU) cost as much as the GEMVs themselves. This file
-does the step as one C function with one OpenMP parallel region: the GEMVs split rows over the threads, attention
-splits (row, head) pairs, and the small vector ops run on one thread between barriers. Python calls it once per
-step. Batches (left-padded rows, pad slots at position -1) stream each weight once for all rows: two weight rows
-at a time against blocks of eight rows of x (bf16, batch 8: 24 ms a step vs the torch step's 31).
+else, so its speed limit is memory bandwidth. The same GEMV called from Python once per projection reaches ~30 GB/s
+here (121 calls a token, each paying ctypes, allocation and an OpenMP fork/join), and the ~1,000 small torch ops
+between them (norms, RoPE, attention over one query, SwiGLU) cost as much as the GEMVs themselves. This file does
+the step as one C function with one OpenMP parallel region: the GEMVs split rows over the threads, attention
+(kernels/cpu_decode_attention.py) splits (row, head) pairs, and the small vector ops run on one thread between
+barriers. Python calls it once per step. Batches (left-padded rows, pad slots at position -1) stream each weight
+once for all rows: two weight rows at a time against blocks of eight rows of x (bf16, batch 8: 18.5 ms a step vs the
+torch step's 31).
 
 It computes exactly what `DecodeStep` (engine/decode.py) computes, rounding where torch rounds. With R(v) = v
 rounded to the model dtype (identity for fp32, round-to-nearest-even for bf16), per layer:
@@ -33,7 +34,7 @@ import ctypes
 import torch
 from torch import nn
 
-from phiforge.kernels import native
+from phiforge.kernels import cpu_decode_attention, native
 from phiforge.kernels.cpu_linear import Linear
 
 _SRC = native.VECMATH + r"""
@@ -201,122 +202,7 @@ static void rope(const Model *m, float *h, const void *cos, const void *sin) {  
     for (int d = 0; d < m->rd; d++) h[d] = R(m, R(m, h[d] * ld(m, cos, d)) + R(m, rot[d] * ld(m, sin, d)));
 }
 
-/* The bf16 form of `attend` below, same math: q and the probabilities are bf16-exact (R-rounded), so q·k_j and
-   p_j·v_j go through _mm512_dpbf16_ps (exact products, fp32 sums) straight from the bf16 cache, 32 head dims per
-   instruction. p·V takes keys in pairs: the rows v_j, v_j+1 are interleaved (unpacklo/hi_epi16), so each lane holds
-   (v_j[d], v_j+1[d]) for one d and one dpbf16 with the broadcast pair (p_j, p_j+1) adds both; lane i of the lo/hi
-   halves holds d = 8(i/4) + i%4 (+4 for hi) within each 32-dim chunk. */
-static void attend_bf16(const Model *m, int l, int b, int h, int s, int64_t position) {
-    const int hs = m->hs, g = h / (m->nh / m->nkv), nqkv = (m->nh + 2 * m->nkv) * hs;
-    const int64_t base = ((((int64_t)l * m->B + b) * m->nkv + g) * m->smax) * hs;
-    const uint16_t *K = (const uint16_t *)m->k_cache + base, *V = (const uint16_t *)m->v_cache + base;
-    const float *q = m->qkv + (int64_t)b * nqkv + (int64_t)h * hs;
-    const int64_t *pos = m->pos + (int64_t)b * m->smax;
-    float *sc = m->scores + ((int64_t)b * m->nh + h) * m->smax, mx = -INFINITY;
-    uint16_t qb[hs + 32];
-    for (int d = 0; d < hs; d++) qb[d] = f2bf(q[d]);
-    for (int j = 0; j <= s; j++) {
-        int64_t kp = pos[j];
-        if (kp < 0 || (m->window > 0 && position - kp >= m->window)) { sc[j] = -INFINITY; continue; }
-        __m512 acc = _mm512_setzero_ps();
-        for (int d = 0; d < hs; d += 32) {
-            __mmask32 mk = MASK32(hs - d);
-            acc = DPBF16(acc, _mm512_maskz_loadu_epi16(mk, K + (int64_t)j * hs + d), _mm512_maskz_loadu_epi16(mk, qb + d));
-        }
-        sc[j] = R(m, _mm512_reduce_add_ps(acc)) * m->scale;
-        if (sc[j] > mx) mx = sc[j];
-    }
-    __m512 vsum = _mm512_setzero_ps(), vmx = _mm512_set1_ps(mx);
-    for (int j = 0; j <= s; j += 16) {
-        __mmask16 mk = MASK16(s + 1 - j);
-        __m512 e = _mm512_maskz_mov_ps(mk, exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, sc + j), vmx)));
-        _mm512_mask_storeu_ps(sc + j, mk, e);
-        vsum = _mm512_add_ps(vsum, e);
-    }
-    const __m512 sum = _mm512_set1_ps(_mm512_reduce_add_ps(vsum));
-    for (int j = 0; j <= s; j += 16) {
-        __mmask16 mk = MASK16(s + 1 - j);
-        _mm512_mask_storeu_ps(sc + j, mk, round16(_mm512_div_ps(_mm512_maskz_loadu_ps(mk, sc + j), sum), 1));
-    }
-    for (int d0 = 0; d0 < hs; d0 += 64) {            /* 64 dims: two chunks of 32, each a lo and a hi half */
-        __m512 a[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-        const int nd = hs - d0 < 64 ? hs - d0 : 64;
-        const __mmask32 m0 = MASK32(nd), m1 = nd > 32 ? MASK32(nd - 32) : 0;
-        for (int j = 0; j <= s; j += 2) {
-            const int two = j + 1 <= s;
-            const float p0 = sc[j], p1 = two ? sc[j + 1] : 0.f;
-            if (p0 == 0.f && p1 == 0.f) continue;
-            const uint16_t *v0 = V + (int64_t)j * hs + d0, *v1 = two ? v0 + hs : v0;
-            __m512i pp = _mm512_set1_epi32((int)((uint32_t)f2bf(p1) << 16 | f2bf(p0)));
-            __m512i x0 = _mm512_maskz_loadu_epi16(m0, v0), y0 = _mm512_maskz_loadu_epi16(m0, v1);
-            a[0] = DPBF16(a[0], _mm512_unpacklo_epi16(x0, y0), pp);
-            a[1] = DPBF16(a[1], _mm512_unpackhi_epi16(x0, y0), pp);
-            if (m1) {
-                __m512i x1 = _mm512_maskz_loadu_epi16(m1, v0 + 32), y1 = _mm512_maskz_loadu_epi16(m1, v1 + 32);
-                a[2] = DPBF16(a[2], _mm512_unpacklo_epi16(x1, y1), pp);
-                a[3] = DPBF16(a[3], _mm512_unpackhi_epi16(x1, y1), pp);
-            }
-        }
-        float lanes[4][16];
-        for (int c = 0; c < 4; c++) _mm512_storeu_ps(lanes[c], a[c]);
-        float *out = m->att + ((int64_t)b * m->nh + h) * hs + d0;
-        for (int c = 0; c < 4; c++)
-            for (int i = 0; i < 16; i++) {
-                int d = (c / 2) * 32 + (i / 4) * 8 + (c % 2) * 4 + i % 4;
-                if (d < nd) out[d] = R(m, lanes[c][i]);
-            }
-    }
-}
-
-/* row b, query head h over slots 0..s: att[b, h] = R(Σ_j R(softmax(s)_j) v_j), 16 head dims per vector */
-static void attend(const Model *m, int l, int b, int h, int s, int64_t position) {
-    int hs = m->hs, g = h / (m->nh / m->nkv), nqkv = (m->nh + 2 * m->nkv) * hs;
-    int64_t base = ((((int64_t)l * m->B + b) * m->nkv + g) * m->smax) * hs;
-    const float *q = m->qkv + (int64_t)b * nqkv + (int64_t)h * hs;
-    const int64_t *pos = m->pos + (int64_t)b * m->smax;
-    float *sc = m->scores + ((int64_t)b * m->nh + h) * m->smax, mx = -INFINITY;
-    for (int j = 0; j <= s; j++) {
-        int64_t kp = pos[j];
-        if (kp < 0 || (m->window > 0 && position - kp >= m->window)) { sc[j] = -INFINITY; continue; }
-        __m512 acc = _mm512_setzero_ps();
-        for (int d = 0; d < hs; d += 16)
-            acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(MASK16(hs - d), q + d),
-                                  load16(m, m->k_cache, base + (int64_t)j * hs + d, hs - d), acc);
-        sc[j] = R(m, _mm512_reduce_add_ps(acc)) * m->scale;
-        if (sc[j] > mx) mx = sc[j];
-    }
-    __m512 vsum = _mm512_setzero_ps(), vmx = _mm512_set1_ps(mx);   /* exp(s - max), 16 slots at a time */
-    for (int j = 0; j <= s; j += 16) {
-        __mmask16 mk = MASK16(s + 1 - j);
-        __m512 e = _mm512_maskz_mov_ps(mk, exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, sc + j), vmx)));
-        _mm512_mask_storeu_ps(sc + j, mk, e);
-        vsum = _mm512_add_ps(vsum, e);
-    }
-    const __m512 sum = _mm512_set1_ps(_mm512_reduce_add_ps(vsum));
-    for (int j = 0; j <= s; j += 16) {                /* p = R(e / Σ e) */
-        __mmask16 mk = MASK16(s + 1 - j);
-        _mm512_mask_storeu_ps(sc + j, mk, round16(_mm512_div_ps(_mm512_maskz_loadu_ps(mk, sc + j), sum), m->bf));
-    }
-    for (int d0 = 0; d0 < hs; d0 += 64) {            /* up to four accumulators of 16 dims in registers */
-        int nd = hs - d0 < 64 ? hs - d0 : 64;
-        __m512 o0 = _mm512_setzero_ps(), o1 = o0, o2 = o0, o3 = o0;
-        for (int j = 0; j <= s; j++) {
-            float p = sc[j];
-            if (p == 0.f) continue;
-            const int64_t o = base + (int64_t)j * hs + d0;
-            __m512 pv = _mm512_set1_ps(p);
-            o0 = _mm512_fmadd_ps(pv, load16(m, m->v_cache, o, nd), o0);
-            if (nd > 16) o1 = _mm512_fmadd_ps(pv, load16(m, m->v_cache, o + 16, nd - 16), o1);
-            if (nd > 32) o2 = _mm512_fmadd_ps(pv, load16(m, m->v_cache, o + 32, nd - 32), o2);
-            if (nd > 48) o3 = _mm512_fmadd_ps(pv, load16(m, m->v_cache, o + 48, nd - 48), o3);
-        }
-        float out[64];
-        _mm512_storeu_ps(out, o0); _mm512_storeu_ps(out + 16, o1);
-        _mm512_storeu_ps(out + 32, o2); _mm512_storeu_ps(out + 48, o3);
-        for (int d = 0; d < nd; d++) m->att[((int64_t)b * m->nh + h) * hs + d0 + d] = R(m, out[d]);
-    }
-}
-
+""" + cpu_decode_attention.SRC + r"""
 /* logits (B, V) in the model dtype for tokens (B,) at positions (B,), written into cache slot `s` */
 void decode_step(const Model *m, const int64_t *tokens, const int64_t *positions, int s, void *logits) {
     const int B = m->B, C = m->C, hs = m->hs, nh = m->nh, nkv = m->nkv, I = m->I;
