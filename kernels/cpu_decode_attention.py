@@ -17,6 +17,28 @@ model's bf16 batch-1 step from 7.1 to 5.0 ms. Same roundings in both; only summa
 Tests: tests/test_cpu_decode.py (both forms against the torch decode step and model.forward, head dims 8-96).
 """
 SRC = r"""
+/* a key in slot with position kp is hidden from a query at `position`: an empty or pad slot (kp = -1), or older
+   than the sliding window */
+static inline int hidden(const Model *m, int64_t kp, int64_t position) {
+    return kp < 0 || (m->window > 0 && position - kp >= m->window);
+}
+
+/* sc[0..s] holds scores (hidden slots -inf) with maximum mx: replace them by p = R(exp(sc - mx) / Σ exp(...)),
+   16 slots at a time */
+static void softmax_row(const Model *m, float *sc, int s, float mx) {
+    __m512 vsum = _mm512_setzero_ps(), vmx = _mm512_set1_ps(mx);
+    for (int j = 0; j <= s; j += 16) {
+        __mmask16 mk = MASK16(s + 1 - j);
+        __m512 e = _mm512_maskz_mov_ps(mk, exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, sc + j), vmx)));
+        _mm512_mask_storeu_ps(sc + j, mk, e);
+        vsum = _mm512_add_ps(vsum, e);
+    }
+    const __m512 sum = _mm512_set1_ps(_mm512_reduce_add_ps(vsum));
+    for (int j = 0; j <= s; j += 16) {
+        __mmask16 mk = MASK16(s + 1 - j);
+        _mm512_mask_storeu_ps(sc + j, mk, round16(_mm512_div_ps(_mm512_maskz_loadu_ps(mk, sc + j), sum), m->bf));
+    }
+}
 /* The bf16 form of `attend` below (see the module docstring). After unpacklo/hi_epi16 of two rows, lane i of the
    lo / hi half holds dimension 8(i/4) + i%4 / 8(i/4) + 4 + i%4 of its 32-dim chunk. */
 static void attend_bf16(const Model *m, int l, int b, int h, int s, int64_t position) {
@@ -29,8 +51,7 @@ static void attend_bf16(const Model *m, int l, int b, int h, int s, int64_t posi
     uint16_t qb[hs + 32];
     for (int d = 0; d < hs; d++) qb[d] = f2bf(q[d]);
     for (int j = 0; j <= s; j++) {
-        int64_t kp = pos[j];
-        if (kp < 0 || (m->window > 0 && position - kp >= m->window)) { sc[j] = -INFINITY; continue; }
+        if (hidden(m, pos[j], position)) { sc[j] = -INFINITY; continue; }
         __m512 acc = _mm512_setzero_ps();
         for (int d = 0; d < hs; d += 32) {
             __mmask32 mk = MASK32(hs - d);
@@ -40,18 +61,7 @@ static void attend_bf16(const Model *m, int l, int b, int h, int s, int64_t posi
         sc[j] = R(m, _mm512_reduce_add_ps(acc)) * m->scale;
         if (sc[j] > mx) mx = sc[j];
     }
-    __m512 vsum = _mm512_setzero_ps(), vmx = _mm512_set1_ps(mx);
-    for (int j = 0; j <= s; j += 16) {
-        __mmask16 mk = MASK16(s + 1 - j);
-        __m512 e = _mm512_maskz_mov_ps(mk, exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, sc + j), vmx)));
-        _mm512_mask_storeu_ps(sc + j, mk, e);
-        vsum = _mm512_add_ps(vsum, e);
-    }
-    const __m512 sum = _mm512_set1_ps(_mm512_reduce_add_ps(vsum));
-    for (int j = 0; j <= s; j += 16) {
-        __mmask16 mk = MASK16(s + 1 - j);
-        _mm512_mask_storeu_ps(sc + j, mk, round16(_mm512_div_ps(_mm512_maskz_loadu_ps(mk, sc + j), sum), 1));
-    }
+    softmax_row(m, sc, s, mx);
     for (int d0 = 0; d0 < hs; d0 += 64) {            /* 64 dims: two chunks of 32, each a lo and a hi half */
         __m512 a[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
         const int nd = hs - d0 < 64 ? hs - d0 : 64;
@@ -90,8 +100,7 @@ static void attend(const Model *m, int l, int b, int h, int s, int64_t position)
     const int64_t *pos = m->pos + (int64_t)b * m->smax;
     float *sc = m->scores + ((int64_t)b * m->nh + h) * m->smax, mx = -INFINITY;
     for (int j = 0; j <= s; j++) {
-        int64_t kp = pos[j];
-        if (kp < 0 || (m->window > 0 && position - kp >= m->window)) { sc[j] = -INFINITY; continue; }
+        if (hidden(m, pos[j], position)) { sc[j] = -INFINITY; continue; }
         __m512 acc = _mm512_setzero_ps();
         for (int d = 0; d < hs; d += 16)
             acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(MASK16(hs - d), q + d),
@@ -99,18 +108,7 @@ static void attend(const Model *m, int l, int b, int h, int s, int64_t position)
         sc[j] = R(m, _mm512_reduce_add_ps(acc)) * m->scale;
         if (sc[j] > mx) mx = sc[j];
     }
-    __m512 vsum = _mm512_setzero_ps(), vmx = _mm512_set1_ps(mx);   /* exp(s - max), 16 slots at a time */
-    for (int j = 0; j <= s; j += 16) {
-        __mmask16 mk = MASK16(s + 1 - j);
-        __m512 e = _mm512_maskz_mov_ps(mk, exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, sc + j), vmx)));
-        _mm512_mask_storeu_ps(sc + j, mk, e);
-        vsum = _mm512_add_ps(vsum, e);
-    }
-    const __m512 sum = _mm512_set1_ps(_mm512_reduce_add_ps(vsum));
-    for (int j = 0; j <= s; j += 16) {                /* p = R(e / Σ e) */
-        __mmask16 mk = MASK16(s + 1 - j);
-        _mm512_mask_storeu_ps(sc + j, mk, round16(_mm512_div_ps(_mm512_maskz_loadu_ps(mk, sc + j), sum), m->bf));
-    }
+    softmax_row(m, sc, s, mx);
     for (int d0 = 0; d0 < hs; d0 += 64) {            /* up to four accumulators of 16 dims in registers */
         int nd = hs - d0 < 64 ? hs - d0 : 64;
         __m512 o0 = _mm512_setzero_ps(), o1 = o0, o2 = o0, o3 = o0;
