@@ -33,6 +33,22 @@ from phiforge.kernels.nf4 import NF4Weight
 
 
 @triton.jit
+def _nf4_scale(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, block, mask,
+               NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr):
+    """absmax[block] in fp32, shaped like `block`: stored, or rebuilt from its uint8 code when double-quantized."""
+    # one return after a constexpr if/else: only the taken branch is compiled (absmax is uint8 codes or fp32)
+    if DOUBLE_QUANT:
+        # scale = nested_code[a8[b]] * nested_absmax[b // 256] + offset
+        a8 = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
+        scale = tl.load(nested_code_ptr + a8, mask=mask, other=0.0)
+        scale = scale * tl.load(nested_absmax_ptr + block // NESTED_BLOCKSIZE, mask=mask, other=0.0) + offset
+    else:
+        # scale = absmax[b]
+        scale = tl.load(absmax_ptr + block, mask=mask, other=0.0)
+    return scale
+
+
+@triton.jit
 def _nf4_load(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset, rows, cols, mask, K,
               BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr):
     """W[rows, cols] in fp32 for broadcastable index tensors rows (into N) and cols (into K). Any K: blocks may
@@ -44,15 +60,8 @@ def _nf4_load(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_p
     q = tl.where(i % 2 == 0, byte >> 4, byte & 0xF)
     # value = code[q]                                  16 fp32 values: an L1-resident gather
     value = tl.load(code_ptr + q, mask=mask, other=0.0)
-    block = i // BLOCKSIZE
-    if DOUBLE_QUANT:
-        # scale = nested_code[a8[b]] * nested_absmax[b // 256] + offset
-        a8 = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
-        scale = tl.load(nested_code_ptr + a8, mask=mask, other=0.0)
-        scale = scale * tl.load(nested_absmax_ptr + block // NESTED_BLOCKSIZE, mask=mask, other=0.0) + offset
-    else:
-        # scale = absmax[b]
-        scale = tl.load(absmax_ptr + block, mask=mask, other=0.0)
+    scale = _nf4_scale(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, i // BLOCKSIZE, mask,
+                       NESTED_BLOCKSIZE, DOUBLE_QUANT)
     return value * scale
 
 
@@ -71,12 +80,8 @@ def _nf4_load_pairs(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_
     hi = tl.load(code_ptr + (byte >> 4), mask=mask, other=0.0)
     lo = tl.load(code_ptr + (byte & 0xF), mask=mask, other=0.0)
     block = (rows * K + col0) // BLOCKSIZE  # one scale per tile row, shaped like rows
-    if DOUBLE_QUANT:
-        a8 = tl.load(absmax_ptr + block, mask=row_mask, other=0).to(tl.int32)
-        scale = tl.load(nested_code_ptr + a8, mask=row_mask, other=0.0)
-        scale = scale * tl.load(nested_absmax_ptr + block // NESTED_BLOCKSIZE, mask=row_mask, other=0.0) + offset
-    else:
-        scale = tl.load(absmax_ptr + block, mask=row_mask, other=0.0)
+    scale = _nf4_scale(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, block, row_mask,
+                       NESTED_BLOCKSIZE, DOUBLE_QUANT)
     return hi * scale, lo * scale
 
 
