@@ -180,6 +180,17 @@ def test_default_model_greedy_32_equals_transformers(smol, default_dir):
     assert res.text == smol.tokenizer.decode(res.token_ids, skip_special_tokens=True)
 
 
+def _drain(run, n: int) -> tuple[dict[int, list[str]], list]:
+    """A batch stream's pieces per prompt index (n prompts) and its return value, the results."""
+    pieces: dict[int, list[str]] = {i: [] for i in range(n)}
+    while True:
+        try:
+            i, piece = next(run)
+        except StopIteration as done:
+            return pieces, done.value
+        pieces[i].append(piece)
+
+
 def test_default_model_stream_stop_and_batch(smol):
     q = [{"role": "user", "content": "What is the capital of France? Answer briefly."}]
     [full] = smol.generate(q, max_new_tokens=24, temperature=0)
@@ -191,15 +202,8 @@ def test_default_model_stream_stop_and_batch(smol):
     [cut] = smol.generate(q, max_new_tokens=24, temperature=0, stop=["f Fr", "zebra"])
     assert (cut.text, cut.finish_reason) == ("The capital o", "stop")
     # a batch (streamed: (index, piece) pairs) with a prompt of another length equals one by one
-    got, run = {0: "", 1: ""}, smol.stream([STORY, q], max_new_tokens=8, temperature=0)
-    while True:
-        try:
-            i, piece = next(run)
-        except StopIteration as done:
-            batch = done.value
-            break
-        got[i] += piece
-    assert [got[0], got[1]] == [r.text for r in batch]
+    pieces, batch = _drain(smol.stream([STORY, q], max_new_tokens=8, temperature=0), 2)
+    assert ["".join(pieces[0]), "".join(pieces[1])] == [r.text for r in batch]
     assert batch[1].token_ids == full.token_ids[:8]
     assert batch[0].token_ids == smol.generate(STORY, max_new_tokens=8, temperature=0)[0].token_ids
 
@@ -247,15 +251,7 @@ def test_utf8_and_split_stop_strings_through_the_loop(smol):
     assert any("\ufffd" in tok.decode([t]) for t in scripts[0])
     stop_tokens = tok.encode("<|stop|>", add_special_tokens=False)
     assert len(stop_tokens) > 1  # the stop string arrives over several tokens
-    pieces: dict[int, list[str]] = {0: [], 1: [], 2: []}
-    run = gen.stream(prompts, max_new_tokens=40, temperature=0, stop=["<|stop|>"])
-    while True:
-        try:
-            i, piece = next(run)
-        except StopIteration as done:
-            results = done.value
-            break
-        pieces[i].append(piece)
+    pieces, results = _drain(gen.stream(prompts, max_new_tokens=40, temperature=0, stop=["<|stop|>"]), 3)
     assert not any("\ufffd" in p for ps in pieces.values() for p in ps)
     assert not any("<" in p for p in pieces[1])  # no beginning of the stop string ever escaped
     assert [r.text for r in results] == [utf8, "Answer: 42", false_alarm]

@@ -116,12 +116,18 @@ def test_init_is_peft_like(tiny):
     assert m.scaling == 2.0
 
 
-def test_saved_adapter_loads_in_peft_and_transformers(tiny, tmp_path):
+def _lora_model(tiny, dropout: float):
+    """The tiny model with r=4, alpha=8 LoRA on every target, B randomized (so the adapter matters), in eval mode,
+    and its logits."""
     ours = load_model(tiny, dtype=torch.float32)
-    apply_lora(ours, r=4, alpha=8, dropout=0.05)
+    apply_lora(ours, r=4, alpha=8, dropout=dropout)
     randomize_lora_B(ours)
     ours.eval()
-    want = ours(IDS)
+    return ours, ours(IDS)
+
+
+def test_saved_adapter_loads_in_peft_and_transformers(tiny, tmp_path):
+    ours, want = _lora_model(tiny, dropout=0.05)
     save_adapter(ours, tmp_path / "ad", base_model_name_or_path=str(tiny))
 
     # the files and keys PEFT writes for the same LoraConfig
@@ -202,11 +208,7 @@ def test_bad_adapters_are_clear_errors(tiny, tmp_path):
 
 
 def test_merge_parity_and_cli(tiny, tmp_path):
-    ours = load_model(tiny, dtype=torch.float32)
-    apply_lora(ours, r=4, alpha=8, dropout=0.0)
-    randomize_lora_B(ours)
-    ours.eval()
-    want = ours(IDS)
+    ours, want = _lora_model(tiny, dropout=0.0)
     save_adapter(ours, tmp_path / "ad")
     merge_adapter(ours)
     assert not list(lora_modules(ours))
