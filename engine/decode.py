@@ -38,13 +38,12 @@ from torch import nn
 
 from phiforge.kernels import cpu_gemv
 from phiforge.kernels.cpu_decode import NativeDecode
-from phiforge.kernels.cpu_linear import Linear
+from phiforge.kernels.cpu_linear import is_plain
 from phiforge.kernels.cpu_ops import swiglu
 
 
 def _is_plain(module: nn.Module) -> bool:
-    return (type(module) in (nn.Linear, Linear) and module.bias is None and not module._forward_hooks
-            and not module._forward_pre_hooks and cpu_gemv.supports(module.weight))
+    return is_plain(module) and cpu_gemv.supports(module.weight)
 
 
 class DecodeStep:

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from phiforge.kernels import cpu_decode_attention, native
-from phiforge.kernels.cpu_linear import Linear
+from phiforge.kernels.cpu_linear import is_plain
 
 _SRC = native.VECMATH + r"""
 #include <immintrin.h>
@@ -302,12 +302,11 @@ def _load() -> ctypes.CDLL | None:
 
 
 def _dense(module: nn.Module, dtype: torch.dtype) -> torch.Tensor | None:
-    """The weight of a plain linear (nn.Linear or its drop-in subclass, no bias, no hooks), else None."""
-    w = getattr(module, "weight", None)
-    plain = (type(module) in (nn.Linear, Linear) and module.bias is None and not module._forward_hooks
-             and not module._forward_pre_hooks)
-    ok = plain and w is not None and w.dtype == dtype and w.device.type == "cpu" and w.is_contiguous()
-    return w if ok else None
+    """The weight of a plain linear (cpu_linear.is_plain) in `dtype`, contiguous, on the CPU; else None."""
+    if not is_plain(module):
+        return None
+    w = module.weight
+    return w if w.dtype == dtype and w.device.type == "cpu" and w.is_contiguous() else None
 
 
 class NativeDecode:
@@ -317,7 +316,7 @@ class NativeDecode:
 
     @classmethod
     def create(cls, model: nn.Module, cache, cos: torch.Tensor, sin: torch.Tensor) -> "NativeDecode | None":
-        cfg, dtype = model.config, model.dtype
+        dtype = model.dtype
         if not enabled or dtype not in (torch.float32, torch.bfloat16) or cache.k.shape[1] > MAX_BATCH \
                 or cache.k.dtype != dtype or cache.k.device.type != "cpu" or _load() is None:
             return None

@@ -84,6 +84,13 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -
     return matmul_nt(x, w, bias)
 
 
+def is_plain(module: nn.Module) -> bool:
+    """An nn.Linear (or the Linear below) without bias or hooks: its forward is exactly x·Wᵀ, so a kernel may
+    read its weight instead of calling it."""
+    return (type(module) in (nn.Linear, Linear) and module.bias is None and not module._forward_hooks
+            and not module._forward_pre_hooks)
+
+
 class Linear(nn.Linear):
     """nn.Linear whose forward is `linear` above (a drop-in: same parameters and state-dict keys)."""
 
