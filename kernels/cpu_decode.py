@@ -325,9 +325,13 @@ class NativeDecode:
                 for part, name in (("self_attn", "qkv_proj"), ("self_attn", "o_proj"),
                                    ("mlp", "gate_up_proj"), ("mlp", "down_proj"))]
         lm_head = _dense(model.lm_head, dtype)
-        norms = [layer.input_layernorm for layer in layers] + [layer.post_attention_layernorm for layer in layers]
+        norms = [layer.input_layernorm for layer in layers] + [layer.post_attention_layernorm for layer in layers] \
+            + [model.model.norm]
+        embed = model.model.embed_tokens.weight
+        flat = [embed, cache.pos, cache.k, cache.v] + [n.weight for n in norms]  # read through raw pointers
         if any(w is None for ws in mats for w in ws) or lm_head is None \
-                or any(type(n).__name__ != "RMSNorm" or n.weight.dtype != dtype for n in norms + [model.model.norm]):
+                or any(type(n).__name__ != "RMSNorm" or n.weight.dtype != dtype for n in norms) \
+                or embed.dtype != dtype or not all(t.is_contiguous() for t in flat):
             return None
         return cls(model, cache, mats, lm_head, cos, sin)
 
@@ -348,8 +352,6 @@ class NativeDecode:
                                                     ptrs([l.post_attention_layernorm.weight for l in layers])]
         qkv, o, gu, down, in_norm, post_norm = self._arrays
         embed = model.model.embed_tokens.weight
-        if embed.dtype != dtype or not embed.is_contiguous() or not cache.pos.is_contiguous():
-            raise ValueError("native decode: embedding and cache positions must be contiguous, in the model dtype")
         self._keep = (model, cache, mats, lm_head, embed)  # every pointer below stays valid while this lives
         self.m = _Model(B=B, L=len(layers), C=C, nh=nh, nkv=nkv, hs=hs, rd=cfg.rotary_dim, I=inter,
                         V=cfg.vocab_size, smax=cache.max_len, window=cfg.sliding_window or 0,

@@ -97,6 +97,23 @@ def test_steps_aside_for_batches_nf4_and_lora(tmp_path):
     assert DecodeStep(nf4, nf4.new_cache(1, 8)).native is None                     # NF4 projections
 
 
+def test_steps_aside_for_weights_it_cannot_read_flat(tmp_path):
+    """A strided embedding or norm weight (read through raw pointers) keeps the torch step, which still decodes."""
+    make_hf_checkpoint(tmp_path, VARIANTS["gqa"][0])
+    model = load_model(tmp_path, dtype=torch.float32)
+    vocab = model.config.vocab_size
+    prompt, steps = _ids(vocab, 9, 7), _ids(vocab, 5, 8)[0]
+    ref, _ = _run(model, prompt, steps, native=True)
+    for module in (model.model.embed_tokens, model.model.layers[1].post_attention_layernorm):
+        w = module.weight.detach()
+        strided = torch.empty(*w.shape[::-1]).t() if w.dim() == 2 else torch.empty(2 * w.shape[0])[::2]
+        module.weight = torch.nn.Parameter(strided.copy_(w), requires_grad=False)
+        assert not module.weight.is_contiguous()
+        assert DecodeStep(model, model.new_cache(1, 8)).native is None
+    got, _ = _run(model, prompt, steps, native=False)
+    assert (got - ref).abs().max().item() <= 1e-4
+
+
 def _run_batch(model, lens: list[int], steps: int, native: bool, seed: int):
     """Left-padded prompts of `lens` tokens (pad slots at position -1), then `steps` batched decode steps."""
     vocab, B, P = model.config.vocab_size, len(lens), max(lens)
