@@ -1,6 +1,7 @@
 """The native causal prefill attention equals the fp64 reference at least as closely as SDPA does in the same dtype,
 on odd shapes (T not a multiple of 4, 16 or 32; head dims below, between and above 64; GQA; strided K/V cache
-slices), its vector exp matches torch.exp, and it steps aside for autograd."""
+slices; key counts that end inside a 64-key tile; an odd head dim, which bf16 runs in the fp32 form), its vector
+exp matches torch.exp, and it steps aside for autograd."""
 from __future__ import annotations
 
 import pytest
@@ -21,7 +22,7 @@ def _sdpa(q, k, v):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("B,nh,nkv,T,hs", [(1, 9, 3, 70, 64), (2, 4, 4, 37, 8), (1, 6, 2, 1, 96), (2, 2, 1, 33, 80),
-                                           (1, 3, 3, 130, 128)])
+                                           (1, 3, 3, 130, 128), (1, 4, 2, 300, 64), (1, 2, 1, 45, 7)])
 def test_matches_reference_like_sdpa(dtype, B, nh, nkv, T, hs):
     g = torch.Generator().manual_seed(T * hs + nh)
     q = torch.randn(B, nh, T, hs, generator=g).to(dtype)
@@ -59,3 +60,16 @@ def test_autograd_and_other_devices_take_sdpa():
     y.sum().backward()                                   # SDPA's backward ran
     assert q.grad is not None and torch.allclose(y, _sdpa(q, k, v))
     assert not cpu_attention.supports(q.detach().double(), k.double())
+
+
+def test_bf16_form_built_where_the_cpu_has_it():
+    """The bf16 dot-product form is compiled in exactly when the CPU has avx512_bf16 (so the bf16 cases above run
+    it here), and on a 512-token prefill it is as close to the exact result as SDPA in bf16."""
+    from phiforge.kernels import native
+    assert bool(cpu_attention._lib.has_dpbf16()) == ("avx512_bf16" in native.cpu_flags().split())
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, h, 512, 64, generator=g).to(torch.bfloat16) for h in (9, 3, 3))
+    ref = causal_attention_ref(q, k, v)
+    with torch.inference_mode():
+        got = causal_attention(q, k, v)
+    assert (got.double() - ref).abs().max().item() <= 1.5 * (_sdpa(q, k, v).double() - ref).abs().max().item()
