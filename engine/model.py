@@ -29,7 +29,7 @@ from torch.utils.checkpoint import checkpoint
 
 from phiforge.kernels.cpu_attention import causal_attention
 from phiforge.kernels.cpu_linear import Linear
-from phiforge.kernels.cpu_ops import rms_norm, swiglu
+from phiforge.kernels.cpu_ops import rms_norm, rotary, swiglu
 
 from .config import Phi3Config
 
@@ -81,16 +81,6 @@ class RotaryEmbedding(nn.Module):
         return (emb.cos() * self.scale).to(dtype), (emb.sin() * self.scale).to(dtype)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (B, h, T, hs); cos/sin (B, T, rd). Rotates the first rd dims by halves, passes the rest through."""
-    rd = cos.shape[-1]
-    cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, rd)
-    xr, xp = x[..., :rd], x[..., rd:]
-    x1, x2 = xr[..., : rd // 2], xr[..., rd // 2:]
-    rotated = torch.cat((-x2, x1), dim=-1)
-    return torch.cat((xr * cos + rotated * sin, xp), dim=-1)
-
-
 class KVCache(nn.Module):
     """A preallocated static cache: k, v (L, B, nkv, S, hs), plus the position held in each slot (B, S).
 
@@ -132,13 +122,15 @@ class Phi3Attention(nn.Module):
         q = q.view(B, T, nh, hs).transpose(1, 2)                      # (B, nh, T, hs)
         k = k.view(B, T, nkv, hs).transpose(1, 2)                     # (B, nkv, T, hs)
         v = v.view(B, T, nkv, hs).transpose(1, 2)                     # (B, nkv, T, hs)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if cache is not None:
+        q = rotary(q, cos, sin)
+        if cache is not None:  # rotated K goes straight into its cache slots
             start = cache.length
-            cache.k[self.layer_idx, :, :, start:start + T] = k
+            rotary(k, cos, sin, out=cache.k[self.layer_idx, :, :, start:start + T])
             cache.v[self.layer_idx, :, :, start:start + T] = v
             k = cache.k[self.layer_idx, :, :, :start + T]             # (B, nkv, S, hs)
             v = cache.v[self.layer_idx, :, :, :start + T]             # (B, nkv, S, hs)
+        else:
+            k = rotary(k, cos, sin)
         if mask is None:  # pure causal from slot 0: the native CPU kernel for inference, else SDPA's fused path
             y = causal_attention(q, k, v)                             # (B, T, C)
         else:

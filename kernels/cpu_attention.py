@@ -179,7 +179,8 @@ static inline __attribute__((always_inline)) void qk_tile(const int NK, const ui
         for (int c = 0; c < NK; c++) {                 /* key j visible to row i0 + r when j <= i0 + r */
             int n = i0 + r - (j0 + 16 * c) + 1;
             __mmask16 ok = n >= 16 ? 0xffff : n <= 0 ? 0 : (__mmask16)((1u << n) - 1);
-            __m512 sc = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), ok, _mm512_mul_ps(acc[r][c], _mm512_set1_ps(scale)));
+            __m512 sc = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), ok,
+                                           _mm512_mul_ps(acc[r][c], _mm512_set1_ps(scale)));
             _mm512_storeu_ps(srow + r * Tp + j0 + 16 * c, sc);
             mx[r] = _mm512_max_ps(mx[r], sc);
         }
@@ -218,7 +219,8 @@ void causal_attention_bf16(const uint16_t *q, const int64_t *sq, const uint16_t 
                 uint32_t qv[4 * hp];
                 for (int r = 0; r < 4; r++)
                     for (int dp = 0; dp < hp; dp++)
-                        qv[r * hp + dp] = r < nr ? ld32(q + b * sq[0] + h * sq[1] + (int64_t)(i0 + r) * sq[2] + 2 * dp) : 0;
+                        qv[r * hp + dp] =
+                            r < nr ? ld32(q + b * sq[0] + h * sq[1] + (int64_t)(i0 + r) * sq[2] + 2 * dp) : 0;
                 /* scores: four rows x up to 64 keys per tile, each K load feeding four dot products */
                 __m512 mx[4];
                 for (int r = 0; r < 4; r++) mx[r] = _mm512_set1_ps(-INFINITY);
@@ -253,21 +255,22 @@ void causal_attention_bf16(const uint16_t *q, const int64_t *sq, const uint16_t 
                     for (int jp = 0; jp < np; jp++) {
                         const uint32_t *vj = vpg + (int64_t)jp * hs + d0;
                         __m512bh p[4];
-                        for (int r = 0; r < 4; r++) p[r] = (__m512bh)_mm512_set1_epi32((int)ld32(prow + r * Tp + 2 * jp));
+                        for (int r = 0; r < 4; r++)
+                            p[r] = (__m512bh)_mm512_set1_epi32((int)ld32(prow + r * Tp + 2 * jp));
                         for (int c = 0; c < 4; c++) {          /* absent head dims load zeros: no branch */
                             __m512bh vv = (__m512bh)_mm512_maskz_loadu_epi32(mk[c], vj + c * 16);
                             for (int r = 0; r < 4; r++) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], p[r], vv);
                         }
                     }
                     #pragma GCC unroll 4
-                    for (int r = 0; r < 4; r++) {      /* unrolled: acc is indexed by constants, so stays in registers */
+                    for (int r = 0; r < 4; r++) {      /* unrolled: constant indices keep acc in registers */
                         if (r >= nr) break;
                         int64_t o = (((int64_t)b * T + i0 + r) * nh + h) * hs + d0;
                         #pragma GCC unroll 4
                         for (int c = 0; c < 4; c++) {
                             __m512 y = round16(_mm512_mul_ps(acc[r][c], _mm512_set1_ps(inv[r])), 1);
-                            _mm256_mask_storeu_epi16(out + o + c * 16, mk[c],
-                                                     _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(y), 16)));
+                            __m256i yb = _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(y), 16));
+                            _mm256_mask_storeu_epi16(out + o + c * 16, mk[c], yb);
                         }
                     }
                 }

@@ -1,13 +1,13 @@
-"""The native RMSNorm and SwiGLU equal their torch forms: fp32 to fp32 rounding, bf16 no further from an fp32
-reference than torch's own bf16 form; odd widths (tails of a 16-lane vector); extreme SiLU inputs; autograd and
-other dtypes take the torch forms."""
+"""The native RMSNorm, SwiGLU and RoPE equal their torch forms: fp32 to fp32 rounding (RoPE bit for bit), bf16 no
+further from an fp32 reference than torch's own bf16 form; odd widths (tails of a 16-lane vector); extreme SiLU
+inputs; autograd and other dtypes take the torch forms."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from phiforge.kernels import cpu_ops
-from phiforge.kernels.cpu_ops import rms_norm, rms_norm_ref, swiglu, swiglu_ref
+from phiforge.kernels.cpu_ops import rms_norm, rms_norm_ref, rotary, rotary_ref, swiglu, swiglu_ref
 
 pytestmark = pytest.mark.skipif(cpu_ops._load() is None, reason="no C compiler or no AVX-512 on this CPU")
 
@@ -51,3 +51,28 @@ def test_torch_forms_under_autograd_and_for_other_dtypes():
     y.sum().backward()                                            # the torch form ran: autograd works
     assert x.grad is not None and torch.equal(y, rms_norm_ref(x, w, 1e-6))
     assert torch.equal(swiglu(x.detach().double()), swiglu_ref(x.detach().double()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B,h,T,hs,rd", [(1, 9, 37, 64, 64), (2, 3, 5, 96, 64), (1, 2, 3, 40, 24), (2, 1, 1, 8, 8)])
+def test_rotary_bit_equal_into_strided_out(dtype, B, h, T, hs, rd):
+    """No sum and no exp: the native RoPE equals transformers' op order bit for bit, including the pass-through
+    dims past rd (partial rotary), from a strided (B, T, h, hs)-transposed input into a KV-cache slice."""
+    g = torch.Generator().manual_seed(T * hs + rd)
+    x = (torch.randn(B, T, h, hs, generator=g) * 3).to(dtype).transpose(1, 2)       # (B, h, T, hs), strided
+    ang = torch.rand(B, T, rd // 2, generator=g) * 50
+    cos, sin = (torch.cat((f(ang), f(ang)), -1).to(dtype) for f in (torch.cos, torch.sin))  # (B, T, rd)
+    ref = rotary_ref(x, cos, sin)
+    cache = torch.full((B, h, T + 4, hs), float("nan"), dtype=dtype)
+    with torch.inference_mode():
+        got = rotary(x, cos, sin)
+        into = rotary(x, cos, sin, out=cache[:, :, 2:2 + T])
+    assert got.dtype == dtype and torch.equal(got, ref) and torch.equal(into, ref)
+    assert torch.equal(cache[:, :, 2:2 + T], ref) and cache[:, :, :2].isnan().all() and cache[:, :, 2 + T:].isnan().all()
+
+
+def test_rotary_autograd_takes_torch_form():
+    x = torch.randn(1, 2, 3, 8, requires_grad=True)
+    cos, sin = torch.randn(1, 3, 8), torch.randn(1, 3, 8)
+    rotary(x, cos, sin).sum().backward()
+    assert x.grad is not None
