@@ -8,12 +8,13 @@ and exponentiates the masked half too. This kernel does only the causal triangle
     p_j = exp(s_j − max_j s) / Σ_j exp(…)         fp32, kernels/native.py's vector exp (≤ 2 ulp)
     y_i = Σ_j p_j v_j                              rounded once to the model dtype
 
-fp32 (and bf16 with an odd head dim): everything in fp32 (bf16 widened exactly), 16 keys x 4 rows per step from
-K transposed once per KV head. bf16 (0.66 ms a layer vs 1.9 for the fp32 form): both products on the CPU's bf16
-dot-product instruction (_mm512_dpbf16_ps: a pair of bf16 products added into fp32), the way SDPA's bf16 path
+fp32 (and bf16 with an odd head dim): everything in fp32 (bf16 widened exactly), K transposed once per KV head,
+4 query rows x 64 keys a tile (16 accumulators, each K load feeding four FMAs). bf16: both products on the CPU's
+bf16 dot-product instruction (_mm512_dpbf16_ps: a pair of bf16 products added into fp32), the way SDPA's bf16 path
 rounds — scores in fp32 (bf16 products are exact in fp32), exp(s − max) rounded to bf16 for p·v, the sum over the
-fp32 values. K is packed as dim pairs (4 rows x 64 keys a tile, 16 accumulators), V as key pairs (4 rows x 64
-dims). Grouped-query heads read their KV head (h // rep) in place, and the output is written as (B, T, nh·hs), the
+fp32 values; K packed as dim pairs, V as key pairs, the same tiles. At 512 tokens (9 heads, 3 KV heads, hs 64, 2
+threads): fp32 0.94 ms a layer, bf16 0.7 ms, SDPA 3.4-3.6 ms (bench/bench_cpu_kernels.py).
+Grouped-query heads read their KV head (h // rep) in place, and the output is written as (B, T, nh·hs), the
 layout o_proj takes, so no transpose copy follows. Work splits over (row, head, 32-query block) tasks, dynamically
 scheduled (later blocks have more keys).
 
@@ -52,30 +53,57 @@ static inline float ld(const void *p, int64_t i, int bf) {
     if (!bf) return ((const float *)p)[i];
     uint32_t u = (uint32_t)((const uint16_t *)p)[i] << 16; float f; memcpy(&f, &u, 4); return f;
 }
-static inline void st(void *p, int64_t i, int bf, float v) {
-    if (!bf) { ((float *)p)[i] = v; return; }
-    uint32_t u; memcpy(&u, &v, 4);
-    ((uint16_t *)p)[i] = (u & 0x7fffffffu) > 0x7f800000u ? 0x7fc0 : (uint16_t)((u + 0x7fff + ((u >> 16) & 1)) >> 16);
+
+/* a 4-row x 16*NK-key tile of scores: scaled, causally masked (key j visible to row i0 + r when j <= i0 + r),
+   stored to srow, max into mx. The tile functions are inlined with NK constant so accumulators stay in registers. */
+static inline __attribute__((always_inline)) void store_tile(const int NK, __m512 acc[4][4], int Tp, int i0, int j0,
+                                                             float scale, float *srow, __m512 *mx) {
+    for (int r = 0; r < 4; r++)
+        for (int c = 0; c < NK; c++) {
+            int n = i0 + r - (j0 + 16 * c) + 1;
+            __mmask16 ok = n >= 16 ? 0xffff : n <= 0 ? 0 : (__mmask16)((1u << n) - 1);
+            __m512 sc = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), ok,
+                                           _mm512_mul_ps(acc[r][c], _mm512_set1_ps(scale)));
+            _mm512_storeu_ps(srow + r * Tp + j0 + 16 * c, sc);
+            mx[r] = _mm512_max_ps(mx[r], sc);
+        }
+}
+
+/* fp32: K transposed (ktg[d][j]), q already scaled */
+static inline __attribute__((always_inline)) void qk_tile_f32(const int NK, const float *ktg, const float *qv, int Tp,
+                                                              int hs, int i0, int j0, float *srow, __m512 *mx) {
+    __m512 acc[4][4];
+    for (int r = 0; r < 4; r++) for (int c = 0; c < NK; c++) acc[r][c] = _mm512_setzero_ps();
+    for (int d = 0; d < hs; d++) {
+        __m512 kv[4];
+        for (int c = 0; c < NK; c++) kv[c] = _mm512_loadu_ps(ktg + (int64_t)d * Tp + j0 + 16 * c);
+        for (int r = 0; r < 4; r++) {
+            __m512 qb = _mm512_set1_ps(qv[r * hs + d]);
+            for (int c = 0; c < NK; c++) acc[r][c] = _mm512_fmadd_ps(qb, kv[c], acc[r][c]);
+        }
+    }
+    store_tile(NK, acc, Tp, i0, j0, 1.f, srow, mx);
 }
 
 /* q (B, nh, T, hs), k and v (B, nkv, T, hs) with any strides (in elements: sb, sh, st; the last dim is dense),
-   out (B, T, nh, hs) dense. kt: scratch B*nkv*hs*Tp floats (K transposed, Tp = T rounded up to 16), vf: scratch
+   out (B, T, nh, hs) dense. kt: scratch B*nkv*hs*Tp floats (K transposed, Tp = T rounded up to 64), vf: scratch
    B*nkv*T*hs floats (V widened), rows: scratch threads*4*Tp floats. */
 void causal_attention(const void *q, const int64_t *sq, const void *k, const int64_t *sk, const void *v,
                       const int64_t *sv, void *out, float *kt, float *vf, float *rows, int B, int nh, int nkv,
                       int T, int hs, float scale, int bf, int threads) {
-    const int Tp = (T + 15) / 16 * 16, rep = nh / nkv, nqb = (T + QBLOCK - 1) / QBLOCK;
+    const int Tp = (T + 63) / 64 * 64, rep = nh / nkv, nqb = (T + QBLOCK - 1) / QBLOCK;
     #pragma omp parallel num_threads(threads)
     {
         #pragma omp for schedule(static)
-        for (int bg = 0; bg < B * nkv; bg++) {          /* widen V, transpose K (pad keys are never read) */
-            int b = bg / nkv, g = bg % nkv;
+        for (int task = 0; task < B * nkv * (Tp / 64); task++) {   /* per KV head and 64 keys: widen V, K^T */
+            const int bg = task / (Tp / 64), j0 = task % (Tp / 64) * 64, b = bg / nkv, g = bg % nkv;
             float *ktg = kt + (int64_t)bg * hs * Tp, *vg = vf + (int64_t)bg * T * hs;
-            for (int t = 0; t < T; t++)
-                for (int d = 0; d < hs; d++) {
-                    ktg[(int64_t)d * Tp + t] = ld(k, b * sk[0] + g * sk[1] + t * sk[2] + d, bf);
+            for (int d = 0; d < hs; d++)
+                for (int t = j0; t < j0 + 64; t++)
+                    ktg[(int64_t)d * Tp + t] = t < T ? ld(k, b * sk[0] + g * sk[1] + t * sk[2] + d, bf) : 0.f;
+            for (int t = j0; t < j0 + 64 && t < T; t++)
+                for (int d = 0; d < hs; d++)
                     vg[(int64_t)t * hs + d] = ld(v, b * sv[0] + g * sv[1] + t * sv[2] + d, bf);
-                }
         }
         float *srow = rows + (int64_t)omp_get_thread_num() * 4 * Tp;   /* 4 rows of scores */
         #pragma omp for schedule(dynamic, 1)
@@ -84,30 +112,20 @@ void causal_attention(const void *q, const int64_t *sq, const void *k, const int
             int bg = b * nkv + h / rep;
             const float *ktg = kt + (int64_t)bg * hs * Tp, *vg = vf + (int64_t)bg * T * hs;
             for (int i0 = qb * QBLOCK; i0 < T && i0 < (qb + 1) * QBLOCK; i0 += 4) {
-                const int nr = T - i0 < 4 ? T - i0 : 4, last = i0 + nr - 1;   /* rows i0..last */
-                float qv[4][hs];
+                const int nr = T - i0 < 4 ? T - i0 : 4, last = i0 + nr - 1, nk16 = last / 16 + 1;
+                float qv[4 * hs];
                 for (int r = 0; r < 4; r++)
                     for (int d = 0; d < hs; d++)
-                        qv[r][d] = r < nr ? ld(q, b * sq[0] + h * sq[1] + (i0 + r) * sq[2] + d, bf) * scale : 0.f;
-                /* scores: four rows x 16 keys per step, one load of K^T feeding four FMAs */
+                        qv[r * hs + d] = r < nr ? ld(q, b * sq[0] + h * sq[1] + (i0 + r) * sq[2] + d, bf) * scale : 0.f;
+                /* scores: four rows x up to 64 keys per tile, each K^T load feeding four FMAs */
                 __m512 mx[4];
                 for (int r = 0; r < 4; r++) mx[r] = _mm512_set1_ps(-INFINITY);
-                for (int j0 = 0; j0 <= last; j0 += 16) {
-                    __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
-                    for (int d = 0; d < hs; d++) {
-                        __m512 kd = _mm512_loadu_ps(ktg + (int64_t)d * Tp + j0);
-                        s0 = _mm512_fmadd_ps(_mm512_set1_ps(qv[0][d]), kd, s0);
-                        s1 = _mm512_fmadd_ps(_mm512_set1_ps(qv[1][d]), kd, s1);
-                        s2 = _mm512_fmadd_ps(_mm512_set1_ps(qv[2][d]), kd, s2);
-                        s3 = _mm512_fmadd_ps(_mm512_set1_ps(qv[3][d]), kd, s3);
-                    }
-                    __m512 sr[4] = {s0, s1, s2, s3};
-                    for (int r = 0; r < 4; r++) {      /* key j visible to row i0 + r when j <= i0 + r */
-                        int n = i0 + r - j0 + 1;
-                        __mmask16 ok = n >= 16 ? 0xffff : n <= 0 ? 0 : (__mmask16)((1u << n) - 1);
-                        __m512 sv_ = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), ok, sr[r]);
-                        _mm512_storeu_ps(srow + r * Tp + j0, sv_);
-                        mx[r] = _mm512_max_ps(mx[r], sv_);
+                for (int j0 = 0; j0 <= last; j0 += 64) {
+                    switch (nk16 - j0 / 16 < 4 ? nk16 - j0 / 16 : 4) {
+                        case 4: qk_tile_f32(4, ktg, qv, Tp, hs, i0, j0, srow, mx); break;
+                        case 3: qk_tile_f32(3, ktg, qv, Tp, hs, i0, j0, srow, mx); break;
+                        case 2: qk_tile_f32(2, ktg, qv, Tp, hs, i0, j0, srow, mx); break;
+                        default: qk_tile_f32(1, ktg, qv, Tp, hs, i0, j0, srow, mx); break;
                     }
                 }
                 float inv[4];
@@ -125,25 +143,29 @@ void causal_attention(const void *q, const int64_t *sq, const void *k, const int
                     const int nd = hs - d0 < 64 ? hs - d0 : 64;
                     __m512 acc[4][4];
                     for (int r = 0; r < 4; r++) for (int c = 0; c < 4; c++) acc[r][c] = _mm512_setzero_ps();
+                    __mmask16 mk[4];
+                    for (int c = 0; c < 4; c++)
+                        mk[c] = nd - c * 16 >= 16 ? 0xffff : nd <= c * 16 ? 0 : (__mmask16)((1u << (nd - c * 16)) - 1);
                     for (int j = 0; j <= last; j++) {
                         const float *vj = vg + (int64_t)j * hs + d0;
-                        __m512 p0 = _mm512_set1_ps(srow[j]), p1 = _mm512_set1_ps(srow[Tp + j]),
-                               p2 = _mm512_set1_ps(srow[2 * Tp + j]), p3 = _mm512_set1_ps(srow[3 * Tp + j]);
-                        for (int c = 0; c < 4; c++) {
-                            if (c * 16 >= nd) break;
-                            __mmask16 mk = nd - c * 16 >= 16 ? 0xffff : (__mmask16)((1u << (nd - c * 16)) - 1);
-                            __m512 vv = _mm512_maskz_loadu_ps(mk, vj + c * 16);
-                            acc[0][c] = _mm512_fmadd_ps(p0, vv, acc[0][c]);
-                            acc[1][c] = _mm512_fmadd_ps(p1, vv, acc[1][c]);
-                            acc[2][c] = _mm512_fmadd_ps(p2, vv, acc[2][c]);
-                            acc[3][c] = _mm512_fmadd_ps(p3, vv, acc[3][c]);
+                        __m512 p[4];
+                        for (int r = 0; r < 4; r++) p[r] = _mm512_set1_ps(srow[r * Tp + j]);
+                        for (int c = 0; c < 4; c++) {          /* absent head dims load zeros: no branch */
+                            __m512 vv = _mm512_maskz_loadu_ps(mk[c], vj + c * 16);
+                            for (int r = 0; r < 4; r++) acc[r][c] = _mm512_fmadd_ps(p[r], vv, acc[r][c]);
                         }
                     }
-                    for (int r = 0; r < nr; r++) {
-                        float o16[64];
-                        for (int c = 0; c < 4; c++) _mm512_storeu_ps(o16 + c * 16, acc[r][c]);
+                    #pragma GCC unroll 4
+                    for (int r = 0; r < 4; r++) {      /* unrolled: constant indices keep acc in registers */
+                        if (r >= nr) break;
                         int64_t o = (((int64_t)b * T + i0 + r) * nh + h) * hs + d0;
-                        for (int d = 0; d < nd; d++) st(out, o + d, bf, o16[d] * inv[r]);
+                        #pragma GCC unroll 4
+                        for (int c = 0; c < 4; c++) {
+                            __m512 y = round16(_mm512_mul_ps(acc[r][c], _mm512_set1_ps(inv[r])), bf);
+                            if (!bf) { _mm512_mask_storeu_ps((float *)out + o + c * 16, mk[c], y); continue; }
+                            __m256i yb = _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(y), 16));
+                            _mm256_mask_storeu_epi16((uint16_t *)out + o + c * 16, mk[c], yb);
+                        }
                     }
                 }
             }
@@ -160,8 +182,7 @@ void causal_attention(const void *q, const int64_t *sq, const void *k, const int
 int has_dpbf16(void) { return 1; }
 static inline uint32_t ld32(const uint16_t *p) { uint32_t u; memcpy(&u, p, 4); return u; }
 
-/* scores of rows i0..i0+3 for keys j0..j0+16*NK-1, scaled, causally masked, stored to srow, max into mx;
-   inlined with NK constant so the accumulators stay in registers */
+/* bf16: K as dim pairs (kpg[dp][j] = k[j][2dp..2dp+1]), q as pairs; scaled in the epilogue */
 static inline __attribute__((always_inline)) void qk_tile(const int NK, const uint32_t *kpg, const uint32_t *qv,
                                                           int Tp, int hp, int i0, int j0, float scale, float *srow,
                                                           __m512 *mx) {
@@ -175,15 +196,7 @@ static inline __attribute__((always_inline)) void qk_tile(const int NK, const ui
             for (int c = 0; c < NK; c++) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], qb, kv[c]);
         }
     }
-    for (int r = 0; r < 4; r++)
-        for (int c = 0; c < NK; c++) {                 /* key j visible to row i0 + r when j <= i0 + r */
-            int n = i0 + r - (j0 + 16 * c) + 1;
-            __mmask16 ok = n >= 16 ? 0xffff : n <= 0 ? 0 : (__mmask16)((1u << n) - 1);
-            __m512 sc = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), ok,
-                                           _mm512_mul_ps(acc[r][c], _mm512_set1_ps(scale)));
-            _mm512_storeu_ps(srow + r * Tp + j0 + 16 * c, sc);
-            mx[r] = _mm512_max_ps(mx[r], sc);
-        }
+    store_tile(NK, acc, Tp, i0, j0, scale, srow, mx);
 }
 
 void causal_attention_bf16(const uint16_t *q, const int64_t *sq, const uint16_t *k, const int64_t *sk,
@@ -194,15 +207,15 @@ void causal_attention_bf16(const uint16_t *q, const int64_t *sq, const uint16_t 
     #pragma omp parallel num_threads(threads)
     {
         #pragma omp for schedule(static)
-        for (int bg = 0; bg < B * nkv; bg++) {
-            int b = bg / nkv, g = bg % nkv;
+        for (int task = 0; task < B * nkv * (Tp / 64); task++) {   /* per KV head and 64 keys: pack K and V */
+            const int bg = task / (Tp / 64), j0 = task % (Tp / 64) * 64, b = bg / nkv, g = bg % nkv;
             uint32_t *kpg = kp + (int64_t)bg * hp * Tp, *vpg = vp + (int64_t)bg * (Tp / 2) * hs;
-            for (int j = 0; j < Tp; j++) {
-                const uint16_t *kj = k + b * sk[0] + g * sk[1] + (int64_t)j * sk[2];
-                for (int dp = 0; dp < hp; dp++) kpg[(int64_t)dp * Tp + j] = j < T ? ld32(kj + 2 * dp) : 0;
-            }
-            for (int jp = 0; jp < Tp / 2; jp++) {
-                const uint16_t *v0 = v + b * sv[0] + g * sv[1] + (int64_t)(2 * jp) * sv[2], *v1 = v0 + sv[2];
+            const uint16_t *kg = k + b * sk[0] + g * sk[1], *vgp = v + b * sv[0] + g * sv[1];
+            for (int dp = 0; dp < hp; dp++)
+                for (int j = j0; j < j0 + 64; j++)
+                    kpg[(int64_t)dp * Tp + j] = j < T ? ld32(kg + (int64_t)j * sk[2] + 2 * dp) : 0;
+            for (int jp = j0 / 2; jp < j0 / 2 + 32; jp++) {
+                const uint16_t *v0 = vgp + (int64_t)(2 * jp) * sv[2], *v1 = v0 + sv[2];
                 for (int d = 0; d < hs; d++)
                     vpg[(int64_t)jp * hs + d] = (2 * jp < T ? v0[d] : 0) | (uint32_t)(2 * jp + 1 < T ? v1[d] : 0) << 16;
             }
@@ -316,11 +329,10 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     if not (supports(q, k) and v.stride(-1) == 1 and v.dtype == q.dtype):
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=nkv != nh)  # (B, nh, T, hs)
         return y.transpose(1, 2).reshape(B, T, nh * hs)                                    # (B, T, nh·hs)
-    threads = torch.get_num_threads()
+    Tp, threads = -(-T // 64) * 64, torch.get_num_threads()                                 # Tp: keys padded
     out = torch.empty(B, T, nh * hs, dtype=q.dtype)                                         # (B, T, nh·hs)
     strides = [torch.tensor(t.stride()[:3], dtype=torch.int64) for t in (q, k, v)]
     if q.dtype == torch.bfloat16 and hs % 2 == 0 and _lib.has_dpbf16():
-        Tp = -(-T // 64) * 64
         kp = torch.empty(B * nkv * hs // 2 * Tp, dtype=torch.int32)                         # K as dim pairs
         vp = torch.empty(B * nkv * Tp // 2 * hs, dtype=torch.int32)                         # V as key pairs
         rows, prows = torch.empty(threads * 4 * Tp), torch.empty(threads * 4 * Tp, dtype=torch.bfloat16)
@@ -328,7 +340,6 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
                                    v.data_ptr(), strides[2].data_ptr(), out.data_ptr(), kp.data_ptr(), vp.data_ptr(),
                                    rows.data_ptr(), prows.data_ptr(), B, nh, nkv, T, hs, hs ** -0.5, threads)
         return out
-    Tp = -(-T // 16) * 16
     kt = torch.empty(B * nkv * hs * Tp)                                                     # K transposed
     vf = torch.empty(B * nkv * T * hs)                                                      # V widened
     rows = torch.empty(threads * 4 * Tp)
