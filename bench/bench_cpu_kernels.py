@@ -5,7 +5,8 @@ Each row times the kernel and its torch counterpart interleaved in the same run 
 
   - kernels/cpu_linear.py      oneDNN fp32 linear vs F.linear (MKL), forward and the backward dX form, 512 rows
   - kernels/cpu_attention.py   causal prefill attention vs SDPA, (1, 9 heads, 512, 64), 3 KV heads, fp32 and bf16
-  - kernels/cpu_ops.py         RMSNorm (512 x 576) and SwiGLU (512 x 2·1536) vs their torch forms, fp32 and bf16
+  - kernels/cpu_ops.py         RMSNorm (512 x 576), SwiGLU (512 x 2·1536) and RoPE on q (9 heads x 512 x 64) vs
+                               their torch forms, fp32 and bf16
   - kernels/cpu_decode.py      the whole batch-1 decode step vs the torch step, default model, 512 cached tokens
 
     python bench/bench_cpu_kernels.py [--repeats 5] [--iters 20] [--threads T] [--skip-decode]
@@ -73,6 +74,11 @@ def main() -> None:
                                           lambda: cpu_ops.rms_norm_ref(x, wn, 1e-5), r, n)
         gu = torch.randn(1, T, 2 * I, generator=g).to(dt)
         out[f"swiglu_{name}"] = compare(lambda: cpu_ops.swiglu(gu), lambda: cpu_ops.swiglu_ref(gu), r, n)
+        qr = torch.randn(1, T, NH, HS, generator=g).to(dt).transpose(1, 2)   # (1, nh, T, hs), as split from qkv
+        ang = torch.rand(1, T, HS // 2, generator=g) * T
+        cos, sin = (torch.cat((f(ang), f(ang)), -1).to(dt) for f in (torch.cos, torch.sin))
+        out[f"rotary_{name}"] = compare(lambda: cpu_ops.rotary(qr, cos, sin),
+                                        lambda: cpu_ops.rotary_ref(qr, cos, sin), r, n)
     if not args.skip_decode:
         from phiforge.engine import load_model
         from phiforge.engine.decode import DecodeStep

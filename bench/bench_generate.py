@@ -14,7 +14,9 @@ For each dtype (float32, bfloat16) and batch size (1, 8), with 512-token prompts
   - next_turn: a chat's next turn (the prompt, a reply, 32 new tokens): TTFT with the prefix cache and without;
   - ttft_floor: the prefill's projections alone (the same GEMMs, timed in the same run) and that time as a
     fraction of transformers' TTFT: a TTFT ratio below that fraction is out of reach for any attention or
-    overhead savings.
+    overhead savings. Also the prefill's arithmetic (GEMMs + causal attention, in GFLOP) over this CPU's
+    arithmetic peak in the dtype (12 independent FMA / bf16 dot-product chains a thread, timed here): the TTFT
+    ratio even a prefill at 100% of peak would reach.
 
 llama.cpp (llama-cpp-python on the GGUF the default model is converted from) runs in a child process when
 `--llama-python` names an interpreter that has it, or when this one does; it is never a dependency.
@@ -88,6 +90,63 @@ def prefill_matmul_floor_s(model: torch.nn.Module, T: int = PROMPT_LEN, repeats:
         model.lm_head(xs[cfg.hidden_size][-1:])
     run()
     return min(_timed(run) for _ in range(repeats))
+
+
+_PEAK_SRC = r"""
+#include <immintrin.h>
+#include <omp.h>
+/* 12 independent chains a thread of 512-bit FMAs (fp32) or bf16 dot products: the cores' arithmetic ceiling */
+void peak(long n, int bf, int threads, float *sink) {
+    #pragma omp parallel num_threads(threads)
+    {
+        __m512 acc[12];        /* distinct starting values, so the compiler cannot merge the chains */
+        for (int i = 0; i < 12; i++) acc[i] = _mm512_set1_ps((float)i);
+        __m512 x = _mm512_set1_ps(1e-3f);
+        if (bf)
+            for (long i = 0; i < n; i++) {
+                #pragma GCC unroll 12
+                for (int j = 0; j < 12; j++) acc[j] = _mm512_dpbf16_ps(acc[j], (__m512bh)x, (__m512bh)x);
+                __asm__ volatile("" : "+v"(x));
+            }
+        else
+            for (long i = 0; i < n; i++) {
+                #pragma GCC unroll 12
+                for (int j = 0; j < 12; j++) acc[j] = _mm512_fmadd_ps(acc[j], x, x);
+                __asm__ volatile("" : "+v"(x));
+            }
+        float total = 0;
+        for (int i = 0; i < 12; i++) total += _mm512_reduce_add_ps(acc[i]);
+        sink[omp_get_thread_num()] = total;
+    }
+}
+"""
+
+
+def arithmetic_peak_gflops(dtype: torch.dtype, n: int = 20_000_000) -> float | None:
+    """GFLOP/s of the CPU's widest multiply-add in `dtype` on all torch threads (None without a compiler or bf16
+    dot products): what no kernel can exceed."""
+    import ctypes
+
+    from phiforge.kernels import native
+    lib = native.build("bench_peak", _PEAK_SRC, need=("avx512f", "avx512_bf16"))
+    if lib is None:
+        return None
+    lib.peak.argtypes = [ctypes.c_long, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
+    bf, threads = int(dtype == torch.bfloat16), torch.get_num_threads()
+    sink = torch.zeros(threads)
+    lib.peak(n // 10, bf, threads, sink.data_ptr())
+    best = min(_timed(lambda: lib.peak(n, bf, threads, sink.data_ptr())) for _ in range(3))
+    return threads * n * 12 * (64 if bf else 32) / best / 1e9
+
+
+def prefill_gflop(cfg, T: int = PROMPT_LEN) -> float:
+    """Multiply-adds x 2 of a T-token prefill: every layer's projections, causal attention (q·k and p·v over the
+    T(T+1)/2 visible pairs of each head), and the lm_head on the last row."""
+    hs, nh, nkv, C, inter = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.hidden_size, \
+        cfg.intermediate_size
+    proj = C * (nh + 2 * nkv) * hs + nh * hs * C + C * 2 * inter + inter * C
+    attn = 2 * nh * hs * T * (T + 1) // 2
+    return 2 * (cfg.num_hidden_layers * (T * proj + attn) + C * cfg.vocab_size) / 1e9
 
 
 def next_turn_ttft(gen, prompt: list[int], repeats: int, reply: int = 32, turn: int = 32) -> dict:
@@ -249,7 +308,13 @@ def main() -> None:
             if batch == 1:
                 entry["next_turn"] = next_turn_ttft(ours, prompts[0], args.repeats)
                 floor = prefill_matmul_floor_s(ours.model)
-                entry["ttft_floor"] = {"prefill_matmuls_s": floor, "as_ratio_of_transformers_ttft": floor / t["ttft_s"]}
+                gflop, peak = prefill_gflop(ours.model.config), arithmetic_peak_gflops(dtype)
+                entry["ttft_floor"] = {"prefill_matmuls_s": floor, "as_ratio_of_transformers_ttft": floor / t["ttft_s"],
+                                       "prefill_gflop": gflop, "arithmetic_peak_gflops": peak}
+                if peak:
+                    entry["ttft_floor"].update({"at_peak_s": gflop / peak,
+                                                "at_peak_ratio_of_transformers_ttft": gflop / peak / t["ttft_s"],
+                                                "phiforge_prefill_fraction_of_peak": gflop / peak / p["ttft_s"]})
                 roof = report["copy_bandwidth_gbs"] * 1e9 / wbytes
                 entry["roofline"] = {"weight_bytes_per_token": wbytes, "roofline_tokens_per_s": roof,
                                      "fraction": p["decode_tokens_per_s"] / roof,
