@@ -46,7 +46,7 @@ starts from an empty cache.
 **Speed** (bench/bench_generate.py). Batch-1 decode is a chain of GEMVs bound by memory bandwidth: the step
 (engine/decode.py) runs the whole model in one native call (kernels/cpu_decode.py) where it can, else a lean
 torch step with a native GEMV (kernels/cpu_gemv.py). Prefill goes through model.forward, whose CPU inference path
-uses the native causal attention and the fused RMSNorm/SwiGLU (kernels/cpu_attention.py, cpu_ops.py) and, for
+uses the native causal attention and the fused RMSNorm/SwiGLU/RoPE (kernels/cpu_attention.py, cpu_ops.py) and, for
 fp32, oneDNN's GEMMs (kernels/cpu_linear.py). torch.compile was not kept: the issue's measurement on this CPU
 found a plain decode step slower compiled, and the static shapes it wants would mean attending over the whole
 cache every step.

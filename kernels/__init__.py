@@ -10,8 +10,8 @@
     cpu_linear.py  dense fp32 linear (forward and backward) through oneDNN on CPU: the model's projections
     cpu_decode.py  the whole dense decode step (all layers, lm_head, 1-16 rows) in one native call
     cpu_decode_attention.py  its attention: one query per (row, head) over the cache, fp32 and bf16 (dpbf16)
-    cpu_attention.py  causal prefill attention in C (the causal triangle only, fp32 inside)
-    cpu_ops.py     one-pass RMSNorm and SwiGLU for CPU inference
+    cpu_attention.py  causal prefill attention in C (the causal triangle only; bf16 on dpbf16)
+    cpu_ops.py     one-pass RMSNorm, SwiGLU and RoPE for CPU inference
     native.py      builds and caches the C kernels above with the system compiler (torch fallback)
     report.py      `phiforge kernels report`: ahead-of-time compiles for sm_80/86/89, registers/spills/smem
 

@@ -69,6 +69,30 @@ static inline __attribute__((always_inline)) void store_tile(const int NK, __m51
         }
 }
 
+/* masks of the (up to) four 16-lane vectors covering nd head dims; absent vectors get 0 (they load zeros) */
+static inline void dim_masks(int nd, __mmask16 *mk) {
+    for (int c = 0; c < 4; c++)
+        mk[c] = nd - c * 16 >= 16 ? 0xffff : nd <= c * 16 ? 0 : (__mmask16)((1u << (nd - c * 16)) - 1);
+}
+
+/* rows i0.. of y = acc / sum, rounded to the output dtype, row r at out + o + r * rstride; unrolled, so the
+   accumulators are indexed by constants and stay in registers */
+static inline __attribute__((always_inline)) void store_rows(__m512 acc[4][4], const float *inv, int nr, void *out,
+                                                             int64_t o, int64_t rstride, const __mmask16 *mk, int bf) {
+    #pragma GCC unroll 4
+    for (int r = 0; r < 4; r++) {
+        if (r >= nr) break;
+        #pragma GCC unroll 4
+        for (int c = 0; c < 4; c++) {
+            __m512 y = round16(_mm512_mul_ps(acc[r][c], _mm512_set1_ps(inv[r])), bf);
+            int64_t at = o + r * rstride + c * 16;
+            if (!bf) { _mm512_mask_storeu_ps((float *)out + at, mk[c], y); continue; }
+            __m256i yb = _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(y), 16));
+            _mm256_mask_storeu_epi16((uint16_t *)out + at, mk[c], yb);
+        }
+    }
+}
+
 /* fp32: K transposed (ktg[d][j]), q already scaled */
 static inline __attribute__((always_inline)) void qk_tile_f32(const int NK, const float *ktg, const float *qv, int Tp,
                                                               int hs, int i0, int j0, float *srow, __m512 *mx) {
@@ -144,8 +168,7 @@ void causal_attention(const void *q, const int64_t *sq, const void *k, const int
                     __m512 acc[4][4];
                     for (int r = 0; r < 4; r++) for (int c = 0; c < 4; c++) acc[r][c] = _mm512_setzero_ps();
                     __mmask16 mk[4];
-                    for (int c = 0; c < 4; c++)
-                        mk[c] = nd - c * 16 >= 16 ? 0xffff : nd <= c * 16 ? 0 : (__mmask16)((1u << (nd - c * 16)) - 1);
+                    dim_masks(nd, mk);
                     for (int j = 0; j <= last; j++) {
                         const float *vj = vg + (int64_t)j * hs + d0;
                         __m512 p[4];
@@ -155,18 +178,7 @@ void causal_attention(const void *q, const int64_t *sq, const void *k, const int
                             for (int r = 0; r < 4; r++) acc[r][c] = _mm512_fmadd_ps(p[r], vv, acc[r][c]);
                         }
                     }
-                    #pragma GCC unroll 4
-                    for (int r = 0; r < 4; r++) {      /* unrolled: constant indices keep acc in registers */
-                        if (r >= nr) break;
-                        int64_t o = (((int64_t)b * T + i0 + r) * nh + h) * hs + d0;
-                        #pragma GCC unroll 4
-                        for (int c = 0; c < 4; c++) {
-                            __m512 y = round16(_mm512_mul_ps(acc[r][c], _mm512_set1_ps(inv[r])), bf);
-                            if (!bf) { _mm512_mask_storeu_ps((float *)out + o + c * 16, mk[c], y); continue; }
-                            __m256i yb = _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(y), 16));
-                            _mm256_mask_storeu_epi16((uint16_t *)out + o + c * 16, mk[c], yb);
-                        }
-                    }
+                    store_rows(acc, inv, nr, out, (((int64_t)b * T + i0) * nh + h) * hs + d0, (int64_t)nh * hs, mk, bf);
                 }
             }
         }
@@ -263,8 +275,7 @@ void causal_attention_bf16(const uint16_t *q, const int64_t *sq, const uint16_t 
                     __m512 acc[4][4];
                     for (int r = 0; r < 4; r++) for (int c = 0; c < 4; c++) acc[r][c] = _mm512_setzero_ps();
                     __mmask16 mk[4];
-                    for (int c = 0; c < 4; c++)
-                        mk[c] = nd - c * 16 >= 16 ? 0xffff : nd <= c * 16 ? 0 : (__mmask16)((1u << (nd - c * 16)) - 1);
+                    dim_masks(nd, mk);
                     for (int jp = 0; jp < np; jp++) {
                         const uint32_t *vj = vpg + (int64_t)jp * hs + d0;
                         __m512bh p[4];
@@ -275,17 +286,7 @@ void causal_attention_bf16(const uint16_t *q, const int64_t *sq, const uint16_t 
                             for (int r = 0; r < 4; r++) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], p[r], vv);
                         }
                     }
-                    #pragma GCC unroll 4
-                    for (int r = 0; r < 4; r++) {      /* unrolled: constant indices keep acc in registers */
-                        if (r >= nr) break;
-                        int64_t o = (((int64_t)b * T + i0 + r) * nh + h) * hs + d0;
-                        #pragma GCC unroll 4
-                        for (int c = 0; c < 4; c++) {
-                            __m512 y = round16(_mm512_mul_ps(acc[r][c], _mm512_set1_ps(inv[r])), 1);
-                            __m256i yb = _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(y), 16));
-                            _mm256_mask_storeu_epi16(out + o + c * 16, mk[c], yb);
-                        }
-                    }
+                    store_rows(acc, inv, nr, out, (((int64_t)b * T + i0) * nh + h) * hs + d0, (int64_t)nh * hs, mk, 1);
                 }
             }
         }
