@@ -19,6 +19,9 @@ forward serves four callers:
   - packed training (positions restart per sample; `segment_ids` keep samples from seeing each other),
   - generation with a static KVCache (slots are cache indices; left-padded batches mark pad slots position -1),
   - sliding window (mini-4k): a query sees a key only when q_pos - k_pos < sliding_window, as transformers does.
+When none of that applies (no segments, no window in reach, no pad slots), the mask is causal by slot alone and
+none is built: attention runs `kernels/cpu_attention.causal_attention`, which also handles a chunk after cached
+tokens (native on CPU inference, SDPA otherwise).
 """
 from __future__ import annotations
 
@@ -131,7 +134,7 @@ class Phi3Attention(nn.Module):
             v = cache.v[self.layer_idx, :, :, :start + T]             # (B, nkv, S, hs)
         else:
             k = rotary(k, cos, sin)
-        if mask is None:  # pure causal from slot 0: the native CPU kernel for inference, else SDPA's fused path
+        if mask is None:  # causal by slot: the native CPU kernel for inference, else SDPA's fused path
             y = causal_attention(q, k, v)                             # (B, T, C)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=nkv != nh)
@@ -244,9 +247,9 @@ class Phi3ForCausalLM(nn.Module):
         cos, sin = self.rotary_emb(position_ids.clamp(min=0), long, self.dtype)  # (B, T, rd)
 
         window = cfg.sliding_window if cfg.sliding_window is not None and cfg.sliding_window < start + T else None
-        # An empty cache holds exactly these T keys, so a plain causal prefill still takes SDPA's fused path.
-        fresh = cache is None or start == 0
-        pure_causal = fresh and segment_ids is None and window is None and bool((position_ids >= 0).all())
+        # With no window, segments or empty (pad) slots, the mask is causal by slot alone: query t at slot start + t
+        # sees slots 0 … start + t, which the attention kernel does without a mask (a chunk after cached tokens too).
+        pure_causal = segment_ids is None and window is None and bool((k_pos >= 0).all())
         mask = None if pure_causal else build_mask(
             position_ids, k_pos, q_slot, torch.arange(start + T, device=dev), window, segment_ids, segment_ids)
 

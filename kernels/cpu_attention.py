@@ -18,10 +18,12 @@ Grouped-query heads read their KV head (h // rep) in place, and the output is wr
 layout o_proj takes, so no transpose copy follows. Work splits over (row, head, 32-query block) tasks, dynamically
 scheduled (later blocks have more keys).
 
-Only what a fresh prefill needs: causal from slot 0, no padding, window or packing masks (those keep SDPA), no
-autograd (training keeps SDPA), CPU tensors; without a compiler, SDPA runs.
+Keys may run ahead of the queries: with S keys and T ≤ S queries, query i sits at slot S − T + i and sees keys
+0 … S − T + i, the triangle aligned bottom-right — a prefill chunk after cached tokens (a long prompt's later
+chunks, a chat's next turn). Only causal masks: padding, window or packing masks keep SDPA, as do autograd
+(training), other devices, and machines without a compiler.
 
-Legend: B rows, T tokens, nh/nkv query/KV heads, hs head dim.
+Legend: B rows, T queries, S keys (≥ T), nh/nkv query/KV heads, hs head dim.
 """
 from __future__ import annotations
 
@@ -109,23 +111,23 @@ static inline __attribute__((always_inline)) void qk_tile_f32(const int NK, cons
     store_tile(NK, acc, Tp, i0, j0, 1.f, srow, mx);
 }
 
-/* q (B, nh, T, hs), k and v (B, nkv, T, hs) with any strides (in elements: sb, sh, st; the last dim is dense),
-   out (B, T, nh, hs) dense. kt: scratch B*nkv*hs*Tp floats (K transposed, Tp = T rounded up to 64), vf: scratch
-   B*nkv*T*hs floats (V widened), rows: scratch threads*4*Tp floats. */
+/* q (B, nh, T, hs), k and v (B, nkv, S, hs) with any strides (in elements: sb, sh, st; the last dim is dense),
+   S >= T, query i at slot S - T + i; out (B, T, nh, hs) dense. kt: scratch B*nkv*hs*Tp floats (K transposed, Tp = S
+   rounded up to 64), vf: scratch B*nkv*S*hs floats (V widened), rows: scratch threads*4*Tp floats. */
 void causal_attention(const void *q, const int64_t *sq, const void *k, const int64_t *sk, const void *v,
                       const int64_t *sv, void *out, float *kt, float *vf, float *rows, int B, int nh, int nkv,
-                      int T, int hs, float scale, int bf, int threads) {
-    const int Tp = (T + 63) / 64 * 64, rep = nh / nkv, nqb = (T + QBLOCK - 1) / QBLOCK;
+                      int T, int S, int hs, float scale, int bf, int threads) {
+    const int Tp = (S + 63) / 64 * 64, rep = nh / nkv, nqb = (T + QBLOCK - 1) / QBLOCK, start = S - T;
     #pragma omp parallel num_threads(threads)
     {
         #pragma omp for schedule(static)
         for (int task = 0; task < B * nkv * (Tp / 64); task++) {   /* per KV head and 64 keys: widen V, K^T */
             const int bg = task / (Tp / 64), j0 = task % (Tp / 64) * 64, b = bg / nkv, g = bg % nkv;
-            float *ktg = kt + (int64_t)bg * hs * Tp, *vg = vf + (int64_t)bg * T * hs;
+            float *ktg = kt + (int64_t)bg * hs * Tp, *vg = vf + (int64_t)bg * S * hs;
             for (int d = 0; d < hs; d++)
                 for (int t = j0; t < j0 + 64; t++)
-                    ktg[(int64_t)d * Tp + t] = t < T ? ld(k, b * sk[0] + g * sk[1] + t * sk[2] + d, bf) : 0.f;
-            for (int t = j0; t < j0 + 64 && t < T; t++)
+                    ktg[(int64_t)d * Tp + t] = t < S ? ld(k, b * sk[0] + g * sk[1] + t * sk[2] + d, bf) : 0.f;
+            for (int t = j0; t < j0 + 64 && t < S; t++)
                 for (int d = 0; d < hs; d++)
                     vg[(int64_t)t * hs + d] = ld(v, b * sv[0] + g * sv[1] + t * sv[2] + d, bf);
         }
@@ -134,9 +136,9 @@ void causal_attention(const void *q, const int64_t *sq, const void *k, const int
         for (int task = 0; task < B * nh * nqb; task++) {
             int qb = nqb - 1 - task % nqb, h = (task / nqb) % nh, b = task / (nqb * nh);   /* biggest first */
             int bg = b * nkv + h / rep;
-            const float *ktg = kt + (int64_t)bg * hs * Tp, *vg = vf + (int64_t)bg * T * hs;
+            const float *ktg = kt + (int64_t)bg * hs * Tp, *vg = vf + (int64_t)bg * S * hs;
             for (int i0 = qb * QBLOCK; i0 < T && i0 < (qb + 1) * QBLOCK; i0 += 4) {
-                const int nr = T - i0 < 4 ? T - i0 : 4, last = i0 + nr - 1, nk16 = last / 16 + 1;
+                const int nr = T - i0 < 4 ? T - i0 : 4, last = start + i0 + nr - 1, nk16 = last / 16 + 1;
                 float qv[4 * hs];
                 for (int r = 0; r < 4; r++)
                     for (int d = 0; d < hs; d++)
@@ -146,10 +148,10 @@ void causal_attention(const void *q, const int64_t *sq, const void *k, const int
                 for (int r = 0; r < 4; r++) mx[r] = _mm512_set1_ps(-INFINITY);
                 for (int j0 = 0; j0 <= last; j0 += 64) {
                     switch (nk16 - j0 / 16 < 4 ? nk16 - j0 / 16 : 4) {
-                        case 4: qk_tile_f32(4, ktg, qv, Tp, hs, i0, j0, srow, mx); break;
-                        case 3: qk_tile_f32(3, ktg, qv, Tp, hs, i0, j0, srow, mx); break;
-                        case 2: qk_tile_f32(2, ktg, qv, Tp, hs, i0, j0, srow, mx); break;
-                        default: qk_tile_f32(1, ktg, qv, Tp, hs, i0, j0, srow, mx); break;
+                        case 4: qk_tile_f32(4, ktg, qv, Tp, hs, start + i0, j0, srow, mx); break;
+                        case 3: qk_tile_f32(3, ktg, qv, Tp, hs, start + i0, j0, srow, mx); break;
+                        case 2: qk_tile_f32(2, ktg, qv, Tp, hs, start + i0, j0, srow, mx); break;
+                        default: qk_tile_f32(1, ktg, qv, Tp, hs, start + i0, j0, srow, mx); break;
                     }
                 }
                 float inv[4];
@@ -188,7 +190,7 @@ void causal_attention(const void *q, const int64_t *sq, const void *k, const int
 /* bf16 with head dims in pairs: both products on _mm512_dpbf16_ps (bf16 pairs in, fp32 sums), as SDPA's bf16 path
    does them: scores in fp32, p = exp(s - max) rounded to bf16 for p.V, the sum over fp32 p.
    kp: scratch B*nkv*(hs/2)*Tp u32 (K as dim pairs, key-major within a pair: kp[dp][j] = k[j][2dp..2dp+1]),
-   vp: scratch B*nkv*(Tp/2)*hs u32 (V as key pairs: vp[jp][d] = v[2jp..2jp+1][d]), Tp = T rounded up to 64,
+   vp: scratch B*nkv*(Tp/2)*hs u32 (V as key pairs: vp[jp][d] = v[2jp..2jp+1][d]), Tp = S rounded up to 64,
    pad keys zero; rows: threads*4*Tp floats; prow: threads*4*Tp bf16. */
 #ifdef __AVX512BF16__              /* -march=native on a CPU with avx512_bf16 */
 int has_dpbf16(void) { return 1; }
@@ -213,9 +215,9 @@ static inline __attribute__((always_inline)) void qk_tile(const int NK, const ui
 
 void causal_attention_bf16(const uint16_t *q, const int64_t *sq, const uint16_t *k, const int64_t *sk,
                            const uint16_t *v, const int64_t *sv, uint16_t *out, uint32_t *kp, uint32_t *vp,
-                           float *rows, uint16_t *prows, int B, int nh, int nkv, int T, int hs, float scale,
+                           float *rows, uint16_t *prows, int B, int nh, int nkv, int T, int S, int hs, float scale,
                            int threads) {
-    const int Tp = (T + 63) / 64 * 64, hp = hs / 2, rep = nh / nkv, nqb = (T + QBLOCK - 1) / QBLOCK;
+    const int Tp = (S + 63) / 64 * 64, hp = hs / 2, rep = nh / nkv, nqb = (T + QBLOCK - 1) / QBLOCK, start = S - T;
     #pragma omp parallel num_threads(threads)
     {
         #pragma omp for schedule(static)
@@ -225,11 +227,11 @@ void causal_attention_bf16(const uint16_t *q, const int64_t *sq, const uint16_t 
             const uint16_t *kg = k + b * sk[0] + g * sk[1], *vgp = v + b * sv[0] + g * sv[1];
             for (int dp = 0; dp < hp; dp++)
                 for (int j = j0; j < j0 + 64; j++)
-                    kpg[(int64_t)dp * Tp + j] = j < T ? ld32(kg + (int64_t)j * sk[2] + 2 * dp) : 0;
+                    kpg[(int64_t)dp * Tp + j] = j < S ? ld32(kg + (int64_t)j * sk[2] + 2 * dp) : 0;
             for (int jp = j0 / 2; jp < j0 / 2 + 32; jp++) {
                 const uint16_t *v0 = vgp + (int64_t)(2 * jp) * sv[2], *v1 = v0 + sv[2];
                 for (int d = 0; d < hs; d++)
-                    vpg[(int64_t)jp * hs + d] = (2 * jp < T ? v0[d] : 0) | (uint32_t)(2 * jp + 1 < T ? v1[d] : 0) << 16;
+                    vpg[(int64_t)jp * hs + d] = (2 * jp < S ? v0[d] : 0) | (uint32_t)(2 * jp + 1 < S ? v1[d] : 0) << 16;
             }
         }
         float *srow = rows + (int64_t)omp_get_thread_num() * 4 * Tp;
@@ -240,7 +242,7 @@ void causal_attention_bf16(const uint16_t *q, const int64_t *sq, const uint16_t 
             int bg = b * nkv + h / rep;
             const uint32_t *kpg = kp + (int64_t)bg * hp * Tp, *vpg = vp + (int64_t)bg * (Tp / 2) * hs;
             for (int i0 = qb * QBLOCK; i0 < T && i0 < (qb + 1) * QBLOCK; i0 += 4) {
-                const int nr = T - i0 < 4 ? T - i0 : 4, last = i0 + nr - 1, nk16 = last / 16 + 1;
+                const int nr = T - i0 < 4 ? T - i0 : 4, last = start + i0 + nr - 1, nk16 = last / 16 + 1;
                 uint32_t qv[4 * hp];
                 for (int r = 0; r < 4; r++)
                     for (int dp = 0; dp < hp; dp++)
@@ -251,10 +253,10 @@ void causal_attention_bf16(const uint16_t *q, const int64_t *sq, const uint16_t 
                 for (int r = 0; r < 4; r++) mx[r] = _mm512_set1_ps(-INFINITY);
                 for (int j0 = 0; j0 <= last; j0 += 64) {
                     switch (nk16 - j0 / 16 < 4 ? nk16 - j0 / 16 : 4) {
-                        case 4: qk_tile(4, kpg, qv, Tp, hp, i0, j0, scale, srow, mx); break;
-                        case 3: qk_tile(3, kpg, qv, Tp, hp, i0, j0, scale, srow, mx); break;
-                        case 2: qk_tile(2, kpg, qv, Tp, hp, i0, j0, scale, srow, mx); break;
-                        default: qk_tile(1, kpg, qv, Tp, hp, i0, j0, scale, srow, mx); break;
+                        case 4: qk_tile(4, kpg, qv, Tp, hp, start + i0, j0, scale, srow, mx); break;
+                        case 3: qk_tile(3, kpg, qv, Tp, hp, start + i0, j0, scale, srow, mx); break;
+                        case 2: qk_tile(2, kpg, qv, Tp, hp, start + i0, j0, scale, srow, mx); break;
+                        default: qk_tile(1, kpg, qv, Tp, hp, start + i0, j0, scale, srow, mx); break;
                     }
                 }
                 float inv[4];
@@ -307,30 +309,34 @@ def _load() -> ctypes.CDLL | None:
         _lib = native.build("cpu_attention", _SRC, need=("avx512f",))
         if _lib is not None:
             P, I = ctypes.c_void_p, ctypes.c_int
-            _lib.causal_attention.argtypes = [P] * 10 + [I] * 5 + [ctypes.c_float, I, I]
+            _lib.causal_attention.argtypes = [P] * 10 + [I] * 6 + [ctypes.c_float, I, I]
             _lib.causal_attention.restype = None
             _lib.exp_f32.argtypes = [P, I]
             if _lib.has_dpbf16():
-                _lib.causal_attention_bf16.argtypes = [P] * 11 + [I] * 5 + [ctypes.c_float, I]
+                _lib.causal_attention_bf16.argtypes = [P] * 11 + [I] * 6 + [ctypes.c_float, I]
                 _lib.causal_attention_bf16.restype = None
     return _lib
 
 
 def supports(q: torch.Tensor, k: torch.Tensor) -> bool:
     return (enabled and q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16)
-            and k.dtype == q.dtype and q.shape[2] == k.shape[2] and q.stride(-1) == 1 and k.stride(-1) == 1
+            and k.dtype == q.dtype and k.shape[2] >= q.shape[2] and q.stride(-1) == 1 and k.stride(-1) == 1
             and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)) and _load() is not None)
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """q (B, nh, T, hs), k, v (B, nkv, T, hs) → (B, T, nh·hs): causal softmax attention, scale hs^-½.
+    """q (B, nh, T, hs), k, v (B, nkv, S, hs), S ≥ T → (B, T, nh·hs): causal softmax attention, scale hs^-½, query
+    i at slot S − T + i (a chunk after S − T cached tokens) seeing keys 0 … S − T + i.
     SDPA (and a transpose) when `supports` says no."""
     B, nh, T, hs = q.shape
-    nkv = k.shape[1]
+    nkv, S = k.shape[1], k.shape[2]
     if not (supports(q, k) and v.stride(-1) == 1 and v.dtype == q.dtype):
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=nkv != nh)  # (B, nh, T, hs)
+        # SDPA's is_causal aligns the triangle top-left; a chunk after cached tokens needs it bottom-right
+        mask = None if S == T else torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=S == T,
+                                           enable_gqa=nkv != nh)                               # (B, nh, T, hs)
         return y.transpose(1, 2).reshape(B, T, nh * hs)                                    # (B, T, nh·hs)
-    Tp, threads = -(-T // 64) * 64, torch.get_num_threads()                                 # Tp: keys padded
+    Tp, threads = -(-S // 64) * 64, torch.get_num_threads()                                 # Tp: keys padded
     out = torch.empty(B, T, nh * hs, dtype=q.dtype)                                         # (B, T, nh·hs)
     strides = [torch.tensor(t.stride()[:3], dtype=torch.int64) for t in (q, k, v)]
     if q.dtype == torch.bfloat16 and hs % 2 == 0 and _lib.has_dpbf16():
@@ -339,22 +345,22 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
         rows, prows = torch.empty(threads * 4 * Tp), torch.empty(threads * 4 * Tp, dtype=torch.bfloat16)
         _lib.causal_attention_bf16(q.data_ptr(), strides[0].data_ptr(), k.data_ptr(), strides[1].data_ptr(),
                                    v.data_ptr(), strides[2].data_ptr(), out.data_ptr(), kp.data_ptr(), vp.data_ptr(),
-                                   rows.data_ptr(), prows.data_ptr(), B, nh, nkv, T, hs, hs ** -0.5, threads)
+                                   rows.data_ptr(), prows.data_ptr(), B, nh, nkv, T, S, hs, hs ** -0.5, threads)
         return out
     kt = torch.empty(B * nkv * hs * Tp)                                                     # K transposed
-    vf = torch.empty(B * nkv * T * hs)                                                      # V widened
+    vf = torch.empty(B * nkv * S * hs)                                                      # V widened
     rows = torch.empty(threads * 4 * Tp)
     _lib.causal_attention(q.data_ptr(), strides[0].data_ptr(), k.data_ptr(), strides[1].data_ptr(), v.data_ptr(),
                           strides[2].data_ptr(), out.data_ptr(), kt.data_ptr(), vf.data_ptr(), rows.data_ptr(),
-                          B, nh, nkv, T, hs, hs ** -0.5, int(q.dtype == torch.bfloat16), threads)
+                          B, nh, nkv, T, S, hs, hs ** -0.5, int(q.dtype == torch.bfloat16), threads)
     return out
 
 
 def causal_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """The same math in fp64 torch: (B, nh, T, hs) → (B, T, nh·hs) float64."""
+    """The same math in fp64 torch: q (B, nh, T, hs), k, v (B, nkv, S, hs) → (B, T, nh·hs) float64."""
     B, nh, T, hs = q.shape
-    rep = nh // k.shape[1]
-    k, v = k.double().repeat_interleave(rep, 1), v.double().repeat_interleave(rep, 1)        # (B, nh, T, hs)
-    s = q.double() @ k.transpose(-1, -2) * hs ** -0.5                                       # (B, nh, T, T)
-    s = s.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+    S, rep = k.shape[2], nh // k.shape[1]
+    k, v = k.double().repeat_interleave(rep, 1), v.double().repeat_interleave(rep, 1)        # (B, nh, S, hs)
+    s = q.double() @ k.transpose(-1, -2) * hs ** -0.5                                       # (B, nh, T, S)
+    s = s.masked_fill(torch.ones(T, S, dtype=torch.bool).triu(S - T + 1), float("-inf"))
     return (s.softmax(-1) @ v).transpose(1, 2).reshape(B, T, nh * hs)                       # (B, T, nh·hs)

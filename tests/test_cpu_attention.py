@@ -1,7 +1,7 @@
 """The native causal prefill attention equals the fp64 reference at least as closely as SDPA does in the same dtype,
 on odd shapes (T not a multiple of 4, 16 or 32; head dims below, between and above 64; GQA; strided K/V cache
-slices; key counts that end inside a 64-key tile; an odd head dim, which bf16 runs in the fp32 form), its vector
-exp matches torch.exp, and it steps aside for autograd."""
+slices; key counts that end inside a 64-key tile; an odd head dim, which bf16 runs in the fp32 form; chunks after
+cached tokens), its vector exp matches torch.exp, and it steps aside for autograd."""
 from __future__ import annotations
 
 import pytest
@@ -36,6 +36,29 @@ def test_matches_reference_like_sdpa(dtype, B, nh, nkv, T, hs):
     assert got.shape == (B, T, nh * hs) and got.dtype == dtype
     budget = (sdpa.double() - ref).abs().max().item()
     assert (got.double() - ref).abs().max().item() <= 1.5 * budget + (1e-6 if dtype == torch.float32 else 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B,nh,nkv,T,start,hs", [(1, 9, 3, 37, 64, 64), (2, 4, 2, 5, 70, 32), (1, 2, 1, 1, 129, 64),
+                                                 (1, 3, 3, 70, 3, 96), (1, 2, 2, 9, 40, 7)])
+def test_chunk_after_cached_tokens(dtype, B, nh, nkv, T, start, hs):
+    """A prefill chunk (or one decode row) after `start` cached tokens: query i at slot start + i sees keys
+    0 … start + i (the triangle aligned bottom-right), against the fp64 reference and SDPA with that mask."""
+    g = torch.Generator().manual_seed(start * 7 + T)
+    S = start + T
+    q = torch.randn(B, nh, T, hs, generator=g).to(dtype)
+    cache = torch.randn(2, B, nkv, S + 3, hs, generator=g).to(dtype)
+    k, v = cache[0, :, :, :S], cache[1, :, :, :S]
+    ref = causal_attention_ref(q, k, v)
+    mask = torch.ones(T, S, dtype=torch.bool).tril(start)
+    with torch.inference_mode():
+        got = causal_attention(q, k, v)
+        sdpa = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=nkv != nh)
+    sdpa = sdpa.transpose(1, 2).reshape(B, T, nh * hs)
+    budget = (sdpa.double() - ref).abs().max().item()
+    assert (got.double() - ref).abs().max().item() <= 1.5 * budget + (1e-6 if dtype == torch.float32 else 0)
+    fallback = causal_attention(q.requires_grad_(), k, v)        # autograd: the SDPA form of the same alignment
+    assert (fallback.double() - ref).abs().max().item() <= 1.5 * budget + 1e-6
 
 
 def test_vector_exp_matches_torch():
