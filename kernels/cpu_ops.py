@@ -175,12 +175,14 @@ def rotary_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """x (B, h, T, hs), cos/sin (B, T, rd) → RoPE(x) (B, h, T, hs), written into `out` when given (any strides
     with dense head dims, e.g. a KV-cache slice). Native for fp32/bf16 CPU inference, else `rotary_ref`."""
-    dense_last = x.stride(-1) == 1 and (out is None or out.stride(-1) == 1)
-    if not (dense_last and _native(cos, sin) and x.dtype == cos.dtype
-            and not (torch.is_grad_enabled() and x.requires_grad)):
+    B, H, T, hs = x.shape
+    # anything else (a cache of another dtype, broadcast cos/sin, autograd) takes the torch form, and copy_
+    # converts into `out` as an assignment would
+    fits = (x.stride(-1) == 1 and cos.shape[:2] == (B, T) and x.dtype == cos.dtype
+            and (out is None or (out.stride(-1) == 1 and out.dtype == x.dtype and out.shape == x.shape)))
+    if not (fits and _native(cos, sin) and not (torch.is_grad_enabled() and x.requires_grad)):
         y = rotary_ref(x, cos, sin)
         return y if out is None else out.copy_(y)
-    B, H, T, hs = x.shape
     y = torch.empty_like(x, memory_format=torch.contiguous_format) if out is None else out
     _lib.rotary(x.data_ptr(), *x.stride()[:3], cos.data_ptr(), sin.data_ptr(), y.data_ptr(), *y.stride()[:3],
                 B, H, T, hs, cos.shape[-1], int(x.dtype == torch.bfloat16), torch.get_num_threads())

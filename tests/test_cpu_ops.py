@@ -71,8 +71,17 @@ def test_rotary_bit_equal_into_strided_out(dtype, B, h, T, hs, rd):
     assert torch.equal(cache[:, :, 2:2 + T], ref) and cache[:, :, :2].isnan().all() and cache[:, :, 2 + T:].isnan().all()
 
 
-def test_rotary_autograd_takes_torch_form():
+def test_rotary_other_cases_take_torch_form():
+    """Autograd, cos/sin broadcast over the batch, and a destination of another dtype (a fp32 cache for a bf16
+    model) take the torch form, converting into `out` as an assignment does."""
     x = torch.randn(1, 2, 3, 8, requires_grad=True)
     cos, sin = torch.randn(1, 3, 8), torch.randn(1, 3, 8)
     rotary(x, cos, sin).sum().backward()
     assert x.grad is not None
+    xb = torch.randn(4, 2, 3, 8)
+    with torch.inference_mode():
+        assert torch.equal(rotary(xb, cos, sin), rotary_ref(xb, cos, sin))       # cos/sin (1, T, rd) broadcast
+        x16, c16, s16 = (t.to(torch.bfloat16) for t in (xb, cos.expand(4, 3, 8), sin.expand(4, 3, 8)))
+        out = torch.zeros(4, 2, 3, 8)
+        rotary(x16, c16.contiguous(), s16.contiguous(), out=out)
+        assert torch.equal(out, rotary_ref(x16, c16, s16).float())
