@@ -117,7 +117,9 @@ class Phi3Attention(nn.Module):
         self.o_proj = Linear(nh * hs, cfg.hidden_size, bias=False, device=device)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-                cache: KVCache | None = None) -> torch.Tensor:
+                cache: KVCache | None = None, keep: int | None = None) -> torch.Tensor:
+        """(B, T, C) → (B, T, C); with `keep`, K/V of all T tokens go to the cache but only the last `keep` queries
+        are attended and projected: (B, keep, C)."""
         B, T, _ = x.shape
         nh, nkv, hs = self.cfg.num_attention_heads, self.cfg.num_key_value_heads, self.cfg.head_dim
         qkv = self.qkv_proj(x)                                        # (B, T, (nh + 2 nkv) hs)
@@ -125,7 +127,11 @@ class Phi3Attention(nn.Module):
         q = q.view(B, T, nh, hs).transpose(1, 2)                      # (B, nh, T, hs)
         k = k.view(B, T, nkv, hs).transpose(1, 2)                     # (B, nkv, T, hs)
         v = v.view(B, T, nkv, hs).transpose(1, 2)                     # (B, nkv, T, hs)
-        q = rotary(q, cos, sin)
+        if keep is not None:
+            q = rotary(q[:, :, -keep:], cos[:, -keep:], sin[:, -keep:])  # (B, nh, keep, hs)
+            mask = None if mask is None else mask[:, :, -keep:]
+        else:
+            q = rotary(q, cos, sin)
         if cache is not None:  # rotated K goes straight into its cache slots
             start = cache.length
             rotary(k, cos, sin, out=cache.k[self.layer_idx, :, :, start:start + T])
@@ -138,7 +144,7 @@ class Phi3Attention(nn.Module):
             y = causal_attention(q, k, v)                             # (B, T, C)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=nkv != nh)
-            y = y.transpose(1, 2).reshape(B, T, nh * hs)              # (B, T, C)
+            y = y.transpose(1, 2).reshape(B, q.shape[2], nh * hs)     # (B, T, C)
         return self.o_proj(y)
 
 
@@ -160,8 +166,9 @@ class Phi3DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, device)
         self.mlp = Phi3MLP(cfg, device)
 
-    def forward(self, x, cos, sin, mask, cache=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+    def forward(self, x, cos, sin, mask, cache=None, keep=None):
+        h = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, keep)  # (B, keep or T, C)
+        x = x + h if keep is None else x[:, -keep:] + h
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -254,11 +261,12 @@ class Phi3ForCausalLM(nn.Module):
             position_ids, k_pos, q_slot, torch.arange(start + T, device=dev), window, segment_ids, segment_ids)
 
         x = self.model.embed_tokens(input_ids)                                    # (B, T, C)
-        for layer in self.model.layers:
+        last = len(self.model.layers) - 1
+        for i, layer in enumerate(self.model.layers):
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(layer, x, cos, sin, mask, cache, use_reentrant=False)
-            else:
-                x = layer(x, cos, sin, mask, cache)
+            else:  # the last layer computes only the rows whose logits are asked for (K/V still go to the cache)
+                x = layer(x, cos, sin, mask, cache, num_logits if i == last else None)
         if cache is not None:
             cache.length = start + T
         x = self.model.norm(x)

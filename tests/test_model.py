@@ -81,6 +81,29 @@ def test_kv_cache_equals_full_forward(tmp_path):
     assert (torch.cat(parts, 1) - full).abs().max().item() <= 1e-4
 
 
+@pytest.mark.parametrize("window", [None, 9])
+def test_num_logits_rows_and_cache_equal_full_forward(tmp_path, window):
+    """num_logits=n: the last layer attends and projects only the last n rows, yet every token's K/V reaches the
+    cache. Logits equal the full forward's last rows, and the steps after (a chunk after cached tokens, a decode
+    row) equal a cache filled by full forwards; with and without a window (the masked path), left padding too."""
+    make_hf_checkpoint(tmp_path, dict(sliding_window=window, num_key_value_heads=2))
+    model = load_model(tmp_path, dtype=torch.float32)
+    ids = torch.randint(0, TINY["vocab_size"], (2, 24), generator=torch.Generator().manual_seed(3))
+    pos = torch.arange(20).repeat(2, 1)
+    pos[1, :3] = -1                                                    # row 1 left-padded by 3
+    with torch.inference_mode():
+        full_cache, cache = model.new_cache(2, 24), model.new_cache(2, 24)
+        full = model(ids[:, :20], position_ids=pos, cache=full_cache)
+        got = model(ids[:, :20], position_ids=pos, cache=cache, num_logits=3)
+        assert got.shape == (2, 3, TINY["vocab_size"])
+        assert (got - full[:, -3:]).abs().max().item() <= 1e-5
+        assert torch.equal(cache.pos, full_cache.pos) and (cache.k - full_cache.k).abs().max().item() <= 1e-5
+        for t, c in ((20, 3), (23, 1)):                                # a 3-token chunk, then one decode row
+            p = pos[:, -1:] + torch.arange(1, c + 1) + (t - 20)
+            nxt, ref = (model(ids[:, t:t + c], position_ids=p, cache=k, num_logits=1) for k in (cache, full_cache))
+            assert (nxt - ref).abs().max().item() <= 1e-5
+
+
 def test_hf_config_forms_and_errors():
     base = {"architectures": ["Phi3ForCausalLM"], "model_type": "phi3", **TINY, "partial_rotary_factor": 0.5}
     new_form = {**base, "rope_parameters": {"rope_type": "longrope", "rope_theta": 5000.0, "short_factor": [1.0] * 4,
