@@ -4,16 +4,17 @@ torch's CPU flash-attention kernel (what `scaled_dot_product_attention(is_causal
 layer on the default model's 512-token prefill, a third of the whole prefill: it computes full query × key blocks
 and exponentiates the masked half too. This kernel does only the causal triangle, four query rows at a time:
 
-    s_j = (q · k_j) · hs^-½   for j ≤ i
-    p_j = exp(s_j − max_j s) / Σ_j exp(…)         fp32, kernels/native.py's vector exp (≤ 2 ulp)
-    y_i = Σ_j p_j v_j                              rounded once to the model dtype
+    s_j = (q_i · k_j) · hs^-½   for j ≤ S − T + i  (the query's own slot; S = T for a fresh prefill)
+    p_j = exp(s_j − max_j s) / Σ_j exp(…)           fp32, kernels/native.py's vector exp (≤ 2 ulp)
+    y_i = Σ_j p_j v_j                                rounded once to the model dtype
 
 fp32 (and bf16 with an odd head dim): everything in fp32 (bf16 widened exactly), K transposed once per KV head,
 4 query rows x 64 keys a tile (16 accumulators, each K load feeding four FMAs). bf16: both products on the CPU's
 bf16 dot-product instruction (_mm512_dpbf16_ps: a pair of bf16 products added into fp32), the way SDPA's bf16 path
 rounds — scores in fp32 (bf16 products are exact in fp32), exp(s − max) rounded to bf16 for p·v, the sum over the
 fp32 values; K packed as dim pairs, V as key pairs, the same tiles. At 512 tokens (9 heads, 3 KV heads, hs 64, 2
-threads): fp32 0.94 ms a layer, bf16 0.7 ms, SDPA 3.4-3.6 ms (bench/bench_cpu_kernels.py).
+threads): fp32 0.9 ms a layer, bf16 0.55-0.7 ms, SDPA 3.2-3.6 ms (bench/bench_cpu_kernels.py).
+
 Grouped-query heads read their KV head (h // rep) in place, and the output is written as (B, T, nh·hs), the
 layout o_proj takes, so no transpose copy follows. Work splits over (row, head, 32-query block) tasks, dynamically
 scheduled (later blocks have more keys).
