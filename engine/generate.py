@@ -10,9 +10,10 @@ One call runs its prompts as one batch:
      context: prompt + max_new_tokens > max_position_embeddings is a ValueError naming the prompt, before any
      compute. The LongRoPE regime is chosen here, per sequence, and never changes (below).
   2. **Prefill.** Prompts are left-padded to the longest one; pad tokens get position -1, which the model's mask
-     treats as empty slots, so each row computes exactly what it would alone. The prompt goes through the model in
-     chunks of `prefill_chunk` tokens (bounded activation memory; cancellation is checked between chunks); only the
-     last chunk goes through the lm_head, and only for its last position.
+     treats as empty slots, so each row computes what it would alone (exactly in fp32; in bf16 up to rounding:
+     padded rows take SDPA with a mask, a lone prompt the native attention, so a near-tie can flip). The prompt
+     goes through the model in chunks of `prefill_chunk` tokens (bounded activation memory; cancellation is
+     checked between chunks); only the last chunk goes through the lm_head, and only for its last position.
   3. **Decode.** One token per row per step into the next cache slot (engine/decode.py's step): sample
      (engine/sampling.py), detokenize (engine/detokenize.py), test the stop rules, check `cancel`, run the model on
      the (B, 1) new tokens. A row ends on any id of the full stop set (`tokenizer.stop_ids`: generation_config's
@@ -24,7 +25,9 @@ One call runs its prompts as one batch:
 while the sequence fits `original_max_position_embeddings`, long factors beyond. transformers decides *per forward*
 (from the largest position so far) and, the first time a sequence crosses the boundary, drops its KV cache and
 re-prefills everything with the long table. Here the regime is decided once, at admission, from the largest
-position the sequence can reach: long iff `prompt_len + max_new_tokens > original_max` (`rotary_emb.use_long`).
+position the model can be run at, prompt_len + max_new_tokens − 2 (the last new token is sampled, never fed back):
+long iff `prompt_len + max_new_tokens − 1 > original_max` (`rotary_emb.use_long`), the test transformers applies
+at that last forward, so a request that cannot cross the boundary gets exactly transformers' short-table result.
 The cache is then never recomputed (TTFT stays predictable and the cache static), at the price that a request
 *allowed* to cross the boundary but stopping early was computed with the long table from its first token, where
 transformers would have used the short one until the crossing. Prompts of one call that choose different regimes
@@ -66,6 +69,7 @@ Legend for shape comments: B batch rows, P padded prompt length, C prefill chunk
 """
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence, Union
@@ -116,6 +120,11 @@ def _is_ids(x: Any) -> bool:
     return isinstance(x, list) and len(x) > 0 and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
 
 
+def _last_position(r: _Request, max_new_tokens: int) -> int:
+    """The largest position the model runs for this request: the last new token is sampled, never fed back."""
+    return len(r.ids) + max_new_tokens - 2
+
+
 def _cancel_fn(cancel: Cancel) -> Callable[[], bool]:
     if cancel is None:
         return lambda: False
@@ -143,7 +152,7 @@ class Generator:
         self.prefix_cache = prefix_cache  # opt-in: a one-prompt call reuses the previous call's leading K/V
         self._cached_ids: list[int] = []  # the tokens whose K/V the cache holds, slot by slot (one-prompt calls)
         self.reused_tokens = 0            # how many prompt tokens the last call took from the cache
-        self._busy = False
+        self._busy = threading.Lock()     # one call at a time: the Generator owns one KV cache
 
     # ---- public API -----------------------------------------------------------------------------------------------
     def generate(self, prompts: Prompts, max_new_tokens: int = 256, temperature: float = 0.7,
@@ -155,7 +164,8 @@ class Generator:
         run = self._run(prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop, cancel)
         while True:
             try:
-                next(run)
+                with torch.inference_mode():
+                    next(run)
             except StopIteration as done:
                 return done.value
 
@@ -169,7 +179,10 @@ class Generator:
         run = self._run(prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop, cancel)
         while True:
             try:
-                i, piece = next(run)
+                # inference mode only while the loop runs: the caller's code between pieces (and a stream left
+                # unfinished, or resumed from another thread) keeps its own grad mode
+                with torch.inference_mode():
+                    i, piece = next(run)
             except StopIteration as done:
                 return done.value
             yield piece if single else (i, piece)
@@ -256,31 +269,29 @@ class Generator:
     # ---- the loop -------------------------------------------------------------------------------------------------
     def _run(self, prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop, cancel):
         """Yields (prompt index, text piece); returns the results. Validation happens before any compute."""
-        if self._busy:
+        if not self._busy.acquire(blocking=False):  # taken before admission, so two threads cannot both pass
             raise RuntimeError("this Generator is already running a call; use one Generator per thread")
-        t0 = time.perf_counter()
-        params = SamplingParams(temperature, top_k, top_p, repetition_penalty)
-        cancelled = _cancel_fn(cancel)
-        reqs = self._admit(prompts, max_new_tokens, seed, stop)
-        rope = self.model.rotary_emb
-        groups: dict[bool, list[_Request]] = {}
-        for r in reqs:
-            groups.setdefault(rope.use_long(len(r.ids) + max_new_tokens - 1), []).append(r)
-        self._busy = True
         try:
-            with torch.inference_mode():
-                for rope_long, group in groups.items():
-                    yield from self._run_group(group, max_new_tokens, params, rope_long, cancelled)
+            t0 = time.perf_counter()
+            params = SamplingParams(temperature, top_k, top_p, repetition_penalty)
+            cancelled = _cancel_fn(cancel)
+            reqs = self._admit(prompts, max_new_tokens, seed, stop)
+            rope = self.model.rotary_emb
+            groups: dict[bool, list[_Request]] = {}
+            for r in reqs:
+                groups.setdefault(rope.use_long(_last_position(r, max_new_tokens)), []).append(r)
+            for rope_long, group in groups.items():  # only a one-prompt call tracks (and reuses) its cache
+                yield from self._run_group(group, max_new_tokens, params, rope_long, cancelled, len(reqs) == 1)
         finally:
-            self._busy = False
+            self._busy.release()
         return [GenerationResult(
             text=r.detok.text, token_ids=r.out, finish_reason=r.finish or "cancelled", prompt_tokens=len(r.ids),
             ttft_s=(r.t_first - t0) if r.out else 0.0,
             decode_tokens_per_s=(len(r.out) - 1) / (r.t_last - r.t_first) if r.t_last > r.t_first else 0.0,
-            rope_long=rope.use_long(len(r.ids) + max_new_tokens - 1), cached_tokens=r.cached) for r in reqs]
+            rope_long=rope.use_long(_last_position(r, max_new_tokens)), cached_tokens=r.cached) for r in reqs]
 
     def _run_group(self, reqs: list[_Request], max_new: int, params: SamplingParams, rope_long: bool,
-                   cancelled: Callable[[], bool]) -> Iterator[tuple[int, str]]:
+                   cancelled: Callable[[], bool], one: bool) -> Iterator[tuple[int, str]]:
         model, B = self.model, len(reqs)
         P = max(len(r.ids) for r in reqs)
         ids = torch.zeros(B, P, dtype=torch.long)                     # (B, P) left-padded with id 0 (masked out)
@@ -296,9 +307,9 @@ class Generator:
             for b, r in enumerate(reqs):
                 seen[b, r.ids] = True
         gens = make_generators([r.seed for r in reqs])
-        one = B == 1  # only one-prompt calls track (and reuse) the cached tokens
         cache, start = self._new_cache(B, P + max_new, rope_long, reqs[0].ids if one else None)
-        self.reused_tokens = reqs[0].cached = start
+        reqs[0].cached = start
+        self.reused_tokens = start if one else 0
 
         # Prefill in chunks, from the first token the cache does not hold; only the last chunk's last position
         # needs logits.

@@ -237,6 +237,8 @@ class Phi3ForCausalLM(nn.Module):
         cfg = self.config
         B, T = input_ids.shape
         dev = input_ids.device
+        if num_logits is not None and num_logits < 1:  # x[:, -0:] would silently mean every row
+            raise ValueError(f"num_logits must be None or >= 1, got {num_logits}")
         start = cache.length if cache is not None else 0
         if cache is not None and start + T > cache.max_len:
             raise ValueError(f"KV cache overflow: {start} + {T} tokens > {cache.max_len} slots")

@@ -329,6 +329,10 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     """q (B, nh, T, hs), k, v (B, nkv, S, hs), S ≥ T → (B, T, nh·hs): causal softmax attention, scale hs^-½, query
     i at slot S − T + i (a chunk after S − T cached tokens) seeing keys 0 … S − T + i.
     SDPA (and a transpose) when `supports` says no."""
+    if not (q.dim() == k.dim() == 4 and k.shape == v.shape and q.shape[0] == k.shape[0] and q.shape[3] == k.shape[3]
+            and q.shape[1] % k.shape[1] == 0 and k.shape[2] >= q.shape[2]):
+        raise ValueError(f"causal_attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}: expected "
+                         "q (B, nh, T, hs) and k, v (B, nkv, S, hs) with nh a multiple of nkv and S >= T")
     B, nh, T, hs = q.shape
     nkv, S = k.shape[1], k.shape[2]
     if not (supports(q, k) and v.stride(-1) == 1 and v.dtype == q.dtype):

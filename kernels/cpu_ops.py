@@ -137,6 +137,8 @@ def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Ten
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x (..., C), weight (C,) → (..., C): native for fp32/bf16 CPU inference, else `rms_norm_ref`."""
+    if tuple(weight.shape) != (x.shape[-1],):
+        raise ValueError(f"rms_norm: weight {tuple(weight.shape)} for x {tuple(x.shape)}: expected ({x.shape[-1]},)")
     if not _native(x, weight):
         return rms_norm_ref(x, weight, eps)
     y = torch.empty_like(x)
@@ -153,6 +155,8 @@ def swiglu_ref(gate_up: torch.Tensor) -> torch.Tensor:
 
 def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
     """gate_up (..., 2I) → up · silu(gate) (..., I): native for fp32/bf16 CPU inference, else `swiglu_ref`."""
+    if gate_up.shape[-1] % 2:
+        raise ValueError(f"swiglu: gate_up {tuple(gate_up.shape)}: the last dim must be even (gate | up)")
     if not _native(gate_up):
         return swiglu_ref(gate_up)
     inter = gate_up.shape[-1] // 2
@@ -175,11 +179,17 @@ def rotary_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """x (B, h, T, hs), cos/sin (B, T, rd) → RoPE(x) (B, h, T, hs), written into `out` when given (any strides
     with dense head dims, e.g. a KV-cache slice). Native for fp32/bf16 CPU inference, else `rotary_ref`."""
+    if not (x.dim() == 4 and cos.dim() == 3 and cos.shape == sin.shape and cos.shape[0] in (1, x.shape[0])
+            and cos.shape[1] == x.shape[2] and cos.shape[2] % 2 == 0 and cos.shape[2] <= x.shape[3]
+            and (out is None or out.shape == x.shape)):
+        raise ValueError(f"rotary: x {tuple(x.shape)}, cos {tuple(cos.shape)}, sin {tuple(sin.shape)}"
+                         f"{'' if out is None else f', out {tuple(out.shape)}'}: expected x (B, h, T, hs), cos and "
+                         "sin (B or 1, T, rd) with rd even and <= hs, out shaped like x")
     B, H, T, hs = x.shape
     # anything else (a cache of another dtype, broadcast cos/sin, autograd) takes the torch form, and copy_
     # converts into `out` as an assignment would
     fits = (x.stride(-1) == 1 and cos.shape[:2] == (B, T) and x.dtype == cos.dtype
-            and (out is None or (out.stride(-1) == 1 and out.dtype == x.dtype and out.shape == x.shape)))
+            and (out is None or (out.stride(-1) == 1 and out.dtype == x.dtype)))
     if not (fits and _native(cos, sin) and not (torch.is_grad_enabled() and x.requires_grad)):
         y = rotary_ref(x, cos, sin)
         return y if out is None else out.copy_(y)

@@ -96,3 +96,14 @@ def test_bf16_form_built_where_the_cpu_has_it():
     with torch.inference_mode():
         got = causal_attention(q, k, v)
     assert (got.double() - ref).abs().max().item() <= 1.5 * (_sdpa(q, k, v).double() - ref).abs().max().item()
+
+
+@pytest.mark.parametrize("shapes", [((2, 2, 8, 16), (1, 2, 8, 16), (1, 2, 8, 16)),    # batch mismatch
+                                    ((1, 3, 8, 16), (1, 2, 8, 16), (1, 2, 8, 16)),    # nh not a multiple of nkv
+                                    ((1, 2, 8, 16), (1, 2, 8, 16), (1, 2, 9, 16)),    # v unlike k
+                                    ((1, 2, 9, 16), (1, 2, 8, 16), (1, 2, 8, 16)),    # more queries than keys
+                                    ((1, 2, 8, 16), (1, 2, 8, 8), (1, 2, 8, 8))])     # head dims differ
+def test_bad_shapes_are_errors_not_memory_reads(shapes):
+    q, k, v = (torch.randn(*s) for s in shapes)
+    with torch.inference_mode(), pytest.raises(ValueError, match="causal_attention"):
+        causal_attention(q, k, v)

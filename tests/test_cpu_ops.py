@@ -85,3 +85,18 @@ def test_rotary_other_cases_take_torch_form():
         out = torch.zeros(4, 2, 3, 8)
         rotary(x16, c16.contiguous(), s16.contiguous(), out=out)
         assert torch.equal(out, rotary_ref(x16, c16, s16).float())
+
+
+def test_bad_shapes_are_errors_not_memory_reads():
+    with torch.inference_mode():
+        with pytest.raises(ValueError, match="rms_norm"):
+            rms_norm(torch.randn(3, 16), torch.ones(8), 1e-5)
+        with pytest.raises(ValueError, match="swiglu"):
+            swiglu(torch.randn(3, 15))
+        x, cos = torch.randn(1, 2, 5, 8), torch.randn(1, 5, 16)              # rd 16 > hs 8
+        with pytest.raises(ValueError, match="rotary"):
+            rotary(x, cos, cos)
+        with pytest.raises(ValueError, match="rotary"):
+            rotary(x, cos[..., :8], cos[..., :6])                            # sin unlike cos
+        with pytest.raises(ValueError, match="rotary"):
+            rotary(x, cos[..., :8], cos[..., :8], out=torch.empty(1, 2, 4, 8))  # out unlike x

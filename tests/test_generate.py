@@ -47,6 +47,9 @@ TINY_CASES = {
     "longrope-short": (_longrope(8, orig=64), 20, None),                             # 20 + 32 <= 64: short
     "longrope-long": (_longrope(8, orig=64), 80, None),                              # prompt already > 64
     "longrope-crossing": (_longrope(8, orig=64), 40, "long"),                        # 40 + 32 > 64: long at admission
+    # the edge: the last forward runs position prompt + 32 - 2; transformers goes long iff that position + 1 > 64
+    "longrope-edge-short": (_longrope(8, orig=64), 33, None),                        # runs up to 63: short
+    "longrope-edge-long": (_longrope(8, orig=64), 34, "long"),                       # runs up to 64: long
 }
 
 
@@ -57,6 +60,8 @@ def test_tiny_greedy_equals_transformers(tmp_path, case):
     gen = Generator(load_model(tmp_path, dtype=torch.float32), StubTokenizer())
     prompt = _prompt(plen, 1)
     [res] = gen.generate(prompt, max_new_tokens=N_NEW, temperature=0)
+    if "longrope" in case:  # transformers' test at its last forward: position plen + N_NEW - 2, plus 1, > 64
+        assert res.rope_long == (plen + N_NEW - 1 > 64)
     if regime == "long":
         # transformers re-prefills with the long table when the sequence crosses original_max; phiforge uses the
         # long table from the first token. The same-regime reference: transformers with short_factor := long_factor.
@@ -291,3 +296,58 @@ def test_prefix_cache_next_turn_equals_a_fresh_run(tmp_path):
     assert warm.reused_tokens == 0
     warm.generate([first], **kw)
     assert warm.reused_tokens == 0 and cold.reused_tokens == 0
+
+
+def test_stream_keeps_the_callers_grad_mode_and_one_call_at_a_time(tiny):
+    """Inference mode is on only while the loop runs: between pieces, after a stream left unfinished, and when
+    a stream is resumed from another thread, the caller's grad mode is its own. A second call while one runs is
+    a RuntimeError, and the stream releases the Generator when closed."""
+    s = tiny.stream(_prompt(9, 1), max_new_tokens=20, temperature=0)
+    next(s)
+    assert not torch.is_inference_mode_enabled() and torch.is_grad_enabled()
+    with pytest.raises(RuntimeError, match="already running"):
+        tiny.generate(_prompt(5, 2), max_new_tokens=2, temperature=0)
+    pieces = []
+    t = threading.Thread(target=lambda: pieces.append(next(s)))     # resumed from another thread
+    t.start(); t.join()
+    assert pieces and not torch.is_inference_mode_enabled()
+    s.close()
+    w = torch.ones(2, requires_grad=True)
+    (w * 2).sum().backward()                                         # autograd still works here
+    assert w.grad is not None and tiny.generate(_prompt(5, 2), max_new_tokens=2, temperature=0)
+
+
+def test_a_second_call_during_admission_is_refused(tiny):
+    """The one-call guard is taken before admission (tokenizing, chat templates), so a second thread cannot slip
+    in while the first is still admitting and share the KV cache."""
+    entered, release = threading.Event(), threading.Event()
+
+    class SlowTokenizer(StubTokenizer):
+        def encode(self, text):
+            entered.set()
+            release.wait(10)
+            return [5, 6, 7]
+
+    gen = Generator(tiny.model, SlowTokenizer())
+    first = threading.Thread(target=lambda: gen.generate("slow", max_new_tokens=2, temperature=0))
+    first.start()
+    assert entered.wait(10)
+    try:
+        with pytest.raises(RuntimeError, match="already running"):
+            gen.generate(_prompt(4, 1), max_new_tokens=2, temperature=0)
+    finally:
+        release.set()
+        first.join()
+    assert gen.generate(_prompt(4, 1), max_new_tokens=2, temperature=0)
+
+
+def test_prefix_cache_is_never_used_by_a_batch_call_split_by_regime(tmp_path):
+    """A batch whose prompts choose different LongRoPE regimes runs as one-prompt sub-batches; it still neither
+    reuses cached tokens nor reports any."""
+    make_hf_checkpoint(tmp_path, _longrope(8, orig=64))
+    gen = Generator(load_model(tmp_path, dtype=torch.float32), StubTokenizer(), prefix_cache=True)
+    short, long = _prompt(10, 1), _prompt(50, 2)
+    gen.generate([short], max_new_tokens=4, temperature=0)           # the cache now holds `short`
+    rs = gen.generate([short + [9], long], max_new_tokens=24, temperature=0)
+    assert [r.rope_long for r in rs] == [False, True]
+    assert [r.cached_tokens for r in rs] == [0, 0] and gen.reused_tokens == 0

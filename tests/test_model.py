@@ -104,6 +104,14 @@ def test_num_logits_rows_and_cache_equal_full_forward(tmp_path, window):
             assert (nxt - ref).abs().max().item() <= 1e-5
 
 
+def test_num_logits_below_one_is_an_error(tmp_path):
+    make_hf_checkpoint(tmp_path, {})
+    model = load_model(tmp_path, dtype=torch.float32)
+    for n in (0, -2):  # x[:, -0:] would have meant every row
+        with pytest.raises(ValueError, match="num_logits"):
+            model(torch.tensor([[3, 4, 5]]), num_logits=n)
+
+
 def test_hf_config_forms_and_errors():
     base = {"architectures": ["Phi3ForCausalLM"], "model_type": "phi3", **TINY, "partial_rotary_factor": 0.5}
     new_form = {**base, "rope_parameters": {"rope_type": "longrope", "rope_theta": 5000.0, "short_factor": [1.0] * 4,

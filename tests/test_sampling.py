@@ -48,3 +48,10 @@ def test_greedy_and_bad_params():
     for bad in (dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(top_k=-1), dict(repetition_penalty=0)):
         with pytest.raises(ValueError):
             SamplingParams(**bad)
+
+
+@pytest.mark.parametrize("top_k", [2.5, True, -1, "3"])
+def test_bad_top_k_is_an_error_at_construction(top_k):
+    """Validation before any compute: a float, bool, negative or str top_k fails when the params are built."""
+    with pytest.raises(ValueError, match="top_k"):
+        SamplingParams(0.7, top_k)
