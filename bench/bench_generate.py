@@ -13,6 +13,8 @@ For each dtype (float32, bfloat16) and batch size (1, 8), with 512-token prompts
   - tokens_match: phiforge's greedy tokens equal transformers' (float32 only; bf16 rounding may differ);
   - next_turn: a chat's next turn (the prompt, a reply, 32 new tokens): TTFT with the prefix cache and without;
   - long_prompt: TTFT of a 1536-token prompt (three prefill chunks on phiforge's side), batch 1;
+  - nf4_bfloat16_batch1: the QLoRA base model served as is (NF4 weights, bf16 compute) vs transformers with
+    bitsandbytes' NF4, batch 1 (skipped with --no-nf4 or --quick, or without bitsandbytes);
   - ttft_floor: the prefill's projections alone (the same GEMMs, timed in the same run) and that time as a
     fraction of transformers' TTFT: a TTFT ratio below that fraction is out of reach for any attention or
     overhead savings. Also the prefill's arithmetic (GEMMs + causal attention, in GFLOP) over this CPU's
@@ -23,7 +25,7 @@ llama.cpp (llama-cpp-python on the GGUF the default model is converted from) run
 `--llama-python` names an interpreter that has it, or when this one does; it is never a dependency.
 
     python bench/bench_generate.py [--quick] [--threads T] [--ablations] [--new-tokens N] [--repeats R]
-                                   [--llama-python PATH]
+                                   [--llama-python PATH] [--no-nf4]
 """
 from __future__ import annotations
 
@@ -250,6 +252,33 @@ def run_llama_cpp(python: str, prompt: list[int], n: int, repeats: int) -> dict 
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def nf4_batch1(model_dir: str, tok, n: int, repeats: int) -> dict:
+    """QLoRA's base model served as is: NF4 weights (blocksize 64, double quant), bf16 compute, batch 1, against
+    transformers with bitsandbytes' NF4 (the same settings), interleaved."""
+    from phiforge.engine import Generator, load_model
+    from phiforge.engine.quant import quantize_model_
+    try:
+        import bitsandbytes  # noqa: F401  (transformers' 4-bit path)
+        from transformers import BitsAndBytesConfig, Phi3ForCausalLM
+    except ImportError:
+        return {"skipped": "bitsandbytes not installed"}
+    ours = Generator(quantize_model_(load_model(model_dir, dtype=torch.bfloat16)), tok)
+    ours.stop_ids = frozenset()
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                           bnb_4bit_compute_dtype=torch.bfloat16)
+    hf = Phi3ForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, quantization_config=q).eval()
+    prompts = make_prompts(tok, 1)
+    run_phiforge(ours, prompts, 4), run_transformers(hf, prompts, 4)
+    runs_p, runs_t = [], []
+    for _ in range(repeats):
+        runs_p.append(run_phiforge(ours, prompts, n))
+        runs_t.append(run_transformers(hf, prompts, n))
+    p = {k: _median(runs_p, k) for k in ("ttft_s", "decode_tokens_per_s")}
+    t = {k: _median(runs_t, k) for k in ("ttft_s", "decode_tokens_per_s")}
+    return {"phiforge": p, "transformers_bnb": t, "decode_speedup": p["decode_tokens_per_s"] / t["decode_tokens_per_s"],
+            "ttft_ratio": p["ttft_s"] / t["ttft_s"]}
+
+
 def _median(runs: list[dict], key: str) -> float:
     return statistics.median(r[key] for r in runs)
 
@@ -264,6 +293,7 @@ def main() -> None:
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     ap.add_argument("--llama-python", default=None, help="a Python with llama-cpp-python installed")
+    ap.add_argument("--no-nf4", action="store_true", help="skip the NF4 (QLoRA base) batch-1 comparison")
     ap.add_argument("--ablations", action="store_true",
                     help="batch 1 also without the native decode step, with SDPA for the prefill attention, and with "
                          "model.forward as the decode step")
@@ -341,6 +371,8 @@ def main() -> None:
                   f"TTFT {p['ttft_s'] * 1000:.0f} ms | transformers {t['decode_tokens_per_s']:.1f} tok/s, "
                   f"TTFT {t['ttft_s'] * 1000:.0f} ms", file=sys.stderr, flush=True)
         del ours, hf
+    if not args.no_nf4 and not args.quick:
+        report["nf4_bfloat16_batch1"] = nf4_batch1(args.model, tok, n, args.repeats)
     llama_py = args.llama_python
     if llama_py is None:
         import importlib.util

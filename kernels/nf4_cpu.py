@@ -4,7 +4,9 @@ Why native code on the CPU path: at M = 1 the dense bf16 GEMV streams 2 bytes pe
 unfused torch NF4 path first writes the whole dequantized W (2 bytes per weight) and then reads it back, so it can
 never come within 1.5x of dense; it needs the dequantize fused into the dot product. torch has no such op for a
 non-uniform 4-bit code (its int4 kernels are affine), so ~100 lines of C do it, compiled once with the system C
-compiler and called through ctypes (which releases the GIL, so row ranges run on threads).
+compiler and called through ctypes; row ranges split over torch's OpenMP threads inside the C call (a Python
+thread pool per call cost more than the GEMV itself at the default model's sizes: NF4 bf16 decode 36 tok/s with
+it, 70 without).
 
 The whole NF4 table is 16 fp32 values = one AVX-512 register, so the lookup is one `vpermps` per 16 weights:
 
@@ -19,8 +21,6 @@ Shape legend: M rows of x, N = out_features, K = in_features, n = N*K, nb = n / 
 from __future__ import annotations
 
 import ctypes
-from concurrent.futures import ThreadPoolExecutor
-
 import torch
 
 from phiforge.kernels import native
@@ -159,6 +159,35 @@ void nf4_gemv(const float *xe, const float *xo, int M, const uint8_t *packed, co
     else
         gemv_rows(xe, xo, M, packed, absmax, code, ncode, nabs, offset, dq, bs, nbs, N, K, n0, n1, y);
 }
+
+/* The two entry points: [0, total) in one chunk per thread, chunk edges multiples of `align` (16 output rows for
+   the GEMV, a block for the dequantize), one OpenMP region (torch's pool) instead of a fork/join in Python. */
+#define SPLIT(total, align, threads, BODY)                                                                  \
+    do {                                                                                                  \
+        int64_t step_ = ((total) + (threads) - 1) / (threads);                                            \
+        step_ = (step_ + (align) - 1) / (align) * (align);                                                \
+        if (step_ < (align)) step_ = (align);                                                             \
+        const int nchunks_ = (int)(((total) + step_ - 1) / step_);                                        \
+        _Pragma("omp parallel for num_threads(threads) schedule(static)")                                 \
+        for (int c_ = 0; c_ < nchunks_; c_++) {                                                           \
+            const int64_t lo_ = c_ * step_, hi_ = lo_ + step_ < (total) ? lo_ + step_ : (total);          \
+            BODY;                                                                                         \
+        }                                                                                                 \
+    } while (0)
+
+void nf4_gemv_all(const float *xe, const float *xo, int M, const uint8_t *packed, const void *absmax,
+                  const float *code, const float *ncode, const float *nabs, float offset, int dq, int bs, int nbs,
+                  int64_t N, int64_t K, float *y, int threads) {
+    SPLIT(N, 16, threads, nf4_gemv(xe, xo, M, packed, absmax, code, ncode, nabs, offset, dq, bs, nbs, N, K,
+                                   lo_, hi_, y));
+}
+
+void nf4_dequant_all(const uint8_t *packed, const void *absmax, const float *code, const float *ncode,
+                     const float *nabs, float offset, int dq, int bs, int nbs, int64_t total, void *out, int kind,
+                     int threads) {
+    SPLIT(total, bs, threads, nf4_dequant(packed, absmax, code, ncode, nabs, offset, dq, bs, nbs, lo_, hi_, out,
+                                          kind));
+}
 """
 
 # The fused GEMV wins while W's bytes dominate; its fp32 FMAs grow with M, and oneDNN's bf16 GEMM does not. Measured
@@ -166,7 +195,6 @@ void nf4_gemv(const float *xe, const float *xo, int M, const uint8_t *packed, co
 # dequantize + bf16 matmul ~9 ms at any small M, dense bf16 2.4-2.8 ms. So M <= 4 (the C code allows up to 8).
 GEMV_MAX_M = 4
 _lib: ctypes.CDLL | None | bool = False  # False: not tried yet; None: no compiler, use the torch fallback
-_pool: ThreadPoolExecutor | None = None
 
 
 def _load() -> ctypes.CDLL | None:
@@ -177,26 +205,12 @@ def _load() -> ctypes.CDLL | None:
     lib = native.build("nf4_cpu", _SRC)
     if lib is not None:
         P, I, L, F = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
-        lib.nf4_dequant.argtypes = [P, P, P, P, P, F, I, I, I, L, L, P, I]
-        lib.nf4_gemv.argtypes = [P, P, I, P, P, P, P, P, F, I, I, I, L, L, L, L, P]
+        lib.nf4_dequant_all.argtypes = [P, P, P, P, P, F, I, I, I, L, P, I, I]
+        lib.nf4_gemv_all.argtypes = [P, P, I, P, P, P, P, P, F, I, I, I, L, L, P, I]
         if not lib.nf4_has_fp16():
             _KIND.pop(torch.float16, None)
     _lib = lib
     return lib
-
-
-def _parallel(fn, total: int, align: int) -> None:
-    """Run fn(start, stop) over [0, total) in one chunk per torch thread, chunk edges multiples of `align`."""
-    global _pool
-    threads = max(1, torch.get_num_threads())
-    step = -(-total // threads // align) * align or align
-    chunks = [(s, min(s + step, total)) for s in range(0, total, step)]
-    if len(chunks) == 1:
-        fn(*chunks[0])
-        return
-    if _pool is None:
-        _pool = ThreadPoolExecutor(threads)
-    list(_pool.map(lambda c: fn(*c), chunks))
 
 
 def _w_args(w: NF4Weight) -> tuple:
@@ -213,9 +227,8 @@ def dequantize_into(w: NF4Weight, out: torch.Tensor) -> torch.Tensor:
     lib = _load()
     if lib is None or out.dtype not in _KIND or not out.is_contiguous():
         return out.copy_(dequantize_nf4_ref(w, out.dtype))
-    args = _w_args(w)
-    _parallel(lambda i0, i1: lib.nf4_dequant(*args, w.blocksize, w.nested_blocksize, i0, i1, out.data_ptr(),
-                                             _KIND[out.dtype]), w.numel, w.blocksize)
+    lib.nf4_dequant_all(*_w_args(w), w.blocksize, w.nested_blocksize, w.numel, out.data_ptr(), _KIND[out.dtype],
+                        torch.get_num_threads())
     return out
 
 
@@ -225,9 +238,8 @@ def _gemv(x: torch.Tensor, w: NF4Weight, lib: ctypes.CDLL) -> torch.Tensor:
     xe = x[:, 0::2].float().contiguous()  # (M, K/2) the weights in HIGH nibbles multiply these
     xo = x[:, 1::2].float().contiguous()  # (M, K/2)
     y = torch.empty(x.shape[0], N, dtype=torch.float32)
-    args = _w_args(w)
-    _parallel(lambda n0, n1: lib.nf4_gemv(xe.data_ptr(), xo.data_ptr(), x.shape[0], *args, w.blocksize,
-                                          w.nested_blocksize, N, K, n0, n1, y.data_ptr()), N, 16)
+    lib.nf4_gemv_all(xe.data_ptr(), xo.data_ptr(), x.shape[0], *_w_args(w), w.blocksize, w.nested_blocksize, N, K,
+                     y.data_ptr(), torch.get_num_threads())
     return y.to(x.dtype)
 
 
