@@ -19,9 +19,9 @@ the same KVCache, with:
   - plain dense projections through kernels/cpu_gemv.py's native GEMV at batch 1 (a swapped-in NF4/LoRA linear is
     called as its module, so it keeps its own kernel).
 
-With dense fp32/bf16 projections (and up to 16 rows) the whole step is one native call instead
+With dense fp32/bf16 projections (up to 16 rows) or NF4 ones (up to 4) the whole step is one native call instead
 (kernels/cpu_decode.py: same math, same roundings; bf16 172 vs 74 tok/s for this step, `bench_generate.py
---ablations`); this torch step serves batches, NF4 and LoRA models, and machines without a C compiler.
+--ablations`); this torch step serves larger batches, LoRA models, and machines without a C compiler.
 
 Prefill stays with `model.forward` (long query blocks amortise its setup). Decode and prefill write
 the same cache, so they can alternate freely. tests/test_decode.py checks logits against `model.forward`.

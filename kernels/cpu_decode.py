@@ -21,8 +21,13 @@ rounded to the model dtype (identity for fp32, round-to-nearest-even for bf16), 
     x   = R(x + R(R(R(silu(g)) · u) · W_downᵀ)),  (g, u) = R(xn₂ · W_gate_upᵀ)
 
 Only the summation order and exp's last ulp (kernels/native.py) differ from torch's kernels, so logits agree to
-rounding (tests/test_cpu_decode.py compares them with `model.forward` and with the torch decode step). Dense
-fp32/bf16 weights only: an NF4 or LoRA projection, more than MAX_BATCH rows, or a missing compiler keeps the
+rounding (tests/test_cpu_decode.py compares them with `model.forward` and with the torch decode step).
+
+Projections are dense fp32/bf16, or all NF4 (QLoRA's base model): then each projection runs kernels/nf4_cpu.py's
+fused dequantize-GEMV, the very code the torch step calls per NF4 linear, on the same row split, so the sums are
+the same; up to nf4_cpu.GEMV_MAX_M rows (beyond, the torch step dequantizes and runs a GEMM instead). NF4 reads a
+quarter of the bytes: 168 vs 81 tok/s through the torch step for the default model in bf16, 3.4x transformers +
+bitsandbytes (bench_generate.py). A LoRA projection, more than MAX_BATCH rows, or a missing compiler keeps the
 torch step.
 
 Legend: C hidden, nh/nkv query/KV heads, hs head dim, rd rotary dims, I intermediate, V vocabulary, S cache slots.
@@ -34,10 +39,11 @@ import ctypes
 import torch
 from torch import nn
 
-from phiforge.kernels import cpu_decode_attention, native
+from phiforge.kernels import cpu_decode_attention, native, nf4_cpu
 from phiforge.kernels.cpu_linear import is_plain
+from phiforge.kernels.nf4 import NF4Weight
 
-_SRC = native.VECMATH + r"""
+_SRC = native.VECMATH + nf4_cpu.SRC + r"""
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
@@ -52,7 +58,17 @@ typedef struct {
     int64_t *pos;                                                               /* (B, smax) */
     float *x, *xn, *qkv, *att, *proj, *gu, *mid, *scores;                       /* fp32 scratch, B rows */
     uint16_t *xb;                                                               /* bf16 GEMV input rows */
+    int nf4;                        /* the four projections are NF4: their pointers point at an NF4Desc each */
+    float *xe, *xo;                 /* NF4 GEMV input: even / odd columns of x, B rows */
 } Model;
+
+typedef struct {                    /* one NF4 weight (kernels/nf4.py's NF4Weight), for kernels/nf4_cpu.py's GEMV */
+    const uint8_t *packed;
+    const void *absmax;
+    const float *code, *ncode, *nabs;
+    float offset;
+    int dq, bs, nbs;
+} NF4Desc;
 
 static inline float bf2f(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
 static inline uint16_t f2bf(float f) {                   /* round to nearest even, NaN stays NaN: torch's */
@@ -175,6 +191,29 @@ static void gemv(const Model *m, const void *W, const float *x, float *y, int N,
     }
 }
 
+/* A decoder projection: the dense GEMV, or for an NF4 model kernels/nf4_cpu.py's fused dequantize-GEMV (the one
+   the torch step runs, so the same sums), 16 output rows a task, then y rounded to the model dtype as the torch
+   step's `.to(dtype)` does. */
+static void proj(const Model *m, const void *W, const float *x, float *y, int N, int K) {
+    if (!m->nf4) { gemv(m, W, x, y, N, K); return; }
+    const NF4Desc *d = (const NF4Desc *)W;
+    const int B = m->B, K2 = K / 2;
+    #pragma omp single
+    for (int b = 0; b < B; b++)
+        for (int k = 0; k < K2; k++) {
+            m->xe[(int64_t)b * K2 + k] = x[(int64_t)b * K + 2 * k];
+            m->xo[(int64_t)b * K2 + k] = x[(int64_t)b * K + 2 * k + 1];
+        }
+    #pragma omp for schedule(static)
+    for (int n0 = 0; n0 < N; n0 += 16) {
+        const int n1 = n0 + 16 < N ? n0 + 16 : N;
+        nf4_gemv(m->xe, m->xo, B, d->packed, d->absmax, d->code, d->ncode, d->nabs, d->offset, d->dq, d->bs,
+                 d->nbs, N, K, n0, n1, y);
+        for (int b = 0; b < B; b++)
+            for (int n = n0; n < n1; n++) y[(int64_t)b * N + n] = R(m, y[(int64_t)b * N + n]);
+    }
+}
+
 /* 16 values of a model-dtype array from index i (fewer when n < 16; the rest read as 0) as fp32 lanes */
 static inline __m512 load16(const Model *m, const void *p, int64_t i, int n) {
     __mmask16 mk = MASK16(n);
@@ -217,7 +256,7 @@ void decode_step(const Model *m, const int64_t *tokens, const int64_t *positions
             rmsnorm(m, m->in_norm[0], m->x, m->xn);
         }
         for (int l = 0; l < m->L; l++) {
-            gemv(m, m->qkv_w[l], m->xn, m->qkv, nqkv, C);
+            proj(m, m->qkv_w[l], m->xn, m->qkv, nqkv, C);
             #pragma omp single
             for (int b = 0; b < B; b++) {
                 const int64_t t = positions[b] * m->rd;
@@ -238,13 +277,13 @@ void decode_step(const Model *m, const int64_t *tokens, const int64_t *positions
                 (m->bf ? attend_bf16 : attend)(m, l, bh / nh, bh % nh, s, positions[bh / nh]);
             #pragma omp single
             prep(m, m->att, B * nh * hs);
-            gemv(m, m->o_w[l], m->att, m->proj, C, nh * hs);
+            proj(m, m->o_w[l], m->att, m->proj, C, nh * hs);
             #pragma omp single
             {
                 for (int i = 0; i < B * C; i++) m->x[i] = R(m, m->x[i] + m->proj[i]);
                 rmsnorm(m, m->post_norm[l], m->x, m->xn);
             }
-            gemv(m, m->gate_up_w[l], m->xn, m->gu, 2 * I, C);
+            proj(m, m->gate_up_w[l], m->xn, m->gu, 2 * I, C);
             #pragma omp single
             {
                 for (int b = 0; b < B; b++)                       /* mid = R(u · R(silu(g))) */
@@ -260,7 +299,7 @@ void decode_step(const Model *m, const int64_t *tokens, const int64_t *positions
                     }
                 prep(m, m->mid, B * I);
             }
-            gemv(m, m->down_w[l], m->mid, m->proj, C, I);
+            proj(m, m->down_w[l], m->mid, m->proj, C, I);
             #pragma omp single
             {
                 for (int i = 0; i < B * C; i++) m->x[i] = R(m, m->x[i] + m->proj[i]);
@@ -283,7 +322,8 @@ class _Model(ctypes.Structure):
                 + [("eps", ctypes.c_float), ("scale", ctypes.c_float)]
                 + [(n, ctypes.POINTER(_P)) for n in ("in_norm", "qkv_w", "o_w", "post_norm", "gate_up_w", "down_w")]
                 + [(n, _P) for n in ("final_norm", "lm_head", "embed", "cos", "sin", "k_cache", "v_cache", "pos",
-                                     "x", "xn", "qkv", "att", "proj", "gu", "mid", "scores", "xb")])
+                                     "x", "xn", "qkv", "att", "proj", "gu", "mid", "scores", "xb")]
+                + [("nf4", ctypes.c_int), ("xe", _P), ("xo", _P)])
 
 
 MAX_BATCH = 16                           # rows one step takes natively (weights stream once for all of them)
@@ -321,9 +361,12 @@ class NativeDecode:
                 or cache.k.dtype != dtype or cache.k.device.type != "cpu" or _load() is None:
             return None
         layers = list(model.model.layers)
-        mats = [[_dense(getattr(getattr(layer, part), name), dtype) for layer in layers]
-                for part, name in (("self_attn", "qkv_proj"), ("self_attn", "o_proj"),
-                                   ("mlp", "gate_up_proj"), ("mlp", "down_proj"))]
+        sites = [[getattr(getattr(layer, part), name) for layer in layers]
+                 for part, name in (("self_attn", "qkv_proj"), ("self_attn", "o_proj"),
+                                    ("mlp", "gate_up_proj"), ("mlp", "down_proj"))]
+        mats = [[_dense(mod, dtype) for mod in ms] for ms in sites]
+        if any(w is None for ws in mats for w in ws) and cache.k.shape[1] <= nf4_cpu.GEMV_MAX_M:
+            mats = [[nf4_cpu.decode_weight(mod) for mod in ms] for ms in sites]   # an NF4 model (all four projections)
         lm_head = _dense(model.lm_head, dtype)
         norms = [layer.input_layernorm for layer in layers] + [layer.post_attention_layernorm for layer in layers] \
             + [model.model.norm]
@@ -347,9 +390,16 @@ class NativeDecode:
                             proj=f32(B * C), gu=f32(B * 2 * inter), mid=f32(B * inter),
                             scores=f32(B * max(nh * cache.max_len, cfg.vocab_size)),
                             xb=torch.empty(B * max(C, inter, nh * hs), dtype=torch.int16))
+        nf4 = isinstance(mats[0][0], NF4Weight)
+        if nf4:  # the GEMV input split into even / odd columns
+            self.scratch.update(xe=f32(B * max(C, inter, nh * hs) // 2), xo=f32(B * max(C, inter, nh * hs) // 2))
         ptrs = lambda ts: (_P * len(ts))(*[t.data_ptr() for t in ts])  # noqa: E731
-        self._arrays = [ptrs(ws) for ws in mats] + [ptrs([l.input_layernorm.weight for l in layers]),
-                                                    ptrs([l.post_attention_layernorm.weight for l in layers])]
+        # NF4: each projection pointer points at its NF4Desc (kept alive in self._descs)
+        self._descs = [[nf4_cpu.Desc.of(w) for w in ws] for ws in mats] if nf4 else None
+        self._arrays = ([(_P * len(ds))(*[ctypes.addressof(d) for d in ds]) for ds in self._descs] if nf4
+                        else [ptrs(ws) for ws in mats])
+        self._arrays += [ptrs([l.input_layernorm.weight for l in layers]),
+                         ptrs([l.post_attention_layernorm.weight for l in layers])]
         qkv, o, gu, down, in_norm, post_norm = self._arrays
         embed = model.model.embed_tokens.weight
         self._keep = (model, cache, mats, lm_head, embed)  # every pointer below stays valid while this lives
@@ -360,7 +410,7 @@ class NativeDecode:
                         down_w=down, final_norm=model.model.norm.weight.data_ptr(), lm_head=lm_head.data_ptr(),
                         embed=embed.data_ptr(), cos=self.cos.data_ptr(), sin=self.sin.data_ptr(),
                         k_cache=cache.k.data_ptr(), v_cache=cache.v.data_ptr(), pos=cache.pos.data_ptr(),
-                        **{k: t.data_ptr() for k, t in self.scratch.items()})
+                        nf4=int(nf4), **{k: t.data_ptr() for k, t in self.scratch.items()})
         self.cache, self.dtype, self.vocab, self.batch = cache, dtype, cfg.vocab_size, B
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,7 @@ from phiforge.kernels import native
 from phiforge.kernels.cpu_linear import matmul_nt
 from phiforge.kernels.nf4 import NF4Weight, dequantize_nf4_ref
 
-_SRC = r"""
+SRC = r"""
 #include <stdint.h>
 #ifdef __AVX512F__
 #include <immintrin.h>
@@ -202,7 +202,7 @@ def _load() -> ctypes.CDLL | None:
     global _lib
     if _lib is not False:
         return _lib
-    lib = native.build("nf4_cpu", _SRC)
+    lib = native.build("nf4_cpu", SRC)
     if lib is not None:
         P, I, L, F = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
         lib.nf4_dequant_all.argtypes = [P, P, P, P, P, F, I, I, I, L, P, I, I]
@@ -253,3 +253,28 @@ def matmul(a: torch.Tensor, w: NF4Weight, trans_w: bool) -> torch.Tensor:
         return _gemv(a, w, lib)
     wd = dequantize_into_buffer(w, a.dtype)  # (N, K)
     return matmul_nt(a, wd.T if trans_w else wd)
+
+
+# ---- for kernels/cpu_decode.py's native step, which includes SRC and calls nf4_gemv per projection ----------------
+class Desc(ctypes.Structure):
+    """One NF4 weight as the C step reads it (the NF4Desc struct in kernels/cpu_decode.py)."""
+    _fields_ = ([(n, ctypes.c_void_p) for n in ("packed", "absmax", "code", "ncode", "nabs")]
+                + [("offset", ctypes.c_float)] + [(n, ctypes.c_int) for n in ("dq", "bs", "nbs")])
+
+    @classmethod
+    def of(cls, q: NF4Weight) -> "Desc":
+        dq = q.double_quant
+        return cls(packed=q.packed.data_ptr(), absmax=q.absmax.data_ptr(), code=q.code.data_ptr(),
+                   ncode=q.nested_code.data_ptr() if dq else None, nabs=q.nested_absmax.data_ptr() if dq else None,
+                   offset=float(q.offset), dq=int(dq), bs=q.blocksize, nbs=q.nested_blocksize)
+
+
+def decode_weight(module: torch.nn.Module) -> NF4Weight | None:
+    """The weight of an NF4Linear (engine/quant.py) whose one-row forward is `_gemv` above (K a whole number of
+    blocks, CPU tensors), so a native step calling the same C GEMV computes the same sums; else None."""
+    if type(module).__name__ != "NF4Linear" or module._forward_hooks or module._forward_pre_hooks:
+        return None
+    q = module.qweight
+    parts = [t for t in (q.packed, q.absmax, q.code, q.nested_code, q.nested_absmax) if t is not None]
+    ok = q.shape[1] % q.blocksize == 0 and all(t.device.type == "cpu" and t.is_contiguous() for t in parts)
+    return q if ok else None

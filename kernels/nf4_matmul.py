@@ -157,7 +157,9 @@ def dequantize_into_buffer(w: NF4Weight, dtype: torch.dtype) -> torch.Tensor:
     key = (w.device, dtype, threading.get_ident())
     buf = _BUFFERS.get(key)
     if buf is None or buf.numel() < w.numel:
-        buf = _BUFFERS[key] = torch.empty(w.numel, dtype=dtype, device=w.device)
+        with torch.inference_mode(False):  # a normal tensor even when first needed under inference mode (a
+            # generate call), so later in-place fills outside it (training) are allowed
+            buf = _BUFFERS[key] = torch.empty(w.numel, dtype=dtype, device=w.device)
     out = buf[: w.numel].view(w.shape)  # (N, K)
     if w.device.type == "cpu" and not use_triton(w.packed):
         return nf4_cpu.dequantize_into(w, out)

@@ -1,8 +1,9 @@
 """The native whole-step decode computes what the torch decode step computes (tests/test_decode.py holds that
 step, native, to model.forward): fp32 to fp32 rounding, bf16 no further from an fp32 reference than torch's own
 bf16 step; on odd shapes (K and N not multiples of the vector width, head dim 8), GQA, sliding window, partial
-rotary, tied embeddings, long rope, left-padded batches (more rows than one 8-row block); and it steps aside for
-what it does not cover (too many rows, NF4 or LoRA projections)."""
+rotary, tied embeddings, long rope, left-padded batches (more rows than one 8-row block); NF4 models (QLoRA's base)
+equal the torch step too; and it steps aside for what it does not cover (too many rows, LoRA projections, NF4
+weights the torch step dequantizes)."""
 from __future__ import annotations
 
 import pytest
@@ -93,8 +94,35 @@ def test_steps_aside_for_batches_nf4_and_lora(tmp_path):
     name, lin = next(model.linears())
     model.set_submodule(name, LoRALinear(lin, r=4, alpha=8))
     assert DecodeStep(model, model.new_cache(1, 8)).native is None                 # a LoRA projection
-    nf4 = quantize_model_(load_model(tmp_path, dtype=torch.float32))
-    assert DecodeStep(nf4, nf4.new_cache(1, 8)).native is None                     # NF4 projections
+    nf4 = quantize_model_(load_model(tmp_path, dtype=torch.float32))               # intermediate 96: K % 64 != 0
+    assert DecodeStep(nf4, nf4.new_cache(1, 8)).native is None                     # (the torch step dequantizes)
+
+
+# NF4 needs every K a whole number of 64-blocks: hidden 320 (5 heads of 64), intermediate 128, one KV head, window,
+# half rotary
+NF4_ODD = dict(ODD, hidden_size=320, intermediate_size=128)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", ["nf4-odd", "nf4-gqa"])
+def test_nf4_equals_torch_step(tmp_path, case, dtype):
+    """An NF4 model (QLoRA's base) runs natively with kernels/nf4_cpu.py's fused GEMV, the one the torch step calls
+    per projection, so the two agree to fp32 rounding (bf16: the same roundings in the same places); up to
+    nf4_cpu.GEMV_MAX_M rows, beyond which the torch step dequantizes instead and so does not go native."""
+    make_hf_checkpoint(tmp_path, NF4_ODD if case == "nf4-odd" else dict(VARIANTS["gqa"][0], intermediate_size=128))
+    model = quantize_model_(load_model(tmp_path, dtype=dtype))
+    vocab = model.config.vocab_size
+    prompt, steps = _ids(vocab, 13, 1), _ids(vocab, 20, 2)[0]
+    got, c1 = _run(model, prompt, steps, native=True)
+    ref, c2 = _run(model, prompt, steps, native=False)
+    assert (got - ref).abs().max().item() <= (1e-4 if dtype == torch.float32 else 1e-2 * ref.abs().max().item())
+    assert (c1.k.float() - c2.k.float()).abs().max().item() <= 1e-4 * max(1.0, c2.k.float().abs().max().item())
+    from phiforge.kernels import nf4_cpu
+    assert DecodeStep(model, model.new_cache(nf4_cpu.GEMV_MAX_M, 8)).native is not None
+    assert DecodeStep(model, model.new_cache(nf4_cpu.GEMV_MAX_M + 1, 8)).native is None
+    got, c1 = _run_batch(model, [7, 3, 9], 6, native=True, seed=4)               # left-padded rows
+    ref, c2 = _run_batch(model, [7, 3, 9], 6, native=False, seed=4)
+    assert (got - ref).abs().max().item() <= (1e-4 if dtype == torch.float32 else 1e-2 * ref.abs().max().item())
 
 
 def test_steps_aside_for_weights_it_cannot_read_flat(tmp_path):

@@ -172,3 +172,19 @@ def test_empty_batch(path_name, monkeypatch):
     w = _weight(17, 64)
     assert nf4_matmul(torch.randn(0, 64), w).shape == (0, 17)
     assert nf4_matmul_t(torch.randn(2, 0, 17), w).shape == (2, 0, 64)
+
+
+def test_buffer_first_made_under_inference_mode_serves_training_after(monkeypatch):
+    """The reused dequantize buffer, first allocated inside a generate call (inference mode), is a normal tensor:
+    the torch fallback's in-place fill and autograd still work outside inference mode afterwards."""
+    from phiforge.kernels import nf4_matmul as nm
+    monkeypatch.setattr(nm, "_BUFFERS", {})
+    w = _weight(48, 128, 64, True)
+    with torch.inference_mode():
+        nf4_matmul(_rand(17, 128, dtype=torch.float32), w)             # M > 4: dequantize into the buffer
+    monkeypatch.setattr(nf4_cpu, "_lib", None)                          # the torch fallback fills it in place
+    x = _rand(17, 128, dtype=torch.float32).requires_grad_()
+    y = nf4_matmul(x, w)
+    y.sum().backward()
+    assert x.grad is not None
+    assert_within_ref_error(y.detach(), nf4_matmul_ref(x.detach(), w), nf4_matmul_ref(x.detach().double(), w))
