@@ -21,6 +21,7 @@ Shape legend: M rows of x, N = out_features, K = in_features, n = N*K, nb = n / 
 from __future__ import annotations
 
 import ctypes
+
 import torch
 
 from phiforge.kernels import native
