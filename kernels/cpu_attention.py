@@ -57,8 +57,16 @@ static inline float ld(const void *p, int64_t i, int bf) {
     uint32_t u = (uint32_t)((const uint16_t *)p)[i] << 16; float f; memcpy(&f, &u, 4); return f;
 }
 
-/* a 4-row x 16*NK-key tile of scores: scaled, causally masked (key j visible to row i0 + r when j <= i0 + r),
-   stored to srow, max into mx. The tile functions are inlined with NK constant so accumulators stay in registers. */
+/* a 4-row x 16*NK-key tile of scores, i0 the slot of its first query row: scaled, causally masked (key j visible
+   to row r when j <= i0 + r), stored to srow, max into mx. The tile functions are inlined with NK constant so
+   accumulators stay in registers; BY_NK picks that constant, min(n, 4), at run time. */
+#define BY_NK(n, TILE, ...)                                                                                   \
+    switch ((n) < 4 ? (n) : 4) {                                                                              \
+        case 4: TILE(4, __VA_ARGS__); break;                                                                  \
+        case 3: TILE(3, __VA_ARGS__); break;                                                                  \
+        case 2: TILE(2, __VA_ARGS__); break;                                                                  \
+        default: TILE(1, __VA_ARGS__); break;                                                                 \
+    }
 static inline __attribute__((always_inline)) void store_tile(const int NK, __m512 acc[4][4], int Tp, int i0, int j0,
                                                              float scale, float *srow, __m512 *mx) {
     for (int r = 0; r < 4; r++)
@@ -147,14 +155,8 @@ void causal_attention(const void *q, const int64_t *sq, const void *k, const int
                 /* scores: four rows x up to 64 keys per tile, each K^T load feeding four FMAs */
                 __m512 mx[4];
                 for (int r = 0; r < 4; r++) mx[r] = _mm512_set1_ps(-INFINITY);
-                for (int j0 = 0; j0 <= last; j0 += 64) {
-                    switch (nk16 - j0 / 16 < 4 ? nk16 - j0 / 16 : 4) {
-                        case 4: qk_tile_f32(4, ktg, qv, Tp, hs, start + i0, j0, srow, mx); break;
-                        case 3: qk_tile_f32(3, ktg, qv, Tp, hs, start + i0, j0, srow, mx); break;
-                        case 2: qk_tile_f32(2, ktg, qv, Tp, hs, start + i0, j0, srow, mx); break;
-                        default: qk_tile_f32(1, ktg, qv, Tp, hs, start + i0, j0, srow, mx); break;
-                    }
-                }
+                for (int j0 = 0; j0 <= last; j0 += 64)
+                    BY_NK(nk16 - j0 / 16, qk_tile_f32, ktg, qv, Tp, hs, start + i0, j0, srow, mx)
                 float inv[4];
                 for (int r = 0; r < 4; r++) {           /* p = exp(s - max), masked keys give 0 */
                     __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx[r])), sum = _mm512_setzero_ps();
@@ -252,14 +254,8 @@ void causal_attention_bf16(const uint16_t *q, const int64_t *sq, const uint16_t 
                 /* scores: four rows x up to 64 keys per tile, each K load feeding four dot products */
                 __m512 mx[4];
                 for (int r = 0; r < 4; r++) mx[r] = _mm512_set1_ps(-INFINITY);
-                for (int j0 = 0; j0 <= last; j0 += 64) {
-                    switch (nk16 - j0 / 16 < 4 ? nk16 - j0 / 16 : 4) {
-                        case 4: qk_tile(4, kpg, qv, Tp, hp, start + i0, j0, scale, srow, mx); break;
-                        case 3: qk_tile(3, kpg, qv, Tp, hp, start + i0, j0, scale, srow, mx); break;
-                        case 2: qk_tile(2, kpg, qv, Tp, hp, start + i0, j0, scale, srow, mx); break;
-                        default: qk_tile(1, kpg, qv, Tp, hp, start + i0, j0, scale, srow, mx); break;
-                    }
-                }
+                for (int j0 = 0; j0 <= last; j0 += 64)
+                    BY_NK(nk16 - j0 / 16, qk_tile, kpg, qv, Tp, hp, start + i0, j0, scale, srow, mx)
                 float inv[4];
                 for (int r = 0; r < 4; r++) {           /* p = exp(s - max) in bf16; rows past the end get zeros */
                     __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx[r])), sum = _mm512_setzero_ps();
