@@ -385,14 +385,14 @@ class NativeDecode:
         C, hs, nh, nkv, inter = cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads, \
             cfg.intermediate_size
         self.cos, self.sin = cos.to(dtype).contiguous(), sin.to(dtype).contiguous()   # (S_max, rd)
-        B = cache.k.shape[1]
+        B, kmax = cache.k.shape[1], max(C, inter, nh * hs)    # kmax: the widest projection input
         self.scratch = dict(x=f32(B * C), xn=f32(B * C), qkv=f32(B * (nh + 2 * nkv) * hs), att=f32(B * nh * hs),
                             proj=f32(B * C), gu=f32(B * 2 * inter), mid=f32(B * inter),
                             scores=f32(B * max(nh * cache.max_len, cfg.vocab_size)),
-                            xb=torch.empty(B * max(C, inter, nh * hs), dtype=torch.int16))
+                            xb=torch.empty(B * kmax, dtype=torch.int16))
         nf4 = isinstance(mats[0][0], NF4Weight)
         if nf4:  # the GEMV input split into even / odd columns
-            self.scratch.update(xe=f32(B * max(C, inter, nh * hs) // 2), xo=f32(B * max(C, inter, nh * hs) // 2))
+            self.scratch.update(xe=f32(B * kmax // 2), xo=f32(B * kmax // 2))
         ptrs = lambda ts: (_P * len(ts))(*[t.data_ptr() for t in ts])  # noqa: E731
         # NF4: each projection pointer points at its NF4Desc (kept alive in self._descs)
         self._descs = [[nf4_cpu.Desc.of(w) for w in ws] for ws in mats] if nf4 else None
