@@ -108,6 +108,7 @@ class _Request:
     out: list[int] = field(default_factory=list)
     finish: str | None = None
     cached: int = 0
+    rope_long: bool = False  # the LongRoPE regime, chosen at admission
     t_first: float = 0.0
     t_last: float = 0.0
 
@@ -279,7 +280,8 @@ class Generator:
             rope = self.model.rotary_emb
             groups: dict[bool, list[_Request]] = {}
             for r in reqs:
-                groups.setdefault(rope.use_long(_last_position(r, max_new_tokens)), []).append(r)
+                r.rope_long = rope.use_long(_last_position(r, max_new_tokens))
+                groups.setdefault(r.rope_long, []).append(r)
             for rope_long, group in groups.items():  # only a one-prompt call tracks (and reuses) its cache
                 yield from self._run_group(group, max_new_tokens, params, rope_long, cancelled, len(reqs) == 1)
         finally:
@@ -288,7 +290,7 @@ class Generator:
             text=r.detok.text, token_ids=r.out, finish_reason=r.finish or "cancelled", prompt_tokens=len(r.ids),
             ttft_s=(r.t_first - t0) if r.out else 0.0,
             decode_tokens_per_s=(len(r.out) - 1) / (r.t_last - r.t_first) if r.t_last > r.t_first else 0.0,
-            rope_long=rope.use_long(_last_position(r, max_new_tokens)), cached_tokens=r.cached) for r in reqs]
+            rope_long=r.rope_long, cached_tokens=r.cached) for r in reqs]
 
     def _run_group(self, reqs: list[_Request], max_new: int, params: SamplingParams, rope_long: bool,
                    cancelled: Callable[[], bool], one: bool) -> Iterator[tuple[int, str]]:
