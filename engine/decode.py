@@ -24,7 +24,7 @@ With dense fp32/bf16 projections (up to 16 rows) or NF4 ones (up to 4) the whole
 --ablations`); this torch step serves larger batches, LoRA models, and machines without a C compiler.
 
 Prefill stays with `model.forward` (long query blocks amortise its setup). Decode and prefill write
-the same cache, so they can alternate freely. tests/test_decode.py checks logits against `model.forward`.
+the same cache, so they can alternate freely. tests/engine/test_decode.py checks logits against `model.forward`.
 
 Legend: B rows, C hidden, nh/nkv query/KV heads, rep = nh/nkv, hs head dim, rd rotary dims, S cache slots used,
 V vocabulary.

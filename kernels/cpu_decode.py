@@ -21,7 +21,7 @@ rounded to the model dtype (identity for fp32, round-to-nearest-even for bf16), 
     x   = R(x + R(R(R(silu(g)) · u) · W_downᵀ)),  (g, u) = R(xn₂ · W_gate_upᵀ)
 
 Only the summation order and exp's last ulp (kernels/native.py) differ from torch's kernels, so logits agree to
-rounding (tests/test_cpu_decode.py compares them with `model.forward` and with the torch decode step).
+rounding (tests/kernels/test_cpu_decode.py compares them with `model.forward` and with the torch decode step).
 
 Projections are dense fp32/bf16, or all NF4 (QLoRA's base model): then each projection runs kernels/nf4_cpu.py's
 fused dequantize-GEMV, the very code the torch step calls per NF4 linear, on the same row split, so the sums are

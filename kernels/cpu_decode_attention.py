@@ -14,7 +14,7 @@ q and p are bf16-exact (R-rounded), so both products go through _mm512_dpbf16_ps
 interleaved (unpacklo/hi_epi16) so each lane holds (v_j[d], v_j+1[d]). At 512 cached tokens that took the default
 model's bf16 batch-1 step from 7.1 to 5.0 ms. Same roundings in both; only summation order differs.
 
-Tests: tests/test_cpu_decode.py (both forms against the torch decode step and model.forward, head dims 8-96).
+Tests: tests/kernels/test_cpu_decode.py (both forms against the torch decode step and model.forward, head dims 8-96).
 """
 SRC = r"""
 /* a key in slot with position kp is hidden from a query at `position`: an empty or pad slot (kp = -1), or older

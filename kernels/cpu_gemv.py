@@ -13,7 +13,7 @@ M = 1 (MKL sgemv for fp32, oneDNN for bf16) leaves a lot on the table here; this
 Four rows are done at once so one load of x feeds four independent accumulators (no FMA latency chain). Only
 M = 1 (batch-1 decode) runs here; a variant looping over up to 8 rows of x was slower than oneDNN at M = 8.
 Accumulation is in fp32 in both dtypes, like torch's kernels; only the summation order differs, so
-results agree to rounding (tests/test_cpu_gemv.py).
+results agree to rounding (tests/kernels/test_cpu_gemv.py).
 
 It is C, compiled on first use and cached by kernels/native.py, and called through ctypes. No compiler, no AVX-512
 (BF16), M > 1 or a non-contiguous weight: `linear` falls back to `torch.nn.functional.linear`.

@@ -12,7 +12,7 @@ through memory, and the bf16 ones convert on each pass. Fused, each element is r
 
 R(v) rounds to the activation dtype (identity for fp32, round-to-nearest-even for bf16), at the places torch
 rounds, so the results equal the torch forms up to summation order (the mean) and exp's last ulp
-(tests/test_cpu_ops.py; RoPE has no sum or exp, so it is bit-equal). Rows split over the OpenMP threads. Training
+(tests/kernels/test_cpu_ops.py; RoPE has no sum or exp, so it is bit-equal). Rows split over the OpenMP threads. Training
 and anything else keep the torch forms: these functions fall back to them under autograd, on other devices and
 dtypes, or without a compiler.
 

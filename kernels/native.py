@@ -21,7 +21,7 @@ from pathlib import Path
 
 # Prepended to the kernels that exponentiate (softmax, SiLU): exp(x) for 16 fp32 lanes, Cody-Waite reduction
 # x = n·ln2 + r (ln2 in two parts, so n·hi is exact) and a degree-6 Taylor polynomial on |r| ≤ ln2/2, then 2^n
-# by scalef: ≤ 2 ulp (tests/test_cpu_attention.py against torch.exp), 0 below -87, inf above ~88.7, NaN kept.
+# by scalef: ≤ 2 ulp (tests/kernels/test_cpu_attention.py against torch.exp), 0 below -87, inf above ~88.7, NaN kept.
 # round16(v, bf): 16 lanes rounded to bf16 precision (nearest even, NaN kept) when bf, as torch rounds.
 VECMATH = r"""
 #include <immintrin.h>

@@ -28,7 +28,7 @@ Both steps round as bitsandbytes' reference (pure-torch "default" backend) does:
 midpoints. The 4-bit step is also what bitsandbytes' CPU build runs. For the 8-bit nested step its CPU build uses a
 native kernel that looks codes up on a 2**-15 grid instead of rounding to the nearest code; it differs from the
 reference (and from us) on ~0.15% of the absmax codes, by one or two codes. Checkpoints written by it load
-exactly (we read its codes); only re-quantizing a weight can differ in those codes. tests/test_nf4.py pins both facts.
+exactly (we read its codes); only re-quantizing a weight can differ in those codes. tests/kernels/test_nf4.py pins both facts.
 
 Shape legend: N = out_features, K = in_features, n = N*K, nb = ceil(n / blocksize) blocks,
 nnb = ceil(nb / nested_blocksize) nested groups.

@@ -1,25 +1,72 @@
-"""Tiny random Phi-3 checkpoints for the LoRA / data / training tests (transformers writes them, phiforge loads them).
+"""Tiny random Phi-3 checkpoints, written by transformers and loaded by phiforge: the one factory every test uses.
 
-Shared by tests/test_lora.py, tests/test_data.py and tests/test_train.py; the tiny shapes keep the whole suite
-in seconds. `with_tokenizer=True` copies the default model's tokenizer files and sizes the vocab to match, so real
-chat data can be tokenized; the weights stay random.
+One base config, `TINY`. Two shapes of weights on top of it:
+- `make_hf_checkpoint(dir, overrides)`: transformers' own init with random norm weights (a wrong norm order cannot
+  hide behind ones), for parity tests against transformers (model, loader, decode, generation); `VARIANTS` are the
+  Phi-3 family's features on that base.
+- `hf_phi3` / `save_tiny`: the LoRA/training shape (`LORA_TINY`: GQA, no sliding window, vocab 128) with fatter
+  N(0, 0.08) weights, so a few LoRA steps move the logits visibly; `with_tokenizer=True` copies the default model's
+  tokenizer and sizes the vocab to it, so real chat data can be tokenized (the weights stay random).
 """
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Phi3Config, Phi3ForCausalLM
 
-TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=512, rope_theta=10000.0, pad_token_id=0,
-            bos_token_id=1, eos_token_id=2, sliding_window=None, tie_word_embeddings=False)
+from phiforge.engine.fetch import default_model_path
+from phiforge.engine.loader import copy_auxiliary_files
+from phiforge.engine.tokenizer import load_tokenizer
+
+TINY = dict(vocab_size=211, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=256, original_max_position_embeddings=256, pad_token_id=0, bos_token_id=1,
+            eos_token_id=2)
+LORA_TINY = dict(vocab_size=128, num_key_value_heads=2, max_position_embeddings=512,
+                 original_max_position_embeddings=512, rope_theta=10000.0, sliding_window=None,
+                 tie_word_embeddings=False)
+
+
+def longrope(rotary_half: int, orig: int = 32, max_pos: int = 256) -> dict:
+    """LongRoPE overrides with random short/long factors (seeded) for a rotary half-width."""
+    g = torch.Generator().manual_seed(3)
+    short = (1 + torch.rand(rotary_half, generator=g)).tolist()
+    long = (1 + 8 * torch.rand(rotary_half, generator=g)).tolist()
+    return dict(original_max_position_embeddings=orig, max_position_embeddings=max_pos,
+                rope_scaling={"type": "longrope", "short_factor": short, "long_factor": long})
+
+
+VARIANTS = {
+    # mini-4k: sliding window, sequence longer than the window
+    "mini-4k-window": (dict(sliding_window=15), 40),
+    # 128k LongRoPE, below and above original_max_position_embeddings (32 here)
+    "longrope-short": (longrope(8), 20),
+    "longrope-long": (longrope(8), 70),
+    "longrope-legacy-su": (longrope(8), 50),  # config.json rewritten by the test to say "su", as old hub files do
+    # medium: grouped-query attention
+    "gqa": (dict(num_key_value_heads=2), 33),
+    # Phi-4-mini: partial rotary, tied embeddings, GQA, longrope
+    "partial-tied": ({**dict(partial_rotary_factor=0.75, tie_word_embeddings=True, num_key_value_heads=2),
+                      **longrope(6)}, 45),
+}
+
+
+def make_hf_checkpoint(path, overrides: dict, dtype=torch.float32, seed: int = 0) -> Phi3ForCausalLM:
+    """Save a transformers Phi-3 of `TINY` + `overrides` to `path`; returns the transformers model."""
+    torch.manual_seed(seed)
+    hf = Phi3ForCausalLM(Phi3Config(**{**TINY, **overrides})).to(dtype).eval()
+    with torch.no_grad():
+        for n, p in hf.named_parameters():
+            if "norm" in n:
+                p.uniform_(0.5, 1.5)
+    hf.save_pretrained(path)
+    return hf
 
 
 def hf_phi3(vocab_size: int = 128, seed: int = 0, lm_head_std: float | None = None, **overrides):
-    from transformers import Phi3Config, Phi3ForCausalLM
-
+    """An in-memory transformers Phi-3 of `TINY` + `LORA_TINY` + `overrides`, N(0, 0.08) weights."""
     torch.manual_seed(seed)
-    cfg = Phi3Config(vocab_size=vocab_size, **{**TINY, **overrides})
+    cfg = Phi3Config(**{**TINY, **LORA_TINY, "vocab_size": vocab_size, **overrides})
     model = Phi3ForCausalLM(cfg).float().eval()
     with torch.no_grad():  # fatter random weights than HF's 0.02-std init, so differences show
         for p in model.parameters():
@@ -33,10 +80,6 @@ def hf_phi3(vocab_size: int = 128, seed: int = 0, lm_head_std: float | None = No
 def save_tiny(path: Path, vocab_size: int = 128, seed: int = 0, with_tokenizer: bool = False, **overrides):
     """Write a tiny random Phi-3 checkpoint to `path`; returns (path, the transformers model)."""
     if with_tokenizer:
-        from phiforge.engine.fetch import default_model_path
-        from phiforge.engine.loader import copy_auxiliary_files
-        from phiforge.engine.tokenizer import load_tokenizer
-
         src = default_model_path()
         vocab_size = load_tokenizer(src).vocab_size
     model = hf_phi3(vocab_size, seed, lm_head_std=0.5 if with_tokenizer else None, **overrides)
@@ -48,8 +91,6 @@ def save_tiny(path: Path, vocab_size: int = 128, seed: int = 0, with_tokenizer: 
 
 def hf_llama_from_phi3(phi3):
     """A transformers LlamaForCausalLM computing exactly what `phi3` computes, with q/k/v and gate/up split apart."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     c = phi3.config
     cfg = LlamaConfig(vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
                       num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
@@ -83,12 +124,3 @@ def randomize_lora_B(model, seed: int = 1, std: float = 0.05) -> None:
         for name, p in sorted(model.named_parameters()):
             if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * std)
-
-
-def one_thread():
-    """Tiny shapes run fastest on one thread (OpenMP fork/join costs more than the work, and far more when the
-    machine is oversubscribed); used as a module-scoped autouse fixture, restoring the thread count after."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)

@@ -1,6 +1,6 @@
 """The generation loop: greedy equal to transformers' generate, batches equal one-by-one, stops, streams, cancels.
 
-Tiny random checkpoints (the tests/test_model.py pattern) cover the variants cheaply; the default model (SmolLM2
+Tiny random checkpoints (tests/tiny_phi3.py) cover the variants cheaply; the default model (SmolLM2
 in Phi-3 layout) covers real text. A "scripted" model, which emits a fixed token sequence, drives the
 detokenization and stop-string paths through the Generator with inputs chosen to be hard (characters and stop
 strings split across tokens).
@@ -11,7 +11,7 @@ import threading
 
 import pytest
 import torch
-from test_model import TINY, _longrope, make_hf_checkpoint
+from tiny_phi3 import TINY, longrope, make_hf_checkpoint
 from transformers import Phi3ForCausalLM as HFModel
 
 from phiforge.engine import Generator, load_model, load_tokenizer
@@ -44,12 +44,12 @@ TINY_CASES = {
     # name: (config overrides, prompt length, same-regime reference overrides for transformers or None)
     "gqa": (dict(num_key_value_heads=2), 20, None),
     "sliding-window": (dict(sliding_window=15, num_key_value_heads=2), 20, None),   # 20 + 32 > window 15
-    "longrope-short": (_longrope(8, orig=64), 20, None),                             # 20 + 32 <= 64: short
-    "longrope-long": (_longrope(8, orig=64), 80, None),                              # prompt already > 64
-    "longrope-crossing": (_longrope(8, orig=64), 40, "long"),                        # 40 + 32 > 64: long at admission
+    "longrope-short": (longrope(8, orig=64), 20, None),                             # 20 + 32 <= 64: short
+    "longrope-long": (longrope(8, orig=64), 80, None),                              # prompt already > 64
+    "longrope-crossing": (longrope(8, orig=64), 40, "long"),                        # 40 + 32 > 64: long at admission
     # the edge: the last forward runs position prompt + 32 - 2; transformers goes long iff that position + 1 > 64
-    "longrope-edge-short": (_longrope(8, orig=64), 33, None),                        # runs up to 63: short
-    "longrope-edge-long": (_longrope(8, orig=64), 34, "long"),                       # runs up to 64: long
+    "longrope-edge-short": (longrope(8, orig=64), 33, None),                        # runs up to 63: short
+    "longrope-edge-long": (longrope(8, orig=64), 34, "long"),                       # runs up to 64: long
 }
 
 
@@ -92,7 +92,7 @@ def test_batch_equals_one_by_one(tiny):
 
 
 def test_longrope_batch_mixing_regimes_equals_one_by_one(tmp_path):
-    make_hf_checkpoint(tmp_path, _longrope(8, orig=64))
+    make_hf_checkpoint(tmp_path, longrope(8, orig=64))
     gen = Generator(load_model(tmp_path, dtype=torch.float32), StubTokenizer())
     prompts = [_prompt(10, 1), _prompt(50, 2), _prompt(20, 3)]  # + 24 new: short, long, short
     batch = gen.generate(prompts, max_new_tokens=24, temperature=0)
@@ -344,7 +344,7 @@ def test_a_second_call_during_admission_is_refused(tiny):
 def test_prefix_cache_is_never_used_by_a_batch_call_split_by_regime(tmp_path):
     """A batch whose prompts choose different LongRoPE regimes runs as one-prompt sub-batches; it still neither
     reuses cached tokens nor reports any."""
-    make_hf_checkpoint(tmp_path, _longrope(8, orig=64))
+    make_hf_checkpoint(tmp_path, longrope(8, orig=64))
     gen = Generator(load_model(tmp_path, dtype=torch.float32), StubTokenizer(), prefix_cache=True)
     short, long = _prompt(10, 1), _prompt(50, 2)
     gen.generate([short], max_new_tokens=4, temperature=0)           # the cache now holds `short`

@@ -14,7 +14,7 @@ from phiforge.retrieval.rag import (Answer, Source, answer_question, build_promp
                                     parse_citations)
 from phiforge.retrieval.store import Hit
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DOCS = REPO / "data" / "docs"
 
 

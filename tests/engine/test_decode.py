@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_model import TINY, VARIANTS, make_hf_checkpoint
+from tiny_phi3 import TINY, VARIANTS, make_hf_checkpoint
 
 from phiforge.engine import load_model
 from phiforge.engine.decode import DecodeStep

@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 from phiforge.engine import load_model
 from phiforge.engine.config import ConfigError
 from phiforge.engine.loader import CheckpointError, save_model
-from test_model import TINY, make_hf_checkpoint
+from tiny_phi3 import TINY, make_hf_checkpoint
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from phiforge.retrieval.chunking import (LIMIT_TOKENS, Skipped, chunk_document, 
                                          counting_tokenizer, read_document)
 from phiforge.retrieval.encoder import MAX_TOKENS, load_wordpiece
 
-DOCS = Path(__file__).resolve().parents[1] / "data" / "docs"
+DOCS = Path(__file__).resolve().parents[2] / "data" / "docs"
 
 
 @pytest.fixture(scope="module")

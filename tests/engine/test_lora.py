@@ -16,12 +16,10 @@ from phiforge.engine.lora import (LoRALinear, apply_lora, load_adapter, lora_mod
 from phiforge.engine.lora import run as merge_run
 from phiforge.engine.loss import IGNORE, lm_loss_sum, lm_loss_sum_ref
 from phiforge.engine.model import LINEAR_NAMES
-from tiny_phi3 import hf_llama_from_phi3, hf_phi3, one_thread, randomize_lora_B, save_tiny
+from tiny_phi3 import hf_llama_from_phi3, hf_phi3, randomize_lora_B, save_tiny
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    yield from one_thread()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 peft = pytest.importorskip("peft")

@@ -4,8 +4,7 @@ Every Triton kernel (GEMV, GEMM, transposed GEMM, each with and without the LoRA
 interpreter (tests/conftest.py sets TRITON_INTERPRET=1; PHIFORGE_KERNELS=triton routes CPU tensors to it), and the
 CPU torch path (native C GEMV/dequantize, or the pure-torch fallback) runs on the same cases.
 
-Tolerance: the kernel must be at most twice as far from an fp64 reference as the reference itself computed in the
-test dtype is, |out - ref64| <= 2 |ref_dtype - ref64| + eps: no hand-tuned atol per dtype.
+Tolerance: tests/ref_error.py (within twice the reference's own error in the test dtype).
 """
 from __future__ import annotations
 
@@ -13,6 +12,7 @@ import pytest
 import torch
 
 from phiforge.kernels import nf4_cpu
+from ref_error import assert_within_ref_error
 from phiforge.kernels.nf4 import dequantize_nf4_ref, quantize_nf4
 from phiforge.kernels.nf4_matmul import (
     GEMM_CONFIGS, GEMV_CONFIGS, LoRAEpilogue, dequantize_into_buffer, gemm_config, gemv_config, nf4_matmul,
@@ -44,14 +44,6 @@ def _weight(N, K, blocksize=64, double_quant=True, seed=0):
 def _rand(*shape, dtype=torch.float32, seed=1):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(*shape, generator=g).to(dtype)
-
-
-def assert_within_ref_error(out, ref_dtype, ref64, rel_eps=1e-6):
-    assert out.dtype == ref_dtype.dtype and out.shape == ref64.shape
-    err = (out.double() - ref64).abs().max().item()
-    ref_err = (ref_dtype.double() - ref64).abs().max().item()
-    eps = rel_eps * (ref64.abs().max().item() + 1e-30)
-    assert err <= 2 * ref_err + eps, f"error {err:.3g} vs the reference's own {ref_err:.3g} in {out.dtype}"
 
 
 @pytest.mark.parametrize("M", [1, 3, 17])

@@ -1,4 +1,4 @@
-"""The native whole-step decode computes what the torch decode step computes (tests/test_decode.py holds that
+"""The native whole-step decode computes what the torch decode step computes (tests/engine/test_decode.py holds that
 step, native, to model.forward): fp32 to fp32 rounding, bf16 no further from an fp32 reference than torch's own
 bf16 step; on odd shapes (K and N not multiples of the vector width, head dim 8), GQA, sliding window, partial
 rotary, tied embeddings, long rope, left-padded batches (more rows than one 8-row block); NF4 models (QLoRA's base)
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_model import TINY, VARIANTS, make_hf_checkpoint
+from tiny_phi3 import TINY, VARIANTS, make_hf_checkpoint
 
 from phiforge.engine import load_model
 from phiforge.engine.decode import DecodeStep

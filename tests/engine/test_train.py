@@ -11,12 +11,10 @@ import torch
 import phiforge.engine.train as train
 from phiforge.engine.cli import main as cli_main
 from phiforge.engine.train import finetune, lr_at
-from tiny_phi3 import one_thread, save_tiny
+from tiny_phi3 import save_tiny
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    yield from one_thread()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 ROWS = [
     {"messages": [{"role": "user", "content": "What is the emergency number?"},

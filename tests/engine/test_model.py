@@ -5,52 +5,11 @@ import json
 
 import pytest
 import torch
-from transformers import Phi3Config as HFConfig
 from transformers import Phi3ForCausalLM as HFModel
 
 from phiforge.engine import load_model
 from phiforge.engine.config import ConfigError, Phi3Config
-
-TINY = dict(vocab_size=211, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-            max_position_embeddings=256, original_max_position_embeddings=256, pad_token_id=0, bos_token_id=1,
-            eos_token_id=2)
-
-
-def _longrope(rotary_half: int, orig: int = 32, max_pos: int = 256) -> dict:
-    g = torch.Generator().manual_seed(3)
-    short = (1 + torch.rand(rotary_half, generator=g)).tolist()
-    long = (1 + 8 * torch.rand(rotary_half, generator=g)).tolist()
-    return dict(original_max_position_embeddings=orig, max_position_embeddings=max_pos,
-                rope_scaling={"type": "longrope", "short_factor": short, "long_factor": long})
-
-
-VARIANTS = {
-    # mini-4k: sliding window, sequence longer than the window
-    "mini-4k-window": (dict(sliding_window=15), 40),
-    # 128k LongRoPE, below and above original_max_position_embeddings (32 here)
-    "longrope-short": (_longrope(8), 20),
-    "longrope-long": (_longrope(8), 70),
-    "longrope-legacy-su": (_longrope(8), 50),  # config.json rewritten below to say "su", as old hub files do
-    # medium: grouped-query attention
-    "gqa": (dict(num_key_value_heads=2), 33),
-    # Phi-4-mini: partial rotary, tied embeddings, GQA, longrope
-    "partial-tied": ({**dict(partial_rotary_factor=0.75, tie_word_embeddings=True, num_key_value_heads=2),
-                      **_longrope(6)}, 45),
-}
-
-
-def make_hf_checkpoint(tmp_path, overrides: dict, dtype=torch.float32, seed: int = 0):
-    torch.manual_seed(seed)
-    cfg = HFConfig(**{**TINY, **overrides})
-    hf = HFModel(cfg).to(dtype).eval()
-    # Random norms too, so a wrong norm order cannot hide behind ones.
-    with torch.no_grad():
-        for n, p in hf.named_parameters():
-            if "norm" in n:
-                p.uniform_(0.5, 1.5)
-    hf.save_pretrained(tmp_path)
-    return hf
-
+from tiny_phi3 import TINY, VARIANTS, make_hf_checkpoint
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_logits_match_transformers(tmp_path, variant):

@@ -13,12 +13,10 @@ from phiforge.engine.loader import load_model
 from phiforge.engine.loss import lm_loss_sum
 from phiforge.engine.tokenizer import load_tokenizer
 from phiforge.engine.train import step_batches
-from tiny_phi3 import one_thread, save_tiny
+from tiny_phi3 import save_tiny
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    yield from one_thread()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 CHAT = {"messages": [{"role": "system", "content": "Be brief."},
                      {"role": "user", "content": "Emergency number?"},

@@ -40,7 +40,7 @@ class HashEncoder:
         return out / np.linalg.norm(out, axis=1, keepdims=True)
 '''
 exec(FAKE_ENCODER)
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def write_docs(folder: Path) -> None:

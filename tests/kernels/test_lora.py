@@ -2,7 +2,7 @@
 
 W dense and NF4, Triton path (interpreter, PHIFORGE_KERNELS=triton) and torch path, fp32 and fp16, with and
 without dropout (the kernel's keep-mask is re-drawn for the reference from the same seed). Tolerances follow
-tests/test_nf4_matmul.py: within twice the reference's own error in the test dtype, measured against fp64.
+tests/ref_error.py: within twice the reference's own error in the test dtype, measured against fp64.
 gradcheck in fp64 covers the hand-written backward on the torch path.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 from phiforge.kernels.lora import DENSE_CONFIGS, dense_config, dropout_mask, lora_linear, lora_linear_ref
 from phiforge.kernels.nf4 import quantize_nf4
 
-from test_nf4_matmul import assert_within_ref_error
+from ref_error import assert_within_ref_error
 
 
 @pytest.fixture(params=["triton", "torch"])
@@ -66,15 +66,6 @@ def test_forward_backward_match_reference(path, M, nf4, dtype, dropout):
     ref64 = _run(reference, weight, x, A, B, dy, torch.float64)
     for o, rd, r64 in zip(out, ref, ref64):  # y, dx, dA, dB
         assert_within_ref_error(o, rd, r64, rel_eps=1e-5)
-
-
-@pytest.fixture
-def one_thread():
-    """gradcheck runs thousands of tiny ops; on a busy 2-core machine OpenMP's thread hand-offs dominate them."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.mark.parametrize("nf4", [False, True])

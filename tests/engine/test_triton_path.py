@@ -7,7 +7,7 @@ import torch
 
 from phiforge.engine import load_model
 from phiforge.engine.lora import apply_lora, trainable_parameters
-from test_model import make_hf_checkpoint
+from tiny_phi3 import make_hf_checkpoint
 
 
 class _Counted:
