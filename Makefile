@@ -24,7 +24,7 @@ fetch: $(STAMP)
 	$(BIN)/phiforge fetch
 
 demo: fetch
-	$(BIN)/python -m phiforge.engine.demo
+	$(BIN)/python -m phiforge.demo
 
 # pytest, not `python -m pytest`: the latter puts the repo root on sys.path and with it a bare `kernels`.
 test: fetch

@@ -10,12 +10,12 @@ setup(
     python_requires=">=3.10",
     # The folders install under the `phiforge.` prefix: bitsandbytes and transformers import a bare
     # top-level `kernels` module if one exists, so ours must never be importable under that name.
-    packages=["phiforge"] + [f"phiforge.{p}" for p in PACKAGES],
+    packages=["phiforge", "phiforge.commands"] + [f"phiforge.{p}" for p in PACKAGES],
     package_dir={"phiforge": "phiforge", **{f"phiforge.{p}": p for p in PACKAGES}},
     install_requires=[
         "torch", "triton", "safetensors", "tokenizers", "hnswlib", "numpy", "jinja2", "gguf", "tqdm",
         "matplotlib",
     ],
     extras_require={"test": ["pytest", "pytest-benchmark", "transformers", "peft", "bitsandbytes"]},
-    entry_points={"console_scripts": ["phiforge = phiforge.engine.cli:main"]},
+    entry_points={"console_scripts": ["phiforge = phiforge.cli:main"]},
 )

@@ -374,6 +374,6 @@ class Generator:
 
 
 
-# The CLI commands `phiforge generate` / `phiforge chat` are routed to this module (engine/cli.py); they live in
+# The CLI commands `phiforge generate` / `phiforge chat` are routed to this module (phiforge/cli.py); they live in
 # their own file.
 from .generate_cli import add_arguments_chat, add_arguments_generate, run_chat, run_generate  # noqa: E402,F401

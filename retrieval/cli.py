@@ -1,4 +1,4 @@
-"""CLI hooks for `phiforge index add|rm|stats`, `phiforge search` and `phiforge ask` (routed by engine/cli.py).
+"""CLI hooks for `phiforge index add|rm|stats`, `phiforge search` and `phiforge ask` (routed by phiforge/cli.py).
 
     phiforge index add docs/ notes.md --index idx/
     phiforge index rm docs/old.md --index idx/

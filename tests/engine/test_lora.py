@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 
 from phiforge.engine.adapter import AdapterError
-from phiforge.engine.cli import main as cli_main
+from phiforge.cli import main as cli_main
 from phiforge.engine.loader import load_model
 from phiforge.engine.lora import (LoRALinear, apply_lora, load_adapter, lora_modules, merge_adapter, save_adapter)
 from phiforge.engine.lora import run as merge_run

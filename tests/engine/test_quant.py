@@ -19,7 +19,7 @@ transformers = pytest.importorskip("transformers")
 bnb_F = pytest.importorskip("bitsandbytes.functional")
 
 from phiforge.engine import load_model  # noqa: E402
-from phiforge.engine.cli import main as cli_main  # noqa: E402
+from phiforge.cli import main as cli_main  # noqa: E402
 from phiforge.engine.quant import NF4Linear, _fuse, quantize_model_, save_nf4_checkpoint  # noqa: E402
 from phiforge.kernels.nf4 import dequantize_nf4_ref, quantize_nf4  # noqa: E402
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import phiforge.engine.train as train
-from phiforge.engine.cli import main as cli_main
+from phiforge.cli import main as cli_main
 from phiforge.engine.train import finetune, lr_at
 from tiny_phi3 import save_tiny
 

@@ -22,7 +22,7 @@ from phiforge.kernels.report import DEFAULT_ARCHS, SMEM_LIMIT
 def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("ptx")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", "phiforge.engine.cli", "kernels", "report", "--json", "--out",
+    proc = subprocess.run([sys.executable, "-m", "phiforge.cli", "kernels", "report", "--json", "--out",
                            str(out)], capture_output=True, text=True, env=env, cwd=out, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout), out

@@ -143,7 +143,7 @@ def test_demo_index_keeps_only_this_checkouts_documents(tmp_path, monkeypatch, c
 # ------------------------------------------------------------------------------------------ end to end (real)
 @pytest.fixture(scope="module")
 def docs_index(tmp_path_factory):
-    from phiforge.engine.cli import main
+    from phiforge.cli import main
 
     folder = tmp_path_factory.mktemp("rag_index")
     assert main(["index", "add", str(DOCS), "--index", str(folder)]) == 0
@@ -151,7 +151,7 @@ def docs_index(tmp_path_factory):
 
 
 def test_cli_index_search_stats_rm(docs_index, capsys, tmp_path):
-    from phiforge.engine.cli import main
+    from phiforge.cli import main
 
     capsys.readouterr()
     assert main(["index", "add", str(DOCS), "--index", str(docs_index)]) == 0
@@ -183,7 +183,7 @@ def test_shipped_questions_retrieve_their_source(docs_index):
 def test_ask_end_to_end_with_default_model(docs_index, capsys):
     """The real default model (SmolLM2-135M) answers through `phiforge ask`; we check structure, not quality:
     something streams, then a source list whose every number is one of the k sources retrieved."""
-    from phiforge.engine.cli import main
+    from phiforge.cli import main
 
     capsys.readouterr()
     rc = main(["ask", "--index", str(docs_index), "--max-new-tokens", "16", "-k", "2",

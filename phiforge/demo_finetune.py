@@ -5,7 +5,7 @@ cannot know. We load the default model with its decoder projections in NF4, answ
 on data/train.jsonl for a few steps through the fused NF4+LoRA path, and answer again with the adapter attached
 (unmerged). A few dozen steps at a high learning rate are enough for a 135M model to memorize a phone number.
 
-    python -m phiforge.engine.demo_finetune [--steps 20] [--out DIR]
+    python -m phiforge.demo_finetune [--steps 20] [--out DIR]
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def _answer(model, tok, question: str, max_new_tokens: int = 40) -> str:
     messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}]
     model.eval()
     try:
-        from .generate import Generator  # noqa: PLC0415
+        from phiforge.engine.generate import Generator  # noqa: PLC0415
     except ImportError:
         Generator = None
     if Generator is not None:
@@ -60,11 +60,11 @@ def run_finetune_demo(steps: int = 20, out: str | Path | None = None, lr: float 
 
 
 def _run(steps: int, out, lr: float, batch_size: int, question: str, data) -> dict:
-    from .fetch import default_model_path  # noqa: PLC0415
-    from .loader import load_model  # noqa: PLC0415
-    from .lora import lora_modules  # noqa: PLC0415
-    from .tokenizer import load_tokenizer  # noqa: PLC0415
-    from .train import finetune  # noqa: PLC0415
+    from phiforge.engine.fetch import default_model_path  # noqa: PLC0415
+    from phiforge.engine.loader import load_model  # noqa: PLC0415
+    from phiforge.engine.lora import lora_modules  # noqa: PLC0415
+    from phiforge.engine.tokenizer import load_tokenizer  # noqa: PLC0415
+    from phiforge.engine.train import finetune  # noqa: PLC0415
 
     path = default_model_path()
     tok = load_tokenizer(path)

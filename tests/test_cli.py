@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from phiforge.engine.cli import COMMANDS, _hooks, main
+from phiforge.cli import COMMANDS, _hooks, main
 
 
 def test_help_lists_every_command(capsys):
@@ -31,7 +31,7 @@ def test_every_command_builds_its_parser(name):
 
 
 def test_console_script_fetch_prints_the_model_dir():
-    exe = [sys.executable, "-c", "import sys; from phiforge.engine.cli import main; sys.exit(main())", "fetch"]
+    exe = [sys.executable, "-c", "import sys; from phiforge.cli import main; sys.exit(main())", "fetch"]
     out = subprocess.run(exe, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     from phiforge.engine.fetch import default_model_path

@@ -4,7 +4,7 @@
   2. RAG:       index the bundled documents of one (fictional) water utility, answer questions with citations
   3. QLoRA:     fine-tune on the bundled chat set for a few steps, and show the adapter changing the answer
 
-    python -m phiforge.engine.demo [--skip chat,rag,qlora]
+    python -m phiforge.demo [--skip chat,rag,qlora]
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def demo_rag() -> None:
 
 
 def demo_qlora() -> None:
-    from phiforge.engine.demo_finetune import run_finetune_demo
+    from phiforge.demo_finetune import run_finetune_demo
 
     run_finetune_demo()
 
