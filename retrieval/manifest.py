@@ -12,13 +12,20 @@ the process on the first query. So the manifest carries what the graph file cann
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
-from .atomic import sha256_file
-
 FORMAT = "phiforge-index/1"
 MANIFEST = "manifest.json"
+
+
+def sha256_file(path: str | Path, block: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 class IndexCorrupt(RuntimeError):

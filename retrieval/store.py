@@ -41,9 +41,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import sha256_file, write_atomic, write_json_atomic
+from phiforge.engine.atomic import write_atomic, write_json_atomic
+
 from .chunking import Chunk, Skipped, chunk_file, collect_files, counting_tokenizer
-from .manifest import MANIFEST, IndexCorrupt, IndexMismatch, new_manifest, read_manifest, verify_graph_file
+from .manifest import MANIFEST, IndexCorrupt, IndexMismatch, new_manifest, read_manifest, sha256_file, verify_graph_file
 from .rwlock import RWLock
 from .vectors import EXACT_THRESHOLD, VectorSet
 
