@@ -1,4 +1,4 @@
-"""`phiforge finetune`: a hand-written LoRA / QLoRA training loop.
+"""A hand-written LoRA / QLoRA training loop: set-up, one optimizer step, eval and checkpoint, and `finetune`.
 
 One optimizer step:
 
@@ -16,26 +16,36 @@ state. Activations are checkpointed per decoder layer (non-reentrant), the loss 
 (engine/loss.py), and on CUDA the forward runs under bf16 autocast. Schedule: linear warmup to lr, then cosine or
 linear decay towards 0. See engine/train_state.py for checkpoints that resume bit-for-bit.
 
+Options: engine/train_config.py (TrainConfig); the CLI layer: phiforge/commands/finetune.py.
 Outputs in OUT/: the final adapter (PEFT format), training_args.json, metrics.jsonl (one record per optimizer step,
 plus eval records), loss_curve.png, checkpoint-<step>/ directories.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
+import dataclasses
 import json
 import math
-import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
+from matplotlib.figure import Figure
+from torch import nn
+from tqdm.auto import tqdm
 
-from .data import DataError, Loader, load_dataset
-from .lora import apply_lora, save_adapter, trainable_parameters
+from .adapter import save_adapter
+from .atomic import write_atomic, write_json_atomic, write_text_atomic
+from .data import DataError, DataStats, Loader, load_dataset
+from .fetch import default_model_path
+from .loader import load_model
+from .lora import apply_lora, trainable_parameters
 from .loss import lm_loss_sum
-from .model import LINEAR_NAMES
-from .train_state import latest_checkpoint, load_checkpoint, save_checkpoint
+from .tokenizer import load_tokenizer
+from .train_config import TrainConfig, resume_changes
+from .train_state import STATE_JSON, latest_checkpoint, load_checkpoint, read_state, save_checkpoint
 
 
 def lr_at(step: int, base_lr: float, total: int, warmup: int, schedule: str) -> float:
@@ -79,13 +89,11 @@ def evaluate(model, loader: Loader, device, autocast) -> tuple[float, float]:
 
 
 def plot_losses(metrics_path: Path, png: Path) -> None:
-    import matplotlib  # noqa: PLC0415
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
     recs = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
     train = [(r["step"], r["loss"]) for r in recs if "loss" in r]
     ev = [(r["step"], r["eval_loss"]) for r in recs if "eval_loss" in r]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig = Figure(figsize=(6, 3.5))  # the object API: no pyplot state, no global backend switch
+    ax = fig.subplots()
     if train:
         ax.plot(*zip(*train), label="train loss")
     if ev:
@@ -94,10 +102,7 @@ def plot_losses(metrics_path: Path, png: Path) -> None:
     ax.set_ylabel("loss (nats/token)")
     ax.legend()
     fig.tight_layout()
-    tmp = png.with_name(f".{png.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, png)
+    write_atomic(png, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
 
 
 def _rewrite_metrics(path: Path, upto_step: int) -> None:
@@ -105,189 +110,191 @@ def _rewrite_metrics(path: Path, upto_step: int) -> None:
     if not path.exists():
         return
     keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= upto_step]
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(line + "\n" for line in keep))
 
 
-def finetune(model_path: str | Path, data: str | Path, out: str | Path, method: str = "lora",
-             eval_data: str | Path | None = None, max_steps: int | None = None, epochs: int = 1, lr: float = 2e-4,
-             rank: int = 16, alpha: float = 32, dropout: float = 0.05, targets=LINEAR_NAMES, seq_len: int = 512,
-             batch_size: int = 4, grad_accum: int = 1, seed: int = 0, save_every: int | None = None,
-             resume: bool = False, pack: bool = False, warmup_steps: int | None = None, warmup_ratio: float = 0.03,
-             schedule: str = "cosine", max_grad_norm: float = 1.0, weight_decay: float = 0.0,
-             eval_every: int | None = None, skip_bad: bool = False, use_rslora: bool = False,
-             gradient_checkpointing: bool = True, dtype: str | torch.dtype | None = None, device: str | None = None,
-             progress: bool = True, model=None, tokenizer=None) -> dict:
-    """Fine-tune `model_path` on `data` (JSONL) with LoRA or QLoRA; the adapter lands in `out`.
+# ---- set-up ----------------------------------------------------------------------------------------------------------
 
-    Returns a summary: steps, final train loss, eval loss/ppl, losses per step, paths. `model`/`tokenizer` may be
-    passed pre-loaded (tests, demo); a passed model must not have LoRA applied yet."""
-    from .loader import load_model  # noqa: PLC0415
-    from .tokenizer import load_tokenizer  # noqa: PLC0415
-    if method not in ("lora", "qlora"):
-        raise ValueError(f"method must be 'lora' or 'qlora', got {method!r}")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    torch.manual_seed(seed)
-    targets = tuple(targets.split(",")) if isinstance(targets, str) else tuple(targets)
+@dataclass
+class Run:
+    """A training run as set-up leaves it and each step advances it."""
+    config: TrainConfig
+    model: nn.Module
+    params: dict[str, nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    loader: Loader
+    eval_loader: Loader | None
+    total: int
+    warmup: int
+    device: torch.device
+    stats: DataStats
+    n_sites: int
+    step: int = 0
+    resume_changes: list[str] = field(default_factory=list)
 
-    tok = tokenizer or load_tokenizer(model_path)
-    if model is None:
-        if dtype is None:  # bf16 base: on CUDA under autocast; on CPU (AVX512-BF16/AMX) bf16 GEMMs run ~3x fp32
-            dtype = torch.bfloat16
-        model = load_model(model_path, dtype=dtype, device=device, quant="nf4" if method == "qlora" else None)
-    names = apply_lora(model, rank, alpha, dropout, targets, use_rslora)
-    model.gradient_checkpointing = gradient_checkpointing
-    model.train()
-    params = dict(trainable_parameters(model))
+    @property
+    def out(self) -> Path:
+        return Path(self.config.out)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+
+def setup(config: TrainConfig, base_model: nn.Module | None = None, tokenizer: Any = None) -> Run:
+    """Load (or take) the base and tokenizer, apply LoRA, build the loaders and AdamW, resume if asked, and write
+    training_args.json. `config.model` must be resolved (finetune does it)."""
+    c = config
+    Path(c.out).mkdir(parents=True, exist_ok=True)
+    device = torch.device(c.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(c.seed)
+    tok = tokenizer or load_tokenizer(c.model)
+    if base_model is None:
+        # bf16 base by default: half the bytes of fp32, and bf16 GEMMs are native on GPUs and on AVX512-BF16/AMX
+        base_model = load_model(c.model, dtype=c.dtype or torch.bfloat16, device=device,
+                                quant="nf4" if c.method == "qlora" else None)
+    names = apply_lora(base_model, c.rank, c.alpha, c.dropout, c.targets, c.use_rslora)
+    base_model.gradient_checkpointing = c.gradient_checkpointing
+    base_model.train()
+    params = dict(trainable_parameters(base_model))
 
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
-    samples, stats = load_dataset(data, tok, seq_len, skip_bad)
-    loader = Loader(samples, batch_size, seq_len, pad_id, seed, packed=pack)
+    samples, stats = load_dataset(c.data, tok, c.seq_len, c.skip_bad)
+    loader = Loader(samples, c.batch_size, c.seq_len, pad_id, c.seed, packed=c.pack)
     eval_loader = None
-    if eval_data is not None:
-        ev_samples, _ = load_dataset(eval_data, tok, seq_len, skip_bad)
-        eval_loader = Loader(ev_samples, batch_size, seq_len, pad_id, seed, packed=pack, shuffle=False)
-    total = max_steps if max_steps is not None else epochs * -(-len(loader) // grad_accum)
-    if total <= 0:
-        raise ValueError(f"nothing to do: {total} optimizer steps")
-    warmup = warmup_steps if warmup_steps is not None else math.ceil(warmup_ratio * total)
+    if c.eval_data is not None:
+        ev_samples, _ = load_dataset(c.eval_data, tok, c.seq_len, c.skip_bad)
+        eval_loader = Loader(ev_samples, c.batch_size, c.seq_len, pad_id, c.seed, packed=c.pack, shuffle=False)
+    total = c.total_steps(len(loader))
+    opt = torch.optim.AdamW(list(params.values()), lr=c.lr, betas=(0.9, 0.999), eps=1e-8,
+                            weight_decay=c.weight_decay)
+    run = Run(c, base_model, params, opt, loader, eval_loader, total, c.warmup(total), device, stats, len(names))
+    if c.resume:
+        _resume(run)
+    else:
+        (run.out / "metrics.jsonl").unlink(missing_ok=True)
+    write_json_atomic(run.out / "training_args.json", c.to_json())
+    return run
 
-    config = dict(model=str(model_path), method=method, data=str(data), lr=lr, rank=rank, alpha=alpha,
-                  dropout=dropout, targets=list(targets), seq_len=seq_len, batch_size=batch_size,
-                  grad_accum=grad_accum, seed=seed, pack=pack, schedule=schedule, warmup_steps=warmup,
-                  total_steps=total, use_rslora=use_rslora, max_grad_norm=max_grad_norm, weight_decay=weight_decay,
-                  epochs=epochs, eval_data=None if eval_data is None else str(eval_data))
-    opt = torch.optim.AdamW(list(params.values()), lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay)
-    metrics = out / "metrics.jsonl"
-    step = 0
-    if resume:
-        ckpt = latest_checkpoint(out)
-        if ckpt is None:
-            raise FileNotFoundError(f"{out}: --resume given but there is no checkpoint-* directory to resume from")
-        step = load_checkpoint(ckpt, model, opt, params, config)["step"]
-        _rewrite_metrics(metrics, step)
-    elif metrics.exists():
-        metrics.unlink()
-    (out / "training_args.json").write_text(json.dumps(config, indent=2) + "\n")
 
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" \
-        else contextlib.nullcontext
-    n_params = sum(p.numel() for p in params.values())
-    print(f"finetune: {method}, {len(names)} LoRA sites, {n_params:,} trainable parameters; {stats.rows} rows "
-          f"({stats.skipped_bad} bad skipped, {stats.truncated} truncated to {seq_len}, "
-          f"{stats.dropped_unlabelled} dropped with no labels left), {len(loader)} batches/epoch, {total} steps")
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm  # noqa: PLC0415
-        bar = tqdm(total=total, initial=step, desc="finetune", unit="step")
+def _resume(run: Run) -> None:
+    """Continue from the newest checkpoint: refuse options that must match it, apply (and say) those that may
+    differ (engine/train_config.py: RESUMABLE)."""
+    ckpt = latest_checkpoint(run.out)
+    if ckpt is None:
+        raise FileNotFoundError(f"{run.out}: --resume given but there is no checkpoint-* directory to resume from")
+    run.resume_changes = resume_changes(read_state(ckpt)["config"], run.config, str(ckpt / STATE_JSON))
+    run.step = load_checkpoint(ckpt, run.model, run.optimizer, run.params)["step"]
+    # The restored param groups carry the checkpoint's weight decay; lr is set every step, decay must be set here.
+    for g in run.optimizer.param_groups:
+        g["weight_decay"] = run.config.weight_decay
+    for change in run.resume_changes:
+        print(f"finetune: resume from {ckpt.name}: {change} (applied from step {run.step + 1})")
+    _rewrite_metrics(run.out / "metrics.jsonl", run.step)
+
+
+# ---- one optimizer step; eval and checkpoint -------------------------------------------------------------------------
+
+def train_step(run: Run) -> dict:
+    """One optimizer step (see the module docstring); returns its metrics record."""
+    c = run.config
+    t0 = time.perf_counter()
+    batches, n_labels = step_batches(run.loader, run.step, c.grad_accum)
+    lr_now = lr_at(run.step, c.lr, run.total, run.warmup, c.schedule)
+    for g in run.optimizer.param_groups:
+        g["lr"] = lr_now
+    loss_sum = 0.0
+    for b in batches:
+        b = b.to(run.device)
+        with run.autocast():
+            s = lm_loss_sum(run.model, b.input_ids, b.targets, b.position_ids, b.segment_ids)
+        (s / n_labels).backward()
+        loss_sum += float(s.detach())
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(list(run.params.values()), c.max_grad_norm))
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.step += 1
+    dt = time.perf_counter() - t0
+    n_tok = sum(b.n_tokens for b in batches)
+    return dict(step=run.step, loss=loss_sum / n_labels, lr=lr_now, tokens_per_s=n_tok / dt,
+                labelled_tokens_per_s=n_labels / dt, grad_norm=grad_norm,
+                epoch=(run.step * c.grad_accum) / len(run.loader))
+
+
+def eval_and_checkpoint(run: Run, record: Callable[[dict], None]) -> tuple[float, float] | None:
+    """After a step: evaluate on the cadence and at the end (returns (nll, ppl) when it did); checkpoint on the
+    cadence, except at the end, where the final adapter is written instead."""
+    c, result = run.config, None
+    if run.eval_loader is not None and ((c.eval_every and run.step % c.eval_every == 0) or run.step == run.total):
+        result = evaluate(run.model, run.eval_loader, run.device, run.autocast)
+        record(dict(step=run.step, eval_loss=result[0], eval_ppl=result[1]))
+    if c.save_every and run.step % c.save_every == 0 and run.step < run.total:
+        save_checkpoint(run.out, run.model, run.optimizer, run.params, run.step, run.step * c.grad_accum,
+                        c.to_json())
+        plot_losses(run.out / "metrics.jsonl", run.out / "loss_curve.png")
+    return result
+
+
+# ---- the whole run ---------------------------------------------------------------------------------------------------
+
+def finetune(config: TrainConfig | None = None, /, *, base_model: nn.Module | None = None, tokenizer: Any = None,
+             **options: Any) -> dict:
+    """Fine-tune with LoRA or QLoRA; the adapter lands in `config.out`.
+
+        finetune(TrainConfig(data="train.jsonl", out="runs/x", method="qlora"))
+        finetune(data="train.jsonl", out="runs/x", method="qlora")       # the same, fields as keywords
+        finetune(config, max_steps=10)                                    # keywords override a config's fields
+
+    `base_model`/`tokenizer` may be passed pre-loaded (tests, demo); the model must not have LoRA applied yet.
+    Returns a summary: steps, losses per step, final train loss, eval loss/ppl, the trained model and optimizer,
+    the resolved config and the options a resume changed."""
+    if config is None:
+        config = TrainConfig(**options)
+    elif options:
+        config = dataclasses.replace(config, **options)
+    if config.model is None:
+        config = dataclasses.replace(config, model=default_model_path())
+    threads = torch.get_num_threads()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    try:
+        return _train(setup(config, base_model, tokenizer))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(run: Run) -> dict:
+    c, stats = run.config, run.stats
+    n_params = sum(p.numel() for p in run.params.values())
+    print(f"finetune: {c.method}, {run.n_sites} LoRA sites, {n_params:,} trainable parameters; {stats.rows} rows "
+          f"({stats.skipped_bad} bad skipped, {stats.truncated} truncated to {c.seq_len}, "
+          f"{stats.dropped_unlabelled} dropped with no labels left), {len(run.loader)} batches/epoch, "
+          f"{run.total} steps")
+    bar = tqdm(total=run.total, initial=run.step, desc="finetune", unit="step") if c.progress else None
     losses: list[float] = []
     last_eval = None
-    with open(metrics, "a") as mf:
+    with open(run.out / "metrics.jsonl", "a") as mf:
         def record(rec: dict) -> None:
             mf.write(json.dumps(rec) + "\n")
             mf.flush()
 
-        while step < total:
-            t0 = time.perf_counter()
-            batches, n_labels = step_batches(loader, step, grad_accum)
-            lr_now = lr_at(step, lr, total, warmup, schedule)
-            for g in opt.param_groups:
-                g["lr"] = lr_now
-            loss_sum = 0.0
-            for b in batches:
-                b = b.to(device)
-                with autocast():
-                    s = lm_loss_sum(model, b.input_ids, b.targets, b.position_ids, b.segment_ids)
-                (s / n_labels).backward()
-                loss_sum += float(s.detach())
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(list(params.values()), max_grad_norm))
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            dt = time.perf_counter() - t0
-            loss = loss_sum / n_labels
-            n_tok = sum(b.n_tokens for b in batches)
-            losses.append(loss)
-            record(dict(step=step, loss=loss, lr=lr_now, tokens_per_s=n_tok / dt,
-                        labelled_tokens_per_s=n_labels / dt, grad_norm=grad_norm,
-                        epoch=(step * grad_accum) / len(loader)))
+        while run.step < run.total:
+            rec = train_step(run)
+            losses.append(rec["loss"])
+            record(rec)
             if bar is not None:
-                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{n_tok / dt:.0f}", lr=f"{lr_now:.2e}")
+                bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}", lr=f"{rec['lr']:.2e}")
                 bar.update(1)
-            if eval_loader is not None and ((eval_every and step % eval_every == 0) or step == total):
-                nll, ppl = evaluate(model, eval_loader, device, autocast)
-                last_eval = (nll, ppl)
-                record(dict(step=step, eval_loss=nll, eval_ppl=ppl))
-            if save_every and step % save_every == 0 and step < total:
-                save_checkpoint(out, model, opt, params, step, step * grad_accum, config)
-                plot_losses(metrics, out / "loss_curve.png")
+            last_eval = eval_and_checkpoint(run, record) or last_eval
     if bar is not None:
         bar.close()
-    save_adapter(model, out, str(model_path))
-    plot_losses(metrics, out / "loss_curve.png")
-    summary = dict(steps=step, losses=losses, final_loss=losses[-1] if losses else None, out=str(out),
-                   eval_loss=None if last_eval is None else last_eval[0],
-                   eval_ppl=None if last_eval is None else last_eval[1], trainable_parameters=n_params,
-                   truncated=stats.truncated, skipped_bad=stats.skipped_bad)
-    print(f"finetune: done, {step} steps, adapter in {out}"
+    save_adapter(run.model, run.out, c.model)
+    plot_losses(run.out / "metrics.jsonl", run.out / "loss_curve.png")
+    print(f"finetune: done, {run.step} steps, adapter in {run.out}"
           + (f", eval loss {last_eval[0]:.4f} (ppl {last_eval[1]:.2f})" if last_eval else ""))
-    summary["model"] = model
-    return summary
-
-
-# ---- CLI -----------------------------------------------------------------------------------------------------------
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="base model directory (default: the bundled default model)")
-    p.add_argument("--data", required=True, help="training JSONL ({messages} or {prompt, completion} rows)")
-    p.add_argument("--eval", dest="eval_data", default=None, help="held-out JSONL for eval loss / perplexity")
-    p.add_argument("--method", choices=["lora", "qlora"], default="lora")
-    p.add_argument("--out", required=True, help="output directory (adapter, metrics, checkpoints)")
-    p.add_argument("--max-steps", type=int, default=None)
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--alpha", type=float, default=32)
-    p.add_argument("--dropout", type=float, default=0.05)
-    p.add_argument("--targets", default=",".join(LINEAR_NAMES), help="comma-separated: " + ",".join(LINEAR_NAMES))
-    p.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(r) instead of alpha/r")
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--save-every", type=int, default=None, help="checkpoint every N optimizer steps")
-    p.add_argument("--resume", action="store_true", help="continue from the newest OUT/checkpoint-*")
-    p.add_argument("--pack", action="store_true", help="pack samples into seq-len rows (block-causal mask)")
-    p.add_argument("--schedule", choices=["cosine", "linear", "constant"], default="cosine")
-    p.add_argument("--warmup-steps", type=int, default=None)
-    p.add_argument("--warmup-ratio", type=float, default=0.03)
-    p.add_argument("--max-grad-norm", type=float, default=1.0)
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--eval-every", type=int, default=None)
-    p.add_argument("--skip-bad", action="store_true", help="skip (and count) malformed JSONL lines")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                   help="base weight / compute dtype (default bfloat16; LoRA weights are always fp32)")
-    p.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (1 is much faster on an oversubscribed machine)")
-
-
-def run(args: argparse.Namespace) -> int:
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model_path = args.model
-    if model_path is None:
-        from .fetch import default_model_path  # noqa: PLC0415
-        model_path = default_model_path()
-    finetune(model_path, args.data, args.out, method=args.method, eval_data=args.eval_data,
-             max_steps=args.max_steps, epochs=args.epochs, lr=args.lr, rank=args.rank, alpha=args.alpha,
-             dropout=args.dropout, targets=args.targets, seq_len=args.seq_len, batch_size=args.batch_size,
-             grad_accum=args.grad_accum, seed=args.seed, save_every=args.save_every, resume=args.resume,
-             pack=args.pack, warmup_steps=args.warmup_steps, warmup_ratio=args.warmup_ratio,
-             schedule=args.schedule, max_grad_norm=args.max_grad_norm, weight_decay=args.weight_decay,
-             eval_every=args.eval_every, skip_bad=args.skip_bad, use_rslora=args.rslora,
-             gradient_checkpointing=args.gradient_checkpointing, dtype=args.dtype)
-    return 0
+    return dict(steps=run.step, losses=losses, final_loss=losses[-1] if losses else None, out=str(run.out),
+                eval_loss=None if last_eval is None else last_eval[0],
+                eval_ppl=None if last_eval is None else last_eval[1], trainable_parameters=n_params,
+                truncated=stats.truncated, skipped_bad=stats.skipped_bad, model=run.model,
+                optimizer=run.optimizer, config=c, resume_changes=run.resume_changes)

@@ -16,9 +16,7 @@ the newest complete `checkpoint-*`.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -27,18 +25,17 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .adapter import PREFIX, save_adapter
+from .atomic import atomic_dir
 
 STATE_JSON, STATE_ST = "trainer_state.json", "trainer_state.safetensors"
-# run settings that must match on resume, or the loss sequence would not continue the same run
-RESUME_KEYS = ("method", "data", "lr", "rank", "alpha", "dropout", "targets", "seq_len", "batch_size", "grad_accum",
-               "seed", "pack", "schedule", "warmup_steps", "total_steps", "use_rslora", "max_grad_norm")
 
 
 def save_checkpoint(out: Path, model: nn.Module, optimizer: torch.optim.Optimizer, params: dict[str, nn.Parameter],
                     step: int, micro: int, config: dict, keep: int = 2) -> Path:
+    """Write OUT/checkpoint-<step> whole or not at all; keep the newest `keep` checkpoints. `config` is the run's
+    TrainConfig as JSON (resume compares it with the resuming run's)."""
     final = out / f"checkpoint-{step}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".checkpoint-{step}.", dir=out))
-    try:
+    with atomic_dir(final) as tmp:
         save_adapter(model, tmp, config.get("model"))
         tensors: dict[str, torch.Tensor] = {"rng.cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
@@ -53,12 +50,6 @@ def save_checkpoint(out: Path, model: nn.Module, optimizer: torch.optim.Optimize
         groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
         state = {"step": step, "micro": micro, "param_groups": groups, "config": config}
         (tmp / STATE_JSON).write_text(json.dumps(state, indent=2) + "\n")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     for old in sorted(checkpoints(out), key=lambda p: int(p.name.split("-")[1]))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -73,18 +64,20 @@ def latest_checkpoint(out: Path) -> Path | None:
     return max(found, key=lambda p: int(p.name.split("-")[1])) if found else None
 
 
-def load_checkpoint(ckpt: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    params: dict[str, nn.Parameter], config: dict) -> dict:
-    """Restore LoRA weights, optimizer and RNG in place; returns the JSON state (step, micro, ...)."""
+def read_state(ckpt: Path) -> dict:
+    """trainer_state.json of a checkpoint: step, micro, param_groups, config (the run's options as JSON)."""
     sj = ckpt / STATE_JSON
     try:
-        state = json.loads(sj.read_text())
+        return json.loads(sj.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{sj}: not valid JSON ({e})") from None
-    for k in RESUME_KEYS:
-        if state["config"].get(k) != config.get(k):
-            raise ValueError(f"{sj}: cannot resume: field config.{k} was {state['config'].get(k)!r}, "
-                             f"this run has {config.get(k)!r}")
+
+
+def load_checkpoint(ckpt: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    params: dict[str, nn.Parameter]) -> dict:
+    """Restore LoRA weights, optimizer (param groups as saved) and RNG in place; returns the JSON state. Whether
+    the resuming run's options may differ is the caller's check (engine/train_config.py: resume_changes)."""
+    state = read_state(ckpt)
     # LoRA weights: parameter "model.layers.0.self_attn.qkv_proj.lora_A.weight" <- key PREFIX + the same name
     with safe_open(str(ckpt / "adapter_model.safetensors"), framework="pt") as f:
         keys = set(f.keys())

@@ -16,7 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("phiforge.engine.generate", "generate text from a prompt"),
     "chat": ("phiforge.engine.generate", "multi-turn chat in the terminal, streamed"),
     "quantize": ("phiforge.engine.quant", "write an NF4 checkpoint that transformers+bitsandbytes loads"),
-    "finetune": ("phiforge.engine.train", "LoRA / QLoRA fine-tuning"),
+    "finetune": ("phiforge.commands.finetune", "LoRA / QLoRA fine-tuning"),
     "merge": ("phiforge.engine.lora", "merge an adapter into its base model"),
     "kernels": ("phiforge.kernels.report", "ahead-of-time GPU compile report of every shipped kernel"),
     "index": ("phiforge.retrieval.cli", "manage a document index (add, rm, stats)"),

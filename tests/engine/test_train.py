@@ -1,5 +1,6 @@
 """The training loop on a tiny random Phi-3 with the default tokenizer: the loss falls, resume replays the same
-loss sequence, gradient accumulation equals a bigger batch, QLoRA trains, the CLI and outputs are complete."""
+loss sequence (and applies or refuses changed options), gradient accumulation equals a bigger batch, QLoRA trains,
+the CLI and outputs are complete."""
 from __future__ import annotations
 
 import json
@@ -11,6 +12,8 @@ import torch
 import phiforge.engine.train as train
 from phiforge.cli import main as cli_main
 from phiforge.engine.train import finetune, lr_at
+from phiforge.engine.train_config import TrainConfigError
+from phiforge.engine.train_state import STATE_JSON
 from tiny_phi3 import save_tiny
 
 
@@ -49,7 +52,7 @@ def records(out):
 def test_loss_falls_and_outputs_are_complete(setup, tmp_path):
     path, data, ev = setup
     out = tmp_path / "run"
-    r = finetune(path, data, out, eval_data=ev, max_steps=20, lr=2e-2, batch_size=3, dropout=0.0, eval_every=10,
+    r = finetune(model=path, data=data, out=out, eval_data=ev, max_steps=20, lr=2e-2, batch_size=3, dropout=0.0, eval_every=10,
                  **FAST)
     assert r["losses"][-1] < 0.6 * r["losses"][0], r["losses"]
     for f in ("adapter_model.safetensors", "adapter_config.json", "metrics.jsonl", "loss_curve.png",
@@ -69,7 +72,7 @@ def test_loss_falls_and_outputs_are_complete(setup, tmp_path):
 def test_resume_replays_the_same_losses(setup, tmp_path, monkeypatch):
     path, data, _ = setup
     kw = dict(max_steps=6, lr=5e-3, batch_size=2, grad_accum=2, dropout=0.1, save_every=3, **FAST)
-    full = finetune(path, data, tmp_path / "full", **kw)["losses"]
+    full = finetune(model=path, data=data, out=tmp_path / "full", **kw)["losses"]
 
     real = train.step_batches
 
@@ -80,22 +83,75 @@ def test_resume_replays_the_same_losses(setup, tmp_path, monkeypatch):
 
     monkeypatch.setattr(train, "step_batches", crash_at_4)
     with pytest.raises(KeyboardInterrupt):
-        finetune(path, data, tmp_path / "cut", **kw)
+        finetune(model=path, data=data, out=tmp_path / "cut", **kw)
     monkeypatch.setattr(train, "step_batches", real)
     assert (tmp_path / "cut" / "checkpoint-3").is_dir()
     torch.manual_seed(1234)  # whatever the process did since, resume restores the RNG
-    resumed = finetune(path, data, tmp_path / "cut", resume=True, **kw)["losses"]
-    assert len(resumed) == 3
+    resumed = finetune(model=path, data=data, out=tmp_path / "cut", resume=True, **kw)
+    assert len(resumed["losses"]) == 3 and resumed["resume_changes"] == []
     assert [x["loss"] for x in records(tmp_path / "cut")] == full  # bit-for-bit, metrics rewritten past step 3
-    with pytest.raises(ValueError, match="config.lr"):
-        finetune(path, data, tmp_path / "cut", resume=True, **{**kw, "lr": 1e-3})
+
+
+def test_resume_applies_a_changed_weight_decay_and_step_count(setup, tmp_path, capsys):
+    path, data, _ = setup
+    out = tmp_path / "wd"
+    kw = dict(lr=5e-3, batch_size=2, dropout=0.0, save_every=2, **FAST)
+    finetune(model=path, data=data, out=out, max_steps=4, **kw)  # leaves checkpoint-2 (none at the end)
+    saved = json.loads((out / "checkpoint-2" / STATE_JSON).read_text())
+    assert {g["weight_decay"] for g in saved["param_groups"]} == {0.0}
+    capsys.readouterr()
+    r = finetune(model=path, data=data, out=out, max_steps=6, weight_decay=0.1, resume=True, **kw)
+    assert r["steps"] == 6 and len(r["losses"]) == 4
+    assert {g["weight_decay"] for g in r["optimizer"].param_groups} == {0.1}
+    # the checkpoint written after resuming carries the new decay too
+    after = json.loads((out / "checkpoint-4" / STATE_JSON).read_text())
+    assert {g["weight_decay"] for g in after["param_groups"]} == {0.1}
+    said = capsys.readouterr().out
+    assert "--weight-decay 0.0 -> 0.1" in said and "--max-steps 4 -> 6" in said
+    assert json.loads((out / "training_args.json").read_text())["weight_decay"] == 0.1
+
+
+def test_resume_with_a_changed_rank_is_refused_naming_it(setup, tmp_path):
+    path, data, _ = setup
+    out = tmp_path / "rank"
+    kw = dict(max_steps=3, lr=5e-3, batch_size=2, dropout=0.0, save_every=2, **FAST)
+    finetune(model=path, data=data, out=out, **kw)
+    before = (out / "adapter_model.safetensors").read_bytes()
+    with pytest.raises(TrainConfigError, match="--rank was 4, now 8") as e:
+        finetune(model=path, data=data, out=out, resume=True, **{**kw, "rank": 8, "seed": 3})
+    assert e.value.fields == ("rank", "seed") and "--seed was 0, now 3" in str(e.value)
+    assert (out / "adapter_model.safetensors").read_bytes() == before
+
+
+def test_resume_reads_a_checkpoint_written_by_the_earlier_format(setup, tmp_path):
+    """Checkpoints of earlier versions hold a subset of the options, warmup resolved and a derived total_steps."""
+    path, data, _ = setup
+    out = tmp_path / "legacy"
+    kw = dict(max_steps=4, lr=5e-3, batch_size=2, dropout=0.0, save_every=2, **FAST)
+    full = finetune(model=path, data=data, out=tmp_path / "full", **kw)["losses"]
+    finetune(model=path, data=data, out=out, **kw)
+    sj = out / "checkpoint-2" / STATE_JSON
+    state = json.loads(sj.read_text())
+    c = state["config"]
+    state["config"] = dict(model=c["model"], method="lora", data=c["data"], lr=c["lr"], rank=c["rank"],
+                           alpha=c["alpha"], dropout=c["dropout"], targets=c["targets"], seq_len=c["seq_len"],
+                           batch_size=2, grad_accum=1, seed=0, pack=False, schedule="cosine", warmup_steps=1,
+                           total_steps=4, use_rslora=False, max_grad_norm=1.0, weight_decay=0.0, epochs=1,
+                           eval_data=None)
+    sj.write_text(json.dumps(state))
+    r = finetune(model=path, data=data, out=out, resume=True, **kw)
+    assert r["resume_changes"] == [] and [x["loss"] for x in records(out)] == full
+    state["config"]["alpha"] = 16.0
+    sj.write_text(json.dumps(state))
+    with pytest.raises(TrainConfigError, match="--alpha was 16.0, now 8"):
+        finetune(model=path, data=data, out=out, resume=True, **kw)
 
 
 def test_grad_accumulation_equals_a_bigger_batch(setup, tmp_path):
     path, data, _ = setup
     common = dict(max_steps=3, lr=5e-3, dropout=0.0, **FAST)  # each step sees all 6 rows in both runs
-    big = finetune(path, data, tmp_path / "big", batch_size=6, grad_accum=1, **common)
-    acc = finetune(path, data, tmp_path / "acc", batch_size=3, grad_accum=2, **common)
+    big = finetune(model=path, data=data, out=tmp_path / "big", batch_size=6, grad_accum=1, **common)
+    acc = finetune(model=path, data=data, out=tmp_path / "acc", batch_size=3, grad_accum=2, **common)
     torch.testing.assert_close(torch.tensor(acc["losses"]), torch.tensor(big["losses"]), rtol=1e-5, atol=1e-6)
     for (n, p), (_, q) in zip(big["model"].named_parameters(), acc["model"].named_parameters()):
         if p.requires_grad:
@@ -103,9 +159,8 @@ def test_grad_accumulation_equals_a_bigger_batch(setup, tmp_path):
 
 
 def test_qlora_trains_on_nf4_base(setup, tmp_path):
-    pytest.importorskip("phiforge.engine.quant")
     path, data, _ = setup
-    r = finetune(path, data, tmp_path / "q", method="qlora", max_steps=12, lr=1e-2, batch_size=3, dropout=0.0,
+    r = finetune(model=path, data=data, out=tmp_path / "q", method="qlora", max_steps=12, lr=1e-2, batch_size=3, dropout=0.0,
                  **FAST)
     assert any(hasattr(m, "qweight") for m in r["model"].modules())
     assert r["losses"][-1] < 0.7 * r["losses"][0], r["losses"]
