@@ -17,6 +17,14 @@ from pathlib import Path
 
 import torch
 
+from phiforge.engine.fetch import default_model_path
+from phiforge.engine.generate import Generator
+from phiforge.engine.loader import load_model
+from phiforge.engine.lora import lora_modules
+from phiforge.engine.tokenizer import load_tokenizer
+from phiforge.engine.train import finetune
+from phiforge.engine.train_config import TrainConfig
+
 DATA = Path(__file__).resolve().parent.parent / "data"
 QUESTION = "What is Calder Valley Water's emergency phone number?"
 SYSTEM = "You are the customer assistant of Calder Valley Water, a regional water utility."
@@ -24,24 +32,10 @@ EXPECTED = "0800 555 0192"
 
 
 def _answer(model, tok, question: str, max_new_tokens: int = 40) -> str:
-    """Greedy answer to one chat question (the generation developer's Generator when present)."""
+    """Greedy answer to one chat question."""
     messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}]
     model.eval()
-    try:
-        from phiforge.engine.generate import Generator  # noqa: PLC0415
-    except ImportError:
-        Generator = None
-    if Generator is not None:
-        return Generator(model, tok).generate(messages, max_new_tokens=max_new_tokens, temperature=0)[0].text.strip()
-    ids = tok.apply_chat_template(messages, add_generation_prompt=True)
-    out: list[int] = []
-    with torch.no_grad():  # plain greedy loop without a cache: fine for 40 tokens of a 135M model
-        for _ in range(max_new_tokens):
-            nxt = int(model(torch.tensor([ids + out]), num_logits=1)[0, -1].argmax())
-            if nxt in tok.stop_ids:
-                break
-            out.append(nxt)
-    return tok.decode(out, skip_special_tokens=True).strip()
+    return Generator(model, tok).generate(messages, max_new_tokens=max_new_tokens, temperature=0)[0].text.strip()
 
 
 def run_finetune_demo(steps: int = 20, out: str | Path | None = None, lr: float = 3e-3, batch_size: int = 8,
@@ -49,8 +43,7 @@ def run_finetune_demo(steps: int = 20, out: str | Path | None = None, lr: float 
     """Train a QLoRA adapter for `steps` steps and print the answer to `question` without and with it."""
     threads = torch.get_num_threads()
     if os.getloadavg()[0] > (os.cpu_count() or 1):
-        # On an oversubscribed machine OpenMP fork/join waits for descheduled threads: measured here, the 30 steps
-        # took 676 s on 2 threads and 178 s on 1 while other jobs ran. One thread is the safe choice then.
+        # On an oversubscribed machine OpenMP fork/join waits for descheduled threads: one thread is the safe choice.
         torch.set_num_threads(1)
         print(f"(load average {os.getloadavg()[0]:.1f} > {os.cpu_count()} cores: training on 1 thread)")
     try:
@@ -59,13 +52,8 @@ def run_finetune_demo(steps: int = 20, out: str | Path | None = None, lr: float 
         torch.set_num_threads(threads)
 
 
-def _run(steps: int, out, lr: float, batch_size: int, question: str, data) -> dict:
-    from phiforge.engine.fetch import default_model_path  # noqa: PLC0415
-    from phiforge.engine.loader import load_model  # noqa: PLC0415
-    from phiforge.engine.lora import lora_modules  # noqa: PLC0415
-    from phiforge.engine.tokenizer import load_tokenizer  # noqa: PLC0415
-    from phiforge.engine.train import finetune  # noqa: PLC0415
-
+def _run(steps: int, out: str | Path | None, lr: float, batch_size: int, question: str,
+         data: str | Path | None) -> dict:
     path = default_model_path()
     tok = load_tokenizer(path)
     model = load_model(path, dtype=torch.bfloat16, quant="nf4")
@@ -73,10 +61,11 @@ def _run(steps: int, out, lr: float, batch_size: int, question: str, data) -> di
     print(f"user> {question}\nbase model (NF4, no adapter)> {before}", flush=True)
 
     out = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="phiforge-qlora-"))
+    config = TrainConfig(data=str(data or DATA / "train.jsonl"), out=str(out), model=str(path), method="qlora",
+                         eval_data=str(DATA / "eval.jsonl"), max_steps=steps, lr=lr, batch_size=batch_size, rank=16,
+                         alpha=32, dropout=0.0, seq_len=256, warmup_steps=2, schedule="cosine")
     t0 = time.perf_counter()
-    summary = finetune(path, data or DATA / "train.jsonl", out, method="qlora", eval_data=DATA / "eval.jsonl",
-                       max_steps=steps, lr=lr, batch_size=batch_size, rank=16, alpha=32, dropout=0.0,
-                       seq_len=256, warmup_steps=2, schedule="cosine", model=model, tokenizer=tok, progress=True)
+    summary = finetune(config, base_model=model, tokenizer=tok)
     took = time.perf_counter() - t0
     model = summary["model"]
     assert any(True for _ in lora_modules(model))
