@@ -8,7 +8,7 @@ allocator's peak on a GPU, peak RSS (ru_maxrss) on CPU. A run loads the model, t
 times `--steps` optimizer steps of batch × seq tokens. The batch is synthetic: random token rows of exactly `seq`
 tokens with labels on the second half of each row (a prompt/answer split), identical across frameworks.
 tokens_per_s counts every token; labelled_tokens_per_s only the labelled ones (torchtune's convention).
-Settings are the issue's: r=16, alpha=32, dropout 0.05, all four fused projections, gradient checkpointing on.
+Settings: r=16, alpha=32, dropout 0.05, all four fused projections, gradient checkpointing on.
 
 Shapes: `default` is the default model (SmolLM2-135M in Phi-3 layout, real weights); `phi3-mini` is Phi-3-mini's
 shape with random weights built layer by layer (no checkpoint file; NF4 weights are drawn directly as random codes,
@@ -17,15 +17,8 @@ so the LoRA run never holds more than its bf16 model and the QLoRA run never hol
 The JSON ends with ratios measured in this run (phiforge LoRA / HF LoRA, phiforge QLoRA / phiforge LoRA, QLoRA peak
 memory / LoRA peak memory) and the memory model's estimate (engine/train_memory.py) for seq 2048 on a 24 GB GPU.
 
-Measured 2026-11-24 on the 2-core CPU box while other jobs ran (load 6-10, so --threads 1 --repeats 2; best round):
-  default, batch 4 x seq 256, bf16:  phiforge LoRA 165 tok/s, HF+PEFT 125 (1.32x); phiforge QLoRA 167 (1.02x LoRA),
-                                     HF+PEFT+bnb 132; peak RSS 1.17 / 2.19 / 1.02 / 2.30 GB
-  same, fp32:                        phiforge LoRA 76.5, HF+PEFT 69.9 (1.09x); QLoRA 78.7 (1.03x LoRA)
-  ablations (bf16, phiforge LoRA):   full logits 152 tok/s (chunked CE on labelled rows: +9%, -0.4 GB);
-                                     unfused LoRA 166 (same on CPU); no checkpointing 238 (+44%, +1.1 GB)
-  phi3-mini, seq 512, batch 1, bf16: peak RSS LoRA 9.00 GB, QLoRA 3.72 GB (0.41x)
-In fp32 the base GEMMs (6 x params FLOPs/token with recompute) dominate both frameworks; the lm_head work we skip is
-the only big difference, which bounds the fp32 ratio near 1.1x.
+The figures of record are in the README's table (and this script's JSON); in fp32 the base GEMMs (6 x params
+FLOPs/token with recompute) dominate both frameworks, so the lm_head work phiforge skips bounds the fp32 ratio.
 """
 from __future__ import annotations
 
@@ -38,6 +31,8 @@ import sys
 import time
 
 import torch
+
+from phiforge.engine.train_memory import estimate
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TARGETS = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
@@ -59,6 +54,8 @@ def peak_memory_bytes(device: str) -> int:
 
 
 # ---- model builders ---------------------------------------------------------------------------------------------
+# Each worker imports its framework inside the function that runs it: a worker process then holds only the
+# framework it measures, and the peak RSS it reports is that framework's alone.
 
 def phi3_mini_random(dtype: torch.dtype, quant: bool, device: str):
     """Phi-3-mini shapes with random weights, one layer at a time (never two copies of anything)."""
@@ -215,7 +212,7 @@ def spawn(a, framework: str, method: str, dtype: str, extra: list[str] | None = 
     return json.loads(line[len("RESULT "):])
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description="phiforge LoRA/QLoRA training bench")
     ap.add_argument("--methods", default="lora,qlora")
     ap.add_argument("--shape", choices=["default", "phi3-mini"], default="default")
@@ -244,24 +241,28 @@ def main(argv: list[str] | None = None) -> int:
     a.seq = a.seq or (512 if mini else 256)
     a.batch = a.batch or (1 if mini else 4)
     a.steps = a.steps if a.steps is not None else (0 if mini else 4)
-    if a.worker:
-        worker(a)
-        return 0
-    from phiforge.engine.train_memory import estimate
+    a.dtypes = (a.dtype or ("bf16" if a.device == "cuda" or mini else "bf16,fp32")).split(",")
+    return a
 
-    dtypes = (a.dtype or ("bf16" if a.device == "cuda" or mini else "bf16,fp32")).split(",")
-    methods = a.methods.split(",")
-    plan: list[tuple[str, str, str, str, list[str]]] = []  # (key, framework, method, dtype, extra flags)
-    for dt in dtypes:
-        for m in methods:
+
+def plan_runs(a) -> list[tuple[str, str, str, str, list[str]]]:
+    """(key, framework, method, dtype, extra flags) of every run."""
+    plan = []
+    for dt in a.dtypes:
+        for m in a.methods.split(","):
             plan.append((f"phiforge-{m}-{dt}", "phiforge", m, dt, []))
-            if not a.no_hf and not mini:
+            if not a.no_hf and a.shape != "phi3-mini":
                 plan.append((f"hf-{m}-{dt}", "hf", m, dt, []))
         if a.ablations:
             for flag in ("--full-logits", "--unfused", "--no-checkpointing"):
                 plan.append((f"phiforge-lora-{dt}{flag.replace('--', '-')}", "phiforge", "lora", dt, [flag]))
-    # Round-robin repeats: on a shared machine the load drifts over minutes, so every config gets a turn in each
-    # round and keeps its best round; a ratio then compares configs measured under similar conditions.
+    return plan
+
+
+def best_of_rounds(a, plan) -> dict[str, dict]:
+    """Round-robin repeats: on a shared machine the load drifts over minutes, so every config gets a turn in each
+    round and keeps its best round (and the highest peak memory seen); a ratio then compares configs measured
+    under similar conditions."""
     runs: dict[str, dict] = {}
     for rnd in range(a.repeats):
         for key, fw, m, dt, extra in plan:
@@ -274,27 +275,38 @@ def main(argv: list[str] | None = None) -> int:
                 runs[key] = res
             elif "error" not in res:
                 best["peak_memory_bytes"] = max(res["peak_memory_bytes"], best["peak_memory_bytes"])
+    return runs
 
+
+def ratios(runs: dict[str, dict], dtypes: list[str]) -> dict[str, float | None]:
     def ratio(num: str, den: str, field: str) -> float | None:
         x, y = runs.get(num, {}).get(field), runs.get(den, {}).get(field)
         return None if not x or not y else x / y
 
-    ratios = {}
+    out = {}
     for dt in dtypes:
-        ratios[f"lora_vs_hf_peft_tokens_per_s_{dt}"] = ratio(f"phiforge-lora-{dt}", f"hf-lora-{dt}", "tokens_per_s")
-        ratios[f"qlora_vs_hf_bnb_tokens_per_s_{dt}"] = ratio(f"phiforge-qlora-{dt}", f"hf-qlora-{dt}", "tokens_per_s")
-        ratios[f"qlora_vs_lora_tokens_per_s_{dt}"] = ratio(f"phiforge-qlora-{dt}", f"phiforge-lora-{dt}",
-                                                          "tokens_per_s")
-        ratios[f"qlora_vs_lora_peak_memory_{dt}"] = ratio(f"phiforge-qlora-{dt}", f"phiforge-lora-{dt}",
-                                                         "peak_memory_bytes")
+        out[f"lora_vs_hf_peft_tokens_per_s_{dt}"] = ratio(f"phiforge-lora-{dt}", f"hf-lora-{dt}", "tokens_per_s")
+        out[f"qlora_vs_hf_bnb_tokens_per_s_{dt}"] = ratio(f"phiforge-qlora-{dt}", f"hf-qlora-{dt}", "tokens_per_s")
+        out[f"qlora_vs_lora_tokens_per_s_{dt}"] = ratio(f"phiforge-qlora-{dt}", f"phiforge-lora-{dt}", "tokens_per_s")
+        out[f"qlora_vs_lora_peak_memory_{dt}"] = ratio(f"phiforge-qlora-{dt}", f"phiforge-lora-{dt}",
+                                                       "peak_memory_bytes")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    if a.worker:
+        worker(a)
+        return 0
+    runs = best_of_rounds(a, plan_runs(a))
+    mini = a.shape == "phi3-mini"
     shape = "phi3-mini-4k" if mini else "default"
     result = dict(config=dict(shape=a.shape, seq=a.seq, batch=a.batch, steps=a.steps, repeats=a.repeats, rank=a.rank,
-                              alpha=2 * a.rank,
-                              dropout=0.05, targets=TARGETS, gradient_checkpointing=True, device=a.device,
-                              threads=a.threads or torch.get_num_threads()),
-                  runs=runs, ratios=ratios,
+                              alpha=2 * a.rank, dropout=0.05, targets=TARGETS, gradient_checkpointing=True,
+                              device=a.device, threads=a.threads or torch.get_num_threads()),
+                  runs=runs, ratios=ratios(runs, a.dtypes),
                   memory_model=dict(
-                      this_run={m: estimate(shape, m, a.seq, a.batch, a.rank) for m in methods},
+                      this_run={m: estimate(shape, m, a.seq, a.batch, a.rank) for m in a.methods.split(",")},
                       seq2048_24GB={m: estimate(shape if mini else "phi3-mini-4k", m, 2048, 1, a.rank, budget_gb=24)
                                     for m in ("lora", "qlora")}))
     text = json.dumps(result, indent=2)
