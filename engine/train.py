@@ -147,6 +147,7 @@ def setup(config: TrainConfig, base_model: nn.Module | None = None, tokenizer: A
     training_args.json. `config.model` must be resolved (finetune does it)."""
     c = config
     Path(c.out).mkdir(parents=True, exist_ok=True)
+    ckpt, changes = _check_resume(c) if c.resume else (None, [])  # before any loading: a refusal is immediate
     device = torch.device(c.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(c.seed)
     tok = tokenizer or load_tokenizer(c.model)
@@ -170,21 +171,27 @@ def setup(config: TrainConfig, base_model: nn.Module | None = None, tokenizer: A
     opt = torch.optim.AdamW(list(params.values()), lr=c.lr, betas=(0.9, 0.999), eps=1e-8,
                             weight_decay=c.weight_decay)
     run = Run(c, base_model, params, opt, loader, eval_loader, total, c.warmup(total), device, stats, len(names))
-    if c.resume:
-        _resume(run)
+    if ckpt is not None:
+        _resume(run, ckpt, changes)
     else:
         (run.out / "metrics.jsonl").unlink(missing_ok=True)
     write_json_atomic(run.out / "training_args.json", c.to_json())
     return run
 
 
-def _resume(run: Run) -> None:
-    """Continue from the newest checkpoint: refuse options that must match it, apply (and say) those that may
-    differ (engine/train_config.py: RESUMABLE)."""
-    ckpt = latest_checkpoint(run.out)
+def _check_resume(config: TrainConfig) -> tuple[Path, list[str]]:
+    """The newest checkpoint and the options this run changes; raises on one that must match it
+    (engine/train_config.py: RESUMABLE)."""
+    out = Path(config.out)
+    ckpt = latest_checkpoint(out)
     if ckpt is None:
-        raise FileNotFoundError(f"{run.out}: --resume given but there is no checkpoint-* directory to resume from")
-    run.resume_changes = resume_changes(read_state(ckpt)["config"], run.config, str(ckpt / STATE_JSON))
+        raise FileNotFoundError(f"{out}: --resume given but there is no checkpoint-* directory to resume from")
+    return ckpt, resume_changes(read_state(ckpt)["config"], config, str(ckpt / STATE_JSON))
+
+
+def _resume(run: Run, ckpt: Path, changes: list[str]) -> None:
+    """Restore the checkpoint into the run and apply (and say) the changed resumable options."""
+    run.resume_changes = changes
     run.step = load_checkpoint(ckpt, run.model, run.optimizer, run.params)["step"]
     # The restored param groups carry the checkpoint's weight decay; lr is set every step, decay must be set here.
     for g in run.optimizer.param_groups:

@@ -52,8 +52,8 @@ def records(out):
 def test_loss_falls_and_outputs_are_complete(setup, tmp_path):
     path, data, ev = setup
     out = tmp_path / "run"
-    r = finetune(model=path, data=data, out=out, eval_data=ev, max_steps=20, lr=2e-2, batch_size=3, dropout=0.0, eval_every=10,
-                 **FAST)
+    r = finetune(model=path, data=data, out=out, eval_data=ev, max_steps=20, lr=2e-2, batch_size=3, dropout=0.0,
+                 eval_every=10, **FAST)
     assert r["losses"][-1] < 0.6 * r["losses"][0], r["losses"]
     for f in ("adapter_model.safetensors", "adapter_config.json", "metrics.jsonl", "loss_curve.png",
               "training_args.json"):
@@ -160,8 +160,8 @@ def test_grad_accumulation_equals_a_bigger_batch(setup, tmp_path):
 
 def test_qlora_trains_on_nf4_base(setup, tmp_path):
     path, data, _ = setup
-    r = finetune(model=path, data=data, out=tmp_path / "q", method="qlora", max_steps=12, lr=1e-2, batch_size=3, dropout=0.0,
-                 **FAST)
+    r = finetune(model=path, data=data, out=tmp_path / "q", method="qlora", max_steps=12, lr=1e-2, batch_size=3,
+                 dropout=0.0, **FAST)
     assert any(hasattr(m, "qweight") for m in r["model"].modules())
     assert r["losses"][-1] < 0.7 * r["losses"][0], r["losses"]
     assert json.loads((tmp_path / "q" / "training_args.json").read_text())["method"] == "qlora"
