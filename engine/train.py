@@ -31,8 +31,9 @@ from pathlib import Path
 
 import torch
 
+from .adapter import save_adapter
 from .data import DataError, Loader, load_dataset
-from .lora import apply_lora, save_adapter, trainable_parameters
+from .lora import apply_lora, trainable_parameters
 from .loss import lm_loss_sum
 from .model import LINEAR_NAMES
 from .train_state import latest_checkpoint, load_checkpoint, save_checkpoint
