@@ -20,6 +20,7 @@ Shapes: n live vectors, d dimension, k hits, q queries.
 """
 from __future__ import annotations
 
+import hnswlib
 import numpy as np
 
 # Measured on the 2-core dev box (bench/bench_retrieval.py "threshold": real MiniLM docstring vectors, one
@@ -56,8 +57,6 @@ class VectorSet:
         return self.graph_nodes - self.n
 
     def _new_hnsw(self, capacity: int):
-        import hnswlib
-
         index = hnswlib.Index(space="cosine", dim=self.dim)
         index.init_index(max_elements=max(capacity, 16), M=self.M, ef_construction=self.ef_construction,
                          allow_replace_deleted=True)
@@ -194,8 +193,6 @@ class VectorSet:
 
     def load_hnsw(self, path: str, capacity: int) -> None:
         """Load a graph file (checksum already verified by the caller) and restore ef."""
-        import hnswlib
-
         index = hnswlib.Index(space="cosine", dim=self.dim)
         index.load_index(path, max_elements=capacity, allow_replace_deleted=True)
         index.set_ef(self.ef)  # not stored in the file: it would silently be 10

@@ -200,21 +200,3 @@ def test_ask_end_to_end_with_default_model(docs_index, capsys):
     assert listing.startswith(" cited:") == bool(cited)
     if cited:
         assert set(listed) == cited
-
-
-def test_load_generator_attaches_an_adapter(tmp_path):
-    """`phiforge ask --adapter DIR` goes through load_generator: the adapter's LoRA modules must be live."""
-    import torch
-
-    from phiforge.engine import default_model_path, load_model
-    from phiforge.engine.lora import apply_lora, lora_modules, save_adapter
-    from phiforge.retrieval.rag import load_generator
-
-    path = default_model_path()
-    donor = load_model(path, dtype=torch.float32)
-    apply_lora(donor, r=2, alpha=4, targets=["o_proj"])
-    save_adapter(donor, tmp_path / "adapter")
-    gen = load_generator(path, tmp_path / "adapter")
-    wrapped = dict(lora_modules(gen.model))
-    assert wrapped and all(n.endswith("o_proj") for n in wrapped)
-    assert next(gen.model.parameters()).dtype == torch.float32  # fp32 on CPU (see load_generator)
