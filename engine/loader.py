@@ -1,4 +1,5 @@
-"""Load (and save) Hugging Face Phi-3 checkpoints: safetensors, single or sharded, bf16/fp16/fp32.
+"""Load and save Hugging Face Phi-3 models: safetensors, single or sharded, bf16/fp16/fp32, dense or bitsandbytes
+NF4, with a PEFT LoRA adapter applied on top (file reading and writing itself is engine/checkpoint.py's).
 
 The model is built on the meta device and each tensor is read from the memory-mapped file, cast and placed one at
 a time, so peak memory is the model in its target dtype plus one tensor, never two copies of the model. With

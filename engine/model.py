@@ -175,7 +175,7 @@ class Phi3DecoderLayer(nn.Module):
 class Phi3Model(nn.Module):
     def __init__(self, cfg: Phi3Config, device=None) -> None:
         super().__init__()
-        # normal_() on a meta tensor drags in torch._dynamo (2 s); the loader overwrites the weight anyway.
+        # normal_() on a meta tensor drags in torch._dynamo, slow to import; the loader overwrites the weight anyway.
         init = torch.empty if device is not None and torch.device(device).type == "meta" else torch.randn
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size,
                                          _weight=init(cfg.vocab_size, cfg.hidden_size, device=device))
