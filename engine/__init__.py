@@ -16,6 +16,8 @@ _EXPORTS = {
     "Tokenizer": "tokenizer",
     "default_model_path": "fetch",
     "Generator": "generate",
+    "load_generator": "pretrained",
+    "compute_dtype": "pretrained",
     "finetune": "train",
 }
 

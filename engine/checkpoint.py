@@ -40,15 +40,6 @@ class CheckpointError(ValueError):
     """A checkpoint phiforge cannot load; the message names the file and the tensor."""
 
 
-def to_dtype(dtype: torch.dtype | str) -> torch.dtype:
-    """A torch dtype from itself or one of its names (`bfloat16`, `bf16`, ...)."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of float32, float16, bfloat16")
-    return DTYPES[dtype]
-
-
 def _read_header(path: Path) -> tuple[dict, int]:
     """Parse and validate a safetensors header (every tensor's bytes must lie inside the file); returns it and the
     file offset where the data section starts."""
