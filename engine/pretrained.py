@@ -26,6 +26,7 @@ def compute_dtype(device: str | torch.device = "cpu") -> torch.dtype:
     device = torch.device(device)
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    # torch's own cpuid probe: the check its oneDNN bf16 kernels dispatch on (and /proc/cpuinfo is Linux-only)
     if device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
         return torch.bfloat16
     return torch.float32
