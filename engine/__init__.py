@@ -1,7 +1,7 @@
 """phiforge.engine: config, loader, model, tokenizer, generation, LoRA and training.
 
-Public names are imported lazily so `import phiforge.engine` stays cheap and modules that need each other
-do not import in a circle.
+Public names are imported on first use (PEP 562), so importing one module (`phiforge.engine.config`) does not
+load the whole engine.
 """
 from __future__ import annotations
 
@@ -16,7 +16,10 @@ _EXPORTS = {
     "Tokenizer": "tokenizer",
     "default_model_path": "fetch",
     "Generator": "generate",
+    "load_generator": "pretrained",
+    "compute_dtype": "pretrained",
     "finetune": "train",
+    "TrainConfig": "train_config",
 }
 
 __all__ = list(_EXPORTS)

@@ -28,9 +28,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -39,10 +37,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .lora import SPLIT_NAMES, LoRALinear, base_features, lora_modules
+from .atomic import write_atomic, write_text_atomic
+from .lora import LoRALinear, base_features, lora_modules
+from .model import FUSED_OF, FUSED_PARTS, part_sizes
 
 PREFIX = "base_model.model."
-SPLIT_ORDER = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 
 
 class AdapterError(ValueError):
@@ -66,18 +65,6 @@ def peft_config(r: int, alpha: float, dropout: float, targets: list[str], use_rs
         "use_bdlora": None, "use_dora": False, "use_qalora": False, "use_rslora": use_rslora,
         "velora_config": None,
     }
-
-
-def _atomic_write(path: Path, write) -> None:
-    """write(tmp_path) into a temp file beside `path`, then rename over it: readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _num(x: float) -> float | int:
@@ -107,9 +94,8 @@ def save_adapter(model: nn.Module, out_dir: str | Path, base_model_name_or_path:
     targets = sorted({n.rsplit(".", 1)[-1] for n, _ in sites})
     cfg = peft_config(r, _num(alpha), sites[0][1].dropout_p, targets, rslora.pop(), rank_pattern, alpha_pattern,
                       None if base_model_name_or_path is None else str(base_model_name_or_path))
-    _atomic_write(out_dir / "adapter_model.safetensors",
-                  lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-    _atomic_write(out_dir / "adapter_config.json", lambda p: Path(p).write_text(json.dumps(cfg, indent=2) + "\n"))
+    write_atomic(out_dir / "adapter_model.safetensors", lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    write_text_atomic(out_dir / "adapter_config.json", json.dumps(cfg, indent=2) + "\n")
     return out_dir
 
 
@@ -170,13 +156,6 @@ def _read_tensors(path: Path) -> dict[str, dict[str, torch.Tensor]]:
     return out
 
 
-def _split_sizes(cfg, fused: str) -> dict[str, int]:
-    if fused == "qkv_proj":
-        q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
-        return {"q_proj": q, "k_proj": kv, "v_proj": kv}
-    return {"gate_proj": cfg.intermediate_size, "up_proj": cfg.intermediate_size}
-
-
 def load_adapter(model: nn.Module, adapter_dir: str | Path, trainable: bool = False) -> list[str]:
     """Attach a PEFT LoRA adapter (unmerged) to `model`; returns the Phi-3 module names it wraps.
 
@@ -200,7 +179,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, trainable: bool = Fa
     groups: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
     for module, ab in tensors.items():
         parent, leaf = module.rsplit(".", 1) if "." in module else ("", module)
-        site_leaf = SPLIT_NAMES.get(leaf, leaf)
+        site_leaf = FUSED_OF.get(leaf, leaf)
         groups.setdefault(f"{parent}.{site_leaf}" if parent else site_leaf, {})[leaf] = ab
 
     names = []
@@ -222,7 +201,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, trainable: bool = Fa
                 raise AdapterError(f"{f}: {site!r}: lora_A {list(A.shape)} / lora_B {list(B.shape)} do not fit the "
                                    f"model's ({out_f}, {in_f}) projection")
         else:
-            A, B, r, alpha = _fuse(f, site, members, _split_sizes(model.config, leaf), in_f, rslora, scale_of)
+            A, B, r, alpha = _fuse(f, site, members, part_sizes(model.config, leaf), in_f, rslora, scale_of)
         lora = LoRALinear(base, r, alpha, dropout=float(cfg.get("lora_dropout", 0.0) or 0.0), use_rslora=rslora,
                           init=False)
         with torch.no_grad():
@@ -241,7 +220,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, trainable: bool = Fa
 def _fuse(f: Path, site: str, members: dict, sizes: dict[str, int], in_f: int, rslora: bool, scale_of):
     """Concatenated A, block-diagonal B (scales folded relative to the first member), r' and alpha'."""
     parent = site.rsplit(".", 1)[0]
-    order = SPLIT_ORDER[site.rsplit(".", 1)[-1]]
+    order = FUSED_PARTS[site.rsplit(".", 1)[-1]]
     present = [n for n in order if n in members]
     scales, As, Bs = {}, [], {}
     for n in present:

@@ -29,6 +29,8 @@ from typing import Any
 
 import torch
 
+from .tokenizer import END_OF_TURN_TOKENS
+
 IGNORE = -100
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -114,7 +116,6 @@ def read_jsonl(path: str | Path, skip_bad: bool = False, stats: DataStats | None
 
 
 def _end_of_turn_texts(tok) -> list[str]:
-    from .tokenizer import END_OF_TURN_TOKENS  # noqa: PLC0415
     texts = [t for t in END_OF_TURN_TOKENS if t in tok.chat_template]
     eos = tok.special_tokens.get("eos_token")
     return texts + ([eos] if eos else [])

@@ -31,13 +31,18 @@ import argparse
 import importlib.util
 import json
 import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
+import gguf
 import numpy as np
+import torch
+from gguf.quants import dequantize
+from safetensors.torch import save_file
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+
+from .atomic import atomic_dir
 
 NAME = "smollm2-135m-instruct-phi3"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -132,9 +137,6 @@ def _config(reader: Any, path: Path) -> dict[str, Any]:
 
 
 def _weights(reader: Any, cfg: dict[str, Any], path: Path) -> dict[str, Any]:
-    import torch
-    from gguf.quants import dequantize
-
     by_name = {t.name: t for t in reader.tensors}
 
     def get(name: str, shape: tuple[int, ...]) -> np.ndarray:
@@ -175,8 +177,6 @@ def _weights(reader: Any, cfg: dict[str, Any], path: Path) -> dict[str, Any]:
 
 
 def _tokenizer(reader: Any, path: Path) -> tuple[Any, list[str]]:
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
-
     if (kind := _meta(reader, "tokenizer.ggml.model", path)) != "gpt2":
         raise ValueError(f"{path}: tokenizer.ggml.model is {kind!r}; only gpt2 (byte-level BPE) is supported")
     tokens: list[str] = _meta(reader, "tokenizer.ggml.tokens", path)
@@ -205,9 +205,6 @@ def _write_json(path: Path, obj: Any) -> None:
 def build_default_model(out_dir: Path | str | None = None, force: bool = False,
                         gguf_path: Path | str | None = None) -> Path:
     """Convert the GGUF into a Hugging Face Phi-3 directory at `out_dir`; atomic, so never half-written."""
-    import gguf
-    from safetensors.torch import save_file
-
     out = Path(out_dir) if out_dir is not None else phiforge_home() / NAME
     if (out / MARKER).is_file() and not force:
         return out
@@ -226,9 +223,8 @@ def build_default_model(out_dir: Path | str | None = None, force: bool = False,
     # a chat turn ends with eos (<|im_end|>); <|endoftext|> ends a document and must stop generation too
     stop = [cfg["eos_token_id"]] + [ids[t] for t in ("<|endoftext|>",) if t in ids and ids[t] != cfg["eos_token_id"]]
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    # A concurrent build of the same directory is harmless: each swaps in a complete one.
+    with atomic_dir(out) as tmp:
         save_file(_weights(reader, cfg, src), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         _write_json(tmp / "config.json", cfg)
         tok.save(str(tmp / "tokenizer.json"))
@@ -249,22 +245,6 @@ def build_default_model(out_dir: Path | str | None = None, force: bool = False,
         _write_json(tmp / "generation_config.json", {
             "bos_token_id": cfg["bos_token_id"], "eos_token_id": stop, "pad_token_id": cfg["pad_token_id"]})
         _write_json(tmp / MARKER, {"source": src.name, "bytes": src.stat().st_size})
-        for f in tmp.iterdir():  # mkdtemp / safetensors create 0600: the cache is meant to be readable
-            os.chmod(f, 0o644)
-        os.chmod(tmp, 0o755)
-        old = None
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            out.rename(old)
-        try:
-            tmp.rename(out)
-        except OSError:  # another process won the race: keep its (complete) directory
-            if not (out / MARKER).is_file():
-                raise
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     print(f"phiforge: wrote {out}", file=sys.stderr, flush=True)
     return out
 

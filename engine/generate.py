@@ -46,14 +46,6 @@ equal to a fresh prefill's only up to rounding, so with it a call's tokens can d
 bf16 a near-tie can flip); off, the same inputs and seed give the same tokens whatever ran before. A batch call
 starts from an empty cache.
 
-**Speed** (bench/bench_generate.py). Batch-1 decode is a chain of GEMVs bound by memory bandwidth: the step
-(engine/decode.py) runs the whole model in one native call (kernels/cpu_decode.py) where it can, else a lean
-torch step with a native GEMV (kernels/cpu_gemv.py). Prefill goes through model.forward, whose CPU inference path
-uses the native causal attention and the fused RMSNorm/SwiGLU/RoPE (kernels/cpu_attention.py, cpu_ops.py) and, for
-fp32, oneDNN's GEMMs (kernels/cpu_linear.py). torch.compile was not kept: the issue's measurement on this CPU
-found a plain decode step slower compiled, and the static shapes it wants would mean attending over the whole
-cache every step.
-
 **Results** (one per prompt, in order): `text` (special tokens skipped, cut before a stop string), `token_ids` (the
 new tokens, including the stop id that ended the row), `finish_reason` ("stop", "length", "cancelled"), `ttft_s`
 (call start → first token) and `decode_tokens_per_s` (tokens after the first ÷ the time they took).
@@ -137,7 +129,9 @@ def _cancel_fn(cancel: Cancel) -> Callable[[], bool]:
 
 
 class Generator:
-    """Generation over one model and its tokenizer. See the module docstring for the loop, policies and results."""
+    """The generation loop over one model and its tokenizer, owning one KV cache: `generate` returns a
+    GenerationResult per prompt, `stream` yields text pieces as they decode. One call runs at a time (a second,
+    concurrent one is a RuntimeError: use one Generator per thread); the module docstring gives the loop, its policies and the results."""
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, prefill_chunk: int = 512,
                  lean_decode: bool = True, prefix_cache: bool = False) -> None:
@@ -371,9 +365,3 @@ class Generator:
             piece = r.detok.finish()
             if piece:
                 yield r.index, piece
-
-
-
-# The CLI commands `phiforge generate` / `phiforge chat` are routed to this module (phiforge/cli.py); they live in
-# their own file.
-from .generate_cli import add_arguments_chat, add_arguments_generate, run_chat, run_generate  # noqa: E402,F401

@@ -1,4 +1,4 @@
-"""LoRA: a frozen linear plus a trainable low-rank update, and the `phiforge merge` command.
+"""LoRA: a frozen linear plus a trainable low-rank update, and merging it into a dense model.
 
 The picture (Hu et al. 2021). A frozen projection W (out, in) gets a parallel path through a rank-r bottleneck:
 
@@ -18,10 +18,7 @@ map one-to-one onto the adapter file (see engine/adapter.py for the file format 
 """
 from __future__ import annotations
 
-import argparse
-import json
 import math
-from pathlib import Path
 from typing import Iterable
 
 import torch
@@ -29,38 +26,38 @@ import torch.nn.functional as F
 from torch import nn
 
 from phiforge.kernels.cpu_linear import Linear
+from phiforge.kernels.lora import lora_linear
+from phiforge.kernels.nf4 import NF4Weight
 
-from .model import LINEAR_NAMES
-
-try:  # the fused LoRA autograd.Function (Triton on CUDA, torch on CPU) from the kernels issue
-    from phiforge.kernels.lora import lora_linear as _fused_lora_linear
-except ImportError:  # not landed yet, or stripped: an equivalent plain-torch expression below
-    _fused_lora_linear = None
-
-SPLIT_NAMES = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
-               "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}
+from .model import FUSED_OF, LINEAR_NAMES
+from .quant import NF4Linear
 
 
 def base_features(base: nn.Module) -> tuple[int, int]:
     """(in_features, out_features) of a dense or NF4 linear."""
-    if hasattr(base, "qweight"):
+    if isinstance(base, NF4Linear):
         n, k = base.qweight.shape
         return int(k), int(n)
     return int(base.in_features), int(base.out_features)
 
 
-def base_weight(base: nn.Module):
+def base_weight(base: nn.Module) -> torch.Tensor | NF4Weight:
     """The frozen weight the fused kernel reads: a dense (out, in) tensor or an NF4Weight."""
-    return base.qweight if hasattr(base, "qweight") else base.weight
+    return base.qweight if isinstance(base, NF4Linear) else base.weight
 
 
 def base_device(base: nn.Module) -> torch.device:
-    return base.qweight.device if hasattr(base, "qweight") else base.weight.device
+    return base.qweight.device if isinstance(base, NF4Linear) else base.weight.device
+
+
+def base_dtype(base: nn.Module) -> torch.dtype:
+    """The dtype the base computes in (an NF4 weight's compute dtype)."""
+    return base.qweight.dtype if isinstance(base, NF4Linear) else base.weight.dtype
 
 
 def dense_weight(base: nn.Module, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The base weight (out, in) as a dense tensor: itself, or the NF4 weight dequantized."""
-    w = base.dequantize() if hasattr(base, "qweight") else base.weight
+    w = base.dequantize() if isinstance(base, NF4Linear) else base.weight
     return w.detach().to(dtype)
 
 
@@ -99,9 +96,9 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x (..., in) -> (..., out)
         a, b = self.lora_A.weight, self.lora_B.weight
-        if self.use_fused and _fused_lora_linear is not None:
-            return _fused_lora_linear(x, base_weight(self.base_layer), a, b, self.scaling,
-                                      dropout=self.dropout_p, training=self.training)
+        if self.use_fused:
+            return lora_linear(x, base_weight(self.base_layer), a, b, self.scaling,
+                               dropout=self.dropout_p, training=self.training)
         # Plain torch: the same math, autograd builds the backward (one extra (..., r) activation kept).
         h = F.linear(self.lora_dropout(x), a.to(x.dtype))  # (..., r)
         return self.base_layer(x) + F.linear(h, b.to(x.dtype)) * self.scaling  # (..., out)
@@ -115,8 +112,7 @@ class LoRALinear(nn.Module):
     def merge(self, dtype: torch.dtype | None = None) -> Linear:
         """A dense nn.Linear holding W + s·B·A, summed in fp32 and cast once (onto the dequantized W for NF4)."""
         w = dense_weight(self.base_layer, torch.float32) + self.delta_weight()  # (out, in)
-        if dtype is None:
-            dtype = self.base_layer.qweight.dtype if hasattr(self.base_layer, "qweight") else self.base_layer.weight.dtype
+        dtype = dtype or base_dtype(self.base_layer)
         out = Linear(self.in_features, self.out_features, bias=False, device=w.device, dtype=dtype)
         out.weight.copy_(w)
         out.weight.requires_grad_(False)
@@ -142,7 +138,7 @@ def apply_lora(model: nn.Module, r: int = 16, alpha: float = 32, dropout: float 
     targets = tuple(t.strip() for t in targets if t.strip())
     unknown = [t for t in targets if t not in LINEAR_NAMES]
     if unknown or not targets:
-        hint = "".join(f"; {t} is part of Phi-3's fused {SPLIT_NAMES[t]}" for t in unknown if t in SPLIT_NAMES)
+        hint = "".join(f"; {t} is part of Phi-3's fused {FUSED_OF[t]}" for t in unknown if t in FUSED_OF)
         raise ValueError(f"LoRA targets {list(targets)} match no module: Phi-3's projections are "
                          f"{', '.join(LINEAR_NAMES)}{hint}")
     for p in model.parameters():
@@ -166,7 +162,7 @@ def merge_adapter(model: nn.Module, dtype: torch.dtype | None = None, dequantize
         model.set_submodule(name, m.merge(dtype))
     if dequantize_all:
         for name, m in list(model.named_modules()):
-            if hasattr(m, "qweight") and hasattr(m, "dequantize"):
+            if isinstance(m, NF4Linear):
                 w = dense_weight(m, dtype or m.qweight.dtype)
                 lin = Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
                 with torch.no_grad():
@@ -174,55 +170,3 @@ def merge_adapter(model: nn.Module, dtype: torch.dtype | None = None, dequantize
                 lin.weight.requires_grad_(False)
                 model.set_submodule(name, lin)
     return model
-
-
-def save_adapter(model: nn.Module, out_dir: str | Path, base_model_name_or_path: str | None = None) -> Path:
-    from .adapter import save_adapter as _save  # noqa: PLC0415 (the file format lives in engine/adapter.py)
-    return _save(model, out_dir, base_model_name_or_path)
-
-
-def load_adapter(model: nn.Module, adapter_dir: str | Path, trainable: bool = False) -> list[str]:
-    from .adapter import load_adapter as _load  # noqa: PLC0415
-    return _load(model, adapter_dir, trainable=trainable)
-
-
-# ---- phiforge merge ------------------------------------------------------------------------------------------------
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="base model directory (Hugging Face Phi-3 layout)")
-    parser.add_argument("--adapter", required=True, help="PEFT LoRA adapter directory")
-    parser.add_argument("--out", required=True, help="output directory for the merged checkpoint")
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    parser.add_argument("--quant", choices=["none", "nf4"], default=None,
-                        help="merge onto the NF4-dequantized base (what a QLoRA adapter was trained against); "
-                             "default: nf4 when the adapter dir's training_args.json says method qlora")
-
-
-def _trained_method(adapter_dir: Path) -> str | None:
-    p = adapter_dir / "training_args.json"
-    if not p.exists():
-        return None
-    try:
-        return json.loads(p.read_text()).get("method")
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{p}: not valid JSON ({e})") from None
-
-
-def merge(model_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, dtype: torch.dtype = torch.bfloat16,
-          quant: str | None = None) -> Path:
-    """Load base + adapter, fold the adapter in and write a dense checkpoint (config, weights, tokenizer files)."""
-    from .loader import load_model, save_model  # noqa: PLC0415
-    adapter_dir = Path(adapter_dir)
-    if quant is None:
-        quant = "nf4" if _trained_method(adapter_dir) == "qlora" else "none"
-    model = load_model(model_dir, quant=None if quant == "none" else quant)
-    load_adapter(model, adapter_dir)
-    merge_adapter(model, dtype=dtype)
-    return save_model(model, out_dir, dtype=dtype, copy_from=model_dir)
-
-
-def run(args: argparse.Namespace) -> int:
-    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[args.dtype]
-    out = merge(args.model, args.adapter, args.out, dtype=dtype, quant=args.quant)
-    print(f"merged {args.adapter} into {args.model} -> {out} ({args.dtype})")
-    return 0

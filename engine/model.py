@@ -175,7 +175,7 @@ class Phi3DecoderLayer(nn.Module):
 class Phi3Model(nn.Module):
     def __init__(self, cfg: Phi3Config, device=None) -> None:
         super().__init__()
-        # normal_() on a meta tensor drags in torch._dynamo (2 s); the loader overwrites the weight anyway.
+        # normal_() on a meta tensor drags in torch._dynamo, slow to import; the loader overwrites the weight anyway.
         init = torch.empty if device is not None and torch.device(device).type == "meta" else torch.randn
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size,
                                          _weight=init(cfg.vocab_size, cfg.hidden_size, device=device))
@@ -283,3 +283,17 @@ class Phi3ForCausalLM(nn.Module):
         for name, module in self.named_modules():
             if name.rsplit(".", 1)[-1] in targets and ".layers." in f".{name}":
                 yield name, module
+
+
+# The fused layout. Phi-3 stores q|k|v as one qkv_proj and gate|up as one gate_up_proj, output rows in that order;
+# Llama-style checkpoints and adapters name the parts separately, and are fused on load in this order.
+FUSED_PARTS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+FUSED_OF = {part: fused for fused, parts in FUSED_PARTS.items() for part in parts}  # q_proj -> qkv_proj, ...
+
+
+def part_sizes(cfg: Phi3Config, fused: str) -> dict[str, int]:
+    """Output rows of each part of a fused projection, in FUSED_PARTS order."""
+    if fused == "qkv_proj":
+        q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+        return {"q_proj": q, "k_proj": kv, "v_proj": kv}
+    return {"gate_proj": cfg.intermediate_size, "up_proj": cfg.intermediate_size}

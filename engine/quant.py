@@ -16,34 +16,28 @@
 - `load_prequantized` reads a transformers+bitsandbytes NF4 checkpoint, in the fused Phi-3 layout (qkv_proj,
   gate_up_proj) or the split one some uploads use (q/k/v_proj, gate/up_proj), fusing the parts on load.
 - `save_nf4_checkpoint` writes a directory that `Phi3ForCausalLM.from_pretrained` (transformers + bitsandbytes)
-  loads; `phiforge quantize --model DIR --out DIR` is its CLI.
+  loads; `phiforge quantize --model DIR --out DIR` (phiforge/commands/quantize.py) is its CLI.
 
 Shape legend: N out_features, K in_features, nb = ceil(N*K / blocksize) blocks, nnb = ceil(nb / 256).
 """
 from __future__ import annotations
 
-import argparse
 import ctypes
 import json
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
 
 from phiforge.kernels.cpu_linear import Linear
 from phiforge.kernels.nf4 import BLOCKSIZES, NF4Weight, nf4_dequantize, quantize_nf4
+from phiforge.kernels.nf4_matmul import nf4_matmul
 
-try:  # the NF4 matmul kernels; without them NF4Linear falls back to dequantize-then-matmul
-    from phiforge.kernels.nf4_matmul import nf4_matmul as _nf4_matmul
-except ImportError:  # pragma: no cover - only while the kernels are absent
-    _nf4_matmul = None
+from .checkpoint import DTYPE_NAMES, DTYPES, CheckpointError, write_checkpoint
+from .model import FUSED_PARTS
 
-_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
-_NAME_DTYPES = {v: k for k, v in _DTYPE_NAMES.items()}
 _QS_KEY = "weight.quant_state.bitsandbytes__nf4"
-# Split layouts some uploads use, fused on load in this order (Phi-3: q|k|v rows, then gate|up rows).
-SPLIT_PARTS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 
 
 class NF4Linear(nn.Module):
@@ -80,9 +74,7 @@ class NF4Linear(nn.Module):
         return cls(quantize_nf4(linear.weight.detach(), blocksize, double_quant))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _nf4_matmul is not None:
-            return _nf4_matmul(x, self.qweight)  # (..., K) -> (..., N)
-        return x @ self.dequantize(x.dtype).T  # (..., K) @ (K, N)
+        return nf4_matmul(x, self.qweight)  # (..., K) -> (..., N)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The dense (N, K) weight, exactly as bitsandbytes' dequantize_4bit computes it."""
@@ -93,7 +85,7 @@ class NF4Linear(nn.Module):
         # (that would change the weight): a requested float dtype becomes the compute dtype instead. A float64
         # probe tells what `fn` does to floating-point tensors.
         probe = fn(torch.empty(0, dtype=torch.float64, device=self.packed.device))
-        if probe.dtype in _DTYPE_NAMES:
+        if probe.dtype in DTYPE_NAMES:
             self.dtype = probe.dtype
         for name, t in self._buffers.items():
             if t is not None:
@@ -104,7 +96,7 @@ class NF4Linear(nn.Module):
     def extra_repr(self) -> str:
         dq = "double-quant" if self.nested_absmax is not None else "fp32 absmax"
         return (f"in_features={self.in_features}, out_features={self.out_features}, blocksize={self.blocksize}, "
-                f"{dq}, dtype={_DTYPE_NAMES.get(self.dtype, self.dtype)}")
+                f"{dq}, dtype={DTYPE_NAMES.get(self.dtype, self.dtype)}")
 
     # -- state_dict in bitsandbytes' names ------------------------------------------------------------------------
 
@@ -144,7 +136,7 @@ _libc = None
 
 def nf4_tensors(q: NF4Weight) -> dict[str, torch.Tensor]:
     """The bitsandbytes serialization of one weight, keys relative to the module (`weight`, `weight.absmax`...)."""
-    state = {"quant_type": "nf4", "blocksize": q.blocksize, "dtype": _DTYPE_NAMES[q.dtype], "shape": list(q.shape)}
+    state = {"quant_type": "nf4", "blocksize": q.blocksize, "dtype": DTYPE_NAMES[q.dtype], "shape": list(q.shape)}
     # The two tables are shared by every weight in memory; cloned, as bitsandbytes does, so safetensors can save them.
     out = {"weight": q.packed.view(-1, 1), "weight.absmax": q.absmax, "weight.quant_map": q.code.clone()}
     if q.double_quant:
@@ -185,7 +177,7 @@ def read_nf4(get: Callable[[str], torch.Tensor], prefix: str, dtype: torch.dtype
             nested_absmax=fetch("weight.nested_absmax").float() if nested else None,
             nested_code=fetch("weight.nested_quant_map").float() if nested else None,
             nested_blocksize=int(state.get("nested_blocksize", 256)), offset=float(state.get("nested_offset", 0.0)),
-            dtype=dtype or _NAME_DTYPES.get(state.get("dtype"), torch.bfloat16))
+            dtype=dtype or DTYPES.get(state.get("dtype"), torch.bfloat16))
     except (KeyError, TypeError, ValueError) as e:
         if isinstance(e, CheckpointFormatError):
             raise
@@ -193,7 +185,7 @@ def read_nf4(get: Callable[[str], torch.Tensor], prefix: str, dtype: torch.dtype
     return q
 
 
-class CheckpointFormatError(ValueError):
+class CheckpointFormatError(CheckpointError):
     """A bitsandbytes checkpoint phiforge cannot read; the message names the file and the tensor."""
 
 
@@ -285,8 +277,8 @@ def load_nf4_state(model: nn.Module, tensors: Any, config: Any, dtype: torch.dty
         N, K = module.out_features, module.in_features
         parent, leaf = name.rsplit(".", 1)
         w = take(name + ".")
-        if w is None and leaf in SPLIT_PARTS:
-            parts = [take(f"{parent}.{p}.") for p in SPLIT_PARTS[leaf]]
+        if w is None and leaf in FUSED_PARTS:
+            parts = [take(f"{parent}.{p}.") for p in FUSED_PARTS[leaf]]
             if all(p is not None for p in parts):
                 if all(isinstance(p, NF4Weight) for p in parts):
                     w = _fuse(parts, dtype)
@@ -294,8 +286,8 @@ def load_nf4_state(model: nn.Module, tensors: Any, config: Any, dtype: torch.dty
                     w = torch.cat([p if isinstance(p, torch.Tensor) else nf4_dequantize(p, dtype) for p in parts])
         if w is None:
             raise CheckpointFormatError(f"{source}: no weight for {name!r} (looked for {name}.weight"
-                                        + (f" and {', '.join(f'{parent}.{p}.weight' for p in SPLIT_PARTS[leaf])}"
-                                           if leaf in SPLIT_PARTS else "") + ")")
+                                        + (f" and {', '.join(f'{parent}.{p}.weight' for p in FUSED_PARTS[leaf])}"
+                                           if leaf in FUSED_PARTS else "") + ")")
         shape = tuple(w.shape)
         if shape != (N, K):
             raise CheckpointFormatError(f"{where(name + '.weight')}: tensor {name + '.weight'!r} has shape "
@@ -341,12 +333,12 @@ def load_prequantized(model: nn.Module, reader: Any, dtype: torch.dtype | None =
 
 def quantization_config(model: nn.Module) -> dict[str, Any]:
     """The config.json block transformers 5 writes for a bitsandbytes NF4 model (and reads back)."""
-    nf4 = [m for m in model.modules() if isinstance(m, NF4Linear)]
+    nf4 = list(nf4_modules(model))
     if not nf4:
         raise ValueError("the model has no NF4Linear layers; quantize it first (quantize_model_)")
     dq = all(m.nested_absmax is not None for m in nf4)
     return {
-        "_load_in_4bit": True, "_load_in_8bit": False, "bnb_4bit_compute_dtype": _DTYPE_NAMES[nf4[0].dtype],
+        "_load_in_4bit": True, "_load_in_8bit": False, "bnb_4bit_compute_dtype": DTYPE_NAMES[nf4[0].dtype],
         "bnb_4bit_quant_storage": "uint8", "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": dq,
         "llm_int8_enable_fp32_cpu_offload": False, "llm_int8_has_fp16_weight": False,
         "llm_int8_skip_modules": None, "llm_int8_threshold": 6.0, "load_in_4bit": True, "load_in_8bit": False,
@@ -361,41 +353,15 @@ def save_nf4_checkpoint(model: nn.Module, out_dir: str | Path, config_dict: dict
     config_dict: the Hugging Face config (defaults to model.config.to_hf()); its quantization_config is replaced by
     the one describing these weights. copy_from: a model directory whose tokenizer/generation files are copied.
     """
-    from .loader import write_checkpoint
-
     hf = dict(config_dict if config_dict is not None else model.config.to_hf())
     hf["quantization_config"] = quantization_config(model)
     dense_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.bfloat16)
-    hf["torch_dtype"] = hf["dtype"] = _DTYPE_NAMES[dense_dtype]
+    hf["torch_dtype"] = hf["dtype"] = DTYPE_NAMES[dense_dtype]
     tied = bool(hf.get("tie_word_embeddings", False))
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()
              if not (tied and k == "lm_head.weight") and not k.endswith("rotary_emb.inv_freq")}
     return write_checkpoint(out_dir, state, hf, copy_from)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# CLI: phiforge quantize --model DIR --out DIR
-# ---------------------------------------------------------------------------------------------------------------
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, type=Path, metavar="DIR", help="a dense Hugging Face Phi-3 directory")
-    parser.add_argument("--out", required=True, type=Path, metavar="DIR", help="where to write the NF4 checkpoint")
-    parser.add_argument("--blocksize", type=int, default=64, choices=BLOCKSIZES, help="values per absmax (64)")
-    parser.add_argument("--no-double-quant", action="store_true", help="keep absmax in fp32 (0.5 bit/param)")
-
-
-def run(args: argparse.Namespace) -> int:
-    from .loader import load_model
-
-    if args.blocksize == 64 and not args.no_double_quant:
-        model = load_model(args.model, quant="nf4")  # quantized while reading: peak is one dense layer
-    else:
-        model = quantize_model_(load_model(args.model), args.blocksize, not args.no_double_quant)
-    save_nf4_checkpoint(model, args.out, copy_from=args.model)
-    n = sum(m.qweight.nbytes for m in model.modules() if isinstance(m, NF4Linear))
-    print(f"wrote {args.out}: {len(list(_iter_nf4(model)))} NF4 projections, {n / 2**20:.1f} MiB")
-    return 0
-
-
-def _iter_nf4(model: nn.Module) -> Iterable[NF4Linear]:
+def nf4_modules(model: nn.Module) -> Iterator[NF4Linear]:
     return (m for m in model.modules() if isinstance(m, NF4Linear))

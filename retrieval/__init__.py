@@ -6,7 +6,8 @@
     for hit in idx.search("boil water notice", k=5):
         print(hit.score, hit.source, hit.heading)
 
-Names are imported lazily so `import phiforge.retrieval` does not pull torch, hnswlib or tokenizers.
+Public names are imported on first use (PEP 562), so importing one module (`phiforge.retrieval.rag`) does not
+load the whole retrieval layer.
 """
 from __future__ import annotations
 

@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from html.parser import HTMLParser
 from pathlib import Path
 
+from .encoder import load_wordpiece
+
 SUFFIXES = {".txt", ".md", ".markdown", ".html", ".htm", ".jsonl"}
 TARGET_TOKENS = 200
 LIMIT_TOKENS = 254  # 256 minus [CLS] and [SEP]
@@ -298,8 +300,6 @@ def counting_tokenizer():
     """The encoder's WordPiece tokenizer without truncation, loaded once per process."""
     global _TOKENIZER
     if _TOKENIZER is None:
-        from .encoder import load_wordpiece
-
         _TOKENIZER = load_wordpiece(max_tokens=None)
     return _TOKENIZER
 

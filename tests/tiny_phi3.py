@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Phi3Config, Phi3ForCausalLM
 
+from phiforge.engine.checkpoint import copy_auxiliary_files
 from phiforge.engine.fetch import default_model_path
-from phiforge.engine.loader import copy_auxiliary_files
 from phiforge.engine.tokenizer import load_tokenizer
 
 TINY = dict(vocab_size=211, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,

@@ -8,12 +8,16 @@
 """
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
+import gguf
 import numpy as np
 import pytest
 import torch
+from tokenizers import Tokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, Phi3ForCausalLM
 
 from phiforge.engine import fetch
 
@@ -40,20 +44,17 @@ def gguf_path() -> Path:
 
 @pytest.fixture(scope="module")
 def hf_tokenizer(model_dir: Path):
-    from transformers import AutoTokenizer
     return AutoTokenizer.from_pretrained(model_dir)
 
 
 @pytest.fixture(scope="module")
 def hf_model(model_dir: Path):
-    from transformers import Phi3ForCausalLM
     model, info = Phi3ForCausalLM.from_pretrained(model_dir, dtype=torch.float32, output_loading_info=True)
     return model.eval(), info
 
 
 @pytest.fixture(scope="module")
 def gguf_tokens(gguf_path: Path) -> tuple[list[str], list[int]]:
-    import gguf
     reader = gguf.GGUFReader(gguf_path)
     return (reader.fields["tokenizer.ggml.tokens"].contents(),
             [int(t) for t in reader.fields["tokenizer.ggml.token_type"].contents()])
@@ -102,7 +103,6 @@ def test_transformers_loads_and_answers_paris(hf_model, hf_tokenizer) -> None:
 
 def test_wrong_qk_permutation_is_caught(model_dir: Path, hf_tokenizer) -> None:
     # negative control: re-apply llama.cpp's permutation to Q and K and the Paris check must fail
-    from transformers import Phi3ForCausalLM
     model = Phi3ForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     c, hs = model.config.hidden_size, model.config.hidden_size // model.config.num_attention_heads
     nh, nkv = model.config.num_attention_heads, model.config.num_key_value_heads
@@ -118,7 +118,6 @@ def test_wrong_qk_permutation_is_caught(model_dir: Path, hf_tokenizer) -> None:
 
 def test_weights_equal_transformers_gguf_loader(hf_model, gguf_path: Path) -> None:
     # transformers dequantizes and un-permutes the GGUF itself: our bf16 weights must be exactly its rounding
-    from transformers import AutoModelForCausalLM
     ref = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
     ours = hf_model[0].model
     nh, nkv = ours.config.num_attention_heads, ours.config.num_key_value_heads
@@ -166,7 +165,6 @@ def test_digits_are_split(hf_tokenizer) -> None:
 
 
 def test_vocab_is_the_gguf_vocab(model_dir: Path, gguf_tokens) -> None:
-    from tokenizers import Tokenizer
     tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
     tokens, types = gguf_tokens
     assert tok.get_vocab(with_added_tokens=True) == {t: i for i, t in enumerate(tokens)}
@@ -185,7 +183,6 @@ def test_vocab_is_the_gguf_vocab(model_dir: Path, gguf_tokens) -> None:
 
 
 def test_tokenizer_matches_transformers_gguf_tokenizer(hf_tokenizer, gguf_path: Path) -> None:
-    from transformers import AutoTokenizer
     ref = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     for text in STRINGS:
         assert hf_tokenizer.encode(text, add_special_tokens=False) == ref.encode(text, add_special_tokens=False)
@@ -207,7 +204,6 @@ def test_incomplete_dir_is_rebuilt(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 
 
 def test_cli_reports_missing_gguf(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    import argparse
     parser = argparse.ArgumentParser()
     fetch.add_arguments(parser)
     missing = tmp_path / "nope.gguf"

@@ -15,6 +15,7 @@ from tiny_phi3 import TINY, longrope, make_hf_checkpoint
 from transformers import Phi3ForCausalLM as HFModel
 
 from phiforge.engine import Generator, load_model, load_tokenizer
+from phiforge.engine.fetch import default_model_path
 
 N_NEW = 32
 
@@ -164,7 +165,6 @@ def test_chunked_prefill_equals_one_chunk(tiny):
 # ---- the default model ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def default_dir():
-    from phiforge.engine.fetch import default_model_path
     return default_model_path()
 
 

@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from transformers import Phi3ForCausalLM
 
 from phiforge.engine import load_model
 from phiforge.engine.config import ConfigError
@@ -108,6 +109,5 @@ def test_save_model_round_trip(ckpt, tmp_path):
     again = load_model(out, dtype=torch.float32)
     ids = torch.arange(9)[None]
     assert torch.equal(_logits(model, ids), _logits(again, ids))
-    from transformers import Phi3ForCausalLM
     ref = Phi3ForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     assert (_logits(ref, ids) - _logits(model, ids)).abs().max() <= 1e-4

@@ -9,11 +9,11 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from phiforge.engine.adapter import AdapterError
 from phiforge.cli import main as cli_main
+from phiforge.commands.merge import run as merge_run
+from phiforge.engine.adapter import AdapterError, load_adapter, save_adapter
 from phiforge.engine.loader import load_model
-from phiforge.engine.lora import (LoRALinear, apply_lora, load_adapter, lora_modules, merge_adapter, save_adapter)
-from phiforge.engine.lora import run as merge_run
+from phiforge.engine.lora import LoRALinear, apply_lora, lora_modules, merge_adapter
 from phiforge.engine.loss import IGNORE, lm_loss_sum, lm_loss_sum_ref
 from phiforge.engine.model import LINEAR_NAMES
 from tiny_phi3 import hf_llama_from_phi3, hf_phi3, randomize_lora_B, save_tiny
@@ -228,7 +228,6 @@ def test_merge_parity_and_cli(tiny, tmp_path):
 
 
 def test_qlora_merge_onto_dequantized_base(tiny, tmp_path):
-    pytest.importorskip("phiforge.engine.quant")
     q = load_model(tiny, dtype=torch.float32, quant="nf4")
     apply_lora(q, r=4, alpha=8, dropout=0.0)
     randomize_lora_B(q)
@@ -243,7 +242,6 @@ def test_qlora_merge_onto_dequantized_base(tiny, tmp_path):
 
 def test_qlora_gradients_equal_lora_on_the_dequantized_base(tiny):
     """QLoRA through the fused NF4 path = LoRA on a dense copy of the dequantized weights (torchtune's parity test)."""
-    pytest.importorskip("phiforge.engine.quant")
     q = load_model(tiny, dtype=torch.float32, quant="nf4")
     dense = load_model(tiny, dtype=torch.float32)
     with torch.no_grad():

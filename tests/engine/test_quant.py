@@ -9,18 +9,22 @@ and not what bnb computes on a GPU, so we switch it off on the reference (`suppo
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 transformers = pytest.importorskip("transformers")
 bnb_F = pytest.importorskip("bitsandbytes.functional")
 
-from phiforge.engine import load_model  # noqa: E402
+from phiforge.engine import Phi3Config, Phi3ForCausalLM, load_model  # noqa: E402
 from phiforge.cli import main as cli_main  # noqa: E402
-from phiforge.engine.quant import NF4Linear, _fuse, quantize_model_, save_nf4_checkpoint  # noqa: E402
+from phiforge.engine.quant import NF4Linear, _fuse, load_nf4_state, quantize_model_, save_nf4_checkpoint  # noqa: E402
 from phiforge.kernels.nf4 import dequantize_nf4_ref, quantize_nf4  # noqa: E402
 
 # hidden 64, intermediate 128: every K is a multiple of the blocksize, which bnb's CPU kernels need
@@ -101,7 +105,6 @@ def test_quantize_cli_output_loads_in_transformers(dirs):
     assert cfg["quant_method"] == "bitsandbytes" and cfg["bnb_4bit_quant_type"] == "nf4"
     assert cfg["bnb_4bit_use_double_quant"] is True and cfg["bnb_4bit_compute_dtype"] == "bfloat16"
     # same key set and dtypes as transformers' own save of the same model
-    from safetensors import safe_open
     with safe_open(str(out / "model.safetensors"), "pt") as a, \
             safe_open(str(dirs["bnb"] / "model.safetensors"), "pt") as b:
         assert sorted(a.keys()) == sorted(b.keys())
@@ -137,8 +140,6 @@ def test_quantize_model_in_place_and_state_dict_round_trip(dirs, tmp_path):
 
 def _write_split_checkpoint(dense_dir: Path, out: Path, blocksize: int) -> dict[str, torch.Tensor]:
     """The split q/k/v, gate/up layout, each part quantized by bitsandbytes and serialized by its QuantState."""
-    from safetensors.torch import load_file, save_file
-
     dense = load_file(str(dense_dir / "model.safetensors"))
     C, I = TINY["hidden_size"], TINY["intermediate_size"]
     tensors, parts_deq = {}, {}
@@ -198,8 +199,6 @@ def test_fuse_falls_back_when_blocks_straddle_parts():
 
 
 def test_bad_checkpoints_name_file_and_tensor(dirs, tmp_path):
-    from safetensors.torch import load_file, save_file
-
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "config.json").write_text((dirs["bnb"] / "config.json").read_text())
@@ -262,10 +261,6 @@ print(json.dumps({"peak": rss("VmHWM:") - before, "nf4": nf4}))
 def test_load_with_quant_nf4_peak_memory(tmp_path):
     """load_model(path, quant="nf4") never holds the dense model: its peak RSS stays near the NF4 total plus one
     dense projection (measured in a fresh process, 4 layers of 32 MB dense bf16 each)."""
-    import subprocess
-    import sys
-
-    from safetensors.torch import save_file
 
     C, I, L, V = 1024, 4096, 4, 1024
     cfg = transformers.Phi3Config(**{**TINY, "hidden_size": C, "intermediate_size": I, "num_hidden_layers": L,
@@ -298,11 +293,6 @@ def test_load_with_quant_nf4_peak_memory(tmp_path):
 
 def test_load_nf4_state_from_a_dict(dirs):
     """The dict interface gives the same model as the loader's memory-mapped reader."""
-    from safetensors.torch import load_file
-
-    from phiforge.engine import Phi3Config, Phi3ForCausalLM
-    from phiforge.engine.quant import load_nf4_state
-
     cfg = Phi3Config.from_file(dirs["bnb"])
     model = Phi3ForCausalLM(cfg, device="meta")
     model.rotary_emb.to("cpu")

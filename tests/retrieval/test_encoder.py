@@ -1,6 +1,9 @@
 """MiniLM encoder parity against transformers' BertModel + masked mean pooling + L2 norm (the reference)."""
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -77,8 +80,5 @@ def test_empty_and_wrong_input(encoder):
 
 
 def test_public_api_is_lazy():
-    import subprocess
-    import sys
-
     code = "import sys, phiforge.retrieval as r; assert 'torch' not in sys.modules; r.load_encoder; r.Index"
     subprocess.run([sys.executable, "-c", code], check=True)

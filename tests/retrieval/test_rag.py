@@ -5,6 +5,8 @@ tests index the bundled documents with the real MiniLM encoder and answer with t
 """
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -12,7 +14,10 @@ import pytest
 
 from phiforge.retrieval.rag import (Answer, Source, answer_question, build_prompt, format_sources,
                                     parse_citations)
-from phiforge.retrieval.store import Hit
+from phiforge.cli import main
+from phiforge.retrieval import demo
+from phiforge.retrieval.demo import run_demo
+from phiforge.retrieval.store import Hit, Index
 
 REPO = Path(__file__).resolve().parents[2]
 DOCS = REPO / "data" / "docs"
@@ -109,8 +114,6 @@ def test_clean_text_keeps_valid_groups():
 
 
 def test_demo_runs_with_a_fake_generator(tmp_path, capsys):
-    from phiforge.retrieval.demo import run_demo
-
     run_demo(n_questions=2, index_dir=tmp_path, generator=FakeGenerator(["Within 1 hour [1]."]))
     out = capsys.readouterr().out
     assert "10 added" in out and out.count("Sources cited:") == 2 and "expected source: 04_burst_mains.html" in out
@@ -121,11 +124,6 @@ def test_demo_runs_with_a_fake_generator(tmp_path, capsys):
 def test_demo_index_keeps_only_this_checkouts_documents(tmp_path, monkeypatch, capsys):
     """The demo index is shared by every checkout ($PHIFORGE_HOME): another clone's copies of the documents must
     not stay in it as duplicate hits."""
-    import shutil
-
-    from phiforge.retrieval import demo
-    from phiforge.retrieval.store import Index
-
     clones = []
     for name in ("clone_a", "clone_b"):
         (tmp_path / name / "docs").mkdir(parents=True)
@@ -143,16 +141,12 @@ def test_demo_index_keeps_only_this_checkouts_documents(tmp_path, monkeypatch, c
 # ------------------------------------------------------------------------------------------ end to end (real)
 @pytest.fixture(scope="module")
 def docs_index(tmp_path_factory):
-    from phiforge.cli import main
-
     folder = tmp_path_factory.mktemp("rag_index")
     assert main(["index", "add", str(DOCS), "--index", str(folder)]) == 0
     return folder
 
 
 def test_cli_index_search_stats_rm(docs_index, capsys, tmp_path):
-    from phiforge.cli import main
-
     capsys.readouterr()
     assert main(["index", "add", str(DOCS), "--index", str(docs_index)]) == 0
     assert "0 added, 0 replaced, 10 unchanged" in capsys.readouterr().out  # nothing embedded again
@@ -169,9 +163,6 @@ def test_cli_index_search_stats_rm(docs_index, capsys, tmp_path):
 
 
 def test_shipped_questions_retrieve_their_source(docs_index):
-    import json
-
-    from phiforge.retrieval.store import Index
 
     qs = [json.loads(line) for line in (REPO / "data" / "docs_questions.jsonl").read_text().splitlines()]
     with Index.open(docs_index) as ix:
@@ -183,8 +174,6 @@ def test_shipped_questions_retrieve_their_source(docs_index):
 def test_ask_end_to_end_with_default_model(docs_index, capsys):
     """The real default model (SmolLM2-135M) answers through `phiforge ask`; we check structure, not quality:
     something streams, then a source list whose every number is one of the k sources retrieved."""
-    from phiforge.cli import main
-
     capsys.readouterr()
     rc = main(["ask", "--index", str(docs_index), "--max-new-tokens", "16", "-k", "2",
                "How quickly must a crew reach a burst on a trunk main?"])
@@ -200,21 +189,3 @@ def test_ask_end_to_end_with_default_model(docs_index, capsys):
     assert listing.startswith(" cited:") == bool(cited)
     if cited:
         assert set(listed) == cited
-
-
-def test_load_generator_attaches_an_adapter(tmp_path):
-    """`phiforge ask --adapter DIR` goes through load_generator: the adapter's LoRA modules must be live."""
-    import torch
-
-    from phiforge.engine import default_model_path, load_model
-    from phiforge.engine.lora import apply_lora, lora_modules, save_adapter
-    from phiforge.retrieval.rag import load_generator
-
-    path = default_model_path()
-    donor = load_model(path, dtype=torch.float32)
-    apply_lora(donor, r=2, alpha=4, targets=["o_proj"])
-    save_adapter(donor, tmp_path / "adapter")
-    gen = load_generator(path, tmp_path / "adapter")
-    wrapped = dict(lora_modules(gen.model))
-    assert wrapped and all(n.endswith("o_proj") for n in wrapped)
-    assert next(gen.model.parameters()).dtype == torch.float32  # fp32 on CPU (see load_generator)

@@ -13,6 +13,9 @@ import argparse
 import sys
 from typing import Any
 
+from phiforge.engine.generate import GenerationResult, Generator, Prompt
+from phiforge.engine.pretrained import load_generator
+
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="Hugging Face model directory (default: the default model)")
@@ -42,17 +45,8 @@ def add_arguments_chat(p: argparse.ArgumentParser) -> None:
     _add_common(p)
 
 
-def _load(args: argparse.Namespace, prefix_cache: bool = False):
-    from .generate import Generator
-    from .loader import load_model
-    from .tokenizer import load_tokenizer
-
-    path = args.model
-    if path is None:
-        from .fetch import default_model_path
-        path = default_model_path()
-    model = load_model(path, dtype=args.dtype, quant=args.quant, adapter=args.adapter)
-    return Generator(model, load_tokenizer(path), prefix_cache=prefix_cache)
+def _load(args: argparse.Namespace, prefix_cache: bool = False) -> Generator:
+    return load_generator(args.model, args.adapter, dtype=args.dtype, quant=args.quant, prefix_cache=prefix_cache)
 
 
 def _sampling(args: argparse.Namespace) -> dict[str, Any]:
@@ -61,7 +55,7 @@ def _sampling(args: argparse.Namespace) -> dict[str, Any]:
                 repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop)
 
 
-def _stream_to_stdout(gen, prompt, kw: dict[str, Any]):
+def _stream_to_stdout(gen: Generator, prompt: Prompt, kw: dict[str, Any]) -> GenerationResult:
     """Print pieces as they arrive; return the GenerationResult."""
     run = gen.stream(prompt, **kw)
     while True:
@@ -75,7 +69,7 @@ def _stream_to_stdout(gen, prompt, kw: dict[str, Any]):
         sys.stdout.flush()
 
 
-def _print_stats(r) -> None:
+def _print_stats(r: GenerationResult) -> None:
     cached = f" ({r.cached_tokens} from the cache)" if r.cached_tokens else ""
     print(f"[{r.prompt_tokens} prompt tokens{cached}, {len(r.token_ids)} new, finish: {r.finish_reason}, "
           f"TTFT {r.ttft_s * 1000:.0f} ms, decode {r.decode_tokens_per_s:.1f} tokens/s]", file=sys.stderr)
