@@ -48,6 +48,7 @@ import triton
 import triton.language as tl
 from torch.amp import custom_bwd, custom_fwd
 
+from phiforge.kernels.aot import aligned, signature
 from phiforge.kernels.cpu_linear import matmul_nt
 from phiforge.kernels.nf4 import NF4Weight, dequantize_nf4_ref
 from phiforge.kernels.nf4_matmul import nf4_matmul, nf4_matmul_t
@@ -225,8 +226,6 @@ def aot_specs() -> list[dict]:
     """The dense fused-LoRA GEMM for `phiforge kernels report`: every config, bf16, forward (W's unit stride along
     the reduction) and backward dX (W read through swapped strides: unit stride along the output). At run time
     Triton specializes a stride of 1 into the code, so each direction is its own compiled kernel; so here."""
-    from phiforge.kernels.report import aligned, signature
-
     fn = _lora_gemm_kernel
     ptrs = dict(a_ptr="*bf16", w_ptr="*bf16", p_ptr="*bf16", q_ptr="*bf16", c_ptr="*bf16")
     specs = []
