@@ -75,6 +75,17 @@ def cpu_flags() -> str:
         return platform.processor()
 
 
+def cpu_tier() -> str:
+    """The widest instruction-set tier of the native kernels this CPU runs: "avx512bf16" (everything, bf16 on the
+    bf16 dot-product instruction), "avx512" (fp32 models and the bf16 kernels without dot products), or "none"
+    (the torch path)."""
+    flags = cpu_flags().split()
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return "none"
+    return next((name for name, need in (("avx512bf16", AVX512_BF16), ("avx512", AVX512))
+                 if all(f in flags for f in need)), "none")
+
+
 def sources(main: Path) -> list[Path]:
     """`main` and every local header it includes, transitively (headers resolve beside the including file)."""
     seen: list[Path] = []
