@@ -130,8 +130,10 @@ class DecodeStep:
 
         torch itself runs on one thread during the step, except inside projections it computes (batches, NF4,
         LoRA): everything else is tiny (attention over one query per row, norms), and each parallel region ends in
-        a barrier that, on a busy machine, waits for a descheduled thread (measured on this 2-core box: seconds
-        per token instead of ~50 ms). The native GEMV splits the big matrices over the configured thread count.
+        a barrier that, on a busy machine, waits for a descheduled thread. The native GEMV splits the big matrices
+        over the configured thread count. The thread count is process-global, so it is set around each step (and
+        each torch-computed projection) and restored: setting it once per step measured faster than leaving torch
+        its threads for the small ops.
         """
         if self.native is not None:
             s = self.cache.length
@@ -173,7 +175,7 @@ class DecodeStep:
             q = qk[:, :nh].reshape(B, nkv, nh // nkv, hs)                              # (B, nkv, rep, hs)
             if k.dtype == torch.float32:
                 qk = torch.matmul(q, k.transpose(-1, -2))                              # (B, nkv, rep, S)
-            else:  # bf16/fp16 bmm copies a transposed cache slice first; K·qᵀ reads it in place (5x faster)
+            else:  # bf16/fp16 bmm copies a transposed cache slice first; K·qᵀ reads it in place
                 qk = torch.matmul(k, q.transpose(-1, -2)).transpose(-1, -2)            # (B, nkv, rep, S)
             scores = qk.float() * self.scale + mask                                    # (B, nkv, rep, S)
             y = torch.matmul(scores.softmax(dim=-1).to(v.dtype), v)                    # (B, nkv, rep, hs)

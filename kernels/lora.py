@@ -140,8 +140,8 @@ def dropout_mask(shape: tuple[int, ...], p: float, device: torch.device) -> torc
     """Keep-mask (bool): each element kept with probability 1 - p. The reference draws it the same way.
 
     Sixteen random bits an element, four elements from one 64-bit draw: torch.rand draws one number an element,
-    and on the CPU the generator, not the comparison, is the cost (2.1 ms vs 0.5 ms for a (1024, 576) mask; the
-    masks were a fifth of a LoRA training step). p is thereby rounded to a multiple of 2^-16 (|error| ≤ 7.6e-6).
+    and on the CPU the generator, not the comparison, is the cost (the masks were a sizeable share of a LoRA
+    training step). p is thereby rounded to a multiple of 2^-16 (|error| ≤ 7.6e-6).
     """
     n = math.prod(shape)
     bits = torch.randint(-2**63, 2**63 - 1, (-(-n // 4),), dtype=torch.int64, device=device)

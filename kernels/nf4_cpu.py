@@ -2,7 +2,7 @@
 
 Why native code on the CPU path: at M = 1 the dense bf16 GEMV streams 2 bytes per weight at memory speed. Any
 unfused torch NF4 path first writes the whole dequantized W (2 bytes per weight) and then reads it back, so it can
-never come within 1.5x of dense; it needs the dequantize fused into the dot product. torch has no such op for a
+never come close to dense; it needs the dequantize fused into the dot product. torch has no such op for a
 non-uniform 4-bit code (its int4 kernels are affine), so ~100 lines of C do it, compiled once with the system C
 compiler and called through ctypes; row ranges split over torch's OpenMP threads inside the C call (a Python
 thread pool per call costs more than the GEMV itself at the default model's sizes).
