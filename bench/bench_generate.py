@@ -99,7 +99,7 @@ def prefill_matmul_floor_s(model: torch.nn.Module, T: int = PROMPT_LEN, repeats:
     return min(_timed(run) for _ in range(repeats))
 
 
-_PEAK = native.NativeLib("bench_peak", "peak.c", needs=native.AVX512_BF16, register=False, functions={
+_PEAK = native.NativeLib("bench_peak", "peak.c", tiers=("avx512bf16",), register=False, functions={
     "peak": (None, [ctypes.c_long, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]),
 })
 

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from phiforge.kernels import native
 
 P, I = ctypes.c_void_p, ctypes.c_int
-LIB = native.NativeLib("cpu_attention", "attention.c", needs=native.AVX512, functions={
+LIB = native.NativeLib("cpu_attention", "attention.c", tiers=("avx512bf16", "avx512"), functions={
     "causal_attention": (None, [P] * 10 + [I] * 6 + [ctypes.c_float, I, I]),
     "exp_f32": (None, [P, I]),
     "has_dpbf16": (I, []),

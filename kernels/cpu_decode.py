@@ -26,8 +26,9 @@ Projections are dense fp32/bf16, or all NF4 (QLoRA's base model): then each proj
 fused dequantize-GEMV, the very code the torch step calls per NF4 linear, on the same row split, so the sums are
 the same; up to nf4_cpu.GEMV_MAX_M rows (beyond, the torch step dequantizes and runs a GEMM instead). NF4 reads a
 quarter of the bytes (bench/bench_generate.py measures what that buys). The engine (engine/decode.py) hands over the
-weights as tensors (`DecodeWeights`); a LoRA projection, more than MAX_BATCH rows, a bf16 model on a CPU without
-AVX512-BF16, or a library that cannot run (kernels/native.py says why) keeps the torch step.
+weights as tensors (`DecodeWeights`); a LoRA projection, more than MAX_BATCH rows, or a library that cannot run
+(kernels/native.py says why: it needs AVX-512, and uses AVX512-BF16's dot product for bf16 where the CPU has it)
+keeps the torch step.
 
 Legend: C hidden, nh/nkv query/KV heads, hs head dim, rd rotary dims, I intermediate, V vocabulary, S cache slots.
 """
@@ -86,9 +87,8 @@ def _check(lib: ctypes.CDLL) -> None:
 
 _LAYOUT = {f"{p}_{s}": (_L, a) for p in ("decode_model", "decode_nf4desc")
            for s, a in (("size", []), ("fields", []), ("offset", [ctypes.c_char_p]))}
-LIB = native.NativeLib("cpu_decode", "decode.c", needs=native.AVX512, check=_check, functions={
+LIB = native.NativeLib("cpu_decode", "decode.c", tiers=("avx512bf16", "avx512"), check=_check, functions={
     "decode_step": (None, [ctypes.POINTER(_Model), _P, _P, ctypes.c_int, _P]),
-    "decode_has_bf16": (ctypes.c_int, []),
     **_LAYOUT,
 })
 MAX_BATCH = 16  # rows one step takes natively (weights stream once for all of them)
@@ -134,7 +134,6 @@ class NativeDecode:
         dtype, B = w.embed.dtype, k_cache.shape[1]
         lib = LIB.get()
         if (lib is None or dtype not in (torch.float32, torch.bfloat16) or B > MAX_BATCH
-                or (dtype == torch.bfloat16 and not lib.decode_has_bf16())
                 or k_cache.dtype != dtype or v_cache.dtype != dtype or k_cache.device.type != "cpu"):
             return None
         mats = [m for ms in w.projections for m in ms]

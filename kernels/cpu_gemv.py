@@ -6,8 +6,9 @@ M = 1 (MKL sgemv for fp32, oneDNN for bf16) leaves a lot on the table here; this
 
     for each output row n (rows split across the OpenMP threads):
         acc = Σ_k W[n, k] · x[k]                 in 16 fp32 lanes, reduced at the end
-    bf16:  _mm512_dpbf16_ps multiplies 32 bf16 pairs exactly and adds them into 16 fp32 lanes (AVX512-BF16)
-    fp32:  _mm512_fmadd_ps, 16 lanes
+    bf16:  _mm512_dpbf16_ps multiplies 32 bf16 pairs exactly and adds them into 16 fp32 lanes (AVX512-BF16);
+           without it, bf16 widened exactly to fp32 lanes and FMAs (AVX-512, or 8 lanes on AVX2)
+    fp32:  _mm512_fmadd_ps, 16 lanes (8 on AVX2)
     y[n] = reduce(acc), rounded to the output dtype (bf16: round-to-nearest-even, as torch rounds)
 
 Four rows are done at once so one load of x feeds four independent accumulators (no FMA latency chain). Only
@@ -17,7 +18,7 @@ dtypes, like torch's kernels; only the summation order differs, so results agree
 
 The C is csrc/gemv.c around csrc/gemv.h, the GEMV body the whole decode step (csrc/decode.c) uses too; compiled on
 first use and cached by kernels/native.py, called through ctypes. Where the library cannot run (kernels/native.py
-says why), for bf16 without AVX512-BF16, M > 1 or a non-contiguous weight, `linear` falls back to
+says why), for M > 1 or a non-contiguous weight, `linear` falls back to
 `torch.nn.functional.linear`.
 
 Legend: M rows of x, N out_features, K in_features.
@@ -32,23 +33,14 @@ import torch.nn.functional as F
 from phiforge.kernels import native
 
 P, I = ctypes.c_void_p, ctypes.c_int
-LIB = native.NativeLib("cpu_gemv", "gemv.c", needs=native.AVX512, functions={
+LIB = native.NativeLib("cpu_gemv", "gemv.c", tiers=("avx512bf16", "avx512", "avx2"), functions={
     "gemv_f32": (None, [P, P, P, I, I, I]),
     "gemv_bf16": (None, [P, P, P, I, I, I]),
-    "has_bf16": (I, []),
 })
 # Weights smaller than this run on one thread: for small matrices the OpenMP barrier costs more than the split
 # saves (bench/bench_generate.py shows the effect on decode tok/s). On a heavily oversubscribed machine every
 # barrier can wait a scheduler slice; torch's own tiny ops are kept single-threaded during a step for that reason.
 parallel_min_elements = 1 << 17
-
-
-def _lib_for(dtype: torch.dtype) -> ctypes.CDLL | None:
-    """The library when it runs `dtype` here (bf16 needs AVX512-BF16), else None."""
-    lib = LIB.get()
-    if lib is None or dtype not in (torch.float32, torch.bfloat16):
-        return None
-    return lib if dtype == torch.float32 or lib.has_bf16() else None
 
 
 def available() -> bool:
@@ -57,7 +49,8 @@ def available() -> bool:
 
 def supports(w: torch.Tensor) -> bool:
     """Whether `linear` runs this weight natively (else it falls back to torch)."""
-    return w.device.type == "cpu" and w.dim() == 2 and w.is_contiguous() and _lib_for(w.dtype) is not None
+    return (w.device.type == "cpu" and w.dtype in (torch.float32, torch.bfloat16) and w.dim() == 2
+            and w.is_contiguous() and available())
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, threads: int | None = None) -> torch.Tensor:

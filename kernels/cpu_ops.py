@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from phiforge.kernels import native
 
 P, L, I, Fl = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
-LIB = native.NativeLib("cpu_ops", "ops.c", needs=native.AVX512, functions={
+LIB = native.NativeLib("cpu_ops", "ops.c", tiers=("avx512", "avx2"), functions={
     "rms_norm": (None, [P, P, P, L, I, Fl, I, I]),
     "swiglu": (None, [P, P, L, I, I, I]),
     "rotary": (None, [P, L, L, L, P, P, P, L, L, L] + [I] * 7),

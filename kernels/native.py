@@ -8,7 +8,7 @@ the cache and is renamed into place: a concurrent process sees no file or the wh
 
 What happens when a library cannot run is explicit (`NativeLib.status()`):
 
-    active          compiled and loaded
+    active          compiled and loaded, for the widest instruction-set tier (TIERS) it has code for and the CPU runs
     disabled        PHIFORGE_CPU_NATIVE=0
     unsupported     not x86-64, or the CPU lacks an instruction set the library needs: the torch path runs
     no compiler     `$CC` not found: the torch path runs, with one warning
@@ -38,10 +38,21 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 CSRC = Path(__file__).resolve().parent / "csrc"
-FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC", "-Wall", "-Wextra", "-Werror"]
+FLAGS = ["-O3", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC", "-Wall", "-Wextra", "-Werror"]
 # The instruction sets every AVX-512 kernel uses (masked 16-bit loads need BW and VL); the bf16 dot product is extra.
 AVX512 = ("avx512f", "avx512bw", "avx512vl")
 AVX512_BF16 = AVX512 + ("avx512_bf16",)
+AVX2 = ("avx2", "fma", "f16c")
+# Instruction-set tiers, widest first: the /proc/cpuinfo flags each needs and the flags it compiles with. A library
+# is built for the widest tier it has code for that the CPU runs (PHIFORGE_CPU_TIER or `forced_tier` caps it, so
+# the tests run every tier this CPU can). avx2 is x86-64-v3, portable to any AVX2 machine; the AVX-512 tiers tune
+# for this CPU, which the cache key records.
+TIERS: dict[str, tuple[tuple[str, ...], list[str]]] = {
+    "avx512bf16": (AVX512_BF16, ["-march=native"]),
+    "avx512": (AVX512, ["-march=native", "-mno-avx512bf16"]),
+    "avx2": (AVX2, ["-march=x86-64-v3", "-mtune=native"]),
+    "x86-64": ((), ["-march=x86-64", "-mtune=native"]),
+}
 _INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"', re.MULTILINE)
 
 
@@ -75,15 +86,38 @@ def cpu_flags() -> str:
         return platform.processor()
 
 
+_forced: list[str] = []
+
+
 def cpu_tier() -> str:
-    """The widest instruction-set tier of the native kernels this CPU runs: "avx512bf16" (everything, bf16 on the
-    bf16 dot-product instruction), "avx512" (fp32 models and the bf16 kernels without dot products), or "none"
-    (the torch path)."""
-    flags = cpu_flags().split()
+    """The widest tier (TIERS) this CPU runs, capped by PHIFORGE_CPU_TIER or `forced_tier`; "none" off x86-64."""
     if platform.machine() not in ("x86_64", "AMD64"):
         return "none"
-    return next((name for name, need in (("avx512bf16", AVX512_BF16), ("avx512", AVX512))
-                 if all(f in flags for f in need)), "none")
+    flags = cpu_flags().split()
+    names = list(TIERS)
+    cap = _forced[-1] if _forced else os.environ.get("PHIFORGE_CPU_TIER", "").strip() or names[0]
+    if cap not in TIERS:
+        raise ValueError(f"PHIFORGE_CPU_TIER={cap!r}: expected one of {', '.join(names)}")
+    return next((t for t in names[names.index(cap):] if all(f in flags for f in TIERS[t][0])), "none")
+
+
+def runnable_tiers() -> list[str]:
+    """Every tier this CPU runs, widest first."""
+    flags = cpu_flags().split()
+    x86 = platform.machine() in ("x86_64", "AMD64")
+    return [t for t, (need, _) in TIERS.items() if x86 and all(f in flags for f in need)]
+
+
+@contextlib.contextmanager
+def forced_tier(tier: str) -> Iterator[None]:
+    """Build and run every library at `tier` (or the widest below it each has code for) within the block."""
+    if tier not in TIERS:
+        raise ValueError(f"unknown tier {tier!r}: expected one of {', '.join(TIERS)}")
+    _forced.append(tier)
+    try:
+        yield
+    finally:
+        _forced.pop()
 
 
 def sources(main: Path) -> list[Path]:
@@ -99,57 +133,68 @@ def sources(main: Path) -> list[Path]:
     return seen
 
 
-def compile_command(cc: str, source: Path, out: Path) -> list[str]:
-    return [cc, *FLAGS, "-I", str(source.parent), str(source), "-o", str(out), "-lm"]
+def compile_command(cc: str, source: Path, out: Path, tier: str) -> list[str]:
+    return [cc, *FLAGS, *TIERS[tier][1], "-I", str(source.parent), str(source), "-o", str(out), "-lm"]
 
 
-def _build(name: str, source: Path, cc: str) -> Path:
-    """The cached shared object for `source`, compiled if needed; raises CalledProcessError with the compiler's
-    output on failure."""
+def _build(name: str, source: Path, cc: str, tier: str) -> Path:
+    """The cached shared object for `source` at `tier`, compiled if needed; raises CalledProcessError with the
+    compiler's output on failure."""
     parts = [f"{p.name}\0{p.read_text()}" for p in sorted(sources(source))]
-    key = hashlib.sha256("\0".join([*parts, cpu_flags(), cc, *FLAGS]).encode()).hexdigest()[:16]
+    command = compile_command(cc, source, Path("out.so"), tier)
+    key = hashlib.sha256("\0".join([*parts, cpu_flags(), *command]).encode()).hexdigest()[:16]
     home = Path(os.environ.get("PHIFORGE_HOME") or Path.home() / ".cache" / "phiforge")
-    so = home / "build" / f"{name}-{key}.so"
+    so = home / "build" / f"{name}-{tier}-{key}.so"
     if not so.exists():
         so.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=so.parent) as tmp:
             out = Path(tmp) / f"{name}.so"
-            subprocess.run(compile_command(cc, source, out), check=True, capture_output=True, text=True)
+            subprocess.run(compile_command(cc, source, out, tier), check=True, capture_output=True, text=True)
             os.replace(out, so)
     return so
 
 
 class NativeLib:
-    """One C library: `name`, its `source` (a file in csrc/, or a path), the /proc/cpuinfo flags it `needs`, and its
-    ctypes `functions` ({name: (restype, argtypes)}, declared once here; a third item True marks a function that
-    only some CPUs' builds define). `check(lib)` may verify more at load (a
-    struct layout) and raise ValueError. `get()` is the loaded library, or None: use the torch path."""
+    """One C library: `name`, its `source` (a file in csrc/, or a path), the `tiers` (TIERS) it has code for, any
+    further /proc/cpuinfo flags it `needs`, and its ctypes `functions` ({name: (restype, argtypes)}, declared once
+    here; a third item True marks a function only some tiers define). `check(lib)` may verify more at load (a struct
+    layout) and raise ValueError. `get()` is the library built for the current tier, or None: use the torch path."""
 
-    def __init__(self, name: str, source: str | Path, needs: tuple[str, ...] = (),
+    def __init__(self, name: str, source: str | Path, tiers: tuple[str, ...] = ("x86-64",), needs: tuple[str, ...] = (),
                  functions: dict[str, tuple] | None = None, check: Callable[[ctypes.CDLL], None] | None = None,
                  register: bool = True) -> None:
-        self.name, self.source, self.needs = name, CSRC / source if isinstance(source, str) else source, needs
+        self.name, self.source = name, CSRC / source if isinstance(source, str) else source
+        self.tiers, self.needs = tuple(t for t in TIERS if t in tiers), needs
         self.functions, self.check = functions or {}, check
-        self._lib: ctypes.CDLL | None = None
-        self._status: Status | None = None
+        self._loaded: dict[str, tuple[Status, ctypes.CDLL | None]] = {}
         self._off = 0
         if register:
             LIBRARIES[name] = self
 
-    def _try_load(self) -> Status:
+    def tier(self) -> str | None:
+        """The tier this library builds for now: its widest tier at or below cpu_tier(); None if it has none."""
+        cap = cpu_tier()
+        if cap == "none":
+            return None
+        order = list(TIERS)
+        return next((t for t in self.tiers if order.index(t) >= order.index(cap)), None)
+
+    def _try_load(self, tier: str | None) -> tuple[Status, ctypes.CDLL | None]:
         if mode() == "0":
-            return Status("disabled", "PHIFORGE_CPU_NATIVE=0")
+            return Status("disabled", "PHIFORGE_CPU_NATIVE=0"), None
         if platform.machine() not in ("x86_64", "AMD64"):
-            return Status("unsupported", f"{platform.machine()} is not x86-64")
+            return Status("unsupported", f"{platform.machine()} is not x86-64"), None
+        if tier is None:
+            return Status("unsupported", f"no build for tier {cpu_tier()} or below (has {', '.join(self.tiers)})"), None
         flags = cpu_flags().split()
         missing = [f for f in self.needs if f not in flags]
         if missing:
-            return Status("unsupported", f"this CPU lacks {', '.join(missing)}")
+            return Status("unsupported", f"this CPU lacks {', '.join(missing)}"), None
         cc = os.environ.get("CC", "cc")
         if shutil.which(cc) is None:
-            return Status("no compiler", f"{cc} not found (set $CC)")
+            return Status("no compiler", f"{cc} not found (set $CC)"), None
         try:
-            lib = ctypes.CDLL(str(_build(self.name, self.source, cc)))
+            lib = ctypes.CDLL(str(_build(self.name, self.source, cc, tier)))
             for fn, (restype, argtypes, *optional) in self.functions.items():
                 if optional and optional[0] and not hasattr(lib, fn):
                     continue
@@ -157,31 +202,35 @@ class NativeLib:
             if self.check is not None:
                 self.check(lib)
         except subprocess.CalledProcessError as e:
-            return Status("compile error", f"{' '.join(e.cmd)}\n{(e.stderr or '').strip()}")
+            return Status("compile error", f"{' '.join(e.cmd)}\n{(e.stderr or '').strip()}"), None
         except (OSError, AttributeError, ValueError) as e:
-            return Status("compile error", f"{self.source.name} built but did not load: {e}")
-        self._lib = lib
-        return Status("active")
+            return Status("compile error", f"{self.source.name} built but did not load: {e}"), None
+        return Status("active", tier), lib
+
+    def _state(self) -> tuple[Status, ctypes.CDLL | None]:
+        tier = self.tier()
+        key = f"{tier}:{mode()}"
+        if key not in self._loaded:
+            self._loaded[key] = self._try_load(tier)
+            status = self._loaded[key][0]
+            if status.state in ("no compiler", "compile error") and mode() != "require":
+                warnings.warn(f"native kernel library {self.name!r} ({self.source}): {status}; using the torch path",
+                              NativeBuildWarning, stacklevel=4)
+        status, lib = self._loaded[key]
+        if status.state in ("no compiler", "compile error") and mode() == "require":
+            raise NativeBuildError(f"native kernel library {self.name!r} ({self.source}) under "
+                                   f"PHIFORGE_CPU_NATIVE=require: {status}")
+        return status, lib
 
     def status(self) -> Status:
-        """Why this library runs or not; the first call builds it. Raises NativeBuildError under
-        PHIFORGE_CPU_NATIVE=require when it has no compiler or fails to build; warns once otherwise."""
-        if self._status is None:
-            self._status = self._try_load()
-            if self._status.state in ("no compiler", "compile error") and mode() != "require":
-                warnings.warn(f"native kernel library {self.name!r} ({self.source}): {self._status}; using the "
-                              "torch path", NativeBuildWarning, stacklevel=3)
-        if self._status.state in ("no compiler", "compile error") and mode() == "require":
-            raise NativeBuildError(f"native kernel library {self.name!r} ({self.source}) under "
-                                   f"PHIFORGE_CPU_NATIVE=require: {self._status}")
-        return self._status
+        """Why this library runs or not (active: the detail is its tier); the first call at a tier builds it.
+        Raises NativeBuildError under PHIFORGE_CPU_NATIVE=require when it has no compiler or fails to build;
+        warns once otherwise."""
+        return self._state()[0]
 
     def get(self) -> ctypes.CDLL | None:
         """The loaded library, or None when it cannot run or is switched off (`disabled`)."""
-        if self._off:
-            return None
-        self.status()
-        return self._lib
+        return None if self._off else self._state()[1]
 
     @contextlib.contextmanager
     def disabled(self) -> Iterator[None]:

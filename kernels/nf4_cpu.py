@@ -32,7 +32,7 @@ from phiforge.kernels.nf4 import NF4Weight, dequantize_nf4_ref
 # does not (bench/bench_nf4.py measures both), so it serves a few rows only (the C code allows up to 8).
 GEMV_MAX_M = 4
 P, I, L, F = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
-LIB = native.NativeLib("nf4_cpu", "nf4.c", functions={
+LIB = native.NativeLib("nf4_cpu", "nf4.c", tiers=tuple(native.TIERS), functions={
     "nf4_dequant_all": (None, [P, P, P, P, P, F, I, I, I, L, P, I, I]),
     "nf4_gemv_all": (None, [P, P, I, P, P, P, P, P, F, I, I, I, L, L, P, I]),
     "nf4_has_fp16": (I, []),

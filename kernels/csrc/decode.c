@@ -1,7 +1,7 @@
 /* The whole decode step of a Phi-3 in one native call (kernels/cpu_decode.py states the math): embedding → layers
    → lm_head for 1-16 rows, one OpenMP parallel region. The GEMVs split rows over the threads (gemv.h, or nf4.h for
    an NF4 model), attention splits (row, head) pairs (decode_attention.h), and the small vector ops run on one
-   thread between barriers. bf16 models need AVX512-BF16 (decode_has_bf16); fp32 ones AVX-512 F/BW/VL. */
+   thread between barriers. AVX-512 F/BW/VL; bf16 models use the bf16 dot product where the CPU has AVX512-BF16. */
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
@@ -23,12 +23,6 @@ int64_t decode_nf4desc_size(void) { return (int64_t)sizeof(NF4Desc); }
 int64_t decode_nf4desc_fields(void) { return 0 NF4DESC_FIELDS(COUNT); }
 int64_t decode_nf4desc_offset(const char *name) { NF4DESC_FIELDS(NF4DESC_OFFSET) return -1; }
 
-#ifdef __AVX512BF16__
-int decode_has_bf16(void) { return 1; }
-#else
-int decode_has_bf16(void) { return 0; }
-#endif
-
 /* Make x (K values, already representable in the model dtype) the next GEMV's input: bf16 GEMVs read m->xb. */
 static void prep(const Model *m, const float *x, int K) {
     if (m->bf) for (int k = 0; k < K; k++) m->xb[k] = f2bf(x[k]);
@@ -43,6 +37,14 @@ static void gemm_bf16(const Model *m, const uint16_t *W, const uint16_t *x, floa
     const int B = m->B;
     GEMM_BODY(uint16_t, 32, _mm512_loadu_si512, _mm512_maskz_loadu_epi16, DPBF16, MASK32, STORE_R)
 }
+#else
+static void gemv_bf16(const Model *m, const uint16_t *W, const uint16_t *x, float *y, int N, int K) {
+    GEMV_BODY(uint16_t, 16, BF16W_LOAD, BF16W_MLOAD, FMA32, MASK16, STORE_R)
+}
+static void gemm_bf16(const Model *m, const uint16_t *W, const uint16_t *x, float *y, int N, int K) {
+    const int B = m->B;
+    GEMM_BODY(uint16_t, 16, BF16W_LOAD, BF16W_MLOAD, FMA32, MASK16, STORE_R)
+}
 #endif
 static void gemv_f32(const Model *m, const float *W, const float *x, float *y, int N, int K) {
     GEMV_BODY(float, 16, _mm512_loadu_ps, _mm512_maskz_loadu_ps, FMA32, MASK16, STORE_R)
@@ -55,14 +57,10 @@ static void gemm_f32(const Model *m, const float *W, const float *x, float *y, i
 /* y (B, N) = R(x (B, K) · Wᵀ); bf16 GEMVs read x from m->xb (see prep) */
 static void gemv(const Model *m, const void *W, const float *x, float *y, int N, int K) {
     if (m->B == 1) {
-#ifdef __AVX512BF16__
         if (m->bf) { gemv_bf16(m, (const uint16_t *)W, m->xb, y, N, K); return; }
-#endif
         gemv_f32(m, (const float *)W, x, y, N, K);
     } else {
-#ifdef __AVX512BF16__
         if (m->bf) { gemm_bf16(m, (const uint16_t *)W, m->xb, y, N, K); return; }
-#endif
         gemm_f32(m, (const float *)W, x, y, N, K);
     }
 }

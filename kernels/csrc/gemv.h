@@ -7,7 +7,7 @@
    load, FMA(acc, w, x) the fp32-accumulating multiply-add, MASK(n) the tail mask, STORE(i, v) writes the fp32 sum
    v of output i (rounding it as the caller's dtype needs).
      fp32: 16 lanes, _mm512_fmadd_ps.  bf16: 32 lanes, _mm512_dpbf16_ps (32 bf16 pairs multiplied exactly and
-     added into 16 fp32 lanes; AVX512-BF16). */
+     added into 16 fp32 lanes; AVX512-BF16), or without it 16 lanes widened to fp32 (BF16W_*). */
 #pragma once
 #include <stdint.h>
 
@@ -17,6 +17,12 @@
 #ifdef __AVX512BF16__
 #define DPBF16(a, w, x) _mm512_dpbf16_ps(a, (__m512bh)(w), (__m512bh)(x))
 #endif
+/* bf16 without the dot-product instruction: 16 bf16 widened exactly to fp32 lanes, then FMA32 (the products of
+   two bf16 values are exact in fp32 either way; only the summation order differs) */
+#define BF16W_LOAD(p) _mm512_castsi512_ps(_mm512_slli_epi32(                                               \
+    _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(p))), 16))
+#define BF16W_MLOAD(mk, p) _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(                      \
+    _mm256_maskz_loadu_epi16(mk, p)), 16))
 
 /* GEMV, one row of x: groups of four weight rows split over the threads, one load of x feeding four accumulators
    (registers, not an array, and no FMA latency chain). The hot loop has full-width loads only; K % STEP and N % 4

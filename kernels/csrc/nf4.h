@@ -2,8 +2,9 @@
    per-projection entry points) and decode.c (the decode step calls it per projection, so both compute the same
    sums on the same row split).
 
-   The whole NF4 table is 16 fp32 values = one AVX-512 register, so the lookup is one vpermps per 16 weights.
-   Without AVX-512 a scalar loop computes the same sums in another order. */
+   The whole NF4 table is 16 fp32 values = one AVX-512 register, so the lookup is one vpermps per 16 weights. On
+   AVX2 the table is two 8-lane registers: two vpermps and a blend on the index's bit 3 per 8 weights. Without
+   either a scalar loop computes the same sums in another order. */
 #pragma once
 #include <stdint.h>
 
@@ -51,6 +52,35 @@ static inline __attribute__((always_inline)) void nf4_gemv_rows(
         for (int m = 0; m < M; m++)
             y[m * N + n] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0][m], acc[1][m]),
                                                               _mm512_add_ps(acc[2][m], acc[3][m])));
+    }
+#elif defined(__AVX2__) && defined(__FMA__)
+    const __m256 lut0 = _mm256_loadu_ps(code), lut1 = _mm256_loadu_ps(code + 8);
+    const __m256i low4 = _mm256_set1_epi32(15);
+    for (int64_t n = n0; n < n1; n++) {
+        const uint8_t *row = packed + n * K2;
+        __m256 acc[4][8];
+        for (int c = 0; c < 4; c++)
+            for (int m = 0; m < M; m++) acc[c][m] = _mm256_setzero_ps();
+        for (int64_t k = 0, b = n * (K / bs); k < K; k += bs, b++) {
+            __m256 vs = _mm256_set1_ps(nf4_scale(absmax, ncode, nabs, offset, dq, nbs, b));
+            for (int64_t j = k / 2; j < (k + bs) / 2; j += 8) {
+                int c = (int)(j >> 3) & 1;  /* alternate 8-byte halves between two pairs of chains */
+                __m256i q = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(row + j)));
+                __m256i qh = _mm256_srli_epi32(q, 4), ql = _mm256_and_si256(q, low4);
+                __m256 hi = _mm256_blendv_ps(_mm256_permutevar8x32_ps(lut0, qh), _mm256_permutevar8x32_ps(lut1, qh),
+                                             _mm256_castsi256_ps(_mm256_slli_epi32(qh, 28)));
+                __m256 lo = _mm256_blendv_ps(_mm256_permutevar8x32_ps(lut0, ql), _mm256_permutevar8x32_ps(lut1, ql),
+                                             _mm256_castsi256_ps(_mm256_slli_epi32(ql, 28)));
+                hi = _mm256_mul_ps(hi, vs);
+                lo = _mm256_mul_ps(lo, vs);
+                for (int m = 0; m < M; m++) {
+                    acc[2 * c][m] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(xe + m * K2 + j), acc[2 * c][m]);
+                    acc[2 * c + 1][m] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(xo + m * K2 + j), acc[2 * c + 1][m]);
+                }
+            }
+        }
+        for (int m = 0; m < M; m++)
+            y[m * N + n] = hsum8(_mm256_add_ps(_mm256_add_ps(acc[0][m], acc[1][m]), _mm256_add_ps(acc[2][m], acc[3][m])));
     }
 #else
     for (int64_t n = n0; n < n1; n++) {

@@ -2,7 +2,9 @@
    16-lane loads/stores of fp32 or bf16 arrays. One home each, so the roundings of every kernel are the same code.
 
    bf16 rounding is torch's: round to nearest even (add 0x7fff plus the lowest kept bit, keep the top half),
-   NaN stays NaN. The vector part needs AVX-512 (F, BW, VL); the scalar part compiles anywhere. */
+   NaN stays NaN. The vector part comes in two tiers, chosen by the compile flags (kernels/native.py builds each
+   library once per tier the CPU runs): 16 lanes on AVX-512 (F, BW, VL), or 8 lanes on AVX2 + FMA, where tails
+   go through a small buffer instead of a mask register. The scalar part compiles anywhere. */
 #pragma once
 #include <stdint.h>
 #include <string.h>
@@ -71,5 +73,75 @@ static inline __m512 exp512(__m512 x) {
 static inline __m512 silu512(__m512 g) {
     __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), g));
     return _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f), e));
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+
+/* R(v) on 8 lanes: to bf16 and back when bf, NaN kept */
+static inline __m256 round8(__m256 v, int bf) {
+    if (!bf) return v;
+    __m256i u = _mm256_castps_si256(v);
+    __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff),
+                                 _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1))));
+    r = _mm256_and_si256(r, _mm256_set1_epi32((int)0xffff0000u));
+    return _mm256_blendv_ps(_mm256_castsi256_ps(r), v, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+}
+
+/* 8 lanes of an fp32 or bf16 array from element i; n < 8 reads n lanes and zeros (through a buffer) */
+static inline __m256 load8(const void *p, int64_t i, int bf, int n) {
+    if (n >= 8) {
+        if (!bf) return _mm256_loadu_ps((const float *)p + i);
+        return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(
+            _mm_loadu_si128((const __m128i *)((const uint16_t *)p + i))), 16));
+    }
+    float t[8] = {0};
+    for (int k = 0; k < n; k++) t[k] = bf ? bf2f(((const uint16_t *)p)[i + k]) : ((const float *)p)[i + k];
+    return _mm256_loadu_ps(t);
+}
+
+/* the inverse of load8 for a v already rounded by round8; n < 8 stores the first n lanes */
+static inline void store8(void *p, int64_t i, int bf, __m256 v, int n) {
+    float t[8];
+    if (n >= 8 && !bf) { _mm256_storeu_ps((float *)p + i, v); return; }
+    _mm256_storeu_ps(t, v);
+    for (int k = 0; k < (n < 8 ? n : 8); k++) {
+        if (bf) { uint32_t u; memcpy(&u, &t[k], 4); ((uint16_t *)p)[i + k] = (uint16_t)(u >> 16); }
+        else ((float *)p)[i + k] = t[k];
+    }
+}
+
+static inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+/* exp(x) on 8 lanes, exp512's method: 2^n built in the exponent field, in two factors so that n = 128 (x near
+   88.7) stays representable; 0 below -87, inf above ~88.7, NaN kept */
+static inline __m256 exp256(__m256 x) {
+    const __m256 lo = _mm256_set1_ps(-87.0f);
+    __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ), nan = _mm256_cmp_ps(x, x, _CMP_UNORD_Q);
+    __m256 xc = _mm256_min_ps(_mm256_max_ps(x, lo), _mm256_set1_ps(89.0f));
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(1.44269504088896341f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), xc);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.f / 720);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 120));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 24));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 6));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+    __m256i ni = _mm256_cvtps_epi32(n), n1 = _mm256_srai_epi32(ni, 1), n2 = _mm256_sub_epi32(ni, n1);
+    __m256 s1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n1, _mm256_set1_epi32(127)), 23));
+    __m256 s2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n2, _mm256_set1_epi32(127)), 23));
+    __m256 e = _mm256_andnot_ps(under, _mm256_mul_ps(_mm256_mul_ps(p, s1), s2));
+    return _mm256_blendv_ps(e, x, nan);
+}
+
+static inline __m256 silu256(__m256 g) {
+    __m256 e = exp256(_mm256_sub_ps(_mm256_setzero_ps(), g));
+    return _mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.f), e));
 }
 #endif

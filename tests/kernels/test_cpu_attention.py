@@ -16,8 +16,20 @@ STATUS = cpu_attention.LIB.status()
 pytestmark = pytest.mark.skipif(STATUS.state in ("unsupported", "disabled"), reason=f"cpu_attention: {STATUS}")
 
 
-def test_library_builds():
-    assert STATUS.state == "active", str(STATUS)
+
+@pytest.fixture(autouse=True, params=[t for t in native.runnable_tiers() if t in cpu_attention.LIB.tiers] or [None])
+def tier(request):
+    """Every test runs at each instruction-set tier this CPU runs and the library has code for."""
+    if request.param is None:
+        yield None
+        return
+    with native.forced_tier(request.param):
+        yield request.param
+
+
+def test_library_builds(tier):
+    status = cpu_attention.LIB.status()
+    assert status.state == "active" and status.detail == tier, str(status)
 
 
 def _sdpa(q, k, v):
@@ -92,9 +104,9 @@ def test_autograd_and_other_devices_take_sdpa():
 
 
 def test_bf16_form_built_where_the_cpu_has_it():
-    """The bf16 dot-product form is compiled in exactly when the CPU has avx512_bf16 (so the bf16 cases above run
-    it here), and on a 512-token prefill it is as close to the exact result as SDPA in bf16."""
-    assert bool(cpu_attention.LIB.get().has_dpbf16()) == ("avx512_bf16" in native.cpu_flags().split())
+    """The bf16 dot-product form is compiled in exactly at the avx512bf16 tier (so the bf16 cases above run it
+    there), and on a 512-token prefill it is as close to the exact result as SDPA in bf16."""
+    assert bool(cpu_attention.LIB.get().has_dpbf16()) == (cpu_attention.LIB.tier() == "avx512bf16")
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, h, 512, 64, generator=g).to(torch.bfloat16) for h in (9, 3, 3))
     ref = causal_attention_ref(q, k, v)

@@ -5,15 +5,27 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from phiforge.kernels import cpu_gemv
+from phiforge.kernels import cpu_gemv, native
 
 # Skips only where the CPU cannot run the kernels (or PHIFORGE_CPU_NATIVE=0); a compile error fails below.
 STATUS = cpu_gemv.LIB.status()
 pytestmark = pytest.mark.skipif(STATUS.state in ("unsupported", "disabled"), reason=f"cpu_gemv: {STATUS}")
 
 
-def test_library_builds():
-    assert STATUS.state == "active", str(STATUS)
+
+@pytest.fixture(autouse=True, params=[t for t in native.runnable_tiers() if t in cpu_gemv.LIB.tiers] or [None])
+def tier(request):
+    """Every test runs at each instruction-set tier this CPU runs and the library has code for."""
+    if request.param is None:
+        yield None
+        return
+    with native.forced_tier(request.param):
+        yield request.param
+
+
+def test_library_builds(tier):
+    status = cpu_gemv.LIB.status()
+    assert status.state == "active" and status.detail == tier, str(status)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

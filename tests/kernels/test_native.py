@@ -11,19 +11,23 @@ import pytest
 
 from phiforge.kernels import cpu_attention, cpu_decode, cpu_gemv, cpu_ops, native, nf4_cpu  # noqa: F401 (register)
 
-# which instruction sets each C file needs, from the libraries that build it (peak.c: bench_generate's probe)
-NEEDS = {lib.source.name: lib.needs for lib in native.LIBRARIES.values()} | {"peak.c": native.AVX512_BF16}
+# the tiers each C file is built for, from the libraries that build it (peak.c: bench_generate's probe)
+TIERS = {lib.source.name: lib.tiers for lib in native.LIBRARIES.values()} | {"peak.c": ("avx512bf16",)}
 X86 = bool(native.cpu_flags())
 
 
-@pytest.mark.parametrize("name", sorted(p.name for p in native.CSRC.glob("*.c")))
-def test_each_c_file_compiles_alone(name, tmp_path):
-    if not X86 or any(f not in native.cpu_flags().split() for f in NEEDS.get(name, ())):
-        pytest.skip(f"{name} needs {NEEDS.get(name)}, which this CPU lacks")
+def test_every_c_file_belongs_to_a_library():
+    assert {p.name for p in native.CSRC.glob("*.c")} == set(TIERS)
+
+
+@pytest.mark.parametrize("name,tier", [(name, tier) for name, tiers in sorted(TIERS.items()) for tier in tiers])
+def test_each_c_file_compiles_alone(name, tier, tmp_path):
+    if tier not in native.runnable_tiers():
+        pytest.skip(f"this CPU does not run tier {tier}")
     src = native.CSRC / name
-    proc = subprocess.run(native.compile_command("cc", src, tmp_path / "out.so"), capture_output=True, text=True)
+    proc = subprocess.run(native.compile_command("cc", src, tmp_path / "out.so", tier), capture_output=True,
+                          text=True)
     assert proc.returncode == 0, proc.stderr
-    assert set(NEEDS) >= {name}, f"{name} belongs to no NativeLib"
 
 
 def test_headers_are_shipped_and_included():
@@ -36,6 +40,21 @@ def _lib(tmp_path: Path, body: str, needs: tuple[str, ...] = ()) -> native.Nativ
     src = tmp_path / "probe.c"
     src.write_text(body)
     return native.NativeLib("probe", src, needs=needs, register=False)
+
+
+def test_tiers_cap_and_fall_back(tmp_path):
+    if not X86:
+        pytest.skip("native kernels build on x86-64 only")
+    lib = native.NativeLib("probe", _lib(tmp_path, "int f(void) { return 1; }\n").source, tiers=("avx2",),
+                           register=False)
+    runnable = native.runnable_tiers()
+    assert lib.tier() == ("avx2" if "avx2" in runnable else None)
+    with native.forced_tier("x86-64"):                             # below the library's only tier
+        assert lib.tier() is None and lib.get() is None
+        assert lib.status().state == "unsupported"
+    with pytest.raises(ValueError):
+        with native.forced_tier("avx1024"):
+            pass
 
 
 BROKEN = "int f(void) { return 1 }\n"
@@ -73,7 +92,7 @@ def test_compile_error_warns_once_and_falls_back(tmp_path):
 def test_builds_and_caches(tmp_path, monkeypatch):
     monkeypatch.setenv("PHIFORGE_CPU_NATIVE", "require")
     lib = _lib(tmp_path, "int f(void) { return 41 + 1; }\n")
-    assert lib.get().f() == 42 and str(lib.status()) == "active"
+    assert lib.get().f() == 42 and str(lib.status()) == "active: x86-64"
     assert len(list((tmp_path / "home" / "build").glob("probe-*.so"))) == 1
     with lib.disabled():
         assert lib.get() is None

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from phiforge.kernels import nf4_cpu
+from phiforge.kernels import native, nf4_cpu
 from ref_error import assert_within_ref_error
 from phiforge.kernels.nf4 import dequantize_nf4_ref, quantize_nf4
 from phiforge.kernels.nf4_matmul import (
@@ -113,6 +113,24 @@ def test_dequant_then_matmul_method(triton_path, monkeypatch):
     small = _weight(3, 64, seed=5)
     buf = dequantize_into_buffer(small, torch.float32)
     assert torch.equal(buf, dequantize_nf4_ref(small, torch.float32))  # the grown buffer is reused, not resized
+
+
+@pytest.mark.parametrize("tier", [t for t in native.runnable_tiers() if t in nf4_cpu.LIB.tiers])
+@pytest.mark.parametrize("M", [1, 3])
+def test_cpu_gemv_and_dequantize_at_each_tier(tier, M):
+    """The native NF4 GEMV and dequantize at every instruction-set tier this CPU runs (AVX-512 vpermps, AVX2's two
+    permutes and a blend, scalar): the GEMV within the reference's error, the dequantize bit for bit."""
+    with native.forced_tier(tier):
+        assert nf4_cpu.LIB.status().detail == tier
+        for N, K, bs, dq in ((48, 128, 64, True), (37, 96, 32, False), (5, 256, 128, True)):
+            w = _weight(N, K, bs, dq, seed=N)
+            for dtype in (torch.float32, torch.bfloat16):
+                x = _rand(M, K, dtype=dtype, seed=K)
+                y = nf4_cpu.gemv(x, w)
+                assert y is not None and y.dtype == dtype
+                assert_within_ref_error(y, nf4_matmul_ref(x, w), nf4_matmul_ref(x.double(), w))
+                out = torch.empty(N, K, dtype=dtype)
+                assert torch.equal(nf4_cpu.dequantize_into(w, out), dequantize_nf4_ref(w, dtype))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
