@@ -1,7 +1,7 @@
 """Build-and-load for the small C kernels of the CPU path: one `NativeLib` per library in kernels/csrc/.
 
 Each library is one `.c` file in csrc/ that composes the shared headers (simd.h, gemv.h, nf4.h, ...) with
-`#include`. It is compiled once per machine with the system compiler (`$CC`, default `cc`) and `-Wall -Wextra
+`#include`. It is compiled once per machine and instruction-set tier (TIERS) with the system compiler (`$CC`, default `cc`) and `-Wall -Wextra
 -Werror`, cached under `$PHIFORGE_HOME/build/` keyed by every file it includes, the flags and the CPU's feature flags
 (so `-march=native` code never runs on another CPU), and dlopened. The compile runs in a temporary directory beside
 the cache and is renamed into place: a concurrent process sees no file or the whole file.
@@ -10,7 +10,7 @@ What happens when a library cannot run is explicit (`NativeLib.status()`):
 
     active          compiled and loaded, for the widest instruction-set tier (TIERS) it has code for and the CPU runs
     disabled        PHIFORGE_CPU_NATIVE=0
-    unsupported     not x86-64, or the CPU lacks an instruction set the library needs: the torch path runs
+    unsupported     not x86-64, or the library has no code for a tier the CPU runs: the torch path runs
     no compiler     `$CC` not found: the torch path runs, with one warning
     compile error   the compiler failed: the torch path runs, with one warning carrying the compiler's message
 
