@@ -27,8 +27,9 @@ demo: fetch
 	$(BIN)/python -m phiforge.demo
 
 # pytest, not `python -m pytest`: the latter puts the repo root on sys.path and with it a bare `kernels`.
+# PHIFORGE_CPU_NATIVE=require: a C kernel that fails to compile fails the suite (a CPU without the ISA still skips).
 test: fetch
-	$(BIN)/pytest -q -x --benchmark-disable tests
+	PHIFORGE_CPU_NATIVE=require $(BIN)/pytest -q -x --benchmark-disable tests
 
 # Every bench prints JSON (phiforge and its reference side by side, one run). The first bench_retrieval run embeds
 # ~31k passages (30-50 minutes on 2 cores; cached after), and bench_train's default runs transformers+PEFT too.

@@ -12,6 +12,8 @@ setup(
     # top-level `kernels` module if one exists, so ours must never be importable under that name.
     packages=["phiforge", "phiforge.commands"] + [f"phiforge.{p}" for p in PACKAGES],
     package_dir={"phiforge": "phiforge", **{f"phiforge.{p}": p for p in PACKAGES}},
+    # the C kernels of the CPU path, compiled on first use (kernels/native.py)
+    package_data={"phiforge.kernels": ["csrc/*.c", "csrc/*.h"]},
     install_requires=[
         "torch", "triton", "safetensors", "tokenizers", "hnswlib", "numpy", "jinja2", "gguf", "tqdm",
         "matplotlib",

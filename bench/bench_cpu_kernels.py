@@ -21,6 +21,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from phiforge.kernels import cpu_attention, cpu_decode, cpu_linear, cpu_ops
+
 T, C, I, NH, NKV, HS = 512, 576, 1536, 9, 3, 64
 
 
@@ -50,7 +52,6 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    from phiforge.kernels import cpu_attention, cpu_decode, cpu_linear, cpu_ops
 
     r, n = args.repeats, args.iters
     out: dict = {"threads": torch.get_num_threads()}
@@ -90,11 +91,8 @@ def main() -> None:
             for c in caches:
                 model(ids, cache=c, num_logits=1)
             native = DecodeStep(model, caches[0])
-            cpu_decode.enabled = False
-            try:
+            with cpu_decode.LIB.disabled():
                 plain = DecodeStep(model, caches[1])
-            finally:
-                cpu_decode.enabled = True
             tok = torch.tensor([7])
             row = compare(lambda: native(tok, torch.tensor([caches[0].length])),
                           lambda: plain(tok, torch.tensor([caches[1].length])), r, n)

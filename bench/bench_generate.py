@@ -30,6 +30,7 @@ llama.cpp (llama-cpp-python on the GGUF the default model is converted from) run
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import statistics
 import subprocess
@@ -37,6 +38,8 @@ import sys
 import time
 
 import torch
+
+from phiforge.kernels import cpu_attention, cpu_decode, native
 
 PROMPT_LEN = 512
 LONG_PROMPT_LEN = 1536
@@ -96,46 +99,17 @@ def prefill_matmul_floor_s(model: torch.nn.Module, T: int = PROMPT_LEN, repeats:
     return min(_timed(run) for _ in range(repeats))
 
 
-_PEAK_SRC = r"""
-#include <immintrin.h>
-#include <omp.h>
-/* 12 independent chains a thread of 512-bit FMAs (fp32) or bf16 dot products: the cores' arithmetic ceiling */
-void peak(long n, int bf, int threads, float *sink) {
-    #pragma omp parallel num_threads(threads)
-    {
-        __m512 acc[12];        /* distinct starting values, so the compiler cannot merge the chains */
-        for (int i = 0; i < 12; i++) acc[i] = _mm512_set1_ps((float)i);
-        __m512 x = _mm512_set1_ps(1e-3f);
-        if (bf)
-            for (long i = 0; i < n; i++) {
-                #pragma GCC unroll 12
-                for (int j = 0; j < 12; j++) acc[j] = _mm512_dpbf16_ps(acc[j], (__m512bh)x, (__m512bh)x);
-                __asm__ volatile("" : "+v"(x));
-            }
-        else
-            for (long i = 0; i < n; i++) {
-                #pragma GCC unroll 12
-                for (int j = 0; j < 12; j++) acc[j] = _mm512_fmadd_ps(acc[j], x, x);
-                __asm__ volatile("" : "+v"(x));
-            }
-        float total = 0;
-        for (int i = 0; i < 12; i++) total += _mm512_reduce_add_ps(acc[i]);
-        sink[omp_get_thread_num()] = total;
-    }
-}
-"""
+_PEAK = native.NativeLib("bench_peak", "peak.c", tiers=("avx512bf16",), register=False, functions={
+    "peak": (None, [ctypes.c_long, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]),
+})
 
 
 def arithmetic_peak_gflops(dtype: torch.dtype, n: int = 20_000_000) -> float | None:
     """GFLOP/s of the CPU's widest multiply-add in `dtype` on all torch threads (None without a compiler or bf16
-    dot products): what no kernel can exceed."""
-    import ctypes
-
-    from phiforge.kernels import native
-    lib = native.build("bench_peak", _PEAK_SRC, need=("avx512f", "avx512_bf16"))
+    dot products): what no kernel can exceed. The probe is kernels/csrc/peak.c."""
+    lib = _PEAK.get()
     if lib is None:
         return None
-    lib.peak.argtypes = [ctypes.c_long, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
     bf, threads = int(dtype == torch.bfloat16), torch.get_num_threads()
     sink = torch.zeros(threads)
     lib.peak(n // 10, bf, threads, sink.data_ptr())
@@ -305,7 +279,6 @@ def main() -> None:
     from transformers import Phi3ForCausalLM
 
     from phiforge.engine import Generator, load_model, load_tokenizer
-    from phiforge.kernels import cpu_attention, cpu_decode
     if args.model is None:
         from phiforge.engine.fetch import default_model_path
         args.model = str(default_model_path())
@@ -332,12 +305,13 @@ def main() -> None:
                 runs_p.append(run_phiforge(ours, prompts, n))
                 runs_t.append(run_transformers(hf, prompts, n))
                 for name, runs in ablations.items():
-                    cpu_decode.enabled, cpu_attention.enabled = name != "no_native_step", name != "sdpa_prefill"
+                    off = {"no_native_step": [cpu_decode.LIB], "sdpa_prefill": [cpu_attention.LIB]}.get(name, [])
                     ours.lean_decode = name != "model_forward_decode"
                     try:
-                        runs.append(run_phiforge(ours, prompts, n))
+                        with native.disabled(*off):
+                            runs.append(run_phiforge(ours, prompts, n))
                     finally:
-                        cpu_decode.enabled = cpu_attention.enabled = ours.lean_decode = True
+                        ours.lean_decode = True
             p = {k: _median(runs_p, k) for k in ("ttft_s", "decode_tokens_per_s")}
             t = {k: _median(runs_t, k) for k in ("ttft_s", "decode_tokens_per_s")}
             entry = {

@@ -20,8 +20,9 @@ the same KVCache, with:
     called as its module, so it keeps its own kernel).
 
 With dense fp32/bf16 projections (up to 16 rows) or NF4 ones (up to 4) the whole step is one native call instead
-(kernels/cpu_decode.py: same math, same roundings; bf16 172 vs 74 tok/s for this step, `bench_generate.py
---ablations`); this torch step serves larger batches, LoRA models, and machines without a C compiler.
+(kernels/cpu_decode.py: same math, same roundings; `bench_generate.py --ablations` measures both); this module
+hands it the model's weights as tensors (`decode_weights`). This torch step serves larger batches, LoRA models, and
+machines where the native library cannot run.
 
 Prefill stays with `model.forward` (long query blocks amortise its setup). Decode and prefill write
 the same cache, so they can alternate freely. tests/engine/test_decode.py checks logits against `model.forward`.
@@ -37,13 +38,48 @@ import torch
 from torch import nn
 
 from phiforge.kernels import cpu_gemv
-from phiforge.kernels.cpu_decode import NativeDecode
+from phiforge.kernels.cpu_decode import DecodeWeights, NativeDecode
 from phiforge.kernels.cpu_linear import is_plain
-from phiforge.kernels.cpu_ops import swiglu
+from phiforge.kernels.cpu_ops import rotary_ref, swiglu
+from phiforge.kernels.nf4 import NF4Weight
+
+from .model import RMSNorm
+from .quant import NF4Linear
 
 
 def _is_plain(module: nn.Module) -> bool:
     return is_plain(module) and cpu_gemv.supports(module.weight)
+
+
+def _weight(module: nn.Module) -> torch.Tensor | NF4Weight | None:
+    """What a projection multiplies by, when its forward is exactly x·Wᵀ: a plain linear's weight or an NF4Linear's
+    NF4Weight (without hooks); None for anything else (LoRA, hooks)."""
+    if is_plain(module):
+        return module.weight
+    if isinstance(module, NF4Linear) and not module._forward_hooks and not module._forward_pre_hooks:
+        return module.qweight
+    return None
+
+
+def decode_weights(model: nn.Module) -> DecodeWeights | None:
+    """The model's weights as kernels/cpu_decode.py takes them, or None when a projection or norm is something
+    else (a LoRA linear, a hooked module): then only the torch step applies."""
+    cfg, layers = model.config, list(model.model.layers)
+    sites = [[_weight(getattr(getattr(layer, part), name)) for layer in layers]
+             for part, name in (("self_attn", "qkv_proj"), ("self_attn", "o_proj"),
+                                ("mlp", "gate_up_proj"), ("mlp", "down_proj"))]
+    norms = [n for layer in layers for n in (layer.input_layernorm, layer.post_attention_layernorm)] + [model.model.norm]
+    if any(w is None for ws in sites for w in ws) or not is_plain(model.lm_head) \
+            or not all(type(n) is RMSNorm and not n._forward_hooks for n in norms):
+        return None
+    qkv, o, gate_up, down = sites
+    return DecodeWeights(qkv=qkv, o=o, gate_up=gate_up, down=down,
+                         input_norm=[layer.input_layernorm.weight for layer in layers],
+                         post_norm=[layer.post_attention_layernorm.weight for layer in layers],
+                         embed=model.model.embed_tokens.weight, final_norm=model.model.norm.weight,
+                         lm_head=model.lm_head.weight, heads=cfg.num_attention_heads, kv_heads=cfg.num_key_value_heads,
+                         head_dim=cfg.head_dim, rotary_dim=cfg.rotary_dim, eps=cfg.rms_norm_eps,
+                         window=cfg.sliding_window)
 
 
 class DecodeStep:
@@ -70,7 +106,9 @@ class DecodeStep:
         positions = torch.arange(cache.max_len, device=cache.pos.device)[None]        # (1, S_max)
         cos, sin = model.rotary_emb(positions, cache.rope_long, model.dtype)           # (1, S_max, rd)
         self.cos, self.sin = cos[0], sin[0]                                            # (S_max, rd)
-        self.native = NativeDecode.create(model, cache, self.cos, self.sin)          # dense: one C call a step
+        weights = decode_weights(model)
+        self.native = None if weights is None else NativeDecode.create(
+            weights, cache.k, cache.v, cache.pos, self.cos, self.sin)                  # one C call a step
 
     def _projection(self, module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
         """A plain nn.Linear runs through kernels/cpu_gemv.py (native GEMV for one row); anything else (batches,
@@ -87,27 +125,21 @@ class DecodeStep:
                 torch.set_num_threads(1)
         return project
 
-    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x (B, h, hs); cos/sin (B, 1, rd). The model's formula: x·cos + rotate_half(x)·sin on the first rd dims."""
-        rd = self.rd
-        xr = x[..., :rd] if rd < self.hs else x
-        x1, x2 = xr[..., : rd // 2], xr[..., rd // 2:]
-        out = xr * cos + torch.cat((-x2, x1), dim=-1) * sin
-        return out if rd == self.hs else torch.cat((out, x[..., rd:]), dim=-1)
-
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """tokens (B,), positions (B,) → logits (B, V); writes cache slot `cache.length` and advances it.
 
         torch itself runs on one thread during the step, except inside projections it computes (batches, NF4,
         LoRA): everything else is tiny (attention over one query per row, norms), and each parallel region ends in
-        a barrier that, on a busy machine, waits for a descheduled thread (measured on this 2-core box: seconds
-        per token instead of ~50 ms). The native GEMV splits the big matrices over the configured thread count.
+        a barrier that, on a busy machine, waits for a descheduled thread. The native GEMV splits the big matrices
+        over the configured thread count. The thread count is process-global, so it is set around each step (and
+        each torch-computed projection) and restored: setting it once per step measured faster than leaving torch
+        its threads for the small ops.
         """
         if self.native is not None:
             s = self.cache.length
             if s >= self.cache.max_len:
                 raise ValueError(f"KV cache overflow: slot {s} of {self.cache.max_len}")
-            logits = self.native(tokens, positions)                                     # (B, V)
+            logits = self.native(tokens, positions, s)                                  # (B, V)
             self.cache.length = s + 1
             return logits
         self._threads = torch.get_num_threads()
@@ -130,12 +162,12 @@ class DecodeStep:
         if self.window is not None and self.window < s + 1:
             hidden |= (positions[:, None] - k_pos) >= self.window
         mask = torch.zeros(B, 1, 1, s + 1).masked_fill_(hidden[:, None, None], float("-inf"))  # (B, 1, 1, S)
-        cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]          # (B, 1, rd)
+        cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]          # (B, T=1, rd)
 
         x = model.model.embed_tokens(tokens)[:, None]                                  # (B, 1, C)
         for i, (norm1, qkv_proj, o_proj, norm2, gate_up_proj, down_proj) in enumerate(self.procs):
             qkv = qkv_proj(norm1(x)).view(B, nh + 2 * nkv, hs)                        # (B, nh + 2 nkv, hs)
-            qk = self._rope(qkv[:, : nh + nkv], cos, sin)                              # (B, nh + nkv, hs)
+            qk = rotary_ref(qkv[:, : nh + nkv, None], cos, sin)[:, :, 0]               # (B, nh + nkv, hs)
             cache.k[i, :, :, s] = qk[:, nh:]
             cache.v[i, :, :, s] = qkv[:, nh + nkv:]
             k = cache.k[i, :, :, : s + 1]                                              # (B, nkv, S, hs)
@@ -143,7 +175,7 @@ class DecodeStep:
             q = qk[:, :nh].reshape(B, nkv, nh // nkv, hs)                              # (B, nkv, rep, hs)
             if k.dtype == torch.float32:
                 qk = torch.matmul(q, k.transpose(-1, -2))                              # (B, nkv, rep, S)
-            else:  # bf16/fp16 bmm copies a transposed cache slice first; K·qᵀ reads it in place (5x faster)
+            else:  # bf16/fp16 bmm copies a transposed cache slice first; K·qᵀ reads it in place
                 qk = torch.matmul(k, q.transpose(-1, -2)).transpose(-1, -2)            # (B, nkv, rep, S)
             scores = qk.float() * self.scale + mask                                    # (B, nkv, rep, S)
             y = torch.matmul(scores.softmax(dim=-1).to(v.dtype), v)                    # (B, nkv, rep, hs)

@@ -8,11 +8,13 @@
     nf4_cpu.py     the CPU path of nf4_matmul (a fused NF4 GEMV in C, else dequantize + matmul)
     cpu_gemv.py    the dense batch-1 GEMV used by the decode step on CPU
     cpu_linear.py  dense fp32 linear (forward and backward) through oneDNN on CPU: the model's projections
-    cpu_decode.py  the whole dense decode step (all layers, lm_head, 1-16 rows) in one native call
-    cpu_decode_attention.py  its attention: one query per (row, head) over the cache, fp32 and bf16 (dpbf16)
+    cpu_decode.py  the whole decode step (all layers, lm_head, 1-16 rows; dense or NF4) in one native call
     cpu_attention.py  causal prefill attention in C (the causal triangle only; bf16 on dpbf16)
     cpu_ops.py     one-pass RMSNorm, SwiGLU and RoPE for CPU inference
-    native.py      builds and caches the C kernels above with the system compiler (torch fallback)
+    native.py      builds and caches the C kernels above (csrc/*.c) with the system compiler; says why one cannot run
+    csrc/          the C of the CPU path: simd.h (shared vector math, bf16 rounding, masks), gemv.h, nf4.h, one .c
+                   per library (ops, gemv, nf4, attention, decode) and peak.c (bench_generate's probe)
+    aot.py         Triton signatures and alignment hints for ahead-of-time compiles
     report.py      `phiforge kernels report`: ahead-of-time compiles for sm_80/86/89, registers/spills/smem
 
 Dispatch everywhere: CUDA tensors -> Triton; CPU tensors -> the torch (or native CPU) path;

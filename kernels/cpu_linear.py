@@ -1,9 +1,8 @@
 """Dense fp32 linear on the CPU through oneDNN instead of MKL: y = x·Wᵀ (+ b), forward and backward.
 
-torch sends an fp32 `F.linear` on the CPU to MKL's sgemm, and MKL on an AMD CPU runs its AVX2 code path: on the
-Zen 5 box this project is measured on, 218-238 GFLOP/s for the default model's shapes at 512+ rows, where
-oneDNN's AVX-512 kernels reach 464-533 (2.2-2.4x; 2x at 8-64 rows). bf16 already goes to oneDNN, so only fp32 is
-routed here. The op is `torch.ops.mkldnn._linear_pointwise`, the one torch's own compiler emits for CPU linears;
+torch sends an fp32 `F.linear` on the CPU to MKL's sgemm, and MKL on an AMD CPU runs its AVX2 code path, where
+oneDNN runs its AVX-512 kernels (bench/bench_cpu_kernels.py measures both). bf16 already goes to oneDNN, so only
+fp32 is routed here. The op is `torch.ops.mkldnn._linear_pointwise`, the one torch's own compiler emits for CPU linears;
 it takes plain dense tensors, any strides, so a transposed weight view needs no copy.
 
 The math, with x (M, K), W (N, K), dy (M, N):
@@ -76,7 +75,8 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -
         if x.dim() > 2:
             # F.linear on a (B, T, K) view whose size-1 dims carry odd strides (the last position of a prefill,
             # h[:, -1:], counts as contiguous) runs a batched matmul that first copies the whole transposed
-            # weight: 37 ms instead of 1.7 ms for the default model's bf16 lm_head. Folding to 2-D avoids it.
+            # weight, many times the cost of the product itself for a large weight (the lm_head). Folding to 2-D
+            # avoids it.
             return F.linear(x.reshape(-1, x.shape[-1]), w, bias).view(*x.shape[:-1], w.shape[0])  # (..., N)
         return F.linear(x, w, bias)
     if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (bias is not None and bias.requires_grad)):

@@ -48,6 +48,7 @@ import triton
 import triton.language as tl
 from torch.amp import custom_bwd, custom_fwd
 
+from phiforge.kernels.aot import aligned, signature
 from phiforge.kernels.cpu_linear import matmul_nt
 from phiforge.kernels.nf4 import NF4Weight, dequantize_nf4_ref
 from phiforge.kernels.nf4_matmul import nf4_matmul, nf4_matmul_t
@@ -139,8 +140,8 @@ def dropout_mask(shape: tuple[int, ...], p: float, device: torch.device) -> torc
     """Keep-mask (bool): each element kept with probability 1 - p. The reference draws it the same way.
 
     Sixteen random bits an element, four elements from one 64-bit draw: torch.rand draws one number an element,
-    and on the CPU the generator, not the comparison, is the cost (2.1 ms vs 0.5 ms for a (1024, 576) mask; the
-    masks were a fifth of a LoRA training step). p is thereby rounded to a multiple of 2^-16 (|error| ≤ 7.6e-6).
+    and on the CPU the generator, not the comparison, is the cost (the masks were a sizeable share of a LoRA
+    training step). p is thereby rounded to a multiple of 2^-16 (|error| ≤ 7.6e-6).
     """
     n = math.prod(shape)
     bits = torch.randint(-2**63, 2**63 - 1, (-(-n // 4),), dtype=torch.int64, device=device)
@@ -225,8 +226,6 @@ def aot_specs() -> list[dict]:
     """The dense fused-LoRA GEMM for `phiforge kernels report`: every config, bf16, forward (W's unit stride along
     the reduction) and backward dX (W read through swapped strides: unit stride along the output). At run time
     Triton specializes a stride of 1 into the code, so each direction is its own compiled kernel; so here."""
-    from phiforge.kernels.report import aligned, signature
-
     fn = _lora_gemm_kernel
     ptrs = dict(a_ptr="*bf16", w_ptr="*bf16", p_ptr="*bf16", q_ptr="*bf16", c_ptr="*bf16")
     specs = []

@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from phiforge.kernels.aot import aligned, signature
 from phiforge.kernels.nf4 import NF4Weight
 from phiforge.kernels.nf4_tiles import (
     AOT_WEIGHT_PTRS, LoRAEpilogue, _lora_args, _nf4_load, _nf4_load_pairs, _row_aligned, _weight_args,
@@ -116,8 +117,6 @@ def nf4_gemv(x: torch.Tensor, w: NF4Weight, lora: LoRAEpilogue | None) -> torch.
 def aot_specs() -> list[dict]:
     """For `phiforge kernels report`: every config above, bf16 x, double-quantized blocksize-64 W (bitsandbytes'
     default, aligned), with and without the LoRA epilogue at rank <= 16 (BLOCK_R = 16)."""
-    from phiforge.kernels.report import aligned, signature
-
     fn = _nf4_gemv_kernel
     ptrs = dict(AOT_WEIGHT_PTRS, x_ptr="*bf16", p_ptr="*bf16", q_ptr="*bf16", out_ptr="*fp32")
     specs = []

@@ -32,6 +32,8 @@ import triton
 import triton.language as tl
 
 from phiforge.kernels import nf4_cpu, nf4_gemv
+from phiforge.kernels.aot import aligned, signature
+from phiforge.kernels.cpu_linear import matmul_nt
 from phiforge.kernels.nf4 import NF4Weight, _nf4_dequantize_kernel, dequantize_nf4_ref
 from phiforge.kernels.nf4_gemv import GEMV_CONFIGS, GEMV_MAX_M, gemv_config  # noqa: F401  (re-exported)
 from phiforge.kernels.nf4_tiles import (
@@ -193,7 +195,10 @@ def _matmul(a: torch.Tensor, w: NF4Weight, lora: LoRAEpilogue | None, trans_w: b
         lora = LoRAEpilogue(lora.p.reshape(a2.shape[0], -1), lora.q, lora.scaling)
     if method == "dequant" or (method == "auto" and not use_triton(a2)):
         if a2.device.type == "cpu" and method == "auto":
-            out = nf4_cpu.matmul(a2, w, trans_w)
+            out = None if trans_w else nf4_cpu.gemv(a2, w)  # decode: the fused native GEMV, when it applies
+            if out is None:
+                wd = dequantize_into_buffer(w, a2.dtype)  # (N, K)
+                out = matmul_nt(a2, wd.T if trans_w else wd)  # (M, K) or (M, N)
         else:
             wd = dequantize_into_buffer(w, a2.dtype)  # (N, K)
             out = a2 @ (wd if trans_w else wd.T)  # (M, K) or (M, N)
@@ -264,8 +269,6 @@ def nf4_matmul_t(dy: torch.Tensor, w: NF4Weight, lora: LoRAEpilogue | None = Non
 # ---------------------------------------------------------------------------------------------------------------
 
 def aot_specs() -> list[dict]:
-    from phiforge.kernels.report import aligned, signature
-
     fn = _nf4_gemm_kernel
     ptrs = dict(AOT_WEIGHT_PTRS, a_ptr="*bf16", p_ptr="*bf16", q_ptr="*bf16", c_ptr="*bf16")
     specs = nf4_gemv.aot_specs()

@@ -27,41 +27,23 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import get_ptxas
+from triton.compiler import ASTSource
+
+from phiforge.kernels import lora, nf4_matmul
+
 # Shared memory a block may use (opt-in maximum per block), CUDA programming guide, compute capabilities table.
 SMEM_LIMIT = {75: 64 * 1024, 80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 DEFAULT_ARCHS = (80, 86, 89)
 
 
-def signature(fn, pointers: dict[str, str], floats: tuple[str, ...] = ()) -> dict[str, str]:
-    """Triton signature for `fn`: named pointer types, fp32 scalars, constexprs (tl.constexpr params), i32 rest."""
-    import inspect
-
-    # Read the annotations off the Python function, so this also works on interpreter objects (TRITON_INTERPRET=1)
-    params = inspect.signature(fn.fn).parameters
-    sig = {}
-    for name in fn.arg_names:
-        if "constexpr" in str(params[name].annotation):
-            sig[name] = "constexpr"
-        elif name in pointers:
-            sig[name] = pointers[name]
-        else:
-            sig[name] = "fp32" if name in floats else "i32"
-    return sig
-
-
-def aligned(fn, names) -> dict:
-    """Divisibility-by-16 hints, as Triton's launcher infers them at run time for aligned pointers and for
-    sizes/strides that are multiples of 16 (every Phi-3 dimension is)."""
-    return {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in names}
-
-
 def all_specs() -> list[dict]:
-    from phiforge.kernels import lora, nf4_matmul
     return nf4_matmul.aot_specs() + lora.aot_specs()
 
 
 def _ptxas_stats(ptx: str, arch: int) -> dict:
-    from triton.backends.nvidia.compiler import get_ptxas
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "k.ptx"
         src.write_text(ptx)
@@ -81,10 +63,6 @@ def _ptxas_stats(ptx: str, arch: int) -> dict:
 
 def compile_spec(spec: dict, arch: int, out_dir: Path | None = None) -> dict:
     """Compile one spec for sm_<arch>; returns the report record."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     src = ASTSource(fn=spec["fn"], signature=spec["signature"], constexprs=spec["constexprs"],
                     attrs=spec.get("attrs"))
     k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(spec["options"], enable_fp_fusion=True))

@@ -1,6 +1,8 @@
 """DecodeStep computes what model.forward computes for one token per row, on every variant, padded batches too."""
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from tiny_phi3 import TINY, VARIANTS, make_hf_checkpoint
@@ -14,32 +16,32 @@ from phiforge.kernels import cpu_decode
                                           ("partial-tied", [7, 19, 1]), ("gqa", [11])])
 @pytest.mark.parametrize("rope_long", [False, True])
 @pytest.mark.parametrize("native", [True, False])  # kernels/cpu_decode.py's whole step, or the torch step
-def test_decode_step_equals_model_forward(tmp_path, variant, lens, rope_long, native, monkeypatch):
-    monkeypatch.setattr(cpu_decode, "enabled", native)
-    make_hf_checkpoint(tmp_path, VARIANTS[variant][0])
-    model = load_model(tmp_path, dtype=torch.float32)
-    g = torch.Generator().manual_seed(0)
-    # lens [7, 19, 1]: left-padded to 19; pad tokens at position -1
-    B, P, steps = len(lens), max(lens), 24                # 19 + 24 > the window (15) of mini-4k-window
-    ids = torch.randint(0, TINY["vocab_size"], (B, P + steps), generator=g)
-    pos = torch.full((B, P), -1)
-    for b, n in enumerate(lens):
-        pos[b, P - n:] = torch.arange(n)
-    caches = [model.new_cache(B, P + steps, rope_long=rope_long) for _ in range(2)]
-    with torch.inference_mode():
-        for c in caches:
-            model(ids[:, :P], position_ids=pos, cache=c, num_logits=1)
-        step = DecodeStep(model, caches[1])
-        assert (step.native is not None) == (native and cpu_decode._load() is not None)
-        next_pos = torch.tensor(lens)
-        for t in range(steps):
-            tok = ids[:, P + t]
-            ref = model(tok[:, None], position_ids=next_pos[:, None], cache=caches[0])[:, -1]
-            got = step(tok, next_pos)
-            assert (got - ref).abs().max().item() <= 1e-4, f"step {t}"
-            next_pos += 1
-    assert caches[1].length == caches[0].length == P + steps
-    assert torch.equal(caches[1].pos, caches[0].pos)
+def test_decode_step_equals_model_forward(tmp_path, variant, lens, rope_long, native):
+    with contextlib.nullcontext() if native else cpu_decode.LIB.disabled():
+        make_hf_checkpoint(tmp_path, VARIANTS[variant][0])
+        model = load_model(tmp_path, dtype=torch.float32)
+        g = torch.Generator().manual_seed(0)
+        # lens [7, 19, 1]: left-padded to 19; pad tokens at position -1
+        B, P, steps = len(lens), max(lens), 24                # 19 + 24 > the window (15) of mini-4k-window
+        ids = torch.randint(0, TINY["vocab_size"], (B, P + steps), generator=g)
+        pos = torch.full((B, P), -1)
+        for b, n in enumerate(lens):
+            pos[b, P - n:] = torch.arange(n)
+        caches = [model.new_cache(B, P + steps, rope_long=rope_long) for _ in range(2)]
+        with torch.inference_mode():
+            for c in caches:
+                model(ids[:, :P], position_ids=pos, cache=c, num_logits=1)
+            step = DecodeStep(model, caches[1])
+            assert (step.native is not None) == (native and cpu_decode.LIB.get() is not None)
+            next_pos = torch.tensor(lens)
+            for t in range(steps):
+                tok = ids[:, P + t]
+                ref = model(tok[:, None], position_ids=next_pos[:, None], cache=caches[0])[:, -1]
+                got = step(tok, next_pos)
+                assert (got - ref).abs().max().item() <= 1e-4, f"step {t}"
+                next_pos += 1
+        assert caches[1].length == caches[0].length == P + steps
+        assert torch.equal(caches[1].pos, caches[0].pos)
 
 
 def test_decode_step_overflow_is_an_error(tmp_path):

@@ -6,6 +6,8 @@ equal the torch step too; and it steps aside for what it does not cover (too man
 weights the torch step dequantizes)."""
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from tiny_phi3 import TINY, VARIANTS, make_hf_checkpoint
@@ -14,9 +16,27 @@ from phiforge.engine import load_model
 from phiforge.engine.decode import DecodeStep
 from phiforge.engine.lora import LoRALinear
 from phiforge.engine.quant import quantize_model_
-from phiforge.kernels import cpu_decode
+from phiforge.kernels import cpu_decode, native, nf4_cpu
 
-pytestmark = pytest.mark.skipif(cpu_decode._load() is None, reason="no C compiler or no AVX-512 BF16 on this CPU")
+# Skips only where the CPU cannot run the kernels (or PHIFORGE_CPU_NATIVE=0); a compile error fails below.
+STATUS = cpu_decode.LIB.status()
+pytestmark = pytest.mark.skipif(STATUS.state in ("unsupported", "disabled"), reason=f"cpu_decode: {STATUS}")
+
+
+
+@pytest.fixture(autouse=True, params=[t for t in native.runnable_tiers() if t in cpu_decode.LIB.tiers] or [None])
+def tier(request):
+    """Every test runs at each instruction-set tier this CPU runs and the library has code for."""
+    if request.param is None:
+        yield None
+        return
+    with native.forced_tier(request.param):
+        yield request.param
+
+
+def test_library_builds(tier):
+    status = cpu_decode.LIB.status()
+    assert status.state == "active" and status.detail == tier, str(status)
 
 # hidden 40 (bf16 K tail 8), head dim 8, intermediate 52, vocab 97 (N % 4 = 1), one KV head, window 9, half rotary
 ODD = dict(hidden_size=40, num_attention_heads=5, num_key_value_heads=1, intermediate_size=52, vocab_size=97,
@@ -27,15 +47,12 @@ CASES = {"odd": ODD, **{k: VARIANTS[k][0] for k in ("gqa", "mini-4k-window", "pa
 def _run(model, prompt: torch.Tensor, steps: torch.Tensor, native: bool, rope_long: bool = False):
     """Prefill with model.forward, then decode `steps` one token at a time; logits (steps, V) and the cache."""
     cache = model.new_cache(1, prompt.shape[1] + steps.shape[0], rope_long=rope_long)
-    cpu_decode.enabled = native
-    try:
+    with contextlib.nullcontext() if native else cpu_decode.LIB.disabled():
         with torch.inference_mode():
             model(prompt, cache=cache, num_logits=1)
             step = DecodeStep(model, cache)
             assert (step.native is not None) == native
             out = [step(steps[t:t + 1], torch.tensor([prompt.shape[1] + t])) for t in range(steps.shape[0])]
-    finally:
-        cpu_decode.enabled = True
     return torch.cat(out).float(), cache
 
 
@@ -117,7 +134,6 @@ def test_nf4_equals_torch_step(tmp_path, case, dtype):
     ref, c2 = _run(model, prompt, steps, native=False)
     assert (got - ref).abs().max().item() <= (1e-4 if dtype == torch.float32 else 1e-2 * ref.abs().max().item())
     assert (c1.k.float() - c2.k.float()).abs().max().item() <= 1e-4 * max(1.0, c2.k.float().abs().max().item())
-    from phiforge.kernels import nf4_cpu
     assert DecodeStep(model, model.new_cache(nf4_cpu.GEMV_MAX_M, 8)).native is not None
     assert DecodeStep(model, model.new_cache(nf4_cpu.GEMV_MAX_M + 1, 8)).native is None
     got, c1 = _run_batch(model, [7, 3, 9], 6, native=True, seed=4)               # left-padded rows
@@ -150,8 +166,7 @@ def _run_batch(model, lens: list[int], steps: int, native: bool, seed: int):
     for b, n in enumerate(lens):
         pos[b, P - n:] = torch.arange(n)
     cache = model.new_cache(B, P + steps)
-    cpu_decode.enabled = native
-    try:
+    with contextlib.nullcontext() if native else cpu_decode.LIB.disabled():
         with torch.inference_mode():
             model(ids[:, :P], position_ids=pos, cache=cache, num_logits=1)
             step = DecodeStep(model, cache)
@@ -160,8 +175,6 @@ def _run_batch(model, lens: list[int], steps: int, native: bool, seed: int):
             for t in range(steps):
                 out.append(step(ids[:, P + t], nxt).float())
                 nxt = nxt + 1
-    finally:
-        cpu_decode.enabled = True
     return torch.stack(out), cache
 
 
@@ -185,3 +198,15 @@ def test_batches_bf16_no_worse_than_torch_bf16(tmp_path):
     ref, _ = _run_batch(exact, lens, 10, native=False, seed=9)
     err, budget = (got - ref).abs().max().item(), (torch_bf16 - ref).abs().max().item()
     assert err <= 1.5 * budget + 1e-3 * ref.abs().max().item(), (err, budget)
+
+
+def test_struct_layout_is_checked_against_the_c_side():
+    """A ctypes mirror that drifts from csrc/decode.h (here two fields swapped) is refused at load, not used."""
+    import ctypes
+    lib = cpu_decode.LIB.get()
+    cpu_decode.check_layout(lib, cpu_decode._Model, "decode_model")            # the shipped mirror matches
+    fields = list(cpu_decode._NF4Desc._fields_)
+    fields[0], fields[1] = fields[1], fields[0]
+    drifted = type("Drifted", (ctypes.Structure,), {"_fields_": fields})
+    with pytest.raises(ValueError, match="packed"):
+        cpu_decode.check_layout(lib, drifted, "decode_nf4desc")

@@ -5,9 +5,27 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from phiforge.kernels import cpu_gemv
+from phiforge.kernels import cpu_gemv, native
 
-pytestmark = pytest.mark.skipif(not cpu_gemv.available(), reason="no C compiler or no AVX-512 BF16 on this CPU")
+# Skips only where the CPU cannot run the kernels (or PHIFORGE_CPU_NATIVE=0); a compile error fails below.
+STATUS = cpu_gemv.LIB.status()
+pytestmark = pytest.mark.skipif(STATUS.state in ("unsupported", "disabled"), reason=f"cpu_gemv: {STATUS}")
+
+
+
+@pytest.fixture(autouse=True, params=[t for t in native.runnable_tiers() if t in cpu_gemv.LIB.tiers] or [None])
+def tier(request):
+    """Every test runs at each instruction-set tier this CPU runs and the library has code for."""
+    if request.param is None:
+        yield None
+        return
+    with native.forced_tier(request.param):
+        yield request.param
+
+
+def test_library_builds(tier):
+    status = cpu_gemv.LIB.status()
+    assert status.state == "active" and status.detail == tier, str(status)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -32,3 +50,11 @@ def test_falls_back_to_torch():
     assert not cpu_gemv.supports(wt)
     assert torch.equal(cpu_gemv.linear(x[:1], wt), F.linear(x[:1], wt))
     assert torch.equal(cpu_gemv.linear(x[:1].double(), w.double()), F.linear(x[:1].double(), w.double()))
+
+
+def test_switched_off_runs_torch():
+    w, x = torch.randn(64, 48), torch.randn(1, 48)
+    with cpu_gemv.LIB.disabled():
+        assert not cpu_gemv.available()
+        assert torch.equal(cpu_gemv.linear(x, w), F.linear(x, w))
+    assert cpu_gemv.available()

@@ -6,10 +6,28 @@ from __future__ import annotations
 import pytest
 import torch
 
-from phiforge.kernels import cpu_ops
+from phiforge.kernels import cpu_ops, native
 from phiforge.kernels.cpu_ops import rms_norm, rms_norm_ref, rotary, rotary_ref, swiglu, swiglu_ref
 
-pytestmark = pytest.mark.skipif(cpu_ops._load() is None, reason="no C compiler or no AVX-512 on this CPU")
+# Skips only where the CPU cannot run the kernels (or PHIFORGE_CPU_NATIVE=0); a compile error fails below.
+STATUS = cpu_ops.LIB.status()
+pytestmark = pytest.mark.skipif(STATUS.state in ("unsupported", "disabled"), reason=f"cpu_ops: {STATUS}")
+
+
+
+@pytest.fixture(autouse=True, params=[t for t in native.runnable_tiers() if t in cpu_ops.LIB.tiers] or [None])
+def tier(request):
+    """Every test runs at each instruction-set tier this CPU runs and the library has code for."""
+    if request.param is None:
+        yield None
+        return
+    with native.forced_tier(request.param):
+        yield request.param
+
+
+def test_library_builds(tier):
+    status = cpu_ops.LIB.status()
+    assert status.state == "active" and status.detail == tier, str(status)
 
 
 def _check(got: torch.Tensor, torch_form: torch.Tensor, exact: torch.Tensor) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from phiforge.kernels import nf4_cpu
+from phiforge.kernels import native, nf4_cpu
 from ref_error import assert_within_ref_error
 from phiforge.kernels.nf4 import dequantize_nf4_ref, quantize_nf4
 from phiforge.kernels.nf4_matmul import (
@@ -32,8 +32,10 @@ def path(request, monkeypatch):
     if request.param == "triton":
         monkeypatch.setenv("PHIFORGE_KERNELS", "triton")
     if request.param == "torch-fallback":
-        monkeypatch.setattr(nf4_cpu, "_lib", None)
-    return request.param
+        with nf4_cpu.LIB.disabled():
+            yield request.param
+    else:
+        yield request.param
 
 
 def _weight(N, K, blocksize=64, double_quant=True, seed=0):
@@ -113,6 +115,24 @@ def test_dequant_then_matmul_method(triton_path, monkeypatch):
     assert torch.equal(buf, dequantize_nf4_ref(small, torch.float32))  # the grown buffer is reused, not resized
 
 
+@pytest.mark.parametrize("tier", [t for t in native.runnable_tiers() if t in nf4_cpu.LIB.tiers])
+@pytest.mark.parametrize("M", [1, 3])
+def test_cpu_gemv_and_dequantize_at_each_tier(tier, M):
+    """The native NF4 GEMV and dequantize at every instruction-set tier this CPU runs (AVX-512 vpermps, AVX2's two
+    permutes and a blend, scalar): the GEMV within the reference's error, the dequantize bit for bit."""
+    with native.forced_tier(tier):
+        assert nf4_cpu.LIB.status().detail == tier
+        for N, K, bs, dq in ((48, 128, 64, True), (37, 96, 32, False), (5, 256, 128, True)):
+            w = _weight(N, K, bs, dq, seed=N)
+            for dtype in (torch.float32, torch.bfloat16):
+                x = _rand(M, K, dtype=dtype, seed=K)
+                y = nf4_cpu.gemv(x, w)
+                assert y is not None and y.dtype == dtype
+                assert_within_ref_error(y, nf4_matmul_ref(x, w), nf4_matmul_ref(x.double(), w))
+                out = torch.empty(N, K, dtype=dtype)
+                assert torch.equal(nf4_cpu.dequantize_into(w, out), dequantize_nf4_ref(w, dtype))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("N,K,blocksize", SHAPES + [(7, 3, 64)])
 @pytest.mark.parametrize("double_quant", [True, False])
@@ -174,9 +194,9 @@ def test_buffer_first_made_under_inference_mode_serves_training_after(monkeypatc
     w = _weight(48, 128, 64, True)
     with torch.inference_mode():
         nf4_matmul(_rand(17, 128, dtype=torch.float32), w)             # M > 4: dequantize into the buffer
-    monkeypatch.setattr(nf4_cpu, "_lib", None)                          # the torch fallback fills it in place
     x = _rand(17, 128, dtype=torch.float32).requires_grad_()
-    y = nf4_matmul(x, w)
+    with nf4_cpu.LIB.disabled():                                        # the torch fallback fills it in place
+        y = nf4_matmul(x, w)
     y.sum().backward()
     assert x.grad is not None
     assert_within_ref_error(y.detach(), nf4_matmul_ref(x.detach(), w), nf4_matmul_ref(x.detach().double(), w))

@@ -1,22 +1,24 @@
-"""The attention of one decode step, in C: one query per (row, head) over the cache slots 0..s, for
-kernels/cpu_decode.py (whose source includes this one, after its Model struct and helpers: R, ld, load16, MASK16/32,
-DPBF16, f2bf; and kernels/native.py's exp512, round16).
+/* The attention of one decode step (decode.c): one query per (row, head) over the cache slots 0..s.
 
-Per (row b, query head h; KV head g = h // (nh / nkv), read in place):
+   Per (row b, query head h; KV head g = h // (nh / nkv), read in place), R() the model dtype's rounding:
 
-    s_j = R(q · k_j) · hs^-½,  -inf where slot j is empty (position -1) or out of the window
-    p_j = R(exp(s_j − max s) / Σ exp(…))            fp32 softmax, vector exp
-    y   = R(Σ_j p_j v_j)
+       s_j = R(q · k_j) · hs^-½,  -inf where slot j is empty (position -1) or out of the window
+       p_j = R(exp(s_j − max s) / Σ exp(…))            fp32 softmax, vector exp
+       y   = R(Σ_j p_j v_j)
 
-`attend` is the generic form (fp32, or bf16 widened to fp32, 16 head dims per FMA). `attend_bf16` is the bf16 one:
-q and p are bf16-exact (R-rounded), so both products go through _mm512_dpbf16_ps straight from the bf16 cache
-(exact products, fp32 sums): q·k_j 32 dims an instruction, and p·V two keys an instruction, the rows v_j, v_j+1
-interleaved (unpacklo/hi_epi16) so each lane holds (v_j[d], v_j+1[d]). At 512 cached tokens that took the default
-model's bf16 batch-1 step from 7.1 to 5.0 ms. Same roundings in both; only summation order differs.
+   `attend` is the generic form (fp32, or bf16 widened to fp32, 16 head dims per FMA). `attend_bf16` is the bf16
+   one: q and p are bf16-exact (R-rounded), so both products go through _mm512_dpbf16_ps straight from the bf16
+   cache (exact products, fp32 sums): q·k_j 32 dims an instruction, and p·V two keys an instruction, the rows v_j,
+   v_j+1 interleaved (unpacklo/hi_epi16) so each lane holds (v_j[d], v_j+1[d]). Same roundings in both; only the
+   summation order differs. Tests: tests/kernels/test_cpu_decode.py (both forms against the torch decode step and
+   model.forward, head dims 8-96). */
+#pragma once
+#include <math.h>
+#include <stdint.h>
 
-Tests: tests/kernels/test_cpu_decode.py (both forms against the torch decode step and model.forward, head dims 8-96).
-"""
-SRC = r"""
+#include "decode.h"
+#include "gemv.h"
+
 /* a key in slot with position kp is hidden from a query at `position`: an empty or pad slot (kp = -1), or older
    than the sliding window */
 static inline int hidden(const Model *m, int64_t kp, int64_t position) {
@@ -39,6 +41,7 @@ static void softmax_row(const Model *m, float *sc, int s, float mx) {
         _mm512_mask_storeu_ps(sc + j, mk, round16(_mm512_div_ps(_mm512_maskz_loadu_ps(mk, sc + j), sum), m->bf));
     }
 }
+#ifdef __AVX512BF16__
 /* The bf16 form of `attend` below (see the module docstring). After unpacklo/hi_epi16 of two rows, lane i of the
    lo / hi half holds dimension 8(i/4) + i%4 / 8(i/4) + 4 + i%4 of its 32-dim chunk. */
 static void attend_bf16(const Model *m, int l, int b, int h, int s, int64_t position) {
@@ -91,6 +94,7 @@ static void attend_bf16(const Model *m, int l, int b, int h, int s, int64_t posi
             }
     }
 }
+#endif
 
 /* row b, query head h over slots 0..s: att[b, h] = R(Σ_j R(softmax(s)_j) v_j), 16 head dims per vector */
 static void attend(const Model *m, int l, int b, int h, int s, int64_t position) {
@@ -104,7 +108,7 @@ static void attend(const Model *m, int l, int b, int h, int s, int64_t position)
         __m512 acc = _mm512_setzero_ps();
         for (int d = 0; d < hs; d += 16)
             acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(MASK16(hs - d), q + d),
-                                  load16(m, m->k_cache, base + (int64_t)j * hs + d, hs - d), acc);
+                                  load16(m->k_cache, base + (int64_t)j * hs + d, m->bf, MASK16(hs - d)), acc);
         sc[j] = R(m, _mm512_reduce_add_ps(acc)) * m->scale;
         if (sc[j] > mx) mx = sc[j];
     }
@@ -117,10 +121,10 @@ static void attend(const Model *m, int l, int b, int h, int s, int64_t position)
             if (p == 0.f) continue;
             const int64_t o = base + (int64_t)j * hs + d0;
             __m512 pv = _mm512_set1_ps(p);
-            o0 = _mm512_fmadd_ps(pv, load16(m, m->v_cache, o, nd), o0);
-            if (nd > 16) o1 = _mm512_fmadd_ps(pv, load16(m, m->v_cache, o + 16, nd - 16), o1);
-            if (nd > 32) o2 = _mm512_fmadd_ps(pv, load16(m, m->v_cache, o + 32, nd - 32), o2);
-            if (nd > 48) o3 = _mm512_fmadd_ps(pv, load16(m, m->v_cache, o + 48, nd - 48), o3);
+            o0 = _mm512_fmadd_ps(pv, load16(m->v_cache, o, m->bf, MASK16(nd)), o0);
+            if (nd > 16) o1 = _mm512_fmadd_ps(pv, load16(m->v_cache, o + 16, m->bf, MASK16(nd - 16)), o1);
+            if (nd > 32) o2 = _mm512_fmadd_ps(pv, load16(m->v_cache, o + 32, m->bf, MASK16(nd - 32)), o2);
+            if (nd > 48) o3 = _mm512_fmadd_ps(pv, load16(m->v_cache, o + 48, m->bf, MASK16(nd - 48)), o3);
         }
         float out[64];
         _mm512_storeu_ps(out, o0); _mm512_storeu_ps(out + 16, o1);
@@ -128,5 +132,3 @@ static void attend(const Model *m, int l, int b, int h, int s, int64_t position)
         for (int d = 0; d < nd; d++) m->att[((int64_t)b * m->nh + h) * hs + d0 + d] = R(m, out[d]);
     }
 }
-
-"""

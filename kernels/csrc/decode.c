@@ -1,0 +1,179 @@
+/* The whole decode step of a Phi-3 in one native call (kernels/cpu_decode.py states the math): embedding → layers
+   → lm_head for 1-16 rows, one OpenMP parallel region. The GEMVs split rows over the threads (gemv.h, or nf4.h for
+   an NF4 model), attention splits (row, head) pairs (decode_attention.h), and the small vector ops run on one
+   thread between barriers. AVX-512 F/BW/VL; bf16 models use the bf16 dot product where the CPU has AVX512-BF16. */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "decode.h"
+#include "decode_attention.h"
+#include "gemv.h"
+#include "nf4.h"
+
+/* The layout check (decode.h): each field's byte offset by name, -1 for a name the struct lacks. */
+#define OFFSET_OF(T, f) if (!strcmp(name, #f)) return (int64_t)offsetof(T, f);
+#define MODEL_OFFSET(f) OFFSET_OF(Model, f)
+#define NF4DESC_OFFSET(f) OFFSET_OF(NF4Desc, f)
+#define COUNT(f) + 1
+int64_t decode_model_size(void) { return (int64_t)sizeof(Model); }
+int64_t decode_model_fields(void) { return 0 MODEL_FIELDS(COUNT); }
+int64_t decode_model_offset(const char *name) { MODEL_FIELDS(MODEL_OFFSET) return -1; }
+int64_t decode_nf4desc_size(void) { return (int64_t)sizeof(NF4Desc); }
+int64_t decode_nf4desc_fields(void) { return 0 NF4DESC_FIELDS(COUNT); }
+int64_t decode_nf4desc_offset(const char *name) { NF4DESC_FIELDS(NF4DESC_OFFSET) return -1; }
+
+/* Make x (K values, already representable in the model dtype) the next GEMV's input: bf16 GEMVs read m->xb. */
+static void prep(const Model *m, const float *x, int K) {
+    if (m->bf) for (int k = 0; k < K; k++) m->xb[k] = f2bf(x[k]);
+}
+
+#define STORE_R(i, v) (y[i] = R(m, (v)))
+#ifdef __AVX512BF16__
+static void gemv_bf16(const Model *m, const uint16_t *W, const uint16_t *x, float *y, int N, int K) {
+    GEMV_BODY(uint16_t, 32, _mm512_loadu_si512, _mm512_maskz_loadu_epi16, DPBF16, MASK32, STORE_R)
+}
+static void gemm_bf16(const Model *m, const uint16_t *W, const uint16_t *x, float *y, int N, int K) {
+    const int B = m->B;
+    GEMM_BODY(uint16_t, 32, _mm512_loadu_si512, _mm512_maskz_loadu_epi16, DPBF16, MASK32, STORE_R)
+}
+#else
+static void gemv_bf16(const Model *m, const uint16_t *W, const uint16_t *x, float *y, int N, int K) {
+    GEMV_BODY(uint16_t, 16, BF16W_LOAD, BF16W_MLOAD, FMA32, MASK16, STORE_R)
+}
+static void gemm_bf16(const Model *m, const uint16_t *W, const uint16_t *x, float *y, int N, int K) {
+    const int B = m->B;
+    GEMM_BODY(uint16_t, 16, BF16W_LOAD, BF16W_MLOAD, FMA32, MASK16, STORE_R)
+}
+#endif
+static void gemv_f32(const Model *m, const float *W, const float *x, float *y, int N, int K) {
+    GEMV_BODY(float, 16, _mm512_loadu_ps, _mm512_maskz_loadu_ps, FMA32, MASK16, STORE_R)
+}
+static void gemm_f32(const Model *m, const float *W, const float *x, float *y, int N, int K) {
+    const int B = m->B;
+    GEMM_BODY(float, 16, _mm512_loadu_ps, _mm512_maskz_loadu_ps, FMA32, MASK16, STORE_R)
+}
+
+/* y (B, N) = R(x (B, K) · Wᵀ); bf16 GEMVs read x from m->xb (see prep) */
+static void gemv(const Model *m, const void *W, const float *x, float *y, int N, int K) {
+    if (m->B == 1) {
+        if (m->bf) { gemv_bf16(m, (const uint16_t *)W, m->xb, y, N, K); return; }
+        gemv_f32(m, (const float *)W, x, y, N, K);
+    } else {
+        if (m->bf) { gemm_bf16(m, (const uint16_t *)W, m->xb, y, N, K); return; }
+        gemm_f32(m, (const float *)W, x, y, N, K);
+    }
+}
+
+/* A decoder projection: the dense GEMV, or for an NF4 model kernels/nf4_cpu.py's fused dequantize-GEMV (the one
+   the torch step runs, so the same sums), 16 output rows a task, then y rounded to the model dtype as the torch
+   step's `.to(dtype)` does. */
+static void proj(const Model *m, const void *W, const float *x, float *y, int N, int K) {
+    if (!m->nf4) { gemv(m, W, x, y, N, K); return; }
+    const NF4Desc *d = (const NF4Desc *)W;
+    const int B = m->B, K2 = K / 2;
+    #pragma omp single
+    for (int b = 0; b < B; b++)
+        for (int k = 0; k < K2; k++) {
+            m->xe[(int64_t)b * K2 + k] = x[(int64_t)b * K + 2 * k];
+            m->xo[(int64_t)b * K2 + k] = x[(int64_t)b * K + 2 * k + 1];
+        }
+    #pragma omp for schedule(static)
+    for (int n0 = 0; n0 < N; n0 += 16) {
+        const int n1 = n0 + 16 < N ? n0 + 16 : N;
+        nf4_gemv(m->xe, m->xo, B, d->packed, d->absmax, d->code, d->ncode, d->nabs, d->offset, d->dq, d->bs,
+                 d->nbs, N, K, n0, n1, y);
+        for (int b = 0; b < B; b++)
+            for (int n = n0; n < n1; n++) y[(int64_t)b * N + n] = R(m, y[(int64_t)b * N + n]);
+    }
+}
+
+/* every row: xn = R(w · R(x · rsqrt(mean(x²) + eps))); then xn becomes the GEMV input */
+static void rmsnorm(const Model *m, const void *w, const float *x, float *xn) {
+    for (int b = 0; b < m->B; b++) {
+        const float *xr = x + (int64_t)b * m->C;
+        float *yr = xn + (int64_t)b * m->C, ss = 0.f;
+        for (int c = 0; c < m->C; c++) ss += xr[c] * xr[c];
+        float r = 1.f / sqrtf(ss / m->C + m->eps);
+        for (int c = 0; c < m->C; c++) yr[c] = R(m, ld(m, w, c) * R(m, xr[c] * r));
+    }
+    prep(m, xn, m->B * m->C);
+}
+
+static void rope(const Model *m, float *h, const void *cos, const void *sin) {  /* one head, in place */
+    int half = m->rd / 2;
+    float rot[m->rd];
+    for (int d = 0; d < half; d++) { rot[d] = -h[d + half]; rot[d + half] = h[d]; }
+    for (int d = 0; d < m->rd; d++) h[d] = R(m, R(m, h[d] * ld(m, cos, d)) + R(m, rot[d] * ld(m, sin, d)));
+}
+
+/* logits (B, V) in the model dtype for tokens (B,) at positions (B,), written into cache slot `s` */
+void decode_step(const Model *m, const int64_t *tokens, const int64_t *positions, int s, void *logits) {
+    const int B = m->B, C = m->C, hs = m->hs, nh = m->nh, nkv = m->nkv, I = m->I;
+    const int nqkv = (nh + 2 * nkv) * hs;
+    for (int b = 0; b < B; b++) m->pos[(int64_t)b * m->smax + s] = positions[b];
+    #pragma omp parallel num_threads(m->threads)
+    {
+        #pragma omp single
+        {
+            for (int b = 0; b < B; b++)
+                for (int c = 0; c < C; c++) m->x[(int64_t)b * C + c] = ld(m, m->embed, tokens[b] * C + c);
+            rmsnorm(m, m->in_norm[0], m->x, m->xn);
+        }
+        for (int l = 0; l < m->L; l++) {
+            proj(m, m->qkv_w[l], m->xn, m->qkv, nqkv, C);
+            #pragma omp single
+            for (int b = 0; b < B; b++) {
+                const int64_t t = positions[b] * m->rd;
+                float *row = m->qkv + (int64_t)b * nqkv;
+                for (int h = 0; h < nh + nkv; h++)
+                    rope(m, row + (int64_t)h * hs, (const char *)m->cos + t * (m->bf ? 2 : 4),
+                         (const char *)m->sin + t * (m->bf ? 2 : 4));
+                for (int g = 0; g < nkv; g++) {
+                    int64_t o = (((((int64_t)l * B + b) * nkv + g) * m->smax) + s) * hs;
+                    for (int d = 0; d < hs; d++) {
+                        st(m, m->k_cache, o + d, row[(int64_t)(nh + g) * hs + d]);
+                        st(m, m->v_cache, o + d, row[(int64_t)(nh + nkv + g) * hs + d]);
+                    }
+                }
+            }
+            #pragma omp for schedule(static)
+            for (int bh = 0; bh < B * nh; bh++)
+#ifdef __AVX512BF16__
+                if (m->bf) attend_bf16(m, l, bh / nh, bh % nh, s, positions[bh / nh]); else
+#endif
+                attend(m, l, bh / nh, bh % nh, s, positions[bh / nh]);
+            #pragma omp single
+            prep(m, m->att, B * nh * hs);
+            proj(m, m->o_w[l], m->att, m->proj, C, nh * hs);
+            #pragma omp single
+            {
+                for (int i = 0; i < B * C; i++) m->x[i] = R(m, m->x[i] + m->proj[i]);
+                rmsnorm(m, m->post_norm[l], m->x, m->xn);
+            }
+            proj(m, m->gate_up_w[l], m->xn, m->gu, 2 * I, C);
+            #pragma omp single
+            {
+                for (int b = 0; b < B; b++)                       /* mid = R(u · R(silu(g))) */
+                    for (int i = 0; i < I; i += 16) {
+                        __mmask16 mk = MASK16(I - i);
+                        const float *g = m->gu + (int64_t)b * 2 * I + i, *u = g + I;
+                        float sl[16], out[16];
+                        _mm512_storeu_ps(sl, silu512(_mm512_maskz_loadu_ps(mk, g)));
+                        for (int t = 0; t < 16 && i + t < I; t++) out[t] = R(m, u[t] * R(m, sl[t]));
+                        _mm512_mask_storeu_ps(m->mid + (int64_t)b * I + i, mk, _mm512_loadu_ps(out));
+                    }
+                prep(m, m->mid, B * I);
+            }
+            proj(m, m->down_w[l], m->mid, m->proj, C, I);
+            #pragma omp single
+            {
+                for (int i = 0; i < B * C; i++) m->x[i] = R(m, m->x[i] + m->proj[i]);
+                rmsnorm(m, l + 1 < m->L ? m->in_norm[l + 1] : m->final_norm, m->x, m->xn);
+            }
+        }
+        gemv(m, m->lm_head, m->xn, m->scores, m->V, C);
+        #pragma omp for schedule(static)
+        for (int64_t v = 0; v < (int64_t)B * m->V; v++) st(m, logits, v, m->scores[v]);
+    }
+}

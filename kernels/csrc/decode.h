@@ -1,0 +1,49 @@
+/* The decode step's state (decode.c) and the scalar helpers its parts share (decode_attention.h).
+
+   Python fills a Model and one NF4Desc per NF4 projection through ctypes (kernels/cpu_decode.py). So that a field
+   added, removed, renamed, reordered or retyped on either side cannot silently shift the others, the C side reports
+   each field's offset by name and each struct's size (decode_model_offset, ...), and Python checks its ctypes
+   mirror against them when it loads the library. MODEL_FIELDS / NF4DESC_FIELDS list the names; a field missing
+   there changes the size, which is checked too. */
+#pragma once
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "simd.h"
+
+typedef struct {
+    int B, L, C, nh, nkv, hs, rd, I, V, smax, window, bf, threads;
+    float eps, scale;
+    const void **in_norm, **qkv_w, **o_w, **post_norm, **gate_up_w, **down_w;   /* L pointers each */
+    const void *final_norm, *lm_head, *embed, *cos, *sin;                       /* cos/sin: (smax, rd) */
+    void *k_cache, *v_cache;                                                    /* (L, B, nkv, smax, hs) */
+    int64_t *pos;                                                               /* (B, smax) */
+    float *x, *xn, *qkv, *att, *proj, *gu, *mid, *scores;                       /* fp32 scratch, B rows */
+    uint16_t *xb;                                                               /* bf16 GEMV input rows */
+    int nf4;                        /* the four projections are NF4: their pointers point at an NF4Desc each */
+    float *xe, *xo;                 /* NF4 GEMV input: even / odd columns of x, B rows */
+} Model;
+
+#define MODEL_FIELDS(X) X(B) X(L) X(C) X(nh) X(nkv) X(hs) X(rd) X(I) X(V) X(smax) X(window) X(bf) X(threads)   \
+    X(eps) X(scale) X(in_norm) X(qkv_w) X(o_w) X(post_norm) X(gate_up_w) X(down_w) X(final_norm) X(lm_head)      \
+    X(embed) X(cos) X(sin) X(k_cache) X(v_cache) X(pos) X(x) X(xn) X(qkv) X(att) X(proj) X(gu) X(mid) X(scores)  \
+    X(xb) X(nf4) X(xe) X(xo)
+
+typedef struct {                    /* one NF4 weight (kernels/nf4.py's NF4Weight), for nf4.h's GEMV */
+    const uint8_t *packed;
+    const void *absmax;
+    const float *code, *ncode, *nabs;
+    float offset;
+    int dq, bs, nbs;
+} NF4Desc;
+
+#define NF4DESC_FIELDS(X) X(packed) X(absmax) X(code) X(ncode) X(nabs) X(offset) X(dq) X(bs) X(nbs)
+
+static inline float R(const Model *m, float v) { return m->bf ? bf2f(f2bf(v)) : v; }
+static inline float ld(const Model *m, const void *p, int64_t i) {
+    return m->bf ? bf2f(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+static inline void st(const Model *m, void *p, int64_t i, float v) {
+    if (m->bf) ((uint16_t *)p)[i] = f2bf(v); else ((float *)p)[i] = v;
+}

@@ -1,0 +1,95 @@
+/* The one dense GEMV/GEMM body, y = x · Wᵀ with W (N, K) row-major, used by gemv.c (cpu_gemv.py's batch-1 GEMV)
+   and decode.c (every projection of the decode step). Both run inside an OpenMP parallel region and end with the
+   barrier of `omp for`.
+
+   The bodies are macros over one dtype description, expanded in a function that names W, x, y, N, K (and B for
+   GEMM): T the weight element type, STEP the lanes one FMA consumes, LOAD / MLOAD(mask, p) a full / masked vector
+   load, FMA(acc, w, x) the fp32-accumulating multiply-add, MASK(n) the tail mask, STORE(i, v) writes the fp32 sum
+   v of output i (rounding it as the caller's dtype needs).
+     fp32: 16 lanes, _mm512_fmadd_ps.  bf16: 32 lanes, _mm512_dpbf16_ps (32 bf16 pairs multiplied exactly and
+     added into 16 fp32 lanes; AVX512-BF16), or without it 16 lanes widened to fp32 (BF16W_*). */
+#pragma once
+#include <stdint.h>
+
+#include "simd.h"
+
+#define FMA32(a, w, x) _mm512_fmadd_ps(w, x, a)
+#ifdef __AVX512BF16__
+#define DPBF16(a, w, x) _mm512_dpbf16_ps(a, (__m512bh)(w), (__m512bh)(x))
+#endif
+/* bf16 without the dot-product instruction: 16 bf16 widened exactly to fp32 lanes, then FMA32 (the products of
+   two bf16 values are exact in fp32 either way; only the summation order differs) */
+#define BF16W_LOAD(p) _mm512_castsi512_ps(_mm512_slli_epi32(                                               \
+    _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(p))), 16))
+#define BF16W_MLOAD(mk, p) _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(                      \
+    _mm256_maskz_loadu_epi16(mk, p)), 16))
+
+/* GEMV, one row of x: groups of four weight rows split over the threads, one load of x feeding four accumulators
+   (registers, not an array, and no FMA latency chain). The hot loop has full-width loads only; K % STEP and N % 4
+   leftovers go through masked loads and a one-row loop, outside it: masked loads in the hot loop, or the leftover
+   rows as a branch in it, are slower. */
+#define GEMV_BODY(T, STEP, LOAD, MLOAD, FMA, MASK, STORE)                                                 \
+    const int N4 = N - N % 4, Kf = K - K % STEP;                                                           \
+    _Pragma("omp single nowait")   /* N % 4 rows: the for-loop's barrier below waits for this thread too */ \
+    for (int n = N4; n < N; n++) {                                                                         \
+        __m512 a = _mm512_setzero_ps();                                                                    \
+        for (int k = 0; k < K; k += STEP)                                                                  \
+            a = FMA(a, MLOAD(MASK(K - k), W + (int64_t)n * K + k), MLOAD(MASK(K - k), x + k));             \
+        STORE(n, _mm512_reduce_add_ps(a));                                                                 \
+    }                                                                                                      \
+    _Pragma("omp for schedule(static)")                                                                    \
+    for (int n0 = 0; n0 < N4; n0 += 4) {                                                                  \
+        const T *w0 = W + (int64_t)n0 * K, *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;                      \
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                                       \
+        for (int k = 0; k < Kf; k += STEP) {                                                               \
+            __typeof__(LOAD(x)) xv = LOAD(x + k);                                                         \
+            a0 = FMA(a0, LOAD(w0 + k), xv); a1 = FMA(a1, LOAD(w1 + k), xv);                               \
+            a2 = FMA(a2, LOAD(w2 + k), xv); a3 = FMA(a3, LOAD(w3 + k), xv);                               \
+        }                                                                                                  \
+        if (Kf < K) {                                                                                      \
+            __typeof__(LOAD(x)) xv = MLOAD(MASK(K - Kf), x + Kf);                                         \
+            a0 = FMA(a0, MLOAD(MASK(K - Kf), w0 + Kf), xv); a1 = FMA(a1, MLOAD(MASK(K - Kf), w1 + Kf), xv); \
+            a2 = FMA(a2, MLOAD(MASK(K - Kf), w2 + Kf), xv); a3 = FMA(a3, MLOAD(MASK(K - Kf), w3 + Kf), xv); \
+        }                                                                                                  \
+        STORE(n0, _mm512_reduce_add_ps(a0)); STORE(n0 + 1, _mm512_reduce_add_ps(a1));                     \
+        STORE(n0 + 2, _mm512_reduce_add_ps(a2)); STORE(n0 + 3, _mm512_reduce_add_ps(a3));                 \
+    }
+
+/* GEMM for B > 1 rows of x (row stride K) into y (B, N): two weight rows at a time, each loaded once for a block of
+   eight rows of x (2 x 8 accumulators, all in registers), so a batch streams the weights once instead of B times.
+   A block always computes eight rows (missing ones re-read row b0 and are dropped): a fixed trip count is what keeps
+   the accumulators in registers. STORE(i, v) gets the flat index b * N + n. */
+#define GEMM_BODY(T, STEP, LOAD, MLOAD, FMA, MASK, STORE)                                                 \
+    const int N2 = N - N % 2, Kf = K - K % STEP;                                                           \
+    _Pragma("omp for schedule(static)")                                                                    \
+    for (int n0 = 0; n0 < N; n0 += 2) {                                                                   \
+        const int rows = n0 < N2 ? 2 : 1;                                                                  \
+        const T *w0 = W + (int64_t)n0 * K, *w1 = rows == 2 ? w0 + K : w0;                                 \
+        for (int b0 = 0; b0 < B; b0 += 8) {                                                                \
+            const int nb = B - b0 < 8 ? B - b0 : 8;                                                        \
+            const T *xs[8];                                                                                \
+            for (int b = 0; b < 8; b++) xs[b] = x + (int64_t)(b0 + (b < nb ? b : 0)) * K;                 \
+            __m512 a0[8], a1[8];                                                                           \
+            for (int b = 0; b < 8; b++) a0[b] = a1[b] = _mm512_setzero_ps();                              \
+            for (int k = 0; k < Kf; k += STEP) {                                                           \
+                __typeof__(LOAD(w0)) wv0 = LOAD(w0 + k), wv1 = LOAD(w1 + k);                               \
+                _Pragma("GCC unroll 8")                                                                    \
+                for (int b = 0; b < 8; b++) {                                                              \
+                    __typeof__(wv0) xv = LOAD(xs[b] + k);                                                  \
+                    a0[b] = FMA(a0[b], wv0, xv); a1[b] = FMA(a1[b], wv1, xv);                              \
+                }                                                                                          \
+            }                                                                                              \
+            if (Kf < K) {                                                                                  \
+                __typeof__(LOAD(w0)) wv0 = MLOAD(MASK(K - Kf), w0 + Kf), wv1 = MLOAD(MASK(K - Kf), w1 + Kf); \
+                _Pragma("GCC unroll 8")                                                                    \
+                for (int b = 0; b < 8; b++) {                                                              \
+                    __typeof__(wv0) xv = MLOAD(MASK(K - Kf), xs[b] + Kf);                                  \
+                    a0[b] = FMA(a0[b], wv0, xv); a1[b] = FMA(a1[b], wv1, xv);                              \
+                }                                                                                          \
+            }                                                                                              \
+            for (int b = 0; b < nb; b++) {                                                                 \
+                STORE((int64_t)(b0 + b) * N + n0, _mm512_reduce_add_ps(a0[b]));                            \
+                if (rows == 2) STORE((int64_t)(b0 + b) * N + n0 + 1, _mm512_reduce_add_ps(a1[b]));         \
+            }                                                                                              \
+        }                                                                                                  \
+    }
