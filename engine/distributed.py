@@ -100,13 +100,13 @@ def all_gather(t: torch.Tensor, world: World, device: torch.device) -> list[torc
 
 def wrap(model: nn.Module, world: World, device: torch.device) -> nn.Module:
     """DDP over the trainable (LoRA) parameters only. The frozen base is neither broadcast at start (every rank
-    loaded the same weights) nor bucketed, and buffers (rotary tables, NF4 codes) are never re-broadcast."""
+    loaded the same weights) nor bucketed, and buffers (rotary tables, NF4 codes) are never synced."""
     if world.size == 1:
         return model
     frozen = [n for n, p in model.named_parameters() if not p.requires_grad] + [n for n, _ in model.named_buffers()]
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, frozen)
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                   broadcast_buffers=False)
+                                   forward_sync_buffers=False)
 
 
 def sync_grads(model: nn.Module, last: bool) -> contextlib.AbstractContextManager:
@@ -122,11 +122,14 @@ def launch(module_argv: list[str], nproc: int, threads: int | None) -> int:
     rank failed and why; the return value is then 1."""
     # torchrun would set OMP_NUM_THREADS=1 itself (and warn); set it from --threads, the per-rank thread count
     os.environ.setdefault("OMP_NUM_THREADS", str(threads or max(1, (os.cpu_count() or 1) // nproc)))
-    args = ["--standalone", "--nnodes", "1", "--nproc-per-node", str(nproc), "-m", *module_argv]
+    args = torchrun.parse_args(["--standalone", "--nnodes", "1", "--nproc-per-node", str(nproc), "-m",
+                                module_argv[0]])
+    # set after parsing: torchrun's parser would take a script flag such as --nproc for an abbreviation of its own
+    args.training_script_args = module_argv[1:]
     try:
-        torchrun.main(args)
+        torchrun.run(args)
     except ChildFailedError as e:
-        failed = ", ".join(f"rank {f.rank} ({_why(f)})" for f in e.failures.values())
+        failed = ", ".join(f"rank {rank} ({_why(f)})" for rank, f in sorted(e.failures.items()))
         print(f"finetune: {failed} failed, so the job stopped", file=sys.stderr)
         return 1
     return 0
