@@ -2,6 +2,7 @@
 
     python bench/bench_train.py [--methods lora,qlora] [--shape default|phi3-mini] [--seq 256] [--batch 4]
                                 [--steps 3] [--dtype bf16,fp32] [--rank 16] [--no-hf] [--out results.json]
+    python bench/bench_train.py --nproc 2 [--methods lora,qlora] [--dtype bf16] [--batch 2] [--steps 4]
 
 Every (framework, method, dtype) runs in its own subprocess, so peak memory is that run's alone: the CUDA
 allocator's peak on a GPU, peak RSS (ru_maxrss) on CPU. A run loads the model, takes one warm-up step, then
@@ -17,6 +18,13 @@ so the LoRA run never holds more than its bf16 model and the QLoRA run never hol
 The JSON ends with ratios measured in this run (phiforge LoRA / HF LoRA, phiforge QLoRA / phiforge LoRA, QLoRA peak
 memory / LoRA peak memory) and the memory model's estimate (engine/train_memory.py) for seq 2048 on a 24 GB GPU.
 
+`--nproc N` measures data-parallel training instead (engine/distributed.py): `phiforge finetune` on the default
+model and the bundled data/train.jsonl (packed to seq), as N gloo processes of one thread at micro-batch `batch`
+against one process of N threads at micro-batch N·batch, so both see the same global batches with the same total
+threads. tokens/s is the median over the steps after the first (metrics.jsonl); peak memory is the peak RSS of the
+largest process of the run (os.wait4 over the launcher and its ranks: the largest is a rank). On a machine with
+fewer cores than N x threads this shows the overhead of the extra processes and the all-reduce, not a speed-up.
+
 The figures of record are in the README's table (and this script's JSON); in fp32 the base GEMMs (6 x params
 FLOPs/token with recompute) dominate both frameworks, so the lm_head work phiforge skips bounds the fp32 ratio.
 """
@@ -26,9 +34,12 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -212,6 +223,58 @@ def spawn(a, framework: str, method: str, dtype: str, extra: list[str] | None = 
     return json.loads(line[len("RESULT "):])
 
 
+# ---- data-parallel runs (--nproc) ------------------------------------------------------------------------------
+
+def finetune_run(a, method: str, dtype: str, nproc: int, batch: int, threads: int, workdir: Path) -> dict:
+    """One `phiforge finetune` process tree; tokens/s from its metrics, peak RSS of its largest process."""
+    out = workdir / f"{method}-{dtype}-{nproc}"
+    data = Path(HERE).parent / "data" / "train.jsonl"
+    cmd = [sys.executable, "-m", "phiforge.cli", "finetune", "--data", str(data), "--out", str(out), "--method",
+           method, "--dtype", {"bf16": "bfloat16", "fp32": "float32"}[dtype], "--seq-len", str(a.seq), "--pack",
+           "--batch-size", str(batch), "--max-steps", str(a.steps + 1), "--rank", str(a.rank),
+           "--alpha", str(2 * a.rank), "--threads", str(threads), "--no-progress", "--nproc", str(nproc)]
+    log = workdir / f"{out.name}.log"
+    with open(log, "w") as f:
+        p = subprocess.Popen(cmd, cwd=workdir, stdout=f, stderr=subprocess.STDOUT,
+                             env=dict(os.environ, OMP_NUM_THREADS=str(threads)))
+        # wait4, not Popen.wait: its rusage covers the child and every descendant it reaped (torchrun's ranks)
+        _, status, usage = os.wait4(p.pid, 0)
+    p.returncode = os.waitstatus_to_exitcode(status)
+    if p.returncode != 0:
+        return dict(error=(log.read_text().strip().splitlines() or ["no output"])[-1][-300:])
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    tps = [r["tokens_per_s"] for r in recs if "loss" in r][1:]  # the first step warms up
+    return dict(nproc=nproc, threads_per_process=threads, micro_batch_per_process=batch, global_batch=nproc * batch,
+                tokens_per_s=statistics.median(tps), tokens_per_s_best=max(tps),
+                tokens_per_s_per_process=statistics.median(tps) / nproc,
+                peak_rss_largest_process_bytes=usage.ru_maxrss * 1024,  # Linux: KB
+                losses=[r["loss"] for r in recs if "loss" in r])
+
+
+def bench_nproc(a) -> dict:
+    """N processes x 1 thread at micro-batch b against 1 process x N threads at micro-batch N·b, per method."""
+    runs, ratios_ = {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for dt in a.dtypes:
+            for m in a.methods.split(","):
+                for nproc, batch, threads in ((1, a.nproc * a.batch, a.nproc), (a.nproc, a.batch, 1)):
+                    key = f"{m}-{dt}-{nproc}proc"
+                    runs[key] = finetune_run(a, m, dt, nproc, batch, threads, Path(tmp))
+                    print(f"{key}: {json.dumps(runs[key])}", file=sys.stderr, flush=True)
+                one, many = runs[f"{m}-{dt}-1proc"], runs[f"{m}-{dt}-{a.nproc}proc"]
+                if "error" not in one and "error" not in many:
+                    speed = many["tokens_per_s"] / one["tokens_per_s"]
+                    ratios_[f"{m}_{dt}_tokens_per_s_{a.nproc}proc_vs_1proc"] = speed
+                    ratios_[f"{m}_{dt}_peak_rss_per_process_{a.nproc}proc_vs_1proc"] = (
+                        many["peak_rss_largest_process_bytes"] / one["peak_rss_largest_process_bytes"])
+                    ratios_[f"{m}_{dt}_max_abs_loss_diff"] = max(abs(x - y) for x, y in zip(one["losses"],
+                                                                                            many["losses"]))
+    return dict(config=dict(mode="nproc", nproc=a.nproc, seq=a.seq, micro_batch_per_process=a.batch,
+                            steps_timed=a.steps, rank=a.rank, data="data/train.jsonl packed", device="cpu",
+                            total_threads=a.nproc, cpu_count=os.cpu_count()),
+                runs=runs, ratios=ratios_)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description="phiforge LoRA/QLoRA training bench")
     ap.add_argument("--methods", default="lora,qlora")
@@ -229,6 +292,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--repeats", type=int, default=1, help="round-robin rounds; each config keeps its best")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads per run (default: torch's)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--nproc", type=int, default=None,
+                    help="data-parallel bench: N gloo processes x 1 thread vs 1 process x N threads (CPU)")
     # worker-only
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--framework", default="phiforge", help=argparse.SUPPRESS)
@@ -239,9 +304,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a = ap.parse_args(argv)
     mini = a.shape == "phi3-mini"
     a.seq = a.seq or (512 if mini else 256)
-    a.batch = a.batch or (1 if mini else 4)
+    a.batch = a.batch or (1 if mini else 2 if a.nproc else 4)
     a.steps = a.steps if a.steps is not None else (0 if mini else 4)
-    a.dtypes = (a.dtype or ("bf16" if a.device == "cuda" or mini else "bf16,fp32")).split(",")
+    a.dtypes = (a.dtype or ("bf16" if a.device == "cuda" or mini or a.nproc else "bf16,fp32")).split(",")
     return a
 
 
@@ -297,6 +362,14 @@ def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     if a.worker:
         worker(a)
+        return 0
+    if a.nproc:
+        result = bench_nproc(a)
+        text = json.dumps(result, indent=2)
+        print(text)
+        if a.out:
+            with open(a.out, "w") as f:
+                f.write(text + "\n")
         return 0
     runs = best_of_rounds(a, plan_runs(a))
     mini = a.shape == "phi3-mini"

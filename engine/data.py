@@ -21,6 +21,7 @@ Legend: B batch rows, T row length.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from dataclasses import dataclass, field
@@ -240,13 +241,20 @@ def collate(rows: list[list[Sample]], pad_id: int, packed: bool) -> Batch:
 class Loader:
     """Deterministic, resumable batches: epoch e is a seeded permutation of the rows; position = micro-batch index.
 
-    Micro-batch m of the whole run is batch m % per_epoch of epoch m // per_epoch, so resuming at m needs only m."""
+    Micro-batch m of the whole run is batch m % per_epoch of epoch m // per_epoch, so resuming at m needs only m.
+
+    Data-parallel (world_size N > 1): micro-batch m is the global batch of N·batch_size rows that one process at
+    micro-batch N·batch_size takes (same order, packing included), and rank r gets rows [r·n/N, (r+1)·n/N) of its
+    n rows. A rank left without rows (the short last batch of an epoch) gets one pad token with no labels: it still
+    runs forward and backward, which DDP needs from every rank, and adds nothing to the loss or the gradient."""
 
     def __init__(self, samples: list[Sample], batch_size: int, seq_len: int, pad_id: int, seed: int,
-                 packed: bool = False, shuffle: bool = True) -> None:
+                 packed: bool = False, shuffle: bool = True, rank: int = 0, world_size: int = 1) -> None:
         self.rows = pack(samples, seq_len) if packed else [[s] for s in samples]
         self.batch_size, self.pad_id, self.seed, self.packed, self.shuffle = batch_size, pad_id, seed, packed, shuffle
-        self.per_epoch = -(-len(self.rows) // batch_size)
+        self.rank, self.world_size = rank, world_size
+        self.global_batch = batch_size * world_size
+        self.per_epoch = -(-len(self.rows) // self.global_batch)
         self._order_epoch, self._order = -1, []
 
     def __len__(self) -> int:
@@ -259,5 +267,10 @@ class Loader:
             if self.shuffle:
                 random.Random(self.seed * 1_000_003 + epoch).shuffle(order)  # independent of torch's RNG
             self._order_epoch, self._order = epoch, order
-        rows = [self.rows[i] for i in self._order[j * self.batch_size:(j + 1) * self.batch_size]]
-        return collate(rows, self.pad_id, self.packed)
+        picked = self._order[j * self.global_batch:(j + 1) * self.global_batch]
+        n = len(picked)
+        picked = picked[self.rank * n // self.world_size:(self.rank + 1) * n // self.world_size]
+        if not picked:
+            return dataclasses.replace(collate([[Sample([self.pad_id], [IGNORE])]], self.pad_id, self.packed),
+                                       n_tokens=0)
+        return collate([self.rows[i] for i in picked], self.pad_id, self.packed)

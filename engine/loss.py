@@ -58,7 +58,7 @@ def lm_loss_sum(model, input_ids: torch.Tensor, targets: torch.Tensor, position_
     h = model(input_ids, position_ids=position_ids, segment_ids=segment_ids, return_hidden=True)  # (B, T, C)
     sel = targets != IGNORE  # (B, T)
     h, y = h[sel], targets[sel]  # (n, C), (n,)
-    weight = model.lm_head.weight
+    weight = getattr(model, "module", model).lm_head.weight  # under DistributedDataParallel the model is .module
     if weight.requires_grad:  # a trained lm_head needs the ordinary path (autograd through the logits)
         return F.cross_entropy((h @ weight.T).float(), y, reduction="sum")
     return LinearCrossEntropySum.apply(h, weight, y, chunk)

@@ -16,6 +16,9 @@ state. Activations are checkpointed per decoder layer (non-reentrant), the loss 
 (engine/loss.py), and on CUDA the forward runs under bf16 autocast. Schedule: linear warmup to lr, then cosine or
 linear decay towards 0. See engine/train_state.py for checkpoints that resume bit-for-bit.
 
+Data-parallel (torchrun, `--nproc`): the same loop on every rank, each on its share of every micro-batch, N
+all-reduced over ranks and the gradients reduced by DDP; rank 0 alone writes. See engine/distributed.py.
+
 Options: engine/train_config.py (TrainConfig); the CLI layer: phiforge/commands/finetune.py.
 Outputs in OUT/: the final adapter (PEFT format), training_args.json, metrics.jsonl (one record per optimizer step,
 plus eval records), loss_curve.png, checkpoint-<step>/ directories.
@@ -36,16 +39,19 @@ from matplotlib.figure import Figure
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import distributed
 from .adapter import save_adapter
 from .atomic import write_atomic, write_json_atomic, write_text_atomic
 from .data import DataError, DataStats, Loader, load_dataset
+from .distributed import SINGLE, World
 from .fetch import default_model_path
 from .loader import load_model
 from .lora import apply_lora, trainable_parameters
 from .loss import lm_loss_sum
 from .tokenizer import load_tokenizer
-from .train_config import TrainConfig, resume_changes
-from .train_state import STATE_JSON, latest_checkpoint, load_checkpoint, read_state, save_checkpoint
+from .train_config import TrainConfig, TrainConfigError, resume_changes
+from .train_state import (STATE_JSON, latest_checkpoint, load_checkpoint, rank_rng_state, read_state,
+                          save_checkpoint)
 
 
 def lr_at(step: int, base_lr: float, total: int, warmup: int, schedule: str) -> float:
@@ -62,10 +68,14 @@ def lr_at(step: int, base_lr: float, total: int, warmup: int, schedule: str) -> 
     raise ValueError(f"schedule must be cosine, linear or constant, got {schedule!r}")
 
 
-def step_batches(loader: Loader, step: int, grad_accum: int) -> tuple[list, int]:
-    """The micro-batches of optimizer step `step` and their total labelled-token count N (the loss divisor)."""
+def step_batches(loader: Loader, step: int, grad_accum: int, world: World = SINGLE,
+                 device: torch.device | None = None) -> tuple[list, int]:
+    """The micro-batches of optimizer step `step` (this rank's shares) and the total labelled-token count N of
+    the whole step over all ranks (the loss divisor)."""
     batches = [loader.batch(step * grad_accum + j) for j in range(grad_accum)]
     n_labels = sum(b.n_labels for b in batches)
+    if world.size > 1:
+        n_labels = int(distributed.all_reduce_sum([n_labels], world, device)[0])
     if n_labels == 0:
         raise DataError(f"step {step}: every token of its {grad_accum} micro-batch(es) is masked "
                         "(no assistant/completion tokens): nothing to learn")
@@ -73,17 +83,19 @@ def step_batches(loader: Loader, step: int, grad_accum: int) -> tuple[list, int]
 
 
 @torch.no_grad()
-def evaluate(model, loader: Loader, device, autocast) -> tuple[float, float]:
-    """Mean token NLL over the whole loader and its perplexity exp(NLL)."""
+def evaluate(model, loader: Loader, device, autocast, world: World = SINGLE) -> tuple[float, float]:
+    """Mean token NLL over the whole loader and its perplexity exp(NLL); ranks take every world.size-th batch
+    and the sums are reduced."""
     was = model.training
     model.eval()
     total, count = 0.0, 0
-    for m in range(len(loader)):
+    for m in range(world.rank, len(loader), world.size):
         b = loader.batch(m).to(device)
         with autocast():
             total += float(lm_loss_sum(model, b.input_ids, b.targets, b.position_ids, b.segment_ids))
         count += b.n_labels
     model.train(was)
+    total, count = distributed.all_reduce_sum([total, count], world, device)
     nll = total / max(count, 1)
     return nll, math.exp(min(nll, 50.0))
 
@@ -129,6 +141,8 @@ class Run:
     device: torch.device
     stats: DataStats
     n_sites: int
+    world: World = SINGLE
+    ddp: nn.Module | None = None  # the model as the step runs it: DistributedDataParallel-wrapped when world > 1
     step: int = 0
     resume_changes: list[str] = field(default_factory=list)
 
@@ -142,13 +156,16 @@ class Run:
         return contextlib.nullcontext()
 
 
-def setup(config: TrainConfig, base_model: nn.Module | None = None, tokenizer: Any = None) -> Run:
+def setup(config: TrainConfig, base_model: nn.Module | None = None, tokenizer: Any = None, world: World = SINGLE,
+          device: torch.device | None = None) -> Run:
     """Load (or take) the base and tokenizer, apply LoRA, build the loaders and AdamW, resume if asked, and write
-    training_args.json. `config.model` must be resolved (finetune does it)."""
+    training_args.json. `config.model` must be resolved (finetune does it). A data-parallel rank passes its
+    `world` and `device` (distributed.init)."""
     c = config
-    Path(c.out).mkdir(parents=True, exist_ok=True)
-    ckpt, changes = _check_resume(c) if c.resume else (None, [])  # before any loading: a refusal is immediate
-    device = torch.device(c.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if world.main:
+        Path(c.out).mkdir(parents=True, exist_ok=True)
+    ckpt, changes = _check_resume(c, world) if c.resume else (None, [])  # before any loading: a refusal is immediate
+    device = device or torch.device(c.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(c.seed)
     tok = tokenizer or load_tokenizer(c.model)
     if base_model is None:
@@ -156,13 +173,19 @@ def setup(config: TrainConfig, base_model: nn.Module | None = None, tokenizer: A
         base_model = load_model(c.model, dtype=c.dtype or torch.bfloat16, device=device,
                                 quant="nf4" if c.method == "qlora" else None)
     names = apply_lora(base_model, c.rank, c.alpha, c.dropout, c.targets, c.use_rslora)
+    if world.size > 1:  # the same LoRA init on every rank, then each rank its own dropout masks
+        torch.manual_seed(c.seed + 1_000_003 * world.rank)
     base_model.gradient_checkpointing = c.gradient_checkpointing
     base_model.train()
     params = dict(trainable_parameters(base_model))
 
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     samples, stats = load_dataset(c.data, tok, c.seq_len, c.skip_bad)
-    loader = Loader(samples, c.batch_size, c.seq_len, pad_id, c.seed, packed=c.pack)
+    loader = Loader(samples, c.batch_size, c.seq_len, pad_id, c.seed, packed=c.pack, rank=world.rank,
+                    world_size=world.size)
+    if len(loader.rows) < world.size:
+        raise TrainConfigError(f"--nproc: {world.size} processes but the data gives only {len(loader.rows)} rows"
+                               f"{' after packing' if c.pack else ''}: every process needs at least one", ("nproc",))
     eval_loader = None
     if c.eval_data is not None:
         ev_samples, _ = load_dataset(c.eval_data, tok, c.seq_len, c.skip_bad)
@@ -170,32 +193,44 @@ def setup(config: TrainConfig, base_model: nn.Module | None = None, tokenizer: A
     total = c.total_steps(len(loader))
     opt = torch.optim.AdamW(list(params.values()), lr=c.lr, betas=(0.9, 0.999), eps=1e-8,
                             weight_decay=c.weight_decay)
-    run = Run(c, base_model, params, opt, loader, eval_loader, total, c.warmup(total), device, stats, len(names))
+    run = Run(c, base_model, params, opt, loader, eval_loader, total, c.warmup(total), device, stats, len(names),
+              world)
     if ckpt is not None:
         _resume(run, ckpt, changes)
-    else:
+    elif world.main:
         (run.out / "metrics.jsonl").unlink(missing_ok=True)
-    write_json_atomic(run.out / "training_args.json", c.to_json())
+    run.ddp = distributed.wrap(base_model, world, device)
+    if world.main:
+        write_json_atomic(run.out / "training_args.json", c.to_json())
     return run
 
 
-def _check_resume(config: TrainConfig) -> tuple[Path, list[str]]:
+def _check_resume(config: TrainConfig, world: World = SINGLE) -> tuple[Path, list[str]]:
     """The newest checkpoint and the options this run changes; raises on one that must match it
-    (engine/train_config.py: RESUMABLE)."""
+    (engine/train_config.py: RESUMABLE) and on a different number of ranks."""
     out = Path(config.out)
     ckpt = latest_checkpoint(out)
     if ckpt is None:
         raise FileNotFoundError(f"{out}: --resume given but there is no checkpoint-* directory to resume from")
-    return ckpt, resume_changes(read_state(ckpt)["config"], config, str(ckpt / STATE_JSON))
+    state = read_state(ckpt)
+    if state.get("world_size", 1) != world.size:
+        raise TrainConfigError(f"{ckpt / STATE_JSON}: cannot resume: --nproc: the checkpoint's run had "
+                               f"{state.get('world_size', 1)} process(es), this one has {world.size} (the data split "
+                               "and every rank's RNG depend on it; use the same --nproc or torchrun world size)",
+                               ("nproc",))
+    return ckpt, resume_changes(state["config"], config, str(ckpt / STATE_JSON))
 
 
 def _resume(run: Run, ckpt: Path, changes: list[str]) -> None:
     """Restore the checkpoint into the run and apply (and say) the changed resumable options."""
     run.resume_changes = changes
-    run.step = load_checkpoint(ckpt, run.model, run.optimizer, run.params)["step"]
+    rank = None if run.world.size == 1 else run.world.rank
+    run.step = load_checkpoint(ckpt, run.model, run.optimizer, run.params, rank, run.device)["step"]
     # The restored param groups carry the checkpoint's weight decay; lr is set every step, decay must be set here.
     for g in run.optimizer.param_groups:
         g["weight_decay"] = run.config.weight_decay
+    if not run.world.main:
+        return
     for change in run.resume_changes:
         print(f"finetune: resume from {ckpt.name}: {change} (applied from step {run.step + 1})")
     _rewrite_metrics(run.out / "metrics.jsonl", run.step)
@@ -207,23 +242,26 @@ def train_step(run: Run) -> dict:
     """One optimizer step (see the module docstring); returns its metrics record."""
     c = run.config
     t0 = time.perf_counter()
-    batches, n_labels = step_batches(run.loader, run.step, c.grad_accum)
+    batches, n_labels = step_batches(run.loader, run.step, c.grad_accum, run.world, run.device)
     lr_now = lr_at(run.step, c.lr, run.total, run.warmup, c.schedule)
     for g in run.optimizer.param_groups:
         g["lr"] = lr_now
     loss_sum = 0.0
-    for b in batches:
+    for j, b in enumerate(batches):
         b = b.to(run.device)
-        with run.autocast():
-            s = lm_loss_sum(run.model, b.input_ids, b.targets, b.position_ids, b.segment_ids)
-        (s / n_labels).backward()
+        with distributed.sync_grads(run.ddp, last=j == len(batches) - 1):
+            with run.autocast():
+                s = lm_loss_sum(run.ddp, b.input_ids, b.targets, b.position_ids, b.segment_ids)
+            # DDP averages the ranks' gradients; × world size turns that mean into their sum (exact at world 1)
+            (s / n_labels * run.world.size).backward()
         loss_sum += float(s.detach())
+    n_tok = sum(b.n_tokens for b in batches)
+    loss_sum, n_tok = distributed.all_reduce_sum([loss_sum, n_tok], run.world, run.device)
     grad_norm = float(torch.nn.utils.clip_grad_norm_(list(run.params.values()), c.max_grad_norm))
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
     run.step += 1
     dt = time.perf_counter() - t0
-    n_tok = sum(b.n_tokens for b in batches)
     return dict(step=run.step, loss=loss_sum / n_labels, lr=lr_now, tokens_per_s=n_tok / dt,
                 labelled_tokens_per_s=n_labels / dt, grad_norm=grad_norm,
                 epoch=(run.step * c.grad_accum) / len(run.loader))
@@ -234,12 +272,18 @@ def eval_and_checkpoint(run: Run, record: Callable[[dict], None]) -> tuple[float
     cadence, except at the end, where the final adapter is written instead."""
     c, result = run.config, None
     if run.eval_loader is not None and ((c.eval_every and run.step % c.eval_every == 0) or run.step == run.total):
-        result = evaluate(run.model, run.eval_loader, run.device, run.autocast)
+        result = evaluate(run.model, run.eval_loader, run.device, run.autocast, run.world)
         record(dict(step=run.step, eval_loss=result[0], eval_ppl=result[1]))
     if c.save_every and run.step % c.save_every == 0 and run.step < run.total:
-        save_checkpoint(run.out, run.model, run.optimizer, run.params, run.step, run.step * c.grad_accum,
-                        c.to_json())
-        plot_losses(run.out / "metrics.jsonl", run.out / "loss_curve.png")
+        ranks_rng = None
+        if run.world.size > 1:  # a collective: every rank hands its generators to rank 0, which writes them
+            mine = rank_rng_state(run.device)
+            ranks_rng = [dict(zip(mine, states)) for states in
+                         zip(*(distributed.all_gather(t, run.world, run.device) for t in mine.values()))]
+        if run.world.main:
+            save_checkpoint(run.out, run.model, run.optimizer, run.params, run.step, run.step * c.grad_accum,
+                            c.to_json(), ranks_rng=ranks_rng)
+            plot_losses(run.out / "metrics.jsonl", run.out / "loss_curve.png")
     return result
 
 
@@ -255,36 +299,50 @@ def finetune(config: TrainConfig | None = None, /, *, base_model: nn.Module | No
 
     `base_model`/`tokenizer` may be passed pre-loaded (tests, demo); the model must not have LoRA applied yet.
     Returns a summary: steps, losses per step, final train loss, eval loss/ppl, the trained model and optimizer,
-    the resolved config and the options a resume changed."""
+    the resolved config and the options a resume changed.
+
+    Under torchrun (RANK, WORLD_SIZE, LOCAL_RANK set) this process is one rank of a data-parallel run; `nproc` > 1
+    outside torchrun is the CLI's to launch (`phiforge finetune --nproc N`), not this function's."""
     if config is None:
         config = TrainConfig(**options)
     elif options:
         config = dataclasses.replace(config, **options)
     if config.model is None:
         config = dataclasses.replace(config, model=default_model_path())
+    if config.nproc > 1 and not distributed.under_torchrun():
+        raise TrainConfigError(f"--nproc {config.nproc}: finetune() trains in this one process; start the "
+                               "processes with `phiforge finetune --nproc N` or torchrun", ("nproc",))
     threads = torch.get_num_threads()
     if config.threads:
         torch.set_num_threads(config.threads)
+    world, device = distributed.init(config.device)
     try:
-        return _train(setup(config, base_model, tokenizer))
+        if config.nproc > 1 and config.nproc != world.local_size:
+            raise TrainConfigError(f"--nproc {config.nproc}: torchrun started {world.local_size} process(es) on this "
+                                   "machine (under torchrun, leave --nproc out)", ("nproc",))
+        return _train(setup(config, base_model, tokenizer, world, device))
     finally:
         torch.set_num_threads(threads)
+        distributed.shutdown(world)
 
 
 def _train(run: Run) -> dict:
-    c, stats = run.config, run.stats
+    c, stats, main = run.config, run.stats, run.world.main
     n_params = sum(p.numel() for p in run.params.values())
-    print(f"finetune: {c.method}, {run.n_sites} LoRA sites, {n_params:,} trainable parameters; {stats.rows} rows "
-          f"({stats.skipped_bad} bad skipped, {stats.truncated} truncated to {c.seq_len}, "
-          f"{stats.dropped_unlabelled} dropped with no labels left), {len(run.loader)} batches/epoch, "
-          f"{run.total} steps")
-    bar = tqdm(total=run.total, initial=run.step, desc="finetune", unit="step") if c.progress else None
+    ranks = f" x {run.world.size} processes" if run.world.size > 1 else ""
+    if main:
+        print(f"finetune: {c.method}, {run.n_sites} LoRA sites, {n_params:,} trainable parameters; {stats.rows} "
+              f"rows ({stats.skipped_bad} bad skipped, {stats.truncated} truncated to {c.seq_len}, "
+              f"{stats.dropped_unlabelled} dropped with no labels left), {len(run.loader)} batches/epoch, "
+              f"{run.total} steps{ranks}")
+    bar = tqdm(total=run.total, initial=run.step, desc="finetune", unit="step") if c.progress and main else None
     losses: list[float] = []
     last_eval = None
-    with open(run.out / "metrics.jsonl", "a") as mf:
+    with open(run.out / "metrics.jsonl", "a") if main else contextlib.nullcontext() as mf:
         def record(rec: dict) -> None:
-            mf.write(json.dumps(rec) + "\n")
-            mf.flush()
+            if mf is not None:
+                mf.write(json.dumps(rec) + "\n")
+                mf.flush()
 
         while run.step < run.total:
             rec = train_step(run)
@@ -296,10 +354,11 @@ def _train(run: Run) -> dict:
             last_eval = eval_and_checkpoint(run, record) or last_eval
     if bar is not None:
         bar.close()
-    save_adapter(run.model, run.out, c.model)
-    plot_losses(run.out / "metrics.jsonl", run.out / "loss_curve.png")
-    print(f"finetune: done, {run.step} steps, adapter in {run.out}"
-          + (f", eval loss {last_eval[0]:.4f} (ppl {last_eval[1]:.2f})" if last_eval else ""))
+    if main:
+        save_adapter(run.model, run.out, c.model)
+        plot_losses(run.out / "metrics.jsonl", run.out / "loss_curve.png")
+        print(f"finetune: done, {run.step} steps, adapter in {run.out}"
+              + (f", eval loss {last_eval[0]:.4f} (ppl {last_eval[1]:.2f})" if last_eval else ""))
     return dict(steps=run.step, losses=losses, final_loss=losses[-1] if losses else None, out=str(run.out),
                 eval_loss=None if last_eval is None else last_eval[0],
                 eval_ppl=None if last_eval is None else last_eval[1], trainable_parameters=n_params,

@@ -7,7 +7,9 @@ lives in its metadata; `flag` overrides the flag name derived from the field nam
 Resume rule, written once: a field in RESUMABLE may differ from the checkpoint's run and the new value is applied
 from the resumed step on (the loop reads it every step, or it only shapes what is logged and saved); every other
 field fixes the adapter's shape, the base it sits on or the order of the data, so a difference is refused, naming
-the flag. `out` and `resume` are the resume itself and are not compared.
+the flag. `out` and `resume` are the resume itself and are not compared; neither is `nproc`, a launcher option:
+what must match is the world size (every rank's share of the data and its RNG stream depend on it), and that is
+checked against the checkpoint's recorded world size, however the ranks were started (--nproc or torchrun).
 
 JSON: `to_json()` writes every field; `from_json()` also reads the training_args.json that earlier versions wrote
 (a subset of the fields, `warmup_steps` resolved to a number and a derived `total_steps`).
@@ -39,7 +41,7 @@ RESUMABLE = frozenset({
     "max_steps", "epochs", "schedule", "warmup_steps", "warmup_ratio",
     "save_every", "eval_every", "dtype", "device", "threads", "gradient_checkpointing", "progress",
 })
-NOT_COMPARED = frozenset({"out", "resume"})
+NOT_COMPARED = frozenset({"out", "resume", "nproc"})
 # keys earlier versions wrote that are derived, not options
 _LEGACY_DERIVED = frozenset({"total_steps"})
 
@@ -96,6 +98,8 @@ class TrainConfig:
     device: str | None = _opt(None, "torch device", shown="cuda if available, else cpu")
     threads: int | None = _opt(None, "torch CPU threads (1 is faster on an oversubscribed machine)",
                                shown="torch's choice")
+    nproc: int = _opt(1, "data-parallel processes on this machine, launched through torch.distributed.run; each "
+                         "takes batch-size rows of every nproc x batch-size micro-batch (threads is per process)")
     gradient_checkpointing: bool = _opt(True, "recompute each decoder layer in backward instead of keeping its "
                                               "activations")
     progress: bool = _opt(True, "show a progress bar")
@@ -130,7 +134,7 @@ class TrainConfig:
         unknown = [t for t in self.targets if t not in LINEAR_NAMES]
         if unknown or not self.targets:
             bad("targets", f"must be a non-empty subset of {','.join(LINEAR_NAMES)}, got {','.join(self.targets)!r}")
-        for name in ("seq_len", "rank", "batch_size", "grad_accum", "epochs"):
+        for name in ("seq_len", "rank", "batch_size", "grad_accum", "epochs", "nproc"):
             if getattr(self, name) < 1:
                 bad(name, f"must be >= 1, got {getattr(self, name)}")
         for name in ("max_steps", "save_every", "eval_every", "threads"):

@@ -3,12 +3,16 @@
     OUT/checkpoint-<step>/
         adapter_model.safetensors, adapter_config.json    the adapter so far (a usable PEFT adapter on its own)
         trainer_state.safetensors                        AdamW moments + step per parameter, torch RNG states
-        trainer_state.json                               step, data position, schedule, run config (for checks)
+                                                         (of every rank in a data-parallel run)
+        trainer_state.json                               step, data position, schedule, world size, run config
 
 A resumed run must replay exactly what the uninterrupted run would have done, so everything that feeds the next
 step is saved: the LoRA weights (fp32, exact), AdamW's exp_avg / exp_avg_sq / step, the learning-rate schedule
 (a pure function of the step, so its state is the step), the torch CPU/CUDA RNG (dropout masks), and the data
-position (the micro-batch index; the loader's order is a pure function of seed and epoch).
+position (the micro-batch index; the loader's order is a pure function of seed and epoch). In a data-parallel run
+(engine/distributed.py) the weights and AdamW state are the same on every rank, but each rank draws its own dropout
+masks: rank r's RNG is stored as `rng.rank<r>.cpu` / `rng.rank<r>.cuda`, and the world size is recorded, because
+the data split and those RNG streams only replay with the same number of ranks.
 
 A checkpoint is written into a temp dir and renamed into place, so a crash never leaves half of one; resume takes
 the newest complete `checkpoint-*`.
@@ -30,17 +34,32 @@ from .atomic import atomic_dir
 STATE_JSON, STATE_ST = "trainer_state.json", "trainer_state.safetensors"
 
 
+def rank_rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    """This rank's generators in a data-parallel run: the CPU one and its own device's."""
+    states = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
+    return states
+
+
 def save_checkpoint(out: Path, model: nn.Module, optimizer: torch.optim.Optimizer, params: dict[str, nn.Parameter],
-                    step: int, micro: int, config: dict, keep: int = 2) -> Path:
+                    step: int, micro: int, config: dict, keep: int = 2,
+                    ranks_rng: list[dict[str, torch.Tensor]] | None = None) -> Path:
     """Write OUT/checkpoint-<step> whole or not at all; keep the newest `keep` checkpoints. `config` is the run's
-    TrainConfig as JSON (resume compares it with the resuming run's)."""
+    TrainConfig as JSON (resume compares it with the resuming run's). `ranks_rng`: every rank's rank_rng_state()
+    in a data-parallel run (rank 0 writes them all); None saves this process's generators."""
     final = out / f"checkpoint-{step}"
     with atomic_dir(final) as tmp:
         save_adapter(model, tmp, config.get("model"))
-        tensors: dict[str, torch.Tensor] = {"rng.cpu": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            for i, s in enumerate(torch.cuda.get_rng_state_all()):
-                tensors[f"rng.cuda.{i}"] = s
+        tensors: dict[str, torch.Tensor] = {}
+        if ranks_rng is None:
+            tensors["rng.cpu"] = torch.get_rng_state()
+            if torch.cuda.is_available():
+                for i, s in enumerate(torch.cuda.get_rng_state_all()):
+                    tensors[f"rng.cuda.{i}"] = s
+        else:
+            for r, states in enumerate(ranks_rng):
+                tensors.update({f"rng.rank{r}.{k}": v for k, v in states.items()})
         index = {id(p): n for n, p in params.items()}
         for p, st in optimizer.state.items():
             name = index[id(p)]
@@ -48,7 +67,8 @@ def save_checkpoint(out: Path, model: nn.Module, optimizer: torch.optim.Optimize
                 tensors[f"optim.{name}.{k}"] = v.detach().cpu().contiguous() if torch.is_tensor(v) else torch.tensor(v)
         save_file(tensors, str(tmp / STATE_ST), metadata={"format": "pt"})
         groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-        state = {"step": step, "micro": micro, "param_groups": groups, "config": config}
+        state = {"step": step, "micro": micro, "world_size": 1 if ranks_rng is None else len(ranks_rng),
+                 "param_groups": groups, "config": config}
         (tmp / STATE_JSON).write_text(json.dumps(state, indent=2) + "\n")
     for old in sorted(checkpoints(out), key=lambda p: int(p.name.split("-")[1]))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
@@ -65,7 +85,8 @@ def latest_checkpoint(out: Path) -> Path | None:
 
 
 def read_state(ckpt: Path) -> dict:
-    """trainer_state.json of a checkpoint: step, micro, param_groups, config (the run's options as JSON)."""
+    """trainer_state.json of a checkpoint: step, micro, world_size (absent before data-parallel runs: 1),
+    param_groups, config (the run's options as JSON)."""
     sj = ckpt / STATE_JSON
     try:
         return json.loads(sj.read_text())
@@ -74,9 +95,11 @@ def read_state(ckpt: Path) -> dict:
 
 
 def load_checkpoint(ckpt: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    params: dict[str, nn.Parameter]) -> dict:
-    """Restore LoRA weights, optimizer (param groups as saved) and RNG in place; returns the JSON state. Whether
-    the resuming run's options may differ is the caller's check (engine/train_config.py: resume_changes)."""
+                    params: dict[str, nn.Parameter], rank: int | None = None,
+                    device: torch.device | None = None) -> dict:
+    """Restore LoRA weights, optimizer (param groups as saved) and RNG in place; returns the JSON state. In a
+    data-parallel run pass this process's `rank` and `device`: it takes that rank's generators. Whether the
+    resuming run's options (and world size) may differ is the caller's check (engine/train.py)."""
     state = read_state(ckpt)
     # LoRA weights: parameter "model.layers.0.self_attn.qkv_proj.lora_A.weight" <- key PREFIX + the same name
     with safe_open(str(ckpt / "adapter_model.safetensors"), framework="pt") as f:
@@ -90,11 +113,15 @@ def load_checkpoint(ckpt: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     opt_state: dict[int, dict] = {}
     order = list(params)
     with safe_open(str(ckpt / STATE_ST), framework="pt") as f:
-        torch.set_rng_state(f.get_tensor("rng.cpu"))
-        if torch.cuda.is_available():
+        if rank is None:
+            torch.set_rng_state(f.get_tensor("rng.cpu"))
             cuda = sorted(k for k in f.keys() if k.startswith("rng.cuda."))
-            if cuda:
+            if cuda and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all([f.get_tensor(k) for k in cuda])
+        else:
+            torch.set_rng_state(f.get_tensor(f"rng.rank{rank}.cpu"))
+            if device is not None and device.type == "cuda":
+                torch.cuda.set_rng_state(f.get_tensor(f"rng.rank{rank}.cuda"), device)
         for key in f.keys():
             if key.startswith("optim."):
                 name, field = key[len("optim."):].rsplit(".", 1)

@@ -3,17 +3,25 @@
 Flags, types, choices, help and defaults are read off the dataclass (engine/train_config.py), so a new option is
 one new field. A bool field that defaults to False is a `--name` switch; one that defaults to True is `--no-name`.
 `targets` is comma-separated on the command line.
+
+`--nproc N` (outside torchrun) re-runs this same command as N ranks through torch.distributed.run; each rank then
+finds torchrun's environment and trains its share (engine/distributed.py). On several machines, start
+`torchrun ... -m phiforge.cli finetune ...` on each yourself.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 import types
 import typing
+from pathlib import Path
 from typing import Any
 
+from phiforge.engine.distributed import launch, under_torchrun
 from phiforge.engine.train import finetune
 from phiforge.engine.train_config import TrainConfig, flag
+from phiforge.engine.train_state import latest_checkpoint
 
 _HINTS = typing.get_type_hints(TrainConfig)
 
@@ -70,5 +78,13 @@ def argv_for(config: TrainConfig) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    finetune(config_from_args(args))
+    config = config_from_args(args)
+    if config.nproc > 1 and not under_torchrun():
+        rc = launch(["phiforge.cli", "finetune", *argv_for(config)], config.nproc, config.threads)
+        ckpt = latest_checkpoint(Path(config.out)) if rc else None
+        if ckpt is not None:
+            print(f"finetune: the newest checkpoint is {ckpt}; the same command with --resume continues from it",
+                  file=sys.stderr)
+        return rc
+    finetune(config)
     return 0

@@ -76,10 +76,10 @@ def test_resume_replays_the_same_losses(setup, tmp_path, monkeypatch):
 
     real = train.step_batches
 
-    def crash_at_4(loader, step, grad_accum):
+    def crash_at_4(loader, step, grad_accum, *world):
         if step == 4:
             raise KeyboardInterrupt  # killed after checkpoint-3 and one more (lost) step
-        return real(loader, step, grad_accum)
+        return real(loader, step, grad_accum, *world)
 
     monkeypatch.setattr(train, "step_batches", crash_at_4)
     with pytest.raises(KeyboardInterrupt):

@@ -36,7 +36,7 @@ def off_default(files) -> TrainConfig:
                        pack=True, skip_bad=True, rank=8, alpha=12.5, dropout=0.1, targets=("qkv_proj", "down_proj"),
                        use_rslora=True, lr=3e-3, weight_decay=0.01, max_grad_norm=0.5, batch_size=2, grad_accum=3,
                        seed=7, max_steps=40, epochs=2, schedule="linear", warmup_steps=5, warmup_ratio=0.1,
-                       save_every=10, eval_every=5, resume=True, dtype="float32", device="cpu", threads=1,
+                       save_every=10, eval_every=5, resume=True, dtype="float32", device="cpu", threads=1, nproc=2,
                        gradient_checkpointing=False, progress=False)
 
 
