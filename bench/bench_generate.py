@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import importlib.util
 import json
 import statistics
 import subprocess
@@ -38,7 +39,12 @@ import sys
 import time
 
 import torch
+from transformers import BitsAndBytesConfig, Phi3ForCausalLM
+from transformers.generation.streamers import BaseStreamer
 
+from phiforge.engine import Generator, load_model, load_tokenizer
+from phiforge.engine.fetch import default_gguf_path, default_model_path
+from phiforge.engine.quant import quantize_model_
 from phiforge.kernels import cpu_attention, cpu_decode, native
 
 PROMPT_LEN = 512
@@ -173,8 +179,6 @@ def run_phiforge(gen, prompts, n: int) -> dict:
 
 
 def run_transformers(hf, prompts, n: int) -> dict:
-    from transformers.generation.streamers import BaseStreamer
-
     class Stamps(BaseStreamer):  # generate() calls put() once with the prompt, then once per new token
         def __init__(self):
             self.times = []
@@ -217,8 +221,6 @@ print(json.dumps({k: sorted(r[k] for r in runs)[len(runs) // 2] for k in runs[0]
 
 
 def run_llama_cpp(python: str, prompt: list[int], n: int, repeats: int) -> dict | str:
-    from phiforge.engine.fetch import default_gguf_path
-
     out = subprocess.run([python, "-c", LLAMA_CHILD, str(default_gguf_path()), str(n), str(repeats)],
                          input=json.dumps(prompt), capture_output=True, text=True)
     if out.returncode != 0:
@@ -229,12 +231,7 @@ def run_llama_cpp(python: str, prompt: list[int], n: int, repeats: int) -> dict 
 def nf4_batch1(model_dir: str, tok, n: int, repeats: int) -> dict:
     """QLoRA's base model served as is: NF4 weights (blocksize 64, double quant), bf16 compute, batch 1, against
     transformers with bitsandbytes' NF4 (the same settings), interleaved."""
-    from phiforge.engine import Generator, load_model
-    from phiforge.engine.quant import quantize_model_
-    try:
-        import bitsandbytes  # noqa: F401  (transformers' 4-bit path)
-        from transformers import BitsAndBytesConfig, Phi3ForCausalLM
-    except ImportError:
+    if importlib.util.find_spec("bitsandbytes") is None:  # transformers' 4-bit path
         return {"skipped": "bitsandbytes not installed"}
     ours = Generator(quantize_model_(load_model(model_dir, dtype=torch.bfloat16)), tok)
     ours.stop_ids = frozenset()
@@ -257,7 +254,7 @@ def _median(runs: list[dict], key: str) -> float:
     return statistics.median(r[key] for r in runs)
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="model directory (default: the default model)")
     ap.add_argument("--quick", action="store_true", help="16 new tokens, 1 repeat, batch 1 only")
@@ -274,14 +271,77 @@ def main() -> None:
     args = ap.parse_args()
     if args.quick:
         args.new_tokens, args.repeats, args.batches = 16, 1, "1"
+    if args.model is None:
+        args.model = str(default_model_path())
+    return args
+
+
+ABLATIONS = {"no_native_step": [cpu_decode.LIB], "sdpa_prefill": [cpu_attention.LIB], "model_forward_decode": []}
+
+
+def run_ablation(ours, prompts: list[list[int]], n: int, name: str) -> dict:
+    """One phiforge run with a native library switched off, or model.forward as the decode step."""
+    ours.lean_decode = name != "model_forward_decode"
+    try:
+        with native.disabled(*ABLATIONS[name]):
+            return run_phiforge(ours, prompts, n)
+    finally:
+        ours.lean_decode = True
+
+
+def measure_batch(ours, hf, tok, batch: int, n: int, args: argparse.Namespace) -> dict:
+    """phiforge and transformers interleaved on `batch` prompts: medians, ratios and the ablations."""
+    prompts = make_prompts(tok, batch)
+    runs_p, runs_t = [], []
+    ablations = {name: [] for name in ABLATIONS} if args.ablations and batch == 1 else {}
+    for _ in range(args.repeats):  # interleaved, so load from other processes hits both alike
+        runs_p.append(run_phiforge(ours, prompts, n))
+        runs_t.append(run_transformers(hf, prompts, n))
+        for name, runs in ablations.items():
+            runs.append(run_ablation(ours, prompts, n, name))
+    p = {k: _median(runs_p, k) for k in ("ttft_s", "decode_tokens_per_s")}
+    t = {k: _median(runs_t, k) for k in ("ttft_s", "decode_tokens_per_s")}
+    entry = {
+        "phiforge": {**p, "aggregate_tokens_per_s": p["decode_tokens_per_s"] * batch},
+        "transformers": {**t, "aggregate_tokens_per_s": t["decode_tokens_per_s"] * batch},
+        "decode_speedup": p["decode_tokens_per_s"] / t["decode_tokens_per_s"],
+        "ttft_ratio": p["ttft_s"] / t["ttft_s"],
+    }
+    for name, runs in ablations.items():
+        entry[f"phiforge_{name}"] = {k: _median(runs, k) for k in ("ttft_s", "decode_tokens_per_s")}
+    if ours.model.dtype == torch.float32:
+        entry["tokens_match"] = runs_p[0]["tokens"] == runs_t[0]["tokens"]
+    print(f"# {ours.model.dtype} batch {batch}: phiforge {p['decode_tokens_per_s']:.1f} tok/s, "
+          f"TTFT {p['ttft_s'] * 1000:.0f} ms | transformers {t['decode_tokens_per_s']:.1f} tok/s, "
+          f"TTFT {t['ttft_s'] * 1000:.0f} ms", file=sys.stderr, flush=True)
+    return entry
+
+
+def batch1_extras(entry: dict, ours, hf, tok, prompt: list[int], report: dict, repeats: int) -> None:
+    """Batch 1 only: the chat's next turn, a long prompt, the TTFT floor and the decode roofline."""
+    p, t, dtype = entry["phiforge"], entry["transformers"], ours.model.dtype
+    entry["next_turn"] = next_turn_ttft(ours, prompt, repeats)
+    entry["long_prompt"] = long_prompt_ttft(ours, hf, tok, repeats)
+    floor = prefill_matmul_floor_s(ours.model)
+    gflop, peak = prefill_gflop(ours.model.config), arithmetic_peak_gflops(dtype)
+    entry["ttft_floor"] = {"prefill_matmuls_s": floor, "as_ratio_of_transformers_ttft": floor / t["ttft_s"],
+                           "prefill_gflop": gflop, "arithmetic_peak_gflops": peak}
+    if peak:
+        entry["ttft_floor"].update({"at_peak_s": gflop / peak,
+                                    "at_peak_ratio_of_transformers_ttft": gflop / peak / t["ttft_s"],
+                                    "phiforge_prefill_fraction_of_peak": gflop / peak / p["ttft_s"]})
+    wbytes = weight_bytes_per_token(ours.model)
+    roof = report["copy_bandwidth_gbs"] * 1e9 / wbytes
+    entry["roofline"] = {"weight_bytes_per_token": wbytes, "roofline_tokens_per_s": roof,
+                         "fraction": p["decode_tokens_per_s"] / roof,
+                         "fraction_of_read_bandwidth": p["decode_tokens_per_s"] * wbytes / 1e9
+                         / report["read_bandwidth_gbs"]}
+
+
+def main() -> None:
+    args = parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    from transformers import Phi3ForCausalLM
-
-    from phiforge.engine import Generator, load_model, load_tokenizer
-    if args.model is None:
-        from phiforge.engine.fetch import default_model_path
-        args.model = str(default_model_path())
     tok = load_tokenizer(args.model)
     n, batches = args.new_tokens, [int(b) for b in args.batches.split(",")]
     report: dict = {"model": args.model, "prompt_tokens": PROMPT_LEN, "new_tokens": n, "repeats": args.repeats,
@@ -293,64 +353,17 @@ def main() -> None:
         ours = Generator(load_model(args.model, dtype=dtype), tok, prefix_cache=False)
         ours.stop_ids = frozenset()  # decode exactly n tokens, as min_new_tokens does on transformers' side
         hf = Phi3ForCausalLM.from_pretrained(args.model, dtype=dtype).eval()
-        wbytes = weight_bytes_per_token(ours.model)
         warm = make_prompts(tok, 1)
         run_phiforge(ours, warm, 4), run_transformers(hf, warm, 4)
         for batch in batches:
-            prompts = make_prompts(tok, batch)
-            runs_p, runs_t = [], []
-            ablations = ({"no_native_step": [], "sdpa_prefill": [], "model_forward_decode": []}
-                         if args.ablations and batch == 1 else {})
-            for _ in range(args.repeats):  # interleaved, so load from other processes hits both alike
-                runs_p.append(run_phiforge(ours, prompts, n))
-                runs_t.append(run_transformers(hf, prompts, n))
-                for name, runs in ablations.items():
-                    off = {"no_native_step": [cpu_decode.LIB], "sdpa_prefill": [cpu_attention.LIB]}.get(name, [])
-                    ours.lean_decode = name != "model_forward_decode"
-                    try:
-                        with native.disabled(*off):
-                            runs.append(run_phiforge(ours, prompts, n))
-                    finally:
-                        ours.lean_decode = True
-            p = {k: _median(runs_p, k) for k in ("ttft_s", "decode_tokens_per_s")}
-            t = {k: _median(runs_t, k) for k in ("ttft_s", "decode_tokens_per_s")}
-            entry = {
-                "phiforge": {**p, "aggregate_tokens_per_s": p["decode_tokens_per_s"] * batch},
-                "transformers": {**t, "aggregate_tokens_per_s": t["decode_tokens_per_s"] * batch},
-                "decode_speedup": p["decode_tokens_per_s"] / t["decode_tokens_per_s"],
-                "ttft_ratio": p["ttft_s"] / t["ttft_s"],
-            }
-            for name, runs in ablations.items():
-                entry[f"phiforge_{name}"] = {k: _median(runs, k) for k in ("ttft_s", "decode_tokens_per_s")}
-            if dtype == torch.float32:
-                entry["tokens_match"] = runs_p[0]["tokens"] == runs_t[0]["tokens"]
+            entry = measure_batch(ours, hf, tok, batch, n, args)
             if batch == 1:
-                entry["next_turn"] = next_turn_ttft(ours, prompts[0], args.repeats)
-                entry["long_prompt"] = long_prompt_ttft(ours, hf, tok, args.repeats)
-                floor = prefill_matmul_floor_s(ours.model)
-                gflop, peak = prefill_gflop(ours.model.config), arithmetic_peak_gflops(dtype)
-                entry["ttft_floor"] = {"prefill_matmuls_s": floor, "as_ratio_of_transformers_ttft": floor / t["ttft_s"],
-                                       "prefill_gflop": gflop, "arithmetic_peak_gflops": peak}
-                if peak:
-                    entry["ttft_floor"].update({"at_peak_s": gflop / peak,
-                                                "at_peak_ratio_of_transformers_ttft": gflop / peak / t["ttft_s"],
-                                                "phiforge_prefill_fraction_of_peak": gflop / peak / p["ttft_s"]})
-                roof = report["copy_bandwidth_gbs"] * 1e9 / wbytes
-                entry["roofline"] = {"weight_bytes_per_token": wbytes, "roofline_tokens_per_s": roof,
-                                     "fraction": p["decode_tokens_per_s"] / roof,
-                                     "fraction_of_read_bandwidth": p["decode_tokens_per_s"] * wbytes / 1e9
-                                     / report["read_bandwidth_gbs"]}
+                batch1_extras(entry, ours, hf, tok, make_prompts(tok, 1)[0], report, args.repeats)
             report[f"{dtype_name}_batch{batch}"] = entry
-            print(f"# {dtype_name} batch {batch}: phiforge {p['decode_tokens_per_s']:.1f} tok/s, "
-                  f"TTFT {p['ttft_s'] * 1000:.0f} ms | transformers {t['decode_tokens_per_s']:.1f} tok/s, "
-                  f"TTFT {t['ttft_s'] * 1000:.0f} ms", file=sys.stderr, flush=True)
         del ours, hf
     if not args.no_nf4 and not args.quick:
         report["nf4_bfloat16_batch1"] = nf4_batch1(args.model, tok, n, args.repeats)
-    llama_py = args.llama_python
-    if llama_py is None:
-        import importlib.util
-        llama_py = sys.executable if importlib.util.find_spec("llama_cpp") else None
+    llama_py = args.llama_python or (sys.executable if importlib.util.find_spec("llama_cpp") else None)
     report["llama_cpp"] = (run_llama_cpp(llama_py, make_prompts(tok, 1)[0], n, args.repeats) if llama_py
                            else "not installed (pass --llama-python)")
     print(json.dumps(report, indent=1, default=lambda x: round(x, 4) if isinstance(x, float) else str(x)))
