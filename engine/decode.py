@@ -161,7 +161,7 @@ class DecodeStep:
         hidden = k_pos < 0
         if self.window is not None and self.window < s + 1:
             hidden |= (positions[:, None] - k_pos) >= self.window
-        mask = torch.zeros(B, 1, 1, s + 1).masked_fill_(hidden[:, None, None], float("-inf"))  # (B, 1, 1, S)
+        mask = torch.zeros(B, 1, 1, s + 1, device=tokens.device).masked_fill_(hidden[:, None, None], float("-inf"))  # (B, 1, 1, S)
         cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]          # (B, T=1, rd)
 
         x = model.model.embed_tokens(tokens)[:, None]                                  # (B, 1, C)
