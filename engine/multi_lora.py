@@ -7,6 +7,7 @@ over stacked slots:
     y = x·Wᵀ + s_i·(x·A_iᵀ)·B_iᵀ          i = the slot of x's row; slot -1 (the base model) adds nothing
 
     lora_A (S, R, K)   lora_B (S, N, R)   scales (S,)     one slot per resident adapter, ranks zero-padded to R
+                       (B stored as (N, S, R), see MultiLoRALinear)
 
 Adapters are PEFT directories as `phiforge finetune` writes them, read through engine/adapter.py's `load_adapter`
 (so split q/k/v imports, rank_pattern, alpha_pattern and rsLoRA mean here what they mean everywhere) onto a weightless
@@ -107,9 +108,15 @@ class MultiLoRALinear(nn.Module):
         self._rows = rows
         # stacked in the compute dtype: LoRALinear casts its fp32 weights to the activations' dtype the same way
         self.register_buffer("lora_A", torch.zeros(n_slots, rank, in_f, device=dev, dtype=dtype), persistent=False)
-        self.register_buffer("lora_B", torch.zeros(n_slots, out_f, rank, device=dev, dtype=dtype), persistent=False)
+        # B is stored (N, S, R) and read as the (S, N, R) view: the CPU path's [B_0 … B_{S-1}] is then a free reshape
+        self.register_buffer("lora_B_nsr", torch.zeros(out_f, n_slots, rank, device=dev, dtype=dtype),
+                             persistent=False)
         self.register_buffer("scales", torch.zeros(n_slots, device=dev), persistent=False)
         self.ranks = [0] * n_slots  # 0: the slot is free or its adapter does not target this projection
+
+    @property
+    def lora_B(self) -> torch.Tensor:
+        return self.lora_B_nsr.permute(1, 0, 2)  # (S, N, R) view
 
     def grow_rank(self, rank: int) -> None:
         """Re-pad the stacks to `rank` (zeros: exact)."""
@@ -117,10 +124,10 @@ class MultiLoRALinear(nn.Module):
         if rank <= R:
             return
         A = self.lora_A.new_zeros(S, rank, K)
-        B = self.lora_B.new_zeros(S, self.out_features, rank)
+        B = self.lora_B_nsr.new_zeros(self.out_features, S, rank)
         A[:, :R] = self.lora_A
-        B[:, :, :R] = self.lora_B
-        self.lora_A, self.lora_B = A, B
+        B[:, :, :R] = self.lora_B_nsr
+        self.lora_A, self.lora_B_nsr = A, B
 
     @torch.no_grad()
     def set_slot(self, i: int, A: torch.Tensor | None, B: torch.Tensor | None, scaling: float = 0.0) -> None:

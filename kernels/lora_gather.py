@@ -23,8 +23,9 @@ Two shapes of batch:
     A program is one (segment, BLOCK_M tokens) tile: all its tokens share A_i and B_i, so the shrink and the
     expand are tl.dot tiles.
 
-Dispatch: CUDA tensors -> Triton; CPU tensors -> torch (`lora_gather_cpu_`: rows grouped by slot, two thin matmuls
-per adapter present; bench/bench_multi_lora.py measures it against the gather+bmm reference);
+Dispatch: CUDA tensors -> Triton; CPU tensors -> torch (`lora_gather_cpu_`: at decode sizes every slot at once in
+three ops, h = x·[A_0; …]ᵀ masked to each row's slot, then one product with [B_0 … B_{S-1}]; for prefills rows
+grouped by slot; bench/bench_multi_lora.py times both against the gather+bmm reference);
 PHIFORGE_KERNELS=triton forces Triton (tests, with TRITON_INTERPRET=1).
 
 Legend: M tokens (rows), K in_features, N out_features, S slots, R padded rank, G segments.
@@ -176,7 +177,8 @@ def bgmv_(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, sc
         raise ValueError(f"bgmv: slots must be ({M},), one per row; got {tuple(slots.shape)}")
     if M == 0 or S == 0:
         return y
-    x, A, B = x.contiguous(), A.contiguous(), B.contiguous()
+    x, A = x.contiguous(), A.contiguous()
+    B = B if B.stride(2) == 1 else B.contiguous()  # any (S, N) strides: MultiLoRALinear stores B as (N, S, R)
     slots, scales = slots.to(torch.int32).contiguous(), scales.float().contiguous()
     h = torch.empty(M, R, dtype=x.dtype, device=x.device)  # (M, R)
     br = _block_r(R)
@@ -207,7 +209,8 @@ def sgmv_(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, sc
     G = lens.numel()
     if M == 0 or S == 0 or G == 0:
         return y
-    x, A, B = x.contiguous(), A.contiguous(), B.contiguous()
+    x, A = x.contiguous(), A.contiguous()
+    B = B if B.stride(2) == 1 else B.contiguous()
     starts = torch.zeros(G + 1, dtype=torch.int32)
     starts[1:] = lens.cumsum(0)
     starts = starts.to(x.device)
@@ -230,9 +233,38 @@ def sgmv_(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, sc
 
 def lora_gather_cpu_(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scales: torch.Tensor,
                      slots: torch.Tensor, ranks: list[int] | None = None) -> torch.Tensor:
-    """The CPU path: rows grouped by slot, then per adapter present h = x_i·A_iᵀ (M_i, r_i) and y_i += s_i·h·B_iᵀ.
-    `ranks` (per slot) trims the padding off each product. Returns y."""
+    """The CPU path, in place; returns y. Few rows (decode): every slot at once, three ops whatever the number of
+    adapters. Many rows (prefill): rows grouped by slot, two thin matmuls per adapter present."""
     _check(y, x, A, B, scales)
+    if x.shape[0] <= DENSE_ROWS:
+        return all_slots_(y, x, A, B, scales, slots)
+    return grouped_(y, x, A, B, scales, slots, ranks)
+
+
+# Up to this many rows the all-slots form runs (bench/bench_multi_lora.py times both forms at decode batch sizes).
+DENSE_ROWS = 32
+
+
+def all_slots_(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scales: torch.Tensor,
+               slots: torch.Tensor) -> torch.Tensor:
+    """h = x·[A_0; …; A_{S-1}]ᵀ for every slot, zeroed outside each row's slot and scaled, then one product with
+    [B_0 … B_{S-1}]: S times the thin flops of one adapter, but the same bytes of A and B read as the grouped form,
+    in three ops instead of five per adapter (at decode the ops' fixed costs, not the flops, decide)."""
+    M = x.shape[0]
+    S, R, K = A.shape
+    N = B.shape[1]
+    coef = torch.zeros(M, S, dtype=x.dtype, device=x.device)  # (M, S): s_i at the row's slot, 0 elsewhere
+    rows = (slots >= 0).nonzero().squeeze(1)
+    coef[rows, slots[rows]] = scales[slots[rows]].to(x.dtype)
+    h = x @ A.reshape(S * R, K).to(x.dtype).T  # (M, K)·(K, S·R) -> (M, S·R)
+    h = (h.view(M, S, R) * coef[:, :, None]).view(M, S * R)  # (M, S·R)
+    Bt = B.permute(1, 0, 2).reshape(N, S * R).to(x.dtype)  # (N, S·R): a view when B is stored (N, S, R)
+    return y.addmm_(h, Bt.T)  # (M, S·R)·(S·R, N)
+
+
+def grouped_(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scales: torch.Tensor,
+             slots: torch.Tensor, ranks: list[int] | None = None) -> torch.Tensor:
+    """Rows grouped by slot: per adapter present, h = x_i·A_iᵀ (M_i, r_i), y_i += s_i·h·B_iᵀ."""
     present = torch.unique(slots).tolist()
     for i in present:
         if i < 0:
@@ -293,14 +325,14 @@ def aot_specs() -> list[dict]:
                                                                slot_ptr="*i32"), (), ["K", "stride_xm", "stride_as"]),
         ("bgmv_expand", _bgmv_expand_kernel, BGMV_EXPAND, dict(y_ptr="*bf16", h_ptr="*bf16", b_ptr="*bf16",
                                                                scale_ptr="*fp32", slot_ptr="*i32"), (),
-         ["N", "stride_ym", "stride_bs"]),
+         ["N", "stride_ym"]),
         ("sgmv_shrink", _sgmv_shrink_kernel, SGMV_SHRINK, dict(x_ptr="*bf16", a_ptr="*bf16", h_ptr="*bf16",
                                                                start_ptr="*i32", seg_slot_ptr="*i32"), (),
          ["K", "stride_xm", "stride_as"]),
         ("sgmv_expand", _sgmv_expand_kernel, SGMV_EXPAND, dict(y_ptr="*bf16", h_ptr="*bf16", b_ptr="*bf16",
                                                                scale_ptr="*fp32", start_ptr="*i32",
                                                                seg_slot_ptr="*i32"), (),
-         ["N", "stride_ym", "stride_bs"]),
+         ["N", "stride_ym"]),
     )
     specs = []
     for name, fn, cfg, ptrs, floats, divisible in kernels:

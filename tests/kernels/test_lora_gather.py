@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from phiforge.kernels.lora import lora_linear_ref
-from phiforge.kernels.lora_gather import (bgmv_, lora_gather_, lora_gather_cpu_, lora_gather_ref, segments_to_slots,
+from phiforge.kernels.lora_gather import (DENSE_ROWS, bgmv_, lora_gather_, lora_gather_cpu_, lora_gather_ref, segments_to_slots,
                                           sgmv_)
 
 from ref_error import assert_within_ref_error
@@ -71,7 +71,9 @@ def test_sgmv_matches_reference(dtype, lens, seg_slots, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("slots", [[2, -1, 0, 2, 1, 1, -1], [1, 1, 1], [-1, -1]])
+@pytest.mark.parametrize("slots", [[2, -1, 0, 2, 1, 1, -1], [1, 1, 1], [-1, -1],
+                                   [(m * 7) % 4 - 1 for m in range(DENSE_ROWS + 9)],  # the grouped form
+                                   [2] * (DENSE_ROWS + 1)])
 def test_cpu_path_matches_reference(dtype, slots, monkeypatch):
     monkeypatch.delenv("PHIFORGE_KERNELS", raising=False)
     ranks = [7, 2, 5]
@@ -81,6 +83,21 @@ def test_cpu_path_matches_reference(dtype, slots, monkeypatch):
     _check(lambda *a: lora_gather_(*a, slots, ranks=ranks), y, x, A, B, scales, slots, dtype)
     # without the ranks (padding included in the products) the result is the same
     _check(lambda *a: lora_gather_cpu_(*a, slots), y, x, A, B, scales, slots, dtype)
+
+
+@pytest.mark.parametrize("path", ["torch", "triton"])
+def test_B_stored_as_n_s_r_view(path, monkeypatch):
+    """MultiLoRALinear keeps B as (N, S, R) and passes the (S, N, R) permuted view."""
+    if path == "triton":
+        monkeypatch.setenv("PHIFORGE_KERNELS", "triton")
+    else:
+        monkeypatch.delenv("PHIFORGE_KERNELS", raising=False)
+    A, B, scales = _stack(21, 18, [3, 6])
+    view = B.permute(1, 0, 2).contiguous().permute(1, 0, 2)  # (S, N, R) with strides of an (N, S, R) tensor
+    slots = torch.tensor([1, -1, 0, 1])
+    x, y = _xy(4, 21, 18)
+    _check(lambda y, x, A, B, s: lora_gather_(y, x, A, view.to(B.dtype), s, slots), y, x, A, B, scales, slots,
+           torch.float32)
 
 
 def test_reference_equals_one_adapter_at_a_time():
