@@ -39,7 +39,7 @@ from triton.backends.compiler import GPUTarget
 from triton.backends.nvidia.compiler import get_ptxas
 from triton.compiler import ASTSource
 
-from phiforge.kernels import lora, nf4_matmul
+from phiforge.kernels import lora, lora_gather, nf4_matmul
 
 # Shared memory a block may use (opt-in maximum per block), CUDA programming guide, compute capabilities table.
 SMEM_LIMIT = {75: 64 * 1024, 80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024, "90a": 227 * 1024}
@@ -49,7 +49,7 @@ SM90A_ONLY = re.compile(r"\bwgmma\.|\bsetmaxnreg\b")
 
 
 def all_specs() -> list[dict]:
-    return nf4_matmul.aot_specs() + lora.aot_specs()
+    return nf4_matmul.aot_specs() + lora.aot_specs() + lora_gather.aot_specs()
 
 
 def parse_arch(token: str) -> int | str:

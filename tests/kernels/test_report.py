@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from phiforge.kernels import lora, nf4_matmul
+from phiforge.kernels import lora, lora_gather, nf4_matmul
 from phiforge.kernels.report import DEFAULT_ARCHS, SMEM_LIMIT
 
 ARCHS = DEFAULT_ARCHS + ("90a",)
@@ -32,7 +32,7 @@ def report(tmp_path_factory):
 
 
 def _shipped() -> set[tuple[str, str]]:
-    specs = [s for s in nf4_matmul.aot_specs() + lora.aot_specs()]
+    specs = [s for s in nf4_matmul.aot_specs() + lora.aot_specs() + lora_gather.aot_specs()]
     return {(s["kernel"], s["config"]) for s in specs}
 
 
@@ -55,11 +55,13 @@ def test_no_spills_and_shared_memory_fits(report):
 
 
 def test_tensor_cores_where_expected(report):
-    """tl.dot tiles become mma.sync (Ampere/Ada have no wgmma); the split-K GEMV stays on CUDA cores."""
+    """tl.dot tiles become mma.sync (Ampere/Ada have no wgmma); the split-K GEMV and the per-row gather GEMVs
+    (BGMV) stay on CUDA cores; SGMV's expand has no reduction loop to pipeline."""
     records, _ = report
+    gemv = ("nf4_gemv", "bgmv_shrink", "bgmv_expand")
     for r in records:
-        assert r["mma"] == (r["kernel"] != "nf4_gemv"), f"{r['kernel']} {r['config']} sm_{r['arch']}"
-        if r["kernel"] != "nf4_gemv":
+        assert r["mma"] == (r["kernel"] not in gemv), f"{r['kernel']} {r['config']} sm_{r['arch']}"
+        if r["kernel"] not in gemv + ("sgmv_expand",):
             assert r["cp_async"], f"{r['kernel']} {r['config']}: no cp.async, so no software pipelining"
 
 
