@@ -24,10 +24,15 @@ With dense fp32/bf16 projections (up to 16 rows) or NF4 ones (up to 4) the whole
 hands it the model's weights as tensors (`decode_weights`). This torch step serves larger batches, LoRA models, and
 machines where the native library cannot run.
 
+**Rows of their own lengths** (the serving engine, engine/engine.py): `step(tokens, positions, rows, slots)` runs
+only the cache rows `rows`, row b writing its K/V into its own slot `slots[b]` and attending to its slots up to
+that one (slots past it may hold an earlier request's K/V: they are masked). Without `rows`/`slots` every row
+writes slot `cache.length` and the length advances (one batch in lock-step, as a left-padded batch decodes).
+
 Prefill stays with `model.forward` (long query blocks amortise its setup). Decode and prefill write
 the same cache, so they can alternate freely. tests/engine/test_decode.py checks logits against `model.forward`.
 
-Legend: B rows, C hidden, nh/nkv query/KV heads, rep = nh/nkv, hs head dim, rd rotary dims, S cache slots used,
+Legend: B rows (of the step), C hidden, nh/nkv query/KV heads, rep = nh/nkv, hs head dim, rd rotary dims, S cache slots used,
 V vocabulary.
 """
 from __future__ import annotations
@@ -83,9 +88,11 @@ def decode_weights(model: nn.Module) -> DecodeWeights | None:
 
 
 class DecodeStep:
-    """Bound to one model and one KVCache: `step(tokens (B,), positions (B,)) -> logits (B, V)`."""
+    """Bound to one model and one KVCache: `step(tokens (B,), positions (B,), rows=None, slots=None) -> logits
+    (B, V)`. `rope_long` (default: the cache's) picks the LongRoPE table, so rows of one regime can share a cache
+    with rows of the other as long as each step runs one regime."""
 
-    def __init__(self, model: nn.Module, cache) -> None:
+    def __init__(self, model: nn.Module, cache, rope_long: bool | None = None) -> None:
         cfg = model.config
         self.model, self.cache, self.cfg = model, cache, cfg
         self.layers = list(model.model.layers)
@@ -104,7 +111,8 @@ class DecodeStep:
         self.window = cfg.sliding_window
         # positions never exceed the slot index (left padding only lowers them), so max_len rows suffice
         positions = torch.arange(cache.max_len, device=cache.pos.device)[None]        # (1, S_max)
-        cos, sin = model.rotary_emb(positions, cache.rope_long, model.dtype)           # (1, S_max, rd)
+        rope_long = cache.rope_long if rope_long is None else rope_long
+        cos, sin = model.rotary_emb(positions, rope_long, model.dtype)                 # (1, S_max, rd)
         self.cos, self.sin = cos[0], sin[0]                                            # (S_max, rd)
         weights = decode_weights(model)
         self.native = None if weights is None else NativeDecode.create(
@@ -125,8 +133,10 @@ class DecodeStep:
                 torch.set_num_threads(1)
         return project
 
-    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """tokens (B,), positions (B,) → logits (B, V); writes cache slot `cache.length` and advances it.
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor | None = None,
+                 slots: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens (B,), positions (B,) → logits (B, V). With `rows`/`slots` (B,): row b is cache row rows[b] and
+        writes its K/V into slot slots[b]; without, every cache row writes slot `cache.length`, which advances.
 
         torch itself runs on one thread during the step, except inside projections it computes (batches, NF4,
         LoRA): everything else is tiny (attention over one query per row, norms), and each parallel region ends in
@@ -135,43 +145,58 @@ class DecodeStep:
         each torch-computed projection) and restored: setting it once per step measured faster than leaving torch
         its threads for the small ops.
         """
-        if self.native is not None:
-            s = self.cache.length
-            if s >= self.cache.max_len:
-                raise ValueError(f"KV cache overflow: slot {s} of {self.cache.max_len}")
-            logits = self.native(tokens, positions, s)                                  # (B, V)
-            self.cache.length = s + 1
-            return logits
-        self._threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            return self._step(tokens, positions)
-        finally:
-            torch.set_num_threads(self._threads)
+        cache = self.cache
+        lockstep = rows is None
+        if lockstep:
+            s = cache.length
+            if s >= cache.max_len:
+                raise ValueError(f"KV cache overflow: slot {s} of {cache.max_len}")
+            slots = torch.full((cache.pos.shape[0],), s, dtype=torch.long)
+        elif int(slots.max()) >= cache.max_len:
+            raise ValueError(f"KV cache overflow: slot {int(slots.max())} of {cache.max_len}")
+        if self.native is not None and tokens.shape[0] <= self.native.max_rows:
+            logits = self.native(tokens, positions, cache.length if lockstep else slots, rows)  # (B, V)
+        else:
+            self._threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                logits = self._step(tokens, positions, rows, slots)
+            finally:
+                torch.set_num_threads(self._threads)
+        if lockstep:
+            cache.length += 1
+        return logits
 
-    def _step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def _step(self, tokens: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor | None,
+              slots: torch.Tensor) -> torch.Tensor:
         cache, model = self.cache, self.model
         B = tokens.shape[0]
         nh, nkv, hs = self.nh, self.nkv, self.hs
-        s = cache.length
-        if s >= cache.max_len:
-            raise ValueError(f"KV cache overflow: slot {s} of {cache.max_len}")
-        cache.pos[:, s] = positions
-        k_pos = cache.pos[:, : s + 1]                                                  # (B, S)
-        hidden = k_pos < 0
-        if self.window is not None and self.window < s + 1:
+        S = int(slots.max()) + 1
+        if rows is None:
+            sel = slice(None)                                      # every row: views of the cache, no copies
+            at = (slice(None), int(slots[0]))
+        else:
+            r0 = int(rows[0])  # rows r0..r0+B-1 in order are a view too; any other set is gathered
+            sel = slice(r0, r0 + B) if torch.equal(rows, torch.arange(r0, r0 + B)) else rows
+            at = (rows, slots)
+        cache.pos[at] = positions
+        k_pos = cache.pos[sel, :S]                                                     # (B, S)
+        hidden = (k_pos < 0) | (torch.arange(S, device=k_pos.device)[None] > slots[:, None])               # empty, or past the row's slot
+        if self.window is not None and self.window < S:
             hidden |= (positions[:, None] - k_pos) >= self.window
-        mask = torch.zeros(B, 1, 1, s + 1, device=tokens.device).masked_fill_(hidden[:, None, None], float("-inf"))  # (B, 1, 1, S)
+        mask = torch.zeros(B, 1, 1, S, device=tokens.device).masked_fill_(hidden[:, None, None], float("-inf"))  # (B, 1, 1, S)
         cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]          # (B, T=1, rd)
 
         x = model.model.embed_tokens(tokens)[:, None]                                  # (B, 1, C)
         for i, (norm1, qkv_proj, o_proj, norm2, gate_up_proj, down_proj) in enumerate(self.procs):
             qkv = qkv_proj(norm1(x)).view(B, nh + 2 * nkv, hs)                        # (B, nh + 2 nkv, hs)
             qk = rotary_ref(qkv[:, : nh + nkv, None], cos, sin)[:, :, 0]               # (B, nh + nkv, hs)
-            cache.k[i, :, :, s] = qk[:, nh:]
-            cache.v[i, :, :, s] = qkv[:, nh + nkv:]
-            k = cache.k[i, :, :, : s + 1]                                              # (B, nkv, S, hs)
-            v = cache.v[i, :, :, : s + 1]                                              # (B, nkv, S, hs)
+            ck, cv = cache.k[i], cache.v[i]                                            # (rows, nkv, S_max, hs)
+            ck[at[0], :, at[1]] = qk[:, nh:]                                           # (B, nkv, hs) at each slot
+            cv[at[0], :, at[1]] = qkv[:, nh + nkv:]
+            k = ck[sel, :, :S]                                                         # (B, nkv, S, hs)
+            v = cv[sel, :, :S]                                                         # (B, nkv, S, hs)
             q = qk[:, :nh].reshape(B, nkv, nh // nkv, hs)                              # (B, nkv, rep, hs)
             if k.dtype == torch.float32:
                 qk = torch.matmul(q, k.transpose(-1, -2))                              # (B, nkv, rep, S)
@@ -181,5 +206,4 @@ class DecodeStep:
             y = torch.matmul(scores.softmax(dim=-1).to(v.dtype), v)                    # (B, nkv, rep, hs)
             x = x + o_proj(y.view(B, 1, nh * hs))                                      # (B, 1, C)
             x = x + down_proj(swiglu(gate_up_proj(norm2(x))))                          # (B, 1, I) inside
-        cache.length = s + 1
         return self.lm_head(model.model.norm(x))[:, 0]                                 # (B, V)

@@ -4,22 +4,20 @@
     [r] = gen.generate("Once upon a time", max_new_tokens=64, temperature=0)      # r.text, r.token_ids, ...
     for piece in gen.stream([{"role": "user", "content": "Hi!"}]): print(piece, end="")
 
-One call runs its prompts as one batch:
+A Generator is a client of the serving engine (engine/engine.py), the one generation code path: a call submits
+its prompts as Requests to an Engine it owns (one KV row per prompt, built for the call's size and kept while
+later calls fit) and drives the engine's steps itself, checking `cancel` before each one.
 
   1. **Admission.** Every prompt is tokenized (a chat goes through the model's chat template) and checked against the
      context: prompt + max_new_tokens > max_position_embeddings is a ValueError naming the prompt, before any
-     compute. The LongRoPE regime is chosen here, per sequence, and never changes (below).
-  2. **Prefill.** Prompts are left-padded to the longest one; pad tokens get position -1, which the model's mask
-     treats as empty slots, so each row computes what it would alone (exactly in fp32; in bf16 up to rounding:
-     padded rows take SDPA with a mask, a lone prompt the native attention, so a near-tie can flip). The prompt
-     goes through the model in chunks of `prefill_chunk` tokens (bounded activation memory; cancellation is
-     checked between chunks); only the last chunk goes through the lm_head, and only for its last position.
-  3. **Decode.** One token per row per step into the next cache slot (engine/decode.py's step): sample
-     (engine/sampling.py), detokenize (engine/detokenize.py), test the stop rules, check `cancel`, run the model on
-     the (B, 1) new tokens. A row ends on any id of the full stop set (`tokenizer.stop_ids`: generation_config's
-     EOS ids plus the end-of-turn token), on a stop string (text cut right before it), at max_new_tokens, or when
-     cancelled. A finished row keeps riding along (its outputs are ignored) until every row is done: rows never
-     move between slots.
+     compute. The LongRoPE regime is chosen per sequence, at admission, and never changes (below).
+  2. **Prefill.** Each prompt is prefilled into its own row, in chunks of `prefill_chunk` tokens per step
+     (bounded activation memory; cancellation is checked between steps); only the last chunk goes through the
+     lm_head, and only for its last position. No padding: each row computes what it would alone.
+  3. **Decode.** One token per running row per step (engine/decode.py's step, every row at its own length):
+     sample (engine/sampling.py), detokenize (engine/detokenize.py), test the stop rules. A row ends on any id of
+     the full stop set (`tokenizer.stop_ids`: generation_config's EOS ids plus the end-of-turn token), on a stop
+     string (text cut right before it), at max_new_tokens, or when cancelled; its row is freed at once.
 
 **LongRoPE policy.** A longrope model (Phi-3-mini-128k, 3.5-mini, 4-mini) has two rotary tables: short factors
 while the sequence fits `original_max_position_embeddings`, long factors beyond. transformers decides *per forward*
@@ -34,17 +32,17 @@ transformers would have used the short one until the crossing. Prompts of one ca
 run as separate sub-batches with separate caches (never mixed in one cache); each row's result is still what it
 would be alone. Tests compare against transformers run with that same regime for the whole sequence.
 
-**Sliding window** (mini-4k, 2047): the model masks keys older than the window. The cache here is linear (slot =
-order in the sequence), sized prompt + max_new_tokens, which for a 4k model is at most 4096 slots.
+**Sliding window** (mini-4k, 2047): the model masks keys older than the window. A row is linear (slot = position),
+sized for the call's longest prompt + max_new_tokens, which for a 4k model is at most 4096 slots.
 
-**Prefix cache.** A one-prompt call keeps the cache and the tokens it holds; the next one-prompt call reuses the
-K/V of its longest common prefix with them (all but its own last token, which must run to give logits) and
+**Prefix cache.** A one-prompt call's row keeps its K/V and the tokens they hold (engine/kv_memory.py); the next
+one-prompt call reuses the K/V of its longest common prefix with them (all but its own last token, which must run to give logits) and
 prefills only the rest. A chat's next turn repeats the conversation so far, so its TTFT shrinks to the new turn's
 tokens. `cached_tokens` in the result says how many were reused. It is opt-in (`prefix_cache=True`; `phiforge
 chat` turns it on): reused K/V are what the earlier call computed (by prefill or decode step, in other chunks),
 equal to a fresh prefill's only up to rounding, so with it a call's tokens can depend on the calls before it (in
 bf16 a near-tie can flip); off, the same inputs and seed give the same tokens whatever ran before. A batch call
-starts from an empty cache.
+neither reuses nor leaves anything to reuse.
 
 **Results** (one per prompt, in order): `text` (special tokens skipped, cut before a stop string), `token_ids` (the
 new tokens, including the stop id that ended the row), `finish_reason` ("stop", "length", "cancelled"), `ttft_s`
@@ -55,22 +53,21 @@ with the same seed); `seed=[...]` gives one seed per prompt; None draws from tor
 
 **Streaming.** `stream(one prompt)` yields `str` pieces; `stream(several prompts)` yields `(index, str)` pairs,
 interleaved in step order. Pieces of one prompt concatenate to its `text`. A Generator runs one call at a time
-(it owns one KV cache); use one per thread.
+(it owns its engine); use one per thread, or share an Engine between threads.
 
-Legend for shape comments: B batch rows, P padded prompt length, C prefill chunk, V vocabulary.
 """
 from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence, Union
 
 import torch
 
-from .decode import DecodeStep
-from .detokenize import IncrementalDetokenizer
-from .sampling import SamplingParams, make_generators, sample
+from .engine import Engine
+from .request import Request
+from .sampling import SamplingParams
 
 Message = dict[str, Any]
 Prompt = Union[str, list[Message], list[int]]
@@ -96,13 +93,6 @@ class _Request:
     ids: list[int]
     stop: list[str]
     seed: int | None
-    detok: IncrementalDetokenizer = field(init=False, repr=False)
-    out: list[int] = field(default_factory=list)
-    finish: str | None = None
-    cached: int = 0
-    rope_long: bool = False  # the LongRoPE regime, chosen at admission
-    t_first: float = 0.0
-    t_last: float = 0.0
 
 
 def _is_messages(x: Any) -> bool:
@@ -111,11 +101,6 @@ def _is_messages(x: Any) -> bool:
 
 def _is_ids(x: Any) -> bool:
     return isinstance(x, list) and len(x) > 0 and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
-
-
-def _last_position(r: _Request, max_new_tokens: int) -> int:
-    """The largest position the model runs for this request: the last new token is sampled, never fed back."""
-    return len(r.ids) + max_new_tokens - 2
 
 
 def _cancel_fn(cancel: Cancel) -> Callable[[], bool]:
@@ -143,9 +128,8 @@ class Generator:
         self.stop_ids = frozenset(int(i) for i in tokenizer.stop_ids)
         self.prefill_chunk = prefill_chunk
         self.lean_decode = lean_decode  # engine/decode.py's DecodeStep (else model.forward) for one-token steps
-        self._cache = None     # reused across calls while batch size and regime match and it is long enough
+        self._engine: Engine | None = None  # kept across calls while the row count matches and rows are long enough
         self.prefix_cache = prefix_cache  # opt-in: a one-prompt call reuses the previous call's leading K/V
-        self._cached_ids: list[int] = []  # the tokens whose K/V the cache holds, slot by slot (one-prompt calls)
         self.reused_tokens = 0            # how many prompt tokens the last call took from the cache
         self._busy = threading.Lock()     # one call at a time: the Generator owns one KV cache
 
@@ -240,128 +224,65 @@ class Generator:
             reqs.append(_Request(i, ids, stops[i], seeds[i]))
         return reqs
 
-    def _new_cache(self, batch: int, need: int, rope_long: bool, ids: list[int] | None = None):
-        """(cache, reused): a cache for `batch` rows and `need` slots, and how many leading tokens of `ids` (a
-        one-prompt call) it already holds from the previous call: the prompt's longest common prefix with the
-        tokens cached then, less its last token (which must run to give logits). A chat's next turn repeats the
-        whole conversation, so its prefill shrinks to the new turn."""
-        c, reuse = self._cache, 0
-        if (c is not None and c.k.shape[1] == batch and c.max_len >= need and c.rope_long == rope_long
-                and c.k.dtype == self.model.dtype):
-            if ids is not None and self.prefix_cache:
-                held, limit = self._cached_ids, min(len(ids) - 1, len(self._cached_ids))
-                while reuse < limit and held[reuse] == ids[reuse]:
-                    reuse += 1
-            c.pos[:, reuse:] = -1  # slots past the reused prefix hold nothing (the next writes overwrite them)
-            c.length = reuse
-        else:
-            self._cache = None  # free the old one before allocating
+    def _engine_for(self, rows: int, need: int, one: bool) -> Engine:
+        """An engine with `rows` KV rows of at least `need` slots: the last call's when it fits (its rows keep
+        their K/V for the prefix cache), else a new one."""
+        e = self._engine
+        if e is None or e.kv.rows != rows or e.kv.row_len < need or e.kv.cache.k.dtype != self.model.dtype:
+            self._engine = e = None  # free the old cache before allocating
             slots = min(max(need, -(-need // 256) * 256), self.config.max_position_embeddings)
-            self._cache = c = self.model.new_cache(batch, slots, rope_long=rope_long)
-        self._cached_ids = self._cached_ids[:reuse]
-        return c, reuse
+            e = self._engine = Engine(self.model, self.tokenizer, max_batch=rows, kv_tokens=rows * slots,
+                                      prefill_chunk=self.prefill_chunk, lean_decode=self.lean_decode, start=False)
+        e.prefill_chunk = self.prefill_chunk
+        e.scheduler.prefix_reuse = self.prefix_cache and one
+        if not one:
+            e.forget_prefixes()
+        return e
 
     # ---- the loop -------------------------------------------------------------------------------------------------
     def _run(self, prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop, cancel):
         """Yields (prompt index, text piece); returns the results. Validation happens before any compute."""
         if not self._busy.acquire(blocking=False):  # taken before admission, so two threads cannot both pass
             raise RuntimeError("this Generator is already running a call; use one Generator per thread")
+        handles, live, engine = [], set(), None
         try:
             t0 = time.perf_counter()
             params = SamplingParams(temperature, top_k, top_p, repetition_penalty)
             cancelled = _cancel_fn(cancel)
             reqs = self._admit(prompts, max_new_tokens, seed, stop)
-            rope = self.model.rotary_emb
-            groups: dict[bool, list[_Request]] = {}
-            for r in reqs:
-                r.rope_long = rope.use_long(_last_position(r, max_new_tokens))
-                groups.setdefault(r.rope_long, []).append(r)
-            for rope_long, group in groups.items():  # only a one-prompt call tracks (and reuses) its cache
-                yield from self._run_group(group, max_new_tokens, params, rope_long, cancelled, len(reqs) == 1)
+            one = len(reqs) == 1
+            engine = self._engine_for(len(reqs), max(len(r.ids) for r in reqs) + max_new_tokens, one)
+            t_submit = time.perf_counter()
+            handles = [engine.submit(Request(r.ids, max_new_tokens, params, r.seed, tuple(r.stop))) for r in reqs]
+            live = set(range(len(reqs)))
+            while live:
+                if cancelled():
+                    for i in live:
+                        handles[i].abort()
+                engine.step()
+                for i in sorted(live):
+                    for d in handles[i].poll():
+                        if d.text:
+                            yield i, d.text
+                    if handles[i].done:
+                        live.discard(i)
+            results = [h.result() for h in handles]
+            if not one:
+                engine.forget_prefixes()
         finally:
+            if live:  # a stream closed early: its requests end now, freeing their rows
+                for i in live:
+                    handles[i].abort()
+                engine.step()
             self._busy.release()
-        return [GenerationResult(
-            text=r.detok.text, token_ids=r.out, finish_reason=r.finish or "cancelled", prompt_tokens=len(r.ids),
-            ttft_s=(r.t_first - t0) if r.out else 0.0,
-            decode_tokens_per_s=(len(r.out) - 1) / (r.t_last - r.t_first) if r.t_last > r.t_first else 0.0,
-            rope_long=r.rope_long, cached_tokens=r.cached) for r in reqs]
-
-    def _run_group(self, reqs: list[_Request], max_new: int, params: SamplingParams, rope_long: bool,
-                   cancelled: Callable[[], bool], one: bool) -> Iterator[tuple[int, str]]:
-        model, B = self.model, len(reqs)
-        P = max(len(r.ids) for r in reqs)
-        ids = torch.zeros(B, P, dtype=torch.long)                     # (B, P) left-padded with id 0 (masked out)
-        pos = torch.full((B, P), -1, dtype=torch.long)                 # (B, P) -1 marks pad tokens
-        for b, r in enumerate(reqs):
-            n = len(r.ids)
-            ids[b, P - n:] = torch.tensor(r.ids)
-            pos[b, P - n:] = torch.arange(n)
-            r.detok = IncrementalDetokenizer(self.tokenizer, r.stop)
-        seen = None
-        if params.repetition_penalty != 1.0:
-            seen = torch.zeros(B, self.config.vocab_size, dtype=torch.bool)  # (B, V)
-            for b, r in enumerate(reqs):
-                seen[b, r.ids] = True
-        gens = make_generators([r.seed for r in reqs])
-        cache, start = self._new_cache(B, P + max_new, rope_long, reqs[0].ids if one else None)
-        reqs[0].cached = start
-        self.reused_tokens = start if one else 0
-
-        # Prefill in chunks, from the first token the cache does not hold; only the last chunk's last position
-        # needs logits.
-        C = self.prefill_chunk
-        for s in range(start, P, C):
-            if cancelled():
-                return
-            last = s + C >= P
-            out = model(ids[:, s:s + C], position_ids=pos[:, s:s + C], cache=cache, num_logits=1,
-                        return_hidden=not last)
-            if one:
-                self._cached_ids = reqs[0].ids[:s + C]
-        logits = out[:, -1]                                            # (B, V)
-
-        next_pos = pos[:, -1] + 1                                      # (B,) position of the next token
-        if self.lean_decode:
-            decode = DecodeStep(model, cache)
-        else:
-            def decode(tokens, positions):
-                return model(tokens[:, None], position_ids=positions[:, None], cache=cache)[:, -1]
-        active = list(range(B))
-        for step in range(max_new):
-            tokens = sample(logits, params, gens, seen)               # (B,)
-            now = time.perf_counter()
-            toks = tokens.tolist()
-            for b in list(active):
-                r, t = reqs[b], toks[b]
-                if not r.out:
-                    r.t_first = now
-                r.out.append(t)
-                r.t_last = now
-                if t in self.stop_ids:
-                    r.finish, piece = "stop", r.detok.finish()
-                else:
-                    piece = r.detok.push(t)
-                    if r.detok.stopped:
-                        r.finish = "stop"
-                    elif len(r.out) == max_new:
-                        r.finish, piece = "length", piece + r.detok.finish()
-                if r.finish:
-                    active.remove(b)
-                if piece:
-                    yield r.index, piece
-            if not active:
-                return
-            if cancelled():
-                break
-            if seen is not None:
-                seen[torch.arange(B), tokens] = True
-            logits = decode(tokens, next_pos)                         # (B, V)
-            next_pos += 1
-            if one:
-                self._cached_ids.append(toks[0])
-        for b in active:  # cancelled: release what was held back, as the text so far
-            r = reqs[b]
-            r.finish = "cancelled"
-            piece = r.detok.finish()
-            if piece:
-                yield r.index, piece
+        self.reused_tokens = results[0].usage.cached_tokens if one else 0
+        out = []
+        for r in results:
+            ttft = r.ttft_s + (t_submit - t0) if r.token_ids else 0.0
+            decode_s = r.latency_s + (t_submit - t0) - ttft
+            out.append(GenerationResult(
+                text=r.text, token_ids=r.token_ids, finish_reason="cancelled" if r.finish_reason == "abort"
+                else r.finish_reason, prompt_tokens=r.usage.prompt_tokens, ttft_s=ttft,
+                decode_tokens_per_s=(len(r.token_ids) - 1) / decode_s if len(r.token_ids) > 1 and decode_s > 0 else 0.0,
+                rope_long=r.rope_long, cached_tokens=r.usage.cached_tokens))
+        return out

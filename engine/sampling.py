@@ -8,6 +8,9 @@ The order is transformers' (`RepetitionPenaltyLogitsProcessor` → `TemperatureL
     q    = softmax(l' / T) restricted to the k largest, then to the smallest prefix of the sorted tokens whose
            mass reaches top_p (always at least one token)
 
+Presence / frequency penalties (OpenAI's, applied after the repetition penalty, on output tokens only):
+    l'_v -= presence · [c_v > 0] + frequency · c_v      c_v = how often v was generated so far
+
 `temperature == 0` is greedy: argmax of l' (the penalty still applies, as in transformers).
 
 Reproducibility: every row draws from its own `torch.Generator`, so a row's tokens depend only on its seed and its
@@ -27,6 +30,8 @@ class SamplingParams:
     top_k: int | None = None          # None or 0: no top-k cut
     top_p: float = 1.0                # 1.0: no nucleus cut
     repetition_penalty: float = 1.0   # 1.0: off
+    presence_penalty: float = 0.0     # 0.0: off (OpenAI's range is [-2, 2])
+    frequency_penalty: float = 0.0    # 0.0: off
 
     def __post_init__(self) -> None:
         if not self.temperature >= 0:
@@ -38,6 +43,9 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if not self.repetition_penalty > 0:
             raise ValueError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
 
     @property
     def greedy(self) -> bool:
@@ -74,15 +82,17 @@ def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float) -> torc
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generators: list[torch.Generator | None],
-           seen: torch.Tensor | None = None) -> torch.Tensor:
+           seen: torch.Tensor | None = None, counts: torch.Tensor | None = None) -> torch.Tensor:
     """logits (B, V) → next token ids (B,) int64.
 
     `seen` (B, V) bool marks tokens of each row's prompt and output (for the repetition penalty); `generators`
-    has one entry per row.
+    has one entry per row; `counts` (B, V) how often each token was generated (presence/frequency penalties).
     """
     logits = logits.float()
     if seen is not None:
         logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
+    if counts is not None and (params.presence_penalty or params.frequency_penalty):
+        logits = logits - params.presence_penalty * (counts > 0) - params.frequency_penalty * counts
     if params.greedy:
         return logits.argmax(dim=-1)
     logits = filter_logits(logits / params.temperature, params.top_k, params.top_p)

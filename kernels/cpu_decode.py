@@ -53,7 +53,7 @@ class _Model(ctypes.Structure):
                 + [(n, ctypes.POINTER(_P)) for n in ("in_norm", "qkv_w", "o_w", "post_norm", "gate_up_w", "down_w")]
                 + [(n, _P) for n in ("final_norm", "lm_head", "embed", "cos", "sin", "k_cache", "v_cache", "pos",
                                      "x", "xn", "qkv", "att", "proj", "gu", "mid", "scores", "xb")]
-                + [("nf4", ctypes.c_int), ("xe", _P), ("xo", _P)])
+                + [("nf4", ctypes.c_int), ("xe", _P), ("xo", _P), ("nrows", ctypes.c_int), ("rows", _P)])
 
 
 class _NF4Desc(ctypes.Structure):
@@ -88,7 +88,7 @@ def _check(lib: ctypes.CDLL) -> None:
 _LAYOUT = {f"{p}_{s}": (_L, a) for p in ("decode_model", "decode_nf4desc")
            for s, a in (("size", []), ("fields", []), ("offset", [ctypes.c_char_p]))}
 LIB = native.NativeLib("cpu_decode", "decode.c", tiers=("avx512bf16", "avx512"), check=_check, functions={
-    "decode_step": (None, [ctypes.POINTER(_Model), _P, _P, ctypes.c_int, _P]),
+    "decode_step": (None, [ctypes.POINTER(_Model), _P, _P, _P, _P, _P]),
     **_LAYOUT,
 })
 MAX_BATCH = 16  # rows one step takes natively (weights stream once for all of them)
@@ -125,20 +125,22 @@ def _dense_ok(w: object, dtype: torch.dtype) -> bool:
 
 class NativeDecode:
     """`NativeDecode.create(weights, k_cache, v_cache, pos, cos, sin)` → a callable `(tokens (B,), positions (B,),
-    slot) -> logits (B, V)` writing every row's K/V into cache slot `slot`, or None when the weights or cache are
-    outside what the C step covers (then the torch step runs)."""
+    slot, rows=None) -> logits (B, V)`, or None when the weights or cache are outside what the C step covers (then
+    the torch step runs). Row b of a call is cache row `rows[b]` (default: all cache rows in order) and writes its
+    K/V into its own slot `slot[b]` (an int: the same slot for every row), attending to that row's slots up to it;
+    at most `max_rows` rows a call."""
 
     @classmethod
     def create(cls, w: DecodeWeights, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
                cos: torch.Tensor, sin: torch.Tensor) -> "NativeDecode | None":
-        dtype, B = w.embed.dtype, k_cache.shape[1]
+        dtype = w.embed.dtype
         lib = LIB.get()
-        if (lib is None or dtype not in (torch.float32, torch.bfloat16) or B > MAX_BATCH
+        if (lib is None or dtype not in (torch.float32, torch.bfloat16)
                 or k_cache.dtype != dtype or v_cache.dtype != dtype or k_cache.device.type != "cpu"):
             return None
         mats = [m for ms in w.projections for m in ms]
         dense = all(_dense_ok(m, dtype) for m in mats)
-        nf4 = not dense and B <= nf4_cpu.GEMV_MAX_M and all(isinstance(m, NF4Weight) and nf4_cpu.gemv_ready(m)
+        nf4 = not dense and all(isinstance(m, NF4Weight) and nf4_cpu.gemv_ready(m)
                                                             for m in mats)
         flat = [w.embed, w.final_norm, pos, k_cache, v_cache, *w.input_norm, *w.post_norm]  # read through pointers
         if not (dense or nf4) or not _dense_ok(w.lm_head, dtype) \
@@ -151,7 +153,9 @@ class NativeDecode:
                  pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
         dtype = w.embed.dtype
         f32 = lambda n: torch.empty(n, dtype=torch.float32)  # noqa: E731
-        L, B, smax = k_cache.shape[0], k_cache.shape[1], k_cache.shape[3]
+        L, nrows, smax = k_cache.shape[0], k_cache.shape[1], k_cache.shape[3]
+        nf4 = isinstance(w.qkv[0], NF4Weight)
+        B = min(nrows, MAX_BATCH, nf4_cpu.GEMV_MAX_M if nf4 else MAX_BATCH)  # scratch for the most rows a call
         V, C = w.embed.shape
         nh, nkv, hs, inter = w.heads, w.kv_heads, w.head_dim, w.down[0].shape[1]
         self.cos, self.sin = cos.to(dtype).contiguous(), sin.to(dtype).contiguous()   # (S_max, rd)
@@ -159,7 +163,6 @@ class NativeDecode:
         self.scratch = dict(x=f32(B * C), xn=f32(B * C), qkv=f32(B * (nh + 2 * nkv) * hs), att=f32(B * nh * hs),
                             proj=f32(B * C), gu=f32(B * 2 * inter), mid=f32(B * inter),
                             scores=f32(B * max(nh * smax, V)), xb=torch.empty(B * kmax, dtype=torch.int16))
-        nf4 = isinstance(w.qkv[0], NF4Weight)
         if nf4:  # the GEMV input split into even / odd columns
             self.scratch.update(xe=f32(B * kmax // 2), xo=f32(B * kmax // 2))
         ptrs = lambda ts: (_P * len(ts))(*[t.data_ptr() for t in ts])  # noqa: E731
@@ -176,14 +179,25 @@ class NativeDecode:
                         gate_up_w=gu, down_w=down, final_norm=w.final_norm.data_ptr(), lm_head=w.lm_head.data_ptr(),
                         embed=w.embed.data_ptr(), cos=self.cos.data_ptr(), sin=self.sin.data_ptr(),
                         k_cache=k_cache.data_ptr(), v_cache=v_cache.data_ptr(), pos=pos.data_ptr(),
-                        nf4=int(nf4), **{k: t.data_ptr() for k, t in self.scratch.items()})
-        self.lib, self.dtype, self.vocab, self.batch = lib, dtype, V, B
+                        nf4=int(nf4), nrows=nrows, rows=None, **{k: t.data_ptr() for k, t in self.scratch.items()})
+        self.lib, self.dtype, self.vocab, self.max_rows, self.nrows = lib, dtype, V, B, nrows
+        self._all_rows = torch.arange(nrows, dtype=torch.int64)
 
-    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, slot: int) -> torch.Tensor:
-        """tokens, positions (B,) → logits (B, V); every row's K/V written into cache slot `slot`."""
-        self.m.threads = torch.get_num_threads()
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, slot: int | torch.Tensor,
+                 rows: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens, positions (B,) → logits (B, V); row b's K/V written into slot `slot` (or `slot[b]`) of cache row
+        `rows[b]` (default: every cache row, in order)."""
+        rows = self._all_rows if rows is None else rows.to(torch.int64).contiguous()     # (B,)
+        B = rows.shape[0]
+        if not (tokens.shape == positions.shape == (B,) and 0 < B <= self.max_rows):
+            raise ValueError(f"native decode: tokens {tuple(tokens.shape)}, positions {tuple(positions.shape)}, "
+                             f"rows {B}: expected (B,) each with 1 <= B <= {self.max_rows}")
+        slots = torch.full((B,), slot, dtype=torch.int64) if isinstance(slot, int) \
+            else slot.to(torch.int64).contiguous()                                        # (B,)
+        self.m.threads, self.m.B = torch.get_num_threads(), B
         tokens = tokens.to(torch.int64).contiguous()                                      # (B,)
         positions = positions.to(torch.int64).contiguous()                                # (B,)
-        logits = torch.empty(self.batch, self.vocab, dtype=self.dtype)                    # (B, V)
-        self.lib.decode_step(ctypes.byref(self.m), tokens.data_ptr(), positions.data_ptr(), slot, logits.data_ptr())
+        logits = torch.empty(B, self.vocab, dtype=self.dtype)                             # (B, V)
+        self.lib.decode_step(ctypes.byref(self.m), tokens.data_ptr(), positions.data_ptr(), rows.data_ptr(),
+                             slots.data_ptr(), logits.data_ptr())
         return logits

@@ -107,11 +107,14 @@ static void rope(const Model *m, float *h, const void *cos, const void *sin) {  
     for (int d = 0; d < m->rd; d++) h[d] = R(m, R(m, h[d] * ld(m, cos, d)) + R(m, rot[d] * ld(m, sin, d)));
 }
 
-/* logits (B, V) in the model dtype for tokens (B,) at positions (B,), written into cache slot `s` */
-void decode_step(const Model *m, const int64_t *tokens, const int64_t *positions, int s, void *logits) {
+/* logits (B, V) in the model dtype for tokens (B,) at positions (B,): row b is cache row rows[b], its K/V written
+   into that row's slot slots[b] */
+void decode_step(Model *m, const int64_t *tokens, const int64_t *positions, const int64_t *rows,
+                 const int64_t *slots, void *logits) {
     const int B = m->B, C = m->C, hs = m->hs, nh = m->nh, nkv = m->nkv, I = m->I;
     const int nqkv = (nh + 2 * nkv) * hs;
-    for (int b = 0; b < B; b++) m->pos[(int64_t)b * m->smax + s] = positions[b];
+    m->rows = rows;
+    for (int b = 0; b < B; b++) m->pos[rows[b] * m->smax + slots[b]] = positions[b];
     #pragma omp parallel num_threads(m->threads)
     {
         #pragma omp single
@@ -130,7 +133,7 @@ void decode_step(const Model *m, const int64_t *tokens, const int64_t *positions
                     rope(m, row + (int64_t)h * hs, (const char *)m->cos + t * (m->bf ? 2 : 4),
                          (const char *)m->sin + t * (m->bf ? 2 : 4));
                 for (int g = 0; g < nkv; g++) {
-                    int64_t o = (((((int64_t)l * B + b) * nkv + g) * m->smax) + s) * hs;
+                    int64_t o = (((((int64_t)l * m->nrows + rows[b]) * nkv + g) * m->smax) + slots[b]) * hs;
                     for (int d = 0; d < hs; d++) {
                         st(m, m->k_cache, o + d, row[(int64_t)(nh + g) * hs + d]);
                         st(m, m->v_cache, o + d, row[(int64_t)(nh + nkv + g) * hs + d]);
@@ -140,9 +143,9 @@ void decode_step(const Model *m, const int64_t *tokens, const int64_t *positions
             #pragma omp for schedule(static)
             for (int bh = 0; bh < B * nh; bh++)
 #ifdef __AVX512BF16__
-                if (m->bf) attend_bf16(m, l, bh / nh, bh % nh, s, positions[bh / nh]); else
+                if (m->bf) attend_bf16(m, l, bh / nh, bh % nh, (int)slots[bh / nh], positions[bh / nh]); else
 #endif
-                attend(m, l, bh / nh, bh % nh, s, positions[bh / nh]);
+                attend(m, l, bh / nh, bh % nh, (int)slots[bh / nh], positions[bh / nh]);
             #pragma omp single
             prep(m, m->att, B * nh * hs);
             proj(m, m->o_w[l], m->att, m->proj, C, nh * hs);

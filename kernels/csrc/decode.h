@@ -23,12 +23,14 @@ typedef struct {
     uint16_t *xb;                                                               /* bf16 GEMV input rows */
     int nf4;                        /* the four projections are NF4: their pointers point at an NF4Desc each */
     float *xe, *xo;                 /* NF4 GEMV input: even / odd columns of x, B rows */
+    int nrows;                      /* rows of the cache; the step's B rows are cache rows rows[0..B-1] */
+    const int64_t *rows;            /* (B,) set per call by decode_step */
 } Model;
 
 #define MODEL_FIELDS(X) X(B) X(L) X(C) X(nh) X(nkv) X(hs) X(rd) X(I) X(V) X(smax) X(window) X(bf) X(threads)   \
     X(eps) X(scale) X(in_norm) X(qkv_w) X(o_w) X(post_norm) X(gate_up_w) X(down_w) X(final_norm) X(lm_head)      \
     X(embed) X(cos) X(sin) X(k_cache) X(v_cache) X(pos) X(x) X(xn) X(qkv) X(att) X(proj) X(gu) X(mid) X(scores)  \
-    X(xb) X(nf4) X(xe) X(xo)
+    X(xb) X(nf4) X(xe) X(xo) X(nrows) X(rows)
 
 typedef struct {                    /* one NF4 weight (kernels/nf4.py's NF4Weight), for nf4.h's GEMV */
     const uint8_t *packed;

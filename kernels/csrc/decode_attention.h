@@ -1,4 +1,5 @@
-/* The attention of one decode step (decode.c): one query per (row, head) over the cache slots 0..s.
+/* The attention of one decode step (decode.c): one query per (row, head) over its cache row's slots 0..s
+   (each row its own s: rows of a serving batch hold sequences of different lengths).
 
    Per (row b, query head h; KV head g = h // (nh / nkv), read in place), R() the model dtype's rounding:
 
@@ -46,10 +47,10 @@ static void softmax_row(const Model *m, float *sc, int s, float mx) {
    lo / hi half holds dimension 8(i/4) + i%4 / 8(i/4) + 4 + i%4 of its 32-dim chunk. */
 static void attend_bf16(const Model *m, int l, int b, int h, int s, int64_t position) {
     const int hs = m->hs, g = h / (m->nh / m->nkv), nqkv = (m->nh + 2 * m->nkv) * hs;
-    const int64_t base = ((((int64_t)l * m->B + b) * m->nkv + g) * m->smax) * hs;
+    const int64_t base = ((((int64_t)l * m->nrows + m->rows[b]) * m->nkv + g) * m->smax) * hs;
     const uint16_t *K = (const uint16_t *)m->k_cache + base, *V = (const uint16_t *)m->v_cache + base;
     const float *q = m->qkv + (int64_t)b * nqkv + (int64_t)h * hs;
-    const int64_t *pos = m->pos + (int64_t)b * m->smax;
+    const int64_t *pos = m->pos + m->rows[b] * m->smax;
     float *sc = m->scores + ((int64_t)b * m->nh + h) * m->smax, mx = -INFINITY;
     uint16_t qb[hs + 32];
     for (int d = 0; d < hs; d++) qb[d] = f2bf(q[d]);
@@ -99,9 +100,9 @@ static void attend_bf16(const Model *m, int l, int b, int h, int s, int64_t posi
 /* row b, query head h over slots 0..s: att[b, h] = R(Σ_j R(softmax(s)_j) v_j), 16 head dims per vector */
 static void attend(const Model *m, int l, int b, int h, int s, int64_t position) {
     int hs = m->hs, g = h / (m->nh / m->nkv), nqkv = (m->nh + 2 * m->nkv) * hs;
-    int64_t base = ((((int64_t)l * m->B + b) * m->nkv + g) * m->smax) * hs;
+    int64_t base = ((((int64_t)l * m->nrows + m->rows[b]) * m->nkv + g) * m->smax) * hs;
     const float *q = m->qkv + (int64_t)b * nqkv + (int64_t)h * hs;
-    const int64_t *pos = m->pos + (int64_t)b * m->smax;
+    const int64_t *pos = m->pos + m->rows[b] * m->smax;
     float *sc = m->scores + ((int64_t)b * m->nh + h) * m->smax, mx = -INFINITY;
     for (int j = 0; j <= s; j++) {
         if (hidden(m, pos[j], position)) { sc[j] = -INFINITY; continue; }

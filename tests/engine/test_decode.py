@@ -9,6 +9,7 @@ from tiny_phi3 import TINY, VARIANTS, make_hf_checkpoint
 
 from phiforge.engine import load_model
 from phiforge.engine.decode import DecodeStep
+from phiforge.engine.kv_memory import KVRow
 from phiforge.kernels import cpu_decode
 
 
@@ -68,3 +69,39 @@ def test_decode_step_bf16_close_to_model_forward(tmp_path):
             ref = model(ids[:, t:t + 1], cache=caches[0])[:, -1].float()
             got = step(ids[:, t], torch.tensor([t])).float()
             assert (got - ref).abs().max().item() <= 0.02 * ref.abs().max().item() + 0.02
+
+
+@pytest.mark.parametrize("variant", ["mini-4k-window", "gqa"])
+@pytest.mark.parametrize("native", [True, False])
+def test_rows_at_their_own_lengths_equal_each_row_alone(tmp_path, variant, native):
+    """The serving engine's step: rows of one cache at different lengths, a different subset (out of order) each
+    step, slots past a row's own holding a stale earlier request's K/V; each row's logits equal model.forward on that
+    row alone."""
+    with contextlib.nullcontext() if native else cpu_decode.LIB.disabled():
+        make_hf_checkpoint(tmp_path, VARIANTS[variant][0])
+        model = load_model(tmp_path, dtype=torch.float32)
+        g = torch.Generator().manual_seed(1)
+        lens, S, steps = [7, 19, 1, 12], 48, 20
+        ids = [torch.randint(0, TINY["vocab_size"], (1, n + steps), generator=g) for n in lens]
+        cache = model.new_cache(len(lens), S)
+        cache.k.normal_(generator=g), cache.v.normal_(generator=g)   # an earlier occupant's K/V ...
+        cache.pos.copy_(torch.arange(S).expand(len(lens), S))          # ... at positions that look valid
+        alone = [model.new_cache(1, S) for _ in lens]
+        length = list(lens)
+        with torch.inference_mode():
+            for r, n in enumerate(lens):
+                cache.pos[r, n:] = -1 if r % 2 else cache.pos[r, n:]    # odd rows cleared, even rows stale
+                view = KVRow(cache, r, 0, False)
+                model(ids[r][:, :n], cache=view, num_logits=1)
+                model(ids[r][:, :n], cache=alone[r], num_logits=1)
+            step = DecodeStep(model, cache)
+            subsets = [[0, 1, 2, 3], [3, 1], [2, 0, 3], [1]]
+            for t in range(steps):
+                rows = subsets[t % len(subsets)]
+                tok = torch.stack([ids[r][0, length[r]] for r in rows])
+                slots = torch.tensor([length[r] for r in rows])
+                got = step(tok, slots, torch.tensor(rows), slots)
+                for b, r in enumerate(rows):
+                    ref = model(tok[b:b + 1, None], cache=alone[r])[0, -1]
+                    assert (got[b] - ref).abs().max().item() <= 1e-4, f"step {t} row {r}"
+                    length[r] += 1

@@ -232,8 +232,9 @@ class Scripted(torch.nn.Module):
         B = input_ids.shape[0]
         logits = torch.zeros(B, 1, self.config.vocab_size)
         for b in range(B):
-            k = int(position_ids[b, -1]) + 1 - self.plens[b]  # index of the token this call produces
-            script = self.scripts[b]
+            row = getattr(cache, "row", b)  # the engine runs each row alone, through a view naming its cache row
+            k = int(position_ids[b, -1]) + 1 - self.plens[row]  # index of the token this call produces
+            script = self.scripts[row]
             logits[b, 0, script[min(k, len(script) - 1)]] = 1.0
         return logits
 

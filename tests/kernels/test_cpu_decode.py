@@ -106,7 +106,8 @@ def test_steps_aside_for_batches_nf4_and_lora(tmp_path):
     model = load_model(tmp_path, dtype=torch.float32)
     assert DecodeStep(model, model.new_cache(1, 8)).native is not None
     assert DecodeStep(model, model.new_cache(cpu_decode.MAX_BATCH, 8)).native is not None
-    assert DecodeStep(model, model.new_cache(cpu_decode.MAX_BATCH + 1, 8)).native is None  # too many rows
+    wide = DecodeStep(model, model.new_cache(cpu_decode.MAX_BATCH + 1, 8))  # more rows than one native call takes:
+    assert wide.native.max_rows == cpu_decode.MAX_BATCH                    # a step over more of them goes torch
     assert DecodeStep(model, model.new_cache(1, 8, dtype=torch.bfloat16)).native is None  # cache dtype differs
     name, lin = next(model.linears())
     model.set_submodule(name, LoRALinear(lin, r=4, alpha=8))
@@ -135,7 +136,7 @@ def test_nf4_equals_torch_step(tmp_path, case, dtype):
     assert (got - ref).abs().max().item() <= (1e-4 if dtype == torch.float32 else 1e-2 * ref.abs().max().item())
     assert (c1.k.float() - c2.k.float()).abs().max().item() <= 1e-4 * max(1.0, c2.k.float().abs().max().item())
     assert DecodeStep(model, model.new_cache(nf4_cpu.GEMV_MAX_M, 8)).native is not None
-    assert DecodeStep(model, model.new_cache(nf4_cpu.GEMV_MAX_M + 1, 8)).native is None
+    assert DecodeStep(model, model.new_cache(nf4_cpu.GEMV_MAX_M + 1, 8)).native.max_rows == nf4_cpu.GEMV_MAX_M
     got, c1 = _run_batch(model, [7, 3, 9], 6, native=True, seed=4)               # left-padded rows
     ref, c2 = _run_batch(model, [7, 3, 9], 6, native=False, seed=4)
     assert (got - ref).abs().max().item() <= (1e-4 if dtype == torch.float32 else 1e-2 * ref.abs().max().item())

@@ -1,0 +1,291 @@
+"""The serving engine: one model, one scheduler thread, many concurrent requests (continuous batching).
+
+    engine = Engine(model, tokenizer, max_batch=16, kv_tokens=16 * 2048)
+    h = engine.submit(Request(prompt_ids=ids, max_tokens=64))   # from any thread; `async for d in h` from asyncio
+    print(h.result().text)
+    engine.shutdown(drain=True)
+
+Each `step()` (engine/scheduler.py gives the order) decodes one token for every running request in one call of
+engine/decode.py's step over their KV rows, each row at its own length (native C for dense/NF4 models, torch for
+the rest), prefills prompt chunks of newly admitted requests through `model.forward` on their own rows within a
+per-step token budget, samples every request with its own parameters and seeded generator, applies its stop
+rules, and streams a Delta to its Handle. A request that ends (stop id, stop string, length, abort) frees its row
+at once; the next step admits the next waiting one. KV memory and the admission rule (reserve prompt +
+max_tokens: no request ever outgrows its row, no preemption) are in engine/kv_memory.py.
+
+**What a request's output depends on.** Only on itself: rows never see each other (each attends its own row),
+every request draws from its own generator, and its prompt is prefilled alone. In fp32, greedy tokens equal the
+same request run alone; they can differ only where a batched matmul sums in another order than a one-row one and
+a near-tie flips (bf16: the same, at bf16 near-ties, which are far more common). With prefix reuse on, reused K/V
+equal a fresh prefill's up to rounding, with the same caveat.
+
+**LongRoPE.** A request's regime is fixed at admission (engine/generate.py's rule). Rows of both regimes share the
+cache but never a step call: decodes run one call per regime, each with its own cos/sin table.
+
+**Threads.** `submit`, `abort`, `stats` and `shutdown` are thread-safe; only the scheduler thread touches the
+model, the cache and the queues. `Engine(start=False)` runs no thread: the caller drives `step()` itself
+(engine/generate.py's Generator does, to check its cancel callback between steps).
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+import torch
+
+from .decode import DecodeStep
+from .detokenize import IncrementalDetokenizer
+from .kv_memory import KVMemory
+from .request import (Delta, EngineStopped, Handle, PromptTooLong, QueueFull, Request, Result, UnknownAdapter,
+                      Usage)
+from .sampling import make_generators, sample
+from .scheduler import Scheduler, Sequence, now
+
+DEFAULT_ROW_TOKENS = 2048   # a row's slots when kv_tokens is not given (capped by the model's context)
+log = logging.getLogger(__name__)
+
+
+class Engine:
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, *, max_batch: int = 16, kv_tokens: int | None = None,
+                 prefill_chunk: int = 256, max_queue: int = 256, max_adapters: int = 8, prefix_cache: bool = True,
+                 lean_decode: bool = True, start: bool = True) -> None:
+        cfg = model.config
+        if max_batch < 1 or prefill_chunk < 1 or max_queue < 1:
+            raise ValueError(f"max_batch, prefill_chunk and max_queue must be >= 1, got {max_batch}, "
+                             f"{prefill_chunk}, {max_queue}")
+        row_len = (kv_tokens // max_batch if kv_tokens is not None
+                   else min(DEFAULT_ROW_TOKENS, cfg.max_position_embeddings))
+        if row_len < 2:
+            raise ValueError(f"kv_tokens {kv_tokens} gives {max_batch} rows of {row_len} slots; need >= 2 each")
+        self.model, self.tokenizer, self.config = model.eval(), tokenizer, cfg
+        self.stop_ids = frozenset(int(i) for i in tokenizer.stop_ids)
+        self.kv = KVMemory(model, max_batch, min(row_len, cfg.max_position_embeddings))
+        self.scheduler = Scheduler(self.kv, prefill_chunk, model.rotary_emb.use_long)
+        self.scheduler.prefix_reuse = prefix_cache
+        self.max_queue, self.max_adapters, self.lean_decode = max_queue, max_adapters, lean_decode
+        self._decode: dict[bool, DecodeStep] = {}
+        self._lock = threading.Condition()
+        self._inbox: list[Sequence] = []
+        self._aborts: set[str] = set()
+        self._queued = 0                       # waiting requests as of the last step (read by submit)
+        self._stopped, self._drain = False, True
+        self._stats = dict(prompt_tokens_total=0, generation_tokens_total=0, aborted_total=0, rejected_total=0,
+                           preempted_total=0, cached_tokens_total=0)
+        self._thread = None
+        if start:
+            self._thread = threading.Thread(target=self._loop, name="phiforge-engine", daemon=True)
+            self._thread.start()
+
+    # ---- the public API (any thread) --------------------------------------------------------------------------
+    @property
+    def max_context(self) -> int:
+        return self.config.max_position_embeddings
+
+    @property
+    def prefill_chunk(self) -> int:
+        return self.scheduler.prefill_chunk
+
+    @prefill_chunk.setter
+    def prefill_chunk(self, n: int) -> None:
+        self.scheduler.prefill_chunk = n
+
+    def submit(self, request: Request) -> Handle:
+        self._validate(request)
+        seq = Sequence(req=request, handle=Handle(request.id, self.abort),
+                       stop_ids=self.stop_ids if request.stop_token_ids is None else frozenset(request.stop_token_ids),
+                       detok=IncrementalDetokenizer(self.tokenizer, request.stop), t_submit=now())
+        with self._lock:
+            if self._stopped:
+                raise EngineStopped("the engine is shut down", None)
+            if len(self._inbox) + self._queued >= self.max_queue:
+                self._stats["rejected_total"] += 1
+                raise QueueFull(f"{self.max_queue} requests are already waiting (max_queue)", None)
+            self._inbox.append(seq)
+            self._lock.notify_all()
+        return seq.handle
+
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            self._aborts.add(request_id)
+            self._lock.notify_all()
+
+    def shutdown(self, drain: bool = True, timeout: float | None = None) -> None:
+        """Refuse new requests; drain: finish the running and waiting ones first, else abort them; then stop."""
+        with self._lock:
+            self._stopped, self._drain = True, drain
+            self._lock.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def stats(self) -> dict:
+        with self._lock:
+            s = self.scheduler
+            return dict(self._stats, running=len(s.running), waiting=self._queued + len(self._inbox),
+                        kv_used_tokens=self.kv.used_tokens, kv_total_tokens=self.kv.total_tokens)
+
+    def load_adapter(self, name: str, path: str) -> None:
+        raise NotImplementedError("multi-LoRA serving comes with engine/multi_lora.py (AdapterSet), not merged yet")
+
+    def unload_adapter(self, name: str) -> None:
+        raise NotImplementedError("multi-LoRA serving comes with engine/multi_lora.py (AdapterSet), not merged yet")
+
+    def adapters(self) -> list[str]:
+        return []
+
+    # ---- validation (before any compute) ----------------------------------------------------------------------
+    def _validate(self, r: Request) -> None:
+        V = self.config.vocab_size
+        if not r.prompt_ids:
+            raise PromptTooLong("prompt_ids is empty (at least one token is needed to start generating)",
+                                "prompt_ids")
+        bad = [t for t in r.prompt_ids if not (isinstance(t, int) and 0 <= t < V)]
+        if bad:
+            raise PromptTooLong(f"prompt_ids: token id {bad[0]!r} outside the vocabulary [0, {V})", "prompt_ids")
+        if not isinstance(r.max_tokens, int) or r.max_tokens < 1:
+            raise PromptTooLong(f"max_tokens must be a positive int, got {r.max_tokens!r}", "max_tokens")
+        need = len(r.prompt_ids) + r.max_tokens
+        if need > self.max_context:
+            raise PromptTooLong(f"{len(r.prompt_ids)} prompt tokens + max_tokens {r.max_tokens} = {need} > the "
+                                f"model's context of {self.max_context} tokens", "max_tokens")
+        if need > self.kv.row_len:
+            raise PromptTooLong(f"{len(r.prompt_ids)} prompt tokens + max_tokens {r.max_tokens} = {need} > the "
+                                f"{self.kv.row_len} KV slots a request may hold (kv_tokens / max_batch)", "max_tokens")
+        if r.adapter is not None and r.adapter not in self.adapters():
+            raise UnknownAdapter(f"adapter {r.adapter!r} is not loaded", "adapter")
+
+    # ---- the scheduler thread ---------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                self._lock.wait_for(lambda: self._inbox or self._aborts or not self.scheduler.idle or self._stopped)
+                if self._stopped and not self._drain:
+                    self._aborts.update(s.req.id for s in (*self._inbox, *self.scheduler.running,
+                                                           *self.scheduler.waiting))
+                if self._stopped and not self._inbox and not self._aborts and self.scheduler.idle:
+                    return
+            try:
+                self.step()
+            except Exception as e:  # a failing step must not leave callers waiting forever
+                log.exception("engine step failed; aborting its requests")
+                self._fail_all(e)
+
+    def _fail_all(self, error: Exception) -> None:
+        s = self.scheduler
+        for seq in [*s.running, *s.waiting]:
+            s.remove(seq)
+            self._finish(seq, "abort")
+
+    # ---- one iteration ----------------------------------------------------------------------------------------
+    def step(self) -> None:
+        """Aborts, admission, one prompt-chunk budget and one decode token per running request (module docstring)."""
+        s = self.scheduler
+        with self._lock:
+            inbox, self._inbox = self._inbox, []
+            aborts, self._aborts = self._aborts, set()
+        for seq in inbox:
+            s.add(seq)
+        for rid in aborts:
+            seq = s.find(rid)
+            if seq is not None:
+                s.remove(seq)
+                self._finish(seq, "abort")
+        for seq in s.admit():
+            self._start(seq)
+        plan = s.plan()
+        with torch.inference_mode():
+            ready = self._prefill(plan.chunks)
+            ready += self._decode_all(plan.decodes)
+            for seq, logits in ready:
+                self._emit(seq, logits)
+        with self._lock:
+            self._queued = len(s.waiting)
+
+    def _start(self, seq: Sequence) -> None:
+        p, V = seq.req.sampling, self.config.vocab_size
+        seq.generator = make_generators([seq.req.seed])[0]
+        if p.repetition_penalty != 1.0:
+            seq.seen = torch.zeros(V, dtype=torch.bool)                               # (V,)
+            seq.seen[seq.req.prompt_ids] = True
+        if p.presence_penalty or p.frequency_penalty:
+            seq.counts = torch.zeros(V)                                                # (V,)
+        self._stats["prompt_tokens_total"] += len(seq.req.prompt_ids)
+        self._stats["cached_tokens_total"] += seq.cached
+
+    def _prefill(self, chunks) -> list[tuple[Sequence, torch.Tensor]]:
+        ready = []
+        for seq, start, n in chunks:
+            ids = seq.req.prompt_ids[start:start + n]
+            last = start + n == len(seq.req.prompt_ids)
+            out = self.model(torch.tensor([ids]), position_ids=torch.arange(start, start + n)[None],
+                             cache=self.kv.view(seq.row, seq.rope_long), num_logits=1, return_hidden=not last)
+            self.kv.wrote(seq.row, ids)
+            seq.computed += n
+            if last:
+                ready.append((seq, out[0, -1]))                                       # (V,)
+        return ready
+
+    def _decode_all(self, seqs: list[Sequence]) -> list[tuple[Sequence, torch.Tensor]]:
+        ready = []
+        for long in (False, True):  # never two LongRoPE regimes in one call
+            group = [q for q in seqs if q.rope_long == long]
+            if not group:
+                continue
+            tokens = torch.tensor([q.out[-1] for q in group])                          # (B,)
+            slots = torch.tensor([self.kv.length[q.row] for q in group])               # (B,) slot = position
+            rows = torch.tensor([q.row for q in group])                                # (B,)
+            if self.lean_decode:
+                step = self._decode.get(long)
+                if step is None:
+                    step = self._decode[long] = DecodeStep(self.model, self.kv.cache, rope_long=long)
+                logits = step(tokens, slots, rows, slots)                              # (B, V)
+            else:  # model.forward, one row at a time (any model that takes a cache)
+                logits = torch.cat([self.model(tokens[b:b + 1, None], position_ids=slots[b:b + 1, None],
+                                               cache=self.kv.view(q.row, long))[:, -1] for b, q in enumerate(group)])
+            for b, q in enumerate(group):
+                self.kv.wrote(q.row, [q.out[-1]])
+                ready.append((q, logits[b]))
+        return ready
+
+    def _emit(self, seq: Sequence, logits: torch.Tensor) -> None:
+        """Sample the next token, apply the stop rules, stream the Delta; finish the request if it ended."""
+        r = seq.req
+        t = int(sample(logits[None], r.sampling, [seq.generator], None if seq.seen is None else seq.seen[None],
+                       None if seq.counts is None else seq.counts[None])[0])
+        if not seq.out:
+            seq.t_first = now()
+        seq.out.append(t)
+        self._stats["generation_tokens_total"] += 1
+        if seq.seen is not None:
+            seq.seen[t] = True
+        if seq.counts is not None:
+            seq.counts[t] += 1
+        if t in seq.stop_ids:
+            seq.finish, piece = "stop", seq.detok.finish()
+        else:
+            piece = seq.detok.push(t)
+            if seq.detok.stopped:
+                seq.finish = "stop"
+            elif len(seq.out) == r.max_tokens:
+                seq.finish, piece = "length", piece + seq.detok.finish()
+        seq.handle._push(Delta(piece, [t]))
+        if seq.finish:
+            self.scheduler.remove(seq)
+            self._finish(seq, seq.finish)
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        if reason == "abort":
+            self._stats["aborted_total"] += 1
+            piece = seq.detok.finish()  # what was held back, released as the text so far
+            if piece:
+                seq.handle._push(Delta(piece, []))
+        t = now()
+        seq.handle._push(result=Result(
+            id=seq.req.id, text=seq.detok.text, token_ids=seq.out, finish_reason=reason,
+            usage=Usage(len(seq.req.prompt_ids), len(seq.out), seq.cached),
+            ttft_s=seq.t_first - seq.t_submit if seq.out else 0.0, latency_s=t - seq.t_submit,
+            rope_long=seq.rope_long))
+
+    def forget_prefixes(self) -> None:
+        """Nothing cached before this call is reused (between a caller's unrelated batches)."""
+        self.kv.forget()

@@ -1,0 +1,116 @@
+"""Iteration-level scheduling: what each engine step computes (Orca's iterations, Sarathi's chunked prefill).
+
+Every step, in this order:
+  1. **Aborts** leave at once: a waiting request is dropped, a running one ends ("abort") and its row is freed.
+  2. **Admission**, first come first served: while a KV row is free (engine/kv_memory.py), the oldest waiting
+     request takes one (the free row sharing the longest prefix with its prompt), with its LongRoPE regime fixed
+     from the largest position it may run at (engine/generate.py states the rule).
+  3. **Work**: every running request whose prompt is in the cache decodes one token; requests still prefilling
+     get prompt chunks, oldest first, within `prefill_chunk` prompt tokens per step in all. Decodes and chunks
+     share the step, so a long prompt arriving delays the running streams by at most one chunk per step.
+  4. After the model ran: each request with logits samples a token and tests its stop rules; one that ends
+     frees its row, which the next step's admission hands to the next waiting request.
+
+The engine (engine/engine.py) runs the model and sampling; this module holds the queues and decides.
+"""
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from .detokenize import IncrementalDetokenizer
+from .kv_memory import KVMemory
+from .request import Handle, Request
+
+
+@dataclass
+class Sequence:
+    """A request's state inside the engine."""
+    req: Request
+    handle: Handle
+    stop_ids: frozenset[int]
+    detok: IncrementalDetokenizer
+    t_submit: float
+    rope_long: bool = False
+    row: int = -1
+    cached: int = 0                  # prompt tokens whose K/V were reused
+    computed: int = 0                # prompt tokens in the cache so far
+    out: list[int] = field(default_factory=list)
+    finish: str | None = None
+    t_first: float = 0.0
+    generator: torch.Generator | None = None
+    seen: torch.Tensor | None = None     # (V,) bool: prompt + output tokens, for the repetition penalty
+    counts: torch.Tensor | None = None   # (V,) output token counts, for presence/frequency penalties
+
+    @property
+    def prefilling(self) -> bool:
+        return self.computed < len(self.req.prompt_ids)
+
+
+@dataclass
+class Plan:
+    """One step's work: prompt chunks (sequence, start, length) and the sequences that decode one token."""
+    chunks: list[tuple[Sequence, int, int]]
+    decodes: list[Sequence]
+
+
+class Scheduler:
+    def __init__(self, kv: KVMemory, prefill_chunk: int, use_long) -> None:
+        self.kv, self.prefill_chunk, self.use_long = kv, prefill_chunk, use_long
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []       # in admission order
+        self.prefix_reuse = True
+        self.admitting = True
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def find(self, request_id: str) -> Sequence | None:
+        for s in (*self.running, *self.waiting):
+            if s.req.id == request_id:
+                return s
+        return None
+
+    def remove(self, seq: Sequence) -> None:
+        """Take a sequence out of the queues, freeing its row at once."""
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+        elif seq in self.running:
+            self.running.remove(seq)
+            self.kv.release(seq.row)
+
+    def admit(self) -> list[Sequence]:
+        admitted = []
+        while self.admitting and self.waiting and self.kv.free:
+            seq = self.waiting.popleft()
+            prompt = seq.req.prompt_ids
+            # the largest position it may run at: the last new token is sampled, never fed back
+            seq.rope_long = self.use_long(len(prompt) + seq.req.max_tokens - 2)
+            seq.row, seq.cached = self.kv.acquire(prompt, self.prefix_reuse)
+            seq.computed = seq.cached
+            self.running.append(seq)
+            admitted.append(seq)
+        return admitted
+
+    def plan(self) -> Plan:
+        chunks, budget, decodes = [], self.prefill_chunk, []
+        for seq in self.running:
+            if seq.prefilling:
+                if budget > 0:
+                    n = min(budget, len(seq.req.prompt_ids) - seq.computed)
+                    chunks.append((seq, seq.computed, n))
+                    budget -= n
+            elif seq.out:
+                decodes.append(seq)
+        return Plan(chunks, decodes)
+
+    @property
+    def idle(self) -> bool:
+        return not self.running and not (self.waiting and self.admitting)
+
+
+def now() -> float:
+    return time.perf_counter()
