@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 PHIFORGE_HOME ?= $(HOME)/.cache/phiforge
 export PHIFORGE_HOME
 
-.PHONY: demo test bench bench-quick setup fetch clean
+.PHONY: demo test bench bench-quick setup fetch clean gpu-check
 
 setup: $(STAMP)
 
@@ -41,6 +41,18 @@ bench-quick: fetch
 	$(BIN)/python bench/bench_nf4.py --quick
 	$(BIN)/python bench/bench_cpu_kernels.py --repeats 3 --iters 10
 	$(BIN)/python bench/bench_generate.py --quick
+
+# The CUDA check (bench/gpu_check.py): one JSON + one log in runs/gpu-check, under 8 minutes on one GPU. It runs with
+# the venv of `make setup` where there is one, else the system python (a bare checkout on a GPU machine with torch
+# and triton). `make gpu-check CHECK_DEVICE=cpu` is CI's mode: tiny shapes, the kernels under Triton's interpreter.
+CHECK_DEVICE ?= cuda
+CHECK_PY = $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PY))
+gpu-check:
+ifeq ($(CHECK_DEVICE),cpu)
+	TRITON_INTERPRET=1 $(CHECK_PY) bench/gpu_check.py --device cpu --tiny --out runs/gpu-check-cpu
+else
+	$(CHECK_PY) bench/gpu_check.py --device cuda --out runs/gpu-check
+endif
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -4,17 +4,24 @@ working, not to measure anything."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import importlib.util
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
-from phiforge.bench.bench_train import phi3_mini_random, run_hf, run_phiforge
+from phiforge.bench.bench_train import DTYPES, TARGETS, optimizer_step, phi3_mini_random, run_hf, run_phiforge
+from phiforge.bench.bench_train import synthetic_batch, timed
 from phiforge.bench.gpu_check_correct import torch_path
 from phiforge.bench.gpu_check_common import Ctx, copy_bandwidth_gbs, sync, time_ms, tiny_model
 from phiforge.engine.decode import DecodeStep
 from phiforge.engine.decode_graph import CUDAGraphDecode
+from phiforge.engine.loader import load_model, save_model
+from phiforge.engine.lora import LoRALinear, apply_lora, trainable_parameters
+from phiforge.engine.loss import lm_loss_sum
 from phiforge.engine.quant import quantize_model_
 from phiforge.kernels.lora import lora_linear, lora_linear_ref
 from phiforge.kernels.nf4 import quantize_nf4
@@ -124,21 +131,15 @@ def _hf_decode(model, B: int, prompt: int, n: int) -> dict:
 
 def decode_speed(ctx: Ctx) -> dict:
     """Batch 1 and 8 decode tokens/s and TTFT (prompt 512) on Phi-3-mini shapes with random weights, bf16 and NF4:
-    model.forward per token, DecodeStep, CUDAGraphDecode, and transformers' generate (bf16)."""
-    prompt, n = (16, 4) if ctx.tiny else (512, 64)
+    model.forward per token, DecodeStep, CUDAGraphDecode, and transformers' generate (bf16). `--tiny`: the tiny
+    random Phi-3, batch 2, two tokens."""
+    prompt, n = (16, 2) if ctx.tiny else (512, 64)
     hows = ["eager", "decode_step"] + (["cuda_graph"] if ctx.cuda else [])
     out = {}
-    for quant in (False, True):
-        dtype = torch.bfloat16 if ctx.cuda else torch.float32
-        model = tiny_model(ctx.device, dtype) if ctx.tiny else phi3_mini_random(dtype, quant, ctx.device)
-        if ctx.tiny and quant:
-            model = quantize_model_(model.cpu()).to(ctx.device)
-        for B in (1, 8):
-            for how in hows:
-                _decode(model, B, prompt, 2, how)  # warm-up: Triton compiles, graph capture
-                out[f"{'nf4' if quant else 'bf16'}_b{B}_{how}"] = _decode(model, B, prompt, n, how)
-        del model
-        gc.collect()
+    # on CPU the torch path: under the interpreter nothing would be timed (the kernels part checks the kernels there)
+    with torch_path() if not ctx.cuda else contextlib.nullcontext():
+        for quant in (False, True):
+            _decode_ours(ctx, quant, prompt, n, hows, out)
     if importlib.util.find_spec("transformers") is None:
         out["transformers"] = "not installed"
         return out
@@ -148,7 +149,7 @@ def decode_speed(ctx: Ctx) -> dict:
         vocab_size=32064, hidden_size=3072, intermediate_size=8192, num_hidden_layers=32, num_attention_heads=32)
     with torch.device(ctx.device):
         hf = transformers.Phi3ForCausalLM(cfg).to(torch.bfloat16 if ctx.cuda else torch.float32).eval()
-    for B in (1, 8):
+    for B in (2,) if ctx.tiny else (1, 8):
         _hf_decode(hf, B, prompt, 2)
         out[f"transformers_bf16_b{B}"] = r = _hf_decode(hf, B, prompt, n)
         for how in hows:
@@ -156,29 +157,98 @@ def decode_speed(ctx: Ctx) -> dict:
     return out
 
 
+def _decode_ours(ctx: Ctx, quant: bool, prompt: int, n: int, hows: list[str], out: dict) -> None:
+    dtype = torch.bfloat16 if ctx.cuda else torch.float32
+    model = tiny_model(ctx.device, dtype) if ctx.tiny else phi3_mini_random(dtype, quant, ctx.device)
+    if ctx.tiny and quant:
+        model = quantize_model_(model.cpu()).to(ctx.device)
+    for B in (2,) if ctx.tiny else (1, 8):
+        for how in hows:
+            _decode(model, B, prompt, 2, how)  # warm-up: Triton compiles, graph capture
+            out[f"{'nf4' if quant else 'bf16'}_b{B}_{how}"] = _decode(model, B, prompt, n, how)
+    del model
+    gc.collect()
+
+
+def _train_phiforge_dir(a, path: Path) -> dict:
+    """bench_train.run_phiforge's step on a checkpoint directory (there it is the default model or Phi-3-mini)."""
+    model = load_model(path, dtype=DTYPES[a.dtype], device=a.device, quant="nf4" if a.method == "qlora" else None)
+    apply_lora(model, a.rank, 2 * a.rank, 0.05, TARGETS)
+    LoRALinear.use_fused = True
+    model.gradient_checkpointing = True
+    model.train()
+    params = [p for _, p in trainable_parameters(model)]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    ids, labels = synthetic_batch(model.config.vocab_size, a.batch, a.seq)
+    targets = torch.cat([labels[:, 1:], torch.full((a.batch, 1), -100)], 1).to(a.device)  # (B, T)
+    ids = ids.to(a.device)
+    n_lab = int((targets != -100).sum())
+    return timed(optimizer_step(lambda: lm_loss_sum(model, ids, targets) / n_lab, params, opt, a.device), a, n_lab)
+
+
+def _train_hf_dir(a, path: Path) -> dict:
+    """bench_train.run_hf's step (transformers + PEFT, + bitsandbytes for QLoRA) on a checkpoint directory."""
+    transformers, peft = importlib.import_module("transformers"), importlib.import_module("peft")
+    dtype, kw = DTYPES[a.dtype], {}
+    if a.method == "qlora":
+        kw["quantization_config"] = transformers.BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, device_map=a.device, **kw)
+    model.config.use_cache = False
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    model = peft.get_peft_model(model, peft.LoraConfig(r=a.rank, lora_alpha=2 * a.rank, lora_dropout=0.05,
+                                                       target_modules=TARGETS, task_type="CAUSAL_LM"))
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    ids, labels = synthetic_batch(model.config.vocab_size, a.batch, a.seq)
+    ids, labels = ids.to(a.device), labels.to(a.device)
+    n_lab = int((labels[:, 1:] != -100).sum())
+    return timed(optimizer_step(lambda: model(input_ids=ids, labels=labels).loss, params, opt, a.device), a, n_lab)
+
+
 def train_speed(ctx: Ctx) -> dict:
     """QLoRA vs LoRA training tokens/s and peak memory (seq 2048, r = 16, bf16 autocast, checkpointing) on
-    Phi-3-mini shapes with random weights, beside transformers+PEFT (its QLoRA needs bitsandbytes)."""
-    shape, seq, steps = ("default", 32, 1) if ctx.tiny else ("phi3-mini", 2048, 3)
-    base = dict(dtype="bf16" if ctx.cuda else "fp32", shape=shape, device=ctx.device, rank=16, unfused=False,
-                no_checkpointing=False, batch=1, seq=seq, full_logits=False, steps=steps, threads=0)
-    runs = [("phiforge", "lora", run_phiforge), ("phiforge", "qlora", run_phiforge)]
-    if importlib.util.find_spec("peft") is not None and importlib.util.find_spec("transformers") is not None:
-        runs.append(("hf", "lora", run_hf))
-        if importlib.util.find_spec("bitsandbytes") is not None and ctx.cuda:
-            runs.append(("hf", "qlora", run_hf))
+    Phi-3-mini shapes with random weights, beside transformers+PEFT. `--tiny`: a tiny random Phi-3 written to a
+    temporary directory, seq 32, one step, both frameworks loading that directory."""
+    hf = importlib.util.find_spec("peft") is not None and importlib.util.find_spec("transformers") is not None
+    bnb = importlib.util.find_spec("bitsandbytes") is not None and ctx.cuda
+    base = dict(dtype="bf16" if ctx.cuda else "fp32", device=ctx.device, rank=16, unfused=False, batch=1,
+                no_checkpointing=False, full_logits=False, threads=0, shape="phi3-mini",
+                seq=32 if ctx.tiny else 2048, steps=1 if ctx.tiny else 3)
     out = {}
-    for framework, method, fn in runs:
-        if ctx.cuda:
-            torch.cuda.reset_peak_memory_stats()
-        with torch_path():  # on CPU: the torch path, not the interpreter (on CUDA tensors Triton either way)
-            res = fn(argparse.Namespace(**base, method=method, framework=framework))
-        out[f"{framework}_{method}"] = {k: res[k] for k in ("tokens_per_s", "peak_memory_bytes", "losses")}
-        gc.collect()
-        if ctx.cuda:
-            torch.cuda.empty_cache()
+    with tempfile.TemporaryDirectory(prefix="gpu-check-train-") as tmp:
+        if ctx.tiny:
+            save_model(tiny_model("cpu"), tmp, dtype=torch.float32)
+            ours, theirs = (lambda a: _train_phiforge_dir(a, Path(tmp))), (lambda a: _train_hf_dir(a, Path(tmp)))
+        else:
+            ours, theirs = run_phiforge, run_hf
+        runs = [("phiforge", "lora", ours), ("phiforge", "qlora", ours)]
+        if hf:
+            runs.append(("hf", "lora", theirs))
+            if bnb and ctx.tiny:
+                runs.append(("hf", "qlora", theirs))
+        if not hf:
+            out["hf"] = "transformers or peft not installed"
+        elif not ctx.tiny:
+            # bench_train builds Phi-3-mini for transformers in bf16 without a checkpoint; bitsandbytes quantizes only
+            # while loading one, so at these shapes the reference has no QLoRA (its LoRA is the comparison)
+            out["hf_qlora"] = "not run: transformers quantizes to NF4 only while loading a checkpoint"
+        elif not bnb:
+            out["hf_qlora"] = ("not run: bitsandbytes not installed" if ctx.cuda
+                               else "not run: bitsandbytes' NF4 training needs CUDA")
+        for framework, method, fn in runs:
+            if ctx.cuda:
+                torch.cuda.reset_peak_memory_stats()
+            with torch_path():  # on CPU: the torch path, not the interpreter (on CUDA tensors Triton either way)
+                res = fn(argparse.Namespace(**base, method=method, framework=framework))
+            out[f"{framework}_{method}"] = {k: res[k] for k in ("tokens_per_s", "peak_memory_bytes", "losses")}
+            gc.collect()
+            if ctx.cuda:
+                torch.cuda.empty_cache()
     for method in ("lora", "qlora"):
-        if f"hf_{method}" in out:
+        if f"hf_{method}" in out and isinstance(out[f"hf_{method}"], dict):
             out[f"{method}_speed_over_hf"] = out[f"phiforge_{method}"]["tokens_per_s"] / out[f"hf_{method}"]["tokens_per_s"]
     out["qlora_memory_over_lora"] = out["phiforge_qlora"]["peak_memory_bytes"] / out["phiforge_lora"]["peak_memory_bytes"]
     return out
