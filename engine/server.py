@@ -31,6 +31,8 @@ import asyncio
 import hmac
 import json
 import logging
+import signal
+import threading
 import time
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator
@@ -290,6 +292,15 @@ def create_app(engine: Any, tokenizer: Any, *, model_name: str, api_key: str | N
 
 def run_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
     """Serve until SIGINT/SIGTERM: uvicorn stops listening, waits for open requests, then the app's shutdown
-    drains the engine."""
-    uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
-                                  timeout_graceful_shutdown=None)).run()
+    drains the engine; returns normally after a drain (a second SIGINT forces the exit)."""
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
+                                           timeout_graceful_shutdown=None))
+    main = threading.current_thread() is threading.main_thread()
+    # uvicorn re-raises the captured SIGTERM once it has shut down, under the handler found at start: a no-op one
+    # makes a completed drain an ordinary return (exit status 0) instead of a death by signal
+    previous = signal.signal(signal.SIGTERM, lambda *_: None) if main else None
+    try:
+        server.run()
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous)

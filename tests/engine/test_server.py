@@ -58,9 +58,9 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def serving(model_dir, adapters=(), api_key=None, **engine_kw):
+def serving(model_dir, adapters=(), api_key=None, loaded=None, **engine_kw):
     """A server over a fresh engine in a thread; yields (base url, engine); stops by itself."""
-    model, tok = load_model(model_dir, dtype=torch.float32), load_tokenizer(model_dir)
+    model, tok = loaded or (load_model(model_dir, dtype=torch.float32), load_tokenizer(model_dir))
     engine = new_engine(model, tok, model_dir, **engine_kw)
     for name, path in adapters:
         engine.load_adapter(name, str(path))
@@ -195,3 +195,229 @@ def test_stop_string_split_across_tokens(server, ref, tiny):
     chunks = list(c.completions.create(model="tiny", prompt="Once upon a time", max_tokens=12, temperature=0,
                                        stop=stop, stream=True))
     assert "".join(ch.choices[0].text for ch in chunks) == want.text  # no piece of the stop string leaked
+
+
+# ---- batches ------------------------------------------------------------------------------------------------------
+def test_16_concurrent_greedy_requests_each_equal_alone(server, ref):
+    prompts = [f"Story {i}: the {w}" for i, w in enumerate(["cat", "dog", "sea", "king"] * 4)]
+    c = client(server, timeout=120)
+
+    def one(p):
+        return c.completions.create(model="tiny", prompt=p, max_tokens=N, temperature=0).choices[0].text
+
+    with ThreadPoolExecutor(16) as pool:
+        got = list(pool.map(one, prompts))
+    assert got == [ref(p).text for p in prompts]
+
+
+def test_adapters_in_one_batch_each_equal_that_adapter_alone(server, tiny, adapters):
+    c = client(server, timeout=120)
+    listed = {m.id: m for m in c.models.list().data}
+    assert list(listed) == ["tiny", "alpha", "beta"]
+    assert getattr(listed["alpha"], "parent", None) == "tiny"
+    tok = load_tokenizer(tiny)
+    alone = {None: Generator(load_model(tiny, dtype=torch.float32), tok)}
+    for name, path in adapters:
+        alone[name] = Generator(load_model(tiny, dtype=torch.float32, adapter=path), tok)
+    jobs = [(m, f"Prompt {i}") for i, m in enumerate(["alpha", "beta", "tiny", "beta", "alpha", "tiny"])]
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        got = list(pool.map(lambda j: c.completions.create(model=j[0], prompt=j[1], max_tokens=N,
+                                                           temperature=0).choices[0].text, jobs))
+    want = [alone[None if m == "tiny" else m].generate(p, max_new_tokens=N, temperature=0)[0].text for m, p in jobs]
+    assert got == want
+    assert len({w for w, (m, _) in zip(want, jobs) if m != "tiny"} | {want[2]}) > 1  # the adapters change the output
+
+
+# ---- disconnects, a full queue --------------------------------------------------------------------------------------
+def _idle(url):
+    m = metrics(url)
+    return m["phiforge:num_requests_running"] == 0 and m["phiforge:kv_cache_used_tokens"] == 0
+
+
+def test_a_stream_closed_midway_is_aborted_and_frees_its_memory(server):
+    c = client(server)
+    wait_for(lambda: _idle(server), what="an idle server")
+    before = metrics(server)["phiforge:requests_aborted_total"]
+    stream = c.completions.create(model="tiny", prompt="Tell me everything", max_tokens=400, temperature=0,
+                                  stream=True)
+    got = 0
+    for ch in stream:
+        got += bool(ch.choices[0].text)
+        if got == 3:
+            break
+    assert metrics(server)["phiforge:num_requests_running"] == 1
+    stream.close()
+    wait_for(lambda: metrics(server)["phiforge:requests_aborted_total"] == before + 1, what="the abort")
+    wait_for(lambda: _idle(server), what="the memory to be freed")
+    assert c.completions.create(model="tiny", prompt="Hi", max_tokens=2).usage.completion_tokens >= 1
+
+
+def test_a_non_streamed_request_whose_client_leaves_is_aborted(server):
+    wait_for(lambda: _idle(server), what="an idle server")
+    before = metrics(server)["phiforge:requests_aborted_total"]
+    body = {"model": "tiny", "prompt": "Tell me everything", "max_tokens": 400, "temperature": 0}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server + "/v1/completions", json=body, timeout=httpx.Timeout(10, read=1.0))
+    wait_for(lambda: metrics(server)["phiforge:requests_aborted_total"] == before + 1, what="the abort")
+    wait_for(lambda: _idle(server), what="the memory to be freed")
+
+
+def test_a_full_queue_gets_429_with_retry_after(tiny):
+    with serving(tiny, max_batch=1, max_queue=1) as (url, _):
+        c = client(url)
+        streams = [c.completions.create(model="tiny", prompt=f"Long {i}", max_tokens=400, stream=True)
+                   for i in range(2)]  # one running, one waiting: the queue is full
+        wait_for(lambda: metrics(url)["phiforge:num_requests_waiting"] == 1, what="a waiting request")
+        with pytest.raises(openai.RateLimitError) as e:
+            c.completions.create(model="tiny", prompt="One more", max_tokens=2)
+        assert e.value.response.status_code == 429 and int(e.value.response.headers["retry-after"]) >= 1
+        assert e.value.body["type"] == "rate_limit_error"
+        assert metrics(url)["phiforge:requests_rejected_total"] == 1
+        for s in streams:
+            s.close()
+        wait_for(lambda: _idle(url) and metrics(url)["phiforge:num_requests_waiting"] == 0, what="idle")
+        assert c.completions.create(model="tiny", prompt="Now", max_tokens=2).usage.completion_tokens >= 1
+
+
+# ---- bad input -----------------------------------------------------------------------------------------------------
+MSG = [{"role": "user", "content": "Hi"}]
+BAD = [  # (route, body (a str is sent raw), status, param)
+    ("chat", "{not json", 400, None),
+    ("chat", "[1, 2]", 400, None),
+    ("chat", {"model": "tiny"}, 400, "messages"),
+    ("chat", {"model": "tiny", "messages": "Hi"}, 400, "messages"),
+    ("chat", {"model": "tiny", "messages": [{"role": "robot", "content": "x"}]}, 400, "messages[0].role"),
+    ("chat", {"model": "tiny", "messages": [{"role": "user", "content": 5}]}, 400, "messages[0].content"),
+    ("chat", {"model": "tiny", "messages": MSG, "max_tokens": "10"}, 400, "max_tokens"),
+    ("chat", {"model": "tiny", "messages": MSG, "max_tokens": 0}, 400, "max_tokens"),
+    ("chat", {"model": "tiny", "messages": MSG, "max_tokens": True}, 400, "max_tokens"),
+    ("chat", {"model": "tiny", "messages": MSG, "max_completion_tokens": -3}, 400, "max_completion_tokens"),
+    ("chat", {"model": "tiny", "messages": MSG, "max_tokens": 100000}, 400, "max_tokens"),
+    ("chat", {"model": "tiny", "messages": MSG, "temperature": -1}, 400, "temperature"),
+    ("chat", {"model": "tiny", "messages": MSG, "temperature": "hot"}, 400, "temperature"),
+    ("chat", {"model": "tiny", "messages": MSG, "top_p": 0}, 400, "top_p"),
+    ("chat", {"model": "tiny", "messages": MSG, "top_k": 2.5}, 400, "top_k"),
+    ("chat", {"model": "tiny", "messages": MSG, "n": 2}, 400, "n"),
+    ("chat", {"model": "tiny", "messages": MSG, "stop": 5}, 400, "stop"),
+    ("chat", {"model": "tiny", "messages": MSG, "stop": ["ok", 1]}, 400, "stop[1]"),
+    ("chat", {"model": "tiny", "messages": MSG, "seed": "x"}, 400, "seed"),
+    ("chat", {"model": "tiny", "messages": MSG, "stream": "yes"}, 400, "stream"),
+    ("chat", {"model": "tiny", "messages": MSG, "stream_options": {"include_usage": True}}, 400, "stream_options"),
+    ("chat", {"model": "tiny", "messages": MSG, "logprobs": True}, 400, "logprobs"),
+    ("chat", {"model": "tiny", "messages": MSG, "presence_penalty": 3}, 400, "presence_penalty"),
+    ("chat", {"model": "nope", "messages": MSG}, 404, "model"),
+    ("completions", {"model": "tiny"}, 400, "prompt"),
+    ("completions", {"model": "tiny", "prompt": {"a": 1}}, 400, "prompt"),
+    ("completions", {"model": "tiny", "prompt": ["a", "b"]}, 400, "prompt"),
+    ("completions", {"model": "tiny", "prompt": [1, 10 ** 9]}, 400, "prompt[1]"),
+    ("completions", {"model": "tiny", "prompt": "x " * 600}, 400, "prompt"),
+]
+
+
+def test_each_bad_input_gets_its_error_and_the_server_goes_on(server):
+    for route, body, status, param in BAD:
+        kw = {"content": body, "headers": {"content-type": "application/json"}} if isinstance(body, str) \
+            else {"json": body}
+        r = httpx.post(f"{server}/v1/{'chat/completions' if route == 'chat' else route}", timeout=30, **kw)
+        err = r.json()["error"]
+        assert (r.status_code, err["param"]) == (status, param), (body, r.text)
+        assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    for path, method, status in (("/v1/nothing", "GET", 404), ("/v1/completions", "GET", 405)):
+        r = httpx.request(method, server + path, timeout=10)
+        assert r.status_code == status and "error" in r.json()
+    c = client(server)
+    with pytest.raises(openai.BadRequestError):  # the openai client sees the error type too
+        c.chat.completions.create(model="tiny", messages=MSG, max_tokens=0)
+    with pytest.raises(openai.NotFoundError):
+        c.chat.completions.create(model="nope", messages=MSG)
+    assert c.chat.completions.create(model="tiny", messages=MSG, max_tokens=2).usage.completion_tokens >= 1
+    assert httpx.get(server + "/health", timeout=10).json() == {"status": "ok"}
+
+
+def test_api_key(tiny):
+    with serving(tiny, api_key="sekrit") as (url, _):
+        for key in ("wrong", None):
+            headers = {"authorization": f"Bearer {key}"} if key else {}
+            r = httpx.post(url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 1}, headers=headers)
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        with pytest.raises(openai.AuthenticationError):
+            client(url, key="wrong").models.list()
+        assert client(url, key="sekrit").completions.create(prompt="Hi", max_tokens=1, model="tiny").choices
+        assert httpx.get(url + "/health").status_code == 200  # probes need no key
+
+
+def test_metrics_count_what_was_served(tiny):
+    with serving(tiny) as (url, _):
+        c = client(url)
+        rs = [c.completions.create(model="tiny", prompt=p, max_tokens=4, temperature=0) for p in ("a b", "c d e")]
+        list(c.completions.create(model="tiny", prompt="f", max_tokens=4, temperature=0, stream=True))
+        m = metrics(url)
+        assert m["phiforge:prompt_tokens_total"] == sum(r.usage.prompt_tokens for r in rs) + 1
+        assert m["phiforge:generation_tokens_total"] >= sum(r.usage.completion_tokens for r in rs)
+        assert m["phiforge:e2e_request_latency_seconds_count"] == 3
+        assert m["phiforge:time_to_first_token_seconds_count"] == 3
+        assert m['phiforge:e2e_request_latency_seconds_bucket{le="+Inf"}'] == 3
+        assert m["phiforge:inter_token_latency_seconds_count"] >= 1
+        assert m["phiforge:kv_cache_usage_ratio"] == 0
+
+
+# ---- SIGTERM ------------------------------------------------------------------------------------------------------
+SERVE_STAND_IN = """
+import sys, torch
+from server_fakes import GeneratorEngine
+from phiforge.engine.loader import load_model
+from phiforge.engine.tokenizer import load_tokenizer
+from phiforge.engine.server import create_app, run_server
+d, port = sys.argv[1], int(sys.argv[2])
+tok = load_tokenizer(d)
+engine = GeneratorEngine(load_model(d, dtype=torch.float32), tok)
+run_server(create_app(engine, tok, model_name="tiny"), "127.0.0.1", port, log_level="warning")
+"""
+
+
+def test_sigterm_stops_admitting_finishes_running_requests_then_exits(tiny, ref):
+    port = free_port()
+    if REAL_ENGINE:  # the command itself
+        cmd = [str(Path(sys.executable).parent / "phiforge"), "serve", "--model", str(tiny), "--dtype", "float32",
+               "--port", str(port), "--served-model-name", "tiny"]
+    else:
+        cmd = [sys.executable, "-c", SERVE_STAND_IN, str(tiny), str(port)]
+    env = {**os.environ, "PYTHONPATH": str(TESTS)}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: _up(url), timeout=60, what="the server to start")
+        want = ref("Drain me", max_new_tokens=16)
+        c = client(url)
+        stream = c.completions.create(model="tiny", prompt="Drain me", max_tokens=16, temperature=0, stream=True)
+        chunks = iter(stream)
+        text = next(chunks).choices[0].text
+        proc.send_signal(signal.SIGTERM)
+        wait_for(lambda: not _up(url), timeout=20, what="the listener to close")  # admits nothing new
+        text += "".join(ch.choices[0].text for ch in chunks)
+        assert text == want.text  # the running request finished in full
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        out = proc.stdout.read().decode(errors="replace")
+    assert "Traceback" not in out, out
+
+
+def _up(url) -> bool:
+    try:
+        return httpx.get(url + "/health", timeout=2).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+# ---- the default model ----------------------------------------------------------------------------------------------
+def test_default_model_chat(tmp_path):
+    path = default_model_path()
+    model, tok = load_model(path, dtype=torch.float32), load_tokenizer(path)
+    want = Generator(model, tok).generate(CHAT, max_new_tokens=8, temperature=0)[0]
+    with serving(path, loaded=(model, tok)) as (url, _):  # the reference has finished: the engine takes the model
+        r = client(url).chat.completions.create(model="tiny", messages=CHAT, max_tokens=8, temperature=0)
+    assert r.choices[0].message.content == want.text and want.text.strip()
+    assert r.usage.prompt_tokens == want.prompt_tokens
