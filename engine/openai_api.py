@@ -1,0 +1,353 @@
+"""The OpenAI API surface: a request body in, an engine Request out (or one APIError naming the field); a Result or
+Deltas in, response and SSE chunk dicts out.
+
+    parse_chat(body, tokenizer, max_context, models)        -> Parsed   (POST /v1/chat/completions)
+    parse_completion(body, tokenizer, max_context, models)  -> Parsed   (POST /v1/completions)
+
+Validation is by hand, not by a pydantic model: every rejection is a 400 whose `param` is the exact field at fault
+(`messages[2].content`, `stop[1]`), in OpenAI's error shape {"error": {"message", "type", "param", "code"}}, and
+the checks run before anything is tokenized or submitted. Booleans are never numbers here (`"max_tokens": true` is
+a 400, though Python's bool is an int). Unknown fields are ignored, as OpenAI's clients send extras (`user`,
+`metadata`); fields that would change the output and that this engine does not implement (`logprobs`,
+`logit_bias`, `tools`, `n` > 1, ...) are a 400 rather than silently ignored.
+
+Adapters are chosen with the `model` field (vLLM's convention): the base model's name or a loaded adapter's name;
+an unknown name is a 404. A missing `model` means the base model.
+
+Defaults follow OpenAI: temperature 1, top_p 1; completions stop after 16 tokens unless `max_tokens` says
+otherwise, chat runs to the context's end (`max_completion_tokens` is the newer name for `max_tokens`). Prompt +
+max_tokens over the context is a 400 here, before any compute.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import numbers
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from .request import Delta, Request, Result
+from .sampling import SamplingParams
+
+MAX_STOP = 16                 # OpenAI documents 4; more is harmless for the engine, unbounded is not
+COMPLETION_DEFAULT_TOKENS = 16
+ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
+               413: "invalid_request_error", 429: "rate_limit_error", 499: "invalid_request_error",
+               500: "server_error", 503: "unavailable_error"}
+ROLES = ("system", "developer", "user", "assistant", "tool")
+# fields whose effect this engine does not implement: allowed only at their "off" values
+UNSUPPORTED = {"logprobs": (None, False, 0), "top_logprobs": (None, 0), "logit_bias": (None, {}),
+               "echo": (None, False), "suffix": (None, ""), "best_of": (None, 1), "tools": (None, []),
+               "functions": (None, []), "tool_choice": (None, "none")}
+
+
+class APIError(Exception):
+    """An HTTP error in OpenAI's shape. `param` names the request field at fault (None when no one field is)."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": ERROR_TYPES.get(self.status, "invalid_request_error"),
+                          "param": self.param, "code": self.code}}
+
+
+def bad(param: str | None, message: str) -> APIError:
+    return APIError(400, message, param=param)
+
+
+@dataclass
+class Parsed:
+    """A validated request: what the engine runs and how the response is to be shaped."""
+    kind: str                   # "chat" | "completion"
+    model: str                  # the name the client asked for (echoed in responses)
+    request: Request
+    stream: bool
+    include_usage: bool
+
+
+# ---- field checks -------------------------------------------------------------------------------------------------
+def _is_int(v: Any) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and v == v  # NaN is no number here
+
+
+def _number(body: dict, name: str, default: float, lo: float, hi: float, lo_open: bool = False) -> float:
+    v = body.get(name)
+    if v is None:
+        return default
+    if not _is_num(v):
+        raise bad(name, f"'{name}' must be a number, got {json.dumps(v)}")
+    if v > hi or v < lo or (lo_open and v == lo):
+        left = "(" if lo_open else "["
+        raise bad(name, f"'{name}' must be in {left}{lo}, {hi}], got {v}")
+    return float(v)
+
+
+def _integer(body: dict, name: str, lo: int, hi: int | None = None) -> int | None:
+    v = body.get(name)
+    if v is None:
+        return None
+    if not _is_int(v):
+        raise bad(name, f"'{name}' must be an integer, got {json.dumps(v)}")
+    if v < lo or (hi is not None and v > hi):
+        raise bad(name, f"'{name}' must be >= {lo}" + (f" and <= {hi}" if hi is not None else "") + f", got {v}")
+    return int(v)
+
+
+def _flag(body: dict, name: str) -> bool:
+    v = body.get(name, False)
+    if v is None:
+        return False
+    if not isinstance(v, bool):
+        raise bad(name, f"'{name}' must be a boolean, got {json.dumps(v)}")
+    return v
+
+
+def _stop(body: dict) -> tuple[str, ...]:
+    v = body.get("stop")
+    if v is None:
+        return ()
+    items = [v] if isinstance(v, str) else v
+    if not isinstance(items, list):
+        raise bad("stop", f"'stop' must be a string or a list of strings, got {json.dumps(v)}")
+    if len(items) > MAX_STOP:
+        raise bad("stop", f"'stop' has {len(items)} strings; at most {MAX_STOP} are allowed")
+    for i, s in enumerate(items):
+        if not isinstance(s, str) or not s:
+            raise bad(f"stop[{i}]" if isinstance(v, list) else "stop",
+                      f"each stop sequence must be a non-empty string, got {json.dumps(s)}")
+    return tuple(items)
+
+
+def _unsupported(body: dict) -> None:
+    for name, off in UNSUPPORTED.items():
+        if name in body and body[name] not in off:
+            raise bad(name, f"'{name}' is not supported by this server")
+
+
+def _model(body: dict, models: Callable[[], list[str]]) -> tuple[str, str | None]:
+    """(the name asked for, the adapter to run: None for the base). models()[0] is the base model's name."""
+    names = models()
+    v = body.get("model")
+    if v is None:
+        return names[0], None
+    if not isinstance(v, str):
+        raise bad("model", f"'model' must be a string, got {json.dumps(v)}")
+    if v not in names:
+        raise APIError(404, f"The model '{v}' does not exist; GET /v1/models lists the base model and its "
+                            f"adapters ({', '.join(names)})", param="model", code="model_not_found")
+    return v, (None if v == names[0] else v)
+
+
+def _sampling(body: dict) -> SamplingParams:
+    kw: dict[str, Any] = dict(temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
+                              top_p=_number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True),
+                              repetition_penalty=_number(body, "repetition_penalty", 1.0, 0.0, 10.0, lo_open=True))
+    top_k = body.get("top_k")
+    if top_k is not None:
+        if not _is_int(top_k) or top_k < -1:
+            raise bad("top_k", f"'top_k' must be an integer >= -1 (-1 or 0: off), got {json.dumps(top_k)}")
+        kw["top_k"] = None if top_k <= 0 else int(top_k)
+    known = {f.name for f in dataclasses.fields(SamplingParams)}
+    for name in ("presence_penalty", "frequency_penalty"):
+        v = _number(body, name, 0.0, -2.0, 2.0)
+        if name in known:
+            kw[name] = v
+        elif v != 0.0:
+            raise bad(name, f"'{name}' is not supported by this engine")
+    return SamplingParams(**kw)
+
+
+def _common(body: Any, models: Callable[[], list[str]]) -> dict[str, Any]:
+    """The fields chat and completions share, checked; the prompt and max_tokens are each kind's own."""
+    if not isinstance(body, dict):
+        raise bad(None, "the request body must be a JSON object")
+    _unsupported(body)
+    n = body.get("n")
+    if n is not None and (not _is_int(n) or n != 1):
+        raise bad("n", f"only n = 1 is supported, got {json.dumps(n)}")
+    model, adapter = _model(body, models)
+    stream = _flag(body, "stream")
+    opts = body.get("stream_options")
+    include_usage = False
+    if opts is not None:
+        if not stream:
+            raise bad("stream_options", "'stream_options' is only allowed when 'stream' is true")
+        if not isinstance(opts, dict):
+            raise bad("stream_options", f"'stream_options' must be an object, got {json.dumps(opts)}")
+        include_usage = _flag(opts, "include_usage")
+    seed = body.get("seed")
+    if seed is not None and not _is_int(seed):
+        raise bad("seed", f"'seed' must be an integer, got {json.dumps(seed)}")
+    return dict(model=model, adapter=adapter, stream=stream, include_usage=include_usage, seed=seed,
+                stop=_stop(body), sampling=_sampling(body))
+
+
+def _budget(prompt_ids: list[int], max_tokens: int | None, max_context: int, prompt_field: str,
+            tokens_field: str) -> int:
+    """max_tokens checked against the context (None: whatever the context leaves)."""
+    room = max_context - len(prompt_ids)
+    if room < 1:
+        raise bad(prompt_field, f"the prompt is {len(prompt_ids)} tokens; the model's context is {max_context} "
+                                "tokens and at least one must be left to generate")
+    if max_tokens is None:
+        return room
+    if max_tokens > room:
+        raise bad(tokens_field, f"{len(prompt_ids)} prompt tokens + {tokens_field} {max_tokens} = "
+                                f"{len(prompt_ids) + max_tokens} is over the model's context of {max_context} tokens")
+    return max_tokens
+
+
+def _message_text(m: Any, i: int) -> dict[str, str]:
+    where = f"messages[{i}]"
+    if not isinstance(m, dict):
+        raise bad(where, f"{where} must be an object with 'role' and 'content'")
+    role = m.get("role")
+    if role not in ROLES:
+        raise bad(f"{where}.role", f"{where}.role must be one of {', '.join(ROLES)}, got {json.dumps(role)}")
+    content = m.get("content")
+    if content is None and role == "assistant":
+        content = ""
+    if isinstance(content, list):  # content parts: only text ones
+        texts = []
+        for j, part in enumerate(content):
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise bad(f"{where}.content[{j}]", f"{where}.content[{j}] must be a text part "
+                                                   '{"type": "text", "text": "..."}')
+            texts.append(part["text"])
+        content = "".join(texts)
+    if not isinstance(content, str):
+        raise bad(f"{where}.content", f"{where}.content must be a string or a list of text parts, "
+                                      f"got {json.dumps(content)}")
+    return {"role": "system" if role == "developer" else role, "content": content}
+
+
+def parse_chat(body: Any, tokenizer: Any, max_context: int, models: Callable[[], list[str]]) -> Parsed:
+    c = _common(body, models)
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise bad("messages", "'messages' must be a non-empty list of {role, content} objects")
+    chat = [_message_text(m, i) for i, m in enumerate(messages)]
+    name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = _integer(body, name, 1)
+    try:
+        ids = list(tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True))
+    except Exception as e:  # a template's raise_exception (e.g. roles that must alternate) is the client's error
+        raise bad("messages", f"the chat template rejected the messages: {e}") from None
+    budget = _budget(ids, max_tokens, max_context, "messages", name)
+    req = Request(prompt_ids=ids, max_tokens=budget, sampling=c["sampling"], seed=c["seed"], stop=c["stop"],
+                  adapter=c["adapter"])
+    return Parsed("chat", c["model"], req, c["stream"], c["include_usage"])
+
+
+def _prompt_ids(prompt: Any, tokenizer: Any, vocab: int) -> list[int]:
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]  # a batch of one
+    if isinstance(prompt, str):
+        ids = list(tokenizer.encode(prompt))
+    elif isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt):
+        for i, t in enumerate(prompt):
+            if not 0 <= t < vocab:
+                raise bad(f"prompt[{i}]", f"token id {t} is outside the vocabulary [0, {vocab})")
+        ids = [int(t) for t in prompt]
+    elif isinstance(prompt, list) and len(prompt) > 1:
+        raise bad("prompt", "only one prompt per request is supported (send one request per prompt)")
+    else:
+        raise bad("prompt", "'prompt' must be a string or a non-empty list of token ids")
+    if not ids:
+        raise bad("prompt", "the prompt is empty: at least one token is needed to start generating")
+    return ids
+
+
+def parse_completion(body: Any, tokenizer: Any, max_context: int, models: Callable[[], list[str]],
+                     vocab_size: int | None = None) -> Parsed:
+    c = _common(body, models)
+    if "prompt" not in body:
+        raise bad("prompt", "'prompt' is required")
+    ids = _prompt_ids(body["prompt"], tokenizer, vocab_size or tokenizer.vocab_size)
+    max_tokens = _integer(body, "max_tokens", 1)
+    budget = _budget(ids, COMPLETION_DEFAULT_TOKENS if max_tokens is None else max_tokens, max_context, "prompt",
+                     "max_tokens")
+    req = Request(prompt_ids=ids, max_tokens=budget, sampling=c["sampling"], seed=c["seed"], stop=c["stop"],
+                  adapter=c["adapter"])
+    return Parsed("completion", c["model"], req, c["stream"], c["include_usage"])
+
+
+# ---- responses ----------------------------------------------------------------------------------------------------
+def response_id(p: Parsed) -> str:
+    return ("chatcmpl-" if p.kind == "chat" else "cmpl-") + p.request.id
+
+
+def usage(r: Result) -> dict[str, Any]:
+    u = r.usage
+    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+            "total_tokens": u.prompt_tokens + u.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": u.cached_tokens}}
+
+
+def response(p: Parsed, r: Result, created: int | None = None) -> dict[str, Any]:
+    """The whole (non-streamed) response."""
+    if p.kind == "chat":
+        choice = {"index": 0, "message": {"role": "assistant", "content": r.text}, "logprobs": None,
+                  "finish_reason": r.finish_reason}
+        obj = "chat.completion"
+    else:
+        choice = {"index": 0, "text": r.text, "logprobs": None, "finish_reason": r.finish_reason}
+        obj = "text_completion"
+    return {"id": response_id(p), "object": obj, "created": created or int(time.time()), "model": p.model,
+            "choices": [choice], "usage": usage(r)}
+
+
+class Chunks:
+    """The SSE chunks of one streamed response, in order: [role chunk (chat)], text chunks, the finish chunk,
+    [the usage chunk], then `done()`. Every chunk carries `"usage": null` when usage was asked for, as OpenAI's do."""
+
+    def __init__(self, p: Parsed) -> None:
+        self.p, self.created, self.id = p, int(time.time()), response_id(p)
+
+    def _chunk(self, choices: list[dict], usage_: dict | None = None, last: bool = False) -> str:
+        chunk: dict[str, Any] = {"id": self.id, "object": "chat.completion.chunk" if self.p.kind == "chat"
+                                 else "text_completion", "created": self.created, "model": self.p.model,
+                                 "choices": choices}
+        if self.p.include_usage:
+            chunk["usage"] = usage_ if last else None
+        return "data: " + json.dumps(chunk, ensure_ascii=False) + "\n\n"
+
+    def _choice(self, text: str | None, finish: str | None, role: bool = False) -> dict[str, Any]:
+        if self.p.kind == "chat":
+            delta: dict[str, Any] = {}
+            if role:
+                delta = {"role": "assistant", "content": ""}
+            elif text is not None:
+                delta = {"content": text}
+            return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+
+    def first(self) -> str | None:
+        """The chat role chunk, sent before any token so the client sees the stream open at once."""
+        return self._chunk([self._choice(None, None, role=True)]) if self.p.kind == "chat" else None
+
+    def delta(self, d: Delta) -> str | None:
+        return self._chunk([self._choice(d.text, None)]) if d.text else None
+
+    def finish(self, r: Result) -> str:
+        out = self._chunk([self._choice(None if self.p.kind == "chat" else "", r.finish_reason)])
+        if self.p.include_usage:
+            out += self._chunk([], usage(r), last=True)
+        return out
+
+    @staticmethod
+    def error(e: APIError) -> str:
+        return "data: " + json.dumps(e.body()) + "\n\n"
+
+    @staticmethod
+    def done() -> str:
+        return "data: [DONE]\n\n"

@@ -1,0 +1,97 @@
+"""`phiforge serve`: the OpenAI-compatible HTTP server (engine/server.py) over the serving Engine.
+
+    phiforge serve                                         # the default model on 127.0.0.1:8000
+    phiforge serve --model DIR --quant nf4 --adapter sql=runs/sql-lora --adapter legal=runs/legal --port 8000
+    phiforge serve --api-key KEY --max-batch 16 --max-queue 256 --threads 2
+
+Clients pick an adapter with the `model` field (its NAME; the base model answers to --served-model-name, by
+default the model directory's name). SIGTERM (or Ctrl-C) stops admitting, finishes the running and queued
+requests, then exits 0. Bad flags (a missing directory, a malformed --adapter) are one line on stderr and status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from phiforge.engine.engine import Engine
+from phiforge.engine.fetch import default_model_path
+from phiforge.engine.loader import load_model
+from phiforge.engine.pretrained import compute_dtype
+from phiforge.engine.server import create_app, run_server
+from phiforge.engine.tokenizer import load_tokenizer
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="Hugging Face model directory (default: the default model)")
+    p.add_argument("--served-model-name", default=None,
+                   help="the name clients send as `model` for the base (default: the directory's name)")
+    p.add_argument("--quant", choices=["nf4"], default=None, help="quantize the decoder projections while loading")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="compute dtype (default: bfloat16 where the hardware has it, else float32)")
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
+                   help="a PEFT LoRA adapter served as model NAME (repeatable)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch", type=int, default=16, help="requests decoded together per step")
+    p.add_argument("--max-queue", type=int, default=256, help="requests waiting beyond the batch; more get a 429")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+
+
+def _adapters(specs: list[str]) -> list[tuple[str, Path]]:
+    out = []
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--adapter {spec!r}: expected NAME=DIR")
+        if not Path(path).is_dir():
+            raise ValueError(f"--adapter {spec!r}: {path} is not a directory")
+        if name in {n for n, _ in out}:
+            raise ValueError(f"--adapter {spec!r}: the name {name!r} is given twice")
+        out.append((name, Path(path)))
+    return out
+
+
+def _check(args: argparse.Namespace) -> None:
+    for flag, v, lo in (("--port", args.port, 0), ("--max-batch", args.max_batch, 1),
+                        ("--max-queue", args.max_queue, 0), ("--threads", args.threads, 1)):
+        if v is not None and v < lo:
+            raise ValueError(f"{flag} must be >= {lo}, got {v}")
+    if args.port > 65535:
+        raise ValueError(f"--port must be <= 65535, got {args.port}")
+    if args.model and not Path(args.model).is_dir():
+        raise ValueError(f"--model {args.model}: not a directory")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        _check(args)
+        adapters = _adapters(args.adapter)
+    except ValueError as e:
+        print(f"phiforge serve: {e}", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    path = Path(args.model) if args.model else default_model_path()
+    name = args.served_model_name or path.name
+    if name in {n for n, _ in adapters}:
+        print(f"phiforge serve: --adapter {name}: the base model is served under that name", file=sys.stderr)
+        return 2
+    try:
+        model = load_model(path, dtype=args.dtype or compute_dtype(), quant=args.quant)
+        tokenizer = load_tokenizer(path)
+        engine = Engine(model, tokenizer, max_batch=args.max_batch, max_queue=args.max_queue)
+        for adapter, adir in adapters:
+            engine.load_adapter(adapter, str(adir))
+    except (ValueError, OSError) as e:  # the loaders' errors name the file and the field
+        print(f"phiforge serve: {e}", file=sys.stderr)
+        return 2
+    app = create_app(engine, tokenizer, model_name=name, api_key=args.api_key)
+    print(f"phiforge serve: {name} ({', '.join([n for n, _ in adapters]) or 'no adapters'}) on "
+          f"http://{args.host}:{args.port}/v1", file=sys.stderr)
+    run_server(app, args.host, args.port, log_level=args.log_level)
+    return 0
