@@ -49,6 +49,7 @@ from phiforge.kernels.cpu_ops import rotary_ref, swiglu
 from phiforge.kernels.nf4 import NF4Weight
 
 from .model import RMSNorm
+from .multi_lora import MultiLoRALinear
 from .quant import NF4Linear
 
 
@@ -58,7 +59,10 @@ def _is_plain(module: nn.Module) -> bool:
 
 def _weight(module: nn.Module) -> torch.Tensor | NF4Weight | None:
     """What a projection multiplies by, when its forward is exactly x·Wᵀ: a plain linear's weight or an NF4Linear's
-    NF4Weight (without hooks); None for anything else (LoRA, hooks)."""
+    NF4Weight (without hooks); None for anything else (LoRA, hooks). A multi-LoRA layer gives its base layer's: the
+    native step then computes the base model, which the engine runs only for steps in which no row has an adapter."""
+    if isinstance(module, MultiLoRALinear) and not module._forward_hooks and not module._forward_pre_hooks:
+        module = module.base_layer
     if is_plain(module):
         return module.weight
     if isinstance(module, NF4Linear) and not module._forward_hooks and not module._forward_pre_hooks:
@@ -90,9 +94,10 @@ def decode_weights(model: nn.Module) -> DecodeWeights | None:
 class DecodeStep:
     """Bound to one model and one KVCache: `step(tokens (B,), positions (B,), rows=None, slots=None) -> logits
     (B, V)`. `rope_long` (default: the cache's) picks the LongRoPE table, so rows of one regime can share a cache
-    with rows of the other as long as each step runs one regime."""
+    with rows of the other as long as each step runs one regime. `native=False` keeps the whole step in torch: the
+    native step computes base weights only (`decode_weights`), so steps with adapter rows must not take it."""
 
-    def __init__(self, model: nn.Module, cache, rope_long: bool | None = None) -> None:
+    def __init__(self, model: nn.Module, cache, rope_long: bool | None = None, native: bool = True) -> None:
         cfg = model.config
         self.model, self.cache, self.cfg = model, cache, cfg
         self.layers = list(model.model.layers)
@@ -114,7 +119,7 @@ class DecodeStep:
         rope_long = cache.rope_long if rope_long is None else rope_long
         cos, sin = model.rotary_emb(positions, rope_long, model.dtype)                 # (1, S_max, rd)
         self.cos, self.sin = cos[0], sin[0]                                            # (S_max, rd)
-        weights = decode_weights(model)
+        weights = decode_weights(model) if native else None
         self.native = None if weights is None else NativeDecode.create(
             weights, cache.k, cache.v, cache.pos, self.cos, self.sin)                  # one C call a step
 

@@ -22,34 +22,54 @@ equal a fresh prefill's up to rounding, with the same caveat.
 **LongRoPE.** A request's regime is fixed at admission (engine/generate.py's rule). Rows of both regimes share the
 cache but never a step call: decodes run one call per regime, each with its own cos/sin table.
 
-**Threads.** `submit`, `abort`, `stats` and `shutdown` are thread-safe; only the scheduler thread touches the
+**Adapters** (engine/multi_lora.py). `Engine(model, tok, adapters={"name": dir}, max_adapters=8)` wraps the model's
+projections once, at start, in an AdapterSet; a request names one in `Request.adapter` (None: the base). Every
+prefill chunk runs inside `rows([its slot])`, every decode call inside `rows(slots of its rows)`, so rows of
+different adapters and of none share a step. The native whole-step decode computes base weights only: a step runs
+it when none of its rows has an adapter, else the torch DecodeStep. The base must be the one the adapters were
+trained on: QLoRA adapters (training_args.json) get an NF4 base (a dense model is quantized in place at start),
+LoRA ones the dense base; a set mixing both is refused. `load_adapter`/`unload_adapter` run on the scheduler thread
+between steps (the caller waits for it). **Unloading an adapter that a running, waiting or just-submitted request
+uses is refused** (AdapterBusy naming it and a request), never deferred: the caller decides whether to abort those
+requests or retry later, and a request never finds its adapter gone. Prefix reuse only joins requests of the same
+adapter load (K/V depend on the weights that wrote them).
+
+**Threads.** `submit`, `abort`, `stats`, `shutdown` and the adapter calls are thread-safe; only the scheduler thread touches the
 model, the cache and the queues. `Engine(start=False)` runs no thread: the caller drives `step()` itself
 (engine/generate.py's Generator does, to check its cancel callback between steps).
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
-from typing import Any
+from contextlib import nullcontext
+from typing import Any, Callable
 
 import torch
 
 from .decode import DecodeStep
 from .detokenize import IncrementalDetokenizer
 from .kv_memory import KVMemory
-from .request import (Delta, EngineStopped, Handle, PromptTooLong, QueueFull, Request, Result, UnknownAdapter,
-                      Usage)
+from .multi_lora import AdapterSet, trained_base
+from .quant import NF4Linear, quantize_model_
+from .request import (AdapterBusy, Delta, EngineError, EngineStopped, Handle, PromptTooLong, QueueFull, Request,
+                      Result, UnknownAdapter, Usage)
 from .sampling import make_generators, sample
 from .scheduler import Scheduler, Sequence, now
 
 DEFAULT_ROW_TOKENS = 2048   # a row's slots when kv_tokens is not given (capped by the model's context)
+DEFAULT_MAX_ADAPTERS = 8    # adapter slots when adapters are given without max_adapters
 log = logging.getLogger(__name__)
 
 
 class Engine:
     def __init__(self, model: torch.nn.Module, tokenizer: Any, *, max_batch: int = 16, kv_tokens: int | None = None,
-                 prefill_chunk: int = 256, max_queue: int = 256, max_adapters: int = 8, prefix_cache: bool = True,
-                 lean_decode: bool = True, start: bool = True) -> None:
+                 prefill_chunk: int = 256, max_queue: int = 256, max_adapters: int | None = None,
+                 adapters: dict[str, str] | None = None, prefix_cache: bool = True, lean_decode: bool = True,
+                 start: bool = True) -> None:
+        """max_adapters: adapter slots (None: DEFAULT_MAX_ADAPTERS when `adapters` are given, else none; 0: none, and
+        the model is left as it is); adapters: name -> PEFT directory, loaded at start."""
         cfg = model.config
         if max_batch < 1 or prefill_chunk < 1 or max_queue < 1:
             raise ValueError(f"max_batch, prefill_chunk and max_queue must be >= 1, got {max_batch}, "
@@ -63,8 +83,14 @@ class Engine:
         self.kv = KVMemory(model, max_batch, min(row_len, cfg.max_position_embeddings))
         self.scheduler = Scheduler(self.kv, prefill_chunk, model.rotary_emb.use_long)
         self.scheduler.prefix_reuse = prefix_cache
-        self.max_queue, self.max_adapters, self.lean_decode = max_queue, max_adapters, lean_decode
-        self._decode: dict[bool, DecodeStep] = {}
+        self.adapter_set = _adapter_set(model, dict(adapters or {}), max_adapters)
+        self.max_adapters = 0 if self.adapter_set is None else self.adapter_set.max_adapters
+        self._loads = itertools.count()
+        self._adapter_keys = {n: next(self._loads) for n in self.adapters()}  # prefix reuse key per load
+        self.max_queue, self.lean_decode = max_queue, lean_decode
+        self._decode: dict[tuple[bool, bool], DecodeStep] = {}   # (LongRoPE, torch only) -> step
+        self._ops: list[tuple[Callable[[], None], threading.Event, list]] = []  # adapter calls for the loop
+        self._exited = False
         self._lock = threading.Condition()
         self._inbox: list[Sequence] = []
         self._aborts: set[str] = set()
@@ -95,9 +121,14 @@ class Engine:
         seq = Sequence(req=request, handle=Handle(request.id, self.abort),
                        stop_ids=self.stop_ids if request.stop_token_ids is None else frozenset(request.stop_token_ids),
                        detok=IncrementalDetokenizer(self.tokenizer, request.stop), t_submit=now())
-        with self._lock:
+        with self._lock:  # with unload_adapter's check: an adapter is never unloaded under a request it admitted
             if self._stopped:
                 raise EngineStopped("the engine is shut down", None)
+            if request.adapter is not None:
+                if self.adapter_set is None or request.adapter not in self.adapter_set:
+                    raise UnknownAdapter(f"adapter {request.adapter!r} is not loaded (loaded: "
+                                         f"{', '.join(self.adapters()) or 'none'})", "adapter")
+                seq.slot, seq.kv_key = self.adapter_set.slot(request.adapter), self._adapter_keys[request.adapter]
             if len(self._inbox) + self._queued >= self.max_queue:
                 self._stats["rejected_total"] += 1
                 raise QueueFull(f"{self.max_queue} requests are already waiting (max_queue)", None)
@@ -125,13 +156,56 @@ class Engine:
                         kv_used_tokens=self.kv.used_tokens, kv_total_tokens=self.kv.total_tokens)
 
     def load_adapter(self, name: str, path: str) -> None:
-        raise NotImplementedError("multi-LoRA serving comes with engine/multi_lora.py (AdapterSet), not merged yet")
+        """Read the PEFT directory into a free slot, between steps. AdapterError: bad directory, base mismatch, no
+        free slot, name taken; EngineError: the engine was started without adapter slots."""
+        def load() -> None:
+            if self.adapter_set is None:
+                raise EngineError(f"adapter {name!r}: this engine has no adapter slots (start it with max_adapters "
+                                  f"> 0 or with adapters)", "adapter")
+            self.adapter_set.load(name, path)
+            self._adapter_keys[name] = next(self._loads)
+        self._between_steps(load)
 
     def unload_adapter(self, name: str) -> None:
-        raise NotImplementedError("multi-LoRA serving comes with engine/multi_lora.py (AdapterSet), not merged yet")
+        """Free the adapter's slot, between steps. UnknownAdapter: not loaded; AdapterBusy: a request uses it."""
+        def unload() -> None:
+            if self.adapter_set is None or name not in self.adapter_set:
+                raise UnknownAdapter(f"adapter {name!r} is not loaded", "adapter")
+            with self._lock:
+                users = [q.req.id for q in (*self._inbox, *self.scheduler.running, *self.scheduler.waiting)
+                         if q.req.adapter == name]
+                if users:
+                    raise AdapterBusy(f"adapter {name!r} is in use by {len(users)} request(s) (e.g. {users[0]}): "
+                                      f"unload it when they finish, or abort them first", "adapter")
+                self.adapter_set.unload(name)
+                del self._adapter_keys[name]
+        self._between_steps(unload)
 
     def adapters(self) -> list[str]:
-        return []
+        return [] if self.adapter_set is None else self.adapter_set.names()
+
+    def _between_steps(self, fn: Callable[[], None]) -> None:
+        """Run fn on the scheduler thread between two steps and wait for it (inline when no loop runs: the caller
+        drives step() itself, or the loop has ended), re-raising its error here."""
+        done, box = threading.Event(), []
+        with self._lock:
+            inline = self._thread is None or self._exited
+            if not inline:
+                self._ops.append((fn, done, box))
+                self._lock.notify_all()
+        if inline:
+            return fn()
+        done.wait()
+        if box:
+            raise box[0]
+
+    def _run_ops(self, ops) -> None:
+        for fn, done, box in ops:
+            try:
+                fn()
+            except Exception as e:  # the caller's error, raised in its thread
+                box.append(e)
+            done.set()
 
     # ---- validation (before any compute) ----------------------------------------------------------------------
     def _validate(self, r: Request) -> None:
@@ -151,18 +225,18 @@ class Engine:
         if need > self.kv.row_len:
             raise PromptTooLong(f"{len(r.prompt_ids)} prompt tokens + max_tokens {r.max_tokens} = {need} > the "
                                 f"{self.kv.row_len} KV slots a request may hold (kv_tokens / max_batch)", "max_tokens")
-        if r.adapter is not None and r.adapter not in self.adapters():
-            raise UnknownAdapter(f"adapter {r.adapter!r} is not loaded", "adapter")
 
     # ---- the scheduler thread ---------------------------------------------------------------------------------
     def _loop(self) -> None:
         while True:
             with self._lock:
-                self._lock.wait_for(lambda: self._inbox or self._aborts or not self.scheduler.idle or self._stopped)
+                self._lock.wait_for(lambda: self._inbox or self._aborts or self._ops or not self.scheduler.idle
+                                    or self._stopped)
                 if self._stopped and not self._drain:
                     self._aborts.update(s.req.id for s in (*self._inbox, *self.scheduler.running,
                                                            *self.scheduler.waiting))
-                if self._stopped and not self._inbox and not self._aborts and self.scheduler.idle:
+                if self._stopped and not self._inbox and not self._aborts and not self._ops and self.scheduler.idle:
+                    self._exited = True  # adapter calls from now on run inline
                     return
             try:
                 self.step()
@@ -183,6 +257,7 @@ class Engine:
         with self._lock:
             inbox, self._inbox = self._inbox, []
             aborts, self._aborts = self._aborts, set()
+            ops, self._ops = self._ops, []
         for seq in inbox:
             s.add(seq)
         for rid in aborts:
@@ -190,6 +265,7 @@ class Engine:
             if seq is not None:
                 s.remove(seq)
                 self._finish(seq, "abort")
+        self._run_ops(ops)  # after the aborts: an adapter whose requests were just aborted can go
         for seq in s.admit():
             self._start(seq)
         plan = s.plan()
@@ -217,8 +293,10 @@ class Engine:
         for seq, start, n in chunks:
             ids = seq.req.prompt_ids[start:start + n]
             last = start + n == len(seq.req.prompt_ids)
-            out = self.model(torch.tensor([ids]), position_ids=torch.arange(start, start + n)[None],
-                             cache=self.kv.view(seq.row, seq.rope_long), num_logits=1, return_hidden=not last)
+            with self._rows([seq.slot]):
+                out = self.model(torch.tensor([ids]), position_ids=torch.arange(start, start + n)[None],
+                                 cache=self.kv.view(seq.row, seq.rope_long), num_logits=1,
+                                 return_hidden=not last)
             self.kv.wrote(seq.row, ids)
             seq.computed += n
             if last:
@@ -234,18 +312,29 @@ class Engine:
             tokens = torch.tensor([q.out[-1] for q in group])                          # (B,)
             slots = torch.tensor([self.kv.length[q.row] for q in group])               # (B,) slot = position
             rows = torch.tensor([q.row for q in group])                                # (B,)
+            lora = torch.tensor([q.slot for q in group])                               # (B,) adapter slots
             if self.lean_decode:
-                step = self._decode.get(long)
+                torch_only = bool((lora >= 0).any())  # the native step knows base weights only
+                step = self._decode.get((long, torch_only))
                 if step is None:
-                    step = self._decode[long] = DecodeStep(self.model, self.kv.cache, rope_long=long)
-                logits = step(tokens, slots, rows, slots)                              # (B, V)
+                    step = self._decode[long, torch_only] = DecodeStep(self.model, self.kv.cache, rope_long=long,
+                                                                       native=not torch_only)
+                with self._rows(lora):
+                    logits = step(tokens, slots, rows, slots)                          # (B, V)
             else:  # model.forward, one row at a time (any model that takes a cache)
-                logits = torch.cat([self.model(tokens[b:b + 1, None], position_ids=slots[b:b + 1, None],
-                                               cache=self.kv.view(q.row, long))[:, -1] for b, q in enumerate(group)])
+                logits = []
+                for b, q in enumerate(group):
+                    with self._rows(lora[b:b + 1]):
+                        logits.append(self.model(tokens[b:b + 1, None], position_ids=slots[b:b + 1, None],
+                                                 cache=self.kv.view(q.row, long))[:, -1])  # (1, V)
+                logits = torch.cat(logits)                                             # (B, V)
             for b, q in enumerate(group):
                 self.kv.wrote(q.row, [q.out[-1]])
                 ready.append((q, logits[b]))
         return ready
+
+    def _rows(self, slots):
+        return nullcontext() if self.adapter_set is None else self.adapter_set.rows(torch.as_tensor(slots))
 
     def _emit(self, seq: Sequence, logits: torch.Tensor) -> None:
         """Sample the next token, apply the stop rules, stream the Delta; finish the request if it ended."""
@@ -289,3 +378,29 @@ class Engine:
     def forget_prefixes(self) -> None:
         """Nothing cached before this call is reused (between a caller's unrelated batches)."""
         self.kv.forget()
+
+
+def _adapter_set(model: torch.nn.Module, adapters: dict[str, str], max_adapters: int | None) -> AdapterSet | None:
+    """Wrap the model for `max_adapters` resident adapters and load `adapters`, on the base they were trained on."""
+    n = (DEFAULT_MAX_ADAPTERS if adapters else 0) if max_adapters is None else max_adapters
+    if n < 0 or len(adapters) > n:
+        raise ValueError(f"max_adapters {n}: must be >= 0 and hold the {len(adapters)} adapters given")
+    if n == 0:
+        return None
+    trained = {name: trained_base(path) for name, path in adapters.items()}
+    nf4 = [k for k, b in trained.items() if b == "nf4"]
+    dense = [k for k, b in trained.items() if b == "dense"]
+    if nf4 and dense:
+        raise ValueError(f"adapters {nf4[0]!r} (QLoRA: NF4 base) and {dense[0]!r} (LoRA: dense base) need different "
+                         f"bases: serve them from two engines")
+    quantized = any(isinstance(m, NF4Linear) for _, m in model.linears())
+    if nf4 and not quantized:
+        log.info("adapter %r is QLoRA: quantizing the base to NF4, the base it was trained on", nf4[0])
+        quantize_model_(model)
+    elif dense and quantized:
+        raise ValueError(f"adapter {dense[0]!r} ({adapters[dense[0]]}) is LoRA, trained on the dense base, but the "
+                         f"model is NF4: load the model without quantization")
+    adapter_set = AdapterSet(model, n)
+    for name, path in adapters.items():
+        adapter_set.load(name, path)
+    return adapter_set

@@ -23,6 +23,8 @@ prompt similarity) and reports how many leading tokens it can skip: all of the c
 last token, which must run to give logits. A chat's next turn (the conversation so far + a new message) or requests
 sharing a RAG system prompt so prefill only what is new. Reused K/V equal a fresh prefill's up to rounding (they
 may have been written by decode steps or other chunking), which is why the engine lets callers turn it off.
+K/V depend on the weights that wrote them, so a row is reused only by a request with the same `key` (the engine's
+key names the LoRA adapter and the load of it: rows written through adapter A, or the base, never serve B).
 
 Legend: L layers, nkv KV heads, hs head dim, S slots of a row.
 """
@@ -54,6 +56,7 @@ class KVMemory:
         self.free: list[int] = list(range(rows))
         self.length = [0] * rows                  # slots written in each row (the running request's tokens so far)
         self.held: list[list[int]] = [[] for _ in range(rows)]  # token of each written slot, for prefix reuse
+        self.key: list[object] = [None] * rows    # what wrote the row's K/V (the adapter); reuse needs the same
 
     @property
     def used_tokens(self) -> int:
@@ -64,14 +67,16 @@ class KVMemory:
     def total_tokens(self) -> int:
         return self.rows * self.row_len
 
-    def acquire(self, prompt: list[int], reuse: bool) -> tuple[int, int] | None:
-        """(row, cached) for a new request: a free row and how many leading prompt tokens it already holds; None
-        when no row is free."""
+    def acquire(self, prompt: list[int], reuse: bool, key: object = None) -> tuple[int, int] | None:
+        """(row, cached) for a new request: a free row and how many leading prompt tokens it already holds (only
+        rows written under the same `key` count); None when no row is free."""
         if not self.free:
             return None
         best, cached = self.free[0], 0
         if reuse:
             for r in self.free:
+                if self.key[r] != key:
+                    continue
                 n = _common_prefix(self.held[r], prompt, len(prompt) - 1)
                 if n > cached:
                     best, cached = r, n
@@ -79,6 +84,7 @@ class KVMemory:
         self.cache.pos[best, cached:] = -1        # what follows the reused prefix is empty for the new request
         self.length[best] = cached
         del self.held[best][cached:]
+        self.key[best] = key
         return best, cached
 
     def release(self, row: int) -> None:

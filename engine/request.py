@@ -68,6 +68,7 @@ class EngineError(ValueError):
 class QueueFull(EngineError): ...             # the waiting queue is at max_queue (server: 429 with Retry-After)
 class PromptTooLong(EngineError): ...         # prompt + max_tokens over the context or a KV row (server: 400)
 class UnknownAdapter(EngineError): ...        # no adapter of that name is loaded (server: 404)
+class AdapterBusy(EngineError): ...           # unload_adapter while requests of it run or wait (server: 409)
 class EngineStopped(EngineError): ...         # submitted after shutdown (server: 503)
 
 

@@ -3,7 +3,8 @@
 Every step, in this order:
   1. **Aborts** leave at once: a waiting request is dropped, a running one ends ("abort") and its row is freed.
   2. **Admission**, first come first served: while a KV row is free (engine/kv_memory.py), the oldest waiting
-     request takes one (the free row sharing the longest prefix with its prompt), with its LongRoPE regime fixed
+     request takes one (the free row sharing the longest prefix with its prompt, among rows written under the same
+     adapter: `Sequence.kv_key`), with its LongRoPE regime fixed
      from the largest position it may run at (engine/generate.py states the rule).
   3. **Work**: every running request whose prompt is in the cache decodes one token; requests still prefilling
      get prompt chunks, oldest first, within `prefill_chunk` prompt tokens per step in all. Decodes and chunks
@@ -35,6 +36,8 @@ class Sequence:
     detok: IncrementalDetokenizer
     t_submit: float
     rope_long: bool = False
+    slot: int = -1                   # its adapter's slot in the engine's AdapterSet (-1: the base model)
+    kv_key: object = None            # its adapter's load (None: base): prefix reuse only among equal keys
     row: int = -1
     cached: int = 0                  # prompt tokens whose K/V were reused
     computed: int = 0                # prompt tokens in the cache so far
@@ -89,7 +92,7 @@ class Scheduler:
             prompt = seq.req.prompt_ids
             # the largest position it may run at: the last new token is sampled, never fed back
             seq.rope_long = self.use_long(len(prompt) + seq.req.max_tokens - 2)
-            seq.row, seq.cached = self.kv.acquire(prompt, self.prefix_reuse)
+            seq.row, seq.cached = self.kv.acquire(prompt, self.prefix_reuse, seq.kv_key)
             seq.computed = seq.cached
             self.running.append(seq)
             admitted.append(seq)
