@@ -11,8 +11,9 @@ Each row times the kernel and its torch counterpart interleaved in the same run 
 
 `--tier avx2` (any kernels/native.py tier) builds and runs every native library at that instruction-set tier or
 below, as on a CPU that has no more: the AVX2 decode step against the torch step on an AVX2 machine (whose own
-native GEMV and RMSNorm/SwiGLU/RoPE then run their AVX2 forms too; torch's own kernels keep what they detect).
-The JSON records the tier each library ran at.
+native GEMV and RMSNorm/SwiGLU/RoPE then run their AVX2 forms too). torch's own kernels keep what they detect
+unless capped as well: `ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2`. The JSON records the tier each library
+ran at and torch's capability.
 
     python bench/bench_cpu_kernels.py [--repeats 5] [--iters 20] [--threads T] [--skip-decode | --decode-only]
                                   [--tier TIER]
@@ -69,6 +70,7 @@ def main() -> None:
 def run(args: argparse.Namespace) -> dict:
     r, n = args.repeats, args.iters
     out: dict = {"threads": torch.get_num_threads(), "cpu_tier": native.cpu_tier(),
+                 "torch_capability": torch.backends.cpu.get_cpu_capability(),
                  "libraries": {lib.name: str(lib.status())
                                for lib in (cpu_attention.LIB, cpu_decode.LIB, cpu_gemv.LIB, cpu_ops.LIB)}}
     g = torch.Generator().manual_seed(0)
