@@ -10,7 +10,7 @@ Each row times the kernel and its torch counterpart interleaved in the same run 
   - kernels/cpu_decode.py      the whole batch-1 decode step vs the torch step, default model, 512 cached tokens
 
 `--tier avx2` (any kernels/native.py tier) builds and runs every native library at that instruction-set tier or
-below, as on a CPU that has no more: the AVX2 decode step against the torch step on an AVX2 machine (whose own
+below, as on a CPU that has no more: e.g. the AVX2 decode step against the torch step on an AVX2 machine (whose own
 native GEMV and RMSNorm/SwiGLU/RoPE then run their AVX2 forms too). torch's own kernels keep what they detect
 unless capped as well: `ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2`. The JSON records the tier each library
 ran at and torch's capability.
