@@ -9,11 +9,19 @@ Each row times the kernel and its torch counterpart interleaved in the same run 
                                their torch forms, fp32 and bf16
   - kernels/cpu_decode.py      the whole batch-1 decode step vs the torch step, default model, 512 cached tokens
 
-    python bench/bench_cpu_kernels.py [--repeats 5] [--iters 20] [--threads T] [--skip-decode]
+`--tier avx2` (any kernels/native.py tier) builds and runs every native library at that instruction-set tier or
+below, as on a CPU that has no more: e.g. the AVX2 decode step against the torch step on an AVX2 machine (whose own
+native GEMV and RMSNorm/SwiGLU/RoPE then run their AVX2 forms too). torch's own kernels keep what they detect
+unless capped as well: `ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2`. The JSON records the tier each library
+ran at and torch's capability.
+
+    python bench/bench_cpu_kernels.py [--repeats 5] [--iters 20] [--threads T] [--skip-decode | --decode-only]
+                                  [--tier TIER]
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
 from typing import Callable
@@ -21,7 +29,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from phiforge.kernels import cpu_attention, cpu_decode, cpu_linear, cpu_ops
+from phiforge.kernels import cpu_attention, cpu_decode, cpu_gemv, cpu_linear, cpu_ops, native
 
 T, C, I, NH, NKV, HS = 512, 576, 1536, 9, 3, 64
 
@@ -42,27 +50,37 @@ def compare(ours: Callable, theirs: Callable, repeats: int, iters: int) -> dict:
     return {"phiforge_ms": min(a), "torch_ms": min(b), "speedup": min(b) / min(a)}
 
 
-@torch.inference_mode()
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--skip-decode", action="store_true", help="skip the decode-step row (loads the default model)")
+    ap.add_argument("--decode-only", action="store_true", help="only the decode-step rows")
+    ap.add_argument("--tier", choices=list(native.TIERS), default=None,
+                    help="cap every native library at this instruction-set tier (default: the widest this CPU runs)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    with native.forced_tier(args.tier) if args.tier else contextlib.nullcontext(), torch.inference_mode():
+        out = run(args)
+    print(json.dumps(out, indent=1, default=lambda x: round(x, 4) if isinstance(x, float) else str(x)))
 
+
+def run(args: argparse.Namespace) -> dict:
     r, n = args.repeats, args.iters
-    out: dict = {"threads": torch.get_num_threads()}
+    out: dict = {"threads": torch.get_num_threads(), "cpu_tier": native.cpu_tier(),
+                 "torch_capability": torch.backends.cpu.get_cpu_capability(),
+                 "libraries": {lib.name: str(lib.status())
+                               for lib in (cpu_attention.LIB, cpu_decode.LIB, cpu_gemv.LIB, cpu_ops.LIB)}}
     g = torch.Generator().manual_seed(0)
-    for N, K in ((3 * 320, C), (C, C), (2 * I, C), (C, I)):  # qkv, o, gate_up, down
+    for N, K in () if args.decode_only else ((3 * 320, C), (C, C), (2 * I, C), (C, I)):  # qkv, o, gate_up, down
         x, w, dy = torch.randn(T, K, generator=g), torch.randn(N, K, generator=g), torch.randn(T, N, generator=g)
         row = compare(lambda: cpu_linear.matmul_nt(x, w), lambda: F.linear(x, w), r, n)
         row["phiforge_gflops"] = 2 * T * N * K / row["phiforge_ms"] / 1e6
         row["backward_dx"] = compare(lambda: cpu_linear.matmul_nt(dy, w.t()), lambda: dy @ w, r, n)
         out[f"linear_fp32_{N}x{K}"] = row
-    for dt in (torch.float32, torch.bfloat16):
+    for dt in () if args.decode_only else (torch.float32, torch.bfloat16):
         name = str(dt).split(".")[1]
         q = torch.randn(1, NH, T, HS, generator=g).to(dt)
         k, v = torch.randn(1, NKV, T, HS, generator=g).to(dt), torch.randn(1, NKV, T, HS, generator=g).to(dt)
@@ -90,15 +108,15 @@ def main() -> None:
             ids = torch.randint(0, model.config.vocab_size, (1, T), generator=g)
             for c in caches:
                 model(ids, cache=c, num_logits=1)
-            native = DecodeStep(model, caches[0])
+            fused = DecodeStep(model, caches[0])
             with cpu_decode.LIB.disabled():
                 plain = DecodeStep(model, caches[1])
             tok = torch.tensor([7])
-            row = compare(lambda: native(tok, torch.tensor([caches[0].length])),
+            row = compare(lambda: fused(tok, torch.tensor([caches[0].length])),
                           lambda: plain(tok, torch.tensor([caches[1].length])), r, n)
             row["phiforge_tokens_per_s"] = 1e3 / row["phiforge_ms"]
             out[f"decode_step_{str(dt).split('.')[1]}"] = row
-    print(json.dumps(out, indent=1, default=lambda x: round(x, 4) if isinstance(x, float) else str(x)))
+    return out
 
 
 if __name__ == "__main__":

@@ -8,11 +8,12 @@ triangle, four query rows at a time (bench/bench_cpu_kernels.py compares the two
     p_j = exp(s_j − max_j s) / Σ_j exp(…)           fp32, csrc/simd.h's vector exp (≤ 2 ulp)
     y_i = Σ_j p_j v_j                                rounded once to the model dtype
 
-fp32 (and bf16 with an odd head dim): everything in fp32 (bf16 widened exactly), K transposed once per KV head,
-4 query rows x 64 keys a tile (16 accumulators, each K load feeding four FMAs). bf16: both products on the CPU's
-bf16 dot-product instruction (_mm512_dpbf16_ps: a pair of bf16 products added into fp32), the way SDPA's bf16 path
-rounds — scores in fp32 (bf16 products are exact in fp32), exp(s − max) rounded to bf16 for p·v, the sum over the
-fp32 values; K packed as dim pairs, V as key pairs, the same tiles. The C is csrc/attention.c.
+fp32 (and bf16 with an odd head dim, or on a CPU without AVX512-BF16): everything in fp32 (bf16 widened exactly), K
+transposed once per KV head, 4 query rows x 64 keys a tile (16 accumulators, each K load feeding four FMAs) on
+AVX-512, 4 x 24 (12 accumulators) on AVX2, the same C for both widths (csrc/simd.h's vfloat). bf16: both products on
+the CPU's bf16 dot-product instruction (_mm512_dpbf16_ps: a pair of bf16 products added into fp32), the way SDPA's
+bf16 path rounds — scores in fp32 (bf16 products are exact in fp32), exp(s − max) rounded to bf16 for p·v, the sum
+over the fp32 values; K packed as dim pairs, V as key pairs, the same tiles. The C is csrc/attention.c.
 
 Grouped-query heads read their KV head (h // rep) in place, and the output is written as (B, T, nh·hs), the
 layout o_proj takes, so no transpose copy follows. Work splits over (row, head, 32-query block) tasks, dynamically
@@ -35,7 +36,7 @@ import torch.nn.functional as F
 from phiforge.kernels import native
 
 P, I = ctypes.c_void_p, ctypes.c_int
-LIB = native.NativeLib("cpu_attention", "attention.c", tiers=("avx512bf16", "avx512"), functions={
+LIB = native.NativeLib("cpu_attention", "attention.c", tiers=("avx512bf16", "avx512", "avx2"), functions={
     "causal_attention": (None, [P] * 10 + [I] * 6 + [ctypes.c_float, I, I]),
     "exp_f32": (None, [P, I]),
     "has_dpbf16": (I, []),

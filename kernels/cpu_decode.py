@@ -27,8 +27,9 @@ fused dequantize-GEMV, the very code the torch step calls per NF4 linear, on the
 the same; up to nf4_cpu.GEMV_MAX_M rows (beyond, the torch step dequantizes and runs a GEMM instead). NF4 reads a
 quarter of the bytes (bench/bench_generate.py measures what that buys). The engine (engine/decode.py) hands over the
 weights as tensors (`DecodeWeights`); a LoRA projection, more than MAX_BATCH rows, or a library that cannot run
-(kernels/native.py says why: it needs AVX-512, and uses AVX512-BF16's dot product for bf16 where the CPU has it)
-keeps the torch step.
+(kernels/native.py says why: it needs AVX2 + FMA at least) keeps the torch step. The C is written once for two
+vector widths (csrc/simd.h's vfloat): AVX-512 (16 lanes; bf16 on AVX512-BF16's dot product where the CPU has it)
+and AVX2 (8 lanes, bf16 widened to fp32), the same roundings in the same places on both.
 
 Legend: C hidden, nh/nkv query/KV heads, hs head dim, rd rotary dims, I intermediate, V vocabulary, S cache slots.
 """
@@ -87,7 +88,7 @@ def _check(lib: ctypes.CDLL) -> None:
 
 _LAYOUT = {f"{p}_{s}": (_L, a) for p in ("decode_model", "decode_nf4desc")
            for s, a in (("size", []), ("fields", []), ("offset", [ctypes.c_char_p]))}
-LIB = native.NativeLib("cpu_decode", "decode.c", tiers=("avx512bf16", "avx512"), check=_check, functions={
+LIB = native.NativeLib("cpu_decode", "decode.c", tiers=("avx512bf16", "avx512", "avx2"), check=_check, functions={
     "decode_step": (None, [ctypes.POINTER(_Model), _P, _P, _P, _P, _P]),
     **_LAYOUT,
 })

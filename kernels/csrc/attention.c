@@ -1,5 +1,7 @@
 /* Causal prefill attention (kernels/cpu_attention.py states the math and the tiling): fp32, and bf16 on the bf16
-   dot-product instruction when the CPU has AVX512-BF16. */
+   dot-product instruction when the CPU has AVX512-BF16. The fp32 form (bf16 widened, without that instruction) is
+   written once on simd.h's width-neutral vfloat: VW = 16 lanes on AVX-512, 8 on AVX2, whose 16 registers take
+   smaller tiles (KC, DC below). */
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>
@@ -8,22 +10,27 @@
 #include "simd.h"
 
 #define QBLOCK 32
+#ifdef __AVX512F__
+#define KC 4                        /* vectors of keys per score tile */
+#define DC 4                        /* vectors of head dims per p.V pass */
+#else
+#define KC 3                        /* 4 x 3 accumulators + 3 K vectors + q: the 16 registers */
+#define DC 2                        /* 4 x 2 accumulators + V + 4 broadcast p */
+#endif
 
-/* exp512 on n floats in place, for the tests: torch.exp is the reference */
+/* the tier's vector exp on n floats in place, for the tests: torch.exp is the reference */
 void exp_f32(float *x, int n) {
-    for (int i = 0; i < n; i += 16) {
-        __mmask16 mk = MASK16(n - i);
-        _mm512_mask_storeu_ps(x + i, mk, exp512(_mm512_maskz_loadu_ps(mk, x + i)));
-    }
+    for (int i = 0; i < n; i += VW) vstoren(x, i, 0, vexp(vloadn(x, i, 0, n - i)), n - i);
 }
 
 static inline float ld(const void *p, int64_t i, int bf) {
     return bf ? bf2f(((const uint16_t *)p)[i]) : ((const float *)p)[i];
 }
 
-/* a 4-row x 16*NK-key tile of scores, i0 the slot of its first query row: scaled, causally masked (key j visible
+/* a 4-row x VW*NK-key tile of scores, i0 the slot of its first query row: scaled, causally masked (key j visible
    to row r when j <= i0 + r), stored to srow, max into mx. The tile functions are inlined with NK constant so
-   accumulators stay in registers; BY_NK picks that constant, min(n, 4), at run time. */
+   accumulators stay in registers; BY_NK picks that constant, min(n, KC), at run time. */
+#if KC == 4
 #define BY_NK(n, TILE, ...)                                                                                   \
     switch ((n) < 4 ? (n) : 4) {                                                                              \
         case 4: TILE(4, __VA_ARGS__); break;                                                                  \
@@ -31,50 +38,63 @@ static inline float ld(const void *p, int64_t i, int bf) {
         case 2: TILE(2, __VA_ARGS__); break;                                                                  \
         default: TILE(1, __VA_ARGS__); break;                                                                 \
     }
-static inline __attribute__((always_inline)) void store_tile(const int NK, __m512 acc[4][4], int Tp, int i0, int j0,
-                                                             float scale, float *srow, __m512 *mx) {
+#else
+#define BY_NK(n, TILE, ...)                                                                                   \
+    switch ((n) < 3 ? (n) : 3) {                                                                              \
+        case 3: TILE(3, __VA_ARGS__); break;                                                                  \
+        case 2: TILE(2, __VA_ARGS__); break;                                                                  \
+        default: TILE(1, __VA_ARGS__); break;                                                                 \
+    }
+#endif
+static inline __attribute__((always_inline)) void store_tile(const int NK, vfloat acc[4][KC], int Tp, int i0, int j0,
+                                                             float scale, float *srow, vfloat *mx) {
     for (int r = 0; r < 4; r++)
         for (int c = 0; c < NK; c++) {
-            int n = i0 + r - (j0 + 16 * c) + 1;
-            __mmask16 ok = MASK16(n);
-            __m512 sc = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), ok,
-                                           _mm512_mul_ps(acc[r][c], _mm512_set1_ps(scale)));
-            _mm512_storeu_ps(srow + r * Tp + j0 + 16 * c, sc);
-            mx[r] = _mm512_max_ps(mx[r], sc);
+            vfloat sc = vfirst_else(vmul(acc[r][c], vset1(scale)), i0 + r - (j0 + VW * c) + 1, -INFINITY);
+            vstoreu(srow + r * Tp + j0 + VW * c, sc);
+            mx[r] = vmax(mx[r], sc);
         }
 }
 
-/* masks of the (up to) four 16-lane vectors covering nd head dims; absent vectors get 0 (they load zeros) */
-static inline void dim_masks(int nd, __mmask16 *mk) {
-    for (int c = 0; c < 4; c++) mk[c] = MASK16(nd - c * 16);
-}
-
-/* rows i0.. of y = acc / sum, rounded to the output dtype, row r at out + o + r * rstride; unrolled, so the
-   accumulators are indexed by constants and stay in registers */
-static inline __attribute__((always_inline)) void store_rows(__m512 acc[4][4], const float *inv, int nr, void *out,
-                                                             int64_t o, int64_t rstride, const __mmask16 *mk, int bf) {
+/* rows i0.. of y = acc / sum, rounded to the output dtype, row r at out + o + r * rstride, nd head dims from o
+   (vectors past nd store nothing); unrolled, so the accumulators are indexed by constants and stay in registers */
+static inline __attribute__((always_inline)) void store_rows(vfloat acc[4][DC], const float *inv, int nr, void *out,
+                                                             int64_t o, int64_t rstride, int nd, int bf) {
     #pragma GCC unroll 4
     for (int r = 0; r < 4; r++) {
         if (r >= nr) break;
         #pragma GCC unroll 4
-        for (int c = 0; c < 4; c++) {
-            __m512 y = round16(_mm512_mul_ps(acc[r][c], _mm512_set1_ps(inv[r])), bf);
-            store16(out, o + r * rstride + c * 16, bf, y, mk[c]);
+        for (int c = 0; c < DC; c++) {
+            vfloat y = vround(vmul(acc[r][c], vset1(inv[r])), bf);
+            vstoren(out, o + r * rstride + c * VW, bf, y, nd - c * VW);
         }
     }
 }
 
+/* acc[r][c] += p_rj · v_j over keys j <= last, V rows read by LOADV (full vectors, the hot case, or a head-dim
+   tail): two loops, not a branch inside one, which on AVX2 (a tail through load8's buffer) spills acc */
+#define PV_ROWS(LOADV)                                                                                        \
+    for (int j = 0; j <= last; j++) {                                                                         \
+        const float *vj = vg + (int64_t)j * hs + d0;                                                          \
+        vfloat p[4];                                                                                          \
+        for (int r = 0; r < 4; r++) p[r] = vset1(srow[r * Tp + j]);                                           \
+        for (int c = 0; c < DC; c++) {                                                                        \
+            vfloat vv = LOADV;                                                                                \
+            for (int r = 0; r < 4; r++) acc[r][c] = vfmadd(p[r], vv, acc[r][c]);                              \
+        }                                                                                                     \
+    }
+
 /* fp32: K transposed (ktg[d][j]), q already scaled */
 static inline __attribute__((always_inline)) void qk_tile_f32(const int NK, const float *ktg, const float *qv, int Tp,
-                                                              int hs, int i0, int j0, float *srow, __m512 *mx) {
-    __m512 acc[4][4];
-    for (int r = 0; r < 4; r++) for (int c = 0; c < NK; c++) acc[r][c] = _mm512_setzero_ps();
+                                                              int hs, int i0, int j0, float *srow, vfloat *mx) {
+    vfloat acc[4][KC];
+    for (int r = 0; r < 4; r++) for (int c = 0; c < NK; c++) acc[r][c] = vzero();
     for (int d = 0; d < hs; d++) {
-        __m512 kv[4];
-        for (int c = 0; c < NK; c++) kv[c] = _mm512_loadu_ps(ktg + (int64_t)d * Tp + j0 + 16 * c);
+        vfloat kv[KC];
+        for (int c = 0; c < NK; c++) kv[c] = vloadu(ktg + (int64_t)d * Tp + j0 + VW * c);
         for (int r = 0; r < 4; r++) {
-            __m512 qb = _mm512_set1_ps(qv[r * hs + d]);
-            for (int c = 0; c < NK; c++) acc[r][c] = _mm512_fmadd_ps(qb, kv[c], acc[r][c]);
+            vfloat qb = vset1(qv[r * hs + d]);
+            for (int c = 0; c < NK; c++) acc[r][c] = vfmadd(qb, kv[c], acc[r][c]);
         }
     }
     store_tile(NK, acc, Tp, i0, j0, 1.f, srow, mx);
@@ -107,43 +127,34 @@ void causal_attention(const void *q, const int64_t *sq, const void *k, const int
             int bg = b * nkv + h / rep;
             const float *ktg = kt + (int64_t)bg * hs * Tp, *vg = vf + (int64_t)bg * S * hs;
             for (int i0 = qb * QBLOCK; i0 < T && i0 < (qb + 1) * QBLOCK; i0 += 4) {
-                const int nr = T - i0 < 4 ? T - i0 : 4, last = start + i0 + nr - 1, nk16 = last / 16 + 1;
+                const int nr = T - i0 < 4 ? T - i0 : 4, last = start + i0 + nr - 1, nkc = last / VW + 1;
                 float qv[4 * hs];
                 for (int r = 0; r < 4; r++)
                     for (int d = 0; d < hs; d++)
                         qv[r * hs + d] = r < nr ? ld(q, b * sq[0] + h * sq[1] + (i0 + r) * sq[2] + d, bf) * scale : 0.f;
-                /* scores: four rows x up to 64 keys per tile, each K^T load feeding four FMAs */
-                __m512 mx[4];
-                for (int r = 0; r < 4; r++) mx[r] = _mm512_set1_ps(-INFINITY);
-                for (int j0 = 0; j0 <= last; j0 += 64)
-                    BY_NK(nk16 - j0 / 16, qk_tile_f32, ktg, qv, Tp, hs, start + i0, j0, srow, mx)
+                /* scores: four rows x up to KC * VW keys per tile, each K^T load feeding four FMAs */
+                vfloat mx[4];
+                for (int r = 0; r < 4; r++) mx[r] = vset1(-INFINITY);
+                for (int j0 = 0; j0 <= last; j0 += KC * VW)
+                    BY_NK(nkc - j0 / VW, qk_tile_f32, ktg, qv, Tp, hs, start + i0, j0, srow, mx)
                 float inv[4];
                 for (int r = 0; r < 4; r++) {           /* p = exp(s - max), masked keys give 0 */
-                    __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx[r])), sum = _mm512_setzero_ps();
-                    for (int j0 = 0; j0 <= last; j0 += 16) {
-                        __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(srow + r * Tp + j0), m));
-                        _mm512_storeu_ps(srow + r * Tp + j0, e);
-                        sum = _mm512_add_ps(sum, e);
+                    vfloat m = vset1(vmaxall(mx[r])), sum = vzero();
+                    for (int j0 = 0; j0 <= last; j0 += VW) {
+                        vfloat e = vexp(vsub(vloadu(srow + r * Tp + j0), m));
+                        vstoreu(srow + r * Tp + j0, e);
+                        sum = vadd(sum, e);
                     }
-                    inv[r] = 1.f / _mm512_reduce_add_ps(sum);
+                    inv[r] = 1.f / vsum(sum);
                 }
-                /* y = p.V: 64 head dims x four rows in 16 accumulators, one load of V feeding four FMAs */
-                for (int d0 = 0; d0 < hs; d0 += 64) {
-                    const int nd = hs - d0 < 64 ? hs - d0 : 64;
-                    __m512 acc[4][4];
-                    for (int r = 0; r < 4; r++) for (int c = 0; c < 4; c++) acc[r][c] = _mm512_setzero_ps();
-                    __mmask16 mk[4];
-                    dim_masks(nd, mk);
-                    for (int j = 0; j <= last; j++) {
-                        const float *vj = vg + (int64_t)j * hs + d0;
-                        __m512 p[4];
-                        for (int r = 0; r < 4; r++) p[r] = _mm512_set1_ps(srow[r * Tp + j]);
-                        for (int c = 0; c < 4; c++) {          /* absent head dims load zeros: no branch */
-                            __m512 vv = _mm512_maskz_loadu_ps(mk[c], vj + c * 16);
-                            for (int r = 0; r < 4; r++) acc[r][c] = _mm512_fmadd_ps(p[r], vv, acc[r][c]);
-                        }
-                    }
-                    store_rows(acc, inv, nr, out, (((int64_t)b * T + i0) * nh + h) * hs + d0, (int64_t)nh * hs, mk, bf);
+                /* y = p.V: DC * VW head dims x four rows in 4 * DC accumulators, one load of V feeding four FMAs */
+                for (int d0 = 0; d0 < hs; d0 += DC * VW) {
+                    const int nd = hs - d0 < DC * VW ? hs - d0 : DC * VW;
+                    vfloat acc[4][DC];
+                    for (int r = 0; r < 4; r++) for (int c = 0; c < DC; c++) acc[r][c] = vzero();
+                    if (nd == DC * VW) PV_ROWS(vloadu(vj + c * VW))
+                    else PV_ROWS(vloadn(vj, c * VW, 0, nd - c * VW))   /* absent head dims load zeros */
+                    store_rows(acc, inv, nr, out, (((int64_t)b * T + i0) * nh + h) * hs + d0, (int64_t)nh * hs, nd, bf);
                 }
             }
         }
@@ -157,6 +168,11 @@ void causal_attention(const void *q, const int64_t *sq, const void *k, const int
    pad keys zero; rows: threads*4*Tp floats; prow: threads*4*Tp bf16. */
 #ifdef __AVX512BF16__              /* -march=native on a CPU with avx512_bf16 */
 int has_dpbf16(void) { return 1; }
+
+/* masks of the (up to) four 16-lane vectors covering nd head dims; absent vectors get 0 (they load zeros) */
+static inline void dim_masks(int nd, __mmask16 *mk) {
+    for (int c = 0; c < 4; c++) mk[c] = MASK16(nd - c * 16);
+}
 static inline uint32_t ld32(const uint16_t *p) { uint32_t u; memcpy(&u, p, 4); return u; }
 
 /* bf16: K as dim pairs (kpg[dp][j] = k[j][2dp..2dp+1]), q as pairs; scaled in the epilogue */
@@ -245,7 +261,7 @@ void causal_attention_bf16(const uint16_t *q, const int64_t *sq, const uint16_t 
                             for (int r = 0; r < 4; r++) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], p[r], vv);
                         }
                     }
-                    store_rows(acc, inv, nr, out, (((int64_t)b * T + i0) * nh + h) * hs + d0, (int64_t)nh * hs, mk, 1);
+                    store_rows(acc, inv, nr, out, (((int64_t)b * T + i0) * nh + h) * hs + d0, (int64_t)nh * hs, nd, 1);
                 }
             }
         }

@@ -1,7 +1,8 @@
 /* The whole decode step of a Phi-3 in one native call (kernels/cpu_decode.py states the math): embedding → layers
    → lm_head for 1-16 rows, one OpenMP parallel region. The GEMVs split rows over the threads (gemv.h, or nf4.h for
    an NF4 model), attention splits (row, head) pairs (decode_attention.h), and the small vector ops run on one
-   thread between barriers. AVX-512 F/BW/VL; bf16 models use the bf16 dot product where the CPU has AVX512-BF16. */
+   thread between barriers. Two tiers (simd.h's width-neutral vfloat): AVX-512 F/BW/VL, where bf16 models use the
+   bf16 dot product if the CPU has AVX512-BF16, and AVX2 + FMA (8 lanes, bf16 widened to fp32). */
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
@@ -39,19 +40,19 @@ static void gemm_bf16(const Model *m, const uint16_t *W, const uint16_t *x, floa
 }
 #else
 static void gemv_bf16(const Model *m, const uint16_t *W, const uint16_t *x, float *y, int N, int K) {
-    GEMV_BODY(uint16_t, 16, BF16W_LOAD, BF16W_MLOAD, FMA32, MASK16, STORE_R)
+    GEMV_BODY(uint16_t, VW, BF16W_LOAD, BF16W_MLOAD, FMA32, MASKW, STORE_R)
 }
 static void gemm_bf16(const Model *m, const uint16_t *W, const uint16_t *x, float *y, int N, int K) {
     const int B = m->B;
-    GEMM_BODY(uint16_t, 16, BF16W_LOAD, BF16W_MLOAD, FMA32, MASK16, STORE_R)
+    GEMM_BODY(uint16_t, VW, BF16W_LOAD, BF16W_MLOAD, FMA32, MASKW, STORE_R)
 }
 #endif
 static void gemv_f32(const Model *m, const float *W, const float *x, float *y, int N, int K) {
-    GEMV_BODY(float, 16, _mm512_loadu_ps, _mm512_maskz_loadu_ps, FMA32, MASK16, STORE_R)
+    GEMV_BODY(float, VW, F32_LOAD, F32_MLOAD, FMA32, MASKW, STORE_R)
 }
 static void gemm_f32(const Model *m, const float *W, const float *x, float *y, int N, int K) {
     const int B = m->B;
-    GEMM_BODY(float, 16, _mm512_loadu_ps, _mm512_maskz_loadu_ps, FMA32, MASK16, STORE_R)
+    GEMM_BODY(float, VW, F32_LOAD, F32_MLOAD, FMA32, MASKW, STORE_R)
 }
 
 /* y (B, N) = R(x (B, K) · Wᵀ); bf16 GEMVs read x from m->xb (see prep) */
@@ -158,13 +159,12 @@ void decode_step(Model *m, const int64_t *tokens, const int64_t *positions, cons
             #pragma omp single
             {
                 for (int b = 0; b < B; b++)                       /* mid = R(u · R(silu(g))) */
-                    for (int i = 0; i < I; i += 16) {
-                        __mmask16 mk = MASK16(I - i);
+                    for (int i = 0; i < I; i += VW) {
                         const float *g = m->gu + (int64_t)b * 2 * I + i, *u = g + I;
-                        float sl[16], out[16];
-                        _mm512_storeu_ps(sl, silu512(_mm512_maskz_loadu_ps(mk, g)));
-                        for (int t = 0; t < 16 && i + t < I; t++) out[t] = R(m, u[t] * R(m, sl[t]));
-                        _mm512_mask_storeu_ps(m->mid + (int64_t)b * I + i, mk, _mm512_loadu_ps(out));
+                        float sl[VW];
+                        vstoreu(sl, vsilu(vloadn(g, 0, 0, I - i)));
+                        for (int t = 0; t < VW && i + t < I; t++)
+                            m->mid[(int64_t)b * I + i + t] = R(m, u[t] * R(m, sl[t]));
                     }
                 prep(m, m->mid, B * I);
             }

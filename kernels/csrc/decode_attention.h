@@ -7,11 +7,12 @@
        p_j = R(exp(s_j − max s) / Σ exp(…))            fp32 softmax, vector exp
        y   = R(Σ_j p_j v_j)
 
-   `attend` is the generic form (fp32, or bf16 widened to fp32, 16 head dims per FMA). `attend_bf16` is the bf16
-   one: q and p are bf16-exact (R-rounded), so both products go through _mm512_dpbf16_ps straight from the bf16
-   cache (exact products, fp32 sums): q·k_j 32 dims an instruction, and p·V two keys an instruction, the rows v_j,
-   v_j+1 interleaved (unpacklo/hi_epi16) so each lane holds (v_j[d], v_j+1[d]). Same roundings in both; only the
-   summation order differs. Tests: tests/kernels/test_cpu_decode.py (both forms against the torch decode step and
+   `attend` is the generic form (fp32, or bf16 widened to fp32, VW head dims per FMA: 16 on AVX-512, 8 on AVX2;
+   written once on simd.h's width-neutral vfloat). `attend_bf16` is the AVX512-BF16 one: q and p are bf16-exact
+   (R-rounded), so both products go through _mm512_dpbf16_ps straight from the bf16 cache (exact products, fp32
+   sums): q·k_j 32 dims an instruction, and p·V two keys an instruction, the rows v_j, v_j+1 interleaved
+   (unpacklo/hi_epi16) so each lane holds (v_j[d], v_j+1[d]). Same roundings in both; only the summation order
+   differs. Tests: tests/kernels/test_cpu_decode.py (both forms, at each tier, against the torch decode step and
    model.forward, head dims 8-96). */
 #pragma once
 #include <math.h>
@@ -27,19 +28,19 @@ static inline int hidden(const Model *m, int64_t kp, int64_t position) {
 }
 
 /* sc[0..s] holds scores (hidden slots -inf) with maximum mx: replace them by p = R(exp(sc - mx) / Σ exp(...)),
-   16 slots at a time */
+   VW slots at a time */
 static void softmax_row(const Model *m, float *sc, int s, float mx) {
-    __m512 vsum = _mm512_setzero_ps(), vmx = _mm512_set1_ps(mx);
-    for (int j = 0; j <= s; j += 16) {
-        __mmask16 mk = MASK16(s + 1 - j);
-        __m512 e = _mm512_maskz_mov_ps(mk, exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, sc + j), vmx)));
-        _mm512_mask_storeu_ps(sc + j, mk, e);
-        vsum = _mm512_add_ps(vsum, e);
+    vfloat acc = vzero(), vmx = vset1(mx);
+    for (int j = 0; j <= s; j += VW) {
+        const int n = s + 1 - j;
+        vfloat e = vfirst(vexp(vsub(vloadn(sc, j, 0, n), vmx)), n);
+        vstoren(sc, j, 0, e, n);
+        acc = vadd(acc, e);
     }
-    const __m512 sum = _mm512_set1_ps(_mm512_reduce_add_ps(vsum));
-    for (int j = 0; j <= s; j += 16) {
-        __mmask16 mk = MASK16(s + 1 - j);
-        _mm512_mask_storeu_ps(sc + j, mk, round16(_mm512_div_ps(_mm512_maskz_loadu_ps(mk, sc + j), sum), m->bf));
+    const vfloat sum = vset1(vsum(acc));
+    for (int j = 0; j <= s; j += VW) {
+        const int n = s + 1 - j;
+        vstoren(sc, j, 0, vround(vdiv(vloadn(sc, j, 0, n), sum), m->bf), n);
     }
 }
 #ifdef __AVX512BF16__
@@ -97,7 +98,7 @@ static void attend_bf16(const Model *m, int l, int b, int h, int s, int64_t posi
 }
 #endif
 
-/* row b, query head h over slots 0..s: att[b, h] = R(Σ_j R(softmax(s)_j) v_j), 16 head dims per vector */
+/* row b, query head h over slots 0..s: att[b, h] = R(Σ_j R(softmax(s)_j) v_j), VW head dims per vector */
 static void attend(const Model *m, int l, int b, int h, int s, int64_t position) {
     int hs = m->hs, g = h / (m->nh / m->nkv), nqkv = (m->nh + 2 * m->nkv) * hs;
     int64_t base = ((((int64_t)l * m->nrows + m->rows[b]) * m->nkv + g) * m->smax) * hs;
@@ -106,30 +107,29 @@ static void attend(const Model *m, int l, int b, int h, int s, int64_t position)
     float *sc = m->scores + ((int64_t)b * m->nh + h) * m->smax, mx = -INFINITY;
     for (int j = 0; j <= s; j++) {
         if (hidden(m, pos[j], position)) { sc[j] = -INFINITY; continue; }
-        __m512 acc = _mm512_setzero_ps();
-        for (int d = 0; d < hs; d += 16)
-            acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(MASK16(hs - d), q + d),
-                                  load16(m->k_cache, base + (int64_t)j * hs + d, m->bf, MASK16(hs - d)), acc);
-        sc[j] = R(m, _mm512_reduce_add_ps(acc)) * m->scale;
+        vfloat acc = vzero();
+        for (int d = 0; d < hs; d += VW)
+            acc = vfmadd(vloadn(q, d, 0, hs - d), vloadn(m->k_cache, base + (int64_t)j * hs + d, m->bf, hs - d), acc);
+        sc[j] = R(m, vsum(acc)) * m->scale;
         if (sc[j] > mx) mx = sc[j];
     }
     softmax_row(m, sc, s, mx);
-    for (int d0 = 0; d0 < hs; d0 += 64) {            /* up to four accumulators of 16 dims in registers */
-        int nd = hs - d0 < 64 ? hs - d0 : 64;
-        __m512 o0 = _mm512_setzero_ps(), o1 = o0, o2 = o0, o3 = o0;
+    for (int d0 = 0; d0 < hs; d0 += 4 * VW) {        /* up to four accumulators of VW dims in registers */
+        int nd = hs - d0 < 4 * VW ? hs - d0 : 4 * VW;
+        vfloat o0 = vzero(), o1 = o0, o2 = o0, o3 = o0;
         for (int j = 0; j <= s; j++) {
             float p = sc[j];
             if (p == 0.f) continue;
             const int64_t o = base + (int64_t)j * hs + d0;
-            __m512 pv = _mm512_set1_ps(p);
-            o0 = _mm512_fmadd_ps(pv, load16(m->v_cache, o, m->bf, MASK16(nd)), o0);
-            if (nd > 16) o1 = _mm512_fmadd_ps(pv, load16(m->v_cache, o + 16, m->bf, MASK16(nd - 16)), o1);
-            if (nd > 32) o2 = _mm512_fmadd_ps(pv, load16(m->v_cache, o + 32, m->bf, MASK16(nd - 32)), o2);
-            if (nd > 48) o3 = _mm512_fmadd_ps(pv, load16(m->v_cache, o + 48, m->bf, MASK16(nd - 48)), o3);
+            vfloat pv = vset1(p);
+            o0 = vfmadd(pv, vloadn(m->v_cache, o, m->bf, nd), o0);
+            if (nd > VW) o1 = vfmadd(pv, vloadn(m->v_cache, o + VW, m->bf, nd - VW), o1);
+            if (nd > 2 * VW) o2 = vfmadd(pv, vloadn(m->v_cache, o + 2 * VW, m->bf, nd - 2 * VW), o2);
+            if (nd > 3 * VW) o3 = vfmadd(pv, vloadn(m->v_cache, o + 3 * VW, m->bf, nd - 3 * VW), o3);
         }
-        float out[64];
-        _mm512_storeu_ps(out, o0); _mm512_storeu_ps(out + 16, o1);
-        _mm512_storeu_ps(out + 32, o2); _mm512_storeu_ps(out + 48, o3);
+        float out[4 * VW];
+        vstoreu(out, o0); vstoreu(out + VW, o1);
+        vstoreu(out + 2 * VW, o2); vstoreu(out + 3 * VW, o3);
         for (int d = 0; d < nd; d++) m->att[((int64_t)b * m->nh + h) * hs + d0 + d] = R(m, out[d]);
     }
 }

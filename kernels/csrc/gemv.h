@@ -5,14 +5,18 @@
    The bodies are macros over one dtype description, expanded in a function that names W, x, y, N, K (and B for
    GEMM): T the weight element type, STEP the lanes one FMA consumes, LOAD / MLOAD(mask, p) a full / masked vector
    load, FMA(acc, w, x) the fp32-accumulating multiply-add, MASK(n) the tail mask, STORE(i, v) writes the fp32 sum
-   v of output i (rounding it as the caller's dtype needs).
-     fp32: 16 lanes, _mm512_fmadd_ps.  bf16: 32 lanes, _mm512_dpbf16_ps (32 bf16 pairs multiplied exactly and
-     added into 16 fp32 lanes; AVX512-BF16), or without it 16 lanes widened to fp32 (BF16W_*). */
+   v of output i (rounding it as the caller's dtype needs). Accumulators are the tier's vfloat (simd.h).
+     AVX-512, fp32: 16 lanes, _mm512_fmadd_ps.  bf16: 32 lanes, _mm512_dpbf16_ps (32 bf16 pairs multiplied exactly
+     and added into 16 fp32 lanes; AVX512-BF16), or without it 16 lanes widened to fp32 (BF16W_*).
+     AVX2: 8 lanes, bf16 always widened; a "mask" is a lane count and a masked load goes through load8's buffer
+     (only the tails do). F32_LOAD / F32_MLOAD, BF16W_*, FMA32 and MASKW name the tier's form, so a caller writes
+     the fp32 and widened-bf16 bodies once for both tiers. */
 #pragma once
 #include <stdint.h>
 
 #include "simd.h"
 
+#ifdef __AVX512F__
 #define FMA32(a, w, x) _mm512_fmadd_ps(w, x, a)
 #ifdef __AVX512BF16__
 #define DPBF16(a, w, x) _mm512_dpbf16_ps(a, (__m512bh)(w), (__m512bh)(x))
@@ -23,6 +27,20 @@
     _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(p))), 16))
 #define BF16W_MLOAD(mk, p) _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(                      \
     _mm256_maskz_loadu_epi16(mk, p)), 16))
+#define F32_LOAD _mm512_loadu_ps
+#define F32_MLOAD _mm512_maskz_loadu_ps
+#define MASKW MASK16
+#define GEMM_XB 8                   /* rows of x per GEMM block: 2 x 8 accumulators of the 32 registers */
+#elif defined(__AVX2__) && defined(__FMA__)
+#define FMA32(a, w, x) _mm256_fmadd_ps(w, x, a)
+#define BF16W_LOAD(p) _mm256_castsi256_ps(_mm256_slli_epi32(                                               \
+    _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(p))), 16))
+#define BF16W_MLOAD(n, p) load8(p, 0, 1, n)
+#define F32_LOAD _mm256_loadu_ps
+#define F32_MLOAD(n, p) load8(p, 0, 0, n)
+#define MASKW(n) ((n) < 8 ? (n) : 8)
+#define GEMM_XB 4                   /* 2 x 4 accumulators: 2 x 8 would spill out of the 16 registers */
+#endif
 
 /* GEMV, one row of x: groups of four weight rows split over the threads, one load of x feeding four accumulators
    (registers, not an array, and no FMA latency chain). The hot loop has full-width loads only; K % STEP and N % 4
@@ -32,15 +50,15 @@
     const int N4 = N - N % 4, Kf = K - K % STEP;                                                           \
     _Pragma("omp single nowait")   /* N % 4 rows: the for-loop's barrier below waits for this thread too */ \
     for (int n = N4; n < N; n++) {                                                                         \
-        __m512 a = _mm512_setzero_ps();                                                                    \
+        vfloat a = vzero();                                                                                \
         for (int k = 0; k < K; k += STEP)                                                                  \
             a = FMA(a, MLOAD(MASK(K - k), W + (int64_t)n * K + k), MLOAD(MASK(K - k), x + k));             \
-        STORE(n, _mm512_reduce_add_ps(a));                                                                 \
+        STORE(n, vsum(a));                                                                                 \
     }                                                                                                      \
     _Pragma("omp for schedule(static)")                                                                    \
     for (int n0 = 0; n0 < N4; n0 += 4) {                                                                  \
         const T *w0 = W + (int64_t)n0 * K, *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;                      \
-        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                                       \
+        vfloat a0 = vzero(), a1 = a0, a2 = a0, a3 = a0;                                                    \
         for (int k = 0; k < Kf; k += STEP) {                                                               \
             __typeof__(LOAD(x)) xv = LOAD(x + k);                                                         \
             a0 = FMA(a0, LOAD(w0 + k), xv); a1 = FMA(a1, LOAD(w1 + k), xv);                               \
@@ -51,30 +69,30 @@
             a0 = FMA(a0, MLOAD(MASK(K - Kf), w0 + Kf), xv); a1 = FMA(a1, MLOAD(MASK(K - Kf), w1 + Kf), xv); \
             a2 = FMA(a2, MLOAD(MASK(K - Kf), w2 + Kf), xv); a3 = FMA(a3, MLOAD(MASK(K - Kf), w3 + Kf), xv); \
         }                                                                                                  \
-        STORE(n0, _mm512_reduce_add_ps(a0)); STORE(n0 + 1, _mm512_reduce_add_ps(a1));                     \
-        STORE(n0 + 2, _mm512_reduce_add_ps(a2)); STORE(n0 + 3, _mm512_reduce_add_ps(a3));                 \
+        STORE(n0, vsum(a0)); STORE(n0 + 1, vsum(a1));                                                      \
+        STORE(n0 + 2, vsum(a2)); STORE(n0 + 3, vsum(a3));                                                  \
     }
 
 /* GEMM for B > 1 rows of x (row stride K) into y (B, N): two weight rows at a time, each loaded once for a block of
-   eight rows of x (2 x 8 accumulators, all in registers), so a batch streams the weights once instead of B times.
-   A block always computes eight rows (missing ones re-read row b0 and are dropped): a fixed trip count is what keeps
-   the accumulators in registers. STORE(i, v) gets the flat index b * N + n. */
+   GEMM_XB rows of x (2 x GEMM_XB accumulators, all in registers), so a batch streams the weights once instead of B
+   times. A block always computes GEMM_XB rows (missing ones re-read row b0 and are dropped): a fixed trip count is
+   what keeps the accumulators in registers. STORE(i, v) gets the flat index b * N + n. */
 #define GEMM_BODY(T, STEP, LOAD, MLOAD, FMA, MASK, STORE)                                                 \
     const int N2 = N - N % 2, Kf = K - K % STEP;                                                           \
     _Pragma("omp for schedule(static)")                                                                    \
     for (int n0 = 0; n0 < N; n0 += 2) {                                                                   \
         const int rows = n0 < N2 ? 2 : 1;                                                                  \
         const T *w0 = W + (int64_t)n0 * K, *w1 = rows == 2 ? w0 + K : w0;                                 \
-        for (int b0 = 0; b0 < B; b0 += 8) {                                                                \
-            const int nb = B - b0 < 8 ? B - b0 : 8;                                                        \
-            const T *xs[8];                                                                                \
-            for (int b = 0; b < 8; b++) xs[b] = x + (int64_t)(b0 + (b < nb ? b : 0)) * K;                 \
-            __m512 a0[8], a1[8];                                                                           \
-            for (int b = 0; b < 8; b++) a0[b] = a1[b] = _mm512_setzero_ps();                              \
+        for (int b0 = 0; b0 < B; b0 += GEMM_XB) {                                                          \
+            const int nb = B - b0 < GEMM_XB ? B - b0 : GEMM_XB;                                            \
+            const T *xs[GEMM_XB];                                                                          \
+            for (int b = 0; b < GEMM_XB; b++) xs[b] = x + (int64_t)(b0 + (b < nb ? b : 0)) * K;            \
+            vfloat a0[GEMM_XB], a1[GEMM_XB];                                                               \
+            for (int b = 0; b < GEMM_XB; b++) a0[b] = a1[b] = vzero();                                     \
             for (int k = 0; k < Kf; k += STEP) {                                                           \
                 __typeof__(LOAD(w0)) wv0 = LOAD(w0 + k), wv1 = LOAD(w1 + k);                               \
                 _Pragma("GCC unroll 8")                                                                    \
-                for (int b = 0; b < 8; b++) {                                                              \
+                for (int b = 0; b < GEMM_XB; b++) {                                                        \
                     __typeof__(wv0) xv = LOAD(xs[b] + k);                                                  \
                     a0[b] = FMA(a0[b], wv0, xv); a1[b] = FMA(a1[b], wv1, xv);                              \
                 }                                                                                          \
@@ -82,14 +100,14 @@
             if (Kf < K) {                                                                                  \
                 __typeof__(LOAD(w0)) wv0 = MLOAD(MASK(K - Kf), w0 + Kf), wv1 = MLOAD(MASK(K - Kf), w1 + Kf); \
                 _Pragma("GCC unroll 8")                                                                    \
-                for (int b = 0; b < 8; b++) {                                                              \
+                for (int b = 0; b < GEMM_XB; b++) {                                                        \
                     __typeof__(wv0) xv = MLOAD(MASK(K - Kf), xs[b] + Kf);                                  \
                     a0[b] = FMA(a0[b], wv0, xv); a1[b] = FMA(a1[b], wv1, xv);                              \
                 }                                                                                          \
             }                                                                                              \
             for (int b = 0; b < nb; b++) {                                                                 \
-                STORE((int64_t)(b0 + b) * N + n0, _mm512_reduce_add_ps(a0[b]));                            \
-                if (rows == 2) STORE((int64_t)(b0 + b) * N + n0 + 1, _mm512_reduce_add_ps(a1[b]));         \
+                STORE((int64_t)(b0 + b) * N + n0, vsum(a0[b]));                                            \
+                if (rows == 2) STORE((int64_t)(b0 + b) * N + n0 + 1, vsum(a1[b]));                         \
             }                                                                                              \
         }                                                                                                  \
     }

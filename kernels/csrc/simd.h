@@ -145,3 +145,61 @@ static inline __m256 silu256(__m256 g) {
     return _mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.f), e));
 }
 #endif
+
+/* The tier's vector, width-neutral, for code written once for both tiers (the decode step): VW fp32 lanes, and
+   n-lane loads/stores (lanes past n read 0 / are left alone; n >= VW means all). Each is the tier's form above, so
+   a kernel written on these computes on AVX-512 exactly what its 16-lane form did. */
+#if defined(__AVX512F__)
+#define VW 16
+typedef __m512 vfloat;
+#define vzero _mm512_setzero_ps
+#define vset1 _mm512_set1_ps
+#define vadd _mm512_add_ps
+#define vsub _mm512_sub_ps
+#define vdiv _mm512_div_ps
+#define vfmadd _mm512_fmadd_ps
+#define vsum _mm512_reduce_add_ps
+#define vexp exp512
+#define vsilu silu512
+#define vround round16
+#define vstoreu _mm512_storeu_ps
+#define vloadu _mm512_loadu_ps
+#define vmul _mm512_mul_ps
+#define vmax _mm512_max_ps
+#define vmaxall _mm512_reduce_max_ps
+static inline vfloat vloadn(const void *p, int64_t i, int bf, int64_t n) { return load16(p, i, bf, MASK16(n)); }
+static inline void vstoren(void *p, int64_t i, int bf, vfloat v, int64_t n) { store16(p, i, bf, v, MASK16(n)); }
+static inline vfloat vfirst(vfloat v, int64_t n) { return _mm512_maskz_mov_ps(MASK16(n), v); }  /* lanes past n: 0 */
+static inline vfloat vfirst_else(vfloat v, int64_t n, float fill) {                         /* lanes past n: fill */
+    return _mm512_mask_mov_ps(_mm512_set1_ps(fill), MASK16(n), v);
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+#define VW 8
+typedef __m256 vfloat;
+#define vzero _mm256_setzero_ps
+#define vset1 _mm256_set1_ps
+#define vadd _mm256_add_ps
+#define vsub _mm256_sub_ps
+#define vdiv _mm256_div_ps
+#define vfmadd _mm256_fmadd_ps
+#define vsum hsum8
+#define vexp exp256
+#define vsilu silu256
+#define vround round8
+#define vstoreu _mm256_storeu_ps
+#define vloadu _mm256_loadu_ps
+#define vmul _mm256_mul_ps
+#define vmax _mm256_max_ps
+static inline float vmaxall(__m256 v) {
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
+}
+static inline vfloat vloadn(const void *p, int64_t i, int bf, int64_t n) { return load8(p, i, bf, n < 8 ? (int)n : 8); }
+static inline void vstoren(void *p, int64_t i, int bf, vfloat v, int64_t n) { store8(p, i, bf, v, n < 8 ? (int)n : 8); }
+static inline vfloat vfirst_else(vfloat v, int64_t n, float fill) {
+    __m256i keep = _mm256_cmpgt_epi32(_mm256_set1_epi32(n < 8 ? (int)n : 8), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    return _mm256_blendv_ps(_mm256_set1_ps(fill), v, _mm256_castsi256_ps(keep));
+}
+static inline vfloat vfirst(vfloat v, int64_t n) { return vfirst_else(v, n, 0.f); }
+#endif

@@ -1,7 +1,8 @@
-"""The native causal prefill attention equals the fp64 reference at least as closely as SDPA does in the same dtype,
-on odd shapes (T not a multiple of 4, 16 or 32; head dims below, between and above 64; GQA; strided K/V cache
-slices; key counts that end inside a 64-key tile; an odd head dim, which bf16 runs in the fp32 form; chunks after
-cached tokens), its vector exp matches torch.exp, and it steps aside for autograd."""
+"""The native causal prefill attention equals the fp64 reference at least as closely as SDPA does in the same dtype, at
+every instruction-set tier this CPU runs (AVX-512 with and without BF16, AVX2), on odd shapes (T not a multiple of
+4, 16 or 32; head dims below, between and above 64; GQA; strided K/V cache slices; key counts that end inside a
+64-key tile; an odd head dim, which bf16 runs in the fp32 form; chunks after cached tokens), its vector exp matches
+torch.exp, and it steps aside for autograd."""
 from __future__ import annotations
 
 import pytest

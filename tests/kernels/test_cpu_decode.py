@@ -1,9 +1,9 @@
 """The native whole-step decode computes what the torch decode step computes (tests/engine/test_decode.py holds that
-step, native, to model.forward): fp32 to fp32 rounding, bf16 no further from an fp32 reference than torch's own
-bf16 step; on odd shapes (K and N not multiples of the vector width, head dim 8), GQA, sliding window, partial
-rotary, tied embeddings, long rope, left-padded batches (more rows than one 8-row block); NF4 models (QLoRA's base)
-equal the torch step too; and it steps aside for what it does not cover (too many rows, LoRA projections, NF4
-weights the torch step dequantizes)."""
+step, native, to model.forward), at every instruction-set tier this CPU runs (AVX-512 with and without BF16, AVX2):
+fp32 to fp32 rounding, bf16 no further from an fp32 reference than torch's own bf16 step; on odd shapes (K and N not
+multiples of the vector width, head dim 8), GQA, sliding window, partial rotary, tied embeddings, long rope,
+left-padded batches (more rows than one 8-row block); NF4 models (QLoRA's base) equal the torch step too; and it
+steps aside for what it does not cover (too many rows, LoRA projections, NF4 weights the torch step dequantizes)."""
 from __future__ import annotations
 
 import contextlib
