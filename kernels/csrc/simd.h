@@ -103,6 +103,12 @@ static inline __m256 load8(const void *p, int64_t i, int bf, int n) {
 static inline void store8(void *p, int64_t i, int bf, __m256 v, int n) {
     float t[8];
     if (n >= 8 && !bf) { _mm256_storeu_ps((float *)p + i, v); return; }
+    if (n >= 8) {   /* bf16: the high halves (v is already rounded), packed 8 x 32 -> 8 x 16 bits */
+        __m256i u = _mm256_srli_epi32(_mm256_castps_si256(v), 16);
+        __m128i h = _mm_packus_epi32(_mm256_castsi256_si128(u), _mm256_extracti128_si256(u, 1));
+        _mm_storeu_si128((__m128i *)((uint16_t *)p + i), h);
+        return;
+    }
     _mm256_storeu_ps(t, v);
     for (int k = 0; k < (n < 8 ? n : 8); k++) {
         if (bf) { uint32_t u; memcpy(&u, &t[k], 4); ((uint16_t *)p)[i + k] = (uint16_t)(u >> 16); }
