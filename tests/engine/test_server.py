@@ -6,6 +6,7 @@ so batching changes no token of the tiny model); adapter answers with a model lo
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import shutil
@@ -25,6 +26,7 @@ import torch
 import uvicorn
 from tiny_phi3 import randomize_lora_B, save_tiny
 
+from phiforge.commands import serve
 from phiforge.engine.adapter import save_adapter
 from phiforge.engine.engine import Engine
 from phiforge.engine.fetch import default_model_path
@@ -411,6 +413,35 @@ def test_metrics_count_what_was_served(tiny):
         assert m['phiforge:e2e_request_latency_seconds_bucket{le="+Inf"}'] == 3
         assert m["phiforge:inter_token_latency_seconds_count"] >= 1
         assert m["phiforge:kv_cache_usage_ratio"] == 0
+        assert m["phiforge:cached_prompt_tokens_total"] == 0
+
+        long = " ".join(f"w{i}" for i in range(60))  # the same prompt twice: the second reuses the first's K/V
+        first, again = (c.completions.create(model="tiny", prompt=long, max_tokens=2, temperature=0) for _ in range(2))
+        assert first.usage.prompt_tokens_details.cached_tokens == 0
+        cached = again.usage.prompt_tokens_details.cached_tokens
+        assert 0 < cached < again.usage.prompt_tokens == first.usage.prompt_tokens
+        assert again.choices[0].text == first.choices[0].text
+        chunks = list(c.completions.create(model="tiny", prompt=long, max_tokens=2, temperature=0, stream=True,
+                                           stream_options={"include_usage": True}))
+        assert chunks[-1].usage.prompt_tokens_details.cached_tokens == cached
+        m = metrics(url)
+        assert m["phiforge:cached_prompt_tokens_total"] == 2 * cached
+        assert m["phiforge:prompt_tokens_total"] == sum(r.usage.prompt_tokens for r in rs) + 1 + 3 * first.usage.prompt_tokens
+
+
+# ---- the command's flags ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("argv, says", [
+    (["--max-adapters", "-1"], "--max-adapters must be >= 0"),
+    (["--max-adapters", "1", "--adapter", "a={d}", "--adapter", "b={d}"], "--max-adapters 1: 2 --adapter given"),
+    (["--adapter", "a"], "expected NAME=DIR"),
+])
+def test_serve_flags_fail_in_one_line(argv, says, adapters, capsys):
+    d = adapters[0][1]
+    parser = argparse.ArgumentParser()
+    serve.add_arguments(parser)
+    assert serve.run(parser.parse_args([a.format(d=d) for a in argv])) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and says in err and err.startswith("phiforge serve: ")
 
 
 # ---- SIGTERM ------------------------------------------------------------------------------------------------------
