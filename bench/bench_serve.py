@@ -185,6 +185,10 @@ def load_levels(url: str, model: str, prompts: list[str], lens: list[int], args:
         out[f"concurrency_{c}"] = asyncio.run(run_load(url, [model], prompts, lens, c, None, args.seed))
     if args.rate:
         out[f"poisson_{args.rate}"] = asyncio.run(run_load(url, [model], prompts, lens, None, args.rate, args.seed))
+    lo, hi = min(args.concurrency, default=0), max(args.concurrency, default=0)
+    if hi > lo:  # what batching buys: output tokens/s at the highest concurrency over the lowest
+        out[f"throughput_ratio_c{hi}_over_c{lo}"] = (out[f"concurrency_{hi}"]["output_throughput"]
+                                                    / out[f"concurrency_{lo}"]["output_throughput"])
     return out
 
 

@@ -4,7 +4,11 @@
     run_server(app, "127.0.0.1", 8000)         # uvicorn; SIGTERM drains (below)
 
 Routes: POST /v1/chat/completions and /v1/completions (streamed or not; engine/openai_api.py parses and shapes),
-GET /v1/models (the base model, then each adapter with `parent` = the base), GET /health, GET /metrics.
+GET /v1/models (the base model, then each adapter with `parent` = the base), GET /health, GET /metrics, and
+vLLM's run-time adapter routes: POST /v1/load_lora_adapter {"lora_name", "lora_path"} and POST
+/v1/unload_lora_adapter {"lora_name"} (API key guarded; 400 naming the field for a bad body, directory or base
+mismatch, or when the engine has no adapter slots; 404 unknown; 409 while a request uses it: the engine refuses
+rather than pull an adapter from under a running request).
 
 **Never dies of a request.** Bodies are parsed by hand (malformed JSON, a non-object, wrong types and out-of-range
 values are 400s naming the field); engine errors map to HTTP: QueueFull → 429 with Retry-After, PromptTooLong →
@@ -42,9 +46,10 @@ from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .adapter import AdapterError
 from .openai_api import APIError, Chunks, Parsed, parse_chat, parse_completion, response
 from .prometheus import Histogram, sample
-from .request import EngineError, EngineStopped, PromptTooLong, QueueFull, Result, UnknownAdapter
+from .request import AdapterBusy, EngineError, EngineStopped, PromptTooLong, QueueFull, Result, UnknownAdapter
 
 log = logging.getLogger("phiforge.server")
 MAX_BODY_BYTES = 8 << 20
@@ -55,7 +60,9 @@ STATS = {
     "waiting": ("phiforge:num_requests_waiting", "gauge", "requests admitted and waiting for a batch row"),
     "kv_used_tokens": ("phiforge:kv_cache_used_tokens", "gauge", "KV cache tokens held by requests"),
     "kv_total_tokens": ("phiforge:kv_cache_total_tokens", "gauge", "KV cache budget in tokens"),
-    "prompt_tokens_total": ("phiforge:prompt_tokens_total", "counter", "prompt tokens prefilled"),
+    "prompt_tokens_total": ("phiforge:prompt_tokens_total", "counter", "prompt tokens of admitted requests"),
+    "cached_tokens_total": ("phiforge:cached_prompt_tokens_total", "counter",
+                            "prompt tokens whose K/V came from the prefix cache (not prefilled)"),
     "generation_tokens_total": ("phiforge:generation_tokens_total", "counter", "tokens generated"),
     "aborted_total": ("phiforge:requests_aborted_total", "counter", "requests aborted (client gone, shutdown)"),
     "rejected_total": ("phiforge:requests_rejected_total", "counter", "requests refused because the queue was full"),
@@ -86,11 +93,36 @@ class _Served:
                            code="invalid_api_key")
 
     def models(self) -> list[str]:
+        return [self.model_name] + list(self.engine.adapters())
+
+    # ---- adapters at run time --------------------------------------------------------------------------------------
+    async def load_adapter(self, body: Any) -> dict:
+        name, path = _strings(body, "lora_name", "lora_path")
+        if not self.engine.max_adapters:
+            raise APIError(400, "this server has no adapter slots: start it with --max-adapters N",
+                           code="no_adapter_slots")
+        if name in self.models():
+            raise APIError(400, f"lora_name {name!r} is served already (unload it first)", param="lora_name")
+        if len(self.engine.adapters()) >= self.engine.max_adapters:
+            raise APIError(400, f"all {self.engine.max_adapters} adapter slots are in use (--max-adapters): unload "
+                                f"one first", param="lora_name", code="no_free_adapter_slot")
         try:
-            adapters = list(self.engine.adapters())
-        except NotImplementedError:
-            adapters = []
-        return [self.model_name] + adapters
+            await asyncio.to_thread(self.engine.load_adapter, name, path)
+        except (AdapterError, EngineError, OSError) as e:  # the directory, its files, or the base it was trained on
+            raise APIError(400, f"lora_path {path}: {e}", param="lora_path") from None
+        log.info("adapter %r loaded from %s", name, path)
+        return {"id": name, "object": "model", "parent": self.model_name, "loaded": True}
+
+    async def unload_adapter(self, body: Any) -> dict:
+        (name,) = _strings(body, "lora_name")
+        try:
+            await asyncio.to_thread(self.engine.unload_adapter, name)
+        except UnknownAdapter as e:
+            raise APIError(404, str(e), param="lora_name", code="model_not_found") from None
+        except AdapterBusy as e:
+            raise APIError(409, str(e), param="lora_name", code="adapter_busy") from None
+        log.info("adapter %r unloaded", name)
+        return {"id": name, "object": "model", "deleted": True}
 
     def submit(self, p: Parsed) -> Any:
         if self.draining:
@@ -206,6 +238,16 @@ async def _abort_on_disconnect(request: HTTPRequest, handle: Any) -> None:
         handle.abort()
 
 
+def _strings(body: Any, *fields: str) -> list[str]:
+    """The body's named fields, each a non-empty string, or a 400 naming the first that is not."""
+    if not isinstance(body, dict):
+        raise APIError(400, f"the request body must be a JSON object, got {type(body).__name__}")
+    for f in fields:
+        if not isinstance(body.get(f), str) or not body[f].strip():
+            raise APIError(400, f"{f} must be a non-empty string, got {body.get(f)!r}", param=f)
+    return [body[f] for f in fields]
+
+
 async def _json_body(request: HTTPRequest) -> Any:
     raw = await request.body()
     if len(raw) > MAX_BODY_BYTES:
@@ -276,6 +318,16 @@ def create_app(engine: Any, tokenizer: Any, *, model_name: str, api_key: str | N
                  "parent": None if i == 0 else names[0], "max_model_len": engine.max_context}
                 for i, n in enumerate(names)]
         return JSONResponse({"object": "list", "data": data})
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(request: HTTPRequest) -> JSONResponse:
+        served.check_key(request)
+        return JSONResponse(await served.load_adapter(await _json_body(request)))
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(request: HTTPRequest) -> JSONResponse:
+        served.check_key(request)
+        return JSONResponse(await served.unload_adapter(await _json_body(request)))
 
     @app.get("/health")
     async def health() -> JSONResponse:

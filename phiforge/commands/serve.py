@@ -3,10 +3,14 @@
     phiforge serve                                         # the default model on 127.0.0.1:8000
     phiforge serve --model DIR --quant nf4 --adapter sql=runs/sql-lora --adapter legal=runs/legal --port 8000
     phiforge serve --api-key KEY --max-batch 16 --max-queue 256 --threads 2
+    phiforge serve --max-adapters 4                        # no adapter yet: up to 4 loaded at run time
 
 Clients pick an adapter with the `model` field (its NAME; the base model answers to --served-model-name, by
-default the model directory's name). SIGTERM (or Ctrl-C) stops admitting, finishes the running and queued
-requests, then exits 0. Bad flags (a missing directory, a malformed --adapter) are one line on stderr and status 2.
+default the model directory's name). Adapters given with --adapter are loaded at start; with adapter slots
+(--max-adapters N, or 8 when --adapter is given) more are loaded and unloaded at run time through
+POST /v1/load_lora_adapter and /v1/unload_lora_adapter. SIGTERM (or Ctrl-C) stops admitting, finishes the
+running and queued requests, then exits 0. Bad flags (a missing directory, a malformed --adapter, more adapters
+than --max-adapters) are one line on stderr and status 2.
 """
 from __future__ import annotations
 
@@ -33,6 +37,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="compute dtype (default: bfloat16 where the hardware has it, else float32)")
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
                    help="a PEFT LoRA adapter served as model NAME (repeatable)")
+    p.add_argument("--max-adapters", type=int, default=None, metavar="N",
+                   help="adapter slots: up to N adapters resident, loadable at run time through "
+                        "/v1/load_lora_adapter (default: 8 when --adapter is given, else none)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-batch", type=int, default=16, help="requests decoded together per step")
@@ -58,7 +65,8 @@ def _adapters(specs: list[str]) -> list[tuple[str, Path]]:
 
 def _check(args: argparse.Namespace) -> None:
     for flag, v, lo in (("--port", args.port, 0), ("--max-batch", args.max_batch, 1),
-                        ("--max-queue", args.max_queue, 0), ("--threads", args.threads, 1)):
+                        ("--max-queue", args.max_queue, 0), ("--threads", args.threads, 1),
+                        ("--max-adapters", args.max_adapters, 0)):
         if v is not None and v < lo:
             raise ValueError(f"{flag} must be >= {lo}, got {v}")
     if args.port > 65535:
@@ -74,6 +82,9 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"phiforge serve: {e}", file=sys.stderr)
         return 2
+    if args.max_adapters is not None and len(adapters) > args.max_adapters:
+        print(f"phiforge serve: --max-adapters {args.max_adapters}: {len(adapters)} --adapter given", file=sys.stderr)
+        return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     path = Path(args.model) if args.model else default_model_path()
@@ -84,9 +95,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         model = load_model(path, dtype=args.dtype or compute_dtype(), quant=args.quant)
         tokenizer = load_tokenizer(path)
-        engine = Engine(model, tokenizer, max_batch=args.max_batch, max_queue=args.max_queue)
-        for adapter, adir in adapters:
-            engine.load_adapter(adapter, str(adir))
+        engine = Engine(model, tokenizer, max_batch=args.max_batch, max_queue=args.max_queue,
+                        max_adapters=args.max_adapters, adapters={n: str(d) for n, d in adapters})
     except (ValueError, OSError) as e:  # the loaders' errors name the file and the field
         print(f"phiforge serve: {e}", file=sys.stderr)
         return 2

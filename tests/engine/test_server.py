@@ -1,16 +1,15 @@
-"""The OpenAI-compatible server, driven by the real `openai` client against a server started here on 127.0.0.1.
+"""The OpenAI-compatible server over the serving Engine, driven by the real `openai` client (and httpx) against a
+server started here on 127.0.0.1.
 
-Every greedy answer is compared with the same request run through Generator alone (fp32, so batching cannot
-change a token). Until the serving Engine merges, the server runs over tests/server_fakes.py's STAND-IN (one
-request at a time through Generator): the HTTP layer is real, the batching is not. With engine/engine.py present
-the same tests run against the real Engine.
+Every greedy answer is compared with the same request run through Generator alone (fp32: rows never see each other,
+so batching changes no token of the tiny model); adapter answers with a model loaded with that adapter alone.
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
-import importlib.util
 import json
-import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -25,10 +24,11 @@ import openai
 import pytest
 import torch
 import uvicorn
-from server_fakes import GeneratorEngine
 from tiny_phi3 import randomize_lora_B, save_tiny
 
+from phiforge.commands import serve
 from phiforge.engine.adapter import save_adapter
+from phiforge.engine.engine import Engine
 from phiforge.engine.fetch import default_model_path
 from phiforge.engine.generate import Generator
 from phiforge.engine.loader import load_model
@@ -37,18 +37,8 @@ from phiforge.engine.prometheus import parse
 from phiforge.engine.server import create_app
 from phiforge.engine.tokenizer import load_tokenizer
 
-REAL_ENGINE = importlib.util.find_spec("phiforge.engine.engine") is not None
-TESTS = Path(__file__).resolve().parents[1]
 N = 8  # new tokens per greedy comparison: one decode step of the tiny model is tens of ms on a busy 2-core box
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name three colors."}]
-
-
-def new_engine(model, tok, model_dir, **kw):
-    if REAL_ENGINE:
-        from phiforge.engine.engine import Engine  # noqa: PLC0415  the real one, once merged
-        return Engine(model, tok, **kw)
-    return GeneratorEngine(model, tok, max_queue=kw.get("max_queue", 256), model_dir=model_dir,
-                           dtype=torch.float32)
 
 
 def free_port() -> int:
@@ -59,11 +49,10 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def serving(model_dir, adapters=(), api_key=None, loaded=None, **engine_kw):
-    """A server over a fresh engine in a thread; yields (base url, engine); stops by itself."""
+    """A server over a fresh Engine (adapters loaded at its start) in a thread; yields (base url, engine); stops by
+    itself, draining the engine."""
     model, tok = loaded or (load_model(model_dir, dtype=torch.float32), load_tokenizer(model_dir))
-    engine = new_engine(model, tok, model_dir, **engine_kw)
-    for name, path in adapters:
-        engine.load_adapter(name, str(path))
+    engine = Engine(model, tok, adapters={name: str(path) for name, path in adapters} or None, **engine_kw)
     app = create_app(engine, tok, model_name="tiny", api_key=api_key)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
@@ -228,6 +217,69 @@ def test_adapters_in_one_batch_each_equal_that_adapter_alone(server, tiny, adapt
     assert len({w for w, (m, _) in zip(want, jobs) if m != "tiny"} | {want[2]}) > 1  # the adapters change the output
 
 
+# ---- adapters at run time -------------------------------------------------------------------------------------------
+def test_adapters_load_and_unload_at_run_time(tiny, adapters, tmp_path):
+    (alpha, alpha_dir), (beta, beta_dir) = adapters
+    qlora = tmp_path / "qlora"  # an adapter trained on the NF4 base: this dense base is the wrong one
+    shutil.copytree(alpha_dir, qlora)
+    (qlora / "training_args.json").write_text(json.dumps({"method": "qlora"}))
+    tok = load_tokenizer(tiny)
+    alone = {n: Generator(load_model(tiny, dtype=torch.float32, adapter=d), tok) for n, d in adapters}
+    with serving(tiny, api_key="k", max_adapters=1) as (url, engine):
+        c = client(url, key="k")
+
+        def post(route, body, key="k"):
+            return httpx.post(f"{url}/v1/{route}", json=body, headers={"authorization": f"Bearer {key}"}, timeout=60)
+
+        def names():
+            return [m.id for m in c.models.list().data]
+
+        def answer(model):
+            return c.completions.create(model=model, prompt="Prompt 1", max_tokens=N, temperature=0).choices[0].text
+
+        assert names() == ["tiny"]
+        assert post("load_lora_adapter", {"lora_name": alpha, "lora_path": str(alpha_dir)}, key="no").status_code == 401
+        for body, param in [({"lora_path": str(alpha_dir)}, "lora_name"), ({"lora_name": alpha}, "lora_path"),
+                            ({"lora_name": " ", "lora_path": str(alpha_dir)}, "lora_name"),
+                            ({"lora_name": alpha, "lora_path": 5}, "lora_path"),
+                            ({"lora_name": alpha, "lora_path": str(tmp_path / "missing")}, "lora_path"),
+                            ({"lora_name": alpha, "lora_path": str(qlora)}, "lora_path"),
+                            ({"lora_name": "tiny", "lora_path": str(alpha_dir)}, "lora_name")]:
+            r = post("load_lora_adapter", body)
+            assert (r.status_code, r.json()["error"]["param"]) == (400, param), (body, r.text)
+        assert post("unload_lora_adapter", [alpha]).status_code == 400
+        assert names() == ["tiny"]  # nothing half-loaded
+
+        r = post("load_lora_adapter", {"lora_name": alpha, "lora_path": str(alpha_dir)})
+        assert r.status_code == 200 and r.json()["id"] == alpha
+        assert names() == ["tiny", alpha] and answer(alpha) == alone[alpha].generate(
+            "Prompt 1", max_new_tokens=N, temperature=0)[0].text
+        r = post("load_lora_adapter", {"lora_name": beta, "lora_path": str(beta_dir)})  # the one slot is taken
+        assert (r.status_code, r.json()["error"]["param"]) == (400, "lora_name") and "--max-adapters" in r.text
+
+        stream = c.completions.create(model=alpha, prompt="Tell me everything", max_tokens=400, stream=True)
+        next(iter(stream))
+        r = post("unload_lora_adapter", {"lora_name": alpha})  # a running request uses it: refused, not deferred
+        assert (r.status_code, r.json()["error"]["param"]) == (409, "lora_name") and alpha in names()
+        stream.close()
+        wait_for(lambda: _idle(url), what="the aborted request to leave")
+        assert post("unload_lora_adapter", {"lora_name": alpha}).status_code == 200 and names() == ["tiny"]
+        with pytest.raises(openai.NotFoundError):
+            answer(alpha)
+        r = post("unload_lora_adapter", {"lora_name": alpha})
+        assert (r.status_code, r.json()["error"]["param"]) == (404, "lora_name")
+
+        assert post("load_lora_adapter", {"lora_name": beta, "lora_path": str(beta_dir)}).status_code == 200
+        assert names() == ["tiny", beta]  # the freed slot, reused
+        assert answer(beta) == alone[beta].generate("Prompt 1", max_new_tokens=N, temperature=0)[0].text
+        assert answer("tiny") != answer(beta)
+
+    with serving(tiny) as (url, _):  # no adapter slots: loading says how to get them
+        r = httpx.post(url + "/v1/load_lora_adapter", json={"lora_name": alpha, "lora_path": str(alpha_dir)})
+        assert r.status_code == 400 and "--max-adapters" in r.json()["error"]["message"]
+        assert httpx.post(url + "/v1/unload_lora_adapter", json={"lora_name": alpha}).status_code == 404
+
+
 # ---- disconnects, a full queue --------------------------------------------------------------------------------------
 def _idle(url):
     m = metrics(url)
@@ -252,14 +304,16 @@ def test_a_stream_closed_midway_is_aborted_and_frees_its_memory(server):
     assert c.completions.create(model="tiny", prompt="Hi", max_tokens=2).usage.completion_tokens >= 1
 
 
-def test_a_non_streamed_request_whose_client_leaves_is_aborted(server):
-    wait_for(lambda: _idle(server), what="an idle server")
-    before = metrics(server)["phiforge:requests_aborted_total"]
-    body = {"model": "tiny", "prompt": "Tell me everything", "max_tokens": 400, "temperature": 0}
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(server + "/v1/completions", json=body, timeout=httpx.Timeout(10, read=1.0))
-    wait_for(lambda: metrics(server)["phiforge:requests_aborted_total"] == before + 1, what="the abort")
-    wait_for(lambda: _idle(server), what="the memory to be freed")
+def test_a_non_streamed_request_whose_client_leaves_is_aborted(tiny, monkeypatch):
+    with serving(tiny) as (server, engine):
+        step = engine.step  # the tiny model writes 400 tokens in well under a second: slow each step down so that
+        monkeypatch.setattr(engine, "step", lambda: (time.sleep(0.02), step())[1])  # the client leaves mid-request
+        body = {"model": "tiny", "prompt": "Tell me everything", "max_tokens": 400, "temperature": 0}
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(server + "/v1/completions", json=body, timeout=httpx.Timeout(10, read=1.0))
+        wait_for(lambda: metrics(server)["phiforge:requests_aborted_total"] == 1, what="the abort")
+        wait_for(lambda: _idle(server), what="the memory to be freed")
+        assert metrics(server)["phiforge:generation_tokens_total"] < 400
 
 
 def test_a_full_queue_gets_429_with_retry_after(tiny):
@@ -359,12 +413,40 @@ def test_metrics_count_what_was_served(tiny):
         assert m['phiforge:e2e_request_latency_seconds_bucket{le="+Inf"}'] == 3
         assert m["phiforge:inter_token_latency_seconds_count"] >= 1
         assert m["phiforge:kv_cache_usage_ratio"] == 0
+        assert m["phiforge:cached_prompt_tokens_total"] == 0
+
+        long = " ".join(f"w{i}" for i in range(60))  # the same prompt twice: the second reuses the first's K/V
+        first, again = (c.completions.create(model="tiny", prompt=long, max_tokens=2, temperature=0) for _ in range(2))
+        assert first.usage.prompt_tokens_details.cached_tokens == 0
+        cached = again.usage.prompt_tokens_details.cached_tokens
+        assert 0 < cached < again.usage.prompt_tokens == first.usage.prompt_tokens
+        assert again.choices[0].text == first.choices[0].text
+        chunks = list(c.completions.create(model="tiny", prompt=long, max_tokens=2, temperature=0, stream=True,
+                                           stream_options={"include_usage": True}))
+        assert chunks[-1].usage.prompt_tokens_details.cached_tokens == cached
+        m = metrics(url)
+        assert m["phiforge:cached_prompt_tokens_total"] == 2 * cached
+        assert m["phiforge:prompt_tokens_total"] == sum(r.usage.prompt_tokens for r in rs) + 1 + 3 * first.usage.prompt_tokens
+
+
+# ---- the command's flags ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("argv, says", [
+    (["--max-adapters", "-1"], "--max-adapters must be >= 0"),
+    (["--max-adapters", "1", "--adapter", "a={d}", "--adapter", "b={d}"], "--max-adapters 1: 2 --adapter given"),
+    (["--adapter", "a"], "expected NAME=DIR"),
+])
+def test_serve_flags_fail_in_one_line(argv, says, adapters, capsys):
+    d = adapters[0][1]
+    parser = argparse.ArgumentParser()
+    serve.add_arguments(parser)
+    assert serve.run(parser.parse_args([a.format(d=d) for a in argv])) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and says in err and err.startswith("phiforge serve: ")
 
 
 # ---- SIGTERM ------------------------------------------------------------------------------------------------------
 SERVE_STAND_IN = """
 import sys, torch
-from server_fakes import GeneratorEngine
 from phiforge.engine.loader import load_model
 from phiforge.engine.tokenizer import load_tokenizer
 from phiforge.engine.server import create_app, run_server
@@ -377,13 +459,9 @@ run_server(create_app(engine, tok, model_name="tiny"), "127.0.0.1", port, log_le
 
 def test_sigterm_stops_admitting_finishes_running_requests_then_exits(tiny, ref):
     port = free_port()
-    if REAL_ENGINE:  # the command itself
-        cmd = [str(Path(sys.executable).parent / "phiforge"), "serve", "--model", str(tiny), "--dtype", "float32",
-               "--port", str(port), "--served-model-name", "tiny"]
-    else:
-        cmd = [sys.executable, "-c", SERVE_STAND_IN, str(tiny), str(port)]
-    env = {**os.environ, "PYTHONPATH": str(TESTS)}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    cmd = [str(Path(sys.executable).parent / "phiforge"), "serve", "--model", str(tiny), "--dtype", "float32",
+           "--port", str(port), "--served-model-name", "tiny"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_for(lambda: _up(url), timeout=60, what="the server to start")
