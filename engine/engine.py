@@ -51,15 +51,13 @@ import torch
 from .decode import DecodeStep
 from .detokenize import IncrementalDetokenizer
 from .kv_memory import KVMemory
-from .multi_lora import AdapterSet, trained_base
-from .quant import NF4Linear, quantize_model_
+from .multi_lora import serving_adapters
 from .request import (AdapterBusy, Delta, EngineError, EngineStopped, Handle, PromptTooLong, QueueFull, Request,
                       Result, UnknownAdapter, Usage)
 from .sampling import make_generators, sample
 from .scheduler import Scheduler, Sequence, now
 
 DEFAULT_ROW_TOKENS = 2048   # a row's slots when kv_tokens is not given (capped by the model's context)
-DEFAULT_MAX_ADAPTERS = 8    # adapter slots when adapters are given without max_adapters
 log = logging.getLogger(__name__)
 
 
@@ -68,7 +66,7 @@ class Engine:
                  prefill_chunk: int = 256, max_queue: int = 256, max_adapters: int | None = None,
                  adapters: dict[str, str] | None = None, prefix_cache: bool = True, lean_decode: bool = True,
                  start: bool = True) -> None:
-        """max_adapters: adapter slots (None: DEFAULT_MAX_ADAPTERS when `adapters` are given, else none; 0: none, and
+        """max_adapters: adapter slots (None: multi_lora.DEFAULT_MAX_ADAPTERS when `adapters` are given, else none; 0: none, and
         the model is left as it is); adapters: name -> PEFT directory, loaded at start."""
         cfg = model.config
         if max_batch < 1 or prefill_chunk < 1 or max_queue < 1:
@@ -83,7 +81,7 @@ class Engine:
         self.kv = KVMemory(model, max_batch, min(row_len, cfg.max_position_embeddings))
         self.scheduler = Scheduler(self.kv, prefill_chunk, model.rotary_emb.use_long)
         self.scheduler.prefix_reuse = prefix_cache
-        self.adapter_set = _adapter_set(model, dict(adapters or {}), max_adapters)
+        self.adapter_set = serving_adapters(model, dict(adapters or {}), max_adapters)
         self.max_adapters = 0 if self.adapter_set is None else self.adapter_set.max_adapters
         self._loads = itertools.count()
         self._adapter_keys = {n: next(self._loads) for n in self.adapters()}  # prefix reuse key per load
@@ -379,28 +377,3 @@ class Engine:
         """Nothing cached before this call is reused (between a caller's unrelated batches)."""
         self.kv.forget()
 
-
-def _adapter_set(model: torch.nn.Module, adapters: dict[str, str], max_adapters: int | None) -> AdapterSet | None:
-    """Wrap the model for `max_adapters` resident adapters and load `adapters`, on the base they were trained on."""
-    n = (DEFAULT_MAX_ADAPTERS if adapters else 0) if max_adapters is None else max_adapters
-    if n < 0 or len(adapters) > n:
-        raise ValueError(f"max_adapters {n}: must be >= 0 and hold the {len(adapters)} adapters given")
-    if n == 0:
-        return None
-    trained = {name: trained_base(path) for name, path in adapters.items()}
-    nf4 = [k for k, b in trained.items() if b == "nf4"]
-    dense = [k for k, b in trained.items() if b == "dense"]
-    if nf4 and dense:
-        raise ValueError(f"adapters {nf4[0]!r} (QLoRA: NF4 base) and {dense[0]!r} (LoRA: dense base) need different "
-                         f"bases: serve them from two engines")
-    quantized = any(isinstance(m, NF4Linear) for _, m in model.linears())
-    if nf4 and not quantized:
-        log.info("adapter %r is QLoRA: quantizing the base to NF4, the base it was trained on", nf4[0])
-        quantize_model_(model)
-    elif dense and quantized:
-        raise ValueError(f"adapter {dense[0]!r} ({adapters[dense[0]]}) is LoRA, trained on the dense base, but the "
-                         f"model is NF4: load the model without quantization")
-    adapter_set = AdapterSet(model, n)
-    for name, path in adapters.items():
-        adapter_set.load(name, path)
-    return adapter_set

@@ -33,6 +33,7 @@ Legend: B rows, T tokens a row, M = B·T tokens, K in_features, N out_features, 
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from contextlib import contextmanager
 from pathlib import Path
@@ -46,8 +47,11 @@ from phiforge.kernels.lora_gather import lora_gather_, segments_to_slots
 from .adapter import AdapterError, load_adapter
 from .lora import LoRALinear, base_device, base_dtype, base_features, lora_modules
 from .model import LINEAR_NAMES
-from .quant import NF4Linear
+from .quant import NF4Linear, quantize_model_
 
+
+DEFAULT_MAX_ADAPTERS = 8  # adapter slots when adapters are given without max_adapters
+log = logging.getLogger(__name__)
 
 def trained_base(adapter_dir: str | Path) -> str | None:
     """"nf4" for a QLoRA adapter, "dense" for a LoRA one (training_args.json's method), None when the directory does
@@ -288,3 +292,29 @@ class AdapterSet:
             yield
         finally:
             self._rows.set(*previous)
+
+
+def serving_adapters(model: torch.nn.Module, adapters: dict[str, str], max_adapters: int | None) -> AdapterSet | None:
+    """Wrap the model for `max_adapters` resident adapters and load `adapters`, on the base they were trained on."""
+    n = (DEFAULT_MAX_ADAPTERS if adapters else 0) if max_adapters is None else max_adapters
+    if n < 0 or len(adapters) > n:
+        raise ValueError(f"max_adapters {n}: must be >= 0 and hold the {len(adapters)} adapters given")
+    if n == 0:
+        return None
+    trained = {name: trained_base(path) for name, path in adapters.items()}
+    nf4 = [k for k, b in trained.items() if b == "nf4"]
+    dense = [k for k, b in trained.items() if b == "dense"]
+    if nf4 and dense:
+        raise ValueError(f"adapters {nf4[0]!r} (QLoRA: NF4 base) and {dense[0]!r} (LoRA: dense base) need different "
+                         f"bases: serve them from two engines")
+    quantized = any(isinstance(m, NF4Linear) for _, m in model.linears())
+    if nf4 and not quantized:
+        log.info("adapter %r is QLoRA: quantizing the base to NF4, the base it was trained on", nf4[0])
+        quantize_model_(model)
+    elif dense and quantized:
+        raise ValueError(f"adapter {dense[0]!r} ({adapters[dense[0]]}) is LoRA, trained on the dense base, but the "
+                         f"model is NF4: load the model without quantization")
+    adapter_set = AdapterSet(model, n)
+    for name, path in adapters.items():
+        adapter_set.load(name, path)
+    return adapter_set
