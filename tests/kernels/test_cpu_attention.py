@@ -9,27 +9,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from phiforge.kernels import cpu_attention, native
+from phiforge.kernels import cpu_attention
 from phiforge.kernels.cpu_attention import causal_attention, causal_attention_ref
 
-# Skips only where the CPU cannot run the kernels (or PHIFORGE_CPU_NATIVE=0); a compile error fails below.
-STATUS = cpu_attention.LIB.status()
-pytestmark = pytest.mark.skipif(STATUS.state in ("unsupported", "disabled"), reason=f"cpu_attention: {STATUS}")
-
-
-
-@pytest.fixture(autouse=True, params=[t for t in native.runnable_tiers() if t in cpu_attention.LIB.tiers] or [None])
-def tier(request):
-    """Every test runs at each instruction-set tier this CPU runs and the library has code for."""
-    if request.param is None:
-        yield None
-        return
-    with native.forced_tier(request.param):
-        yield request.param
+LIB = cpu_attention.LIB  # tests/kernels/conftest.py: every test runs at each tier; skipped only where the CPU cannot
 
 
 def test_library_builds(tier):
-    status = cpu_attention.LIB.status()
+    status = LIB.status()
     assert status.state == "active" and status.detail == tier, str(status)
 
 

@@ -10,7 +10,7 @@ import contextlib
 
 import pytest
 import torch
-from tiny_phi3 import TINY, VARIANTS, make_hf_checkpoint
+from tiny_phi3 import VARIANTS, make_hf_checkpoint
 
 from phiforge.engine import load_model
 from phiforge.engine.decode import DecodeStep
@@ -18,25 +18,13 @@ from phiforge.engine.lora import LoRALinear
 from phiforge.engine.quant import quantize_model_
 from phiforge.kernels import cpu_decode, native, nf4_cpu
 
-# Skips only where the CPU cannot run the kernels (or PHIFORGE_CPU_NATIVE=0); a compile error fails below.
-STATUS = cpu_decode.LIB.status()
-pytestmark = pytest.mark.skipif(STATUS.state in ("unsupported", "disabled"), reason=f"cpu_decode: {STATUS}")
-
-
-
-@pytest.fixture(autouse=True, params=[t for t in native.runnable_tiers() if t in cpu_decode.LIB.tiers] or [None])
-def tier(request):
-    """Every test runs at each instruction-set tier this CPU runs and the library has code for."""
-    if request.param is None:
-        yield None
-        return
-    with native.forced_tier(request.param):
-        yield request.param
+LIB = cpu_decode.LIB  # tests/kernels/conftest.py: every test runs at each tier; skipped only where the CPU cannot
 
 
 def test_library_builds(tier):
-    status = cpu_decode.LIB.status()
+    status = LIB.status()
     assert status.state == "active" and status.detail == tier, str(status)
+
 
 # hidden 40 (bf16 K tail 8), head dim 8, intermediate 52, vocab 97 (N % 4 = 1), one KV head, window 9, half rotary
 ODD = dict(hidden_size=40, num_attention_heads=5, num_key_value_heads=1, intermediate_size=52, vocab_size=97,

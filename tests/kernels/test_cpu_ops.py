@@ -9,24 +9,11 @@ import torch
 from phiforge.kernels import cpu_ops, native
 from phiforge.kernels.cpu_ops import rms_norm, rms_norm_ref, rotary, rotary_ref, swiglu, swiglu_ref
 
-# Skips only where the CPU cannot run the kernels (or PHIFORGE_CPU_NATIVE=0); a compile error fails below.
-STATUS = cpu_ops.LIB.status()
-pytestmark = pytest.mark.skipif(STATUS.state in ("unsupported", "disabled"), reason=f"cpu_ops: {STATUS}")
-
-
-
-@pytest.fixture(autouse=True, params=[t for t in native.runnable_tiers() if t in cpu_ops.LIB.tiers] or [None])
-def tier(request):
-    """Every test runs at each instruction-set tier this CPU runs and the library has code for."""
-    if request.param is None:
-        yield None
-        return
-    with native.forced_tier(request.param):
-        yield request.param
+LIB = cpu_ops.LIB  # tests/kernels/conftest.py: every test runs at each tier; skipped only where the CPU cannot
 
 
 def test_library_builds(tier):
-    status = cpu_ops.LIB.status()
+    status = LIB.status()
     assert status.state == "active" and status.detail == tier, str(status)
 
 
