@@ -45,6 +45,7 @@ from safetensors.torch import save_file
 
 from .atomic import atomic_dir
 from .checkpoint import DTYPES, CheckpointError
+from .gguf_export import STOP_IDS_KEY
 from .gguf_import import GGUFTensors, fields
 from .gguf_vocab import VocabError, tokenizer_from_fields
 
@@ -212,7 +213,8 @@ def build_default_model(out_dir: Path | str | None = None, force: bool = False,
     unk_id = f.get("tokenizer.ggml.unknown_token_id")
     unk = name_of[int(unk_id)] if unk_id is not None else None
     # a chat turn ends with eos (<|im_end|>); <|endoftext|> ends a document and must stop generation too
-    stop = eos_ids + [ids[t] for t in ("<|endoftext|>",) if t in ids and ids[t] not in eos_ids]
+    stop = eos_ids + [ids[t] for t in ("<|endoftext|>",) if t in ids and ids[t] not in eos_ids
+                      and STOP_IDS_KEY not in f]  # a phiforge export lists its whole stop set
     cfg["eos_token_id"] = eos_ids[0]
 
     # A concurrent build of the same directory is harmless: each swaps in a complete one.

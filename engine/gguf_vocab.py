@@ -96,7 +96,8 @@ def vocab_from_dir(model_dir: str | Path, n_vocab: int) -> Vocab:
         rank = {a + b: r for r, (a, b) in reversed(list(enumerate(pairs)))}
         v.scores = [-float(rank[t]) if t in rank else -float(len(pairs) + i) for i, t in enumerate(tokens)]
         for i, t in enumerate(tokens):
-            if len(t) == 6 and t.startswith("<0x") and t.endswith(">") and types[i] == normal:
+            # byte pieces may sit in the vocab or among the added (non-special) tokens
+            if len(t) == 6 and t.startswith("<0x") and t.endswith(">") and types[i] in (normal, int(TokenType.USER_DEFINED)):
                 types[i] = int(TokenType.BYTE)
         if m.get("unk_token") in m["vocab"]:
             types[m["vocab"][m["unk_token"]]] = int(TokenType.UNKNOWN)
