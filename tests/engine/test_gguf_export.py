@@ -227,7 +227,8 @@ def test_sentencepiece_tokenizer_round_trips(tmp_path: Path) -> None:
     ref = load_tokenizer(d)
     for s in STRINGS + ["the lazy fox, hello phiforge 1234"]:
         assert tok.encode(s, add_special_tokens=False).ids == ref.encode(s, add_special_tokens=False), s
-        assert tok.decode(ref.encode(s, add_special_tokens=False)) == ref.decode(ref.encode(s, add_special_tokens=False))
+        ids = ref.encode(s, add_special_tokens=False)
+        assert tok.decode(ids, skip_special_tokens=False) == ref.decode(ids)
 
 
 # ---- bad input: one clear error ----------------------------------------------------------------------------------
@@ -328,10 +329,10 @@ def test_llama_cpp_greedy_tokens_equal_phiforge_on_a_merged_adapter(tmp_path: Pa
     # a random adapter (B != 0), merged: the file must carry the merged weights, not the base's
     model = load_model(default_dir, dtype=torch.float32)
     apply_lora(model, r=4, alpha=8, dropout=0.0)
-    randomize_lora_B(model, seed=2, std=0.02)
+    randomize_lora_B(model, seed=2, std=0.08)
     merge_adapter(model, dtype=torch.float32)
     tok = load_tokenizer(default_dir)
-    prompt = tok.apply_chat_template(QUESTION)
+    prompt = tok.apply_chat_template([{"role": "user", "content": "Write one sentence about the sea."}])
     [ours] = Generator(model, tok).generate([prompt], max_new_tokens=16, temperature=0)
     [base] = Generator(load_model(default_dir, dtype=torch.float32), tok).generate([prompt], max_new_tokens=16,
                                                                                   temperature=0)
