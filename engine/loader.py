@@ -17,6 +17,7 @@ from torch import nn
 from .adapter import load_adapter
 from .checkpoint import DTYPE_NAMES, DTYPES, CheckpointError, SafetensorsReader, write_checkpoint
 from .config import Phi3Config
+from .gguf_import import GGUFTensors, open_phi3_gguf
 from .model import LINEAR_NAMES, Phi3ForCausalLM
 from .quant import NF4Linear, load_prequantized
 
@@ -49,18 +50,22 @@ def _resolve_dtype(dtype: torch.dtype | str | None, cfg: Phi3Config) -> torch.dt
 
 def load_model(path: str | Path, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
                quant: str | None = None, adapter: str | Path | None = None) -> Phi3ForCausalLM:
-    """A Phi3ForCausalLM from a Hugging Face directory; frozen (requires_grad False), in eval mode.
+    """A Phi3ForCausalLM from a Hugging Face directory or a phi3 GGUF file; frozen (requires_grad False), in eval mode.
 
     dtype: None keeps the checkpoint's dtype (config.json torch_dtype). quant: None, or "nf4" to quantize the decoder
     projections while loading. A checkpoint with a bitsandbytes `quantization_config` loads its NF4 weights as they
     are. adapter: a PEFT LoRA directory applied unmerged.
     """
     path = Path(path)
-    cfg = Phi3Config.from_file(path)
+    if path.suffix == ".gguf":  # a phi3 GGUF, dequantized tensor by tensor (engine/gguf_import.py)
+        hf, reader = open_phi3_gguf(path)
+        cfg = Phi3Config.from_hf(hf, source=str(path))
+    else:
+        cfg = Phi3Config.from_file(path)
+        reader = SafetensorsReader(path)
     dtype = _resolve_dtype(dtype, cfg)
     if quant not in (None, "nf4"):
         raise ValueError(f"quant={quant!r}: only None and 'nf4' are supported")
-    reader = SafetensorsReader(path)
     model = Phi3ForCausalLM(cfg, device="meta")
     model.rotary_emb.to(device)
 
@@ -79,7 +84,7 @@ def load_model(path: str | Path, dtype: torch.dtype | str | None = None, device:
     return model
 
 
-def _load_dense(model: Phi3ForCausalLM, reader: SafetensorsReader, dtype: torch.dtype, device: str | torch.device,
+def _load_dense(model: Phi3ForCausalLM, reader: SafetensorsReader | GGUFTensors, dtype: torch.dtype, device: str | torch.device,
                 quantize: bool) -> None:
     shapes = expected_shapes(model.config)
     present = set(reader.keys())

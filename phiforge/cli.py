@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "finetune": ("phiforge.commands.finetune", "LoRA / QLoRA fine-tuning"),
     "merge": ("phiforge.commands.merge", "merge an adapter into its base model"),
     "serve": ("phiforge.commands.serve", "OpenAI-compatible HTTP server (chat, completions, adapters, metrics)"),
+    "export": ("phiforge.commands.export", "export a model (+ merged adapter) to GGUF for llama.cpp/Ollama/LM Studio"),
     "doctor": ("phiforge.commands.doctor", "what this machine runs: versions, threads, CUDA, native CPU kernels and why"),
     "kernels": ("phiforge.kernels.report", "ahead-of-time GPU compile report of every shipped kernel"),
     "index": ("phiforge.retrieval.cli", "manage a document index (add, rm, stats)"),
