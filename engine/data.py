@@ -100,7 +100,7 @@ def read_jsonl(path: str | Path, skip_bad: bool = False, stats: DataStats | None
                 row = json.loads(line.rstrip("\r\n"))  # a truncated last field reports its own column
                 why = _validate(row)
             except json.JSONDecodeError as e:
-                why = f"not valid JSON ({e.msg} at column {e.colno})"
+                why = f"not valid JSON at column {e.colno} ({e.msg})"
             if why is not None:
                 msg = f"{path}:{lineno}: {why}"
                 if not skip_bad:

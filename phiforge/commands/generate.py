@@ -72,7 +72,7 @@ def check_sampling(args: argparse.Namespace) -> None:
     if args.threads is not None and args.threads < 1:
         bad("--threads", f"must be >= 1 when given, got {args.threads}")
     if args.model is not None and not Path(args.model).is_dir():
-        bad("--model", f"{args.model}: no such directory (a Hugging Face model directory with a config.json)")
+        bad(f"--model {args.model}", "no such directory (a Hugging Face model directory with a config.json)")
 
 
 def read_prompt(args: argparse.Namespace) -> str:
