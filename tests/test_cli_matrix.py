@@ -160,7 +160,7 @@ def _adapter(d: Path) -> dict:
 
 
 def test_sigint_during_finetune_then_resume_equals_an_uninterrupted_run(ws, tmp_path):
-    steps = "1500"
+    steps = "500"
     common = ["finetune", "--model", str(ws / "model"), "--data", str(ws / "train.jsonl"), *FT, "--dropout", "0.1",
               "--max-steps", steps]
     ref = phiforge(*common, "--out", str(tmp_path / "ref"), timeout=300)
