@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from .adapter import AdapterError
+from .checkpoint import resolve_model
 from .fetch import default_model_path
 from .generate import Generator
 from .loader import load_model
@@ -73,7 +74,7 @@ def resolve_quant(quant: str | None, adapter_dir: str | Path | None) -> str | No
 def load_generator(model_dir: str | Path | None = None, adapter_dir: str | Path | None = None,
                    dtype: torch.dtype | str | None = None, quant: str | None = None,
                    device: str | torch.device = "cpu", prefix_cache: bool = False) -> Generator:
-    """A Generator for `model_dir` (default: the default model, built on first use).
+    """A Generator for `model_dir`, a directory or a Hugging Face id (default: the default model, built on first use).
 
     dtype None keeps the checkpoint's (config.json torch_dtype); pass `compute_dtype()` for this machine's fastest.
     quant "nf4" quantizes the decoder projections while loading, "none" keeps them dense, None follows the adapter's
@@ -82,6 +83,6 @@ def load_generator(model_dir: str | Path | None = None, adapter_dir: str | Path 
     if adapter_dir is not None:
         check_adapter_dir(adapter_dir)
     quant = resolve_quant(quant, adapter_dir)
-    path = Path(model_dir) if model_dir else default_model_path()
+    path = resolve_model(model_dir) if model_dir else default_model_path()
     model = load_model(path, dtype=dtype, device=device, quant=quant, adapter=adapter_dir)
     return Generator(model, load_tokenizer(path), prefix_cache=prefix_cache)

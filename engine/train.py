@@ -51,6 +51,7 @@ from tqdm.auto import tqdm
 from . import distributed
 from .adapter import save_adapter
 from .atomic import write_atomic, write_json_atomic, write_text_atomic
+from .checkpoint import resolve_model
 from .data import DataError, DataStats, Loader, load_dataset
 from .distributed import SINGLE, World
 from .fetch import default_model_path
@@ -318,8 +319,8 @@ def finetune(config: TrainConfig | None = None, /, *, base_model: nn.Module | No
         config = TrainConfig(**options)
     elif options:
         config = dataclasses.replace(config, **options)
-    if config.model is None:
-        config = dataclasses.replace(config, model=default_model_path())
+    config = dataclasses.replace(config, model=str(resolve_model(config.model)) if config.model
+                                 else default_model_path())
     if config.nproc > 1 and not distributed.under_torchrun():
         raise TrainConfigError(f"--nproc {config.nproc}: finetune() trains in this one process; start the "
                                "processes with `phiforge finetune --nproc N` or torchrun", ("nproc",))

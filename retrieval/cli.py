@@ -19,6 +19,9 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
+from phiforge.engine.checkpoint import resolve_model
 from phiforge.engine.pretrained import compute_dtype, load_generator
 
 from .chunking import Skipped
@@ -115,7 +118,9 @@ def run_search(args: argparse.Namespace) -> int:
 def add_arguments_ask(parser: argparse.ArgumentParser) -> None:
     _index_arg(parser)
     parser.add_argument("question")
-    parser.add_argument("--model", metavar="DIR", help="model directory (default: the built-in default model)")
+    parser.add_argument("--model", metavar="DIR", help="model directory or Hugging Face id (default: the built-in "
+                        "default model)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--adapter", metavar="DIR", help="LoRA adapter directory (PEFT format)")
     parser.add_argument("-k", type=int, default=4, help="chunks retrieved into the prompt (default 4)")
     parser.add_argument("--max-new-tokens", type=int, default=200)
@@ -128,8 +133,14 @@ def _check_ask(args: argparse.Namespace) -> None:
                     ("--max-prompt-tokens", args.max_prompt_tokens)):
         if v < 1:
             raise ValueError(f"{flag}: must be >= 1, got {v}")
-    if args.model is not None and not Path(args.model).is_dir():
-        raise FileNotFoundError(f"--model {args.model}: no such directory (a Hugging Face model directory)")
+    if args.model is not None:
+        args.model = str(resolve_model(args.model))
+        if not Path(args.model).is_dir():
+            raise FileNotFoundError(f"--model {args.model}: no such directory (a Hugging Face model directory or id)")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads: must be >= 1 when given, got {args.threads}")
+        torch.set_num_threads(args.threads)
 
 
 def run_ask(args: argparse.Namespace) -> int:

@@ -207,3 +207,29 @@ def test_results_get_umask_permissions(ws, tmp_path):
         for p in [tmp_path / top, *(tmp_path / top).rglob("*")]:
             want = (0o777 if p.is_dir() else 0o666) & ~mask
             assert p.stat().st_mode & 0o777 == want, (p, oct(p.stat().st_mode))
+
+
+def test_hugging_face_ids_resolve_through_the_offline_cache(ws, tmp_path):
+    """A real hub cache layout (refs/main -> snapshots/<commit>/, files linked from the default model), offline."""
+    default = Path(subprocess.run([sys.executable, "-c", "from phiforge.engine.fetch import default_model_path; "
+                                   "print(default_model_path())"], capture_output=True, text=True, check=True,
+                                  env=env()).stdout.strip())
+    repo = tmp_path / "hf" / "hub" / "models--microsoft--Phi-3-mini-4k-instruct"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    snap = repo / "snapshots" / commit
+    snap.mkdir(parents=True)
+    for f in default.iterdir():
+        if not f.name.startswith("."):
+            (snap / f.name).symlink_to(f)
+    hub_env = dict(env(), HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1")
+    r = subprocess.run([PHIFORGE, "generate", "--model", "microsoft/Phi-3-mini-4k-instruct", "--prompt", "Hi",
+                        "--max-new-tokens", "3", "--greedy", "--threads", "1"], capture_output=True, text=True,
+                       env=hub_env, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip(), r.stderr
+    r = subprocess.run([PHIFORGE, "generate", "--model", "nobody/nothing", "--prompt", "Hi"], capture_output=True,
+                       text=True, env=hub_env, timeout=120)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    [line] = [ln for ln in r.stderr.splitlines() if ln.startswith("error: ")]
+    assert "nobody/nothing: no such directory, and not in the Hugging Face cache; HF_HUB_OFFLINE is set" in line

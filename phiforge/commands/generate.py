@@ -17,12 +17,13 @@ from typing import Any
 
 import torch
 
+from phiforge.engine.checkpoint import resolve_model
 from phiforge.engine.generate import GenerationResult, Generator, Prompt
 from phiforge.engine.pretrained import load_generator
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="Hugging Face model directory (default: the default model)")
+    p.add_argument("--model", default=None, help="a Hugging Face model directory or id, e.g. microsoft/Phi-3-mini-4k-instruct (default: the default model)")
     p.add_argument("--adapter", default=None, help="a PEFT LoRA adapter directory, applied unmerged")
     p.add_argument("--quant", choices=["nf4", "none"], default=None,
                    help="nf4: quantize the decoder projections while loading; none: keep them dense (default: the "
@@ -71,8 +72,10 @@ def check_sampling(args: argparse.Namespace) -> None:
         bad("--repetition-penalty", f"must be > 0, got {args.repetition_penalty}")
     if args.threads is not None and args.threads < 1:
         bad("--threads", f"must be >= 1 when given, got {args.threads}")
-    if args.model is not None and not Path(args.model).is_dir():
-        bad(f"--model {args.model}", "no such directory (a Hugging Face model directory with a config.json)")
+    if args.model is not None:
+        args.model = str(resolve_model(args.model))
+        if not Path(args.model).is_dir():
+            bad(f"--model {args.model}", "no such directory (a Hugging Face model directory or id)")
 
 
 def read_prompt(args: argparse.Namespace) -> str:

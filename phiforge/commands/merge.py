@@ -12,14 +12,14 @@ from pathlib import Path
 
 import torch
 
-from phiforge.engine.checkpoint import DTYPES
+from phiforge.engine.checkpoint import DTYPES, resolve_model
 from phiforge.engine.loader import load_model, save_model
 from phiforge.engine.lora import merge_adapter
 from phiforge.engine.pretrained import check_adapter_dir, resolve_quant
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="base model directory (Hugging Face Phi-3 layout)")
+    parser.add_argument("--model", required=True, help="base model directory (Hugging Face Phi-3 layout) or id")
     parser.add_argument("--adapter", required=True, help="PEFT LoRA adapter directory")
     parser.add_argument("--out", required=True, help="output directory for the merged checkpoint")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
@@ -32,12 +32,14 @@ def merge(model_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, d
           quant: str | None = None) -> Path:
     """Load base + adapter, fold the adapter in and write a dense checkpoint (config, weights, tokenizer files)."""
     adapter_dir = check_adapter_dir(adapter_dir)
+    model_dir = resolve_model(model_dir)
     model = load_model(model_dir, quant=resolve_quant(quant, adapter_dir), adapter=adapter_dir)
     merge_adapter(model, dtype=dtype)
     return save_model(model, out_dir, dtype=dtype, copy_from=model_dir)
 
 
 def run(args: argparse.Namespace) -> int:
+    args.model = str(resolve_model(args.model))
     if not Path(args.model).is_dir():
         raise FileNotFoundError(f"--model {args.model}: no such directory (the base model the adapter was trained on)")
     check_adapter_dir(args.adapter)  # before the base loads
