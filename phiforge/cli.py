@@ -18,6 +18,7 @@ import importlib
 import os
 import sys
 import traceback
+import warnings
 
 from phiforge import __version__
 
@@ -79,8 +80,27 @@ def _run_reporting(name: str, run, args: argparse.Namespace, user_errors: tuple)
         return 1
 
 
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    """Warnings as one line for a terminal user (the fast-path-off notice of the native kernels, say), not
+    Python's two lines of file, line and source."""
+    lines = str(message).strip().splitlines() or [category.__name__]
+    first = lines[0]
+    if category.__name__ == "NativeBuildWarning" and "no compiler: " in first:
+        # the same cause for every library: one notice that the fast path is off
+        first = "native CPU kernels off (slower torch path): " + first.split("no compiler: ", 1)[1].split(";")[0]
+    if first in _SHOWN:
+        return ""
+    _SHOWN.add(first)
+    return f"warning: {first}" + (" [`phiforge doctor` shows more]" if len(lines) > 1 else "") + "\n"
+
+
+_SHOWN: set[str] = set()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if not os.environ.get("PHIFORGE_DEBUG"):
+        warnings.formatwarning = _format_warning
     if argv and argv[0] in ("-V", "--version"):
         print(f"phiforge {__version__}")
         return 0

@@ -233,3 +233,13 @@ def test_hugging_face_ids_resolve_through_the_offline_cache(ws, tmp_path):
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
     [line] = [ln for ln in r.stderr.splitlines() if ln.startswith("error: ")]
     assert "nobody/nothing: no such directory, and not in the Hugging Face cache; HF_HUB_OFFLINE is set" in line
+
+
+def test_no_compiler_is_one_notice(ws, tmp_path):
+    r = subprocess.run([PHIFORGE, "generate", "--model", str(ws / "model"), "--prompt", "Hi", "--max-new-tokens", "2",
+                        "--threads", "1"], capture_output=True, text=True, timeout=300,
+                       env=dict(env(), CC=str(tmp_path / "no-such-cc"), PHIFORGE_HOME=str(tmp_path / "home")))
+    assert r.returncode == 0, r.stderr
+    notices = [ln for ln in r.stderr.splitlines() if ln.startswith("warning: ")]
+    assert notices == [f"warning: native CPU kernels off (slower torch path): {tmp_path / 'no-such-cc'} not found "
+                       "(set $CC)"], r.stderr
