@@ -374,7 +374,7 @@ def _train(run: Run) -> dict:
                 mf.flush()
 
         last_save = time.monotonic()
-        with StopSignals() as stop:
+        with StopSignals(second_stops=not distributed.under_torchrun()) as stop:
             while run.step < run.total:
                 rec = train_step(run)
                 losses.append(rec["loss"])

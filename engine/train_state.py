@@ -158,17 +158,23 @@ class TrainingInterrupted(KeyboardInterrupt):
 
 class StopSignals:
     """While active, SIGINT/SIGTERM set `requested` (the loop stops after its step); a second signal raises
-    KeyboardInterrupt at once. Only the main thread can install handlers: elsewhere this does nothing."""
+    KeyboardInterrupt at once, unless `second_stops` is False (under torchrun the terminal's Ctrl-C and the agent's
+    forward of it arrive as two signals; the agent's SIGKILL after its grace period is the hard stop there). Only
+    the main thread can install handlers: elsewhere this does nothing."""
 
-    def __init__(self) -> None:
+    def __init__(self, second_stops: bool = True) -> None:
         self.requested: str | None = None
+        self.second_stops = second_stops
         self._old: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.requested is not None:
+            if not self.second_stops:
+                return
             raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: stopped without a checkpoint")
         self.requested = signal.Signals(signum).name
-        print(f"\nfinetune: {self.requested}: finishing this step, then writing a checkpoint (again to stop now)",
+        print(f"\nfinetune: {self.requested}: finishing this step, then writing a checkpoint"
+              + (" (again to stop now)" if self.second_stops else ""),
               flush=True)
 
     def __enter__(self) -> StopSignals:

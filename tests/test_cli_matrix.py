@@ -130,6 +130,15 @@ def test_version_and_the_debug_traceback(ws):
     assert r.returncode == 1 and "Traceback" in r.stderr and "/nope" in r.stderr
 
 
+def test_prompt_from_stdin(ws):
+    r = phiforge("generate", "--model", str(ws / "model"), "--prompt-file", "-", "--max-new-tokens", "3", "--greedy",
+                 "--threads", "1", input="Once upon a time")
+    ref = phiforge("generate", "--model", str(ws / "model"), "--prompt", "Once upon a time", "--max-new-tokens", "3",
+                   "--greedy", "--threads", "1")
+    assert r.returncode == 0 and ref.returncode == 0, r.stderr + ref.stderr
+    assert r.stdout == ref.stdout and r.stdout.strip()
+
+
 def test_ctrl_c_at_the_chat_prompt_exits_130(ws):
     p = subprocess.Popen([PHIFORGE, "chat", "--model", str(ws / "model")], stdin=subprocess.PIPE,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())

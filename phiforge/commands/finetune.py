@@ -19,6 +19,8 @@ import typing
 from pathlib import Path
 from typing import Any
 
+from torch.distributed.elastic.multiprocessing.api import SignalException
+
 from phiforge.engine.distributed import launch, under_torchrun
 from phiforge.engine.train import finetune
 from phiforge.engine.train_config import TrainConfig, flag
@@ -82,7 +84,13 @@ def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     if config.nproc > 1 and not under_torchrun():
         check_out(config)  # refuse here, once, rather than in every rank
-        rc = launch(["phiforge.cli", "finetune", *argv_for(config)], config.nproc, config.threads)
+        try:
+            rc = launch(["phiforge.cli", "finetune", *argv_for(config)], config.nproc, config.threads)
+        except SignalException as e:  # Ctrl-C / SIGTERM reached the launcher: the ranks checkpoint and stop
+            ckpt = latest_checkpoint(Path(config.out))
+            raise KeyboardInterrupt(f"finetune stopped by {e.sigval.name}; " + (
+                f"the newest checkpoint is {ckpt}; the same command with --resume continues from it" if ckpt
+                else "no checkpoint was written")) from None
         ckpt = latest_checkpoint(Path(config.out)) if rc else None
         if ckpt is not None:
             print(f"finetune: the newest checkpoint is {ckpt}; the same command with --resume continues from it",
