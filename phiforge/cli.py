@@ -52,11 +52,11 @@ def _one_line(e: BaseException) -> str:
     return lines[0] + more
 
 
-def _report(e: BaseException, prefix: str) -> None:
+def _report(e: BaseException, prefix: str, suffix: str = "") -> None:
     if os.environ.get("PHIFORGE_DEBUG"):
         traceback.print_exception(e)
     else:
-        print(f"{prefix}{_one_line(e)}", file=sys.stderr)
+        print(f"{prefix}{_one_line(e)}{suffix}", file=sys.stderr)
 
 
 def _run_reporting(name: str, run, args: argparse.Namespace, user_errors: tuple) -> int:
@@ -67,16 +67,14 @@ def _run_reporting(name: str, run, args: argparse.Namespace, user_errors: tuple)
             traceback.print_exception(e)
         print(f"\nphiforge {name}: {_one_line(e) if str(e) else 'interrupted'}", file=sys.stderr)
         return 130
-    except BrokenPipeError:  # `phiforge ... | head`: the reader left; nothing to say
-        sys.stderr.close()
+    except BrokenPipeError:  # `phiforge ... | head`: the reader left; nothing to say, and nothing left to flush
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
     except user_errors as e:
         _report(e, "error: ")
         return 1
     except Exception as e:  # noqa: BLE001 - the one place that turns a bug into one line plus the debug hint
-        _report(e, f"internal error: {type(e).__name__}: ")
-        if not os.environ.get("PHIFORGE_DEBUG"):
-            print("  (PHIFORGE_DEBUG=1 shows the traceback; please report it)", file=sys.stderr)
+        _report(e, f"internal error: {type(e).__name__}: ", " (PHIFORGE_DEBUG=1 shows the traceback; please report it)")
         return 1
 
 

@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
+from phiforge import cli
+
 from tiny_phi3 import save_tiny
 
 PHIFORGE = str(Path(sys.executable).with_name("phiforge"))
@@ -252,3 +254,19 @@ def test_no_compiler_is_one_notice(ws, tmp_path):
     notices = [ln for ln in r.stderr.splitlines() if ln.startswith("warning: ")]
     assert notices == [f"warning: native CPU kernels off (slower torch path): {tmp_path / 'no-such-cc'} not found "
                        "(set $CC)"], r.stderr
+
+
+def test_an_unexpected_failure_is_one_internal_error_line(monkeypatch, capsys):
+    """In-process (no subprocess needed): a bug in a command is one line and exit 1; PHIFORGE_DEBUG=1 shows it."""
+    def boom(args):
+        raise RuntimeError("ptxas: sm_90a\nline two\nline three")
+
+    monkeypatch.setattr(cli, "_hooks", lambda module, name: (lambda p: None, boom))
+    monkeypatch.delenv("PHIFORGE_DEBUG", raising=False)
+    assert cli.main(["doctor"]) == 1
+    err = capsys.readouterr().err
+    assert err.splitlines() == ["internal error: RuntimeError: ptxas: sm_90a [2 more line(s): PHIFORGE_DEBUG=1 "
+                                "shows them] (PHIFORGE_DEBUG=1 shows the traceback; please report it)"]
+    monkeypatch.setenv("PHIFORGE_DEBUG", "1")
+    assert cli.main(["doctor"]) == 1
+    assert "Traceback" in capsys.readouterr().err
