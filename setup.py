@@ -16,7 +16,7 @@ setup(
     package_data={"phiforge.kernels": ["csrc/*.c", "csrc/*.h"]},
     install_requires=[
         "torch", "triton", "safetensors", "tokenizers", "hnswlib", "numpy", "jinja2", "gguf", "tqdm",
-        "matplotlib", "fastapi", "uvicorn",
+        "matplotlib", "huggingface_hub", "fastapi", "uvicorn",
     ],
     extras_require={"test": ["pytest", "pytest-benchmark", "transformers", "peft", "bitsandbytes", "openai"]},
     entry_points={"console_scripts": ["phiforge = phiforge.cli:main"]},

@@ -5,17 +5,25 @@ Reading validates the header before any tensor is touched: every tensor's bytes 
 its shape and dtype, so a truncated or corrupt shard fails here with the file and the tensor named, never later as
 garbage weights. Writing builds the directory under a temp name and swaps it in whole (engine/atomic.py): a crash
 leaves the old checkpoint or the new one, never half of one.
+
+Where a checkpoint is: `resolve_model` takes a directory or a Hugging Face model id (`microsoft/Phi-3-mini-4k-instruct`)
+and returns a directory; an id resolves through huggingface_hub's cache (the files already there when HF_HUB_OFFLINE
+is set, a download otherwise; HF_HOME picks the cache), fetching only config, tokenizer and safetensors files.
 """
 from __future__ import annotations
 
 import json
 import mmap
+import os
+import re
 import shutil
 import struct
 from pathlib import Path
 from typing import Iterable
 
 import torch
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import HFValidationError, HfHubHTTPError, LocalEntryNotFoundError
 from safetensors.torch import save_file
 
 from .atomic import atomic_dir
@@ -34,6 +42,30 @@ ST_TORCH_DTYPE = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float
 # Files of a Hugging Face model directory besides the weights, carried over when a checkpoint is rewritten.
 AUX_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
              "chat_template.jinja", "tokenizer.model", "added_tokens.json")
+
+
+# owner/name, as the Hub spells ids; a path that exists always wins over an id that looks the same
+HF_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+HF_FILES = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja"]
+
+
+def resolve_model(spec: str | Path) -> Path:
+    """A model directory for `spec`: the directory itself, or a Hugging Face id resolved through the hub cache.
+    Raises FileNotFoundError naming the id (or path) and what to do."""
+    path = Path(spec)
+    if path.exists() or not HF_ID.fullmatch(str(spec)):
+        return path
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    try:
+        return Path(snapshot_download(str(spec), allow_patterns=HF_FILES))
+    except LocalEntryNotFoundError:
+        how = ("HF_HUB_OFFLINE is set: unset it to download it" if offline
+               else "it could not be downloaded (no network?)")
+        raise FileNotFoundError(f"{spec}: no such directory, and not in the Hugging Face cache; {how}, or give a "
+                                "model directory") from None
+    except (HfHubHTTPError, HFValidationError, OSError) as e:
+        raise FileNotFoundError(f"{spec}: no such directory, and the Hugging Face Hub could not provide it "
+                                f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
 
 
 class CheckpointError(ValueError):

@@ -97,14 +97,14 @@ def read_jsonl(path: str | Path, skip_bad: bool = False, stats: DataStats | None
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                row = json.loads(line.rstrip("\r\n"))  # a truncated last field reports its own column
                 why = _validate(row)
             except json.JSONDecodeError as e:
-                why = f"not valid JSON ({e.msg} at column {e.colno})"
+                why = f"not valid JSON at column {e.colno} ({e.msg})"
             if why is not None:
                 msg = f"{path}:{lineno}: {why}"
                 if not skip_bad:
-                    raise DataError(msg)
+                    raise DataError(msg + " (--skip-bad skips and counts such lines)")
                 stats.skipped_bad += 1
                 stats.errors.append(msg)
                 continue

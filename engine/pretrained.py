@@ -3,13 +3,20 @@
 The one set-up shared by `phiforge generate` / `chat`, `phiforge ask`, the RAG pipeline and the demo: load the model
 (optionally NF4-quantized, optionally with a PEFT LoRA adapter applied unmerged), load its tokenizer, wrap both in
 a Generator.
+
+An adapter runs on the base it was trained on: a QLoRA adapter (its training_args.json says method qlora) learnt
+its update against the NF4-dequantized weights, so every consumer (generate, chat, ask, merge) quantizes the base
+to NF4 for it unless told otherwise (quant="none").
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 
+from .adapter import AdapterError
+from .checkpoint import resolve_model
 from .fetch import default_model_path
 from .generate import Generator
 from .loader import load_model
@@ -32,14 +39,50 @@ def compute_dtype(device: str | torch.device = "cpu") -> torch.dtype:
     return torch.float32
 
 
+def check_adapter_dir(adapter_dir: str | Path) -> Path:
+    """The adapter directory, checked before any model is loaded: it exists and holds adapter_config.json."""
+    d = Path(adapter_dir)
+    if not d.is_dir():
+        raise FileNotFoundError(f"--adapter {d}: no such directory (a PEFT LoRA adapter directory, e.g. a finetune "
+                                "--out)")
+    if not (d / "adapter_config.json").is_file():
+        raise AdapterError(f"--adapter {d}: no adapter_config.json there, so it is not a PEFT LoRA adapter directory")
+    return d
+
+
+def trained_quant(adapter_dir: str | Path) -> str | None:
+    """"nf4" when the adapter was trained with QLoRA (its training_args.json says so), else None."""
+    p = Path(adapter_dir) / "training_args.json"
+    if not p.exists():
+        return None
+    try:
+        method = json.loads(p.read_text()).get("method")
+    except (json.JSONDecodeError, AttributeError) as e:
+        raise AdapterError(f"{p}: not a valid training_args.json ({e})") from None
+    return "nf4" if method == "qlora" else None
+
+
+def resolve_quant(quant: str | None, adapter_dir: str | Path | None) -> str | None:
+    """The quantization to load with: "none" means dense, None the adapter's trained base (dense without one)."""
+    if quant == "none":
+        return None
+    if quant is None and adapter_dir is not None:
+        return trained_quant(adapter_dir)
+    return quant
+
+
 def load_generator(model_dir: str | Path | None = None, adapter_dir: str | Path | None = None,
                    dtype: torch.dtype | str | None = None, quant: str | None = None,
                    device: str | torch.device = "cpu", prefix_cache: bool = False) -> Generator:
-    """A Generator for `model_dir` (default: the default model, built on first use).
+    """A Generator for `model_dir`, a directory or a Hugging Face id (default: the default model, built on first use).
 
     dtype None keeps the checkpoint's (config.json torch_dtype); pass `compute_dtype()` for this machine's fastest.
-    quant "nf4" quantizes the decoder projections while loading. prefix_cache: see engine/generate.py.
+    quant "nf4" quantizes the decoder projections while loading, "none" keeps them dense, None follows the adapter's
+    training (NF4 for a QLoRA adapter). prefix_cache: see engine/generate.py.
     """
-    path = Path(model_dir) if model_dir else default_model_path()
+    if adapter_dir is not None:
+        check_adapter_dir(adapter_dir)
+    quant = resolve_quant(quant, adapter_dir)
+    path = resolve_model(model_dir) if model_dir else default_model_path()
     model = load_model(path, dtype=dtype, device=device, quant=quant, adapter=adapter_dir)
     return Generator(model, load_tokenizer(path), prefix_cache=prefix_cache)

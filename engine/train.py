@@ -19,6 +19,14 @@ linear decay towards 0. See engine/train_state.py for checkpoints that resume bi
 Data-parallel (torchrun, `--nproc`): the same loop on every rank, each on its share of every micro-batch, N
 all-reduced over ranks and the gradients reduced by DDP; rank 0 alone writes. See engine/distributed.py.
 
+Stopping: SIGINT (Ctrl-C) or SIGTERM during the loop lets the current step finish, then writes a checkpoint and
+the adapter so far and raises TrainingInterrupted (a KeyboardInterrupt: the CLI exits 130) saying how to resume; a
+second signal stops at once. Ranks of a data-parallel run all-reduce their stop flag every step, so all stop after
+the same step (under torchrun the agent escalates to SIGKILL after its grace period: a step plus a checkpoint must
+fit in it). Besides --save-every, a checkpoint is written every --save-minutes of training (rank 0's clock, agreed
+the same way), so a killed run loses at most that much. A run refuses an --out that holds an earlier run unless
+--resume or --overwrite is given, and a run that fails before its first checkpoint removes the --out it created.
+
 Options: engine/train_config.py (TrainConfig); the CLI layer: phiforge/commands/finetune.py.
 Outputs in OUT/: the final adapter (PEFT format), training_args.json, metrics.jsonl (one record per optimizer step,
 plus eval records), loss_curve.png, checkpoint-<step>/ directories.
@@ -29,6 +37,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +51,7 @@ from tqdm.auto import tqdm
 from . import distributed
 from .adapter import save_adapter
 from .atomic import write_atomic, write_json_atomic, write_text_atomic
+from .checkpoint import resolve_model
 from .data import DataError, DataStats, Loader, load_dataset
 from .distributed import SINGLE, World
 from .fetch import default_model_path
@@ -50,9 +60,8 @@ from .lora import apply_lora, trainable_parameters
 from .loss import lm_loss_sum
 from .tokenizer import load_tokenizer
 from .train_config import TrainConfig, TrainConfigError, resume_changes
-from .train_state import (STATE_JSON, latest_checkpoint, load_checkpoint, rank_rng_state, read_state,
-                          save_checkpoint)
-
+from .train_state import (STATE_JSON, StopSignals, TrainingInterrupted, check_out, clear_run, holds_run,
+                          latest_checkpoint, load_checkpoint, rank_rng_state, read_state, save_checkpoint)
 
 def lr_at(step: int, base_lr: float, total: int, warmup: int, schedule: str) -> float:
     """Learning rate of optimizer step `step` (0-based): warmup (step+1)/warmup · lr, then decay towards 0."""
@@ -162,9 +171,8 @@ def setup(config: TrainConfig, base_model: nn.Module | None = None, tokenizer: A
     training_args.json. `config.model` must be resolved (finetune does it). A data-parallel rank passes its
     `world` and `device` (distributed.init)."""
     c = config
-    if world.main:
-        Path(c.out).mkdir(parents=True, exist_ok=True)
-    ckpt, changes = _check_resume(c, world) if c.resume else (None, [])  # before any loading: a refusal is immediate
+    check_out(c)  # before any loading: a refusal is immediate
+    ckpt, changes = _check_resume(c, world) if c.resume else (None, [])
     device = device or torch.device(c.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(c.seed)
     tok = tokenizer or load_tokenizer(c.model)
@@ -195,6 +203,10 @@ def setup(config: TrainConfig, base_model: nn.Module | None = None, tokenizer: A
                             weight_decay=c.weight_decay)
     run = Run(c, base_model, params, opt, loader, eval_loader, total, c.warmup(total), device, stats, len(names),
               world)
+    if world.main:  # only now, with the model and data loaded: a bad input leaves no folder behind
+        if c.overwrite:
+            clear_run(run.out)
+        run.out.mkdir(parents=True, exist_ok=True)
     if ckpt is not None:
         _resume(run, ckpt, changes)
     elif world.main:
@@ -210,8 +222,7 @@ def _check_resume(config: TrainConfig, world: World = SINGLE) -> tuple[Path, lis
     (engine/train_config.py: RESUMABLE) and on a different number of ranks."""
     out = Path(config.out)
     ckpt = latest_checkpoint(out)
-    if ckpt is None:
-        raise FileNotFoundError(f"{out}: --resume given but there is no checkpoint-* directory to resume from")
+    assert ckpt is not None, "check_out refuses --resume without a checkpoint"
     state = read_state(ckpt)
     if state.get("world_size", 1) != world.size:
         raise TrainConfigError(f"{ckpt / STATE_JSON}: cannot resume: --nproc: the checkpoint's run had "
@@ -267,14 +278,15 @@ def train_step(run: Run) -> dict:
                 epoch=(run.step * c.grad_accum) / len(run.loader))
 
 
-def eval_and_checkpoint(run: Run, record: Callable[[dict], None]) -> tuple[float, float] | None:
+def eval_and_checkpoint(run: Run, record: Callable[[dict], None], save_now: bool = False) -> tuple[float, float] | None:
     """After a step: evaluate on the cadence and at the end (returns (nll, ppl) when it did); checkpoint on the
-    cadence, except at the end, where the final adapter is written instead."""
+    cadence or when `save_now` (every rank must pass the same), except at the end, where the final adapter is
+    written instead."""
     c, result = run.config, None
     if run.eval_loader is not None and ((c.eval_every and run.step % c.eval_every == 0) or run.step == run.total):
         result = evaluate(run.model, run.eval_loader, run.device, run.autocast, run.world)
         record(dict(step=run.step, eval_loss=result[0], eval_ppl=result[1]))
-    if c.save_every and run.step % c.save_every == 0 and run.step < run.total:
+    if (save_now or (c.save_every and run.step % c.save_every == 0)) and run.step < run.total:
         ranks_rng = None
         if run.world.size > 1:  # a collective: every rank hands its generators to rank 0, which writes them
             mine = rank_rng_state(run.device)
@@ -307,8 +319,8 @@ def finetune(config: TrainConfig | None = None, /, *, base_model: nn.Module | No
         config = TrainConfig(**options)
     elif options:
         config = dataclasses.replace(config, **options)
-    if config.model is None:
-        config = dataclasses.replace(config, model=default_model_path())
+    config = dataclasses.replace(config, model=str(resolve_model(config.model)) if config.model
+                                 else default_model_path())
     if config.nproc > 1 and not distributed.under_torchrun():
         raise TrainConfigError(f"--nproc {config.nproc}: finetune() trains in this one process; start the "
                                "processes with `phiforge finetune --nproc N` or torchrun", ("nproc",))
@@ -316,14 +328,31 @@ def finetune(config: TrainConfig | None = None, /, *, base_model: nn.Module | No
     if config.threads:
         torch.set_num_threads(config.threads)
     world, device = distributed.init(config.device)
+    created = not Path(config.out).exists()
     try:
         if config.nproc > 1 and config.nproc != world.local_size:
             raise TrainConfigError(f"--nproc {config.nproc}: torchrun started {world.local_size} process(es) on this "
                                    "machine (under torchrun, leave --nproc out)", ("nproc",))
         return _train(setup(config, base_model, tokenizer, world, device))
+    except BaseException as e:
+        out = Path(config.out)
+        # a run that failed before its first checkpoint leaves no folder it created (nothing in it to keep)
+        if created and world.main and out.is_dir() and not isinstance(e, TrainingInterrupted) and not holds_run(out):
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     finally:
         torch.set_num_threads(threads)
         distributed.shutdown(world)
+
+
+def _stopped(run: Run, why: str) -> None:
+    """After a stop request's checkpoint: write the adapter so far and raise TrainingInterrupted."""
+    if run.world.main:
+        save_adapter(run.model, run.out, run.config.model)
+        plot_losses(run.out / "metrics.jsonl", run.out / "loss_curve.png")
+    raise TrainingInterrupted(f"finetune stopped by {why} after step {run.step} of {run.total}: checkpoint "
+                              f"{run.out / f'checkpoint-{run.step}'} and the adapter so far in {run.out}; the same "
+                              "command with --resume continues")
 
 
 def _train(run: Run) -> dict:
@@ -344,14 +373,28 @@ def _train(run: Run) -> dict:
                 mf.write(json.dumps(rec) + "\n")
                 mf.flush()
 
-        while run.step < run.total:
-            rec = train_step(run)
-            losses.append(rec["loss"])
-            record(rec)
-            if bar is not None:
-                bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}", lr=f"{rec['lr']:.2e}")
-                bar.update(1)
-            last_eval = eval_and_checkpoint(run, record) or last_eval
+        last_save = time.monotonic()
+        with StopSignals(second_stops=not distributed.under_torchrun()) as stop:
+            while run.step < run.total:
+                rec = train_step(run)
+                losses.append(rec["loss"])
+                record(rec)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}",
+                                    lr=f"{rec['lr']:.2e}")
+                    bar.update(1)
+                due = main and c.save_minutes > 0 and time.monotonic() - last_save >= 60 * c.save_minutes
+                # every rank must take the same branch (checkpointing is a collective): agree on both flags
+                stopping, due = (v > 0 for v in distributed.all_reduce_sum(
+                    [float(stop.requested is not None), float(due)], run.world, run.device))
+                saves = stopping or due or bool(c.save_every and run.step % c.save_every == 0)
+                last_eval = eval_and_checkpoint(run, record, save_now=stopping or due) or last_eval
+                if saves:
+                    last_save = time.monotonic()
+                if stopping and run.step < run.total:
+                    if bar is not None:
+                        bar.close()
+                    _stopped(run, stop.requested or "a signal on another rank")
     if bar is not None:
         bar.close()
     if main:

@@ -7,7 +7,7 @@ lives in its metadata; `flag` overrides the flag name derived from the field nam
 Resume rule, written once: a field in RESUMABLE may differ from the checkpoint's run and the new value is applied
 from the resumed step on (the loop reads it every step, or it only shapes what is logged and saved); every other
 field fixes the adapter's shape, the base it sits on or the order of the data, so a difference is refused, naming
-the flag. `out` and `resume` are the resume itself and are not compared; neither is `nproc`, a launcher option:
+the flag. `out`, `resume` and `overwrite` are the resume itself and are not compared; neither is `nproc`, a launcher option:
 what must match is the world size (every rank's share of the data and its RNG stream depend on it), and that is
 checked against the checkpoint's recorded world size, however the ranks were started (--nproc or torchrun).
 
@@ -39,9 +39,9 @@ RESUMABLE = frozenset({
     "eval_data", "skip_bad",
     "lr", "weight_decay", "max_grad_norm",
     "max_steps", "epochs", "schedule", "warmup_steps", "warmup_ratio",
-    "save_every", "eval_every", "dtype", "device", "threads", "gradient_checkpointing", "progress",
+    "save_every", "save_minutes", "eval_every", "dtype", "device", "threads", "gradient_checkpointing", "progress",
 })
-NOT_COMPARED = frozenset({"out", "resume", "nproc"})
+NOT_COMPARED = frozenset({"out", "resume", "overwrite", "nproc"})
 # keys earlier versions wrote that are derived, not options
 _LEGACY_DERIVED = frozenset({"total_steps"})
 
@@ -91,8 +91,13 @@ class TrainConfig:
     warmup_ratio: float = _opt(0.03, "warmup as a fraction of the steps when --warmup-steps is not given")
     # ---- runtime and output (resumable) ----
     save_every: int | None = _opt(None, "checkpoint every N optimizer steps", shown="never")
+    save_minutes: float = _opt(10.0, "also checkpoint once this many minutes of training passed since the last "
+                                     "checkpoint, so a killed run loses at most that much (0: off); Ctrl-C or "
+                                     "SIGTERM always checkpoints before stopping")
     eval_every: int | None = _opt(None, "evaluate every N optimizer steps", shown="at the end only")
     resume: bool = _opt(False, "continue from the newest OUT/checkpoint-*")
+    overwrite: bool = _opt(False, "start over in an --out that holds an earlier run (deletes its adapter, "
+                                  "checkpoints and metrics)")
     dtype: str | None = _opt(None, "base weight / compute dtype (LoRA weights are always fp32)", choices=DTYPES,
                              shown="bfloat16")
     device: str | None = _opt(None, "torch device", shown="cuda if available, else cpu")
@@ -147,6 +152,10 @@ class TrainConfig:
                 bad(name, f"must be > 0, got {getattr(self, name)}")
         if not self.weight_decay >= 0:
             bad("weight_decay", f"must be >= 0, got {self.weight_decay}")
+        if not self.save_minutes >= 0:
+            bad("save_minutes", f"must be >= 0 (0 turns it off), got {self.save_minutes}")
+        if self.resume and self.overwrite:
+            bad("overwrite", "--resume continues the run in --out, --overwrite deletes it: give one of them")
         if not 0 <= self.dropout < 1:
             bad("dropout", f"must be in [0, 1), got {self.dropout}")
         if not 0 <= self.warmup_ratio <= 1:

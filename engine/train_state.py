@@ -14,6 +14,10 @@ position (the micro-batch index; the loader's order is a pure function of seed a
 masks: rank r's RNG is stored as `rng.rank<r>.cpu` / `rng.rank<r>.cuda`, and the world size is recorded, because
 the data split and those RNG streams only replay with the same number of ranks.
 
+The --out folder's guards live here too: check_out refuses an --out holding an earlier run (unless --resume or
+--overwrite) and --resume without a checkpoint; StopSignals turns SIGINT/SIGTERM into a request the loop honours
+after its step (engine/train.py checkpoints, then raises TrainingInterrupted).
+
 A checkpoint is written into a temp dir and renamed into place, so a crash never leaves half of one; resume takes
 the newest complete `checkpoint-*`.
 """
@@ -21,7 +25,10 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
+import threading
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -30,6 +37,7 @@ from torch import nn
 
 from .adapter import PREFIX, save_adapter
 from .atomic import atomic_dir
+from .train_config import TrainConfig, TrainConfigError
 
 STATE_JSON, STATE_ST = "trainer_state.json", "trainer_state.safetensors"
 
@@ -135,3 +143,80 @@ def load_checkpoint(ckpt: Path, model: nn.Module, optimizer: torch.optim.Optimiz
         st["step"] = st["step"].cpu()
     optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
     return state
+
+
+# ---- the --out folder's guards and the stop request ----------------------------------------------------------------
+
+# what a run writes into --out besides checkpoint-*/ (what --overwrite deletes, and a failed run's cleanup)
+RUN_FILES = ("adapter_model.safetensors", "adapter_config.json", "training_args.json", "metrics.jsonl",
+             "loss_curve.png")
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGINT/SIGTERM stopped the run after a checkpoint; the message says where it is and how to resume."""
+
+
+class StopSignals:
+    """While active, SIGINT/SIGTERM set `requested` (the loop stops after its step); a second signal raises
+    KeyboardInterrupt at once, unless `second_stops` is False (under torchrun the terminal's Ctrl-C and the agent's
+    forward of it arrive as two signals; the agent's SIGKILL after its grace period is the hard stop there). Only
+    the main thread can install handlers: elsewhere this does nothing."""
+
+    def __init__(self, second_stops: bool = True) -> None:
+        self.requested: str | None = None
+        self.second_stops = second_stops
+        self._old: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested is not None:
+            if not self.second_stops:
+                return
+            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: stopped without a checkpoint")
+        self.requested = signal.Signals(signum).name
+        print(f"\nfinetune: {self.requested}: finishing this step, then writing a checkpoint"
+              + (" (again to stop now)" if self.second_stops else ""),
+              flush=True)
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old.clear()
+
+
+def check_out(config: TrainConfig) -> None:
+    """Refuse, before any work, an --out that holds an earlier run (unless --resume / --overwrite) and --resume
+    without a checkpoint. Read-only: every rank (and the --nproc launcher) may call it."""
+    out = Path(config.out)
+    if out.exists() and not out.is_dir():
+        raise TrainConfigError(f"--out {out}: exists and is not a directory", ("out",))
+    if config.resume:
+        if latest_checkpoint(out) is None:
+            raise TrainConfigError(
+                f"--resume: {out} has no checkpoint-* to resume from. Checkpoints are written every --save-every "
+                "steps, every --save-minutes, and when a run is stopped with Ctrl-C or SIGTERM; without one, drop "
+                "--resume" + (" and add --overwrite to start over" if holds_run(out) else " to start a new run"),
+                ("resume",))
+        return
+    if holds_run(out) and not config.overwrite:
+        raise TrainConfigError(f"--out {out}: holds an earlier run (adapter or checkpoints); --resume continues it, "
+                               "--overwrite deletes it and starts over, or choose another --out", ("out",))
+
+
+def holds_run(out: Path) -> bool:
+    """An adapter or a checkpoint: what a new run must not silently replace."""
+    return (out / "adapter_model.safetensors").exists() or bool(checkpoints(out))
+
+
+def clear_run(out: Path) -> None:
+    """--overwrite: delete what an earlier run wrote (only phiforge's own files, never the user's)."""
+    for ckpt in out.glob("checkpoint-*"):
+        if ckpt.is_dir() and ckpt.name.split("-")[1].isdigit():
+            shutil.rmtree(ckpt)
+    for name in RUN_FILES:
+        (out / name).unlink(missing_ok=True)

@@ -31,6 +31,7 @@ import platform
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -146,6 +147,9 @@ def _build(name: str, source: Path, cc: str, tier: str) -> Path:
     home = Path(os.environ.get("PHIFORGE_HOME") or Path.home() / ".cache" / "phiforge")
     so = home / "build" / f"{name}-{tier}-{key}.so"
     if not so.exists():
+        # a first command after install otherwise pauses for seconds with no word of why
+        print(f"phiforge: building the native CPU kernels {name!r} ({tier}) on first use; cached in {so.parent}",
+              file=sys.stderr, flush=True)
         so.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=so.parent) as tmp:
             out = Path(tmp) / f"{name}.so"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import time
 
 from phiforge.demo_finetune import run_finetune_demo
@@ -31,9 +32,15 @@ def demo_chat() -> None:
     print(f"\n[{time.perf_counter() - t0:.2f} s]")
 
 
+def demo_qlora() -> None:
+    # the adapter is the demo's to show, not to keep: nothing is left behind in the temp folder
+    with tempfile.TemporaryDirectory(prefix="phiforge-qlora-") as out:
+        run_finetune_demo(out=out)
+
+
 PARTS = {"chat": ("1. Chat with the default model", demo_chat),
          "rag": ("2. RAG: a water utility's documents, answers with citations", run_demo),
-         "qlora": ("3. QLoRA: fine-tune the default model on the bundled set, before and after", run_finetune_demo)}
+         "qlora": ("3. QLoRA: fine-tune the default model on the bundled set, before and after", demo_qlora)}
 
 
 def main(argv: list[str] | None = None) -> int:

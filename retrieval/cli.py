@@ -6,8 +6,10 @@
     phiforge search --index idx/ "boil water notice" -k 5
     phiforge ask --index idx/ [--model DIR] [--adapter DIR] "When is a boil water notice issued?"
 
-Errors the user can fix (empty index, corrupt file, wrong encoder, unknown source) print one line to stderr
-and exit 1 instead of a traceback.
+Errors the user can fix (no index, empty index, corrupt file, wrong encoder, unknown source, a path that does not
+exist) print one line to stderr and exit 1 instead of a traceback. Only `index add` creates an index; the other
+commands open it read-only and say when there is none. Re-adding a folder syncs it: files deleted from it leave
+the index.
 """
 from __future__ import annotations
 
@@ -17,19 +19,24 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
+from phiforge.engine.checkpoint import resolve_model
 from phiforge.engine.pretrained import compute_dtype, load_generator
 
 from .chunking import Skipped
-from .rag import answer_question, format_sources
+from .rag import answer_question, context_length, format_sources
 from .manifest import IndexCorrupt, IndexMismatch
-from .store import EmptyIndexError, Index
+from .store import EmptyIndexError, Index, NoIndexError
 
 # Errors the user can fix: one line on stderr, exit 1.
-USER_ERRORS = (EmptyIndexError, IndexCorrupt, IndexMismatch, Skipped, KeyError, ValueError, FileNotFoundError)
+USER_ERRORS = (EmptyIndexError, NoIndexError, IndexCorrupt, IndexMismatch, Skipped, KeyError, ValueError,
+               FileNotFoundError)
 
 
-def _index_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--index", required=True, metavar="DIR", help="index folder (created if missing)")
+def _index_arg(p: argparse.ArgumentParser, creates: bool = False) -> None:
+    p.add_argument("--index", required=True, metavar="DIR",
+                   help="index folder" + (" (created if missing)" if creates else " (made by `phiforge index add`)"))
 
 
 def _fail(e: BaseException) -> int:
@@ -42,8 +49,9 @@ def _fail(e: BaseException) -> int:
 def add_arguments_index(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", required=True)
     add = sub.add_parser("add", help="add or update files and folders (.txt .md .html .jsonl)")
-    add.add_argument("paths", nargs="+", metavar="PATH")
-    _index_arg(add)
+    add.add_argument("paths", nargs="+", metavar="PATH", help="files and folders; re-adding a folder also drops the "
+                     "files deleted from it")
+    _index_arg(add, creates=True)
     rm = sub.add_parser("rm", help="remove a source file (or every file under a folder)")
     rm.add_argument("source", metavar="SOURCE")
     _index_arg(rm)
@@ -54,13 +62,18 @@ def add_arguments_index(parser: argparse.ArgumentParser) -> None:
 
 def run_index(args: argparse.Namespace) -> int:
     try:
-        with Index.open(args.index) as ix:
+        if args.action == "add":
+            missing = [p for p in args.paths if not Path(p).exists()]
+            if missing:  # before the index is opened (or created)
+                raise FileNotFoundError(f"{missing[0]}: no such file or folder (nothing was indexed)")
+        with Index.open(args.index, create=args.action == "add") as ix:
             if args.action == "add":
                 t0 = time.perf_counter()
                 r = ix.add(args.paths, log=print)
                 for w in r.warnings:
                     print(f"warning: {w}")
                 print(f"{r.files_added} added, {r.files_replaced} replaced, {r.files_unchanged} unchanged, "
+                      f"{len(r.files_removed)} removed (gone from their folder), "
                       f"{len(r.skipped)} skipped; {r.chunks_added} chunks written, {r.chunks_embedded} embedded, "
                       f"{r.chunks_removed} removed; {len(ix)} chunks in index ({time.perf_counter() - t0:.1f} s)")
             elif args.action == "rm":
@@ -83,7 +96,9 @@ def add_arguments_search(parser: argparse.ArgumentParser) -> None:
 
 def run_search(args: argparse.Namespace) -> int:
     try:
-        with Index.open(args.index) as ix:
+        if args.k < 1:
+            raise ValueError(f"-k: must be >= 1, got {args.k}")
+        with Index.open(args.index, create=False) as ix:
             hits = ix.search(args.query, k=args.k)
     except USER_ERRORS as e:
         return _fail(e)
@@ -103,7 +118,9 @@ def run_search(args: argparse.Namespace) -> int:
 def add_arguments_ask(parser: argparse.ArgumentParser) -> None:
     _index_arg(parser)
     parser.add_argument("question")
-    parser.add_argument("--model", metavar="DIR", help="model directory (default: the built-in default model)")
+    parser.add_argument("--model", metavar="DIR", help="model directory or Hugging Face id (default: the built-in "
+                        "default model)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--adapter", metavar="DIR", help="LoRA adapter directory (PEFT format)")
     parser.add_argument("-k", type=int, default=4, help="chunks retrieved into the prompt (default 4)")
     parser.add_argument("--max-new-tokens", type=int, default=200)
@@ -111,12 +128,32 @@ def add_arguments_ask(parser: argparse.ArgumentParser) -> None:
                         help="prompt budget, further capped by the model's context (default 3072)")
 
 
+def _check_ask(args: argparse.Namespace) -> None:
+    for flag, v in (("-k", args.k), ("--max-new-tokens", args.max_new_tokens),
+                    ("--max-prompt-tokens", args.max_prompt_tokens)):
+        if v < 1:
+            raise ValueError(f"{flag}: must be >= 1, got {v}")
+    if args.model is not None:
+        args.model = str(resolve_model(args.model))
+        if not Path(args.model).is_dir():
+            raise FileNotFoundError(f"--model {args.model}: no such directory (a Hugging Face model directory or id)")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads: must be >= 1 when given, got {args.threads}")
+        torch.set_num_threads(args.threads)
+
+
 def run_ask(args: argparse.Namespace) -> int:
     try:
-        with Index.open(args.index) as ix:
+        _check_ask(args)
+        with Index.open(args.index, create=False) as ix:
             if not len(ix):
                 ix.search(args.question)  # raises the empty-index error with its hint
             gen = load_generator(args.model, args.adapter, dtype=compute_dtype())
+            ctx = context_length(gen)
+            if args.max_new_tokens >= ctx:
+                raise ValueError(f"--max-new-tokens {args.max_new_tokens}: exceeds the model's context of {ctx} "
+                                 "tokens, which must also hold the question and its sources; give less")
             ans = answer_question(args.question, ix, gen, k=args.k, max_new_tokens=args.max_new_tokens,
                                   max_prompt_tokens=args.max_prompt_tokens,
                                   on_piece=lambda s: print(s, end="", flush=True))

@@ -1,12 +1,15 @@
 """The RAG part of `make demo`: index the bundled water-utility documents, then answer questions with sources.
 
 The index lives in $PHIFORGE_HOME/demo-index (default ~/.cache/phiforge): the first run embeds the documents,
-later runs find every file unchanged and embed nothing, which the printed report shows.
+later runs find every file unchanged and embed nothing, which the printed report shows. Each answer is printed
+beside the expected one and judged: right when it contains every number of the expected answer (or, with no
+number, its text), so a wrong answer never reads as a success.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -24,6 +27,14 @@ def _data_dir() -> Path:
         if (d / "docs").is_dir():
             return d
     raise FileNotFoundError(f"bundled documents not found in {DATA / 'docs'} or ./data/docs")
+
+
+def answered(expected: str, text: str) -> bool:
+    """Whether `text` carries the expected answer's facts: all its numbers, or (none) its whole text."""
+    numbers = re.findall(r"\d+(?:[.,]\d+)*", expected)
+    if numbers:
+        return all(re.search(rf"(?<![\d.,]){re.escape(n)}(?![\d]|[.,]\d)", text) for n in numbers)
+    return " ".join(expected.lower().split()) in " ".join(text.lower().split())
 
 
 def run_demo(n_questions: int = 3, index_dir: str | Path | None = None, generator=None) -> None:
@@ -48,6 +59,7 @@ def run_demo(n_questions: int = 3, index_dir: str | Path | None = None, generato
         questions = [json.loads(line) for line in (data / "docs_questions.jsonl").read_text().splitlines()
                      if line.strip()][:n_questions]
         gen = generator or load_generator(dtype=compute_dtype())
+        right = 0
         for q in questions:
             print(f"\nquestion> {q['question']}\nanswer>   ", end="", flush=True)
             t0 = time.perf_counter()
@@ -58,7 +70,11 @@ def run_demo(n_questions: int = 3, index_dir: str | Path | None = None, generato
             print(f"\n[{time.perf_counter() - t0:.1f} s, prompt {ans.prompt_tokens} tokens]")
             print(format_sources(ans))
             top = Path(ans.sources[0].hit.source).name if ans.sources else "-"
+            ok = answered(q["answer"], ans.text)
+            right += ok
+            print(f"  expected answer: {q['answer']}  -> the model's answer is {'RIGHT' if ok else 'WRONG'}")
             print(f"  expected source: {q['source']} (top retrieved: {top})")
+        print(f"\n{right} of {len(questions)} answers right (a 135M model; a real Phi-3 does better: see the README)")
 
 
 if __name__ == "__main__":

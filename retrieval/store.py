@@ -56,6 +56,10 @@ class EmptyIndexError(LookupError):
     """Search on an index with no chunks."""
 
 
+class NoIndexError(FileNotFoundError):
+    """Index.open(create=False) on a folder that holds no index."""
+
+
 @dataclass
 class Hit:
     chunk_id: int
@@ -74,6 +78,7 @@ class AddReport:
     files_unchanged: int = 0
     chunks_added: int = 0
     chunks_removed: int = 0
+    files_removed: list[str] = field(default_factory=list)  # gone from a re-added folder, so dropped (synced)
     chunks_embedded: int = 0  # chunks_added minus those whose vector was reused by text hash
     skipped: list[tuple[str, str]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
@@ -92,8 +97,9 @@ class Index:
     # ------------------------------------------------------------------------------------------------ open
     @classmethod
     def open(cls, folder: str | Path, encoder=None, *, M: int = 16, ef_construction: int = 200,
-             ef: int | None = None, repair: bool = False) -> "Index":
-        """Open the index in `folder`, creating it if missing.
+             ef: int | None = None, repair: bool = False, create: bool = True) -> "Index":
+        """Open the index in `folder`, creating it if missing (create=False: raise NoIndexError instead, and
+        write nothing; readers use that, so a mistyped --index never leaves an index behind).
 
         encoder: any object with `.name`, `.dim` and `.encode(list[str]) -> (N, dim)`; default MiniLM, loaded
         only when first needed. M, ef_construction: graph build settings of a *new* index (an existing one
@@ -101,10 +107,12 @@ class Index:
         calibrated one. repair: rebuild a graph file that fails its checksum instead of raising.
         """
         folder = Path(folder)
+        mpath, dbpath = folder / MANIFEST, folder / DB
+        if not create and not mpath.exists() and not dbpath.exists():
+            raise NoIndexError(f"{folder}: no index there (`phiforge index add PATH --index {folder}` creates one)")
         folder.mkdir(parents=True, exist_ok=True)
         name = getattr(encoder, "name", DEFAULT_ENCODER)
         dim = int(getattr(encoder, "dim", DEFAULT_DIM))
-        mpath, dbpath = folder / MANIFEST, folder / DB
         if mpath.exists():
             manifest = read_manifest(folder, name, dim)
         elif dbpath.exists():
@@ -299,9 +307,26 @@ class Index:
                 flush()
             if report.files_added or report.files_replaced:
                 self._save()
+        for src in self._gone_from_folders(paths, files):
+            report.chunks_removed += self.remove(src)
+            report.files_removed.append(src)
+            say(f"removed {src} (no longer in its folder)")
         for path, reason in report.skipped:
             say(f"skipped {path}: {reason}")
         return report
+
+    def _gone_from_folders(self, paths: list[str | Path] | str | Path, files: list[Path]) -> list[str]:
+        """Indexed sources under a folder being re-added that the folder no longer holds (deleted or renamed):
+        re-adding a folder syncs it."""
+        present = {str(f.resolve()) for f in files}
+        gone: list[str] = []
+        for p in [paths] if isinstance(paths, (str, Path)) else paths:
+            if not Path(p).is_dir():
+                continue
+            prefix = like_prefix(str(Path(p).resolve()))
+            rows = self._db.execute("SELECT source FROM files WHERE source LIKE ? ESCAPE '\\'", (prefix,))
+            gone += [src for (src,) in rows if src not in present and not Path(src).exists() and src not in gone]
+        return gone
 
     def remove(self, source: str | Path) -> int:
         """Remove a file's chunks (or every file under a folder). Returns chunks removed."""

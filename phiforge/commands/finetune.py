@@ -4,7 +4,8 @@ Flags, types, choices, help and defaults are read off the dataclass (engine/trai
 one new field. A bool field that defaults to False is a `--name` switch; one that defaults to True is `--no-name`.
 `targets` is comma-separated on the command line.
 
-`--nproc N` (outside torchrun) re-runs this same command as N ranks through torch.distributed.run; each rank then
+Ctrl-C (or SIGTERM) finishes the current step, writes a checkpoint and the adapter so far, and exits 130; the
+same command with --resume continues. `--nproc N` (outside torchrun) re-runs this same command as N ranks through torch.distributed.run; each rank then
 finds torchrun's environment and trains its share (engine/distributed.py). On several machines, start
 `torchrun ... -m phiforge.cli finetune ...` on each yourself.
 """
@@ -18,10 +19,12 @@ import typing
 from pathlib import Path
 from typing import Any
 
+from torch.distributed.elastic.multiprocessing.api import SignalException
+
 from phiforge.engine.distributed import launch, under_torchrun
 from phiforge.engine.train import finetune
 from phiforge.engine.train_config import TrainConfig, flag
-from phiforge.engine.train_state import latest_checkpoint
+from phiforge.engine.train_state import check_out, latest_checkpoint
 
 _HINTS = typing.get_type_hints(TrainConfig)
 
@@ -80,7 +83,14 @@ def argv_for(config: TrainConfig) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     if config.nproc > 1 and not under_torchrun():
-        rc = launch(["phiforge.cli", "finetune", *argv_for(config)], config.nproc, config.threads)
+        check_out(config)  # refuse here, once, rather than in every rank
+        try:
+            rc = launch(["phiforge.cli", "finetune", *argv_for(config)], config.nproc, config.threads)
+        except SignalException as e:  # Ctrl-C / SIGTERM reached the launcher: the ranks checkpoint and stop
+            ckpt = latest_checkpoint(Path(config.out))
+            raise KeyboardInterrupt(f"finetune stopped by {e.sigval.name}; " + (
+                f"the newest checkpoint is {ckpt}; the same command with --resume continues from it" if ckpt
+                else "no checkpoint was written")) from None
         ckpt = latest_checkpoint(Path(config.out)) if rc else None
         if ckpt is not None:
             print(f"finetune: the newest checkpoint is {ckpt}; the same command with --resume continues from it",

@@ -3,6 +3,7 @@
     phiforge generate --prompt "Once upon a time" --max-new-tokens 64 --stats
     phiforge generate --chat --prompt "What is the capital of France?" --greedy
     phiforge chat --system "You are terse." --stats          (/reset starts over, /exit or Ctrl-D quits)
+    phiforge generate --prompt-file question.txt              (`--prompt -` or `--prompt-file -` reads stdin)
 
 Text streams to stdout as it is decoded; `--stats` prints prompt size, TTFT and decode tokens/s to stderr, so
 stdout stays the model's text only. `--model` defaults to the default model (built on first use).
@@ -11,16 +12,22 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Any
 
+import torch
+
+from phiforge.engine.checkpoint import resolve_model
 from phiforge.engine.generate import GenerationResult, Generator, Prompt
 from phiforge.engine.pretrained import load_generator
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="Hugging Face model directory (default: the default model)")
+    p.add_argument("--model", default=None, help="a Hugging Face model directory or id, e.g. microsoft/Phi-3-mini-4k-instruct (default: the default model)")
     p.add_argument("--adapter", default=None, help="a PEFT LoRA adapter directory, applied unmerged")
-    p.add_argument("--quant", choices=["nf4"], default=None, help="quantize the decoder projections while loading")
+    p.add_argument("--quant", choices=["nf4", "none"], default=None,
+                   help="nf4: quantize the decoder projections while loading; none: keep them dense (default: the "
+                        "base the adapter was trained on, NF4 for a QLoRA adapter; dense without an adapter)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="compute dtype (default: the checkpoint's)")
     p.add_argument("--max-new-tokens", type=int, default=256)
@@ -33,10 +40,13 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop", action="append", default=None, help="a stop string (repeatable)")
     p.add_argument("--system", default=None, help="system message (chat)")
     p.add_argument("--stats", action="store_true", help="print TTFT and decode tokens/s to stderr")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 
 
 def add_arguments_generate(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--prompt", required=True, help="the prompt text")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="the prompt text; - reads it from stdin")
+    src.add_argument("--prompt-file", metavar="FILE", help="read the prompt from FILE (- for stdin)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn in the chat template")
     _add_common(p)
 
@@ -45,7 +55,49 @@ def add_arguments_chat(p: argparse.ArgumentParser) -> None:
     _add_common(p)
 
 
+def check_sampling(args: argparse.Namespace) -> None:
+    """Bad values fail here, naming the flag, before the model loads."""
+    def bad(flag: str, why: str) -> None:
+        raise ValueError(f"{flag}: {why}")
+
+    if args.max_new_tokens < 1:
+        bad("--max-new-tokens", f"must be >= 1, got {args.max_new_tokens}")
+    if not args.temperature >= 0:
+        bad("--temperature", f"must be >= 0 (0 is greedy), got {args.temperature}")
+    if args.top_k is not None and args.top_k < 1:
+        bad("--top-k", f"must be >= 1 when given, got {args.top_k}")
+    if not 0 < args.top_p <= 1:
+        bad("--top-p", f"must be in (0, 1], got {args.top_p}")
+    if not args.repetition_penalty > 0:
+        bad("--repetition-penalty", f"must be > 0, got {args.repetition_penalty}")
+    if args.threads is not None and args.threads < 1:
+        bad("--threads", f"must be >= 1 when given, got {args.threads}")
+    if args.model is not None:
+        args.model = str(resolve_model(args.model))
+        if not Path(args.model).is_dir():
+            bad(f"--model {args.model}", "no such directory (a Hugging Face model directory or id)")
+
+
+def read_prompt(args: argparse.Namespace) -> str:
+    """--prompt TEXT, --prompt - (stdin) or --prompt-file FILE|-."""
+    src = args.prompt_file if args.prompt_file is not None else ("-" if args.prompt == "-" else None)
+    if src is None:
+        return args.prompt
+    if src == "-":
+        return sys.stdin.read()
+    path = Path(src)
+    if not path.is_file():
+        raise FileNotFoundError(f"--prompt-file {src}: no such file")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--prompt-file {src}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
 def _load(args: argparse.Namespace, prefix_cache: bool = False) -> Generator:
+    check_sampling(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     return load_generator(args.model, args.adapter, dtype=args.dtype, quant=args.quant, prefix_cache=prefix_cache)
 
 
@@ -76,17 +128,14 @@ def _print_stats(r: GenerationResult) -> None:
 
 
 def run_generate(args: argparse.Namespace) -> int:
+    text = read_prompt(args)
     gen = _load(args)
     if args.chat:
         prompt: Any = ([{"role": "system", "content": args.system}] if args.system else []) + \
-                      [{"role": "user", "content": args.prompt}]
+                      [{"role": "user", "content": text}]
     else:
-        prompt = args.prompt
-    try:
-        r = _stream_to_stdout(gen, prompt, _sampling(args))
-    except ValueError as e:
-        print(f"phiforge generate: {e}", file=sys.stderr)
-        return 2
+        prompt = text
+    r = _stream_to_stdout(gen, prompt, _sampling(args))  # a prompt over the context: cli.py prints its one line
     if args.stats:
         _print_stats(r)
     return 0

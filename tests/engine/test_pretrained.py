@@ -2,15 +2,16 @@
 bf16 natively."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
 
-from phiforge.engine.adapter import save_adapter
+from phiforge.engine.adapter import AdapterError, save_adapter
 from phiforge.engine.loader import load_model
 from phiforge.engine.lora import apply_lora, lora_modules
-from phiforge.engine.pretrained import compute_dtype, load_generator
+from phiforge.engine.pretrained import check_adapter_dir, compute_dtype, load_generator, resolve_quant
 from tiny_phi3 import randomize_lora_B, save_tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -42,3 +43,19 @@ def test_compute_dtype_follows_the_cpu_flags():
     flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
     native = {"avx512_bf16", "amx_bf16"} & set(flags.split())
     assert compute_dtype("cpu") == (torch.bfloat16 if native else torch.float32)
+
+
+def test_an_adapter_runs_on_the_base_it_was_trained_on(tmp_path):
+    q, lora = tmp_path / "q", tmp_path / "l"
+    for d, method in ((q, "qlora"), (lora, "lora")):
+        d.mkdir()
+        (d / "adapter_config.json").write_text("{}")
+        (d / "training_args.json").write_text(json.dumps({"method": method}))
+    assert resolve_quant(None, q) == "nf4"  # QLoRA learnt its update against the NF4 base
+    assert resolve_quant("none", q) is None  # unless told otherwise
+    assert resolve_quant(None, lora) is None and resolve_quant(None, None) is None
+    assert resolve_quant("nf4", lora) == "nf4"
+    with pytest.raises(FileNotFoundError, match="--adapter .*nope: no such directory"):
+        check_adapter_dir(tmp_path / "nope")
+    with pytest.raises(AdapterError, match="no adapter_config.json"):
+        check_adapter_dir(tmp_path)

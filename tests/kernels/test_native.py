@@ -89,11 +89,15 @@ def test_compile_error_warns_once_and_falls_back(tmp_path):
 
 
 @pytest.mark.skipif(not X86, reason="native kernels build on x86-64 only")
-def test_builds_and_caches(tmp_path, monkeypatch):
+def test_builds_and_caches(tmp_path, monkeypatch, capfd):
     monkeypatch.setenv("PHIFORGE_CPU_NATIVE", "require")
     lib = _lib(tmp_path, "int f(void) { return 41 + 1; }\n")
     assert lib.get().f() == 42 and str(lib.status()) == "active: x86-64"
     assert len(list((tmp_path / "home" / "build").glob("probe-*.so"))) == 1
+    # one line says why the first use pauses; loading it from the cache says nothing
+    assert capfd.readouterr().err.count("building the native CPU kernels 'probe'") == 1
+    assert _lib(tmp_path, "int f(void) { return 41 + 1; }\n").get().f() == 42
+    assert "building" not in capfd.readouterr().err
     with lib.disabled():
         assert lib.get() is None
     assert lib.get() is not None

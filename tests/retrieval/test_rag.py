@@ -157,6 +157,9 @@ def test_cli_index_search_stats_rm(docs_index, capsys, tmp_path):
     assert '"files": 10' in capsys.readouterr().out
     empty = tmp_path / "empty"
     assert main(["search", "--index", str(empty), "anything"]) == 1
+    assert "no index there" in capsys.readouterr().err and not empty.exists()  # readers never create one
+    Index.open(empty).close()
+    assert main(["search", "--index", str(empty), "anything"]) == 1
     assert "is empty" in capsys.readouterr().err
     assert main(["index", "rm", str(DOCS / "nope.md"), "--index", str(docs_index)]) == 1
     assert "no such source" in capsys.readouterr().err
