@@ -14,7 +14,6 @@ from pathlib import Path
 
 import torch
 
-from phiforge.commands.merge import _trained_method
 from phiforge.engine.adapter import AdapterError
 from phiforge.engine.checkpoint import CheckpointError
 from phiforge.engine.config import ConfigError
@@ -22,6 +21,7 @@ from phiforge.engine.gguf_export import TYPES, ExportError, export_gguf
 from phiforge.engine.loader import load_model
 from phiforge.engine.lora import merge_adapter
 from phiforge.engine.model import Phi3ForCausalLM
+from phiforge.engine.pretrained import resolve_quant
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,10 +40,7 @@ def merged_model(model_dir: str | Path, adapter_dir: str | Path | None = None,
     """The dense fp32 model a GGUF export writes: base, or base with the adapter folded in."""
     if adapter_dir is None:
         return load_model(model_dir, dtype=torch.float32)
-    if quant is None:
-        quant = "nf4" if _trained_method(Path(adapter_dir)) == "qlora" else "none"
-    model = load_model(model_dir, dtype=torch.float32, quant=None if quant == "none" else quant,
-                       adapter=adapter_dir)
+    model = load_model(model_dir, dtype=torch.float32, quant=resolve_quant(quant, adapter_dir), adapter=adapter_dir)
     return merge_adapter(model, dtype=torch.float32)
 
 
