@@ -69,6 +69,14 @@ def init(device: str | None) -> tuple[World, torch.device]:
     return world, dev
 
 
+def finish(world: World) -> None:
+    """After a run that ended well on every rank: each waits for the others before any tears its connections
+    down (a rank that left early, while rank 0 still wrote the adapter, made gloo abort the other's process on its
+    half-closed socket). Not on a failure path: a rank that raised must not wait for ranks that never arrive."""
+    if world.size > 1 and dist.is_initialized():
+        dist.barrier()
+
+
 def shutdown(world: World) -> None:
     if world.size > 1 and dist.is_initialized():
         dist.destroy_process_group()

@@ -333,7 +333,9 @@ def finetune(config: TrainConfig | None = None, /, *, base_model: nn.Module | No
         if config.nproc > 1 and config.nproc != world.local_size:
             raise TrainConfigError(f"--nproc {config.nproc}: torchrun started {world.local_size} process(es) on this "
                                    "machine (under torchrun, leave --nproc out)", ("nproc",))
-        return _train(setup(config, base_model, tokenizer, world, device))
+        summary = _train(setup(config, base_model, tokenizer, world, device))
+        distributed.finish(world)
+        return summary
     except BaseException as e:
         out = Path(config.out)
         # a run that failed before its first checkpoint leaves no folder it created (nothing in it to keep)
