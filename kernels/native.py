@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import hashlib
 import os
 import platform
@@ -80,6 +81,7 @@ def mode() -> str:
     return value if value in ("0", "require") else "1"
 
 
+@functools.cache  # read on every native call otherwise (through cpu_tier), and the flags never change
 def cpu_flags() -> str:
     try:
         return next((l for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("flags")), "")
