@@ -243,3 +243,16 @@ def _fuse(f: Path, site: str, members: dict, sizes: dict[str, int], in_f: int, r
             col += rn
         row += sizes[n]
     return torch.cat(As, dim=0), B_fused, r_total, alpha
+
+
+def trained_base(adapter_dir: str | Path) -> str | None:
+    """"nf4" for a QLoRA adapter, "dense" for a LoRA one (training_args.json's method), None when the directory does
+    not say (an adapter trained elsewhere)."""
+    p = Path(adapter_dir) / "training_args.json"
+    if not p.exists():
+        return None
+    try:
+        method = json.loads(p.read_text()).get("method")
+    except (json.JSONDecodeError, AttributeError) as e:
+        raise AdapterError(f"{p}: not a JSON object ({e})") from None
+    return {"qlora": "nf4", "lora": "dense"}.get(method)

@@ -23,7 +23,7 @@ The engine tells the layers which rows use which slot for the next step:
 
 Base and adapter must match: a QLoRA adapter (training_args.json method "qlora") was trained against the
 NF4-dequantized weights and belongs on an NF4 base; a LoRA one on the dense base. A mismatch is refused unless
-`allow_base_mismatch` (the engine picks the base at start from its adapters: `trained_base(path)`).
+`allow_base_mismatch` (the engine picks the base at start from its adapters: `adapter.trained_base(path)`).
 
 Thread safety: `load`/`unload` take a lock and write only the slot they own, so they may run beside a step on
 other slots; the engine must not unload an adapter while rows of it are running.
@@ -32,7 +32,6 @@ Legend: B rows, T tokens a row, M = B·T tokens, K in_features, N out_features, 
 """
 from __future__ import annotations
 
-import json
 import logging
 import threading
 from contextlib import contextmanager
@@ -44,7 +43,7 @@ from torch import nn
 
 from phiforge.kernels.lora_gather import lora_gather_, segments_to_slots
 
-from .adapter import AdapterError, load_adapter
+from .adapter import AdapterError, load_adapter, trained_base
 from .lora import LoRALinear, base_device, base_dtype, base_features, lora_modules
 from .model import LINEAR_NAMES
 from .quant import NF4Linear, quantize_model_
@@ -52,19 +51,6 @@ from .quant import NF4Linear, quantize_model_
 
 DEFAULT_MAX_ADAPTERS = 8  # adapter slots when adapters are given without max_adapters
 log = logging.getLogger(__name__)
-
-def trained_base(adapter_dir: str | Path) -> str | None:
-    """"nf4" for a QLoRA adapter, "dense" for a LoRA one (training_args.json's method), None when the directory does
-    not say (an adapter trained elsewhere)."""
-    p = Path(adapter_dir) / "training_args.json"
-    if not p.exists():
-        return None
-    try:
-        method = json.loads(p.read_text()).get("method")
-    except (json.JSONDecodeError, AttributeError) as e:
-        raise AdapterError(f"{p}: not a JSON object ({e})") from None
-    return {"qlora": "nf4", "lora": "dense"}.get(method)
-
 
 class _Rows:
     """The slot assignment of the next forward, shared by every MultiLoRALinear of one AdapterSet."""

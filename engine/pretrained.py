@@ -10,12 +10,11 @@ to NF4 for it unless told otherwise (quant="none").
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
-from .adapter import AdapterError
+from .adapter import AdapterError, trained_base
 from .checkpoint import resolve_model
 from .fetch import default_model_path
 from .generate import Generator
@@ -52,14 +51,7 @@ def check_adapter_dir(adapter_dir: str | Path) -> Path:
 
 def trained_quant(adapter_dir: str | Path) -> str | None:
     """"nf4" when the adapter was trained with QLoRA (its training_args.json says so), else None."""
-    p = Path(adapter_dir) / "training_args.json"
-    if not p.exists():
-        return None
-    try:
-        method = json.loads(p.read_text()).get("method")
-    except (json.JSONDecodeError, AttributeError) as e:
-        raise AdapterError(f"{p}: not a valid training_args.json ({e})") from None
-    return "nf4" if method == "qlora" else None
+    return "nf4" if trained_base(adapter_dir) == "nf4" else None
 
 
 def resolve_quant(quant: str | None, adapter_dir: str | Path | None) -> str | None:

@@ -14,7 +14,8 @@ from phiforge.engine.decode import DecodeStep
 from phiforge.engine.loader import load_model
 from phiforge.engine.lora import apply_lora
 from phiforge.engine.model import KVCache
-from phiforge.engine.multi_lora import AdapterSet, MultiLoRALinear, trained_base
+from phiforge.engine.adapter import trained_base
+from phiforge.engine.multi_lora import AdapterSet, MultiLoRALinear
 from tiny_phi3 import hf_phi3, randomize_lora_B, save_tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")
