@@ -124,3 +124,27 @@ def randomize_lora_B(model, seed: int = 1, std: float = 0.05) -> None:
         for name, p in sorted(model.named_parameters()):
             if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+class StubTokenizer:
+    """Enough of a tokenizer for token-id prompts on tiny models: stops on the tiny configs' eos."""
+    stop_ids = {TINY["eos_token_id"]}
+
+    def decode(self, ids, skip_special_tokens=False):
+        return "".join(chr(ord("a") + i % 26) for i in ids if not (skip_special_tokens and i in self.stop_ids))
+
+
+def random_prompt(n: int, seed: int) -> list[int]:
+    """n token ids above the special ones, seeded."""
+    return torch.randint(3, TINY["vocab_size"], (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def left_padded(lens: list[int], steps: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random ids (B, max(lens) + steps) and prompt positions (B, max(lens)): row b's prompt is its last lens[b]
+    tokens, the pads before it at position -1."""
+    B, P = len(lens), max(lens)
+    ids = torch.randint(0, TINY["vocab_size"], (B, P + steps), generator=torch.Generator().manual_seed(seed))
+    pos = torch.full((B, P), -1)
+    for b, n in enumerate(lens):
+        pos[b, P - n:] = torch.arange(n)
+    return ids, pos

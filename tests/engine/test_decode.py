@@ -5,7 +5,7 @@ import contextlib
 
 import pytest
 import torch
-from tiny_phi3 import TINY, VARIANTS, make_hf_checkpoint
+from tiny_phi3 import TINY, VARIANTS, left_padded, make_hf_checkpoint
 
 from phiforge.engine import load_model
 from phiforge.engine.decode import DecodeStep
@@ -21,13 +21,9 @@ def test_decode_step_equals_model_forward(tmp_path, variant, lens, rope_long, na
     with contextlib.nullcontext() if native else cpu_decode.LIB.disabled():
         make_hf_checkpoint(tmp_path, VARIANTS[variant][0])
         model = load_model(tmp_path, dtype=torch.float32)
-        g = torch.Generator().manual_seed(0)
         # lens [7, 19, 1]: left-padded to 19; pad tokens at position -1
         B, P, steps = len(lens), max(lens), 24                # 19 + 24 > the window (15) of mini-4k-window
-        ids = torch.randint(0, TINY["vocab_size"], (B, P + steps), generator=g)
-        pos = torch.full((B, P), -1)
-        for b, n in enumerate(lens):
-            pos[b, P - n:] = torch.arange(n)
+        ids, pos = left_padded(lens, steps)
         caches = [model.new_cache(B, P + steps, rope_long=rope_long) for _ in range(2)]
         with torch.inference_mode():
             for c in caches:

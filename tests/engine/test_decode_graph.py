@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_phi3 import TINY, VARIANTS, make_hf_checkpoint
+from tiny_phi3 import VARIANTS, left_padded, make_hf_checkpoint
 
 from phiforge.engine import load_model
 from phiforge.engine.decode_graph import CUDAGraphDecode
@@ -17,12 +17,8 @@ from phiforge.engine.decode_graph import CUDAGraphDecode
 def test_static_step_equals_model_forward(tmp_path, variant, lens, rope_long):
     make_hf_checkpoint(tmp_path, VARIANTS[variant][0])
     model = load_model(tmp_path, dtype=torch.float32)
-    g = torch.Generator().manual_seed(0)
     B, P, steps = len(lens), max(lens), 24                # 19 + 24 > the window (15) of mini-4k-window
-    ids = torch.randint(0, TINY["vocab_size"], (B, P + steps), generator=g)
-    pos = torch.full((B, P), -1)
-    for b, n in enumerate(lens):
-        pos[b, P - n:] = torch.arange(n)
+    ids, pos = left_padded(lens, steps)
     # the static step attends over every slot: a cache longer than the sequence checks the unwritten ones are masked
     caches = [model.new_cache(B, P + steps + 5, rope_long=rope_long) for _ in range(2)]
     with torch.inference_mode():

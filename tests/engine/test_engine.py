@@ -7,23 +7,12 @@ import threading
 
 import pytest
 import torch
-from tiny_phi3 import TINY, make_hf_checkpoint
+from tiny_phi3 import StubTokenizer, make_hf_checkpoint, random_prompt
 
 from phiforge.engine import load_model
 from phiforge.engine.engine import Engine
 from phiforge.engine.request import EngineStopped, PromptTooLong, QueueFull, Request, UnknownAdapter
 from phiforge.engine.sampling import SamplingParams
-
-
-class StubTokenizer:
-    stop_ids = {TINY["eos_token_id"]}
-
-    def decode(self, ids, skip_special_tokens=False):
-        return "".join(chr(ord("a") + i % 26) for i in ids if not (skip_special_tokens and i in self.stop_ids))
-
-
-def _prompt(n: int, seed: int) -> list[int]:
-    return torch.randint(3, TINY["vocab_size"], (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +33,7 @@ def _alone(model, req: Request, **kw):
 def test_16_concurrent_greedy_each_equal_alone(model):
     """16 requests of different lengths submitted from 16 threads at once, through 8 rows (so rows are freed and
     reused mid-run, next to rows still decoding): each equals the same request run alone (fp32)."""
-    reqs = [dict(prompt_ids=_prompt(3 + 5 * i, i), max_tokens=8 + (i * 7) % 20) for i in range(16)]
+    reqs = [dict(prompt_ids=random_prompt(3 + 5 * i, i), max_tokens=8 + (i * 7) % 20) for i in range(16)]
     e = Engine(model, StubTokenizer(), max_batch=8, kv_tokens=8 * 128, prefill_chunk=16, prefix_cache=False)
     handles = [None] * 16
 
@@ -67,10 +56,10 @@ def test_16_concurrent_greedy_each_equal_alone(model):
 def test_seeded_sampling_reproducible_regardless_of_batch_mates(model):
     sp = SamplingParams(temperature=1.0, top_k=40, top_p=0.9, repetition_penalty=1.1, presence_penalty=0.5,
                         frequency_penalty=0.3)
-    p = _prompt(9, 4)
+    p = random_prompt(9, 4)
     a = _alone(model, Request(p, 20, sp, seed=7))
     e = Engine(model, StubTokenizer(), max_batch=4, kv_tokens=4 * 128)
-    mates = [e.submit(Request(_prompt(4 + i, 10 + i), 20, sp, seed=i)) for i in range(3)]
+    mates = [e.submit(Request(random_prompt(4 + i, 10 + i), 20, sp, seed=i)) for i in range(3)]
     mine = e.submit(Request(p, 20, sp, seed=7))
     assert mine.result(120).token_ids == a.token_ids
     assert [m.result(120).token_ids for m in mates] != [a.token_ids] * 3
@@ -80,12 +69,12 @@ def test_seeded_sampling_reproducible_regardless_of_batch_mates(model):
 
 def test_stop_string_split_across_tokens_is_cut_exactly(model):
     """The stub decodes token t as one letter, so any two-letter stop string spans two tokens."""
-    ref = _alone(model, Request(_prompt(6, 2), 30))
+    ref = _alone(model, Request(random_prompt(6, 2), 30))
     text = ref.text
     stop = text[5:7]  # two letters: the 6th and 7th tokens' text
     first = text.index(stop)
     e = Engine(model, StubTokenizer(), max_batch=2, kv_tokens=256)
-    h = e.submit(Request(_prompt(6, 2), 30, stop=(stop,)))
+    h = e.submit(Request(random_prompt(6, 2), 30, stop=(stop,)))
     pieces = [d.text for d in h]
     r = h.result()
     e.shutdown()
@@ -95,9 +84,9 @@ def test_stop_string_split_across_tokens_is_cut_exactly(model):
 
 def test_abort_frees_memory_within_a_step_and_full_budget_makes_new_requests_wait(model):
     e = Engine(model, StubTokenizer(), max_batch=2, kv_tokens=2 * 128, start=False)
-    a = e.submit(Request(_prompt(5, 1), 100))
-    b = e.submit(Request(_prompt(6, 2), 100))
-    c = e.submit(Request(_prompt(7, 3), 4))
+    a = e.submit(Request(random_prompt(5, 1), 100))
+    b = e.submit(Request(random_prompt(6, 2), 100))
+    c = e.submit(Request(random_prompt(7, 3), 4))
     for _ in range(3):
         e.step()
     st = e.stats()
@@ -109,37 +98,37 @@ def test_abort_frees_memory_within_a_step_and_full_budget_makes_new_requests_wai
     assert e.stats()["running"] == 2 and c.poll()                       # c has its first token already
     while not c.done:
         e.step()
-    assert c.result().token_ids == _alone(model, Request(_prompt(7, 3), 4)).token_ids
+    assert c.result().token_ids == _alone(model, Request(random_prompt(7, 3), 4)).token_ids
     assert e.stats()["aborted_total"] == 1 and not b.done
 
 
 def test_admission_errors_before_any_compute(model):
     e = Engine(model, StubTokenizer(), max_batch=2, kv_tokens=2 * 64, max_queue=2, start=False)
     with pytest.raises(PromptTooLong, match="context") as err:
-        e.submit(Request(_prompt(250, 1), 10))
+        e.submit(Request(random_prompt(250, 1), 10))
     assert err.value.field == "max_tokens"
     with pytest.raises(PromptTooLong, match="KV slots"):
-        e.submit(Request(_prompt(60, 1), 10))              # fits the context, not a 64-slot row
+        e.submit(Request(random_prompt(60, 1), 10))              # fits the context, not a 64-slot row
     with pytest.raises(PromptTooLong, match="empty"):
         e.submit(Request([], 10))
     with pytest.raises(UnknownAdapter):
-        e.submit(Request(_prompt(5, 1), 10, adapter="sql"))
-    e.submit(Request(_prompt(5, 1), 10))
-    e.submit(Request(_prompt(5, 2), 10))
+        e.submit(Request(random_prompt(5, 1), 10, adapter="sql"))
+    e.submit(Request(random_prompt(5, 1), 10))
+    e.submit(Request(random_prompt(5, 2), 10))
     with pytest.raises(QueueFull):
-        e.submit(Request(_prompt(5, 3), 10))
+        e.submit(Request(random_prompt(5, 3), 10))
     assert e.stats()["rejected_total"] == 1
 
 
 def test_shutdown_drain_finishes_running_and_waiting_requests(model):
     e = Engine(model, StubTokenizer(), max_batch=2, kv_tokens=2 * 128)
-    hs = [e.submit(Request(_prompt(5 + i, i), 12)) for i in range(4)]  # two of them wait for a row
+    hs = [e.submit(Request(random_prompt(5 + i, i), 12)) for i in range(4)]  # two of them wait for a row
     e.shutdown(drain=True, timeout=120)
     assert all(h.done and h.result().finish_reason in ("length", "stop") for h in hs)
     with pytest.raises(EngineStopped):
-        e.submit(Request(_prompt(5, 1), 2))
+        e.submit(Request(random_prompt(5, 1), 2))
     e2 = Engine(model, StubTokenizer(), max_batch=1, kv_tokens=256)
-    h = e2.submit(Request(_prompt(5, 1), 250, stop_token_ids=frozenset()))
+    h = e2.submit(Request(random_prompt(5, 1), 250, stop_token_ids=frozenset()))
     e2.shutdown(drain=False, timeout=120)
     assert h.result(0).finish_reason == "abort"
 
@@ -148,13 +137,13 @@ def test_asyncio_stream_and_prefix_reuse_across_requests(model):
     """`async for` over a Handle; a chat's next turn reuses the finished request's K/V and generates what a cold
     engine generates."""
     e = Engine(model, StubTokenizer(), max_batch=2, kv_tokens=2 * 128)
-    first = _prompt(20, 4)
+    first = random_prompt(20, 4)
 
     async def run(req):
         return [d async for d in e.submit(req)]
     deltas = asyncio.run(run(Request(first, 10)))
     r1_ids = [t for d in deltas for t in d.token_ids]
-    turn2 = first + r1_ids + _prompt(7, 5)
+    turn2 = first + r1_ids + random_prompt(7, 5)
     r2 = e.submit(Request(turn2, 10)).result(120)
     e.shutdown()
     assert r2.usage.cached_tokens == len(first) + len(r1_ids) - 1

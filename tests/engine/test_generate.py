@@ -11,25 +11,13 @@ import threading
 
 import pytest
 import torch
-from tiny_phi3 import TINY, longrope, make_hf_checkpoint
+from tiny_phi3 import StubTokenizer, TINY, longrope, make_hf_checkpoint, random_prompt
 from transformers import Phi3ForCausalLM as HFModel
 
 from phiforge.engine import Generator, load_model, load_tokenizer
 from phiforge.engine.fetch import default_model_path
 
 N_NEW = 32
-
-
-class StubTokenizer:
-    """Enough of a tokenizer for token-id prompts on tiny models: stops on 2, like the tiny configs' eos."""
-    stop_ids = {TINY["eos_token_id"]}
-
-    def decode(self, ids, skip_special_tokens=False):
-        return "".join(chr(ord("a") + i % 26) for i in ids if not (skip_special_tokens and i in self.stop_ids))
-
-
-def _prompt(n: int, seed: int) -> list[int]:
-    return torch.randint(3, TINY["vocab_size"], (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
 def _hf_greedy(hf, prompt: list[int], n: int = N_NEW) -> list[int]:
@@ -59,7 +47,7 @@ def test_tiny_greedy_equals_transformers(tmp_path, case):
     overrides, plen, regime = TINY_CASES[case]
     hf = make_hf_checkpoint(tmp_path, overrides)
     gen = Generator(load_model(tmp_path, dtype=torch.float32), StubTokenizer())
-    prompt = _prompt(plen, 1)
+    prompt = random_prompt(plen, 1)
     [res] = gen.generate(prompt, max_new_tokens=N_NEW, temperature=0)
     if "longrope" in case:  # transformers' test at its last forward: position plen + N_NEW - 2, plus 1, > 64
         assert res.rope_long == (plen + N_NEW - 1 > 64)
@@ -83,7 +71,7 @@ def tiny(tmp_path_factory):
 
 
 def test_batch_equals_one_by_one(tiny):
-    prompts = [_prompt(n, n) for n in (5, 23, 11, 1)]
+    prompts = [random_prompt(n, n) for n in (5, 23, 11, 1)]
     stops = [["q"], [], ["zz", "k"], []]  # each row its own stop strings
     batch = tiny.generate(prompts, max_new_tokens=24, temperature=0, stop=stops)
     for p, s, got in zip(prompts, stops, batch):
@@ -95,7 +83,7 @@ def test_batch_equals_one_by_one(tiny):
 def test_longrope_batch_mixing_regimes_equals_one_by_one(tmp_path):
     make_hf_checkpoint(tmp_path, longrope(8, orig=64))
     gen = Generator(load_model(tmp_path, dtype=torch.float32), StubTokenizer())
-    prompts = [_prompt(10, 1), _prompt(50, 2), _prompt(20, 3)]  # + 24 new: short, long, short
+    prompts = [random_prompt(10, 1), random_prompt(50, 2), random_prompt(20, 3)]  # + 24 new: short, long, short
     batch = gen.generate(prompts, max_new_tokens=24, temperature=0)
     assert [r.rope_long for r in batch] == [False, True, False]
     for p, got in zip(prompts, batch):
@@ -104,12 +92,12 @@ def test_longrope_batch_mixing_regimes_equals_one_by_one(tmp_path):
 
 def test_seeded_sampling_is_reproducible(tiny):
     kw = dict(max_new_tokens=24, temperature=1.0, top_k=50, top_p=0.9, repetition_penalty=1.2)
-    p = _prompt(9, 4)
+    p = random_prompt(9, 4)
     a = tiny.generate(p, seed=7, **kw)[0].token_ids
     assert tiny.generate(p, seed=7, **kw)[0].token_ids == a
     assert tiny.generate(p, seed=8, **kw)[0].token_ids != a
     # a row's draws depend on its own seed only, not on its batch mates
-    batch = tiny.generate([_prompt(3, 5), p], seed=[1, 7], **kw)
+    batch = tiny.generate([random_prompt(3, 5), p], seed=[1, 7], **kw)
     assert batch[1].token_ids == a
 
 
@@ -118,7 +106,7 @@ def test_overlong_prompt_is_an_error_before_any_compute(tiny, monkeypatch):
     monkeypatch.setattr(tiny.model, "forward", lambda *a, **k: calls.append(1))
     ctx = TINY["max_position_embeddings"]
     with pytest.raises(ValueError, match=rf"prompt 1: 250 prompt tokens \+ max_new_tokens 10 = 260 > .* {ctx}"):
-        tiny.generate([_prompt(5, 1), _prompt(250, 1)], max_new_tokens=10)
+        tiny.generate([random_prompt(5, 1), random_prompt(250, 1)], max_new_tokens=10)
     with pytest.raises(ValueError, match="empty"):
         tiny.generate([[]], max_new_tokens=10)
     with pytest.raises(ValueError, match="outside the vocabulary"):
@@ -133,12 +121,12 @@ def test_cancellation(tiny):
     def cancel():
         n["calls"] += 1
         return n["calls"] > 3
-    [r] = tiny.generate(_prompt(5, 1), max_new_tokens=200, temperature=0, cancel=cancel)
+    [r] = tiny.generate(random_prompt(5, 1), max_new_tokens=200, temperature=0, cancel=cancel)
     assert r.finish_reason == "cancelled" and len(r.token_ids) == 3
     # an Event set from the consumer while streaming (as a server would on disconnect)
     ev = threading.Event()
     pieces = []
-    for piece in tiny.stream(_prompt(5, 1), max_new_tokens=200, temperature=0, cancel=ev):
+    for piece in tiny.stream(random_prompt(5, 1), max_new_tokens=200, temperature=0, cancel=ev):
         pieces.append(piece)
         ev.set()
     assert len(pieces) <= 2
@@ -146,14 +134,14 @@ def test_cancellation(tiny):
     tiny.prefill_chunk = 4
     n["calls"] = 0
     try:
-        [r] = tiny.generate(_prompt(40, 1), max_new_tokens=10, cancel=cancel)
+        [r] = tiny.generate(random_prompt(40, 1), max_new_tokens=10, cancel=cancel)
     finally:
         tiny.prefill_chunk = 512
     assert (r.finish_reason, r.token_ids, n["calls"]) == ("cancelled", [], 4)
 
 
 def test_chunked_prefill_equals_one_chunk(tiny):
-    p = _prompt(37, 6)
+    p = random_prompt(37, 6)
     ref = tiny.generate(p, max_new_tokens=16, temperature=0)[0].token_ids
     tiny.prefill_chunk = 8
     try:
@@ -280,14 +268,14 @@ def test_prefix_cache_next_turn_equals_a_fresh_run(tmp_path):
     model = load_model(tmp_path, dtype=torch.float32)
     warm, cold = Generator(model, StubTokenizer(), prefix_cache=True), Generator(model, StubTokenizer())
     kw = dict(max_new_tokens=10, temperature=0)
-    first = _prompt(20, 4)
+    first = random_prompt(20, 4)
     [r1] = warm.generate([first], **kw)
     assert warm.reused_tokens == 0
-    turn2 = first + r1.token_ids + _prompt(7, 5)          # the conversation so far, then a new turn
+    turn2 = first + r1.token_ids + random_prompt(7, 5)          # the conversation so far, then a new turn
     [r2] = warm.generate([turn2], **kw)
     assert warm.reused_tokens == r2.cached_tokens == len(first) + len(r1.token_ids) - 1  # all fed tokens
     assert r2.token_ids == cold.generate([turn2], **kw)[0].token_ids
-    other = first[:12] + _prompt(9, 6)                   # shares only a part: reuse stops at the first difference
+    other = first[:12] + random_prompt(9, 6)                   # shares only a part: reuse stops at the first difference
     [r3] = warm.generate([other], **kw)
     assert warm.reused_tokens == _common(turn2 + r2.token_ids[:-1], other)
     assert r3.token_ids == cold.generate([other], **kw)[0].token_ids
@@ -303,11 +291,11 @@ def test_stream_keeps_the_callers_grad_mode_and_one_call_at_a_time(tiny):
     """Inference mode is on only while the loop runs: between pieces, after a stream left unfinished, and when
     a stream is resumed from another thread, the caller's grad mode is its own. A second call while one runs is
     a RuntimeError, and the stream releases the Generator when closed."""
-    s = tiny.stream(_prompt(9, 1), max_new_tokens=20, temperature=0)
+    s = tiny.stream(random_prompt(9, 1), max_new_tokens=20, temperature=0)
     next(s)
     assert not torch.is_inference_mode_enabled() and torch.is_grad_enabled()
     with pytest.raises(RuntimeError, match="already running"):
-        tiny.generate(_prompt(5, 2), max_new_tokens=2, temperature=0)
+        tiny.generate(random_prompt(5, 2), max_new_tokens=2, temperature=0)
     pieces = []
     t = threading.Thread(target=lambda: pieces.append(next(s)))     # resumed from another thread
     t.start(); t.join()
@@ -315,7 +303,7 @@ def test_stream_keeps_the_callers_grad_mode_and_one_call_at_a_time(tiny):
     s.close()
     w = torch.ones(2, requires_grad=True)
     (w * 2).sum().backward()                                         # autograd still works here
-    assert w.grad is not None and tiny.generate(_prompt(5, 2), max_new_tokens=2, temperature=0)
+    assert w.grad is not None and tiny.generate(random_prompt(5, 2), max_new_tokens=2, temperature=0)
 
 
 def test_a_second_call_during_admission_is_refused(tiny):
@@ -335,11 +323,11 @@ def test_a_second_call_during_admission_is_refused(tiny):
     assert entered.wait(10)
     try:
         with pytest.raises(RuntimeError, match="already running"):
-            gen.generate(_prompt(4, 1), max_new_tokens=2, temperature=0)
+            gen.generate(random_prompt(4, 1), max_new_tokens=2, temperature=0)
     finally:
         release.set()
         first.join()
-    assert gen.generate(_prompt(4, 1), max_new_tokens=2, temperature=0)
+    assert gen.generate(random_prompt(4, 1), max_new_tokens=2, temperature=0)
 
 
 def test_prefix_cache_is_never_used_by_a_batch_call_split_by_regime(tmp_path):
@@ -347,7 +335,7 @@ def test_prefix_cache_is_never_used_by_a_batch_call_split_by_regime(tmp_path):
     reuses cached tokens nor reports any."""
     make_hf_checkpoint(tmp_path, longrope(8, orig=64))
     gen = Generator(load_model(tmp_path, dtype=torch.float32), StubTokenizer(), prefix_cache=True)
-    short, long = _prompt(10, 1), _prompt(50, 2)
+    short, long = random_prompt(10, 1), random_prompt(50, 2)
     gen.generate([short], max_new_tokens=4, temperature=0)           # the cache now holds `short`
     rs = gen.generate([short + [9], long], max_new_tokens=24, temperature=0)
     assert [r.rope_long for r in rs] == [False, True]
