@@ -102,7 +102,8 @@ def random_nf4_linear(shape, dtype, device):
 
 # ---- one measured run (subprocess) ------------------------------------------------------------------------------
 
-def run_phiforge(a) -> dict:
+def run_phiforge(a, path: Path | None = None) -> dict:
+    """One timed LoRA/QLoRA run: Phi-3-mini shapes (random), or the checkpoint at `path` (default: the default model)."""
     from phiforge.engine.lora import LoRALinear, apply_lora, trainable_parameters
     from phiforge.engine.loss import lm_loss_sum, lm_loss_sum_ref
     dtype, quant = DTYPES[a.dtype], a.method == "qlora"
@@ -111,7 +112,7 @@ def run_phiforge(a) -> dict:
     else:
         from phiforge.engine.fetch import default_model_path
         from phiforge.engine.loader import load_model
-        model = load_model(default_model_path(), dtype=dtype, device=a.device, quant="nf4" if quant else None)
+        model = load_model(path or default_model_path(), dtype=dtype, device=a.device, quant="nf4" if quant else None)
     apply_lora(model, a.rank, 2 * a.rank, 0.05, TARGETS)
     LoRALinear.use_fused = not a.unfused
     model.gradient_checkpointing = not a.no_checkpointing
@@ -126,7 +127,8 @@ def run_phiforge(a) -> dict:
     return timed(optimizer_step(lambda: loss_sum(model, ids, targets) / n_lab, params, opt, a.device), a, n_lab)
 
 
-def run_hf(a) -> dict:
+def run_hf(a, path: Path | None = None) -> dict:
+    """run_phiforge's run on transformers + PEFT (+ bitsandbytes for QLoRA)."""
     import transformers
     from peft import LoraConfig, get_peft_model
     dtype, quant = DTYPES[a.dtype], a.method == "qlora"
@@ -142,7 +144,7 @@ def run_hf(a) -> dict:
             kw["quantization_config"] = transformers.BitsAndBytesConfig(
                 load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                 bnb_4bit_compute_dtype=dtype)
-        model = transformers.AutoModelForCausalLM.from_pretrained(str(default_model_path()), dtype=dtype,
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(path or default_model_path()), dtype=dtype,
                                                                   device_map=a.device, **kw)
     model.config.use_cache = False
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

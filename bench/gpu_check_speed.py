@@ -13,15 +13,12 @@ from pathlib import Path
 
 import torch
 
-from phiforge.bench.bench_train import DTYPES, TARGETS, optimizer_step, phi3_mini_random, run_hf, run_phiforge
-from phiforge.bench.bench_train import synthetic_batch, timed
+from phiforge.bench.bench_train import phi3_mini_random, run_hf, run_phiforge, timed
 from phiforge.bench.gpu_check_correct import torch_path
 from phiforge.bench.gpu_check_common import Ctx, copy_bandwidth_gbs, sync, time_ms, tiny_model
 from phiforge.engine.decode import DecodeStep
 from phiforge.engine.decode_graph import CUDAGraphDecode
-from phiforge.engine.loader import load_model, save_model
-from phiforge.engine.lora import LoRALinear, apply_lora, trainable_parameters
-from phiforge.engine.loss import lm_loss_sum
+from phiforge.engine.loader import save_model
 from phiforge.engine.quant import quantize_model_
 from phiforge.kernels.lora import lora_linear, lora_linear_ref
 from phiforge.kernels.nf4 import quantize_nf4
@@ -170,44 +167,6 @@ def _decode_ours(ctx: Ctx, quant: bool, prompt: int, n: int, hows: list[str], ou
     gc.collect()
 
 
-def _train_phiforge_dir(a, path: Path) -> dict:
-    """bench_train.run_phiforge's step on a checkpoint directory (there it is the default model or Phi-3-mini)."""
-    model = load_model(path, dtype=DTYPES[a.dtype], device=a.device, quant="nf4" if a.method == "qlora" else None)
-    apply_lora(model, a.rank, 2 * a.rank, 0.05, TARGETS)
-    LoRALinear.use_fused = True
-    model.gradient_checkpointing = True
-    model.train()
-    params = [p for _, p in trainable_parameters(model)]
-    opt = torch.optim.AdamW(params, lr=1e-4)
-    ids, labels = synthetic_batch(model.config.vocab_size, a.batch, a.seq)
-    targets = torch.cat([labels[:, 1:], torch.full((a.batch, 1), -100)], 1).to(a.device)  # (B, T)
-    ids = ids.to(a.device)
-    n_lab = int((targets != -100).sum())
-    return timed(optimizer_step(lambda: lm_loss_sum(model, ids, targets) / n_lab, params, opt, a.device), a, n_lab)
-
-
-def _train_hf_dir(a, path: Path) -> dict:
-    """bench_train.run_hf's step (transformers + PEFT, + bitsandbytes for QLoRA) on a checkpoint directory."""
-    transformers, peft = importlib.import_module("transformers"), importlib.import_module("peft")
-    dtype, kw = DTYPES[a.dtype], {}
-    if a.method == "qlora":
-        kw["quantization_config"] = transformers.BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, device_map=a.device, **kw)
-    model.config.use_cache = False
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.enable_input_require_grads()
-    model = peft.get_peft_model(model, peft.LoraConfig(r=a.rank, lora_alpha=2 * a.rank, lora_dropout=0.05,
-                                                       target_modules=TARGETS, task_type="CAUSAL_LM"))
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4)
-    ids, labels = synthetic_batch(model.config.vocab_size, a.batch, a.seq)
-    ids, labels = ids.to(a.device), labels.to(a.device)
-    n_lab = int((labels[:, 1:] != -100).sum())
-    return timed(optimizer_step(lambda: model(input_ids=ids, labels=labels).loss, params, opt, a.device), a, n_lab)
-
-
 def train_speed(ctx: Ctx) -> dict:
     """QLoRA vs LoRA training tokens/s and peak memory (seq 2048, r = 16, bf16 autocast, checkpointing) on
     Phi-3-mini shapes with random weights, beside transformers+PEFT. `--tiny`: a tiny random Phi-3 written to a
@@ -221,7 +180,7 @@ def train_speed(ctx: Ctx) -> dict:
     with tempfile.TemporaryDirectory(prefix="gpu-check-train-") as tmp:
         if ctx.tiny:
             save_model(tiny_model("cpu"), tmp, dtype=torch.float32)
-            ours, theirs = (lambda a: _train_phiforge_dir(a, Path(tmp))), (lambda a: _train_hf_dir(a, Path(tmp)))
+            ours, theirs = (lambda a: run_phiforge(a, Path(tmp))), (lambda a: run_hf(a, Path(tmp)))
         else:
             ours, theirs = run_phiforge, run_hf
         runs = [("phiforge", "lora", ours), ("phiforge", "qlora", ours)]
