@@ -1,7 +1,7 @@
 """phiforge: Phi-3 experts on one consumer GPU (RAG and LoRA/QLoRA fine-tuning)."""
 from setuptools import setup
 
-PACKAGES = ["engine", "kernels", "retrieval", "bench"]
+PACKAGES = ["engine", "kernels", "retrieval", "evaluation", "bench"]
 
 setup(
     name="phiforge",

@@ -1,5 +1,6 @@
-"""The import graph of engine/, kernels/, retrieval/ and phiforge/, read with `ast` (nothing is imported):
-no cycles, no upward imports (kernels -> engine -> retrieval -> the CLI and demos), no imports inside functions.
+"""The import graph of engine/, kernels/, retrieval/, evaluation/ and phiforge/, read with `ast` (nothing is
+imported): no cycles, no upward imports (kernels -> engine -> retrieval -> evaluation -> the CLI and demos), no
+imports inside functions.
 
 Every import counts: module level and inside functions, relative ones resolved, and
 `importlib.import_module("phiforge....")` with a constant string. The one import allowed inside a function is the
@@ -16,7 +17,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 # folder -> import prefix (setup.py's package_dir) and layer: a module may import its own layer or lower ones
 LAYERS = {"kernels": ("phiforge.kernels", 0), "engine": ("phiforge.engine", 1),
-          "retrieval": ("phiforge.retrieval", 2), "phiforge": ("phiforge", 3)}
+          "retrieval": ("phiforge.retrieval", 2), "evaluation": ("phiforge.evaluation", 3),
+          "phiforge": ("phiforge", 4)}
 LAZY_DISPATCH = {"phiforge.cli"}
 
 
@@ -168,7 +170,7 @@ def test_the_parser_sees_the_known_edges():
     assert len(FILES) > 40 and all(m.startswith("phiforge") for m in FILES)
 
 
-@pytest.mark.parametrize("layer", ["kernels", "engine", "retrieval"])
+@pytest.mark.parametrize("layer", ["kernels", "engine", "retrieval", "evaluation"])
 def test_no_import_cycles(layer):
     cycles = [(comp, c) for comp, c in _cycles(GRAPH_MODULES) if any(_layer(m) == layer for m in comp)]
     assert not cycles, f"import cycles touching {layer}/:\n" + "\n".join(
