@@ -16,8 +16,9 @@ max_tokens: no request ever outgrows its row, no preemption) are in engine/kv_me
 **What a request's output depends on.** Only on itself: rows never see each other (each attends its own row),
 every request draws from its own generator, and its prompt is prefilled alone. In fp32, greedy tokens equal the
 same request run alone; they can differ only where a batched matmul sums in another order than a one-row one and
-a near-tie flips (bf16: the same, at bf16 near-ties, which are far more common). With prefix reuse on, reused K/V
-equal a fresh prefill's up to rounding, with the same caveat.
+a near-tie flips (bf16: the same, at bf16 near-ties, which are far more common; tests/engine/test_engine_bf16.py
+checks that every flip is one). With prefix reuse on, reused K/V equal a fresh prefill's up to rounding, with the
+same caveat.
 
 **LongRoPE.** A request's regime is fixed at admission (engine/generate.py's rule). Rows of both regimes share the
 cache but never a step call: decodes run one call per regime, each with its own cos/sin table.
