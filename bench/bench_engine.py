@@ -5,7 +5,8 @@
     through an Engine of max_batch 1. Output tokens/s of each and the ratio.
   - long_prompt: K streams decode; a long prompt (L tokens) arrives. Its TTFT, and the streams' inter-token gaps
     while it is prefilled (max and median) vs their gaps before it arrived: chunked prefill bounds the stall to
-    one chunk per step.
+    one chunk per step. Once per prefill chunk size in --chunks: the trade between the streams' stall and the
+    long prompt's TTFT that sets the engine's default.
   - multi_adapter: N concurrent greedy requests spread over A distinct random LoRA adapters (rank R, every
     projection; request i uses adapter i mod A) through one Engine holding all A, vs the same N requests on the
     base model alone (an Engine without adapters: the native whole-step decode). Output tokens/s of each and the
@@ -16,7 +17,7 @@
 `throughput`, `long_prompt_stall` and `next_turn_ttft` take any (model, tokenizer) for bench/bench_serve.py to reuse.
 
     python bench/bench_engine.py [--dtype bfloat16] [--requests 16] [--prompt 200] [--new 64] [--threads T]
-                                 [--adapters 8] [--rank 16] [--only multi_adapter]
+                                 [--adapters 8] [--rank 16] [--chunks 64,128,256,512] [--only multi_adapter]
 """
 from __future__ import annotations
 
@@ -156,6 +157,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--adapters", type=int, default=8)
     ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--chunks", default="256", help="prefill chunk sizes for long_prompt, comma-separated")
     ap.add_argument("--only", choices=["throughput", "long_prompt", "multi_adapter", "next_turn"], default=None)
     args = ap.parse_args()
     if args.threads:
@@ -165,7 +167,8 @@ def main() -> None:
     model = load_model(path, dtype=dtype)
     tok = load_tokenizer(path)
     parts = dict(throughput=lambda: throughput(model, tok, args.requests, args.prompt, args.new),
-                 long_prompt=lambda: long_prompt_stall(model, tok),
+                 long_prompt=lambda: [long_prompt_stall(model, tok, prefill_chunk=int(c))
+                                      for c in args.chunks.split(",")],
                  multi_adapter=lambda: multi_adapter(path, tok, dtype, args.requests, args.adapters, args.rank,
                                                      args.prompt, args.new),
                  next_turn=lambda: next_turn_ttft(model, tok))
