@@ -1,0 +1,162 @@
+"""Answer every question in every mode through the serving engine, and score each answer (evaluation/metrics.py).
+
+Contexts. A closed-book mode (base, ft) is asked once, context "none". A retrieval mode (rag, rag+ft, raft+rag)
+is asked twice with the same prompt builder (retrieval/rag.py build_prompt, sources numbered in rank order within
+the prompt budget):
+* "retrieved": the index's top-k chunks for the question, as a deployment would see them;
+* "gold": the k best-scoring chunks of the question's gold documents (an exact scan of the whole index, kept
+  to chunks whose document is in `sources`), i.e. what a perfect document retriever would hand over.
+  A question with no gold documents (unanswerable, or a row without `sources`) has no gold context: it gets
+  its retrieved context again, so the gold-context score of abstention is the retrieved one's.
+A mode that reads well with gold context and badly with retrieved context loses its points in retrieval; one
+that is bad with both loses them in reading.
+
+Batching. All prompts of one mode (both contexts) are submitted to the Engine at once and decoded greedily in
+continuous batches of up to `max_batch`; each Result gives the prompt tokens, the time to first token and the
+total latency of that answer, both measured from submission, so they include the wait in the queue behind the
+rest of the mode's questions (a loaded server's view, not one request alone). The mode's wall seconds are kept.
+
+Retrieval scores (recall@k and MRR by document) belong to the index, not to a mode: `retrieval_records` computes
+them per question for the index and, optionally, a baseline index over the same documents (before/after a tuned
+retriever), and every "retrieved" record of a retrieval mode repeats the index's so a record stands alone.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from phiforge.engine.request import Request, Result
+from phiforge.retrieval.qa import QARow, closed_book_messages
+from phiforge.retrieval.rag import build_prompt, parse_citations
+
+from . import metrics
+from .modes import Mode
+
+
+@dataclass
+class Contexts:
+    """Per question (in data order): the retrieved hits and the gold-context hits of one index."""
+    retrieved: list[list]
+    gold: list[list]
+    gold_known: list[bool]   # False: no gold documents, so `gold` repeats `retrieved`
+
+
+def doc(hit) -> str:
+    return Path(hit.source).name
+
+
+def retrieve(index, rows: list[QARow], k: int) -> Contexts:
+    """Top-k hits per question, and the k best chunks of its gold documents (one query encoding per question)."""
+    vecs = index.encoder.encode([r.question for r in rows])  # (questions, dim)
+    n = len(index)
+    retrieved, gold, known = [], [], []
+    for row, q in zip(rows, vecs):
+        hits = index.search_vector(q, k=k)
+        retrieved.append(hits)
+        if row.sources:
+            ranked = index.search_vector(q, k=n, mode="exact")  # every chunk, best first
+            gold.append([h for h in ranked if doc(h) in row.sources][:k])
+            known.append(True)
+        else:
+            gold.append(hits)
+            known.append(False)
+    return Contexts(retrieved, gold, known)
+
+
+def index_documents(index) -> set[str]:
+    return {Path(s).name for s in index.sources()}
+
+
+def retrieval_records(rows: list[QARow], after: Contexts, before: Contexts | None, k: int) -> list[dict]:
+    """Per answerable question with gold documents: ranked documents, recall@k and MRR for each index."""
+    out = []
+    for i, row in enumerate(rows):
+        if not row.sources:
+            continue
+        rec = {"line": row.line, "question": row.question, "gold_sources": list(row.sources)}
+        for tag, ctx in (("after", after), ("before", before)):
+            if ctx is None:
+                continue
+            ranked = [doc(h) for h in ctx.retrieved[i]]
+            rec[tag] = {"docs": ranked, "recall": metrics.recall_at_k(ranked, row.sources, k),
+                        "mrr": metrics.mrr(ranked, row.sources)}
+        out.append(rec)
+    return out
+
+
+@dataclass
+class _Prompt:
+    row: QARow
+    context: str            # none | retrieved | gold
+    ids: list[int]
+    shown: list[str]        # documents of the numbered sources, in prompt order ([] closed-book)
+    ranked: list[str] | None  # the retrieved documents, best first (retrieved context only)
+
+
+def _prompts(mode: Mode, rows: list[QARow], tokenizer, contexts: Contexts | None, budget: int, k: int) -> list[_Prompt]:
+    out = []
+    for i, row in enumerate(rows):
+        if not mode.retrieval:
+            ids = tokenizer.apply_chat_template(closed_book_messages(row.question), add_generation_prompt=True)
+            out.append(_Prompt(row, "none", list(ids), [], None))
+            continue
+        for context, hits in (("retrieved", contexts.retrieved[i]), ("gold", contexts.gold[i])):
+            messages, sources, _ = build_prompt(row.question, hits, tokenizer, budget)
+            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+            ranked = [doc(h) for h in contexts.retrieved[i]][:k] if context == "retrieved" else None
+            out.append(_Prompt(row, context, list(ids), [doc(s.hit) for s in sources], ranked))
+    return out
+
+
+def score(mode: Mode, p: _Prompt, r: Result, gold_known: bool = True) -> dict:
+    """One per-question record: what was asked and answered, every metric, and the cost."""
+    row, text = p.row, r.text
+    answer = metrics.extract_answer(text)
+    ok = row.answerable
+    abstain, false_abstain = metrics.abstention(answer, row.answerable)
+    cited = parse_citations(text) if p.shown else []
+    cite_p, cite_r = metrics.citation_scores(cited, p.shown, row.sources) if p.shown else (None, None)
+    return {
+        "mode": mode.name, "context": p.context, "line": row.line, "question": row.question,
+        "answerable": row.answerable, "gold_answer": row.answer, "gold_sources": list(row.sources),
+        "gold_context": gold_known if p.context == "gold" else None,
+        "text": text, "answer": answer,
+        "em": metrics.exact_match(answer, row.answer) if ok else None,
+        "f1": metrics.token_f1(answer, row.answer) if ok else None,
+        "contains": metrics.contains(answer, row.answer) if ok else None,
+        "abstain": abstain, "false_abstain": false_abstain,
+        "shown": p.shown, "cited": cited, "cited_any": float(bool(cited)) if p.shown else None,
+        "cite_precision": cite_p, "cite_recall": cite_r,
+        "retrieved": p.ranked,
+        "recall": metrics.recall_at_k(p.ranked, row.sources, len(p.ranked)) if p.ranked is not None else None,
+        "mrr": metrics.mrr(p.ranked, row.sources) if p.ranked is not None else None,
+        "ttft_s": r.ttft_s, "latency_s": r.latency_s, "prompt_tokens": r.usage.prompt_tokens,
+        "completion_tokens": r.usage.completion_tokens, "finish_reason": r.finish_reason,
+    }
+
+
+def run_mode(engine, tokenizer, mode: Mode, rows: list[QARow], contexts: Contexts | None, *, k: int,
+             budget: int, max_new_tokens: int, seed: int = 0) -> tuple[list[dict], float]:
+    """Every question of `rows` answered in `mode` (both contexts for a retrieval mode): (records, wall seconds)."""
+    if mode.retrieval and contexts is None:
+        raise ValueError(f"mode {mode.name} needs an index (--index)")
+    prompts = _prompts(mode, rows, tokenizer, contexts, budget, k)
+    known = {row.line: (contexts.gold_known[i] if contexts else True) for i, row in enumerate(rows)}
+    t0 = time.perf_counter()
+    handles = [engine.submit(Request(p.ids, max_new_tokens, seed=seed, adapter=mode.adapter)) for p in prompts]
+    results = [h.result() for h in handles]
+    wall = time.perf_counter() - t0
+    aborted = [r for r in results if r.finish_reason == "abort"]
+    if aborted:
+        raise RuntimeError(f"mode {mode.name}: {len(aborted)} request(s) aborted by the engine")
+    return [score(mode, p, r, known[p.row.line]) for p, r in zip(prompts, results)], wall
+
+
+def prompt_budget(context: int, max_prompt_tokens: int, max_new_tokens: int) -> int:
+    """Tokens a prompt may take: the model's context (capped by max_prompt_tokens + the answer) minus the answer."""
+    budget = min(context, max_prompt_tokens + max_new_tokens) - max_new_tokens
+    if budget < 16:
+        raise ValueError(f"--max-new-tokens {max_new_tokens}: leaves {budget} of the model's {context} tokens of "
+                         "context for the prompt; give less")
+    return budget
