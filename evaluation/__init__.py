@@ -5,8 +5,8 @@
 
 metrics.py scores one answer, modes.py names the five modes, runner.py answers and scores them through the
 serving engine, summary.py turns records into the table and the recommendation, report.py writes the files,
-evaluate.py ties them together.
+pipeline.py ties them together (`evaluate`).
 """
-from .evaluate import evaluate
+from .pipeline import evaluate
 
 __all__ = ["evaluate"]

@@ -116,7 +116,8 @@ def recommend(table: list[dict], retrieval: dict | None = None) -> list[str]:
         for other in ranked[1:]:
             lines.append(_compare("F1", top, other, "f1", "F1"))
         by_contain = _best(deploy, "contains")
-        if by_contain and by_contain[0]["label"] != top["label"]:
+        top_contains = (top["metrics"].get("contains") or {"mean": -1.0})["mean"]
+        if by_contain and by_contain[0]["metrics"]["contains"]["mean"] > top_contains:
             lines.append(_compare("Containment (gold answer inside the reply)", by_contain[0], top, "contains",
                                   "contain the gold answer"))
     by_abstain = _best(deploy, "abstain")

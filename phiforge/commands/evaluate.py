@@ -20,7 +20,7 @@ import torch
 from phiforge.engine.adapter import AdapterError
 from phiforge.engine.request import EngineError
 from phiforge.evaluation import evaluate
-from phiforge.evaluation.evaluate import (DEFAULT_K, DEFAULT_MAX_BATCH, DEFAULT_MAX_NEW_TOKENS,
+from phiforge.evaluation.pipeline import (DEFAULT_K, DEFAULT_MAX_BATCH, DEFAULT_MAX_NEW_TOKENS,
                                           DEFAULT_MAX_PROMPT_TOKENS)
 from phiforge.evaluation.modes import MODES
 from phiforge.evaluation.report import markdown

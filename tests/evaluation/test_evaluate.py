@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ from phiforge.engine.tokenizer import load_tokenizer
 from phiforge.evaluation import evaluate
 from phiforge.evaluation import metrics
 from phiforge.evaluation.report import FILES
+from phiforge.evaluation.runner import run_mode
 from phiforge.evaluation.summary import METRICS
 from phiforge.retrieval.qa import ABSTAIN_ANSWER, QAError, closed_book_messages
 from phiforge.retrieval.store import Index
@@ -244,3 +246,23 @@ def test_cli_prints_the_table_closed_book(setup, capsys, tmp_path):
     out = capsys.readouterr().out
     assert "| base | 4 |" in out and "| ft | 4 |" in out and "## Recommendation" in out
     assert json.loads((tmp_path / "o" / "report.json").read_text())["modes"] == ["base", "ft"]
+
+
+def test_ctrl_c_keeps_the_finished_modes(setup, tmp_path, monkeypatch):
+    root, model, adapters, data = setup
+    pipeline = sys.modules["phiforge.evaluation.pipeline"]
+    calls = []
+
+    def interrupted_second(*a, **kw):
+        calls.append(a[2].name)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return run_mode(*a, **kw)
+
+    monkeypatch.setattr(pipeline, "run_mode", interrupted_second)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(model, data, adapters={"ft": adapters["ft"]}, out=tmp_path / "o", max_new_tokens=3,
+                 dtype=torch.float32, log=None)
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert calls == ["base", "ft"] and report["interrupted"] is True and report["modes"] == ["base"]
+    assert {json.loads(x)["mode"] for x in (tmp_path / "o" / "results.jsonl").read_text().splitlines()} == {"base"}

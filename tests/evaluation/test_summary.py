@@ -73,3 +73,14 @@ def test_retriever_before_and_after():
 def test_seeded(seed):
     recs = _records({("base", "none"): [0, 1, 0.5, 0.2, 0.9]})
     assert summarize(recs, {}, seed) == summarize(recs, {}, seed)
+
+
+def test_containment_named_only_when_another_mode_contains_more():
+    recs = _records({("base", "none"): [0.9, 0.9], ("rag", "retrieved"): [0.5, 0.5]})
+    for r in recs:
+        r["contains"] = 1.0 if r["mode"] == "rag" else 0.0
+    assert any(x.startswith("Containment (gold answer inside the reply): rag 100.0 vs base 0.0")
+               for x in recommend(summarize(recs, {})))
+    for r in recs:
+        r["contains"] = 1.0
+    assert not any(x.startswith("Containment") for x in recommend(summarize(recs, {})))
