@@ -12,9 +12,11 @@ A mode that reads well with gold context and badly with retrieved context loses 
 that is bad with both loses them in reading.
 
 Batching. All prompts of one mode (both contexts) are submitted to the Engine at once and decoded greedily in
-continuous batches of up to `max_batch`; each Result gives the prompt tokens, the time to first token and the
-total latency of that answer, both measured from submission, so they include the wait in the queue behind the
-rest of the mode's questions (a loaded server's view, not one request alone). The mode's wall seconds are kept.
+continuous batches of up to `max_batch`; identical prompts (always: an unanswerable question's two contexts;
+sometimes: retrieval that found exactly the gold chunks) are answered once and that answer scored for each.
+Each Result gives the prompt tokens, the time to first token and the total latency of that answer, both
+measured from submission, so they include the wait in the queue behind the rest of the mode's questions (a
+loaded server's view, not one request alone). The mode's wall seconds are kept.
 
 Retrieval scores (recall@k and MRR by document) belong to the index, not to a mode: `retrieval_records` computes
 them per question for the index and, optionally, a baseline index over the same documents (before/after a tuned
@@ -144,8 +146,12 @@ def run_mode(engine, tokenizer, mode: Mode, rows: list[QARow], contexts: Context
     prompts = _prompts(mode, rows, tokenizer, contexts, budget, k)
     known = {row.line: (contexts.gold_known[i] if contexts else True) for i, row in enumerate(rows)}
     t0 = time.perf_counter()
-    handles = [engine.submit(Request(p.ids, max_new_tokens, seed=seed, adapter=mode.adapter)) for p in prompts]
-    results = [h.result() for h in handles]
+    handles: dict[tuple[int, ...], object] = {}
+    for p in prompts:  # a prompt met twice (an unanswerable question's gold context is its retrieved one) runs once
+        key = tuple(p.ids)
+        if key not in handles:
+            handles[key] = engine.submit(Request(p.ids, max_new_tokens, seed=seed, adapter=mode.adapter))
+    results = [handles[tuple(p.ids)].result() for p in prompts]
     wall = time.perf_counter() - t0
     aborted = [r for r in results if r.finish_reason == "abort"]
     if aborted:

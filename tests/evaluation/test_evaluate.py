@@ -127,6 +127,8 @@ def test_prompts_are_the_closed_book_and_the_sourced_ones(run, setup):
             twin = next(x for x in records if (x["mode"], x["line"], x["context"]) == (r["mode"], r["line"],
                                                                                         "retrieved"))
             assert r["shown"] == twin["shown"] and r["gold_context"] is False
+            # the same prompt is answered once: the very same result (timings included) scored for both contexts
+            assert (r["text"], r["latency_s"], r["ttft_s"]) == (twin["text"], twin["latency_s"], twin["ttft_s"])
 
 
 def test_adapters_change_the_answers(run):
