@@ -25,6 +25,7 @@ citation) and is left out of the mean, never counted as 0 or 1. The empty cases,
 
 The bootstrap resamples questions with replacement (numpy's seeded generator), so the same seed and column give
 the same interval; the interval is the 2.5th and 97.5th percentile of the resampled means.
+Shapes: samples = bootstrap resamples, n = questions with a defined value.
 """
 from __future__ import annotations
 

@@ -36,7 +36,7 @@ from phiforge.retrieval.qa import QAError, load_qa
 from phiforge.retrieval.store import Index
 
 from .modes import ModeError, parse_adapters, parse_modes, select_modes
-from .report import markdown, write_report
+from .report import write_report
 from .runner import index_documents, prompt_budget, retrieval_records, retrieve, run_mode
 from .summary import recommend, summarize, summarize_retrieval
 
@@ -172,5 +172,3 @@ def _report(model: Path, data: Path, index, baseline, adapters: dict[str, Path],
         "interrupted": interrupted,
     }
 
-
-__all__ = ["evaluate", "markdown"]
