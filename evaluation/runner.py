@@ -4,12 +4,14 @@ Contexts. A closed-book mode (base, ft) is asked once, context "none". A retriev
 is asked twice with the same prompt builder (retrieval/rag.py build_prompt, sources numbered in rank order within
 the prompt budget):
 * "retrieved": the index's top-k chunks for the question, as a deployment would see them;
-* "gold": the k best-scoring chunks of the question's gold documents (an exact scan of the whole index, kept
-  to chunks whose document is in `sources`), i.e. what a perfect document retriever would hand over.
+* "gold": the k chunks of the question's gold documents closest to the question (an exact cosine scan over
+  those documents' stored vectors), i.e. what a perfect document retriever would hand over.
   A question with no gold documents (unanswerable, or a row without `sources`) has no gold context: it gets
   its retrieved context again, so the gold-context score of abstention is the retrieved one's.
 A mode that reads well with gold context and badly with retrieved context loses its points in retrieval; one
 that is bad with both loses them in reading.
+
+Shapes: c = chunks of the gold documents, d = the encoder's dimension.
 
 Batching. All prompts of one mode (both contexts) are submitted to the Engine at once and decoded greedily in
 continuous batches of up to `max_batch`; identical prompts (always: an unanswerable question's two contexts;
@@ -24,13 +26,18 @@ retriever), and every "retrieved" record of a retrieval mode repeats the index's
 """
 from __future__ import annotations
 
+import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from phiforge.engine.request import Request, Result
+from phiforge.retrieval.chunkdb import DB, connect_reader
 from phiforge.retrieval.qa import QARow, closed_book_messages
 from phiforge.retrieval.rag import build_prompt, parse_citations
+from phiforge.retrieval.store import Hit
 
 from . import metrics
 from .modes import Mode
@@ -48,21 +55,45 @@ def doc(hit) -> str:
     return Path(hit.source).name
 
 
+def gold_context(conn: sqlite3.Connection, q: np.ndarray, sources: list[str], k: int) -> list[Hit]:
+    """The k chunks of `sources` (as the index stores them) closest to the query vector `q` (cosine, exact), best
+    first. Reads only those documents' chunks and stored vectors from the index's database (`conn`), so the cost
+    follows the gold documents' size, not the index's."""
+    if not sources:
+        return []
+    marks = ",".join("?" * len(sources))
+    rows = conn.execute(f'SELECT id, source, text, heading, start, "end", vec FROM chunks WHERE source IN ({marks}) '
+                        "ORDER BY id", sources).fetchall()
+    if not rows:
+        return []
+    vecs = np.frombuffer(b"".join(r[6] for r in rows), dtype=np.float32).reshape(len(rows), -1)  # (c, d)
+    vecs = vecs / np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12)
+    scores = vecs @ (q / max(float(np.linalg.norm(q)), 1e-12))  # (c, d) @ (d,) -> (c,)
+    order = np.argsort(-scores, kind="stable")[:k]
+    return [Hit(int(rows[i][0]), rows[i][1], rows[i][2], float(scores[i]), rows[i][3], rows[i][4], rows[i][5])
+            for i in order.tolist()]
+
+
 def retrieve(index, rows: list[QARow], k: int) -> Contexts:
     """Top-k hits per question, and the k best chunks of its gold documents (one query encoding per question)."""
-    vecs = index.encoder.encode([r.question for r in rows])  # (questions, dim)
-    n = len(index)
+    vecs = index.encoder.encode([r.question for r in rows])  # (questions, d)
     retrieved, gold, known = [], [], []
-    for row, q in zip(rows, vecs):
-        hits = index.search_vector(q, k=k)
-        retrieved.append(hits)
-        if row.sources:
-            ranked = index.search_vector(q, k=n, mode="exact")  # every chunk, best first
-            gold.append([h for h in ranked if doc(h) in row.sources][:k])
-            known.append(True)
-        else:
-            gold.append(hits)
-            known.append(False)
+    by_name: dict[str, list[str]] = {}
+    for source in index.sources():
+        by_name.setdefault(Path(source).name, []).append(source)
+    conn = connect_reader(Path(index.folder) / DB)
+    try:
+        for row, q in zip(rows, vecs):
+            hits = index.search_vector(q, k=k)
+            retrieved.append(hits)
+            if row.sources:
+                gold.append(gold_context(conn, q, [s for n in row.sources for s in by_name.get(n, [])], k))
+                known.append(True)
+            else:
+                gold.append(hits)
+                known.append(False)
+    finally:
+        conn.close()
     return Contexts(retrieved, gold, known)
 
 

@@ -1,13 +1,17 @@
 """One answer scored by hand: the answer after `Answer:`, citations mapped to the shown documents, retrieval by
-document, abstention; and the prompt budget."""
+document, abstention; the prompt budget; the gold context against an exact scan of the whole index."""
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import pytest
 
 from phiforge.engine.request import Result, Usage
 from phiforge.evaluation.modes import MODES
-from phiforge.evaluation.runner import _Prompt, prompt_budget, score
+from phiforge.evaluation.runner import _Prompt, prompt_budget, retrieve, score
 from phiforge.retrieval.qa import ABSTAIN_ANSWER, QARow
+from phiforge.retrieval.store import Index
 
 
 def _result(text: str) -> Result:
@@ -63,3 +67,39 @@ def test_prompt_budget():
     assert prompt_budget(512, 1024, 64) == 448  # the model's context caps it
     with pytest.raises(ValueError, match="--max-new-tokens 510"):
         prompt_budget(512, 1024, 510)
+
+
+class _Words:
+    """A deterministic stand-in encoder: counts of a fixed vocabulary, so scores are easy to reason about."""
+    name, dim = "test-words", 8
+    VOCAB = ("pump", "serviced", "months", "water", "costs", "crew", "burst", "hour")
+
+    def encode(self, texts):
+        out = np.array([[t.lower().count(w) for w in self.VOCAB] for t in texts], np.float32) + 1e-3
+        return out / np.linalg.norm(out, axis=1, keepdims=True)
+
+
+def test_gold_context_equals_the_exact_scan_kept_to_gold_documents(tmp_path):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "pumps.md").write_text("# Pumps\n\n" + " ".join(
+        f"Pump {i} is serviced every {i + 6} months{' and its water costs rise' * (i % 3)}." for i in range(80)))
+    (docs / "tariff.txt").write_text("Water costs 1.87. " * 40)
+    (docs / "bursts.md").write_text("A crew must reach a burst within 1 hour. " * 30)
+    with Index.open(tmp_path / "ix", encoder=_Words()) as ix:
+        ix.add([docs])
+        assert len(ix) > 4
+        rows = [QARow("Which pump is serviced every 9 months?", "pump 3", ("pumps.md",), True, 1),
+                QARow("What does water cost?", "1.87", ("tariff.txt", "bursts.md"), True, 2),
+                QARow("Favourite colour?", ABSTAIN_ANSWER, (), False, 3)]
+        ctx = retrieve(ix, rows, k=3)
+        for row, got, known, hits in zip(rows, ctx.gold, ctx.gold_known, ctx.retrieved):
+            assert [h.chunk_id for h in hits] == [h.chunk_id for h in ix.search(row.question, k=3)]
+            if not row.sources:
+                assert got is hits and not known
+                continue
+            ranked = ix.search(row.question, k=len(ix), mode="exact")  # every chunk, best first: the reference
+            want = [h for h in ranked if Path(h.source).name in row.sources][:3]
+            assert known and [h.chunk_id for h in got] == [h.chunk_id for h in want]
+            assert [h.score for h in got] == pytest.approx([h.score for h in want], abs=1e-6)
+            assert [(h.text, h.source, h.start) for h in got] == [(h.text, h.source, h.start) for h in want]
