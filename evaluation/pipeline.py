@@ -124,7 +124,8 @@ def evaluate(model: str | Path | None, data: str | Path, *, index: str | Path | 
     ctx = int(net.config.max_position_embeddings)
     budget = prompt_budget(ctx, max_prompt_tokens, max_new_tokens)
     row_len = min(ctx, budget + max_new_tokens)
-    engine = Engine(net, tokenizer, max_batch=max_batch, kv_tokens=max_batch * row_len,
+    # a mode submits every prompt at once (two per question in a retrieval mode): the queue must hold them all
+    engine = Engine(net, tokenizer, max_batch=max_batch, kv_tokens=max_batch * row_len, max_queue=2 * len(rows),
                     adapters={n: str(d) for n, d in adapter_dirs.items()} or None,
                     max_adapters=len(adapter_dirs) or None)
     records: list[dict] = []
