@@ -37,6 +37,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "index": ("phiforge.retrieval.cli", "manage a document index (add, rm, stats)"),
     "search": ("phiforge.retrieval.cli", "search an index"),
     "ask": ("phiforge.retrieval.cli", "answer a question from an index, with citations"),
+    "evaluate": ("phiforge.commands.evaluate", "RAG or fine-tuning? score base/rag/ft/rag+ft/raft+rag on your Q/A set"),
 }
 
 
