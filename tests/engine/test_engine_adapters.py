@@ -12,6 +12,7 @@ import torch
 from tiny_phi3 import randomize_lora_B, save_tiny
 
 from phiforge.engine.adapter import AdapterError, save_adapter
+from phiforge.engine.decode import DecodeStep
 from phiforge.engine.engine import Engine
 from phiforge.engine.loader import load_model
 from phiforge.engine.lora import apply_lora
@@ -79,7 +80,12 @@ def _record_rows(engine):
     return seen
 
 
-def _mixed_run(tiny, names, quant=None, **engine_kw):
+def _torch_step_refused(*args, **kwargs):
+    raise AssertionError("the torch decode step ran")
+
+
+def _mixed_run(tiny, names, quant=None, native_only=False, **engine_kw):
+    """The mixed requests through one engine; native_only: the torch decode step raises while it runs."""
     path, dirs = tiny
     pattern = [names[0], None, names[1], names[-1], names[0], names[1], None, names[-1], names[0], names[1]]
     reqs = [Request(_prompt(3 + 4 * i, i), 6 + (5 * i) % 11, adapter=a) for i, a in enumerate(pattern)]
@@ -91,12 +97,15 @@ def _mixed_run(tiny, names, quant=None, **engine_kw):
     def go(i):
         handles[i] = e.submit(reqs[i])
     threads = [threading.Thread(target=go, args=(i,)) for i in range(len(reqs))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    got = [h.result(120).token_ids for h in handles]
-    e.shutdown()
+    with pytest.MonkeyPatch.context() as patch:
+        if native_only:
+            patch.setattr(DecodeStep, "_step", _torch_step_refused)
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        got = [h.result(120).token_ids for h in handles]
+        e.shutdown()
     want = [None] * len(reqs)
     for a in {r.adapter for r in reqs}:
         idx = [i for i, r in enumerate(reqs) if r.adapter == a]
@@ -106,15 +115,17 @@ def _mixed_run(tiny, names, quant=None, **engine_kw):
 
 
 def test_mixed_adapters_in_one_batch_each_equal_alone(tiny):
-    """10 concurrent greedy fp32 requests over 3 LoRA adapters and the base, 8 rows: each equals itself alone."""
-    e, reqs, got, want, seen = _mixed_run(tiny, ["a", "b", "c"])
+    """10 concurrent greedy fp32 requests over 3 LoRA adapters and the base, 8 rows: each equals itself alone, with
+    every decode step in the native step (the torch step is switched off: it raises)."""
+    e, reqs, got, want, seen = _mixed_run(tiny, ["a", "b", "c"], native_only=True)
     assert got == want
     assert all(len(g) == r.max_tokens for g, r in zip(got, reqs))
     base = _alone(tiny, None, reqs)
     assert sum(g != w for g, w, r in zip(got, base, reqs) if r.adapter) >= 4  # the adapters change the tokens
     # rows of different adapters and of none shared decode calls: the batching under test really happened
     assert any(len(set(s)) >= 3 and -1 in s for s in seen if len(s) > 1)
-    assert (False, True) in e._decode  # a step with adapter rows ran the torch DecodeStep
+    steps = e._decode[False].steps  # steps with adapter rows ran natively, none in torch
+    assert steps["native_lora"] > 0 and steps["torch"] == 0, steps
 
 
 def test_nf4_base_with_qlora_adapters(tiny):
