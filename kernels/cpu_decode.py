@@ -56,7 +56,7 @@ class _Model(ctypes.Structure):
                                      "x", "xn", "qkv", "att", "proj", "gu", "mid", "scores", "xb")]
                 + [("nf4", ctypes.c_int), ("xe", _P), ("xo", _P), ("nrows", ctypes.c_int), ("rows", _P)]
                 + [("lora", _P), ("lora_slots", ctypes.c_int), ("lora_slot", _P), ("lh", _P), ("lgroup", _P),
-                   ("lng", ctypes.c_int)])
+                   ("lng", ctypes.c_int), ("lora_rowwise", ctypes.c_int)])
 
 
 class _NF4Desc(ctypes.Structure):
@@ -241,6 +241,11 @@ class NativeDecode:
             ctypes.addressof(descs), S, lh.data_ptr(), lgroup.data_ptr()
         self.lora_slots = S
         return True
+
+    def set_lora_rowwise(self, on: bool) -> None:
+        """The LoRA epilogue one row at a time instead of grouping rows by adapter (each adapter's A and B read
+        once per row, not once per step): the same sums, kept to measure what grouping buys."""
+        self.m.lora_rowwise = int(on)
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, slot: int | torch.Tensor,
                  rows: torch.Tensor | None = None, lora_slots: torch.Tensor | None = None) -> torch.Tensor:

@@ -24,16 +24,20 @@
 #define LORA_NBLOCK (4 * VW)  /* output columns a task of the expand */
 
 /* Group the call's rows by slot (before the parallel region): lgroup = [rows (B) | slot of each group (B) |
-   group starts (B + 1)], m->lng groups; none when no row has an adapter. */
+   group starts (B + 1)], m->lng groups; none when no row has an adapter. With lora_rowwise each row is a group of
+   its own (the per-row epilogue, kept to measure what grouping buys). */
 static void lora_groups(Model *m) {
     m->lng = 0;
     if (!m->lora || !m->lora_slot) return;
     int *rows = m->lgroup, *gslot = rows + m->B, *gstart = gslot + m->B, n = 0;
     for (int s = 0; s < m->lora_slots; s++) {
         const int first = n;
-        for (int b = 0; b < m->B; b++)
-            if (m->lora_slot[b] == s) rows[n++] = b;
-        if (n > first) { gslot[m->lng] = s; gstart[m->lng++] = first; }
+        for (int b = 0; b < m->B; b++) {
+            if (m->lora_slot[b] != s) continue;
+            if (m->lora_rowwise && n > first) { gslot[m->lng] = s; gstart[m->lng++] = n - 1; }
+            rows[n++] = b;
+        }
+        if (n > first) { gslot[m->lng] = s; gstart[m->lng++] = m->lora_rowwise ? n - 1 : first; }
     }
     gstart[m->lng] = n;
 }

@@ -231,8 +231,10 @@ def _adapters(model, seed: int) -> AdapterSet:
     return adapters
 
 
-def _run_adapters(model, adapters, lens: list[int], slots: list[int], steps: int, native: bool, seed: int):
-    """_run_batch with adapter rows: row b on adapter slot slots[b] (-1: the base), in the prefill and every step."""
+def _run_adapters(model, adapters, lens: list[int], slots: list[int], steps: int, native: bool, seed: int,
+                  rowwise: bool = False):
+    """_run_batch with adapter rows: row b on adapter slot slots[b] (-1: the base), in the prefill and every step;
+    rowwise: the native epilogue one row at a time instead of grouped by adapter."""
     vocab, B, P = model.config.vocab_size, len(lens), max(lens)
     ids = torch.randint(0, vocab, (B, P + steps), generator=torch.Generator().manual_seed(seed))
     pos = torch.full((B, P), -1)
@@ -243,6 +245,8 @@ def _run_adapters(model, adapters, lens: list[int], slots: list[int], steps: int
         with torch.inference_mode(), adapters.rows(torch.tensor(slots)):
             model(ids[:, :P], position_ids=pos, cache=cache, num_logits=1)
             step = DecodeStep(model, cache)
+            if rowwise:
+                step.native.set_lora_rowwise(True)
             nxt, out = torch.tensor(lens), []
             for t in range(steps):
                 out.append(step(ids[:, P + t], nxt).float())
@@ -270,6 +274,8 @@ def test_mixed_adapter_rows_equal_torch_step(tmp_path, case, dtype):
     changed = (ref - base).abs().amax(dim=(0, 2))                       # per row: what its adapter changes
     assert (changed[torch.tensor(slots) >= 0] > 20 * tol).all()
     assert torch.equal(got[:, 1], base[:, 1])                         # the base row: untouched by its neighbours'
+    rowwise, _ = _run_adapters(model, adapters, lens, slots, 6, native=True, seed=12, rowwise=True)
+    assert torch.equal(rowwise, got)                                  # grouping rows changes no sum
     adapters.layers[next(iter(adapters.layers))].set_slot(0, None, None)   # an unload reaches the native step
     got, _ = _run_adapters(model, adapters, lens, slots, 6, native=True, seed=12)
     ref, _ = _run_adapters(model, adapters, lens, slots, 6, native=False, seed=12)
