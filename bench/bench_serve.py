@@ -195,7 +195,7 @@ def load_levels(url: str, model: str, prompts: list[str], lens: list[int], args:
     return out
 
 
-def lora_case(model: Path, prompts: list[str], lens: list[int], args: argparse.Namespace) -> dict:
+def lora_case(model: Path, tok: Any, lens: list[int], args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         adapters = []
         for i in range(8):
@@ -211,11 +211,13 @@ def lora_case(model: Path, prompts: list[str], lens: list[int], args: argparse.N
         runs: dict[str, list[dict]] = {"base_only": [], "eight_adapters": []}
         with server(phiforge_cmd(model, port, args, None, adapters), port) as url:
             n = 16
-            # base, mixed, mixed, base, ...: on a shared machine a drifting load then hits both sides alike
+            # base, mixed, mixed, base, ...: on a shared machine a drifting load then hits both sides alike. Each
+            # pair gets prompts of its own: a repeated prompt would be served from the prefix cache.
             for i in range(2 * args.lora_repeats):
                 side = "base_only" if i % 4 in (0, 3) else "eight_adapters"
                 names = ["base"] if side == "base_only" else [a for a, _ in adapters]
-                runs[side].append(asyncio.run(run_load(url, names, prompts[:n], lens[:n], 16, None, args.seed)))
+                prompts = make_prompts(tok, n, args.input_len, args.seed + 1 + i // 2)
+                runs[side].append(asyncio.run(run_load(url, names, prompts, lens[:n], 16, None, args.seed)))
     tput = {k: statistics.median(r["output_throughput"] for r in v) for k, v in runs.items()}
     return {**{k: v[0] for k, v in runs.items()},
             "repeats": args.lora_repeats,
@@ -279,7 +281,7 @@ def main() -> None:
         report["sides"]["llama_server"] = {"skipped": "no --llama-server PATH given (llama.cpp's server is not "
                                                       "built on this machine)"}
     if args.lora:
-        report["multi_lora"] = lora_case(model, prompts, lens, args)
+        report["multi_lora"] = lora_case(model, tok, lens, args)
     text = json.dumps(report, indent=2)
     print(text)
     if args.out:

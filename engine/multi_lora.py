@@ -26,7 +26,8 @@ NF4-dequantized weights and belongs on an NF4 base; a LoRA one on the dense base
 `allow_base_mismatch` (the engine picks the base at start from its adapters: `adapter.trained_base(path)`).
 
 Thread safety: `load`/`unload` take a lock and write only the slot they own, so they may run beside a step on
-other slots; the engine must not unload an adapter while rows of it are running.
+other slots; the engine must not unload an adapter while rows of it are running. The native decode step reads a copy
+of the stacks (`native_stack`, B transposed) taken again whenever a layer's `version` has moved since.
 
 Legend: B rows, T tokens a row, M = B·T tokens, K in_features, N out_features, S slots, R padded rank, G segments.
 """
@@ -125,16 +126,16 @@ class MultiLoRALinear(nn.Module):
     @torch.no_grad()
     def set_slot(self, i: int, A: torch.Tensor | None, B: torch.Tensor | None, scaling: float = 0.0) -> None:
         """Slot i := (A (r, K), B (N, r), scaling), or empty with A None."""
-        self.version += 1
         self.lora_A[i].zero_()
         self.lora_B[i].zero_()
         if A is None:
             self.scales[i], self.ranks[i] = 0.0, 0
-            return
-        r = A.shape[0]
-        self.lora_A[i, :r] = A
-        self.lora_B[i, :, :r] = B
-        self.scales[i], self.ranks[i] = float(scaling), r
+        else:
+            r = A.shape[0]
+            self.lora_A[i, :r] = A
+            self.lora_B[i, :, :r] = B
+            self.scales[i], self.ranks[i] = float(scaling), r
+        self.version += 1  # after the writes: a copy taken meanwhile carries the old version and is taken again
 
     def decode_slots(self) -> torch.Tensor | None:
         """The slot of each row (B,) of the next one-token-a-row forward, or None when no row has an adapter."""

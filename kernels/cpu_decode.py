@@ -26,12 +26,19 @@ Projections are dense fp32/bf16, or all NF4 (QLoRA's base model): then each proj
 fused dequantize-GEMV, the very code the torch step calls per NF4 linear, on the same row split, so the sums are
 the same; up to nf4_cpu.GEMV_MAX_M rows (beyond, the torch step dequantizes and runs a GEMM instead). NF4 reads a
 quarter of the bytes (bench/bench_generate.py measures what that buys). The engine (engine/decode.py) hands over the
-weights as tensors (`DecodeWeights`); a LoRA projection, more than MAX_BATCH rows, or a library that cannot run
-(kernels/native.py says why: it needs AVX2 + FMA at least) keeps the torch step. The C is written once for two
+weights as tensors (`DecodeWeights`); a single-adapter LoRA projection, more than MAX_BATCH rows, or a library that
+cannot run (kernels/native.py says why: it needs AVX2 + FMA at least) keeps the torch step.
+
+Many adapters in one batch (the serving engine's AdapterSet, engine/multi_lora.py): `set_lora` takes each
+projection's stacked adapters (`LoRAStack`) and a call's `lora_slots` name each row's; after each projection the
+rows with an adapter add its delta, y += R(R(x·A_sᵀ)·R(s_s))·B_sᵀ rounded once (csrc/decode_lora.h), rows grouped by
+adapter so each adapter's A and B are read once a step: the roundings of kernels/lora_gather.py's CPU path, so the
+step equals the torch step with the same adapters. The C is written once for two
 vector widths (csrc/simd.h's vfloat): AVX-512 (16 lanes; bf16 on AVX512-BF16's dot product where the CPU has it)
 and AVX2 (8 lanes, bf16 widened to fp32), the same roundings in the same places on both.
 
-Legend: C hidden, nh/nkv query/KV heads, hs head dim, rd rotary dims, I intermediate, V vocabulary, S cache slots.
+Legend: C hidden, nh/nkv query/KV heads, hs head dim, rd rotary dims, I intermediate, V vocabulary, S cache slots
+(adapter slots in LoRAStack), R padded LoRA rank, K/N a projection's in/out features.
 """
 from __future__ import annotations
 
