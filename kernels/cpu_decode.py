@@ -266,6 +266,8 @@ class NativeDecode:
                              f"rows {B}: expected (B,) each with 1 <= B <= {self.max_rows}")
         slots = torch.full((B,), slot, dtype=torch.int64) if isinstance(slot, int) \
             else slot.to(torch.int64).contiguous()                                        # (B,)
+        if lora_slots is not None and not self.lora_slots:
+            lora_slots = None  # no stack holds an adapter: every row's delta is zero
         if lora_slots is not None:
             lora_slots = lora_slots.to(torch.int64).contiguous()                          # (B,)
             if lora_slots.shape != (B,) or int(lora_slots.max()) >= self.lora_slots or int(lora_slots.min()) < -1:
