@@ -7,9 +7,15 @@ interleaved (this machine is shared: only same-run ratios mean anything):
     where it runs: what the engine runs when no row has an adapter;
   - base_torch: the plain model through the torch decode step;
   - adapters_none: an AdapterSet with the adapters loaded but every row on the base model (-1): the wrappers' cost;
-  - adapters_mixed: 8 distinct random rank-16 adapters on every projection, two rows each (the issue's case);
-  - ratio_vs_base = adapters_mixed / base_native tokens/s (the issue's target is >= 0.8 at concurrency 16), and
-    ratio_vs_base_torch = adapters_mixed / base_torch (the LoRA delta's own cost on the same step);
+  - adapters_mixed: 8 distinct random rank-16 adapters on every projection, two rows each (the issue's case),
+    through DecodeStep as the engine runs it: natively, the LoRA epilogue grouping rows by adapter
+    (csrc/decode_lora.h);
+  - adapters_mixed_rowwise: the same with the epilogue one row at a time (each adapter read once per row);
+  - adapters_mixed_torch: the same through the torch decode step (what steps with adapter rows ran before);
+  - ratio_vs_base = adapters_mixed / base_native tokens/s (the issue's target is >= 0.8 at concurrency 16),
+    grouped_vs_rowwise = adapters_mixed / adapters_mixed_rowwise, and ratio_torch_vs_base_torch =
+    adapters_mixed_torch / base_torch (the torch LoRA delta's own cost on the same step); `paths` counts the steps
+    each configuration ran natively, natively with adapters, and in torch, so a fallback cannot pass unnoticed;
   - delta_cpu_path: the gathered LoRA delta of one qkv projection for the 16 rows in the CPU path's two forms
     (all slots at once, what runs up to DENSE_ROWS rows; grouped by adapter) and the gather+bmm reference, in ms.
 
@@ -22,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -56,11 +63,15 @@ def make_adapters(model_dir: Path, out: Path, n: int, rank: int, dtype: torch.dt
     return dirs
 
 
-def _decode_tokens_per_s(model, ids: torch.Tensor, steps: int, native: bool, adapters=None, slots=None) -> float:
+def _decode_tokens_per_s(model, ids: torch.Tensor, steps: int, native: bool, adapters=None, slots=None,
+                         rowwise: bool = False) -> tuple[float, dict]:
+    """(tokens/s, the step's path counts) over `steps` decode steps after a prefill."""
     cache = KVCache(model.config, ids.shape[0], ids.shape[1] + steps + 1, model.dtype)
     step = DecodeStep(model, cache)
     if not native:
         step.native = None
+    elif rowwise:
+        step.native.set_lora_rowwise(True)
     ctx = adapters.rows(slots) if adapters is not None else torch.no_grad()
     with torch.no_grad(), ctx:
         tok = model(ids, cache=cache, num_logits=1)[:, -1].argmax(-1)  # (B,)
@@ -68,7 +79,7 @@ def _decode_tokens_per_s(model, ids: torch.Tensor, steps: int, native: bool, ada
         for _ in range(steps):
             tok = step(tok, torch.full_like(tok, cache.length)).argmax(-1)
         dt = time.perf_counter() - t0
-    return ids.shape[0] * steps / dt
+    return ids.shape[0] * steps / dt, dict(step.steps)
 
 
 def delta_path_ms(rows: int, n_adapters: int, rank: int, K: int, N: int, dtype: torch.dtype,
@@ -112,22 +123,28 @@ def multi_lora_decode(model_dir: str | Path | None = None, dtype: torch.dtype = 
             adapters.load(f"adapter{i}", d)
     mixed = torch.arange(rows) % n_adapters
     none = torch.full((rows,), -1)
-    runs = {k: [] for k in ("base_native", "base_torch", "adapters_none", "adapters_mixed")}
+    configs = {"base_native": (base, True, None, None, False), "base_torch": (base, False, None, None, False),
+               "adapters_none": (served, True, adapters, none, False),
+               "adapters_mixed": (served, True, adapters, mixed, False),
+               "adapters_mixed_rowwise": (served, True, adapters, mixed, True),
+               "adapters_mixed_torch": (served, False, adapters, mixed, False)}
+    runs, paths = {k: [] for k in configs}, {}
     native_ran = DecodeStep(base, KVCache(base.config, rows, 2, dtype)).native is not None
-    for _ in range(repeats):
-        runs["base_native"].append(_decode_tokens_per_s(base, ids, new_tokens, True))
-        runs["base_torch"].append(_decode_tokens_per_s(base, ids, new_tokens, False))
-        runs["adapters_none"].append(_decode_tokens_per_s(served, ids, new_tokens, False, adapters, none))
-        runs["adapters_mixed"].append(_decode_tokens_per_s(served, ids, new_tokens, False, adapters, mixed))
+    for _ in range(repeats):  # interleaved, so drifting load hits every configuration alike
+        for name, (model, native, ads, slots, rowwise) in configs.items():
+            tps, paths[name] = _decode_tokens_per_s(model, ids, new_tokens, native, ads, slots, rowwise)
+            runs[name].append(tps)
     tps = {k: statistics.median(v) for k, v in runs.items()}
     cfg = base.config
     K, N = cfg.hidden_size, (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * cfg.head_dim
     return dict(
         model=str(model_dir), dtype=str(dtype).removeprefix("torch."), rows=rows, adapters=n_adapters, rank=rank,
         prompt_len=PROMPT_LEN, new_tokens=new_tokens, repeats=repeats, threads=torch.get_num_threads(),
-        native_step_available=native_ran, decode_tokens_per_s=tps,
+        native_step_available=native_ran, decode_tokens_per_s=tps, paths=paths,
         ratio_vs_base=tps["adapters_mixed"] / tps["base_native"],
-        ratio_vs_base_torch=tps["adapters_mixed"] / tps["base_torch"],
+        grouped_vs_rowwise=tps["adapters_mixed"] / tps["adapters_mixed_rowwise"],
+        ratio_torch_vs_base_torch=tps["adapters_mixed_torch"] / tps["base_torch"],
+        load_average=os.getloadavg(),
         delta_cpu_path=delta_path_ms(rows, n_adapters, rank, K, N, dtype))
 
 

@@ -21,8 +21,9 @@ the same KVCache, with:
 
 With dense fp32/bf16 projections (up to 16 rows) or NF4 ones (up to 4) the whole step is one native call instead
 (kernels/cpu_decode.py: same math, same roundings; `bench_generate.py --ablations` measures both); this module
-hands it the model's weights as tensors (`decode_weights`). This torch step serves larger batches, LoRA models, and
-machines where the native library cannot run.
+hands it the model's weights as tensors (`decode_weights`) and, for a model with an AdapterSet (engine/multi_lora.py),
+the resident adapters' stacks: rows with an adapter get its delta in the native step too (csrc/decode_lora.h). This
+torch step serves larger batches, single-adapter LoRA models, and machines where the native library cannot run.
 
 **Rows of their own lengths** (the serving engine, engine/engine.py): `step(tokens, positions, rows, slots)` runs
 only the cache rows `rows`, row b writing its K/V into its own slot `slots[b]` and attending to its slots up to
@@ -60,7 +61,7 @@ def _is_plain(module: nn.Module) -> bool:
 def _weight(module: nn.Module) -> torch.Tensor | NF4Weight | None:
     """What a projection multiplies by, when its forward is exactly x·Wᵀ: a plain linear's weight or an NF4Linear's
     NF4Weight (without hooks); None for anything else (LoRA, hooks). A multi-LoRA layer gives its base layer's: the
-    native step then computes the base model, which the engine runs only for steps in which no row has an adapter."""
+    native step adds the adapters' deltas itself (`DecodeStep._sync_lora`)."""
     if isinstance(module, MultiLoRALinear) and not module._forward_hooks and not module._forward_pre_hooks:
         module = module.base_layer
     if is_plain(module):
@@ -94,8 +95,8 @@ def decode_weights(model: nn.Module) -> DecodeWeights | None:
 class DecodeStep:
     """Bound to one model and one KVCache: `step(tokens (B,), positions (B,), rows=None, slots=None) -> logits
     (B, V)`. `rope_long` (default: the cache's) picks the LongRoPE table, so rows of one regime can share a cache
-    with rows of the other as long as each step runs one regime. `native=False` keeps the whole step in torch: the
-    native step computes base weights only (`decode_weights`), so steps with adapter rows must not take it."""
+    with rows of the other as long as each step runs one regime. `native=False` keeps the whole step in torch.
+    Adapter rows (AdapterSet.rows around the call) run natively too; `steps` counts the calls each path took."""
 
     def __init__(self, model: nn.Module, cache, rope_long: bool | None = None, native: bool = True) -> None:
         cfg = model.config
@@ -122,6 +123,14 @@ class DecodeStep:
         weights = decode_weights(model) if native else None
         self.native = None if weights is None else NativeDecode.create(
             weights, cache.k, cache.v, cache.pos, self.cos, self.sin)                  # one C call a step
+        # per layer the multi-LoRA projections (qkv, o, gate_up, down; None where plain), handed to the native step
+        sites = [(layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj)
+                 for layer in self.layers]
+        self.multi = [[m if isinstance(m, MultiLoRALinear) else None for m in ms] for ms in sites]
+        self._multi = [m for ms in self.multi for m in ms if m is not None]
+        self._lora_versions: tuple[int, ...] | None = None   # the versions the native step's stacks were built at
+        self._lora_native = False
+        self.steps = {"native": 0, "native_lora": 0, "torch": 0}  # which path each call took (tests, benches)
 
     def _projection(self, module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
         """A plain nn.Linear runs through kernels/cpu_gemv.py (native GEMV for one row); anything else (batches,
@@ -159,9 +168,13 @@ class DecodeStep:
             slots = torch.full((cache.pos.shape[0],), s, dtype=torch.long)
         elif int(slots.max()) >= cache.max_len:
             raise ValueError(f"KV cache overflow: slot {int(slots.max())} of {cache.max_len}")
-        if self.native is not None and tokens.shape[0] <= self.native.max_rows:
-            logits = self.native(tokens, positions, cache.length if lockstep else slots, rows)  # (B, V)
+        lora = self._multi[0].decode_slots() if self._multi else None                  # (B,) or None
+        if self.native is not None and tokens.shape[0] <= self.native.max_rows and (
+                lora is None or self._sync_lora()):
+            logits = self.native(tokens, positions, cache.length if lockstep else slots, rows, lora)  # (B, V)
+            self.steps["native" if lora is None else "native_lora"] += 1
         else:
+            self.steps["torch"] += 1
             self._threads = torch.get_num_threads()
             torch.set_num_threads(1)
             try:
@@ -171,6 +184,16 @@ class DecodeStep:
         if lockstep:
             cache.length += 1
         return logits
+
+    def _sync_lora(self) -> bool:
+        """Hand the native step the resident adapters, again after every load or unload (a version changed);
+        False when it cannot take them (then the torch step runs)."""
+        versions = tuple(m.version for m in self._multi)
+        if versions != self._lora_versions:
+            stacks = [[None if m is None else m.native_stack() for m in ms] for ms in self.multi]
+            self._lora_native = self.native.set_lora(stacks)
+            self._lora_versions = versions
+        return self._lora_native
 
     def _step(self, tokens: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor | None,
               slots: torch.Tensor) -> torch.Tensor:

@@ -26,8 +26,8 @@ cache but never a step call: decodes run one call per regime, each with its own 
 **Adapters** (engine/multi_lora.py). `Engine(model, tok, adapters={"name": dir}, max_adapters=8)` wraps the model's
 projections once, at start, in an AdapterSet; a request names one in `Request.adapter` (None: the base). Every
 prefill chunk runs inside `rows([its slot])`, every decode call inside `rows(slots of its rows)`, so rows of
-different adapters and of none share a step. The native whole-step decode computes base weights only: a step runs
-it when none of its rows has an adapter, else the torch DecodeStep. The base must be the one the adapters were
+different adapters and of none share a step, natively where the base model runs natively (the decode step adds
+each row's adapter delta itself). The base must be the one the adapters were
 trained on: QLoRA adapters (training_args.json) get an NF4 base (a dense model is quantized in place at start),
 LoRA ones the dense base; a set mixing both is refused. `load_adapter`/`unload_adapter` run on the scheduler thread
 between steps (the caller waits for it). **Unloading an adapter that a running, waiting or just-submitted request
@@ -87,7 +87,7 @@ class Engine:
         self._loads = itertools.count()
         self._adapter_keys = {n: next(self._loads) for n in self.adapters()}  # prefix reuse key per load
         self.max_queue, self.lean_decode = max_queue, lean_decode
-        self._decode: dict[tuple[bool, bool], DecodeStep] = {}   # (LongRoPE, torch only) -> step
+        self._decode: dict[bool, DecodeStep] = {}   # LongRoPE -> step
         self._ops: list[tuple[Callable[[], None], threading.Event, list]] = []  # adapter calls for the loop
         self._exited = False
         self._lock = threading.Condition()
@@ -313,11 +313,9 @@ class Engine:
             rows = torch.tensor([q.row for q in group])                                # (B,)
             lora = torch.tensor([q.slot for q in group])                               # (B,) adapter slots
             if self.lean_decode:
-                torch_only = bool((lora >= 0).any())  # the native step knows base weights only
-                step = self._decode.get((long, torch_only))
+                step = self._decode.get(long)
                 if step is None:
-                    step = self._decode[long, torch_only] = DecodeStep(self.model, self.kv.cache, rope_long=long,
-                                                                       native=not torch_only)
+                    step = self._decode[long] = DecodeStep(self.model, self.kv.cache, rope_long=long)
                 with self._rows(lora):
                     logits = step(tokens, slots, rows, slots)                          # (B, V)
             else:  # model.forward, one row at a time (any model that takes a cache)

@@ -26,7 +26,8 @@ NF4-dequantized weights and belongs on an NF4 base; a LoRA one on the dense base
 `allow_base_mismatch` (the engine picks the base at start from its adapters: `adapter.trained_base(path)`).
 
 Thread safety: `load`/`unload` take a lock and write only the slot they own, so they may run beside a step on
-other slots; the engine must not unload an adapter while rows of it are running.
+other slots; the engine must not unload an adapter while rows of it are running. The native decode step reads a copy
+of the stacks (`native_stack`, B transposed) taken again whenever a layer's `version` has moved since.
 
 Legend: B rows, T tokens a row, M = B·T tokens, K in_features, N out_features, S slots, R padded rank, G segments.
 """
@@ -41,6 +42,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from phiforge.kernels.cpu_decode import LoRAStack
 from phiforge.kernels.lora_gather import lora_gather_, segments_to_slots
 
 from .adapter import AdapterError, load_adapter, trained_base
@@ -103,6 +105,7 @@ class MultiLoRALinear(nn.Module):
                              persistent=False)
         self.register_buffer("scales", torch.zeros(n_slots, device=dev), persistent=False)
         self.ranks = [0] * n_slots  # 0: the slot is free or its adapter does not target this projection
+        self.version = 0            # bumped by every change of the stacks: the native step's copy is then stale
 
     @property
     def lora_B(self) -> torch.Tensor:
@@ -118,6 +121,7 @@ class MultiLoRALinear(nn.Module):
         A[:, :R] = self.lora_A
         B[:, :, :R] = self.lora_B_nsr
         self.lora_A, self.lora_B_nsr = A, B
+        self.version += 1
 
     @torch.no_grad()
     def set_slot(self, i: int, A: torch.Tensor | None, B: torch.Tensor | None, scaling: float = 0.0) -> None:
@@ -126,11 +130,30 @@ class MultiLoRALinear(nn.Module):
         self.lora_B[i].zero_()
         if A is None:
             self.scales[i], self.ranks[i] = 0.0, 0
-            return
-        r = A.shape[0]
-        self.lora_A[i, :r] = A
-        self.lora_B[i, :, :r] = B
-        self.scales[i], self.ranks[i] = float(scaling), r
+        else:
+            r = A.shape[0]
+            self.lora_A[i, :r] = A
+            self.lora_B[i, :, :r] = B
+            self.scales[i], self.ranks[i] = float(scaling), r
+        self.version += 1  # after the writes: a copy taken meanwhile carries the old version and is taken again
+
+    def decode_slots(self) -> torch.Tensor | None:
+        """The slot of each row (B,) of the next one-token-a-row forward, or None when no row has an adapter."""
+        return self._rows.slots if self._rows.seg_lens is None else None
+
+    def native_stack(self) -> LoRAStack | None:
+        """These stacks as the native decode step reads them (kernels/cpu_decode.py), or None when no resident
+        adapter targets this projection. A copy (B transposed per slot), so rebuild it when `version` changes."""
+        if not any(self.ranks):
+            return None
+        B = self.lora_B_nsr                                                          # (N, S, R)
+        touched = (B != 0).any(dim=2)                                                 # (N, S)
+        n = torch.arange(B.shape[0])[:, None]                                         # (N, 1)
+        lo = torch.where(touched, n, B.shape[0]).amin(dim=0)                          # (S,) first row B changes
+        hi = torch.where(touched, n + 1, 0).amax(dim=0)                               # (S,) past the last
+        ints = lambda v: torch.as_tensor(v, dtype=torch.int32).contiguous()  # noqa: E731
+        return LoRAStack(A=self.lora_A.contiguous(), Bt=B.permute(1, 2, 0).contiguous(),  # (S, R, N)
+                         scale=self.scales.float().contiguous(), rank=ints(self.ranks), lo=ints(lo), hi=ints(hi))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x (..., K) -> (..., N)
         y = self.base_layer(x)

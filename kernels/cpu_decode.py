@@ -26,12 +26,19 @@ Projections are dense fp32/bf16, or all NF4 (QLoRA's base model): then each proj
 fused dequantize-GEMV, the very code the torch step calls per NF4 linear, on the same row split, so the sums are
 the same; up to nf4_cpu.GEMV_MAX_M rows (beyond, the torch step dequantizes and runs a GEMM instead). NF4 reads a
 quarter of the bytes (bench/bench_generate.py measures what that buys). The engine (engine/decode.py) hands over the
-weights as tensors (`DecodeWeights`); a LoRA projection, more than MAX_BATCH rows, or a library that cannot run
-(kernels/native.py says why: it needs AVX2 + FMA at least) keeps the torch step. The C is written once for two
+weights as tensors (`DecodeWeights`); a single-adapter LoRA projection, more than MAX_BATCH rows, or a library that
+cannot run (kernels/native.py says why: it needs AVX2 + FMA at least) keeps the torch step.
+
+Many adapters in one batch (the serving engine's AdapterSet, engine/multi_lora.py): `set_lora` takes each
+projection's stacked adapters (`LoRAStack`) and a call's `lora_slots` name each row's; after each projection the
+rows with an adapter add its delta, y += R(R(x·A_sᵀ)·R(s_s))·B_sᵀ rounded once (csrc/decode_lora.h), rows grouped by
+adapter so each adapter's A and B are read once a step: the roundings of kernels/lora_gather.py's CPU path, so the
+step equals the torch step with the same adapters. The C is written once for two
 vector widths (csrc/simd.h's vfloat): AVX-512 (16 lanes; bf16 on AVX512-BF16's dot product where the CPU has it)
 and AVX2 (8 lanes, bf16 widened to fp32), the same roundings in the same places on both.
 
-Legend: C hidden, nh/nkv query/KV heads, hs head dim, rd rotary dims, I intermediate, V vocabulary, S cache slots.
+Legend: C hidden, nh/nkv query/KV heads, hs head dim, rd rotary dims, I intermediate, V vocabulary, S cache slots
+(adapter slots in LoRAStack), R padded LoRA rank, K/N a projection's in/out features.
 """
 from __future__ import annotations
 
@@ -54,7 +61,9 @@ class _Model(ctypes.Structure):
                 + [(n, ctypes.POINTER(_P)) for n in ("in_norm", "qkv_w", "o_w", "post_norm", "gate_up_w", "down_w")]
                 + [(n, _P) for n in ("final_norm", "lm_head", "embed", "cos", "sin", "k_cache", "v_cache", "pos",
                                      "x", "xn", "qkv", "att", "proj", "gu", "mid", "scores", "xb")]
-                + [("nf4", ctypes.c_int), ("xe", _P), ("xo", _P), ("nrows", ctypes.c_int), ("rows", _P)])
+                + [("nf4", ctypes.c_int), ("xe", _P), ("xo", _P), ("nrows", ctypes.c_int), ("rows", _P)]
+                + [("lora", _P), ("lora_slots", ctypes.c_int), ("lora_slot", _P), ("lh", _P), ("lgroup", _P),
+                   ("lng", ctypes.c_int), ("lora_rowwise", ctypes.c_int)])
 
 
 class _NF4Desc(ctypes.Structure):
@@ -68,6 +77,31 @@ class _NF4Desc(ctypes.Structure):
         return cls(packed=q.packed.data_ptr(), absmax=q.absmax.data_ptr(), code=q.code.data_ptr(),
                    ncode=q.nested_code.data_ptr() if dq else None, nabs=q.nested_absmax.data_ptr() if dq else None,
                    offset=float(q.offset), dq=int(dq), bs=q.blocksize, nbs=q.nested_blocksize)
+
+
+class _LoRA(ctypes.Structure):
+    """csrc/decode.h's LoRA: one projection's stacked adapters (`LoRAStack`); checked like _Model."""
+    _fields_ = [(n, _P) for n in ("A", "Bt", "scale", "rank", "lo", "hi")] + [("R", ctypes.c_int)]
+
+
+@dataclass
+class LoRAStack:
+    """One projection's resident adapters as csrc/decode_lora.h reads them, all contiguous on the CPU: A (S, R, K)
+    and Bt (S, R, N) (lora_B transposed per slot) in the model dtype, scale (S,) fp32, and per slot int32 rank
+    (0: the slot leaves this projection alone) and the output rows [lo, hi) its B can change."""
+    A: torch.Tensor
+    Bt: torch.Tensor
+    scale: torch.Tensor
+    rank: torch.Tensor
+    lo: torch.Tensor
+    hi: torch.Tensor
+
+    def fits(self, K: int, N: int, S: int, dtype: torch.dtype) -> bool:
+        ints = (self.rank, self.lo, self.hi)
+        return (self.A.dtype == self.Bt.dtype == dtype and self.A.shape[0] == S and self.A.shape[2] == K
+                and self.Bt.shape == (S, self.A.shape[1], N) and self.scale.dtype == torch.float32
+                and all(t.dtype == torch.int32 and t.shape == (S,) for t in ints)
+                and all(t.is_contiguous() and t.device.type == "cpu" for t in (self.A, self.Bt, self.scale, *ints)))
 
 
 def check_layout(lib: ctypes.CDLL, struct: type[ctypes.Structure], prefix: str) -> None:
@@ -84,9 +118,10 @@ def check_layout(lib: ctypes.CDLL, struct: type[ctypes.Structure], prefix: str) 
 def _check(lib: ctypes.CDLL) -> None:
     check_layout(lib, _Model, "decode_model")
     check_layout(lib, _NF4Desc, "decode_nf4desc")
+    check_layout(lib, _LoRA, "decode_lora")
 
 
-_LAYOUT = {f"{p}_{s}": (_L, a) for p in ("decode_model", "decode_nf4desc")
+_LAYOUT = {f"{p}_{s}": (_L, a) for p in ("decode_model", "decode_nf4desc", "decode_lora")
            for s, a in (("size", []), ("fields", []), ("offset", [ctypes.c_char_p]))}
 LIB = native.NativeLib("cpu_decode", "decode.c", tiers=("avx512bf16", "avx512", "avx2"), check=_check, functions={
     "decode_step": (None, [ctypes.POINTER(_Model), _P, _P, _P, _P, _P]),
@@ -183,11 +218,47 @@ class NativeDecode:
                         nf4=int(nf4), nrows=nrows, rows=None, **{k: t.data_ptr() for k, t in self.scratch.items()})
         self.lib, self.dtype, self.vocab, self.max_rows, self.nrows = lib, dtype, V, B, nrows
         self._all_rows = torch.arange(nrows, dtype=torch.int64)
+        self._kn = [(C, (nh + 2 * nkv) * hs), (nh * hs, C), (C, 2 * inter), (inter, C)]  # (K, N) per projection
+        self.lora_slots = 0  # adapter slots of the stacks set_lora took; 0: none
+
+    def set_lora(self, stacks: list[list[LoRAStack | None]] | None) -> bool:
+        """Take the adapters of every projection (per layer: qkv, o, gate_up, down; None where no adapter is
+        resident), or drop them (None). False, and none taken, when a stack does not fit the model (shape, dtype,
+        slot count): then steps with adapter rows must run the torch step. The tensors must stay unchanged while
+        they are set (the caller sets them again after any load or unload)."""
+        self.m.lora, self.m.lora_slots, self.lora_slots, self._lora = None, 0, 0, None
+        present = [st for layer in stacks or [] for st in layer if st is not None]
+        if not present:
+            return stacks is None or len(stacks) == self.m.L
+        S = present[0].A.shape[0]
+        if len(stacks) != self.m.L or any(len(layer) != 4 for layer in stacks) or not all(
+                st.fits(K, N, S, self.dtype) for layer in stacks for st, (K, N) in zip(layer, self._kn)
+                if st is not None):
+            return False
+        descs = (_LoRA * (4 * self.m.L))()
+        for i, st in enumerate(st for layer in stacks for st in layer):
+            if st is not None:
+                descs[i] = _LoRA(A=st.A.data_ptr(), Bt=st.Bt.data_ptr(), scale=st.scale.data_ptr(),
+                                 rank=st.rank.data_ptr(), lo=st.lo.data_ptr(), hi=st.hi.data_ptr(), R=st.A.shape[1])
+        B = self.max_rows
+        lh = torch.empty(B * max(st.A.shape[1] for st in present), dtype=torch.float32)   # (B, R)
+        lgroup = torch.empty(3 * B + 1, dtype=torch.int32)                                  # rows, slots, starts
+        self._lora = (stacks, descs, lh, lgroup)  # every pointer the step reads stays valid while set
+        self.m.lora, self.m.lora_slots, self.m.lh, self.m.lgroup = \
+            ctypes.addressof(descs), S, lh.data_ptr(), lgroup.data_ptr()
+        self.lora_slots = S
+        return True
+
+    def set_lora_rowwise(self, on: bool) -> None:
+        """The LoRA epilogue one row at a time instead of grouping rows by adapter (each adapter's A and B read
+        once per row, not once per step): the same sums, kept to measure what grouping buys."""
+        self.m.lora_rowwise = int(on)
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, slot: int | torch.Tensor,
-                 rows: torch.Tensor | None = None) -> torch.Tensor:
+                 rows: torch.Tensor | None = None, lora_slots: torch.Tensor | None = None) -> torch.Tensor:
         """tokens, positions (B,) → logits (B, V); row b's K/V written into slot `slot` (or `slot[b]`) of cache row
-        `rows[b]` (default: every cache row, in order)."""
+        `rows[b]` (default: every cache row, in order). `lora_slots` (B,): row b adds the delta of the adapter in
+        slot lora_slots[b] of the stacks set_lora took (-1: none)."""
         rows = self._all_rows if rows is None else rows.to(torch.int64).contiguous()     # (B,)
         B = rows.shape[0]
         if not (tokens.shape == positions.shape == (B,) and 0 < B <= self.max_rows):
@@ -195,6 +266,14 @@ class NativeDecode:
                              f"rows {B}: expected (B,) each with 1 <= B <= {self.max_rows}")
         slots = torch.full((B,), slot, dtype=torch.int64) if isinstance(slot, int) \
             else slot.to(torch.int64).contiguous()                                        # (B,)
+        if lora_slots is not None and not self.lora_slots:
+            lora_slots = None  # no stack holds an adapter: every row's delta is zero
+        if lora_slots is not None:
+            lora_slots = lora_slots.to(torch.int64).contiguous()                          # (B,)
+            if lora_slots.shape != (B,) or int(lora_slots.max()) >= self.lora_slots or int(lora_slots.min()) < -1:
+                raise ValueError(f"native decode: lora_slots {lora_slots.tolist()} for {B} rows: expected -1.."
+                                 f"{self.lora_slots - 1} each (set_lora holds {self.lora_slots} slots)")
+        self.m.lora_slot = None if lora_slots is None else lora_slots.data_ptr()
         self.m.threads, self.m.B = torch.get_num_threads(), B
         tokens = tokens.to(torch.int64).contiguous()                                      # (B,)
         positions = positions.to(torch.int64).contiguous()                                # (B,)

@@ -232,13 +232,16 @@ def sgmv_(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, sc
 
 
 def lora_gather_cpu_(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scales: torch.Tensor,
-                     slots: torch.Tensor, ranks: list[int] | None = None) -> torch.Tensor:
+                     slots: torch.Tensor, ranks: list[int] | None = None,
+                     seg_slots: torch.Tensor | None = None) -> torch.Tensor:
     """The CPU path, in place; returns y. Few rows (decode): every slot at once, three ops whatever the number of
-    adapters. Many rows (prefill): rows grouped by slot, two thin matmuls per adapter present."""
+    adapters. Many rows (prefill): rows grouped by slot, two thin matmuls per adapter present (read off the
+    segments' slots when given: the tokens' would need a sort of all of them)."""
     _check(y, x, A, B, scales)
     if x.shape[0] <= DENSE_ROWS:
         return all_slots_(y, x, A, B, scales, slots)
-    return grouped_(y, x, A, B, scales, slots, ranks)
+    present = None if seg_slots is None else sorted(set(seg_slots.tolist()))
+    return grouped_(y, x, A, B, scales, slots, ranks, present)
 
 
 # Up to this many rows the all-slots form runs (bench/bench_multi_lora.py times both forms at decode batch sizes).
@@ -263,9 +266,10 @@ def all_slots_(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tenso
 
 
 def grouped_(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scales: torch.Tensor,
-             slots: torch.Tensor, ranks: list[int] | None = None) -> torch.Tensor:
-    """Rows grouped by slot: per adapter present, h = x_i·A_iᵀ (M_i, r_i), y_i += s_i·h·B_iᵀ."""
-    present = torch.unique(slots).tolist()
+             slots: torch.Tensor, ranks: list[int] | None = None, present: list[int] | None = None) -> torch.Tensor:
+    """Rows grouped by slot: per adapter present (`present`: the distinct slots, when the caller knows them),
+    h = x_i·A_iᵀ (M_i, r_i), y_i += s_i·h·B_iᵀ."""
+    present = torch.unique(slots).tolist() if present is None else present
     for i in present:
         if i < 0:
             continue
@@ -291,7 +295,7 @@ def lora_gather_(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Ten
         if seg_lens is not None:
             return sgmv_(y, x, A, B, scales, seg_lens, seg_slots)
         return bgmv_(y, x, A, B, scales, slots)
-    return lora_gather_cpu_(y, x, A, B, scales, slots, ranks)
+    return lora_gather_cpu_(y, x, A, B, scales, slots, ranks, seg_slots)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -2,13 +2,15 @@
    → lm_head for 1-16 rows, one OpenMP parallel region. The GEMVs split rows over the threads (gemv.h, or nf4.h for
    an NF4 model), attention splits (row, head) pairs (decode_attention.h), and the small vector ops run on one
    thread between barriers. Two tiers (simd.h's width-neutral vfloat): AVX-512 F/BW/VL, where bf16 models use the
-   bf16 dot product if the CPU has AVX512-BF16, and AVX2 + FMA (8 lanes, bf16 widened to fp32). */
+   bf16 dot product if the CPU has AVX512-BF16, and AVX2 + FMA (8 lanes, bf16 widened to fp32). Rows with a LoRA
+   adapter get its delta after each projection (decode_lora.h). */
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
 
 #include "decode.h"
 #include "decode_attention.h"
+#include "decode_lora.h"
 #include "gemv.h"
 #include "nf4.h"
 
@@ -16,6 +18,7 @@
 #define OFFSET_OF(T, f) if (!strcmp(name, #f)) return (int64_t)offsetof(T, f);
 #define MODEL_OFFSET(f) OFFSET_OF(Model, f)
 #define NF4DESC_OFFSET(f) OFFSET_OF(NF4Desc, f)
+#define LORA_OFFSET(f) OFFSET_OF(LoRA, f)
 #define COUNT(f) + 1
 int64_t decode_model_size(void) { return (int64_t)sizeof(Model); }
 int64_t decode_model_fields(void) { return 0 MODEL_FIELDS(COUNT); }
@@ -23,6 +26,9 @@ int64_t decode_model_offset(const char *name) { MODEL_FIELDS(MODEL_OFFSET) retur
 int64_t decode_nf4desc_size(void) { return (int64_t)sizeof(NF4Desc); }
 int64_t decode_nf4desc_fields(void) { return 0 NF4DESC_FIELDS(COUNT); }
 int64_t decode_nf4desc_offset(const char *name) { NF4DESC_FIELDS(NF4DESC_OFFSET) return -1; }
+int64_t decode_lora_size(void) { return (int64_t)sizeof(LoRA); }
+int64_t decode_lora_fields(void) { return 0 LORA_FIELDS(COUNT); }
+int64_t decode_lora_offset(const char *name) { LORA_FIELDS(LORA_OFFSET) return -1; }
 
 /* Make x (K values, already representable in the model dtype) the next GEMV's input: bf16 GEMVs read m->xb. */
 static void prep(const Model *m, const float *x, int K) {
@@ -116,6 +122,7 @@ void decode_step(Model *m, const int64_t *tokens, const int64_t *positions, cons
     const int nqkv = (nh + 2 * nkv) * hs;
     m->rows = rows;
     for (int b = 0; b < B; b++) m->pos[rows[b] * m->smax + slots[b]] = positions[b];
+    lora_groups(m);
     #pragma omp parallel num_threads(m->threads)
     {
         #pragma omp single
@@ -126,6 +133,7 @@ void decode_step(Model *m, const int64_t *tokens, const int64_t *positions, cons
         }
         for (int l = 0; l < m->L; l++) {
             proj(m, m->qkv_w[l], m->xn, m->qkv, nqkv, C);
+            lora_apply(m, l, 0, m->xn, m->qkv, nqkv, C);
             #pragma omp single
             for (int b = 0; b < B; b++) {
                 const int64_t t = positions[b] * m->rd;
@@ -150,12 +158,14 @@ void decode_step(Model *m, const int64_t *tokens, const int64_t *positions, cons
             #pragma omp single
             prep(m, m->att, B * nh * hs);
             proj(m, m->o_w[l], m->att, m->proj, C, nh * hs);
+            lora_apply(m, l, 1, m->att, m->proj, C, nh * hs);
             #pragma omp single
             {
                 for (int i = 0; i < B * C; i++) m->x[i] = R(m, m->x[i] + m->proj[i]);
                 rmsnorm(m, m->post_norm[l], m->x, m->xn);
             }
             proj(m, m->gate_up_w[l], m->xn, m->gu, 2 * I, C);
+            lora_apply(m, l, 2, m->xn, m->gu, 2 * I, C);
             #pragma omp single
             {
                 for (int b = 0; b < B; b++)                       /* mid = R(u · R(silu(g))) */
@@ -169,6 +179,7 @@ void decode_step(Model *m, const int64_t *tokens, const int64_t *positions, cons
                 prep(m, m->mid, B * I);
             }
             proj(m, m->down_w[l], m->mid, m->proj, C, I);
+            lora_apply(m, l, 3, m->mid, m->proj, C, I);
             #pragma omp single
             {
                 for (int i = 0; i < B * C; i++) m->x[i] = R(m, m->x[i] + m->proj[i]);

@@ -25,12 +25,20 @@ typedef struct {
     float *xe, *xo;                 /* NF4 GEMV input: even / odd columns of x, B rows */
     int nrows;                      /* rows of the cache; the step's B rows are cache rows rows[0..B-1] */
     const int64_t *rows;            /* (B,) set per call by decode_step */
+    const struct LoRA *lora;        /* L x 4 stacks (qkv, o, gate_up, down of each layer; decode_lora.h), or NULL */
+    int lora_slots;                 /* S: adapter slots of every stack */
+    const int64_t *lora_slot;       /* (B,) per call: each row's slot, -1 none; NULL: no row has an adapter */
+    float *lh;                      /* (B, R) scratch: each row's scaled shrink h */
+    int *lgroup;                    /* (3B + 1) scratch: rows grouped by slot (decode_lora.h's lora_groups) */
+    int lng;                        /* groups this call */
+    int lora_rowwise;               /* 1: one group per row, no sharing (an ablation: bench_multi_lora.py) */
 } Model;
 
 #define MODEL_FIELDS(X) X(B) X(L) X(C) X(nh) X(nkv) X(hs) X(rd) X(I) X(V) X(smax) X(window) X(bf) X(threads)   \
     X(eps) X(scale) X(in_norm) X(qkv_w) X(o_w) X(post_norm) X(gate_up_w) X(down_w) X(final_norm) X(lm_head)      \
     X(embed) X(cos) X(sin) X(k_cache) X(v_cache) X(pos) X(x) X(xn) X(qkv) X(att) X(proj) X(gu) X(mid) X(scores)  \
-    X(xb) X(nf4) X(xe) X(xo) X(nrows) X(rows)
+    X(xb) X(nf4) X(xe) X(xo) X(nrows) X(rows) X(lora) X(lora_slots) X(lora_slot) X(lh) X(lgroup) X(lng)  \
+    X(lora_rowwise)
 
 typedef struct {                    /* one NF4 weight (kernels/nf4.py's NF4Weight), for nf4.h's GEMV */
     const uint8_t *packed;
@@ -41,6 +49,17 @@ typedef struct {                    /* one NF4 weight (kernels/nf4.py's NF4Weigh
 } NF4Desc;
 
 #define NF4DESC_FIELDS(X) X(packed) X(absmax) X(code) X(ncode) X(nabs) X(offset) X(dq) X(bs) X(nbs)
+
+typedef struct LoRA {               /* one projection's resident adapters (engine/multi_lora.py's MultiLoRALinear) */
+    const void *A;                  /* (S, R, K) model dtype: slot s's lora_A, rows rank[s]..R zero; NULL: none */
+    const void *Bt;                 /* (S, R, N) model dtype: slot s's lora_B transposed, so the expand reads rows */
+    const float *scale;             /* (S,) */
+    const int *rank, *lo, *hi;      /* (S,) slot s's rank (0: it leaves this projection alone) and the output
+                                       rows [lo, hi) its B can change (a q_proj-only adapter: the q slice of qkv) */
+    int R;
+} LoRA;
+
+#define LORA_FIELDS(X) X(A) X(Bt) X(scale) X(rank) X(lo) X(hi) X(R)
 
 static inline float R(const Model *m, float v) { return m->bf ? bf2f(f2bf(v)) : v; }
 static inline float ld(const Model *m, const void *p, int64_t i) {

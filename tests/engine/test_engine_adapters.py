@@ -12,6 +12,7 @@ import torch
 from tiny_phi3 import randomize_lora_B, save_tiny
 
 from phiforge.engine.adapter import AdapterError, save_adapter
+from phiforge.engine.decode import DecodeStep
 from phiforge.engine.engine import Engine
 from phiforge.engine.loader import load_model
 from phiforge.engine.lora import apply_lora
@@ -38,12 +39,12 @@ class StubTokenizer:
         return "".join(chr(ord("a") + i % 26) for i in ids)
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("engine_adapters")
-    path = save_tiny(root / "model")[0]
+def _tiny(root, names, **overrides):
+    path = save_tiny(root / "model", **overrides)[0]
     dirs = {}
     for i, (name, (r, alpha, targets, method)) in enumerate(ADAPTERS.items()):
+        if name not in names:
+            continue
         model = load_model(path, dtype=torch.float32, quant="nf4" if method == "qlora" else None)
         torch.manual_seed(30 + i)
         apply_lora(model, r=r, alpha=alpha, dropout=0.0, targets=targets)
@@ -51,6 +52,17 @@ def tiny(tmp_path_factory):
         dirs[name] = str(save_adapter(model, root / name))
         (root / name / "training_args.json").write_text(json.dumps({"method": method}))
     return path, dirs
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return _tiny(tmp_path_factory.mktemp("engine_adapters"), ADAPTERS)
+
+
+@pytest.fixture(scope="module")
+def tiny_nf4(tmp_path_factory):
+    """Every projection's input a whole number of NF4 blocks (intermediate 128), so the native step takes it."""
+    return _tiny(tmp_path_factory.mktemp("engine_adapters_nf4"), ("q", "q2"), intermediate_size=128)
 
 
 def _prompt(n: int, seed: int) -> list[int]:
@@ -79,11 +91,16 @@ def _record_rows(engine):
     return seen
 
 
-def _mixed_run(tiny, names, quant=None, **engine_kw):
+def _torch_step_refused(*args, **kwargs):
+    raise AssertionError("the torch decode step ran")
+
+
+def _mixed_run(tiny, names, quant=None, native_only=False, max_batch=8, **engine_kw):
+    """The mixed requests through one engine; native_only: the torch decode step raises while it runs."""
     path, dirs = tiny
     pattern = [names[0], None, names[1], names[-1], names[0], names[1], None, names[-1], names[0], names[1]]
     reqs = [Request(_prompt(3 + 4 * i, i), 6 + (5 * i) % 11, adapter=a) for i, a in enumerate(pattern)]
-    e = Engine(load_model(path, dtype=torch.float32), StubTokenizer(), max_batch=8, kv_tokens=8 * 64,
+    e = Engine(load_model(path, dtype=torch.float32), StubTokenizer(), max_batch=max_batch, kv_tokens=8 * 64,
                prefill_chunk=16, prefix_cache=False, adapters={n: dirs[n] for n in names}, **engine_kw)
     seen = _record_rows(e)
     handles = [None] * len(reqs)
@@ -91,12 +108,15 @@ def _mixed_run(tiny, names, quant=None, **engine_kw):
     def go(i):
         handles[i] = e.submit(reqs[i])
     threads = [threading.Thread(target=go, args=(i,)) for i in range(len(reqs))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    got = [h.result(120).token_ids for h in handles]
-    e.shutdown()
+    with pytest.MonkeyPatch.context() as patch:
+        if native_only:
+            patch.setattr(DecodeStep, "_step", _torch_step_refused)
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        got = [h.result(120).token_ids for h in handles]
+        e.shutdown()
     want = [None] * len(reqs)
     for a in {r.adapter for r in reqs}:
         idx = [i for i, r in enumerate(reqs) if r.adapter == a]
@@ -106,15 +126,17 @@ def _mixed_run(tiny, names, quant=None, **engine_kw):
 
 
 def test_mixed_adapters_in_one_batch_each_equal_alone(tiny):
-    """10 concurrent greedy fp32 requests over 3 LoRA adapters and the base, 8 rows: each equals itself alone."""
-    e, reqs, got, want, seen = _mixed_run(tiny, ["a", "b", "c"])
+    """10 concurrent greedy fp32 requests over 3 LoRA adapters and the base, 8 rows: each equals itself alone, with
+    every decode step in the native step (the torch step is switched off: it raises)."""
+    e, reqs, got, want, seen = _mixed_run(tiny, ["a", "b", "c"], native_only=True)
     assert got == want
     assert all(len(g) == r.max_tokens for g, r in zip(got, reqs))
     base = _alone(tiny, None, reqs)
     assert sum(g != w for g, w, r in zip(got, base, reqs) if r.adapter) >= 4  # the adapters change the tokens
     # rows of different adapters and of none shared decode calls: the batching under test really happened
     assert any(len(set(s)) >= 3 and -1 in s for s in seen if len(s) > 1)
-    assert (False, True) in e._decode  # a step with adapter rows ran the torch DecodeStep
+    steps = e._decode[False].steps  # steps with adapter rows ran natively, none in torch
+    assert steps["native_lora"] > 0 and steps["torch"] == 0, steps
 
 
 def test_nf4_base_with_qlora_adapters(tiny):
@@ -124,6 +146,18 @@ def test_nf4_base_with_qlora_adapters(tiny):
     assert all(isinstance(m.base_layer, NF4Linear) for m in e.adapter_set.layers.values())
     assert got == want
     assert any(len(set(s)) >= 3 for s in seen if len(s) > 1)
+
+
+def test_nf4_base_with_qlora_adapters_native(tiny_nf4):
+    """The same on an NF4 base the native step takes (4 rows, its NF4 limit): every decode step native, the torch
+    step switched off, each request equal to its adapter alone."""
+    e, reqs, got, want, seen = _mixed_run(tiny_nf4, ["q", "q2"], quant="nf4", native_only=True, max_batch=4)
+    assert got == want
+    base = _alone(tiny_nf4, None, reqs, "nf4")
+    assert sum(g != w for g, w, r in zip(got, base, reqs) if r.adapter) >= 4  # the adapters change the tokens
+    assert any(len(set(s)) >= 3 for s in seen if len(s) > 1)
+    steps = e._decode[False].steps
+    assert steps["native_lora"] > 0 and steps["torch"] == 0, steps
 
 
 def test_base_mismatch_and_bad_sets_are_refused(tiny):

@@ -2,8 +2,10 @@
 step, native, to model.forward), at every instruction-set tier this CPU runs (AVX-512 with and without BF16, AVX2):
 fp32 to fp32 rounding, bf16 no further from an fp32 reference than torch's own bf16 step; on odd shapes (K and N not
 multiples of the vector width, head dim 8), GQA, sliding window, partial rotary, tied embeddings, long rope,
-left-padded batches (more rows than one 8-row block); NF4 models (QLoRA's base) equal the torch step too; and it
-steps aside for what it does not cover (too many rows, LoRA projections, NF4 weights the torch step dequantizes)."""
+left-padded batches (more rows than one 8-row block); NF4 models (QLoRA's base) equal the torch step too; rows of
+different adapters and of none in one step (an AdapterSet: the LoRA epilogue of csrc/decode_lora.h) equal the torch
+step with the same adapters, on dense and NF4 bases; and it steps aside for what it does not cover (too many rows,
+single-adapter LoRA projections, NF4 weights the torch step dequantizes)."""
 from __future__ import annotations
 
 import contextlib
@@ -15,6 +17,8 @@ from tiny_phi3 import VARIANTS, make_hf_checkpoint
 from phiforge.engine import load_model
 from phiforge.engine.decode import DecodeStep
 from phiforge.engine.lora import LoRALinear
+from phiforge.engine.model import part_sizes
+from phiforge.engine.multi_lora import AdapterSet
 from phiforge.engine.quant import quantize_model_
 from phiforge.kernels import cpu_decode, native, nf4_cpu
 
@@ -199,3 +203,95 @@ def test_struct_layout_is_checked_against_the_c_side():
     drifted = type("Drifted", (ctypes.Structure,), {"_fields_": fields})
     with pytest.raises(ValueError, match="packed"):
         cpu_decode.check_layout(lib, drifted, "decode_nf4desc")
+
+
+def _adapters(model, seed: int) -> AdapterSet:
+    """Three slots: 0 rank 4 on every projection; 1 rank 2 on q_proj (the q rows of the fused qkv) and up_proj (the
+    up half of gate_up) only, as engine/adapter.py fuses split adapters; 2 rank 3 on o_proj and down_proj only."""
+    g = torch.Generator().manual_seed(seed)
+    adapters = AdapterSet(model, max_adapters=3)
+    for name, layer in adapters.layers.items():
+        site = name.rsplit(".", 1)[-1]
+        K, N = layer.in_features, layer.out_features
+        layer.grow_rank(4)
+        for slot, rank in ((0, 4), (1, 2), (2, 3)):
+            if (slot == 1 and site not in ("qkv_proj", "gate_up_proj")) or (slot == 2 and site not in
+                                                                             ("o_proj", "down_proj")):
+                continue
+            B = torch.randn(N, rank, generator=g) * 0.3
+            if slot == 1:  # only the first part's rows (q of q|k|v) or the second's (up of gate|up)
+                sizes = list(part_sizes(model.config, site).values())
+                keep = torch.zeros(N, 1)
+                if site == "qkv_proj":
+                    keep[:sizes[0]] = 1
+                else:
+                    keep[sizes[0]:] = 1
+                B = B * keep
+            layer.set_slot(slot, torch.randn(rank, K, generator=g) / K ** 0.5, B, 1.5 + slot)
+    return adapters
+
+
+def _run_adapters(model, adapters, lens: list[int], slots: list[int], steps: int, native: bool, seed: int,
+                  rowwise: bool = False):
+    """_run_batch with adapter rows: row b on adapter slot slots[b] (-1: the base), in the prefill and every step;
+    rowwise: the native epilogue one row at a time instead of grouped by adapter."""
+    vocab, B, P = model.config.vocab_size, len(lens), max(lens)
+    ids = torch.randint(0, vocab, (B, P + steps), generator=torch.Generator().manual_seed(seed))
+    pos = torch.full((B, P), -1)
+    for b, n in enumerate(lens):
+        pos[b, P - n:] = torch.arange(n)
+    cache = model.new_cache(B, P + steps)
+    with contextlib.nullcontext() if native else cpu_decode.LIB.disabled():
+        with torch.inference_mode(), adapters.rows(torch.tensor(slots)):
+            model(ids[:, :P], position_ids=pos, cache=cache, num_logits=1)
+            step = DecodeStep(model, cache)
+            if rowwise:
+                step.native.set_lora_rowwise(True)
+            nxt, out = torch.tensor(lens), []
+            for t in range(steps):
+                out.append(step(ids[:, P + t], nxt).float())
+                nxt = nxt + 1
+    return torch.stack(out), step.steps
+
+
+@pytest.mark.parametrize("case", ["dense", "nf4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mixed_adapter_rows_equal_torch_step(tmp_path, case, dtype):
+    """Rows on adapter 0, none, adapter 1, adapter 0 (NF4: three rows, its native limit is four) and adapter 2 in
+    one native step each equal the torch step with the same adapters: fp32 to rounding, bf16 within its rounding."""
+    make_hf_checkpoint(tmp_path, ODD if case == "dense" else NF4_ODD)
+    model = load_model(tmp_path, dtype=dtype)
+    if case == "nf4":
+        model = quantize_model_(model)
+    adapters = _adapters(model, seed=11)
+    lens, slots = ([7, 3, 9, 5, 4], [0, -1, 1, 0, 2]) if case == "dense" else ([7, 3, 9, 5], [0, -1, 1, 2])
+    got, took = _run_adapters(model, adapters, lens, slots, 6, native=True, seed=12)
+    ref, ref_took = _run_adapters(model, adapters, lens, slots, 6, native=False, seed=12)
+    base, _ = _run_adapters(model, adapters, lens, [-1] * len(lens), 6, native=True, seed=12)
+    assert took == {"native": 0, "native_lora": 6, "torch": 0} and ref_took["torch"] == 6
+    tol = 1e-4 if dtype == torch.float32 else 2e-2 * ref.abs().max().item()
+    assert (got - ref).abs().max().item() <= tol
+    changed = (ref - base).abs().amax(dim=(0, 2))                       # per row: what its adapter changes
+    assert (changed[torch.tensor(slots) >= 0] > 20 * tol).all()
+    assert torch.equal(got[:, 1], base[:, 1])                         # the base row: untouched by its neighbours'
+    rowwise, _ = _run_adapters(model, adapters, lens, slots, 6, native=True, seed=12, rowwise=True)
+    assert torch.equal(rowwise, got)                                  # grouping rows changes no sum
+    adapters.layers[next(iter(adapters.layers))].set_slot(0, None, None)   # an unload reaches the native step
+    got, _ = _run_adapters(model, adapters, lens, slots, 6, native=True, seed=12)
+    ref, _ = _run_adapters(model, adapters, lens, slots, 6, native=False, seed=12)
+    assert (got - ref).abs().max().item() <= tol
+
+
+def test_lora_struct_layout_is_checked():
+    import ctypes
+    lib = cpu_decode.LIB.get()
+    cpu_decode.check_layout(lib, cpu_decode._LoRA, "decode_lora")
+    for fields in (cpu_decode._LoRA._fields_[1:], [cpu_decode._LoRA._fields_[1], cpu_decode._LoRA._fields_[0],
+                                                    *cpu_decode._LoRA._fields_[2:]]):
+        drifted = type("Drifted", (ctypes.Structure,), {"_fields_": fields})
+        with pytest.raises(ValueError, match="decode_lora"):
+            cpu_decode.check_layout(lib, drifted, "decode_lora")
+    model_fields = [f for f in cpu_decode._Model._fields_ if f[0] != "lgroup"]      # a Model field dropped
+    with pytest.raises(ValueError, match="decode_model"):
+        cpu_decode.check_layout(lib, type("Drifted", (ctypes.Structure,), {"_fields_": model_fields}),
+                                "decode_model")

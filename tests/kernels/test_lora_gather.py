@@ -85,6 +85,19 @@ def test_cpu_path_matches_reference(dtype, slots, monkeypatch):
     _check(lambda *a: lora_gather_cpu_(*a, slots), y, x, A, B, scales, slots, dtype)
 
 
+@pytest.mark.parametrize("lens,seg_slots", [([DENSE_ROWS + 5], [1]), ([20, 0, 19, 3, 1], [1, 0, -1, 2, 1])])
+def test_cpu_path_with_segments_matches_reference(lens, seg_slots, monkeypatch):
+    """A prefill's segments: the CPU path reads the adapters present off the segments' slots."""
+    monkeypatch.delenv("PHIFORGE_KERNELS", raising=False)
+    ranks = [7, 2, 5]
+    A, B, scales = _stack(31, 26, ranks)
+    lens, seg_slots = torch.tensor(lens), torch.tensor(seg_slots)
+    slots = segments_to_slots(lens, seg_slots)
+    x, y = _xy(slots.numel(), 31, 26)
+    _check(lambda *a: lora_gather_(*a, slots, lens, seg_slots, ranks=ranks), y, x, A, B, scales, slots,
+           torch.float32)
+
+
 @pytest.mark.parametrize("path", ["torch", "triton"])
 def test_B_stored_as_n_s_r_view(path, monkeypatch):
     """MultiLoRALinear keeps B as (N, S, R) and passes the (S, N, R) permuted view."""
