@@ -80,6 +80,8 @@ def add_arguments_index(parser: argparse.ArgumentParser) -> None:
                    help=f"mined negatives per question (default {d.hard_negatives})")
     t.add_argument("--lora-rank", type=int, default=0, help="train a LoRA adapter of this rank (default 0: all weights)")
     t.add_argument("--seed", type=int, default=d.seed)
+    t.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice; on a busy "
+                   "machine 1 can be faster)")
 
 
 def run_tune(args: argparse.Namespace) -> int:
@@ -89,6 +91,10 @@ def run_tune(args: argparse.Namespace) -> int:
     cfg = TuneConfig(epochs=args.epochs, lr=lr,
                      batch=args.batch, hard_negatives=args.hard_negatives, lora_rank=args.lora_rank, seed=args.seed)
     cfg.check()
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads: must be >= 1 when given, got {args.threads}")
+        torch.set_num_threads(args.threads)
     rows = load_qa(args.data)
     enc = load_encoder()
     ts = index_pairs(rows, args.data, args.index, enc) if args.index else answer_pairs(rows, args.data)

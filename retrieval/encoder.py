@@ -298,6 +298,18 @@ def merge_lora_state(state: dict[str, torch.Tensor], adapter: dict[str, torch.Te
     return out
 
 
+_BASE_SHA: dict[tuple[str, int, int], str] = {}
+
+
+def base_sha256(path: Path) -> str:
+    """sha256 of the base weights, hashed once per process while the file's size and mtime stay the same."""
+    st = path.stat()
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key not in _BASE_SHA:
+        _BASE_SHA[key] = sha256_file(path)
+    return _BASE_SHA[key]
+
+
 def tuned_name(weights_sha256: str) -> str:
     return f"{ENCODER_NAME}+tuned-{weights_sha256[:12]}"
 
@@ -324,7 +336,7 @@ def load_tuned(root: Path, dtype: torch.dtype = torch.float32) -> Encoder:
     if meta["mode"] == "full":
         state = load_file(str(wpath))
     else:
-        if sha256_file(base / "model.safetensors") != meta.get("base_sha256"):
+        if base_sha256(base / "model.safetensors") != meta.get("base_sha256"):
             raise ValueError(f"{cpath}: the adapter was trained on other base weights than {base}")
         lora = meta["lora"]
         state = merge_lora_state(base_state(base), load_file(str(wpath)), lora["alpha"] / lora["rank"])

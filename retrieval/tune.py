@@ -37,8 +37,8 @@ from safetensors.torch import save_file
 from phiforge.engine.atomic import atomic_dir
 from phiforge.engine.lora import LoRALinear, lora_modules
 
-from .encoder import (ENCODER_NAME, TUNED_CONFIG, TUNED_FORMAT, Encoder, MiniLM, Packing, merge_lora_state,
-                      model_dir, tuned_name)
+from .encoder import (ENCODER_NAME, TUNED_CONFIG, TUNED_FORMAT, Encoder, MiniLM, Packing, base_sha256,
+                      merge_lora_state, model_dir, tuned_name)
 from .manifest import sha256_file
 
 SCALE = 20.0
@@ -240,7 +240,7 @@ def save_tuned(enc: Encoder, out: str | Path, cfg: TuneConfig, info: dict | None
         meta = {"format": TUNED_FORMAT, "name": tuned_name(sha), "base": ENCODER_NAME, "mode": "lora" if lora else
                 "full", "weights": wname, "sha256": sha, "training": {**asdict(cfg), **(info or {})}}
         if lora:
-            meta["base_sha256"] = sha256_file(base / "model.safetensors")
+            meta["base_sha256"] = base_sha256(base / "model.safetensors")
             meta["lora"] = {"rank": cfg.lora_rank, "alpha": 2.0 * cfg.lora_rank, "targets": list(LORA_TARGETS)}
         (tmp / TUNED_CONFIG).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     enc.name, enc.path = meta["name"], str(out.resolve())

@@ -37,7 +37,7 @@ def write_jsonl(path: Path, rows: list) -> Path:
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, one_thread):
     root = tmp_path_factory.mktemp("tune")
     docs = root / "docs"
     docs.mkdir()
@@ -46,7 +46,7 @@ def setup(tmp_path_factory):
     assert main(["index", "add", str(docs), "--index", str(root / "base")]) == 0
     qa = write_jsonl(root / "qa.jsonl", QA)
     rc = main(["index", "tune", "--data", str(qa), "--out", str(root / "enc"), "--index", str(root / "base"),
-               "--epochs", "2", "--batch", "4", "--lora-rank", "2", "--lr", "1e-3", "--seed", "3"])
+               "--epochs", "2", "--batch", "4", "--lora-rank", "2", "--lr", "1e-3", "--seed", "3", "--threads", "1"])
     assert rc == 0
     return root
 

@@ -124,7 +124,7 @@ def test_bad_settings_are_one_line_errors():
 
 # ------------------------------------------------------------------------ real MiniLM: save and reload
 @pytest.fixture(scope="module")
-def minilm():
+def minilm(one_thread):
     return load_encoder()
 
 
