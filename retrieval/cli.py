@@ -34,7 +34,7 @@ from .store import EmptyIndexError, Index, NoIndexError
 from .tune import TuneConfig, save_tuned, tune
 from .tune_data import answer_pairs, index_pairs
 
-LORA_LR = 1e-4  # LoRA's few weights want a larger step than full fine-tuning
+LORA_LR = 3e-4  # LoRA's few weights want a larger step than full fine-tuning
 # Errors the user can fix: one line on stderr, exit 1.
 USER_ERRORS = (EmptyIndexError, NoIndexError, IndexCorrupt, IndexMismatch, Skipped, KeyError, ValueError,
                FileNotFoundError)
@@ -78,7 +78,8 @@ def add_arguments_index(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--batch", type=int, default=d.batch, help=f"questions per step (default {d.batch})")
     t.add_argument("--hard-negatives", type=int, default=d.hard_negatives,
                    help=f"mined negatives per question (default {d.hard_negatives})")
-    t.add_argument("--lora-rank", type=int, default=0, help="train a LoRA adapter of this rank (default 0: all weights)")
+    t.add_argument("--lora-rank", type=int, default=0,
+                   help="train a LoRA adapter of this rank (default 0: all weights)")
     t.add_argument("--seed", type=int, default=d.seed)
     t.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice; on a busy "
                    "machine 1 can be faster)")

@@ -1,9 +1,10 @@
 """The index folder's manifest.json: what the folder holds, and the checks made before trusting its files.
 
-    {"format": "phiforge-index/1", "encoder": "...", "encoder_path": "/abs/tuned" (tuned encoders only), "dim": 384, "space": "cosine", "count": 30000,
+    {"format": "phiforge-index/1", "encoder": "...", "dim": 384, "space": "cosine", "count": 30000,
      "generation": 17, "M": 16, "ef_construction": 200, "ef": 48, "exact_threshold": ...,
      "hnsw": {"file": "vectors-17.hnsw", "sha256": "...", "bytes": ..., "capacity": ..., "elements": ...,
-              "deleted": ..., "calibrated_at": ...}}
+              "deleted": ..., "calibrated_at": ...},
+     "encoder_path": "/abs/folder"}    only for a tuned encoder (retrieval/tune.py): where to load it from
 
 hnswlib's file has no magic number, version, checksum, space or dimension: loading it with the wrong dim
 "works" and returns wrong distances, and bytes flipped inside its level-0 region load fine and then crash

@@ -102,8 +102,9 @@ class Index:
         """Open the index in `folder`, creating it if missing (create=False: raise NoIndexError instead, and
         write nothing; readers use that, so a mistyped --index never leaves an index behind).
 
-        encoder: any object with `.name`, `.dim` and `.encode(list[str]) -> (N, dim)`; default MiniLM, loaded
-        only when first needed. M, ef_construction: graph build settings of a *new* index (an existing one
+        encoder: any object with `.name`, `.dim` and `.encode(list[str]) -> (N, dim)`; default: the index's own
+        (a tuned encoder is loaded from the folder its manifest names), else MiniLM; loaded only when first needed.
+        Another encoder than the index was built with raises IndexMismatch naming both. M, ef_construction: graph build settings of a *new* index (an existing one
         keeps its own). ef: pin the query-time ef (saved; disables automatic calibration); None keeps the
         calibrated one. repair: rebuild a graph file that fails its checksum instead of raising.
         """

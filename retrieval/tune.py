@@ -49,10 +49,11 @@ LORA_TARGETS = ("attention.self.query", "attention.self.key", "attention.self.va
 
 @dataclass
 class TuneConfig:
-    epochs: int = 1
-    lr: float = 2e-5
+    # defaults: the setting bench/bench_retrieval.py --sections tune --select picked on chatterbot's tuning half
+    epochs: int = 2
+    lr: float = 1e-4
     batch: int = 32
-    hard_negatives: int = 1  # per question; 0: in-batch negatives only
+    hard_negatives: int = 3  # per question; 0: in-batch negatives only
     mine_depth: int = 10  # hard negatives come from each question's top mine_depth passages
     lora_rank: int = 0  # 0: all weights
     weight_decay: float = 0.01
