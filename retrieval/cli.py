@@ -26,7 +26,7 @@ from phiforge.engine.checkpoint import resolve_model
 from phiforge.engine.pretrained import compute_dtype, load_generator
 
 from .chunking import Skipped
-from .encoder import load_encoder
+from .encoder import TUNED_CONFIG, load_encoder
 from .rag import answer_question, context_length, format_sources
 from .manifest import IndexCorrupt, IndexMismatch
 from .qa import load_qa
@@ -86,8 +86,10 @@ def add_arguments_index(parser: argparse.ArgumentParser) -> None:
 
 
 def run_tune(args: argparse.Namespace) -> int:
-    if Path(args.out).exists() and not Path(args.out).is_dir():
-        raise ValueError(f"--out {args.out}: exists and is not a folder")
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir()) and not (out / TUNED_CONFIG).is_file()):
+        # the folder is replaced as a whole: never a folder that holds something else
+        raise ValueError(f"--out {out}: exists and is not a tuned encoder folder (give a new or empty folder)")
     lr = (LORA_LR if args.lora_rank else TuneConfig.lr) if args.lr is None else args.lr
     cfg = TuneConfig(epochs=args.epochs, lr=lr,
                      batch=args.batch, hard_negatives=args.hard_negatives, lora_rank=args.lora_rank, seed=args.seed)
@@ -102,6 +104,8 @@ def run_tune(args: argparse.Namespace) -> int:
     left = ", ".join(f"{n} {k}" for k, n in ts.skipped.items() if n)
     print(f"{len(ts.pairs)} questions over {len(ts.corpus)} passages{f' ({left} left out)' if left else ''}")
     res = tune(enc, ts.corpus, ts.pairs, cfg, log=print, corpus_vecs=ts.corpus_vecs)
+    if not res.steps:
+        raise KeyboardInterrupt("interrupted before the first step: nothing saved")
     name = save_tuned(res.encoder, args.out, cfg, {"data": str(Path(args.data).resolve()), "steps": res.steps,
                       "index": str(Path(args.index).resolve()) if args.index else None,
                       "interrupted": res.interrupted})

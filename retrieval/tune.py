@@ -235,6 +235,8 @@ def save_tuned(enc: Encoder, out: str | Path, cfg: TuneConfig, info: dict | None
     base = model_dir()
     with atomic_dir(out) as tmp:
         wname = "adapter.safetensors" if lora else "model.safetensors"
+        if lora and not getattr(enc, "adapter", None):
+            raise ValueError("save_tuned: a LoRA config needs the encoder tune() returned (it carries the adapter)")
         tensors = enc.adapter if lora else {k: v.detach().contiguous() for k, v in enc.model.state_dict().items()}
         save_file(tensors, str(tmp / wname))
         sha = sha256_file(tmp / wname)

@@ -121,6 +121,7 @@ def test_index_refuses_mismatched_encoder(setup, capsys):
     ("unknown_source", "qa.jsonl:1: source 'nope.md' is not in index"),
     ("no_index", "no index there"),
     ("epochs", "--epochs: must be >= 1"),
+    ("out_in_use", "is not a tuned encoder folder"),
 ])
 def test_tune_bad_input_is_one_line(setup, tmp_path, capsys, case, message):
     qa = tmp_path / "qa.jsonl"
@@ -139,13 +140,17 @@ def test_tune_bad_input_is_one_line(setup, tmp_path, capsys, case, message):
         write_jsonl(qa, QA)
         if case == "no_index":
             args = ["--index", str(tmp_path / "nothing")]
-        else:
+        elif case == "epochs":
             args += ["--epochs", "0"]
+        else:  # a folder holding the user's files is never replaced by the tuned encoder
+            (tmp_path / "out").mkdir()
+            (tmp_path / "out" / "notes.md").write_text("mine")
     capsys.readouterr()
     assert main(["index", "tune", "--data", str(qa), "--out", str(tmp_path / "out"), *args]) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("error: ") and message in err, err
-    assert not (tmp_path / "out").exists()
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["notes.md"] if case == "out_in_use" else \
+        not (tmp_path / "out").exists()
 
 
 def test_add_with_missing_encoder_folder(tmp_path, capsys):
