@@ -8,9 +8,10 @@
     phiforge ask --index idx/ [--model DIR] [--adapter DIR] "When is a boil water notice issued?"
 
 Errors the user can fix (no index, empty index, corrupt file, wrong encoder, unknown source, a path that does not
-exist) print one line to stderr and exit 1 instead of a traceback. Only `index add` creates an index; the other
-commands open it read-only and say when there is none. Re-adding a folder syncs it: files deleted from it leave
-the index.
+exist, a bad Q/A row) print one line to stderr and exit 1 instead of a traceback. Only `index add` creates an
+index; the other commands open it read-only and say when there is none. Re-adding a folder syncs it: files deleted
+from it leave the index. An index keeps the encoder it was built with (`index add --encoder DIR` for a tuned one)
+and every later command loads that one.
 """
 from __future__ import annotations
 
@@ -91,8 +92,8 @@ def run_tune(args: argparse.Namespace) -> int:
         # the folder is replaced as a whole: never a folder that holds something else
         raise ValueError(f"--out {out}: exists and is not a tuned encoder folder (give a new or empty folder)")
     lr = (LORA_LR if args.lora_rank else TuneConfig.lr) if args.lr is None else args.lr
-    cfg = TuneConfig(epochs=args.epochs, lr=lr,
-                     batch=args.batch, hard_negatives=args.hard_negatives, lora_rank=args.lora_rank, seed=args.seed)
+    cfg = TuneConfig(epochs=args.epochs, lr=lr, batch=args.batch, hard_negatives=args.hard_negatives,
+                     lora_rank=args.lora_rank, seed=args.seed)
     cfg.check()
     if args.threads is not None:
         if args.threads < 1:

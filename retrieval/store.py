@@ -104,9 +104,10 @@ class Index:
 
         encoder: any object with `.name`, `.dim` and `.encode(list[str]) -> (N, dim)`; default: the index's own
         (a tuned encoder is loaded from the folder its manifest names), else MiniLM; loaded only when first needed.
-        Another encoder than the index was built with raises IndexMismatch naming both. M, ef_construction: graph build settings of a *new* index (an existing one
-        keeps its own). ef: pin the query-time ef (saved; disables automatic calibration); None keeps the
-        calibrated one. repair: rebuild a graph file that fails its checksum instead of raising.
+        Another encoder than the index was built with raises IndexMismatch naming both.
+        M, ef_construction: graph build settings of a *new* index (an existing one keeps its own). ef: pin the
+        query-time ef (saved; disables automatic calibration); None keeps the calibrated one. repair: rebuild a
+        graph file that fails its checksum instead of raising.
         """
         folder = Path(folder)
         mpath, dbpath = folder / MANIFEST, folder / DB
