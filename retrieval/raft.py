@@ -9,6 +9,10 @@ answerable question:
    key tokens (numbers count double); ties go to the chunk the retriever ranks higher, then to document order.
 3. **Context:** with probability `p` the gold chunk at a random position among k-1 distractors; otherwise k
    distractors and no gold (the model must then answer from what it has learnt, as RAFT's (1-p) rows do).
+   Sources go in until the prompt budget (seq_len less the target) is spent; when the gold's position falls
+   past what fits, it moves to a random position among the sources that fit (up to 3 tries), so a short
+   seq_len means fewer distractors, not fewer golds. A gold that never fits, or whose quoted sentence is cut
+   away, counts as left out.
    Distractors are retrieved chunks other than the gold, in rank order, so the gold never appears twice.
 4. **Prompt:** `rag.build_prompt`, the prompt `phiforge ask` and `evaluate` use, numbered [1]..[k].
 5. **Target:** the gold's sentence that holds the answer, quoted verbatim, then the answer citing it:
@@ -126,15 +130,26 @@ def raft_example(row: QARow, i: int, index, tokenizer, seq_len: int, k: int = 4,
         else:
             hits, number = distractors[:k], None
     quote = answer_sentence(row.answer, gold.text) if number is not None else None
-    target = _target(row, number, quote)
-    budget = seq_len - len(tokenizer.encode(target, add_special_tokens=False)) - 8  # 8: end-of-turn tokens
-    try:
-        messages, sources, _ = build_prompt(row.question, hits, tokenizer, budget)
-    except ValueError as e:  # the bare question and the target do not fit
-        raise RaftError(f"--seq-len {seq_len}: too short for question {i + 1} ({row.question[:60]!r}): {e}") from None
-    if number is not None and (number > len(sources) or quote not in sources[number - 1].text):
-        number = quote = None  # the budget cut the gold (or its answer sentence): nothing left to quote
+    for _ in range(3):
+        target = _target(row, number, quote)
+        budget = seq_len - len(tokenizer.encode(target, add_special_tokens=False)) - 8  # 8: end-of-turn tokens
+        try:
+            messages, sources, _ = build_prompt(row.question, hits, tokenizer, budget)
+        except ValueError as e:  # the bare question and the target do not fit
+            raise RaftError(f"--seq-len {seq_len}: too short for question {i + 1} ({row.question[:60]!r}): "
+                            f"{e}") from None
+        if number is None or (number <= len(sources) and quote in sources[number - 1].text):
+            break
+        # the budget cut the gold (or its answer sentence): move it to a random place among the sources that fit
+        fits = max(1, min(len(sources), number - 1))
+        hits.insert(rng.randint(1, fits) - 1, hits.pop(number - 1))
+        number = hits.index(gold) + 1
+    else:  # still no room for the gold: nothing left to quote
+        hits = [h for h in hits if h.chunk_id != gold.chunk_id]
+        number = quote = None
         target = _target(row, None, None)
+        messages, sources, _ = build_prompt(row.question, hits, tokenizer,
+                                            seq_len - len(tokenizer.encode(target, add_special_tokens=False)) - 8)
     return RaftExample(row.question, messages, target, [s.hit for s in sources], gold, number, quote)
 
 

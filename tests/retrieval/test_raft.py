@@ -132,6 +132,11 @@ def test_a_budget_that_cuts_the_gold_drops_the_quote(index):
         else:
             assert e.target == "Answer: within 1 hour"
     assert any(e.gold_number is None for e in short)
+    # a budget that fits fewer than k sources drops distractors before it drops the gold
+    assert any(e.gold_number is not None and len(e.hits) < 4 for e in short)
+    assert all(e.gold_number is None or e.hits[e.gold_number - 1].chunk_id == e.gold.chunk_id for e in short)
+    assert all(e.gold is None or e.gold_number is not None or e.gold.chunk_id not in [h.chunk_id for h in e.hits]
+               for e in short)
     with pytest.raises(RaftError, match="--seq-len 40: too short for question 1"):
         raft_example(BURST, 0, index, TOK, 40)
 
