@@ -50,10 +50,10 @@ def test_splits_have_the_shape_the_comparison_needs():
         assert len({norm(r.question) for r in rows}) == len(rows)  # no question twice in a split
     assert not {norm(r.question) for r in TEST} & {norm(r.question) for r in TRAIN}
     train_facts = [key_tokens(r.answer) for r in TRAIN if r.answerable]
-    covered = [r for r in TEST if r.answerable and any(key_tokens(r.answer)[0] and key_tokens(r.answer)[0] <= n
-                                                      or not key_tokens(r.answer)[0] and key_tokens(r.answer)[1] <= w
+    # a test fact is covered when some train answer holds all its numbers and words
+    covered = [r for r in TEST if r.answerable and any(key_tokens(r.answer)[0] <= n and key_tokens(r.answer)[1] <= w
                                                       for n, w in train_facts)]
     answerable = [r for r in TEST if r.answerable]
     assert len(covered) >= len(answerable) // 2  # most test facts are taught by a train question in other words ...
-    assert len(answerable) - len(covered) >= 4  # ... and some are not, so fine-tuning alone cannot know them
+    assert len(answerable) - len(covered) >= 5  # ... and some are not, so fine-tuning alone cannot know them
     assert {s for r in TRAIN for s in r.sources} == set(TEXT)  # every document is trained on
