@@ -127,7 +127,9 @@ def prepare_data(config: TrainConfig) -> TrainConfig:
         return config
     check_out(config)  # before writing into OUT
     changes: dict[str, Any] = {}
-    tokenizer = load_tokenizer(resolve_model(config.model) if config.model else default_model_path())
+    # RAFT prompts are sized in the model's tokens; closed-book rows need no tokenizer
+    tokenizer = (load_tokenizer(resolve_model(config.model) if config.model else default_model_path())
+                 if config.raft else None)
     if qa_train:
         if config.resume:
             if not Path(built).is_file():
