@@ -44,8 +44,9 @@ from .rag import build_prompt
 _TOKEN = re.compile(r"\d[\d,.:/]*\d|\d|[a-z]+")
 _STOP = frozenset("a an and are as at be by for from in is it its of on or the to with per than more less any "
                   "every each after before must within into".split())
-# a sentence ends at a line break, or at . ! ? followed by space and a capital, digit or opening quote/bracket
-_SENTENCE_END = re.compile(r"\n+|(?<=[.!?])[ \t]+(?=[\"'(£A-Z0-9])")
+# a sentence ends at a blank line, before a list item or table row, or at . ! ? followed by space and a capital,
+# digit or opening quote/bracket; a single line break inside a paragraph (hard-wrapped text) does not end one
+_SENTENCE_END = re.compile(r"\n[ \t]*\n\s*|\n(?=[ \t]*(?:[-*+]|\d+[.)]|\|)[ \t])|(?<=[.!?])\s+(?=[\"'(£A-Z0-9])")
 
 
 class RaftError(ValueError):
@@ -92,9 +93,15 @@ def sentences(text: str) -> list[str]:
     return [s.strip() for s in out if s.strip()]
 
 
-def answer_sentence(answer: str, chunk_text: str) -> str:
-    """The chunk's sentence that holds most of the answer (the first such one)."""
-    return max(sentences(chunk_text), key=lambda s: overlap(answer, s))
+def _squash(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def answer_sentence(answer: str, chunk_text: str, question: str = "") -> str:
+    """The chunk's sentence that holds most of the answer; ties go to one holding the answer word for word, then
+    to the one sharing most with the question, then to the first."""
+    return max(sentences(chunk_text), key=lambda s: (overlap(answer, s), _squash(answer) in _squash(s),
+                                                     overlap(question, s)))
 
 
 def gold_chunk(row: QARow, index, ranked: list) -> object | None:
@@ -129,7 +136,7 @@ def raft_example(row: QARow, i: int, index, tokenizer, seq_len: int, k: int = 4,
             hits.insert(number - 1, gold)
         else:
             hits, number = distractors[:k], None
-    quote = answer_sentence(row.answer, gold.text) if number is not None else None
+    quote = answer_sentence(row.answer, gold.text, row.question) if number is not None else None
     for _ in range(3):
         target = _target(row, number, quote)
         budget = seq_len - len(tokenizer.encode(target, add_special_tokens=False)) - 8  # 8: end-of-turn tokens

@@ -157,11 +157,16 @@ def test_bad_options():
 
 
 def test_sentences_are_verbatim():
-    text = "E. coli 0 per 100 ml. Lead 10 micrograms.\n- Item one\n| a | b |"
+    text = "E. coli 0 per 100 ml. Lead 10\nmicrograms.\n- Item one\n| a | b |\n\nNext paragraph\nwrapped"
     parts = sentences(text)
-    assert parts == ["E. coli 0 per 100 ml.", "Lead 10 micrograms.", "- Item one", "| a | b |"]
+    assert parts == ["E. coli 0 per 100 ml.", "Lead 10\nmicrograms.", "- Item one", "| a | b |",
+                     "Next paragraph\nwrapped"]
     assert all(s in text for s in parts)
-    assert answer_sentence("10 micrograms per litre", text) == "Lead 10 micrograms."
+    assert answer_sentence("10 micrograms per litre", text) == "Lead 10\nmicrograms."
+    levels = "- Level 2: 250 to 5,000 properties affected.\n- Level 3: more than 5,000 properties affected."
+    assert answer_sentence("more than 5,000 properties", levels) == "- Level 3: more than 5,000 properties affected."
+    assert answer_sentence("5,000", levels, "What makes a level 3 incident?").startswith("- Level 3")
+    assert answer_sentence("5,000", levels, "What makes a level 2 incident?").startswith("- Level 2")
 
 
 def test_closed_book_rows_and_file_detection(tmp_path):
