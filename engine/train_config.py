@@ -70,6 +70,14 @@ class TrainConfig:
     seq_len: int = _opt(512, "tokens per row; longer samples are truncated")
     pack: bool = _opt(False, "pack samples into seq-len rows (block-causal mask)")
     skip_bad: bool = _opt(False, "skip (and count) malformed JSONL lines")
+    # ---- RAFT (fixed on resume): the CLI builds the rows (retrieval/raft.py); the loop only reads `data` ----
+    raft: bool = _opt(False, "train on RAFT rows made from a Q/A --data file: each question asked with --raft-k "
+                             "chunks retrieved from --index, its gold chunk among them with probability --raft-p, "
+                             "the answer quoting and citing it")
+    index: str | None = _opt(None, "with --raft: the document index the contexts are retrieved from",
+                             shown="none")
+    raft_p: float = _opt(0.8, "with --raft: probability that a question's gold chunk is in its context, in [0, 1]")
+    raft_k: int = _opt(4, "with --raft: chunks in a question's context")
     # ---- LoRA (fixed on resume) ----
     rank: int = _opt(16, "LoRA rank r")
     alpha: float = _opt(32.0, "LoRA alpha; the update is scaled by alpha/r")
@@ -110,7 +118,7 @@ class TrainConfig:
     progress: bool = _opt(True, "show a progress bar")
 
     def __post_init__(self) -> None:
-        for name in ("data", "out", "model", "eval_data"):
+        for name in ("data", "out", "model", "eval_data", "index"):
             v = getattr(self, name)
             if isinstance(v, os.PathLike):
                 setattr(self, name, str(v))
@@ -139,7 +147,13 @@ class TrainConfig:
         unknown = [t for t in self.targets if t not in LINEAR_NAMES]
         if unknown or not self.targets:
             bad("targets", f"must be a non-empty subset of {','.join(LINEAR_NAMES)}, got {','.join(self.targets)!r}")
-        for name in ("seq_len", "rank", "batch_size", "grad_accum", "epochs", "nproc"):
+        if self.raft and self.index is None:
+            bad("raft", "needs --index DIR, the index the contexts are retrieved from")
+        if self.index is not None and not Path(self.index).is_dir():
+            bad("index", f"no such index directory: {self.index}")
+        if not 0 <= self.raft_p <= 1:
+            bad("raft_p", f"must be in [0, 1], got {self.raft_p}")
+        for name in ("seq_len", "rank", "batch_size", "grad_accum", "epochs", "nproc", "raft_k"):
             if getattr(self, name) < 1:
                 bad(name, f"must be >= 1, got {getattr(self, name)}")
         for name in ("max_steps", "save_every", "eval_every", "threads"):

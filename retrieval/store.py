@@ -396,6 +396,17 @@ class Index:
         return [Hit(int(i), by_id[i][1], by_id[i][2], float(s), by_id[i][3], by_id[i][4], by_id[i][5])
                 for i, s in zip(ids.tolist(), scores.tolist()) if i in by_id]
 
+    def chunks_of(self, name: str) -> list[Hit]:
+        """Every chunk of the document whose file name (or full source path) is `name`, in document order, with
+        score 0: how a Q/A set's `sources` (file names) find their chunks."""
+        base = Path(name).name
+        pattern = "%/" + base.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        with self._rw.read():
+            rows = self._reader().execute(
+                'SELECT id, source, text, heading, start, "end" FROM chunks WHERE source = ? OR source LIKE ? '
+                "ESCAPE '\\' ORDER BY source, start", (name, pattern)).fetchall()
+        return [Hit(int(r[0]), r[1], r[2], 0.0, r[3], r[4], r[5]) for r in rows]
+
     def sources(self) -> list[str]:
         return [r[0] for r in self._reader().execute("SELECT source FROM files ORDER BY source")]
 

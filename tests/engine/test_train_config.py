@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 
@@ -37,7 +38,8 @@ def off_default(files) -> TrainConfig:
                        use_rslora=True, lr=3e-3, weight_decay=0.01, max_grad_norm=0.5, batch_size=2, grad_accum=3,
                        seed=7, max_steps=40, epochs=2, schedule="linear", warmup_steps=5, warmup_ratio=0.1,
                        save_every=10, save_minutes=2.5, eval_every=5, resume=True, dtype="float32", device="cpu", threads=1, nproc=2,
-                       gradient_checkpointing=False, progress=False)
+                       gradient_checkpointing=False, progress=False, raft=True, index=str(Path(out).parent),
+                       raft_p=0.5, raft_k=3)
 
 
 def test_every_field_round_trips_through_argparse_and_json(files):
@@ -74,6 +76,10 @@ def test_help_lists_every_field_with_its_default(capsys):
     ("warmup_ratio", 1.5, "--warmup-ratio: must be in [0, 1]"),
     ("data", "missing.jsonl", "--data: no such file: missing.jsonl"),
     ("eval_data", "missing.jsonl", "--eval: no such file"),
+    ("raft", True, "--raft: needs --index DIR"),
+    ("index", "missing-index", "--index: no such index directory: missing-index"),
+    ("raft_p", 1.5, "--raft-p: must be in [0, 1], got 1.5"),
+    ("raft_k", 0, "--raft-k: must be >= 1"),
 ])
 def test_bad_values_raise_naming_the_flag(files, field, value, message):
     data, _, out = files
@@ -106,15 +112,16 @@ def test_resume_rule_covers_every_field(files):
     # ... and these are re-read or re-applied after the checkpoint is restored
     assert {"lr", "weight_decay", "max_grad_norm", "max_steps", "epochs", "schedule", "eval_data"} <= RESUMABLE
     for f in dataclasses.fields(TrainConfig):
-        new = dataclasses.replace(base, **{f.name: getattr(changed, f.name)})
-        if f.name in NOT_COMPARED or f.name == "data" and new.data == base.data:
-            assert resume_changes(base.to_json(), new, "ckpt") == []
+        start = dataclasses.replace(base, index=changed.index) if f.name == "raft" else base  # --raft needs --index
+        new = dataclasses.replace(start, **{f.name: getattr(changed, f.name)})
+        if f.name in NOT_COMPARED or f.name == "data" and new.data == start.data:
+            assert resume_changes(start.to_json(), new, "ckpt") == []
         elif f.name in RESUMABLE:
-            assert resume_changes(base.to_json(), new, "ckpt") == [
-                f"{flag(f.name)} {getattr(base, f.name)!r} -> {getattr(new, f.name)!r}"]
+            assert resume_changes(start.to_json(), new, "ckpt") == [
+                f"{flag(f.name)} {getattr(start, f.name)!r} -> {getattr(new, f.name)!r}"]
         else:
             with pytest.raises(TrainConfigError, match=f"ckpt: cannot resume: {flag(f.name)} was") as e:
-                resume_changes(base.to_json(), new, "ckpt")
+                resume_changes(start.to_json(), new, "ckpt")
             assert e.value.fields == (f.name,)
 
 

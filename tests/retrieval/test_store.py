@@ -336,3 +336,18 @@ def test_concurrent_searches_during_add(tmp_path):
     assert not errors and min(counts) > 0
     assert len(ix) == EXACT_THRESHOLD + 500 + 4 * 3000 - 500
     ix.close()
+
+
+def test_chunks_of_a_document_by_file_name(tmp_path):
+    docs = tmp_path / "docs"
+    write_docs(docs)
+    (docs / "tariffXtxt.md").write_text("LIKE's _ wildcard must not make this file match tariff_txt.")
+    with Index.open(tmp_path / "ix", encoder=HashEncoder()) as ix:
+        ix.add([docs])
+        pumps = ix.chunks_of("pumps.md")
+        assert len(pumps) > 1 and [c.start for c in pumps] == sorted(c.start for c in pumps)
+        assert {c.chunk_id for c in pumps} == {h.chunk_id for h in ix.search("pump station", k=len(ix))
+                                               if h.source.endswith("/pumps.md")}
+        assert [c.chunk_id for c in ix.chunks_of(str((docs / "tariff.txt").resolve()))] == \
+            [c.chunk_id for c in ix.chunks_of("tariff.txt")]
+        assert ix.chunks_of("tariff_txt.md") == [] and ix.chunks_of("nope.md") == []
