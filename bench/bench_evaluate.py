@@ -1,7 +1,13 @@
-"""Evaluate bench: `phiforge evaluate`'s modes on a Q/A set, their scores and the seconds each mode takes.
+"""Evaluate bench: `phiforge evaluate`'s modes on a Q/A set (their scores and the seconds each mode takes), and the
+retriever tuned to a domain (recall before and after, on labelled data nobody here wrote).
 
-    python bench/bench_evaluate.py --data data/qa/test.jsonl --index DIR --adapter ft=DIR --adapter raft=DIR \
-        [--model DIR] [--k 4] [--max-new-tokens 64] [--max-batch 8] [--threads N] [--out results.json]
+    python bench/bench_evaluate.py [--sections evaluate,retriever] [--data data/qa/test.jsonl] [--index DIR \
+        --adapter ft=DIR --adapter raft=DIR] [--model DIR] [--k 3] [--max-new-tokens 48] [--max-batch 16] \
+        [--threads N] [--out results.json]
+
+Without --index and --adapter the `evaluate` section uses `make demo`'s: the demo index of the bundled documents
+and the ft and raft adapters trained on data/qa/train.jsonl (phiforge/demo_evaluate.py; trained on first use, a few
+minutes, and kept in $PHIFORGE_HOME/demo-eval).
 
 Prints one JSON document. `evaluate` section: per mode, the wall seconds of answering every question (a
 retrieval mode answers each twice: retrieved and gold context) and seconds per answer; per table row (mode and
@@ -9,6 +15,10 @@ context), each metric as [mean, lo, hi] of its 95% bootstrap interval with the n
 defined on; the index's retrieval recall@k and MRR by document; and the recommendation. Every mode whose
 inputs are given runs (all five with --index and both adapters). Seconds are this machine under its current
 load; compare modes within one run, never across runs.
+
+`retriever` section: bench/bench_retrieval.py's `tuning()`: chatterbot-corpus split by question into a tuning half
+and a held-out half; recall@1/5/10 and MRR@10 on the held-out half before and after `index tune`'s training on the
+tuning half, and the out-of-domain check on the bundled documents' questions.
 """
 from __future__ import annotations
 
@@ -21,6 +31,9 @@ from pathlib import Path
 
 import torch
 
+from phiforge.bench.bench_retrieval import tuning
+from phiforge.demo_evaluate import prepare
+from phiforge.engine.atomic import write_json_atomic
 from phiforge.evaluation import evaluate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -61,20 +74,31 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--index", default=None, help="document index (the retrieval modes need it)")
     ap.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR", help="ft=DIR, raft=DIR")
     ap.add_argument("--modes", default=None, help="default: every mode whose inputs are given")
-    ap.add_argument("--k", type=int, default=4)
-    ap.add_argument("--max-new-tokens", type=int, default=64)
-    ap.add_argument("--max-batch", type=int, default=8)
+    ap.add_argument("--k", type=int, default=3)
+    ap.add_argument("--max-new-tokens", type=int, default=48)
+    ap.add_argument("--max-batch", type=int, default=16)
+    ap.add_argument("--sections", default="evaluate,retriever", help="comma-separated: evaluate, retriever")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--out", help="also write the JSON here")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    result = {"evaluate": run_evaluate(args)}
+    sections = {x for x in args.sections.split(",") if x}
+    if not sections <= {"evaluate", "retriever"}:
+        ap.error(f"--sections: unknown {sorted(sections - {'evaluate', 'retriever'})}")
+    result = {}
+    if "evaluate" in sections:
+        if args.index is None and not args.adapter:
+            index, adapters = prepare()
+            args.index, args.adapter = str(index), [f"{n}={d}" for n, d in adapters.items()]
+        result["evaluate"] = run_evaluate(args)
+    if "retriever" in sections:
+        result["retriever"] = tuning()
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:
-        Path(args.out).write_text(text + "\n")
+        write_json_atomic(args.out, result)
     return 0
 
 

@@ -3,8 +3,10 @@
   1. chat:      the default model (SmolLM2-135M-Instruct in Phi-3 layout) answers a question, streamed
   2. RAG:       index the bundled documents of one (fictional) water utility, answer questions with citations
   3. QLoRA:     fine-tune on the bundled chat set for a few steps, and show the adapter changing the answer
+  4. evaluate:  RAG or fine-tuning? base, rag, ft, rag+ft and raft+rag side by side on the bundled test questions,
+                the table with its intervals and the recommendation (phiforge/demo_evaluate.py)
 
-    python -m phiforge.demo [--skip chat,rag,qlora]
+    python -m phiforge.demo [--skip chat,rag,qlora,evaluate]
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import sys
 import tempfile
 import time
 
+from phiforge.demo_evaluate import run_evaluate_demo
 from phiforge.demo_finetune import run_finetune_demo
 from phiforge.engine.pretrained import compute_dtype, load_generator
 from phiforge.retrieval.demo import run_demo
@@ -40,7 +43,8 @@ def demo_qlora() -> None:
 
 PARTS = {"chat": ("1. Chat with the default model", demo_chat),
          "rag": ("2. RAG: a water utility's documents, answers with citations", run_demo),
-         "qlora": ("3. QLoRA: fine-tune the default model on the bundled set, before and after", demo_qlora)}
+         "qlora": ("3. QLoRA: fine-tune the default model on the bundled set, before and after", demo_qlora),
+         "evaluate": ("4. RAG or fine-tuning? Five modes measured on the bundled test questions", run_evaluate_demo)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,7 +21,7 @@ from .store import Index
 DATA = Path(__file__).resolve().parents[1] / "data"
 
 
-def _data_dir() -> Path:
+def data_dir() -> Path:
     """data/ beside the package (editable install) or the working directory's data/."""
     for d in (DATA, Path.cwd() / "data"):
         if (d / "docs").is_dir():
@@ -37,25 +37,35 @@ def answered(expected: str, text: str) -> bool:
     return " ".join(expected.lower().split()) in " ".join(text.lower().split())
 
 
-def run_demo(n_questions: int = 3, index_dir: str | Path | None = None, generator=None) -> None:
-    data = _data_dir()
+def demo_index_dir() -> Path:
     home = Path(os.environ.get("PHIFORGE_HOME") or Path.home() / ".cache" / "phiforge")
-    index_dir = Path(index_dir) if index_dir else home / "demo-index"
-    print(f"Indexing {data / 'docs'} into {index_dir}")
+    return home / "demo-index"
+
+
+def refresh_demo_index(ix: Index) -> None:
+    """Bring the demo index up to date with this checkout's bundled documents, printing what changed."""
+    data = data_dir()
+    print(f"Indexing {data / 'docs'} into {ix.folder}")
+    t0 = time.perf_counter()
+    # The demo index lives in $PHIFORGE_HOME, shared by every checkout: drop sources that are not this
+    # checkout's bundled files (another clone's copies would come back as duplicate, near-tie hits).
+    docs = (data / "docs").resolve()
+    stale = [s for s in ix.sources() if not Path(s).is_relative_to(docs) or not Path(s).exists()]
+    for s in stale:
+        ix.remove(s)
+    if stale:
+        print(f"  removed {len(stale)} sources from elsewhere (another checkout's copies, or deleted files)")
+    r = ix.add([data / "docs"])
+    print(f"  {r.files_added} added, {r.files_replaced} replaced, {r.files_unchanged} unchanged; "
+          f"{r.chunks_embedded} chunks embedded; {len(ix)} chunks in the index "
+          f"({time.perf_counter() - t0:.1f} s)")
+
+
+def run_demo(n_questions: int = 3, index_dir: str | Path | None = None, generator=None) -> None:
+    data = data_dir()
+    index_dir = Path(index_dir) if index_dir else demo_index_dir()
     with Index.open(index_dir) as ix:
-        t0 = time.perf_counter()
-        # The demo index lives in $PHIFORGE_HOME, shared by every checkout: drop sources that are not this
-        # checkout's bundled files (another clone's copies would come back as duplicate, near-tie hits).
-        docs = (data / "docs").resolve()
-        stale = [s for s in ix.sources() if not Path(s).is_relative_to(docs) or not Path(s).exists()]
-        for s in stale:
-            ix.remove(s)
-        if stale:
-            print(f"  removed {len(stale)} sources from elsewhere (another checkout's copies, or deleted files)")
-        r = ix.add([data / "docs"])
-        print(f"  {r.files_added} added, {r.files_replaced} replaced, {r.files_unchanged} unchanged; "
-              f"{r.chunks_embedded} chunks embedded; {len(ix)} chunks in the index "
-              f"({time.perf_counter() - t0:.1f} s)")
+        refresh_demo_index(ix)
         questions = [json.loads(line) for line in (data / "docs_questions.jsonl").read_text().splitlines()
                      if line.strip()][:n_questions]
         gen = generator or load_generator(dtype=compute_dtype())

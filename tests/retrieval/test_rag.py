@@ -130,7 +130,7 @@ def test_demo_index_keeps_only_this_checkouts_documents(tmp_path, monkeypatch, c
         shutil.copy(DOCS / "04_burst_mains.html", tmp_path / name / "docs")
         clones.append(tmp_path / name)
     for clone in clones:
-        monkeypatch.setattr(demo, "_data_dir", lambda c=clone: c)
+        monkeypatch.setattr(demo, "data_dir", lambda c=clone: c)
         (clone / "docs_questions.jsonl").write_text("")
         demo.run_demo(n_questions=0, index_dir=tmp_path / "ix", generator=FakeGenerator(["ok"]))
     assert "removed 1 sources from elsewhere" in capsys.readouterr().out
