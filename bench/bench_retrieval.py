@@ -37,6 +37,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # before numpy loads: search
 
 import argparse
 import ast
+import dataclasses
 import glob
 import hashlib
 import importlib.util
@@ -308,15 +309,19 @@ def first_hit(ranked: list[list[int]], relevant: list[set[int]]) -> list[float]:
 
 
 # (epochs, lr, batch, hard negatives, LoRA rank; 0 = all weights) tried by --select; tuning()'s defaults are the
-# setting it picked (validation recall@10 on a fifth of the tuning half)
+# setting it picked (validation recall@10 on a fifth of the tuning half), interpolation factor included
 SELECTION_GRID = [(1, 2e-5, 32, 1, 0), (2, 2e-5, 32, 1, 0), (2, 5e-5, 32, 1, 0), (4, 5e-5, 32, 1, 0),
                   (2, 1e-4, 32, 1, 0), (2, 5e-5, 32, 0, 0), (2, 1e-4, 32, 1, 16), (4, 3e-4, 32, 1, 16),
-                  (2, 1e-4, 32, 3, 0), (2, 1e-4, 64, 1, 0), (2, 2e-4, 32, 1, 0), (3, 1e-4, 32, 1, 0)]
+                  (2, 1e-4, 32, 3, 0), (2, 1e-4, 64, 1, 0), (2, 2e-4, 32, 1, 0), (3, 1e-4, 32, 1, 0),
+                  (3, 3e-4, 32, 1, 0)]
+# WiSE-FT factors (TuneConfig.interpolate) scored on every run of the grid: each a mix of that run's weights with
+# the untuned ones, so they cost an evaluation each, not a run
+WISE_FACTORS = (0.3, 0.5, 0.8, 1.0)
 
 
 def tuning(epochs: int = 2, lr: float = 1e-4, batch: int = 32, hard_negatives: int = 3, lora_rank: int = 0,
-           seed: int = 0, select: bool = False, grid: list[tuple] | None = None, threads: int | None = 1,
-           log=None) -> dict:
+           interpolate: float = 1.0, seed: int = 0, select: bool = False, grid: list[tuple] | None = None,
+           factors: tuple[float, ...] = WISE_FACTORS, threads: int | None = 1, log=None) -> dict:
     """Held-out retrieval on chatterbot before and after tuning on the other half; out-of-domain check on the docs.
 
     threads: torch threads while tuning (None: torch's choice); one by default because on a shared 2-core machine a
@@ -324,7 +329,7 @@ def tuning(epochs: int = 2, lr: float = 1e-4, batch: int = 32, hard_negatives: i
     import torch
 
     from phiforge.retrieval.encoder import load_encoder
-    from phiforge.retrieval.tune import Pair, TuneConfig, tune
+    from phiforge.retrieval.tune import Pair, TuneConfig, mixed_encoder, tune
 
     say = log or (lambda m: print(m, file=sys.stderr, flush=True))
     if threads:
@@ -343,7 +348,8 @@ def tuning(epochs: int = 2, lr: float = 1e-4, batch: int = 32, hard_negatives: i
         m = metrics(ranks(enc, corpus, [queries[i] for i in qs], cv=vecs), [relevant[i] for i in qs])
         return {k: round(m[k], 4) for k in ("recall@1", "recall@5", "recall@10", "mrr@10")}
 
-    cfg = TuneConfig(epochs=epochs, lr=lr, batch=batch, hard_negatives=hard_negatives, lora_rank=lora_rank, seed=seed)
+    cfg = TuneConfig(epochs=epochs, lr=lr, batch=batch, hard_negatives=hard_negatives, lora_rank=lora_rank,
+                     interpolate=interpolate, seed=seed)
     out: dict = {"dataset": "chatterbot-corpus==1.3.3 (english)", "passages": len(corpus),
                  "tune_questions": len(tune_q), "heldout_questions": len(held), "split_seed": seed}
     if select:  # settings chosen on a validation fifth of the tuning half, never on the held-out half
@@ -351,13 +357,17 @@ def tuning(epochs: int = 2, lr: float = 1e-4, batch: int = 32, hard_negatives: i
         grid = [TuneConfig(epochs=e, lr=x, batch=b, hard_negatives=h, lora_rank=r, seed=seed)
                 for e, x, b, h, r in (grid or SELECTION_GRID)]
         keys = ("epochs", "lr", "batch", "hard_negatives", "lora_rank")
-        rows = [{"config": {k: getattr(c, k) for k in keys},
-                 "validation": score(tune(base, corpus, pairs(tune_q[:cut]), c, say, cv).encoder, tune_q[cut:])}
-                for c in grid]
+        rows, picks = [], []
+        for c in grid:  # one run per setting; each WiSE-FT factor is a mix of that run's weights with the base's
+            tuned = tune(base, corpus, pairs(tune_q[:cut]), c, say, cv).encoder
+            for a in factors:
+                rows.append({"config": {**{k: getattr(c, k) for k in keys}, "interpolate": a},
+                             "validation": score(mixed_encoder(tuned, base, a), tune_q[cut:])})
+                picks.append(dataclasses.replace(c, interpolate=a))
         out["selection"] = rows + [{"config": "untuned", "validation": score(base, tune_q[cut:], cv)}]
         val = [r["validation"] for r in rows]
-        best = max(range(len(grid)), key=lambda i: (val[i]["recall@10"], val[i]["mrr@10"]))
-        cfg = grid[best]
+        best = max(range(len(rows)), key=lambda i: (val[i]["recall@10"], val[i]["mrr@10"]))
+        cfg = picks[best]
         say(json.dumps({"selected": vars(cfg)}))
     res = tune(base, corpus, pairs(tune_q), cfg, say, cv)
     out["config"], out["steps"], out["tune_s"] = vars(cfg), res.steps, round(res.seconds, 1)

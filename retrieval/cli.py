@@ -81,6 +81,8 @@ def add_arguments_index(parser: argparse.ArgumentParser) -> None:
                    help=f"mined negatives per question (default {d.hard_negatives})")
     t.add_argument("--lora-rank", type=int, default=0,
                    help="train a LoRA adapter of this rank (default 0: all weights)")
+    t.add_argument("--interpolate", type=float, default=d.interpolate, metavar="A",
+                   help=f"keep A * tuned + (1 - A) * untuned weights, WiSE-FT (default {d.interpolate})")
     t.add_argument("--seed", type=int, default=d.seed)
     t.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice; on a busy "
                    "machine 1 can be faster)")
@@ -93,7 +95,7 @@ def run_tune(args: argparse.Namespace) -> int:
         raise ValueError(f"--out {out}: exists and is not a tuned encoder folder (give a new or empty folder)")
     lr = (LORA_LR if args.lora_rank else TuneConfig.lr) if args.lr is None else args.lr
     cfg = TuneConfig(epochs=args.epochs, lr=lr, batch=args.batch, hard_negatives=args.hard_negatives,
-                     lora_rank=args.lora_rank, seed=args.seed)
+                     lora_rank=args.lora_rank, interpolate=args.interpolate, seed=args.seed)
     cfg.check()
     if args.threads is not None:
         if args.threads < 1:

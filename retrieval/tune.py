@@ -17,6 +17,13 @@ queries and passages go through at search time; only the fused QKV copy made for
 gradients reach query/key/value. Modes: all weights, or LoRA on every linear of the six layers (rank r, alpha 2r);
 the adapter is merged into the weights of the returned encoder with the same function the loader uses.
 
+WiSE-FT (Wortsman et al. 2022, "Robust fine-tuning of zero-shot models"): the returned weights are
+interpolate * tuned + (1 - interpolate) * untuned. With a few hundred pairs a run long enough to learn the domain also
+fits the pairs themselves; averaging with the untuned weights keeps what it learned that generalises and gives back
+part of the fit. Interpolating between two fine-tunes of one model stays in a shared low-loss basin, so the mix is a
+usable encoder, not a blend of two unrelated ones. In LoRA mode the merged update is linear in lora_B, so scaling
+lora_B by the factor is the same interpolation.
+
 Legend: B questions in a batch, C candidate passages (B golds then B*h hard negatives), H hidden 384, P packed tokens.
 """
 from __future__ import annotations
@@ -60,6 +67,7 @@ class TuneConfig:
     warmup: float = 0.1  # share of the steps with a linear warm-up, then linear decay to 0
     seed: int = 0
     scale: float = SCALE
+    interpolate: float = 1.0  # WiSE-FT: share of the tuned weights in the returned ones (1: the tuned weights)
 
     def check(self) -> None:
         for flag, v, low in (("--epochs", self.epochs, 1), ("--batch", self.batch, 2),
@@ -68,6 +76,8 @@ class TuneConfig:
                 raise ValueError(f"{flag}: must be >= {low}, got {v}")
         if not self.lr > 0 or not math.isfinite(self.lr):
             raise ValueError(f"--lr: must be a positive number, got {self.lr}")
+        if not 0 < self.interpolate <= 1:
+            raise ValueError(f"--interpolate: must be in (0, 1], got {self.interpolate}")
 
 
 @dataclass(frozen=True)
@@ -193,9 +203,33 @@ def tune(enc: Encoder, corpus: list[str], pairs: list[Pair], cfg: TuneConfig,
     except KeyboardInterrupt:
         res.interrupted = True
         say(f"interrupted after {res.steps} steps")
+    interpolate_(model, enc.model, cfg.interpolate, cfg.lora_rank)
     res.encoder = frozen_encoder(model, enc, cfg.lora_rank)
     res.seconds = time.perf_counter() - t0
     return res
+
+
+@torch.no_grad()
+def interpolate_(model: MiniLM, base: MiniLM, alpha: float, lora_rank: int) -> None:
+    """In place: the training copy's weights become alpha * tuned + (1 - alpha) * base (WiSE-FT)."""
+    if alpha == 1.0:
+        return
+    if lora_rank:
+        for _, m in lora_modules(model):
+            m.lora_B.weight.mul_(alpha)
+        return
+    ref = base.state_dict()
+    for name, p in model.named_parameters():
+        p.lerp_(ref[name].to(p.dtype), 1.0 - alpha)  # p + (1 - alpha) * (base - p)
+
+
+def mixed_encoder(tuned: Encoder, base: Encoder, alpha: float) -> Encoder:
+    """A new inference Encoder with alpha * tuned + (1 - alpha) * base weights: what tune() returns with
+    interpolate=alpha (a merged LoRA update scales the same way), for trying several factors on one run."""
+    model = MiniLM(base.model.cfg)
+    model.load_state_dict(tuned.model.state_dict())
+    interpolate_(model, base.model, alpha, 0)
+    return frozen_encoder(model, base, 0)
 
 
 def lora_adapter(model: MiniLM) -> dict[str, torch.Tensor]:

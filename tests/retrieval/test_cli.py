@@ -121,6 +121,7 @@ def test_index_refuses_mismatched_encoder(setup, capsys):
     ("unknown_source", "qa.jsonl:1: source 'nope.md' is not in index"),
     ("no_index", "no index there"),
     ("epochs", "--epochs: must be >= 1"),
+    ("interpolate", "--interpolate: must be in (0, 1]"),
     ("out_in_use", "is not a tuned encoder folder"),
 ])
 def test_tune_bad_input_is_one_line(setup, tmp_path, capsys, case, message):
@@ -142,6 +143,8 @@ def test_tune_bad_input_is_one_line(setup, tmp_path, capsys, case, message):
             args = ["--index", str(tmp_path / "nothing")]
         elif case == "epochs":
             args += ["--epochs", "0"]
+        elif case == "interpolate":
+            args += ["--interpolate", "0"]
         else:  # a folder holding the user's files is never replaced by the tuned encoder
             (tmp_path / "out").mkdir()
             (tmp_path / "out" / "notes.md").write_text("mine")

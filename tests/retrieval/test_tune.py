@@ -11,8 +11,8 @@ import torch.nn.functional as F
 
 from phiforge.retrieval.encoder import (ENCODER_NAME, TUNED_CONFIG, BertConfig, Encoder, MiniLM, load_encoder,
                                         load_wordpiece)
-from phiforge.retrieval.tune import (LORA_TARGETS, Pair, TuneConfig, lora_adapter, mine_hard_negatives, mnrl_loss,
-                                     save_tuned, trainable_copy, tune)
+from phiforge.retrieval.tune import (LORA_TARGETS, Pair, TuneConfig, lora_adapter, mine_hard_negatives, mixed_encoder,
+                                     mnrl_loss, save_tuned, trainable_copy, tune)
 
 PASSAGES = ["Burst mains are repaired within four hours.", "The tariff is 1.87 pounds per cubic metre.",
             "Boil water notices follow low chlorine.", "Sampling happens at every service reservoir.",
@@ -113,9 +113,33 @@ def test_lora_trains_only_the_adapter(one_thread):
     assert res.losses[-1] < res.losses[0]
 
 
+@pytest.mark.parametrize("lora_rank", [0, 2])
+def test_interpolation_is_the_weight_space_mix(one_thread, lora_rank):
+    """WiSE-FT: a run with interpolate=a returns a * (the same run's tuned weights) + (1 - a) * untuned, tensor by
+    tensor, for all weights and for a merged LoRA update alike; a = 1 is the tuned run itself."""
+    enc = tiny_encoder()
+    pairs = [Pair(q, i, frozenset({i})) for i, q in enumerate(QUESTIONS)]
+    cfg = dict(epochs=3, lr=1e-2, batch=6, lora_rank=lora_rank, seed=3)
+    full = tune(enc, PASSAGES, pairs, TuneConfig(**cfg)).encoder.model.state_dict()
+    half = tune(enc, PASSAGES, pairs, TuneConfig(**cfg, interpolate=0.25)).encoder.model.state_dict()
+    base = enc.model.state_dict()
+    moved = 0
+    for k, b in base.items():
+        torch.testing.assert_close(half[k], 0.25 * full[k] + 0.75 * b, rtol=1e-5, atol=1e-6)
+        moved += not torch.equal(full[k], b)
+    assert moved  # the tuned run changed something, so the check above is not base == base
+    again = tune(enc, PASSAGES, pairs, TuneConfig(**cfg, interpolate=1.0)).encoder
+    assert all(torch.equal(again.model.state_dict()[k], full[k]) for k in base)
+    # the bench's shortcut (one run, several factors) gives the encoder a run with that factor gives
+    mixed = mixed_encoder(again, enc, 0.25)
+    np.testing.assert_allclose(mixed.encode(QUESTIONS), tune(enc, PASSAGES, pairs, TuneConfig(
+        **cfg, interpolate=0.25)).encoder.encode(QUESTIONS), atol=1e-5)
+
+
 def test_bad_settings_are_one_line_errors():
     for cfg, flag in ((TuneConfig(epochs=0), "--epochs"), (TuneConfig(lr=0.0), "--lr"),
-                      (TuneConfig(batch=1), "--batch"), (TuneConfig(lora_rank=-1), "--lora-rank")):
+                      (TuneConfig(batch=1), "--batch"), (TuneConfig(lora_rank=-1), "--lora-rank"),
+                      (TuneConfig(interpolate=0.0), "--interpolate"), (TuneConfig(interpolate=1.5), "--interpolate")):
         with pytest.raises(ValueError, match=flag):
             cfg.check()
     with pytest.raises(ValueError, match="at least 2"):
