@@ -4,13 +4,13 @@ answers every question through the engine, the files are written, and the report
 recomputed from the per-question records. Then the CLI's one-line errors for bad input."""
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import sys
 
 import numpy as np
 import pytest
+from hash_encoder import HashEncoder
 import torch
 from tiny_phi3 import randomize_lora_B, save_tiny
 
@@ -43,22 +43,6 @@ QA = [
 ]
 
 
-class BagOfWords:
-    """Words hashed into signed buckets: deterministic, and questions land near the chunks sharing their words."""
-
-    def __init__(self, dim: int = 64, name: str = "test-bag-of-words"):
-        self.dim, self.name = dim, name
-
-    def encode(self, texts):
-        out = np.zeros((len(texts), self.dim), np.float32)
-        for i, t in enumerate(texts):
-            for w in re.findall(r"[a-z0-9]+", t.lower()):
-                h = int(hashlib.md5(w.encode()).hexdigest(), 16)
-                out[i, h % self.dim] += 1.0 if (h >> 64) & 1 else -1.0
-        out[:, 0] += 1e-3
-        return out / np.linalg.norm(out, axis=1, keepdims=True)
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("evaluate")
@@ -74,7 +58,7 @@ def setup(tmp_path_factory):
     docs.mkdir()
     for n, text in DOCS.items():
         (docs / n).write_text(text)
-    for folder, enc in (("index", BagOfWords()), ("baseline", BagOfWords(48, "test-baseline"))):
+    for folder, enc in (("index", HashEncoder()), ("baseline", HashEncoder(48, "test-baseline"))):
         with Index.open(root / folder, encoder=enc) as ix:
             ix.add([docs])
     data = root / "qa.jsonl"
@@ -88,7 +72,7 @@ def run(setup):
     out = root / "out"
     report = evaluate(model, data, index=root / "index", adapters=adapters, k=K, out=out, max_new_tokens=6,
                       max_batch=4, seed=5, retriever_baseline=root / "baseline", dtype=torch.float32,
-                      encoder=BagOfWords(), baseline_encoder=BagOfWords(48, "test-baseline"), log=None)
+                      encoder=HashEncoder(), baseline_encoder=HashEncoder(48, "test-baseline"), log=None)
     records = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
     ret = [json.loads(x) for x in (out / "retrieval.jsonl").read_text().splitlines()]
     return report, records, ret, out
@@ -206,7 +190,7 @@ def test_a_gold_source_missing_from_the_index_names_file_line(setup, tmp_path):
     data = tmp_path / "qa.jsonl"
     data.write_text(json.dumps(QA[0]) + "\n" + json.dumps({**QA[1], "sources": ["nowhere.md"]}) + "\n")
     with pytest.raises(QAError, match=rf"^{re.escape(str(data))}:2: field 'sources' names 'nowhere.md'"):
-        evaluate(model, data, index=root / "index", encoder=BagOfWords(), log=None)
+        evaluate(model, data, index=root / "index", encoder=HashEncoder(), log=None)
 
 
 # ------------------------------------------------------------------------------------------------------- CLI

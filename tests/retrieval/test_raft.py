@@ -3,14 +3,12 @@ the gold chunk is kept at rate p, distractors are retrieved chunks and never the
 its citation points at the gold, unanswerable questions abstain, and the same seed gives the same rows."""
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import re
 from pathlib import Path
 
-import numpy as np
 import pytest
+from hash_encoder import HashEncoder
 
 from phiforge.retrieval.qa import ABSTAIN_ANSWER, QARow, abstained, closed_book_messages
 from phiforge.retrieval.raft import (RaftError, answer_sentence, closed_book_rows, gold_chunk, is_qa_file,
@@ -20,20 +18,6 @@ from phiforge.retrieval.store import Index
 
 REPO = Path(__file__).resolve().parents[2]
 DOCS = REPO / "data" / "docs"
-
-
-class HashEncoder:
-    """Bag of words hashed into signed buckets: retrieval that ranks by shared words, with no model to load."""
-    name, dim = "test-hash-encoder", 128
-
-    def encode(self, texts):
-        out = np.zeros((len(texts), self.dim), np.float32)
-        for i, t in enumerate(texts):
-            for w in re.findall(r"[a-z0-9]+", t.lower()):
-                h = int(hashlib.md5(w.encode()).hexdigest(), 16)
-                out[i, h % self.dim] += 1.0 if (h >> 64) & 1 else -1.0
-        out[:, 0] += 1e-3
-        return out / np.linalg.norm(out, axis=1, keepdims=True)
 
 
 class WordTokenizer:
@@ -49,7 +33,7 @@ class WordTokenizer:
 
 @pytest.fixture(scope="module")
 def index(tmp_path_factory):
-    ix = Index.open(tmp_path_factory.mktemp("raft") / "index", encoder=HashEncoder())
+    ix = Index.open(tmp_path_factory.mktemp("raft") / "index", encoder=HashEncoder(128))
     ix.add([DOCS])
     yield ix
     ix.close()

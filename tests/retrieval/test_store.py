@@ -14,32 +14,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hash_encoder import HashEncoder
 
 from phiforge.retrieval.chunking import Chunk
 from phiforge.retrieval.rwlock import RWLock
 from phiforge.retrieval.store import EmptyIndexError, Index, IndexCorrupt, IndexMismatch
 from phiforge.retrieval.vectors import EXACT_THRESHOLD
 
-FAKE_ENCODER = '''
-import hashlib, re
-import numpy as np
-
-class HashEncoder:
-    """Bag of words hashed into `dim` signed buckets; counts every text it embeds."""
-    def __init__(self, dim=64, name="test-hash-encoder"):
-        self.dim, self.name, self.calls, self.texts = dim, name, 0, 0
-    def encode(self, texts):
-        self.calls += 1
-        self.texts += len(texts)
-        out = np.zeros((len(texts), self.dim), np.float32)
-        for i, t in enumerate(texts):
-            for w in re.findall(r"[a-z0-9]+", t.lower()):
-                h = int(hashlib.md5(w.encode()).hexdigest(), 16)
-                out[i, h % self.dim] += 1.0 if (h >> 64) & 1 else -1.0
-        out[:, 0] += 1e-3  # never a zero vector
-        return out / np.linalg.norm(out, axis=1, keepdims=True)
-'''
-exec(FAKE_ENCODER)
+# the probes below run in subprocesses: they import the same stand-in encoder from tests/
+TESTS = Path(__file__).resolve().parents[1]
+FAKE_ENCODER = f"import sys\nsys.path.insert(0, {str(TESTS)!r})\nfrom hash_encoder import HashEncoder\n"
 REPO = Path(__file__).resolve().parents[2]
 
 
