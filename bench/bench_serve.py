@@ -7,7 +7,7 @@ A load client in the manner of vLLM's serving benchmark: streamed /v1/completion
   - at a Poisson request rate (`--rate` requests/s, exponential gaps, no concurrency cap).
 
 Per run: completed, failed, duration_s, request_throughput (requests/s), output_throughput (tokens/s), and p50/p99
-(and mean) of
+(and p99.9, max and mean) of
   - ttft_s: send → first streamed text;
   - tpot_s: (latency − ttft) / (output tokens − 1), per request;
   - itl_s: the gaps between consecutive streamed chunks, pooled over requests;
@@ -78,7 +78,9 @@ def pct(xs: list[float], q: float) -> float | None:
 
 
 def summary(xs: list[float]) -> dict[str, float | None]:
-    return {"p50": pct(xs, 50), "p99": pct(xs, 99), "mean": statistics.fmean(xs) if xs else None}
+    # p99.9 and max too: a server that stalls a few streams for seconds can keep those gaps just above its p99
+    return {"p50": pct(xs, 50), "p99": pct(xs, 99), "p99.9": pct(xs, 99.9), "max": max(xs) if xs else None,
+            "mean": statistics.fmean(xs) if xs else None}
 
 
 async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: str, max_tokens: int) -> dict:
