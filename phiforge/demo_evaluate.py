@@ -64,7 +64,8 @@ def _configs(steps: int, raft_steps: int, lr: float, index: Path, out: Path) -> 
 
 def _key(config: TrainConfig) -> dict:
     data = data_dir()
-    fields = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("out", "index", "model")}
+    # paths differ between checkouts and say nothing of the content: the hashes below stand for them
+    fields = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("out", "index", "model", "data")}
     key = {"config": fields, "qa_sha256": _sha([Path(config.data)]),
            "docs_sha256": _sha([p for p in (data / "docs").iterdir() if p.is_file()])}
     return json.loads(json.dumps(key))  # as read back from its file: tuples become lists

@@ -1,5 +1,5 @@
 """The demo's evaluate part keeps its two adapters keyed by what shapes them: a matching key reuses the adapter
-without training, a changed option or Q/A file trains again, and an interrupted training is never taken as done."""
+without training (from any checkout), a changed option or Q/A file trains again, and an interrupted training is never taken as done."""
 from __future__ import annotations
 
 import dataclasses
@@ -50,6 +50,9 @@ def test_key_follows_the_qa_file(home, tmp_path):
     qa = tmp_path / "qa.jsonl"
     qa.write_text('{"question": "q", "answer": "a"}\n')
     a = demo_evaluate._key(dataclasses.replace(cfg, data=str(qa)))
+    other = tmp_path / "elsewhere.jsonl"  # the same file in another checkout: the same key
+    other.write_text(qa.read_text())
+    assert demo_evaluate._key(dataclasses.replace(cfg, data=str(other))) == a
     qa.write_text('{"question": "q", "answer": "b"}\n')
     assert demo_evaluate._key(dataclasses.replace(cfg, data=str(qa))) != a
 
