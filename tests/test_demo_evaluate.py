@@ -50,7 +50,8 @@ def test_key_follows_the_qa_file(home, tmp_path):
     qa = tmp_path / "qa.jsonl"
     qa.write_text('{"question": "q", "answer": "a"}\n')
     a = demo_evaluate._key(dataclasses.replace(cfg, data=str(qa)))
-    other = tmp_path / "elsewhere.jsonl"  # the same file in another checkout: the same key
+    other = tmp_path / "another-checkout" / "qa.jsonl"  # the same file in another checkout: the same key
+    other.parent.mkdir()
     other.write_text(qa.read_text())
     assert demo_evaluate._key(dataclasses.replace(cfg, data=str(other))) == a
     qa.write_text('{"question": "q", "answer": "b"}\n')
