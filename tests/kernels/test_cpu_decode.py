@@ -151,24 +151,35 @@ def test_steps_aside_for_weights_it_cannot_read_flat(tmp_path):
     assert (got - ref).abs().max().item() <= 1e-4
 
 
-def _run_batch(model, lens: list[int], steps: int, native: bool, seed: int):
-    """Left-padded prompts of `lens` tokens (pad slots at position -1), then `steps` batched decode steps."""
+def _decode(model, lens: list[int], steps: int, native: bool, seed: int, adapters=None, slots=None,
+            rowwise: bool = False):
+    """Left-padded prompts of `lens` tokens (pad slots at position -1), then `steps` batched decode steps; with
+    `adapters`, row b on adapter slot slots[b] (-1: the base) in the prefill and every step (rowwise: the native
+    epilogue one row at a time instead of grouped by adapter). Returns (logits per step, cache, the DecodeStep)."""
     vocab, B, P = model.config.vocab_size, len(lens), max(lens)
     ids = torch.randint(0, vocab, (B, P + steps), generator=torch.Generator().manual_seed(seed))
     pos = torch.full((B, P), -1)
     for b, n in enumerate(lens):
         pos[b, P - n:] = torch.arange(n)
     cache = model.new_cache(B, P + steps)
+    rows = adapters.rows(torch.tensor(slots)) if adapters is not None else contextlib.nullcontext()
     with contextlib.nullcontext() if native else cpu_decode.LIB.disabled():
-        with torch.inference_mode():
+        with torch.inference_mode(), rows:
             model(ids[:, :P], position_ids=pos, cache=cache, num_logits=1)
             step = DecodeStep(model, cache)
             assert (step.native is not None) == native
+            if rowwise:
+                step.native.set_lora_rowwise(True)
             nxt, out = torch.tensor(lens), []
             for t in range(steps):
                 out.append(step(ids[:, P + t], nxt).float())
                 nxt = nxt + 1
-    return torch.stack(out), cache
+    return torch.stack(out), cache, step
+
+
+def _run_batch(model, lens: list[int], steps: int, native: bool, seed: int):
+    out, cache, _ = _decode(model, lens, steps, native, seed)
+    return out, cache
 
 
 @pytest.mark.parametrize("lens", [[7, 19, 1], [5, 3, 9, 9, 2, 11, 4, 6, 8]])     # 9 rows: blocks of 8 and 1
@@ -233,25 +244,9 @@ def _adapters(model, seed: int) -> AdapterSet:
 
 def _run_adapters(model, adapters, lens: list[int], slots: list[int], steps: int, native: bool, seed: int,
                   rowwise: bool = False):
-    """_run_batch with adapter rows: row b on adapter slot slots[b] (-1: the base), in the prefill and every step;
-    rowwise: the native epilogue one row at a time instead of grouped by adapter."""
-    vocab, B, P = model.config.vocab_size, len(lens), max(lens)
-    ids = torch.randint(0, vocab, (B, P + steps), generator=torch.Generator().manual_seed(seed))
-    pos = torch.full((B, P), -1)
-    for b, n in enumerate(lens):
-        pos[b, P - n:] = torch.arange(n)
-    cache = model.new_cache(B, P + steps)
-    with contextlib.nullcontext() if native else cpu_decode.LIB.disabled():
-        with torch.inference_mode(), adapters.rows(torch.tensor(slots)):
-            model(ids[:, :P], position_ids=pos, cache=cache, num_logits=1)
-            step = DecodeStep(model, cache)
-            if rowwise:
-                step.native.set_lora_rowwise(True)
-            nxt, out = torch.tensor(lens), []
-            for t in range(steps):
-                out.append(step(ids[:, P + t], nxt).float())
-                nxt = nxt + 1
-    return torch.stack(out), step.steps
+    """_decode with adapter rows; returns (logits per step, the paths the steps took)."""
+    out, _, step = _decode(model, lens, steps, native, seed, adapters, slots, rowwise)
+    return out, step.steps
 
 
 @pytest.mark.parametrize("case", ["dense", "nf4"])
