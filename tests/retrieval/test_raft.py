@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from hash_encoder import HashEncoder
+from word_tokenizer import WordTokenizer
 
 from phiforge.retrieval.qa import ABSTAIN_ANSWER, QARow, abstained, closed_book_messages
 from phiforge.retrieval.raft import (RaftError, answer_sentence, closed_book_rows, gold_chunk, is_qa_file,
@@ -18,17 +19,6 @@ from phiforge.retrieval.store import Index
 
 REPO = Path(__file__).resolve().parents[2]
 DOCS = REPO / "data" / "docs"
-
-
-class WordTokenizer:
-    def encode(self, text, add_special_tokens=True):
-        return text.split()
-
-    def decode(self, ids, skip_special_tokens=False):
-        return " ".join(ids)
-
-    def apply_chat_template(self, messages, add_generation_prompt=True):
-        return " ".join(f"<{m['role']}> {m['content']}" for m in messages).split()
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from word_tokenizer import WordTokenizer
 
 from phiforge.retrieval.rag import (Answer, Source, answer_question, build_prompt, format_sources,
                                     parse_citations)
@@ -21,21 +22,6 @@ from phiforge.retrieval.store import Hit, Index
 
 REPO = Path(__file__).resolve().parents[2]
 DOCS = REPO / "data" / "docs"
-
-
-class WordTokenizer:
-    """One token per whitespace-separated word; the 'chat template' joins role and content."""
-
-    def encode(self, text, add_special_tokens=True):
-        return text.split()
-
-    def decode(self, ids, skip_special_tokens=False):
-        return " ".join(ids)
-
-    def apply_chat_template(self, messages, add_generation_prompt=True):
-        text = " ".join(f"<{m['role']}> {m['content']}" for m in messages) + (" <assistant>" if add_generation_prompt
-                                                                              else "")
-        return self.encode(text)
 
 
 class FakeGenerator:
