@@ -18,16 +18,14 @@ import argparse
 import dataclasses
 import hashlib
 import json
-import os
 import shutil
 import time
 from pathlib import Path
 
-import torch
-
 from phiforge.commands.finetune import prepare_data
+from phiforge.demo_finetune import training_threads
 from phiforge.engine.atomic import write_json_atomic
-from phiforge.engine.fetch import default_model_path
+from phiforge.engine.fetch import default_model_path, phiforge_home
 from phiforge.engine.train import finetune
 from phiforge.engine.train_config import TrainConfig
 from phiforge.evaluation import evaluate
@@ -39,7 +37,7 @@ KEY_FILE = "demo_key.json"
 
 
 def _home() -> Path:
-    return Path(os.environ.get("PHIFORGE_HOME") or Path.home() / ".cache" / "phiforge") / "demo-eval"
+    return phiforge_home() / "demo-eval"
 
 
 def _sha(paths: list[Path]) -> str:
@@ -95,16 +93,9 @@ def prepare(steps: int = 60, raft_steps: int = 30, lr: float = 3e-3, retrain: bo
     index = demo_index_dir()
     with Index.open(index) as ix:
         refresh_demo_index(ix)
-    threads = torch.get_num_threads()
-    if os.getloadavg()[0] > (os.cpu_count() or 1):
-        # on an oversubscribed machine OpenMP fork/join waits for descheduled threads: one thread is the safe choice
-        torch.set_num_threads(1)
-        print(f"(load average {os.getloadavg()[0]:.1f} > {os.cpu_count()} cores: training on 1 thread)")
-    try:
+    with training_threads():
         configs = _configs(steps, raft_steps, lr, index, _home())
         return index, {name: _adapter(name, cfg, retrain) for name, cfg in configs.items()}
-    finally:
-        torch.set_num_threads(threads)
 
 
 def run_evaluate_demo(steps: int = 60, raft_steps: int = 30, lr: float = 3e-3, retrain: bool = False, k: int = 3,

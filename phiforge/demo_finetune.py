@@ -13,7 +13,9 @@ import argparse
 import os
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -41,13 +43,20 @@ def _answer(model, tok, question: str, max_new_tokens: int = 40) -> str:
 def run_finetune_demo(steps: int = 20, out: str | Path | None = None, lr: float = 3e-3, batch_size: int = 8,
                       question: str = QUESTION, data: str | Path | None = None) -> dict:
     """Train a QLoRA adapter for `steps` steps and print the answer to `question` without and with it."""
+    with training_threads():
+        return _run(steps, out, lr, batch_size, question, data)
+
+
+@contextmanager
+def training_threads() -> Iterator[None]:
+    """One torch thread while the machine is oversubscribed, torch's own count back afterwards."""
     threads = torch.get_num_threads()
     if os.getloadavg()[0] > (os.cpu_count() or 1):
         # On an oversubscribed machine OpenMP fork/join waits for descheduled threads: one thread is the safe choice.
         torch.set_num_threads(1)
         print(f"(load average {os.getloadavg()[0]:.1f} > {os.cpu_count()} cores: training on 1 thread)")
     try:
-        return _run(steps, out, lr, batch_size, question, data)
+        yield
     finally:
         torch.set_num_threads(threads)
 

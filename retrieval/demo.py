@@ -8,11 +8,11 @@ number, its text), so a wrong answer never reads as a success.
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
 from pathlib import Path
 
+from phiforge.engine.fetch import phiforge_home
 from phiforge.engine.pretrained import compute_dtype, load_generator
 
 from .rag import answer_question, format_sources
@@ -38,8 +38,7 @@ def answered(expected: str, text: str) -> bool:
 
 
 def demo_index_dir() -> Path:
-    home = Path(os.environ.get("PHIFORGE_HOME") or Path.home() / ".cache" / "phiforge")
-    return home / "demo-index"
+    return phiforge_home() / "demo-index"
 
 
 def refresh_demo_index(ix: Index) -> None:
