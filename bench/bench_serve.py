@@ -182,6 +182,7 @@ def phiforge_cmd(model: Path, port: int, args: argparse.Namespace, quant: str | 
     cmd += ["--quant", quant] if quant else []
     cmd += ["--threads", str(args.threads)] if args.threads else []
     cmd += ["--prefill-chunk", str(args.prefill_chunk)] if args.prefill_chunk else []
+    cmd += ["--step-tokens", str(args.step_tokens)] if args.step_tokens else []
     for name, path in adapters:
         cmd += ["--adapter", f"{name}={path}"]
     return cmd
@@ -260,6 +261,7 @@ def main() -> None:
                     help="--lora: runs of each side, interleaved; the ratio is of their median throughputs")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--prefill-chunk", type=int, default=None, help="phiforge serve --prefill-chunk")
+    ap.add_argument("--step-tokens", type=int, default=None, help="phiforge serve --step-tokens")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="concurrency 1,4, 8 prompts, 32-64 new tokens, no rate")
     ap.add_argument("--out", default=None, help="also write the JSON here")

@@ -7,9 +7,9 @@
 
 Each `step()` (engine/scheduler.py gives the order) decodes one token for every running request in one call of
 engine/decode.py's step over their KV rows, each row at its own length (native C for dense/NF4 models, torch for
-the rest), prefills prompt chunks of newly admitted requests through `model.forward` on their own rows within a
-per-step token budget, samples every request with its own parameters and seeded generator, applies its stop
-rules, and streams a Delta to its Handle. A request that ends (stop id, stop string, length, abort) frees its row
+the rest), prefills prompt chunks of newly admitted requests through `model.forward` on their own rows (a chunk
+per request within a per-step token budget), samples every request with its own parameters and seeded
+generator, applies its stop rules, and streams a Delta to its Handle. A request that ends (stop id, stop string, length, abort) frees its row
 at once; the next step admits the next waiting one. KV memory and the admission rule (reserve prompt +
 max_tokens: no request ever outgrows its row, no preemption) are in engine/kv_memory.py.
 
@@ -64,15 +64,18 @@ log = logging.getLogger(__name__)
 
 class Engine:
     def __init__(self, model: torch.nn.Module, tokenizer: Any, *, max_batch: int = 16, kv_tokens: int | None = None,
-                 prefill_chunk: int = 256, max_queue: int = 256, max_adapters: int | None = None,
+                 prefill_chunk: int = 256, step_tokens: int = 4096, max_queue: int = 256,
+                 max_adapters: int | None = None,
                  adapters: dict[str, str] | None = None, prefix_cache: bool = True, lean_decode: bool = True,
                  start: bool = True) -> None:
-        """max_adapters: adapter slots (None: multi_lora.DEFAULT_MAX_ADAPTERS when `adapters` are given, else none; 0: none, and
+        """prefill_chunk: prompt tokens a request prefills per step; step_tokens: prompt tokens per step in all
+        (engine/scheduler.py says why two budgets); max_adapters: adapter slots (None: multi_lora.DEFAULT_MAX_ADAPTERS when `adapters` are given, else none; 0: none, and
         the model is left as it is); adapters: name -> PEFT directory, loaded at start."""
         cfg = model.config
-        if max_batch < 1 or prefill_chunk < 1 or max_queue < 1:
-            raise ValueError(f"max_batch, prefill_chunk and max_queue must be >= 1, got {max_batch}, "
-                             f"{prefill_chunk}, {max_queue}")
+        for name, v in (("max_batch", max_batch), ("prefill_chunk", prefill_chunk), ("step_tokens", step_tokens),
+                        ("max_queue", max_queue)):
+            if v < 1:
+                raise ValueError(f"{name} must be >= 1, got {v}")
         row_len = (kv_tokens // max_batch if kv_tokens is not None
                    else min(DEFAULT_ROW_TOKENS, cfg.max_position_embeddings))
         if row_len < 2:
@@ -80,7 +83,7 @@ class Engine:
         self.model, self.tokenizer, self.config = model.eval(), tokenizer, cfg
         self.stop_ids = frozenset(int(i) for i in tokenizer.stop_ids)
         self.kv = KVMemory(model, max_batch, min(row_len, cfg.max_position_embeddings))
-        self.scheduler = Scheduler(self.kv, prefill_chunk, model.rotary_emb.use_long)
+        self.scheduler = Scheduler(self.kv, prefill_chunk, step_tokens, model.rotary_emb.use_long)
         self.scheduler.prefix_reuse = prefix_cache
         self.adapter_set = serving_adapters(model, dict(adapters or {}), max_adapters)
         self.max_adapters = 0 if self.adapter_set is None else self.adapter_set.max_adapters

@@ -6,9 +6,16 @@ Every step, in this order:
      request takes one (the free row sharing the longest prefix with its prompt, among rows written under the same
      adapter: `Sequence.kv_key`), with its LongRoPE regime fixed
      from the largest position it may run at (engine/generate.py states the rule).
-  3. **Work**: every running request whose prompt is in the cache decodes one token; requests still prefilling
-     get prompt chunks, oldest first, within `prefill_chunk` prompt tokens per step in all. Decodes and chunks
-     share the step, so a long prompt arriving delays the running streams by at most one chunk per step.
+  3. **Work**: every running request whose prompt is in the cache decodes one token; every request still
+     prefilling gets its next prompt chunk of up to `prefill_chunk` tokens, oldest first, while the step's
+     `step_tokens` prompt budget lasts. Decodes and chunks share the step, so a long prompt arriving delays the
+     running streams by one chunk per step, never by the whole prompt.
+     Why a chunk per request rather than one chunk per step in all: requests that arrive together (a burst, the
+     refill after a batch finished together) are prefilled together, each getting its first token in the same
+     step, and then stream without stalling one another. With one chunk per step in all, the first of them to
+     finish its prompt starts streaming and is stalled again by every chunk of the others, so a burst of n prompts
+     stalls the early streams n times (vLLM V1 splits the same two budgets: `long_prefill_token_threshold` per
+     request, `max_num_batched_tokens` per step).
   4. After the model ran: each request with logits samples a token and tests its stop rules; one that ends
      frees its row, which the next step's admission hands to the next waiting request.
 
@@ -61,8 +68,8 @@ class Plan:
 
 
 class Scheduler:
-    def __init__(self, kv: KVMemory, prefill_chunk: int, use_long) -> None:
-        self.kv, self.prefill_chunk, self.use_long = kv, prefill_chunk, use_long
+    def __init__(self, kv: KVMemory, prefill_chunk: int, step_tokens: int, use_long) -> None:
+        self.kv, self.prefill_chunk, self.step_tokens, self.use_long = kv, prefill_chunk, step_tokens, use_long
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []       # in admission order
         self.prefix_reuse = True
@@ -99,11 +106,11 @@ class Scheduler:
         return admitted
 
     def plan(self) -> Plan:
-        chunks, budget, decodes = [], self.prefill_chunk, []
+        chunks, budget, decodes = [], self.step_tokens, []
         for seq in self.running:
             if seq.prefilling:
-                if budget > 0:
-                    n = min(budget, len(seq.req.prompt_ids) - seq.computed)
+                n = min(self.prefill_chunk, budget, len(seq.req.prompt_ids) - seq.computed)
+                if n > 0:
                     chunks.append((seq, seq.computed, n))
                     budget -= n
             elif seq.out:

@@ -44,8 +44,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-batch", type=int, default=16, help="requests decoded together per step")
     p.add_argument("--prefill-chunk", type=int, default=None, metavar="N",
-                   help="prompt tokens prefilled per step beside the decodes: smaller keeps inter-token gaps short "
-                        "while a prompt arrives, larger gives a sooner first token (default: the engine's)")
+                   help="prompt tokens a request prefills per step beside the decodes: smaller keeps inter-token "
+                        "gaps short while a long prompt arrives, larger gives a sooner first token "
+                        "(default: the engine's, 256)")
+    p.add_argument("--step-tokens", type=int, default=None, metavar="N",
+                   help="prompt tokens per step in all, across the requests prefilling together; bounds the "
+                        "stall a burst of arrivals puts on the running streams (default: the engine's, 4096)")
     p.add_argument("--max-queue", type=int, default=256, help="requests waiting beyond the batch; more get a 429")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -69,7 +73,8 @@ def _adapters(specs: list[str]) -> list[tuple[str, Path]]:
 def _check(args: argparse.Namespace) -> None:
     for flag, v, lo in (("--port", args.port, 0), ("--max-batch", args.max_batch, 1),
                         ("--max-queue", args.max_queue, 0), ("--threads", args.threads, 1),
-                        ("--max-adapters", args.max_adapters, 0), ("--prefill-chunk", args.prefill_chunk, 1)):
+                        ("--max-adapters", args.max_adapters, 0), ("--prefill-chunk", args.prefill_chunk, 1),
+                        ("--step-tokens", args.step_tokens, 1)):
         if v is not None and v < lo:
             raise ValueError(f"{flag} must be >= {lo}, got {v}")
     if args.port > 65535:
@@ -98,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         model = load_model(path, dtype=args.dtype or compute_dtype(), quant=args.quant)
         tokenizer = load_tokenizer(path)
-        chunk = {"prefill_chunk": args.prefill_chunk} if args.prefill_chunk else {}
+        chunk = {k: v for k, v in (("prefill_chunk", args.prefill_chunk), ("step_tokens", args.step_tokens)) if v}
         engine = Engine(model, tokenizer, max_batch=args.max_batch, max_queue=args.max_queue,
                         max_adapters=args.max_adapters, adapters={n: str(d) for n, d in adapters}, **chunk)
     except (ValueError, OSError) as e:  # the loaders' errors name the file and the field

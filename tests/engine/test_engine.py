@@ -102,6 +102,36 @@ def test_abort_frees_memory_within_a_step_and_full_budget_makes_new_requests_wai
     assert e.stats()["aborted_total"] == 1 and not b.done
 
 
+def test_prompts_arriving_together_prefill_together_a_chunk_each_within_the_step_budget(model):
+    """A burst is prefilled in the same step (each request up to prefill_chunk tokens, oldest first while
+    step_tokens lasts), so its short prompts all get their first token together; a long one advances one chunk a
+    step beside the running stream; the outputs still equal each request alone."""
+    e = Engine(model, StubTokenizer(), max_batch=4, kv_tokens=4 * 128, prefill_chunk=16, step_tokens=40,
+               prefix_cache=False, start=False)
+    reqs = [Request(random_prompt(5, 0), 30), Request(random_prompt(12, 1), 6), Request(random_prompt(12, 2), 6),
+            Request(random_prompt(50, 3), 6)]
+    running = e.submit(reqs[0])
+    e.step()
+    assert len(running.poll()) == 1                                     # streaming before the burst comes
+    burst = [e.submit(r) for r in reqs[1:]]
+    e.step()
+    seqs = {s.req.id: s for s in e.scheduler.running}
+    assert [len(h.poll()) for h in burst[:2]] == [1, 1]                 # both short prompts done in one step
+    assert seqs[reqs[3].id].computed == 16 and not burst[2].poll()     # the long one: one chunk (12 + 12 + 16 = 40)
+    e.step()
+    assert seqs[reqs[3].id].computed == 32                              # one chunk a step, not the whole prompt
+    while not all(h.done for h in [running, *burst]):
+        e.step()
+    for r, h in zip(reqs, [running, *burst]):
+        assert h.result().token_ids == _alone(model, Request(r.prompt_ids, r.max_tokens)).token_ids
+    tight = Engine(model, StubTokenizer(), max_batch=4, kv_tokens=4 * 128, prefill_chunk=16, step_tokens=20,
+                   prefix_cache=False, start=False)
+    hs = [tight.submit(Request(r.prompt_ids, r.max_tokens)) for r in reqs[1:]]
+    tight.step()
+    computed = [s.computed for s in tight.scheduler.running]
+    assert computed == [12, 8, 0] and len(hs[0].poll()) == 1 and not hs[1].poll()  # oldest first within the budget
+
+
 def test_admission_errors_before_any_compute(model):
     e = Engine(model, StubTokenizer(), max_batch=2, kv_tokens=2 * 64, max_queue=2, start=False)
     with pytest.raises(PromptTooLong, match="context") as err:

@@ -154,6 +154,7 @@ def test_metrics_count_what_was_served(tiny):
     (["--max-adapters", "-1"], "--max-adapters must be >= 0"),
     (["--max-adapters", "1", "--adapter", "a={d}", "--adapter", "b={d}"], "--max-adapters 1: 2 --adapter given"),
     (["--adapter", "a"], "expected NAME=DIR"),
+    (["--step-tokens", "0"], "--step-tokens must be >= 1, got 0"),
 ])
 def test_serve_flags_fail_in_one_line(argv, says, adapters, capsys):
     d = adapters[0][1]
