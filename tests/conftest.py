@@ -23,3 +23,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(params=["torch", "triton"])
+def kernel_path(request, monkeypatch):
+    """torch: the CPU path; triton: the Triton kernels in the interpreter (PHIFORGE_KERNELS=triton routes CPU
+    tensors to them)."""
+    if request.param == "triton":
+        monkeypatch.setenv("PHIFORGE_KERNELS", "triton")
+    else:
+        monkeypatch.delenv("PHIFORGE_KERNELS", raising=False)
+    return request.param

@@ -61,16 +61,6 @@ def _multi(tiny, names, quant=None, **kw):
     return model, adapters
 
 
-@pytest.fixture(params=["torch", "triton"])
-def path(request, monkeypatch):
-    """torch: the CPU path; triton: BGMV/SGMV (and the base layers' kernels) in the interpreter."""
-    if request.param == "triton":
-        monkeypatch.setenv("PHIFORGE_KERNELS", "triton")
-    else:
-        monkeypatch.delenv("PHIFORGE_KERNELS", raising=False)
-    return request.param
-
-
 IDS = torch.randint(0, 128, (5, 9), generator=torch.Generator().manual_seed(3))
 
 
@@ -78,7 +68,7 @@ IDS = torch.randint(0, 128, (5, 9), generator=torch.Generator().manual_seed(3))
     (None, ["a", "b", "c"], ["a", None, "b", "c", "a"]),
     ("nf4", ["q", "q2"], ["q2", "q", None, "q", "q2"]),
 ])
-def test_prefill_rows_equal_each_adapter_alone(tiny, quant, names, rows, path):
+def test_prefill_rows_equal_each_adapter_alone(tiny, quant, names, rows, kernel_path):
     model, adapters = _multi(tiny, names, quant=quant, max_adapters=4)
     slots = torch.tensor([adapters.slot(n) for n in rows])
     with torch.no_grad(), adapters.rows(slots):
@@ -93,7 +83,7 @@ def test_prefill_rows_equal_each_adapter_alone(tiny, quant, names, rows, path):
             assert (want - base[b]).abs().max() > 1e-2
 
 
-def test_decode_steps_equal_each_adapter_alone(tiny, path):
+def test_decode_steps_equal_each_adapter_alone(tiny, kernel_path):
     rows = ["b", None, "a", "c"]
     model, adapters = _multi(tiny, ["a", "b", "c"])
     slots = torch.tensor([adapters.slot(n) for n in rows])
@@ -121,7 +111,7 @@ def test_decode_steps_equal_each_adapter_alone(tiny, path):
         torch.testing.assert_close(got[b], run(_alone(tiny, n), IDS[b:b + 1])[0], **TOL)
 
 
-def test_packed_segments_equal_each_adapter_alone(tiny, path):
+def test_packed_segments_equal_each_adapter_alone(tiny, kernel_path):
     """A packed prefill: segments back to back in one row, positions restarting, segment_ids isolating them."""
     model, adapters = _multi(tiny, ["a", "b", "c"])
     lens, names = [4, 7, 3, 6], ["c", "a", None, "b"]

@@ -16,15 +16,6 @@ from phiforge.kernels.nf4 import quantize_nf4
 from ref_error import assert_within_ref_error
 
 
-@pytest.fixture(params=["triton", "torch"])
-def path(request, monkeypatch):
-    if request.param == "triton":
-        monkeypatch.setenv("PHIFORGE_KERNELS", "triton")
-    else:
-        monkeypatch.delenv("PHIFORGE_KERNELS", raising=False)
-    return request.param
-
-
 def _case(M, N, K, r, nf4, seed=0, blocksize=64):
     g = torch.Generator().manual_seed(seed)
     W = torch.randn(N, K, generator=g) * 0.05
@@ -48,7 +39,7 @@ def _run(fn, weight, x, A, B, dy, dtype, **kw):
 @pytest.mark.parametrize("nf4", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
-def test_forward_backward_match_reference(path, M, nf4, dtype, dropout):
+def test_forward_backward_match_reference(kernel_path, M, nf4, dtype, dropout):
     N, K, r, s = 33, 96, 8, 2.0
     weight, x, A, B, dy = _case(M, N, K, r, nf4)
 
@@ -77,7 +68,7 @@ def test_gradcheck_fp64(nf4, monkeypatch, one_thread):
     assert torch.autograd.gradcheck(lambda x, A, B: lora_linear(x, w, A, B, 0.5), args)
 
 
-def test_eval_mode_ignores_dropout_and_leading_dims(path):
+def test_eval_mode_ignores_dropout_and_leading_dims(kernel_path):
     weight, x, A, B, _ = _case(6, 17, 64, 4, nf4=False)
     x3 = x.view(2, 3, 64)
     y = lora_linear(x3, weight, A, B, 1.5, dropout=0.5, training=False)
@@ -87,7 +78,7 @@ def test_eval_mode_ignores_dropout_and_leading_dims(path):
     assert_within_ref_error(y, ref, ref64)
 
 
-def test_weight_is_frozen_and_lora_grads_keep_their_dtype(path):
+def test_weight_is_frozen_and_lora_grads_keep_their_dtype(kernel_path):
     """fp32 adapters on fp16 activations (the usual mixed set-up): grads come back in each parameter's dtype."""
     weight, x, A, B, dy = _case(3, 17, 64, 4, nf4=False)
     weight.requires_grad_()
