@@ -49,6 +49,7 @@ from .encoder import (ENCODER_NAME, TUNED_CONFIG, TUNED_FORMAT, Encoder, MiniLM,
 from .manifest import sha256_file
 
 SCALE = 20.0
+GRID_BUDGET = 2048  # padded tokens (texts x longest) per training forward
 MARGIN = 0.05  # a candidate scoring above (1 - MARGIN) * gold is taken for an unlabelled positive, not a negative
 LORA_TARGETS = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
                 "intermediate.dense", "output.dense")
@@ -131,11 +132,24 @@ def trainable_copy(enc: Encoder, lora_rank: int) -> MiniLM:
     return model
 
 
-def embed(model: MiniLM, ids: list[list[int]]) -> torch.Tensor:
-    """(N, H) unit vectors with autograd: one packed forward over every text of the step."""
-    pk = Packing([len(x) for x in ids])
-    flat = torch.tensor([t for x in ids for t in x], dtype=torch.long)  # (P,)
-    return model(flat, pk)
+def embed(model: MiniLM, ids: list[list[int]], grid_budget: int = GRID_BUDGET) -> torch.Tensor:
+    """(N, H) unit vectors with autograd, in the order of `ids`. Texts are sorted by length and packed into
+    forwards whose padded attention grid (count x longest) stays under `grid_budget` tokens: one forward over a
+    step's mixed short questions and long passages would pad every one of them to the longest in the attention
+    core. Each text's embedding depends only on its own tokens, so the grouping changes rounding, not the math."""
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    parts, start = [], 0
+    while start < len(order):
+        end = start + 1  # sorted order: the last text of a group is its longest
+        while end < len(order) and (end + 1 - start) * len(ids[order[end]]) <= grid_budget:
+            end += 1
+        group = order[start:end]
+        pk = Packing([len(ids[i]) for i in group])
+        flat = torch.tensor([t for i in group for t in ids[i]], dtype=torch.long)  # (P,)
+        parts.append(model(flat, pk))  # (len(group), H)
+        start = end
+    v = torch.cat(parts)  # (N, H) in sorted order
+    return v[torch.argsort(torch.tensor(order))]  # (N, H) back in the order of ids
 
 
 def mnrl_loss(q: torch.Tensor, d: torch.Tensor, cand: list[int], relevant: list[frozenset[int]],

@@ -9,10 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from phiforge.retrieval.encoder import (ENCODER_NAME, TUNED_CONFIG, BertConfig, Encoder, MiniLM, load_encoder,
-                                        load_wordpiece)
-from phiforge.retrieval.tune import (LORA_TARGETS, Pair, TuneConfig, lora_adapter, mine_hard_negatives, mixed_encoder,
-                                     mnrl_loss, save_tuned, trainable_copy, tune)
+from phiforge.retrieval.encoder import (ENCODER_NAME, TUNED_CONFIG, BertConfig, Encoder, MiniLM, Packing,
+                                        load_encoder, load_wordpiece)
+from phiforge.retrieval.tune import (LORA_TARGETS, Pair, TuneConfig, embed, lora_adapter, mine_hard_negatives,
+                                     mixed_encoder, mnrl_loss, save_tuned, trainable_copy, tune)
 
 PASSAGES = ["Burst mains are repaired within four hours.", "The tariff is 1.87 pounds per cubic metre.",
             "Boil water notices follow low chlorine.", "Sampling happens at every service reservoir.",
@@ -62,6 +62,25 @@ def test_mnrl_loss_matches_reference_and_masks_relevant():
     assert mnrl_loss(q[2:], torch.cat([d2[2:3], d2[[0, 1, 3, 4]]]), [12, 10, 11, 13, 11], relevant[2:]).item() == \
         pytest.approx(mnrl_loss(q[2:], torch.cat([d[2:3], d[[0, 1, 3, 4]]]), [12, 10, 11, 13, 11],
                                 relevant[2:]).item(), rel=1e-6)
+
+
+def test_grouped_embed_equals_one_forward(one_thread):
+    """embed() splits a step's texts into length-sorted forwards: same vectors, in the caller's order, and the same
+    gradients as the single padded forward it replaced."""
+    enc = tiny_encoder()
+    model = trainable_copy(enc, 0)
+    ids = enc.token_ids(PASSAGES + QUESTIONS + [" ".join(PASSAGES * 3)])  # one long text among short ones
+    pk = Packing([len(x) for x in ids])
+    ref = model(torch.tensor([t for x in ids for t in x]), pk)  # (N, H)
+    w = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1))
+    (ref * w).sum().backward()
+    ref_grad = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    got = embed(model, ids, grid_budget=64)  # small budget: several groups
+    (got * w).sum().backward()
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, ref_grad[n], rtol=1e-4, atol=1e-5, msg=n)
 
 
 def test_mining_skips_relevant_and_near_gold_passages():
