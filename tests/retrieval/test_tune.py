@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from phiforge.retrieval.encoder import (ENCODER_NAME, TUNED_CONFIG, BertConfig, Encoder, MiniLM, Packing,
                                         load_encoder, load_wordpiece)
-from phiforge.retrieval.tune import (LORA_TARGETS, Pair, TuneConfig, embed, lora_adapter, mine_hard_negatives,
+from phiforge.retrieval.tune import (LORA_TARGETS, Pair, TuneConfig, _remine, embed, lora_adapter, mine_hard_negatives,
                                      mixed_encoder, mnrl_loss, save_tuned, trainable_copy, tune)
 
 PASSAGES = ["Burst mains are repaired within four hours.", "The tariff is 1.87 pounds per cubic metre.",
@@ -91,6 +91,34 @@ def test_mining_skips_relevant_and_near_gold_passages():
     # cos(q, gold)=0.8: near-tie (0.786) is within 5% of it, so the hardest usable negative is "hard" (0.6)
     assert mine_hard_negatives(enc, corpus, [pair], k=2, depth=5) == [[3, 4]]
     assert mine_hard_negatives(enc, corpus, [pair], k=0) == [[]]
+
+
+def test_mining_from_golds_only():
+    """pool "golds": negatives come only from the pairs' gold passages, however well another passage scores."""
+    corpus = ["gold-a", "gold-b", "unlabelled", "gold-c"]
+    enc = TableEncoder({"qa": [1, 0, 0], "qb": [0, 1, 0], "qc": [0, 0, 1], "gold-a": [1, 0.1, 0],
+                        "gold-b": [0.1, 1, 0.3], "unlabelled": [0.9, 0.4, 0], "gold-c": [0.5, 0, 1]})
+    pairs = [Pair("qa", 0, frozenset({0})), Pair("qb", 1, frozenset({1})), Pair("qc", 3, frozenset({3}))]
+    # from the corpus, qa's hardest negative is the unlabelled passage; from the golds it is gold-c, then gold-b
+    assert mine_hard_negatives(enc, corpus, pairs, k=1, depth=4)[0] == [2]
+    assert mine_hard_negatives(enc, corpus, pairs, k=3, depth=4, pool="golds") == [[3, 1], [0, 3], [1, 0]]
+    with pytest.raises(ValueError, match="--negatives-from"):
+        mine_hard_negatives(enc, corpus, pairs, k=1, pool="everything")
+
+
+def test_remine_uses_the_model_being_tuned(one_thread):
+    """ANCE re-mining ranks with the training copy, not the encoder tuning started from, and tokenizes the passages
+    it adds."""
+    enc, other = tiny_encoder(0), tiny_encoder(1)
+    pairs = [Pair(q, i, frozenset({i})) for i, q in enumerate(QUESTIONS)]
+    cfg = TuneConfig(hard_negatives=2, negatives_from="corpus")
+    p_ids: dict[int, list[int]] = {}
+    got = _remine(trainable_copy(other, 0), enc, PASSAGES, pairs, cfg, p_ids)
+    assert got == mine_hard_negatives(other, PASSAGES, pairs, 2, cfg.mine_depth)
+    assert got != mine_hard_negatives(enc, PASSAGES, pairs, 2, cfg.mine_depth)
+    mined = {j for n in got for j in n}
+    assert mined and mined <= p_ids.keys()
+    assert all(p_ids[j] == enc.token_ids([PASSAGES[j]])[0] for j in mined)
 
 
 def test_loss_falls_on_tiny_model(one_thread):
