@@ -363,7 +363,8 @@ def tuning(epochs: int = 2, lr: float = 1e-4, batch: int = 32, hard_negatives: i
                     enc, vecs = base, cv
                 else:
                     train = [q for g, fold in enumerate(folds) if g != f for q in fold]
-                    enc, vecs = tune(base, corpus, pairs(train), dataclasses.replace(cfg, **over), say, cv).encoder, None
+                    enc = tune(base, corpus, pairs(train), dataclasses.replace(cfg, **over), say, cv).encoder
+                    vecs = None
                 ranked += ranks(enc, corpus, [queries[i] for i in val], cv=vecs)
                 rel += [relevant[i] for i in val]
             m = metrics(ranked, rel)
