@@ -24,7 +24,7 @@ All figures come from one run on this machine and print as one JSON document:
   tuning half's (question, relevant passage) pairs, and recall@1/5/10 and MRR@10 are measured on the held-out
   half before and after, in the same run. Out of its domain: the 12 questions of data/docs_questions.jsonl over
   the bundled documents' chunks (source found, MRR by source), before and after, with a paired bootstrap interval
-  of the MRR change. `--select` first picks the settings on a validation fifth of the tuning half.
+  of the MRR change. `--select` first picks the settings by 3-fold cross-validation inside the tuning half.
 
 Targets: encoder >= 1.2x the reference's passages/s; p50 search <= 2 ms at 30k chunks on one thread; tuned held-out
 recall@10 >= untuned + 0.05, and no out-of-domain MRR drop beyond its 95% interval.
@@ -308,20 +308,21 @@ def first_hit(ranked: list[list[int]], relevant: list[set[int]]) -> list[float]:
     return [next((1.0 / (i + 1) for i, d in enumerate(r) if d in rel), 0.0) for r, rel in zip(ranked, relevant)]
 
 
-# (epochs, lr, batch, hard negatives, LoRA rank; 0 = all weights) tried by --select; tuning()'s defaults are the
-# setting it picked (validation recall@10 on a fifth of the tuning half), interpolation factor included
-SELECTION_GRID = [(1, 2e-5, 32, 1, 0), (2, 2e-5, 32, 1, 0), (2, 5e-5, 32, 1, 0), (4, 5e-5, 32, 1, 0),
-                  (2, 1e-4, 32, 1, 0), (2, 5e-5, 32, 0, 0), (2, 1e-4, 32, 1, 16), (4, 3e-4, 32, 1, 16),
-                  (2, 1e-4, 32, 3, 0), (2, 1e-4, 64, 1, 0), (2, 2e-4, 32, 1, 0), (3, 1e-4, 32, 1, 0),
-                  (3, 3e-4, 32, 1, 0)]
-# WiSE-FT factors (TuneConfig.interpolate) scored on every run of the grid: each a mix of that run's weights with
-# the untuned ones, so they cost an evaluation each, not a run
-WISE_FACTORS = (0.3, 0.5, 0.8, 1.0)
+# TuneConfig settings (over its defaults) compared by --select with 3-fold cross-validation inside the tuning half:
+# every tuning question is validated once, by a run that did not train on it; the held-out half is never seen.
+# tuning()'s defaults are the setting it picked
+SELECTION_GRID = [{"negatives_from": "corpus", "hard_negatives": 3}, {"negatives_from": "corpus", "hard_negatives": 7},
+                  {"negatives_from": "corpus", "hard_negatives": 3, "remine": True},
+                  {"negatives_from": "corpus", "hard_negatives": 3, "remine": True, "epochs": 3},
+                  {"hard_negatives": 0}, {"negatives_from": "corpus", "hard_negatives": 3, "batch": 16},
+                  {"negatives_from": "corpus", "hard_negatives": 3, "scale": 10.0}, {"hard_negatives": 3},
+                  {"hard_negatives": 3, "remine": True}, {"hard_negatives": 7}]
+CV_FOLDS = 3
 
 
-def tuning(epochs: int = 2, lr: float = 1e-4, batch: int = 32, hard_negatives: int = 3, lora_rank: int = 0,
-           interpolate: float = 1.0, seed: int = 0, select: bool = False, grid: list[tuple] | None = None,
-           factors: tuple[float, ...] = WISE_FACTORS, threads: int | None = 1, log=None) -> dict:
+def tuning(epochs: int = 2, lr: float = 1e-4, batch: int = 32, hard_negatives: int = 7, lora_rank: int = 0,
+           interpolate: float = 1.0, negatives_from: str = "golds", remine: bool = False, seed: int = 0,
+           select: bool = False, grid: list[dict] | None = None, threads: int | None = 1, log=None) -> dict:
     """Held-out retrieval on chatterbot before and after tuning on the other half; out-of-domain check on the docs.
 
     threads: torch threads while tuning (None: torch's choice); one by default because on a shared 2-core machine a
@@ -329,7 +330,7 @@ def tuning(epochs: int = 2, lr: float = 1e-4, batch: int = 32, hard_negatives: i
     import torch
 
     from phiforge.retrieval.encoder import load_encoder
-    from phiforge.retrieval.tune import Pair, TuneConfig, mixed_encoder, tune
+    from phiforge.retrieval.tune import Pair, TuneConfig, tune
 
     say = log or (lambda m: print(m, file=sys.stderr, flush=True))
     if threads:
@@ -349,25 +350,30 @@ def tuning(epochs: int = 2, lr: float = 1e-4, batch: int = 32, hard_negatives: i
         return {k: round(m[k], 4) for k in ("recall@1", "recall@5", "recall@10", "mrr@10")}
 
     cfg = TuneConfig(epochs=epochs, lr=lr, batch=batch, hard_negatives=hard_negatives, lora_rank=lora_rank,
-                     interpolate=interpolate, seed=seed)
+                     interpolate=interpolate, negatives_from=negatives_from, remine=remine, seed=seed)
     out: dict = {"dataset": "chatterbot-corpus==1.3.3 (english)", "passages": len(corpus),
                  "tune_questions": len(tune_q), "heldout_questions": len(held), "split_seed": seed}
-    if select:  # settings chosen on a validation fifth of the tuning half, never on the held-out half
-        cut = len(tune_q) * 4 // 5
-        grid = [TuneConfig(epochs=e, lr=x, batch=b, hard_negatives=h, lora_rank=r, seed=seed)
-                for e, x, b, h, r in (grid or SELECTION_GRID)]
-        keys = ("epochs", "lr", "batch", "hard_negatives", "lora_rank")
-        rows, picks = [], []
-        for c in grid:  # one run per setting; each WiSE-FT factor is a mix of that run's weights with the base's
-            tuned = tune(base, corpus, pairs(tune_q[:cut]), c, say, cv).encoder
-            for a in factors:
-                rows.append({"config": {**{k: getattr(c, k) for k in keys}, "interpolate": a},
-                             "validation": score(mixed_encoder(tuned, base, a), tune_q[cut:])})
-                picks.append(dataclasses.replace(c, interpolate=a))
-        out["selection"] = rows + [{"config": "untuned", "validation": score(base, tune_q[cut:], cv)}]
-        val = [r["validation"] for r in rows]
-        best = max(range(len(rows)), key=lambda i: (val[i]["recall@10"], val[i]["mrr@10"]))
-        cfg = picks[best]
+    if select:  # settings chosen by cross-validation inside the tuning half, never on the held-out half
+        folds = [tune_q[f::CV_FOLDS] for f in range(CV_FOLDS)]
+        rows = []
+        for over in [None] + (grid or SELECTION_GRID):  # None: the untuned encoder
+            ranked, rel = [], []
+            for f, val in enumerate(folds):
+                if over is None:
+                    enc, vecs = base, cv
+                else:
+                    train = [q for g, fold in enumerate(folds) if g != f for q in fold]
+                    enc = tune(base, corpus, pairs(train), dataclasses.replace(cfg, **over), say, cv).encoder
+                    vecs = None
+                ranked += ranks(enc, corpus, [queries[i] for i in val], cv=vecs)
+                rel += [relevant[i] for i in val]
+            m = metrics(ranked, rel)
+            rows.append({"config": "untuned" if over is None else over, "cv_recall@10": round(m["recall@10"], 4),
+                         "cv_mrr@10": round(m["mrr@10"], 4)})
+            say(json.dumps(rows[-1]))
+        out["selection"] = {"folds": CV_FOLDS, "rows": rows}
+        best = max(rows[1:], key=lambda r: (r["cv_recall@10"], r["cv_mrr@10"]))
+        cfg = dataclasses.replace(cfg, **best["config"])
         say(json.dumps({"selected": vars(cfg)}))
     res = tune(base, corpus, pairs(tune_q), cfg, say, cv)
     out["config"], out["steps"], out["tune_s"] = vars(cfg), res.steps, round(res.seconds, 1)

@@ -79,6 +79,12 @@ def add_arguments_index(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--batch", type=int, default=d.batch, help=f"questions per step (default {d.batch})")
     t.add_argument("--hard-negatives", type=int, default=d.hard_negatives,
                    help=f"mined negatives per question (default {d.hard_negatives})")
+    t.add_argument("--negatives-from", choices=("golds", "corpus"), default=d.negatives_from,
+                   help="mine hard negatives among the other questions' gold passages, or the whole corpus "
+                   f"(default {d.negatives_from})")
+    t.add_argument("--remine", action=argparse.BooleanOptionalAction, default=d.remine,
+                   help="mine the hard negatives again with the partly tuned encoder before each later epoch "
+                   f"(default {'on' if d.remine else 'off'})")
     t.add_argument("--lora-rank", type=int, default=0,
                    help="train a LoRA adapter of this rank (default 0: all weights)")
     t.add_argument("--interpolate", type=float, default=d.interpolate, metavar="A",
@@ -95,7 +101,8 @@ def run_tune(args: argparse.Namespace) -> int:
         raise ValueError(f"--out {out}: exists and is not a tuned encoder folder (give a new or empty folder)")
     lr = (LORA_LR if args.lora_rank else TuneConfig.lr) if args.lr is None else args.lr
     cfg = TuneConfig(epochs=args.epochs, lr=lr, batch=args.batch, hard_negatives=args.hard_negatives,
-                     lora_rank=args.lora_rank, interpolate=args.interpolate, seed=args.seed)
+                     lora_rank=args.lora_rank, interpolate=args.interpolate, seed=args.seed,
+                     negatives_from=args.negatives_from, remine=args.remine)
     cfg.check()
     if args.threads is not None:
         if args.threads < 1:

@@ -8,9 +8,14 @@ other questions' golds serve as in-batch negatives. scale = 20 (sentence-transfo
 question's gold that q_i shares, a passage of q_i's own source documents) is masked out of q_i's row: pushing a
 true positive away is the classic way such training goes wrong.
 
-Hard negatives are mined once with the untuned encoder: the best-ranked passages of each question that are not
+Hard negatives are mined with the untuned encoder: the best-ranked passages of each question that are not
 relevant to it and score below (1 - MARGIN) times its gold's score; those scoring nearly as well as the gold are
-likely unlabelled positives (sentence-transformers' `relative_margin`).
+likely unlabelled positives (sentence-transformers' `relative_margin`). By default they are drawn only from the other
+training questions' golds, the passages the in-batch negatives come from too. Mined from the whole corpus, every
+negative is a passage no training question answers, so the loss also teaches "a passage outside the training golds
+is a wrong answer" -- false for exactly the passages that answer the questions nobody labelled, which are the ones
+a tuned retriever is for. `remine` mines again with the partly tuned model before each later epoch (ANCE): its own
+mistakes rather than the untuned encoder's.
 
 Training embeds with MiniLM.forward itself (packed tokens, attention-mask mean, L2 normalisation), the function
 queries and passages go through at search time; only the fused QKV copy made for inference is dropped, so the
@@ -49,6 +54,7 @@ from .encoder import (ENCODER_NAME, TUNED_CONFIG, TUNED_FORMAT, Encoder, MiniLM,
 from .manifest import sha256_file
 
 SCALE = 20.0
+GRID_BUDGET = 2048  # padded tokens (texts x longest) per training forward
 MARGIN = 0.05  # a candidate scoring above (1 - MARGIN) * gold is taken for an unlabelled positive, not a negative
 LORA_TARGETS = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
                 "intermediate.dense", "output.dense")
@@ -60,7 +66,7 @@ class TuneConfig:
     epochs: int = 2
     lr: float = 1e-4
     batch: int = 32
-    hard_negatives: int = 3  # per question; 0: in-batch negatives only
+    hard_negatives: int = 7  # per question; 0: in-batch negatives only
     mine_depth: int = 10  # hard negatives come from each question's top mine_depth passages
     lora_rank: int = 0  # 0: all weights
     weight_decay: float = 0.01
@@ -68,6 +74,8 @@ class TuneConfig:
     seed: int = 0
     scale: float = SCALE
     interpolate: float = 1.0  # WiSE-FT: share of the tuned weights in the returned ones (1: the tuned weights)
+    negatives_from: str = "golds"  # "golds": only other training questions' golds; "corpus": any passage
+    remine: bool = False  # re-mine the hard negatives with the model being tuned before every epoch after the first
 
     def check(self) -> None:
         for flag, v, low in (("--epochs", self.epochs, 1), ("--batch", self.batch, 2),
@@ -76,6 +84,8 @@ class TuneConfig:
                 raise ValueError(f"{flag}: must be >= {low}, got {v}")
         if not self.lr > 0 or not math.isfinite(self.lr):
             raise ValueError(f"--lr: must be a positive number, got {self.lr}")
+        if self.negatives_from not in ("golds", "corpus"):
+            raise ValueError(f"--negatives-from: 'golds' or 'corpus', got {self.negatives_from!r}")
         if not 0 < self.interpolate <= 1:
             raise ValueError(f"--interpolate: must be in (0, 1], got {self.interpolate}")
 
@@ -99,19 +109,25 @@ class TuneResult:
 
 
 def mine_hard_negatives(enc: Encoder, corpus: list[str], pairs: list[Pair], k: int, depth: int = 10,
-                        corpus_vecs: np.ndarray | None = None) -> list[list[int]]:
+                        corpus_vecs: np.ndarray | None = None, pool: str = "corpus") -> list[list[int]]:
     """Up to k hard negatives per pair: its top-`depth` passages under `enc` that are not relevant to it and score
-    below (1 - MARGIN) times its gold."""
+    below (1 - MARGIN) times its gold. pool "golds" draws them only from the pairs' gold passages."""
     if k == 0:
         return [[] for _ in pairs]
+    if pool not in ("corpus", "golds"):
+        raise ValueError(f"--negatives-from: 'corpus' or 'golds', got {pool!r}")
     cv = enc.encode(corpus) if corpus_vecs is None else corpus_vecs  # (N, H)
     qv = enc.encode([p.query for p in pairs])  # (Q, H)
     scores = qv @ cv.T  # (Q, N)
+    if pool == "golds":
+        outside = np.ones(len(corpus), bool)
+        outside[[p.gold for p in pairs]] = False
+        scores[:, outside] = -np.inf
     out = []
     for p, row in zip(pairs, scores):
         top = np.argsort(-row, kind="stable")[:depth + len(p.relevant)]
         ceiling = (1 - MARGIN) * row[p.gold]
-        out.append([int(j) for j in top if j not in p.relevant and row[j] < ceiling][:k])
+        out.append([int(j) for j in top if j not in p.relevant and -np.inf < row[j] < ceiling][:k])
     return out
 
 
@@ -131,11 +147,24 @@ def trainable_copy(enc: Encoder, lora_rank: int) -> MiniLM:
     return model
 
 
-def embed(model: MiniLM, ids: list[list[int]]) -> torch.Tensor:
-    """(N, H) unit vectors with autograd: one packed forward over every text of the step."""
-    pk = Packing([len(x) for x in ids])
-    flat = torch.tensor([t for x in ids for t in x], dtype=torch.long)  # (P,)
-    return model(flat, pk)
+def embed(model: MiniLM, ids: list[list[int]], grid_budget: int = GRID_BUDGET) -> torch.Tensor:
+    """(N, H) unit vectors with autograd, in the order of `ids`. Texts are sorted by length and packed into
+    forwards whose padded attention grid (count x longest) stays under `grid_budget` tokens: one forward over a
+    step's mixed short questions and long passages would pad every one of them to the longest in the attention
+    core. Each text's embedding depends only on its own tokens, so the grouping changes rounding, not the math."""
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    parts, start = [], 0
+    while start < len(order):
+        end = start + 1  # sorted order: the last text of a group is its longest
+        while end < len(order) and (end + 1 - start) * len(ids[order[end]]) <= grid_budget:
+            end += 1
+        group = order[start:end]
+        pk = Packing([len(ids[i]) for i in group])
+        flat = torch.tensor([t for i in group for t in ids[i]], dtype=torch.long)  # (P,)
+        parts.append(model(flat, pk))  # (len(group), H)
+        start = end
+    v = torch.cat(parts)  # (N, H) in sorted order
+    return v[torch.argsort(torch.tensor(order))]  # (N, H) back in the order of ids
 
 
 def mnrl_loss(q: torch.Tensor, d: torch.Tensor, cand: list[int], relevant: list[frozenset[int]],
@@ -166,7 +195,8 @@ def tune(enc: Encoder, corpus: list[str], pairs: list[Pair], cfg: TuneConfig,
     say = log or (lambda s: None)
     torch.manual_seed(cfg.seed)
     t0 = time.perf_counter()
-    negs = mine_hard_negatives(enc, corpus, pairs, cfg.hard_negatives, cfg.mine_depth, corpus_vecs)
+    negs = mine_hard_negatives(enc, corpus, pairs, cfg.hard_negatives, cfg.mine_depth, corpus_vecs,
+                               cfg.negatives_from)
     say(f"mined {sum(map(len, negs))} hard negatives for {len(pairs)} questions ({time.perf_counter() - t0:.1f} s)")
     q_ids = enc.token_ids([p.query for p in pairs])
     used = sorted({p.gold for p in pairs} | {j for n in negs for j in n})
@@ -181,6 +211,8 @@ def tune(enc: Encoder, corpus: list[str], pairs: list[Pair], cfg: TuneConfig,
     res = TuneResult(enc)
     try:
         for epoch in range(cfg.epochs):
+            if epoch and cfg.remine and cfg.hard_negatives:
+                negs = _remine(model, enc, corpus, pairs, cfg, p_ids)
             order = list(range(len(pairs)))
             rng.shuffle(order)
             for s in range(0, len(order), cfg.batch):
@@ -207,6 +239,18 @@ def tune(enc: Encoder, corpus: list[str], pairs: list[Pair], cfg: TuneConfig,
     res.encoder = frozen_encoder(model, enc, cfg.lora_rank)
     res.seconds = time.perf_counter() - t0
     return res
+
+
+def _remine(model: MiniLM, enc: Encoder, corpus: list[str], pairs: list[Pair], cfg: TuneConfig,
+            p_ids: dict[int, list[int]]) -> list[list[int]]:
+    """ANCE-style: hard negatives mined again with the partly tuned model (its own mistakes now, not the untuned
+    encoder's); adds the new passages' token ids to p_ids."""
+    live = Encoder(model, enc.tokenizer, enc.token_budget)  # MiniLM has no dropout: eval/train only flips a flag
+    negs = mine_hard_negatives(live, corpus, pairs, cfg.hard_negatives, cfg.mine_depth, pool=cfg.negatives_from)
+    model.train()
+    new = sorted({j for n in negs for j in n} - p_ids.keys())
+    p_ids.update(zip(new, enc.token_ids([corpus[j] for j in new])))
+    return negs
 
 
 @torch.no_grad()

@@ -46,7 +46,8 @@ def setup(tmp_path_factory, one_thread):
     assert main(["index", "add", str(docs), "--index", str(root / "base")]) == 0
     qa = write_jsonl(root / "qa.jsonl", QA)
     rc = main(["index", "tune", "--data", str(qa), "--out", str(root / "enc"), "--index", str(root / "base"),
-               "--epochs", "2", "--batch", "4", "--lora-rank", "2", "--lr", "1e-3", "--seed", "3", "--threads", "1"])
+               "--epochs", "2", "--batch", "4", "--lora-rank", "2", "--lr", "1e-3", "--seed", "3", "--threads", "1",
+               "--negatives-from", "corpus", "--remine"])
     assert rc == 0
     return root
 
@@ -54,6 +55,7 @@ def setup(tmp_path_factory, one_thread):
 def test_tune_end_to_end(setup, capsys):
     meta = json.loads((setup / "enc" / "encoder.json").read_text())
     assert meta["mode"] == "lora" and meta["training"]["seed"] == 3 and meta["training"]["steps"] == 2
+    assert meta["training"]["negatives_from"] == "corpus" and meta["training"]["remine"] is True
     assert meta["name"].startswith(ENCODER_NAME + "+tuned-")
     enc = load_encoder(setup / "enc")
     assert enc.name == meta["name"]

@@ -9,10 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from phiforge.retrieval.encoder import (ENCODER_NAME, TUNED_CONFIG, BertConfig, Encoder, MiniLM, load_encoder,
-                                        load_wordpiece)
-from phiforge.retrieval.tune import (LORA_TARGETS, Pair, TuneConfig, lora_adapter, mine_hard_negatives, mixed_encoder,
-                                     mnrl_loss, save_tuned, trainable_copy, tune)
+from phiforge.retrieval.encoder import (ENCODER_NAME, TUNED_CONFIG, BertConfig, Encoder, MiniLM, Packing,
+                                        load_encoder, load_wordpiece)
+from phiforge.retrieval.tune import (LORA_TARGETS, Pair, TuneConfig, _remine, embed, lora_adapter, mine_hard_negatives,
+                                     mixed_encoder, mnrl_loss, save_tuned, trainable_copy, tune)
 
 PASSAGES = ["Burst mains are repaired within four hours.", "The tariff is 1.87 pounds per cubic metre.",
             "Boil water notices follow low chlorine.", "Sampling happens at every service reservoir.",
@@ -64,6 +64,25 @@ def test_mnrl_loss_matches_reference_and_masks_relevant():
                                 relevant[2:]).item(), rel=1e-6)
 
 
+def test_grouped_embed_equals_one_forward(one_thread):
+    """embed() splits a step's texts into length-sorted forwards: same vectors, in the caller's order, and the same
+    gradients as the single padded forward it replaced."""
+    enc = tiny_encoder()
+    model = trainable_copy(enc, 0)
+    ids = enc.token_ids(PASSAGES + QUESTIONS + [" ".join(PASSAGES * 3)])  # one long text among short ones
+    pk = Packing([len(x) for x in ids])
+    ref = model(torch.tensor([t for x in ids for t in x]), pk)  # (N, H)
+    w = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1))
+    (ref * w).sum().backward()
+    ref_grad = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    got = embed(model, ids, grid_budget=64)  # small budget: several groups
+    (got * w).sum().backward()
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, ref_grad[n], rtol=1e-4, atol=1e-5, msg=n)
+
+
 def test_mining_skips_relevant_and_near_gold_passages():
     corpus = ["gold", "also-relevant", "near-tie", "hard", "easy"]
     enc = TableEncoder({"q": [1, 0, 0], "gold": [0.8, 0.6, 0], "also-relevant": [0.99, 0.1, 0],
@@ -72,6 +91,34 @@ def test_mining_skips_relevant_and_near_gold_passages():
     # cos(q, gold)=0.8: near-tie (0.786) is within 5% of it, so the hardest usable negative is "hard" (0.6)
     assert mine_hard_negatives(enc, corpus, [pair], k=2, depth=5) == [[3, 4]]
     assert mine_hard_negatives(enc, corpus, [pair], k=0) == [[]]
+
+
+def test_mining_from_golds_only():
+    """pool "golds": negatives come only from the pairs' gold passages, however well another passage scores."""
+    corpus = ["gold-a", "gold-b", "unlabelled", "gold-c"]
+    enc = TableEncoder({"qa": [1, 0, 0], "qb": [0, 1, 0], "qc": [0, 0, 1], "gold-a": [1, 0.1, 0],
+                        "gold-b": [0.1, 1, 0.3], "unlabelled": [0.9, 0.4, 0], "gold-c": [0.5, 0, 1]})
+    pairs = [Pair("qa", 0, frozenset({0})), Pair("qb", 1, frozenset({1})), Pair("qc", 3, frozenset({3}))]
+    # from the corpus, qa's hardest negative is the unlabelled passage; from the golds it is gold-c, then gold-b
+    assert mine_hard_negatives(enc, corpus, pairs, k=1, depth=4)[0] == [2]
+    assert mine_hard_negatives(enc, corpus, pairs, k=3, depth=4, pool="golds") == [[3, 1], [0, 3], [1, 0]]
+    with pytest.raises(ValueError, match="--negatives-from"):
+        mine_hard_negatives(enc, corpus, pairs, k=1, pool="everything")
+
+
+def test_remine_uses_the_model_being_tuned(one_thread):
+    """ANCE re-mining ranks with the training copy, not the encoder tuning started from, and tokenizes the passages
+    it adds."""
+    enc, other = tiny_encoder(0), tiny_encoder(1)
+    pairs = [Pair(q, i, frozenset({i})) for i, q in enumerate(QUESTIONS)]
+    cfg = TuneConfig(hard_negatives=2, negatives_from="corpus")
+    p_ids: dict[int, list[int]] = {}
+    got = _remine(trainable_copy(other, 0), enc, PASSAGES, pairs, cfg, p_ids)
+    assert got == mine_hard_negatives(other, PASSAGES, pairs, 2, cfg.mine_depth)
+    assert got != mine_hard_negatives(enc, PASSAGES, pairs, 2, cfg.mine_depth)
+    mined = {j for n in got for j in n}
+    assert mined and mined <= p_ids.keys()
+    assert all(p_ids[j] == enc.token_ids([PASSAGES[j]])[0] for j in mined)
 
 
 def test_loss_falls_on_tiny_model(one_thread):
