@@ -16,7 +16,7 @@ defined on; the index's retrieval recall@k and MRR by document; and the recommen
 inputs are given runs (all five with --index and both adapters). Seconds are this machine under its current
 load; compare modes within one run, never across runs.
 
-`retriever` section: bench/bench_retrieval.py's `tuning()`: chatterbot-corpus split by question into a tuning half
+`retriever` section: bench/bench_tune.py's `tuning()`: chatterbot-corpus split by question into a tuning half
 and a held-out half; recall@1/5/10 and MRR@10 on the held-out half before and after `index tune`'s training on the
 tuning half, and the out-of-domain check on the bundled documents' questions.
 """
@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from phiforge.bench.bench_retrieval import tuning
+from phiforge.bench.bench_tune import tuning
 from phiforge.demo_evaluate import prepare
 from phiforge.engine.atomic import write_json_atomic
 from phiforge.evaluation import evaluate

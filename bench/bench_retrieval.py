@@ -19,15 +19,9 @@ All figures come from one run on this machine and print as one JSON document:
 * **threshold** -- p50 latency of the exact scan and of HNSW (ef calibrated per size) over growing prefixes of
   the same vectors; the exact-search threshold in retrieval/vectors.py is the size where HNSW becomes faster.
 
-* **tune** -- the retriever tuned to the domain (retrieval/tune.py) on the same chatterbot set: its questions split
-  (seeded) into a tuning half and a held-out half, all passages kept in the corpus; the encoder is tuned on the
-  tuning half's (question, relevant passage) pairs, and recall@1/5/10 and MRR@10 are measured on the held-out
-  half before and after, in the same run. Out of its domain: the 12 questions of data/docs_questions.jsonl over
-  the bundled documents' chunks (source found, MRR by source), before and after, with a paired bootstrap interval
-  of the MRR change. `--select` first picks the settings by 3-fold cross-validation inside the tuning half.
+The retriever tuned to the domain on the same chatterbot set has its own bench: bench/bench_tune.py.
 
-Targets: encoder >= 1.2x the reference's passages/s; p50 search <= 2 ms at 30k chunks on one thread; tuned held-out
-recall@10 >= untuned + 0.05, and no out-of-domain MRR drop beyond its 95% interval.
+Targets: encoder >= 1.2x the reference's passages/s; p50 search <= 2 ms at 30k chunks on one thread.
 """
 from __future__ import annotations
 
@@ -37,7 +31,6 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # before numpy loads: search
 
 import argparse
 import ast
-import dataclasses
 import glob
 import hashlib
 import importlib.util
@@ -51,6 +44,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from phiforge.engine.atomic import write_text_atomic
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -285,114 +280,6 @@ def threshold(cv: np.ndarray, qv: np.ndarray, sizes=(100, 200, 300, 500, 1000, 2
     return {"rows": rows, "hnsw_faster_at": faster, "measured_threshold": thr}
 
 
-def ranks(enc, corpus: list[str], queries: list[str], k: int = 10, cv: np.ndarray | None = None) -> list[list[int]]:
-    """Exact top-k corpus ids per query (what the index does below its exact-search threshold)."""
-    cv = enc.encode(corpus) if cv is None else cv
-    scores = enc.encode(queries) @ cv.T  # (Q, N)
-    return [list(map(int, np.argsort(-row, kind="stable")[:k])) for row in scores]
-
-
-def docs_set() -> tuple[list[str], list[str], list[set[int]]]:
-    """Chunks of the bundled documents, data/docs_questions.jsonl's questions, and each one's source chunks."""
-    from phiforge.retrieval.chunking import chunk_file
-
-    data = Path(__file__).resolve().parents[1] / "data"
-    chunks = [c for f in sorted((data / "docs").iterdir()) for c in chunk_file(f)[1]]
-    rows = [json.loads(x) for x in (data / "docs_questions.jsonl").read_text().splitlines() if x.strip()]
-    rel = [{i for i, c in enumerate(chunks) if Path(c.source).name == r["source"]} for r in rows]
-    return [c.embed_text for c in chunks], [r["question"] for r in rows], rel
-
-
-def first_hit(ranked: list[list[int]], relevant: list[set[int]]) -> list[float]:
-    """Reciprocal rank of each query's first relevant id (0 when none is ranked)."""
-    return [next((1.0 / (i + 1) for i, d in enumerate(r) if d in rel), 0.0) for r, rel in zip(ranked, relevant)]
-
-
-# TuneConfig settings (over its defaults) compared by --select with 3-fold cross-validation inside the tuning half:
-# every tuning question is validated once, by a run that did not train on it; the held-out half is never seen.
-# tuning()'s defaults are the setting it picked
-SELECTION_GRID = [{"negatives_from": "corpus", "hard_negatives": 3}, {"negatives_from": "corpus", "hard_negatives": 7},
-                  {"negatives_from": "corpus", "hard_negatives": 3, "remine": True},
-                  {"negatives_from": "corpus", "hard_negatives": 3, "remine": True, "epochs": 3},
-                  {"hard_negatives": 0}, {"negatives_from": "corpus", "hard_negatives": 3, "batch": 16},
-                  {"negatives_from": "corpus", "hard_negatives": 3, "scale": 10.0}, {"hard_negatives": 3},
-                  {"hard_negatives": 3, "remine": True}, {"hard_negatives": 7}]
-CV_FOLDS = 3
-
-
-def tuning(epochs: int = 2, lr: float = 1e-4, batch: int = 32, hard_negatives: int = 7, lora_rank: int = 0,
-           interpolate: float = 1.0, negatives_from: str = "golds", remine: bool = False, seed: int = 0,
-           select: bool = False, grid: list[dict] | None = None, threads: int | None = 1, log=None) -> dict:
-    """Held-out retrieval on chatterbot before and after tuning on the other half; out-of-domain check on the docs.
-
-    threads: torch threads while tuning (None: torch's choice); one by default because on a shared 2-core machine a
-    two-thread training step stalls whenever either thread is descheduled."""
-    import torch
-
-    from phiforge.retrieval.encoder import load_encoder
-    from phiforge.retrieval.tune import Pair, TuneConfig, tune
-
-    say = log or (lambda m: print(m, file=sys.stderr, flush=True))
-    if threads:
-        torch.set_num_threads(threads)
-    corpus, queries, relevant = chatterbot()
-    order = list(range(len(queries)))
-    random.Random(seed).shuffle(order)
-    tune_q, held = order[: len(order) // 2], order[len(order) // 2:]
-    base = load_encoder()
-    cv = base.encode(corpus)  # (N, H)
-
-    def pairs(qs: list[int]) -> list[Pair]:  # one pair per (question, relevant passage)
-        return [Pair(queries[i], j, frozenset(relevant[i])) for i in qs for j in sorted(relevant[i])]
-
-    def score(enc, qs: list[int], vecs=None) -> dict:
-        m = metrics(ranks(enc, corpus, [queries[i] for i in qs], cv=vecs), [relevant[i] for i in qs])
-        return {k: round(m[k], 4) for k in ("recall@1", "recall@5", "recall@10", "mrr@10")}
-
-    cfg = TuneConfig(epochs=epochs, lr=lr, batch=batch, hard_negatives=hard_negatives, lora_rank=lora_rank,
-                     interpolate=interpolate, negatives_from=negatives_from, remine=remine, seed=seed)
-    out: dict = {"dataset": "chatterbot-corpus==1.3.3 (english)", "passages": len(corpus),
-                 "tune_questions": len(tune_q), "heldout_questions": len(held), "split_seed": seed}
-    if select:  # settings chosen by cross-validation inside the tuning half, never on the held-out half
-        folds = [tune_q[f::CV_FOLDS] for f in range(CV_FOLDS)]
-        rows = []
-        for over in [None] + (grid or SELECTION_GRID):  # None: the untuned encoder
-            ranked, rel = [], []
-            for f, val in enumerate(folds):
-                if over is None:
-                    enc, vecs = base, cv
-                else:
-                    train = [q for g, fold in enumerate(folds) if g != f for q in fold]
-                    enc = tune(base, corpus, pairs(train), dataclasses.replace(cfg, **over), say, cv).encoder
-                    vecs = None
-                ranked += ranks(enc, corpus, [queries[i] for i in val], cv=vecs)
-                rel += [relevant[i] for i in val]
-            m = metrics(ranked, rel)
-            rows.append({"config": "untuned" if over is None else over, "cv_recall@10": round(m["recall@10"], 4),
-                         "cv_mrr@10": round(m["mrr@10"], 4)})
-            say(json.dumps(rows[-1]))
-        out["selection"] = {"folds": CV_FOLDS, "rows": rows}
-        best = max(rows[1:], key=lambda r: (r["cv_recall@10"], r["cv_mrr@10"]))
-        cfg = dataclasses.replace(cfg, **best["config"])
-        say(json.dumps({"selected": vars(cfg)}))
-    res = tune(base, corpus, pairs(tune_q), cfg, say, cv)
-    out["config"], out["steps"], out["tune_s"] = vars(cfg), res.steps, round(res.seconds, 1)
-    out["loss_first_last"] = [round(res.losses[0], 4), round(res.losses[-1], 4)]
-    out["heldout_before"], out["heldout_after"] = score(base, held, cv), score(res.encoder, held)
-    out["heldout_recall@10_gain"] = round(out["heldout_after"]["recall@10"] - out["heldout_before"]["recall@10"], 4)
-    d_corpus, d_queries, d_rel = docs_set()
-    before = np.asarray(first_hit(ranks(base, d_corpus, d_queries), d_rel))
-    after = np.asarray(first_hit(ranks(res.encoder, d_corpus, d_queries), d_rel))
-    boot = np.random.default_rng(seed).integers(0, len(before), (2000, len(before)))  # paired, over questions
-    lo, hi = np.percentile((after - before)[boot].mean(1), [2.5, 97.5])
-    out["docs_out_of_domain"] = {
-        "questions": len(d_queries), "chunks": len(d_corpus), "mrr@10_before": round(float(before.mean()), 4),
-        "mrr@10_after": round(float(after.mean()), 4), "hit@1_before": float(np.mean(before == 1)),
-        "hit@1_after": float(np.mean(after == 1)), "mrr_change_95ci": [round(float(lo), 4), round(float(hi), 4)],
-        "fell_beyond_noise": bool(hi < 0)}
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--chunks", type=int, default=30000)
@@ -400,10 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--encoder-passages", type=int, default=1000)
     ap.add_argument("--out", help="also write the JSON here")
     ap.add_argument("--sections", default="quality,scale,encoder,threshold",
-                    help="comma-separated subset to run, of quality,scale,encoder,threshold,tune (encoder and "
+                    help="comma-separated subset to run, of quality,scale,encoder,threshold (encoder and "
                     "threshold need scale's cached vectors)")
-    ap.add_argument("--select", action="store_true", help="tune: pick the settings on a validation part of the "
-                    "tuning half first")
     args = ap.parse_args(argv)
 
     import torch
@@ -422,9 +307,6 @@ def main(argv: list[str] | None = None) -> int:
     if "scale" in sections:
         result["scale"], _, _ = scale(enc, args.chunks, args.queries)
         print(json.dumps({"scale": result["scale"]}), file=sys.stderr, flush=True)
-    if "tune" in sections:
-        result["tune"] = tuning(select=args.select)
-        print(json.dumps({"tune": result["tune"]}), file=sys.stderr, flush=True)
     if sections & {"encoder", "threshold"}:
         texts, vecs, _ = cached_embeddings(enc, args.chunks + args.queries)  # cached by scale() if it ran
     if "encoder" in sections:
@@ -439,15 +321,12 @@ def main(argv: list[str] | None = None) -> int:
     if "scale" in result:
         targets["p50_search_at_scale<=2ms"] = result["scale"]["search_auto_p50_ms"] <= 2.0
         targets["hnsw_recall@10>=0.99"] = result["scale"]["hnsw_recall@10_vs_exact"] >= 0.99
-    if "tune" in result:
-        targets["tuned_heldout_recall@10_gain>=0.05"] = result["tune"]["heldout_recall@10_gain"] >= 0.05
-        targets["no_out_of_domain_drop_beyond_noise"] = not result["tune"]["docs_out_of_domain"]["fell_beyond_noise"]
     result["targets"] = targets
     result["bench_s"] = round(time.perf_counter() - t_all, 1)
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:
-        Path(args.out).write_text(text + "\n")
+        write_text_atomic(args.out, text + "\n")
     return 0
 
 

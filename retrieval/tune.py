@@ -62,7 +62,7 @@ LORA_TARGETS = ("attention.self.query", "attention.self.key", "attention.self.va
 
 @dataclass
 class TuneConfig:
-    # defaults: the setting bench/bench_retrieval.py --sections tune --select picked on chatterbot's tuning half
+    # defaults: the setting bench/bench_tune.py --select picked on chatterbot's tuning half
     epochs: int = 2
     lr: float = 1e-4
     batch: int = 32
