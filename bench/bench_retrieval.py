@@ -280,6 +280,14 @@ def threshold(cv: np.ndarray, qv: np.ndarray, sizes=(100, 200, 300, 500, 1000, 2
     return {"rows": rows, "hnsw_faster_at": faster, "measured_threshold": thr}
 
 
+def emit(result: dict, out: str | None) -> None:
+    """Print the bench's JSON, and write it to `out` (atomically) when given."""
+    text = json.dumps(result, indent=2)
+    print(text)
+    if out:
+        write_text_atomic(out, text + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--chunks", type=int, default=30000)
@@ -323,10 +331,7 @@ def main(argv: list[str] | None = None) -> int:
         targets["hnsw_recall@10>=0.99"] = result["scale"]["hnsw_recall@10_vs_exact"] >= 0.99
     result["targets"] = targets
     result["bench_s"] = round(time.perf_counter() - t_all, 1)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        write_text_atomic(args.out, text + "\n")
+    emit(result, args.out)
     return 0
 
 

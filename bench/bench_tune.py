@@ -24,8 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from phiforge.bench.bench_retrieval import chatterbot, metrics
-from phiforge.engine.atomic import write_text_atomic
+from phiforge.bench.bench_retrieval import chatterbot, emit, metrics
 
 
 def ranks(enc, corpus: list[str], queries: list[str], k: int = 10, cv: np.ndarray | None = None) -> list[list[int]]:
@@ -148,10 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         "tuned_heldout_recall@10_gain>=0.05": result["tune"]["heldout_recall@10_gain"] >= 0.05,
         "no_out_of_domain_drop_beyond_noise": not result["tune"]["docs_out_of_domain"]["fell_beyond_noise"]}
     result["bench_s"] = round(time.perf_counter() - t0, 1)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        write_text_atomic(args.out, text + "\n")
+    emit(result, args.out)
     return 0
 
 
