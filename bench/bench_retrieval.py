@@ -45,7 +45,8 @@ from pathlib import Path
 
 import numpy as np
 
-from phiforge.engine.atomic import write_text_atomic
+from phiforge.engine.atomic import write_atomic, write_text_atomic
+from phiforge.engine.fetch import phiforge_home
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -108,7 +109,7 @@ def cached_embeddings(enc, n: int) -> tuple[list[str], np.ndarray, float | None]
     """(texts, vectors, seconds spent encoding or None if cached). Cache: safetensors + JSON, never pickle."""
     from safetensors.numpy import load_file, save_file
 
-    home = Path(os.environ.get("PHIFORGE_HOME") or Path.home() / ".cache" / "phiforge") / "bench"
+    home = phiforge_home() / "bench"
     home.mkdir(parents=True, exist_ok=True)
     meta_path, vec_path = home / f"docstrings-{n}.json", home / f"docstrings-{n}.safetensors"
     if meta_path.exists() and vec_path.exists():
@@ -121,9 +122,9 @@ def cached_embeddings(enc, n: int) -> tuple[list[str], np.ndarray, float | None]
     t0 = time.perf_counter()
     vecs = enc.encode(texts)
     dt = time.perf_counter() - t0
-    save_file({"vectors": vecs}, str(vec_path))
+    write_atomic(vec_path, lambda p: save_file({"vectors": vecs}, p))  # an interrupted run leaves no half file
     digest = hashlib.sha256(json.dumps(texts).encode()).hexdigest()
-    meta_path.write_text(json.dumps({"encoder": enc.name, "sha256": digest, "texts": texts}))
+    write_text_atomic(meta_path, json.dumps({"encoder": enc.name, "sha256": digest, "texts": texts}))
     return texts, vecs, dt
 
 
