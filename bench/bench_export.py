@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from phiforge.engine.atomic import write_text_atomic
 from phiforge.engine.fetch import default_model_path
 from phiforge.engine.generate import Generator
 from phiforge.engine.gguf_export import TYPES, export_gguf
@@ -94,7 +95,7 @@ def main() -> None:
     text = json.dumps(report, indent=2)
     print(text)
     if args.out:
-        Path(args.out).write_text(text + "\n")
+        write_text_atomic(args.out, text + "\n")
 
 
 if __name__ == "__main__":
