@@ -73,6 +73,11 @@ def write_json_atomic(path: str | Path, obj: dict) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+def write_jsonl_atomic(path: str | Path, rows: list[dict]) -> None:
+    """One JSON object a line, non-ASCII kept as is."""
+    write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
 @contextmanager
 def atomic_dir(out_dir: str | Path) -> Iterator[Path]:
     """`with atomic_dir(out) as tmp:` fill `tmp`; on a clean exit it becomes `out` (replacing an existing folder),

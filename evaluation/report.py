@@ -18,7 +18,7 @@ from pathlib import Path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from phiforge.engine.atomic import write_bytes_atomic, write_json_atomic, write_text_atomic
+from phiforge.engine.atomic import write_bytes_atomic, write_json_atomic, write_jsonl_atomic, write_text_atomic
 
 from .summary import CHART_METRICS, METRICS, RETRIEVAL_METRICS
 
@@ -102,16 +102,12 @@ def chart_png(table: list[dict]) -> bytes:
     return buf.getvalue()
 
 
-def _jsonl(records: list[dict]) -> str:
-    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-
-
 def write_report(out: str | Path, report: dict, records: list[dict], retrieval_records: list[dict]) -> dict[str, Path]:
     """Write the five files into `out`; returns {file name: path}."""
     out = Path(out)
     paths = {name: out / name for name in FILES}
-    write_text_atomic(paths["results.jsonl"], _jsonl(records))
-    write_text_atomic(paths["retrieval.jsonl"], _jsonl(retrieval_records))
+    write_jsonl_atomic(paths["results.jsonl"], records)
+    write_jsonl_atomic(paths["retrieval.jsonl"], retrieval_records)
     write_bytes_atomic(paths["chart.png"], chart_png(report["table"]))
     write_json_atomic(paths["report.json"], report)
     write_text_atomic(paths["report.md"], markdown(report))

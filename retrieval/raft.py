@@ -36,8 +36,6 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from phiforge.engine.atomic import write_text_atomic
-
 from .qa import ABSTAIN_ANSWER, QARow, closed_book_messages
 from .rag import build_prompt
 

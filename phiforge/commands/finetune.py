@@ -28,6 +28,7 @@ from typing import Any
 
 from torch.distributed.elastic.multiprocessing.api import SignalException
 
+from phiforge.engine.atomic import write_jsonl_atomic
 from phiforge.engine.checkpoint import resolve_model
 from phiforge.engine.distributed import launch, under_torchrun
 from phiforge.engine.fetch import default_model_path
@@ -37,7 +38,7 @@ from phiforge.engine.train_config import TrainConfig, TrainConfigError, flag
 from phiforge.engine.train_state import TrainingInterrupted, check_out, holds_run, latest_checkpoint
 from phiforge.retrieval.manifest import IndexCorrupt, IndexMismatch
 from phiforge.retrieval.qa import load_qa
-from phiforge.retrieval.raft import closed_book_rows, is_qa_file, raft_examples, write_rows
+from phiforge.retrieval.raft import closed_book_rows, is_qa_file, raft_examples
 from phiforge.retrieval.store import EmptyIndexError, Index, NoIndexError
 
 TRAIN_ROWS, EVAL_ROWS = "train_data.jsonl", "eval_data.jsonl"
@@ -138,12 +139,12 @@ def prepare_data(config: TrainConfig) -> TrainConfig:
             print(f"finetune: resume reuses the training rows in {built}")
         else:
             rows, what = _qa_rows(config, config.data, tokenizer)
-            write_rows(built, rows)
+            write_jsonl_atomic(built, rows)
             print(f"finetune: {what} from {config.data} -> {built}")
         changes["data"] = built
     if qa_eval:
         rows, what = _qa_rows(config, config.eval_data, tokenizer)
-        write_rows(out / EVAL_ROWS, rows)
+        write_jsonl_atomic(out / EVAL_ROWS, rows)
         print(f"finetune: eval: {what} from {config.eval_data} -> {out / EVAL_ROWS}")
         changes["eval_data"] = str(out / EVAL_ROWS)
     return dataclasses.replace(config, **changes)

@@ -11,9 +11,10 @@ import pytest
 from hash_encoder import HashEncoder
 from word_tokenizer import WordTokenizer
 
+from phiforge.engine.atomic import write_jsonl_atomic
 from phiforge.retrieval.qa import ABSTAIN_ANSWER, QARow, abstained, closed_book_messages
 from phiforge.retrieval.raft import (RaftError, answer_sentence, closed_book_rows, gold_chunk, is_qa_file,
-                                     raft_example, raft_examples, sentences, write_rows)
+                                     raft_example, raft_examples, sentences)
 from phiforge.retrieval.rag import build_prompt, parse_citations
 from phiforge.retrieval.store import Index
 
@@ -148,7 +149,7 @@ def test_closed_book_rows_and_file_detection(tmp_path):
     assert rows[0]["messages"] == closed_book_messages(LEAD.question) + [
         {"role": "assistant", "content": "10 micrograms per litre"}]
     assert rows[1]["messages"][-1]["content"] == ABSTAIN_ANSWER
-    write_rows(tmp_path / "rows.jsonl", rows)
+    write_jsonl_atomic(tmp_path / "rows.jsonl", rows)
     assert [json.loads(x) for x in (tmp_path / "rows.jsonl").read_text().splitlines()] == rows
     assert not is_qa_file(tmp_path / "rows.jsonl")
     qa = tmp_path / "qa.jsonl"
