@@ -135,11 +135,14 @@ def raft_example(row: QARow, i: int, index, tokenizer, seq_len: int, k: int = 4,
         else:
             hits, number = distractors[:k], None
     quote = answer_sentence(row.answer, gold.text, row.question) if number is not None else None
+
+    def room(target: str) -> int:  # the prompt's token budget beside the target; 8: end-of-turn tokens
+        return seq_len - len(tokenizer.encode(target, add_special_tokens=False)) - 8
+
     for _ in range(3):
         target = _target(row, number, quote)
-        budget = seq_len - len(tokenizer.encode(target, add_special_tokens=False)) - 8  # 8: end-of-turn tokens
         try:
-            messages, sources, _ = build_prompt(row.question, hits, tokenizer, budget)
+            messages, sources, _ = build_prompt(row.question, hits, tokenizer, room(target))
         except ValueError as e:  # the bare question and the target do not fit
             raise RaftError(f"--seq-len {seq_len}: too short for question {i + 1} ({row.question[:60]!r}): "
                             f"{e}") from None
@@ -153,8 +156,7 @@ def raft_example(row: QARow, i: int, index, tokenizer, seq_len: int, k: int = 4,
         hits = [h for h in hits if h.chunk_id != gold.chunk_id]
         number = quote = None
         target = _target(row, None, None)
-        messages, sources, _ = build_prompt(row.question, hits, tokenizer,
-                                            seq_len - len(tokenizer.encode(target, add_special_tokens=False)) - 8)
+        messages, sources, _ = build_prompt(row.question, hits, tokenizer, room(target))
     return RaftExample(row.question, messages, target, [s.hit for s in sources], gold, number, quote)
 
 
@@ -194,8 +196,3 @@ def is_qa_file(path: str | Path) -> bool:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return False
     return False
-
-
-def write_rows(path: str | Path, rows: list[dict]) -> None:
-    """Training rows as JSONL, written atomically."""
-    write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
