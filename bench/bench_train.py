@@ -361,11 +361,11 @@ def ratios(runs: dict[str, dict], dtypes: list[str]) -> dict[str, float | None]:
     return out
 
 
-
 def _emit(result: dict, out: str | None) -> None:
     print(json.dumps(result, indent=2))
     if out:
         write_json_atomic(out, result)
+
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)

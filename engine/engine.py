@@ -9,9 +9,9 @@ Each `step()` (engine/scheduler.py gives the order) decodes one token for every 
 engine/decode.py's step over their KV rows, each row at its own length (native C for dense/NF4 models, torch for
 the rest), prefills prompt chunks of newly admitted requests through `model.forward` on their own rows (a chunk
 per request within a per-step token budget), samples every request with its own parameters and seeded
-generator, applies its stop rules, and streams a Delta to its Handle. A request that ends (stop id, stop string, length, abort) frees its row
-at once; the next step admits the next waiting one. KV memory and the admission rule (reserve prompt +
-max_tokens: no request ever outgrows its row, no preemption) are in engine/kv_memory.py.
+generator, applies its stop rules, and streams a Delta to its Handle. A request that ends (stop id, stop string,
+length, abort) frees its row at once; the next step admits the next waiting one. KV memory and the admission rule
+(reserve prompt + max_tokens: no request ever outgrows its row, no preemption) are in engine/kv_memory.py.
 
 **What a request's output depends on.** Only on itself: rows never see each other (each attends its own row),
 every request draws from its own generator, and its prompt is prefilled alone. In fp32, greedy tokens equal the
@@ -65,12 +65,12 @@ log = logging.getLogger(__name__)
 class Engine:
     def __init__(self, model: torch.nn.Module, tokenizer: Any, *, max_batch: int = 16, kv_tokens: int | None = None,
                  prefill_chunk: int = 256, step_tokens: int = 4096, max_queue: int = 256,
-                 max_adapters: int | None = None,
-                 adapters: dict[str, str] | None = None, prefix_cache: bool = True, lean_decode: bool = True,
-                 start: bool = True) -> None:
+                 max_adapters: int | None = None, adapters: dict[str, str] | None = None, prefix_cache: bool = True,
+                 lean_decode: bool = True, start: bool = True) -> None:
         """prefill_chunk: prompt tokens a request prefills per step; step_tokens: prompt tokens per step in all
-        (engine/scheduler.py says why two budgets); max_adapters: adapter slots (None: multi_lora.DEFAULT_MAX_ADAPTERS when `adapters` are given, else none; 0: none, and
-        the model is left as it is); adapters: name -> PEFT directory, loaded at start."""
+        (engine/scheduler.py says why two budgets); max_adapters: adapter slots (None: multi_lora.DEFAULT_MAX_ADAPTERS
+        when `adapters` are given, else none; 0: none, and the model is left as it is); adapters: name -> PEFT
+        directory, loaded at start."""
         cfg = model.config
         for name, v in (("max_batch", max_batch), ("prefill_chunk", prefill_chunk), ("step_tokens", step_tokens),
                         ("max_queue", max_queue)):
