@@ -267,15 +267,6 @@ def interpolate_(model: MiniLM, base: MiniLM, alpha: float, lora_rank: int) -> N
         p.lerp_(ref[name].to(p.dtype), 1.0 - alpha)  # p + (1 - alpha) * (base - p)
 
 
-def mixed_encoder(tuned: Encoder, base: Encoder, alpha: float) -> Encoder:
-    """A new inference Encoder with alpha * tuned + (1 - alpha) * base weights: what tune() returns with
-    interpolate=alpha (a merged LoRA update scales the same way), for trying several factors on one run."""
-    model = MiniLM(base.model.cfg)
-    model.load_state_dict(tuned.model.state_dict())
-    interpolate_(model, base.model, alpha, 0)
-    return frozen_encoder(model, base, 0)
-
-
 def lora_adapter(model: MiniLM) -> dict[str, torch.Tensor]:
     """{`<module>.lora_A`: (r, in), `<module>.lora_B`: (out, r)} keyed by the base model's module names."""
     return {f"{name}.lora_{ab}": getattr(m, f"lora_{ab}").weight.detach().float().contiguous()

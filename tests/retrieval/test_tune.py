@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from phiforge.retrieval.encoder import (ENCODER_NAME, TUNED_CONFIG, BertConfig, Encoder, MiniLM, Packing,
                                         load_encoder, load_wordpiece)
 from phiforge.retrieval.tune import (LORA_TARGETS, Pair, TuneConfig, _remine, embed, lora_adapter, mine_hard_negatives,
-                                     mixed_encoder, mnrl_loss, save_tuned, trainable_copy, tune)
+                                     mnrl_loss, save_tuned, trainable_copy, tune)
 
 PASSAGES = ["Burst mains are repaired within four hours.", "The tariff is 1.87 pounds per cubic metre.",
             "Boil water notices follow low chlorine.", "Sampling happens at every service reservoir.",
@@ -177,10 +177,6 @@ def test_interpolation_is_the_weight_space_mix(one_thread, lora_rank):
     assert moved  # the tuned run changed something, so the check above is not base == base
     again = tune(enc, PASSAGES, pairs, TuneConfig(**cfg, interpolate=1.0)).encoder
     assert all(torch.equal(again.model.state_dict()[k], full[k]) for k in base)
-    # the bench's shortcut (one run, several factors) gives the encoder a run with that factor gives
-    mixed = mixed_encoder(again, enc, 0.25)
-    np.testing.assert_allclose(mixed.encode(QUESTIONS), tune(enc, PASSAGES, pairs, TuneConfig(
-        **cfg, interpolate=0.25)).encoder.encode(QUESTIONS), atol=1e-5)
 
 
 def test_bad_settings_are_one_line_errors():
