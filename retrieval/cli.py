@@ -32,7 +32,7 @@ from .rag import answer_question, context_length, format_sources
 from .manifest import IndexCorrupt, IndexMismatch
 from .qa import load_qa
 from .store import EmptyIndexError, Index, NoIndexError
-from .tune import TuneConfig, save_tuned, tune
+from .tune import NEGATIVE_POOLS, TuneConfig, save_tuned, tune
 from .tune_data import answer_pairs, index_pairs
 
 LORA_LR = 3e-4  # LoRA's few weights want a larger step than full fine-tuning
@@ -79,7 +79,7 @@ def add_arguments_index(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--batch", type=int, default=d.batch, help=f"questions per step (default {d.batch})")
     t.add_argument("--hard-negatives", type=int, default=d.hard_negatives,
                    help=f"mined negatives per question (default {d.hard_negatives})")
-    t.add_argument("--negatives-from", choices=("golds", "corpus"), default=d.negatives_from,
+    t.add_argument("--negatives-from", choices=NEGATIVE_POOLS, default=d.negatives_from,
                    help="mine hard negatives among the other questions' gold passages, or the whole corpus "
                    f"(default {d.negatives_from})")
     t.add_argument("--remine", action=argparse.BooleanOptionalAction, default=d.remine,

@@ -55,6 +55,7 @@ from .manifest import sha256_file
 
 SCALE = 20.0
 GRID_BUDGET = 2048  # padded tokens (texts x longest) per training forward
+NEGATIVE_POOLS = ("golds", "corpus")  # TuneConfig.negatives_from: where hard negatives are mined
 MARGIN = 0.05  # a candidate scoring above (1 - MARGIN) * gold is taken for an unlabelled positive, not a negative
 LORA_TARGETS = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
                 "intermediate.dense", "output.dense")
@@ -84,8 +85,7 @@ class TuneConfig:
                 raise ValueError(f"{flag}: must be >= {low}, got {v}")
         if not self.lr > 0 or not math.isfinite(self.lr):
             raise ValueError(f"--lr: must be a positive number, got {self.lr}")
-        if self.negatives_from not in ("golds", "corpus"):
-            raise ValueError(f"--negatives-from: 'golds' or 'corpus', got {self.negatives_from!r}")
+        _check_pool(self.negatives_from)
         if not 0 < self.interpolate <= 1:
             raise ValueError(f"--interpolate: must be in (0, 1], got {self.interpolate}")
 
@@ -108,14 +108,18 @@ class TuneResult:
     interrupted: bool = False
 
 
+def _check_pool(pool: str) -> None:
+    if pool not in NEGATIVE_POOLS:
+        raise ValueError(f"--negatives-from: one of {', '.join(NEGATIVE_POOLS)}, got {pool!r}")
+
+
 def mine_hard_negatives(enc: Encoder, corpus: list[str], pairs: list[Pair], k: int, depth: int = 10,
                         corpus_vecs: np.ndarray | None = None, pool: str = "corpus") -> list[list[int]]:
     """Up to k hard negatives per pair: its top-`depth` passages under `enc` that are not relevant to it and score
     below (1 - MARGIN) times its gold. pool "golds" draws them only from the pairs' gold passages."""
     if k == 0:
         return [[] for _ in pairs]
-    if pool not in ("corpus", "golds"):
-        raise ValueError(f"--negatives-from: 'corpus' or 'golds', got {pool!r}")
+    _check_pool(pool)
     cv = enc.encode(corpus) if corpus_vecs is None else corpus_vecs  # (N, H)
     qv = enc.encode([p.query for p in pairs])  # (Q, H)
     scores = qv @ cv.T  # (Q, N)
