@@ -52,7 +52,7 @@ def first_hit(ranked: list[list[int]], relevant: list[set[int]]) -> list[float]:
 
 # TuneConfig settings (over its defaults) compared by --select with 3-fold cross-validation inside the tuning half:
 # every tuning question is validated once, by a run that did not train on it; the held-out half is never seen.
-# tuning()'s defaults are the setting it picked
+# TuneConfig's defaults (which tuning() runs) are the setting it picked
 SELECTION_GRID = [{"negatives_from": "corpus", "hard_negatives": 3}, {"negatives_from": "corpus", "hard_negatives": 7},
                   {"negatives_from": "corpus", "hard_negatives": 3, "remine": True},
                   {"negatives_from": "corpus", "hard_negatives": 3, "remine": True, "epochs": 3},
@@ -62,13 +62,13 @@ SELECTION_GRID = [{"negatives_from": "corpus", "hard_negatives": 3}, {"negatives
 CV_FOLDS = 3
 
 
-def tuning(epochs: int = 2, lr: float = 1e-4, batch: int = 32, hard_negatives: int = 7, lora_rank: int = 0,
-           interpolate: float = 1.0, negatives_from: str = "golds", remine: bool = False, seed: int = 0,
-           select: bool = False, grid: list[dict] | None = None, threads: int | None = 1, log=None) -> dict:
+def tuning(seed: int = 0, select: bool = False, grid: list[dict] | None = None, threads: int | None = 1, log=None,
+           **overrides) -> dict:
     """Held-out retrieval on chatterbot before and after tuning on the other half; out-of-domain check on the docs.
 
-    threads: torch threads while tuning (None: torch's choice); one by default because on a shared 2-core machine a
-    two-thread training step stalls whenever either thread is descheduled."""
+    overrides: TuneConfig fields (default: TuneConfig's defaults, the setting --select picked); seed splits the
+    questions and seeds the tuning. threads: torch threads while tuning (None: torch's choice); one by default
+    because on a shared 2-core machine a two-thread training step stalls whenever either thread is descheduled."""
     import torch
 
     from phiforge.retrieval.encoder import load_encoder
@@ -91,8 +91,7 @@ def tuning(epochs: int = 2, lr: float = 1e-4, batch: int = 32, hard_negatives: i
         m = metrics(ranks(enc, corpus, [queries[i] for i in qs], cv=vecs), [relevant[i] for i in qs])
         return {k: round(m[k], 4) for k in ("recall@1", "recall@5", "recall@10", "mrr@10")}
 
-    cfg = TuneConfig(epochs=epochs, lr=lr, batch=batch, hard_negatives=hard_negatives, lora_rank=lora_rank,
-                     interpolate=interpolate, negatives_from=negatives_from, remine=remine, seed=seed)
+    cfg = TuneConfig(**overrides, seed=seed)
     out: dict = {"dataset": "chatterbot-corpus==1.3.3 (english)", "passages": len(corpus),
                  "tune_questions": len(tune_q), "heldout_questions": len(held), "split_seed": seed}
     if select:  # settings chosen by cross-validation inside the tuning half, never on the held-out half
