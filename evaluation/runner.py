@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from phiforge.engine.request import Request, Result
-from phiforge.retrieval.chunkdb import DB, connect_reader
+from phiforge.retrieval.chunkdb import DB, chunks_with_vectors, connect_reader
 from phiforge.retrieval.qa import QARow, closed_book_messages
 from phiforge.retrieval.rag import build_prompt, parse_citations
 from phiforge.retrieval.store import Hit
@@ -61,17 +61,14 @@ def gold_context(conn: sqlite3.Connection, q: np.ndarray, sources: list[str], k:
     follows the gold documents' size, not the index's."""
     if not sources:
         return []
-    marks = ",".join("?" * len(sources))
-    rows = conn.execute(f'SELECT id, source, text, heading, start, "end", vec FROM chunks WHERE source IN ({marks}) '
-                        "ORDER BY id", sources).fetchall()
+    rows = chunks_with_vectors(conn, sources)
     if not rows:
         return []
     vecs = np.frombuffer(b"".join(r[6] for r in rows), dtype=np.float32).reshape(len(rows), -1)  # (c, d)
     vecs = vecs / np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12)
     scores = vecs @ (q / max(float(np.linalg.norm(q)), 1e-12))  # (c, d) @ (d,) -> (c,)
     order = np.argsort(-scores, kind="stable")[:k]
-    return [Hit(int(rows[i][0]), rows[i][1], rows[i][2], float(scores[i]), rows[i][3], rows[i][4], rows[i][5])
-            for i in order.tolist()]
+    return [Hit.of(rows[i], scores[i]) for i in order.tolist()]
 
 
 def retrieve(index, rows: list[QARow], k: int) -> Contexts:

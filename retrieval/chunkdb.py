@@ -5,13 +5,17 @@
     chunks(id, source, heading, start, end, text, hash, n_tokens, vec)   vec: float32 bytes, hash: of the text
 
 The writer connection runs in WAL mode with synchronous=FULL, so a committed transaction survives a crash and
-readers (one query-only connection per thread) never block it.
+readers (one query-only connection per thread) never block it. Every SQL statement on the file lives here; the
+Index (retrieval/store.py) holds the locks and keeps its vectors in step with what these functions commit.
 """
 from __future__ import annotations
 
 import sqlite3
+import time
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
+
+import numpy as np
 
 from .manifest import IndexCorrupt
 
@@ -42,7 +46,7 @@ def open_db(path: Path) -> tuple[sqlite3.Connection, int, list[int], list[bytes]
             raise sqlite3.DatabaseError(check)
         db.executescript(SCHEMA)
         db.execute("INSERT OR IGNORE INTO meta VALUES ('generation', '0')")
-        gen = int(db.execute("SELECT value FROM meta WHERE key='generation'").fetchone()[0])
+        gen = generation(db)
         rows = db.execute("SELECT id, vec FROM chunks ORDER BY id").fetchall()
     except sqlite3.DatabaseError as e:
         raise IndexCorrupt(f"{path}: {e}") from None
@@ -66,7 +70,99 @@ def known_vectors(db: sqlite3.Connection, hashes: Iterable[str]) -> dict[str, by
     return known
 
 
+def like_escape(text: str) -> str:
+    """`text` with LIKE's wildcards (and the escape character itself) escaped, for `LIKE ? ESCAPE '\\'`."""
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
 def like_prefix(folder: str) -> str:
-    """LIKE pattern for paths under `folder`, with LIKE's wildcards escaped."""
-    esc = folder.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-    return esc.rstrip("/") + "/%"
+    """LIKE pattern for paths under `folder`."""
+    return like_escape(folder).rstrip("/") + "/%"
+
+
+def generation(db: sqlite3.Connection) -> int:
+    return int(db.execute("SELECT value FROM meta WHERE key='generation'").fetchone()[0])
+
+
+def file_sha(db: sqlite3.Connection, source: str) -> str | None:
+    """The sha256 a source was indexed with, None if it is not indexed."""
+    row = db.execute("SELECT sha256 FROM files WHERE source=?", (source,)).fetchone()
+    return row[0] if row else None
+
+
+def replace_source(db: sqlite3.Connection, source: str, sha: str, size: int, chunks: Sequence,
+                   vecs: np.ndarray) -> tuple[list[int], list[int]]:
+    """One transaction: a source's old chunks out, `chunks` with their (m, d) float32 vectors in, the file row
+    written, the generation bumped. Returns (old chunk ids, new chunk ids)."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        old = [r[0] for r in db.execute("SELECT id FROM chunks WHERE source=?", (source,))]
+        db.execute("DELETE FROM chunks WHERE source=?", (source,))
+        new = []
+        for c, v in zip(chunks, vecs):
+            cur = db.execute('INSERT INTO chunks(source, heading, start, "end", text, hash, n_tokens, vec)'
+                             " VALUES (?,?,?,?,?,?,?,?)",
+                             (source, c.heading, c.start, c.end, c.text, c.hash, c.n_tokens, v.tobytes()))
+            new.append(cur.lastrowid)
+        db.execute("INSERT OR REPLACE INTO files VALUES (?,?,?,?,?)", (source, sha, size, len(chunks), time.time()))
+        db.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key='generation'")
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    return old, new
+
+
+def drop_source(db: sqlite3.Connection, source: str) -> list[int]:
+    """One transaction: a source's chunks and file row out, the generation bumped. Returns the dropped chunk ids."""
+    db.execute("BEGIN IMMEDIATE")
+    ids = [r[0] for r in db.execute("SELECT id FROM chunks WHERE source=?", (source,))]
+    db.execute("DELETE FROM chunks WHERE source=?", (source,))
+    db.execute("DELETE FROM files WHERE source=?", (source,))
+    db.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key='generation'")
+    db.execute("COMMIT")
+    return ids
+
+
+def sources_matching(db: sqlite3.Connection, *exact: str, under: str | None = None) -> list[str]:
+    """Indexed sources equal to one of `exact`, or (with `under`) inside that folder."""
+    where = [f"source IN ({','.join('?' * len(exact))})"] if exact else []
+    args = list(exact)
+    if under is not None:
+        where.append("source LIKE ? ESCAPE '\\'")
+        args.append(like_prefix(under))
+    return [r[0] for r in db.execute(f"SELECT source FROM files WHERE {' OR '.join(where)}", args)]
+
+
+CHUNK_COLUMNS = 'id, source, text, heading, start, "end"'  # the columns of a search hit, in Hit's order
+
+
+def chunk_rows(conn: sqlite3.Connection, ids: list[int]) -> list[tuple]:
+    """CHUNK_COLUMNS of the chunks with these ids (any order)."""
+    return conn.execute(f"SELECT {CHUNK_COLUMNS} FROM chunks WHERE id IN ({','.join('?' * len(ids))})",
+                        ids).fetchall()
+
+
+def chunks_named(conn: sqlite3.Connection, name: str) -> list[tuple]:
+    """CHUNK_COLUMNS of every chunk whose source is `name` or has `name`'s file name, in document order."""
+    return conn.execute(f"SELECT {CHUNK_COLUMNS} FROM chunks WHERE source = ? OR source LIKE ? ESCAPE '\\' "
+                        "ORDER BY source, start", (name, "%/" + like_escape(Path(name).name))).fetchall()
+
+
+def chunks_with_vectors(conn: sqlite3.Connection, sources: list[str]) -> list[tuple]:
+    """CHUNK_COLUMNS plus the vector bytes of every chunk of `sources`, in id order."""
+    return conn.execute(f"SELECT {CHUNK_COLUMNS}, vec FROM chunks WHERE source IN ({','.join('?' * len(sources))}) "
+                        "ORDER BY id", sources).fetchall()
+
+
+def all_chunks(conn: sqlite3.Connection) -> list[tuple]:
+    """(source, heading, text) of every chunk, in id order."""
+    return conn.execute("SELECT source, heading, text FROM chunks ORDER BY id").fetchall()
+
+
+def count_files(conn: sqlite3.Connection) -> int:
+    return conn.execute("SELECT COUNT(*) FROM files").fetchone()[0]
+
+
+def all_sources(conn: sqlite3.Connection) -> list[str]:
+    return [r[0] for r in conn.execute("SELECT source FROM files ORDER BY source")]

@@ -2,15 +2,16 @@
 
     index/
       manifest.json        encoder, dim, space, count, generation, hnsw file + sha256 + size + M/ef/capacity
-      chunks.sqlite        (WAL, retrieval/chunkdb.py) files(source, sha256, ...), chunks(id, source, heading, start, end, text, hash,
-                           vec) and meta(generation, ...): the source of truth, vectors included
+      chunks.sqlite        (WAL, retrieval/chunkdb.py) files(source, sha256, ...), chunks(id, source, heading,
+                           start, end, text, hash, vec) and meta(generation, ...): the source of truth, vectors
+                           included
       vectors-<gen>.hnsw   the graph, a rebuildable accelerator; named by generation, so a new one never
                            overwrites the file the current manifest vouches for
 
 Search: below EXACT_THRESHOLD live chunks (set where bench/bench_retrieval.py finds the exact scan and the graph
 walk break even on real MiniLM vectors) one matrix-vector product over all vectors is as fast as the graph walk
-and exact; above it HNSW answers, with `ef` calibrated so recall@10 against the exact scan is >= 0.99 (see VectorSet.calibrate_ef),
-stored in the manifest and set again after every load (hnswlib forgets it).
+and exact; above it HNSW answers, with `ef` calibrated so recall@10 against the exact scan is >= 0.99 (see
+VectorSet.calibrate_ef), stored in the manifest and set again after every load (hnswlib forgets it).
 
 Durability and crashes:
 * Each file's chunks are replaced in one SQLite transaction (synchronous=FULL): a crash mid-add loses at
@@ -42,7 +43,8 @@ import numpy as np
 
 from phiforge.engine.atomic import write_atomic, write_json_atomic
 
-from .chunkdb import DB, connect_reader, known_vectors, like_prefix, open_db
+from .chunkdb import (DB, all_sources, chunk_rows, chunks_named, connect_reader, count_files, drop_source, file_sha,
+                      generation, known_vectors, open_db, replace_source, sources_matching)
 from .chunking import Chunk, Skipped, chunk_file, collect_files, counting_tokenizer
 from .encoder import Encoder, load_encoder
 from .manifest import (MANIFEST, IndexCorrupt, IndexMismatch, built_with, new_manifest, read_manifest, sha256_file,
@@ -70,6 +72,11 @@ class Hit:
     heading: str
     start: int
     end: int
+
+    @classmethod
+    def of(cls, row: tuple, score: float = 0.0) -> "Hit":
+        """From a row of chunkdb.CHUNK_COLUMNS (id, source, text, heading, start, end)."""
+        return cls(int(row[0]), row[1], row[2], float(score), row[3], row[4], row[5])
 
 
 @dataclass
@@ -180,12 +187,9 @@ class Index:
         self._save()
 
     # ------------------------------------------------------------------------------------------- persist
-    def _generation(self) -> int:
-        return int(self._db.execute("SELECT value FROM meta WHERE key='generation'").fetchone()[0])
-
     def _save(self) -> None:
         """Calibrate ef if the size moved, write the graph under a new name, then the manifest. Writer only."""
-        vs, gen = self._vs, self._generation()
+        vs, gen = self._vs, generation(self._db)
         if not self._manifest.get("ef_pinned") and vs.n >= EXACT_THRESHOLD // 2 and \
                 abs(vs.n - vs.calibrated_at) > 0.1 * max(vs.calibrated_at, 1):
             with self._rw.write():  # set_ef must not race a knn_query
@@ -227,25 +231,8 @@ class Index:
         vecs = np.ascontiguousarray(vecs, dtype=np.float32).reshape(len(chunks), self.dim)  # (m, d)
         # normalise before storing, so the rows reloaded from SQLite equal the in-memory ones bit for bit
         vecs = vecs / np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12)
-        db = self._db
         with self._rw.write():
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                old = [r[0] for r in db.execute("SELECT id FROM chunks WHERE source=?", (source,))]
-                db.execute("DELETE FROM chunks WHERE source=?", (source,))
-                new = []
-                for c, v in zip(chunks, vecs):
-                    cur = db.execute('INSERT INTO chunks(source, heading, start, "end", text, hash, n_tokens, vec)'
-                                     " VALUES (?,?,?,?,?,?,?,?)",
-                                     (source, c.heading, c.start, c.end, c.text, c.hash, c.n_tokens, v.tobytes()))
-                    new.append(cur.lastrowid)
-                db.execute("INSERT OR REPLACE INTO files VALUES (?,?,?,?,?)", (source, sha, size, len(chunks),
-                                                                               time.time()))
-                db.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key='generation'")
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
+            old, new = replace_source(self._db, source, sha, size, chunks, vecs)
             self._vs.remove(np.array(old, dtype=np.int64))
             self._vs.add(np.array(new, dtype=np.int64), vecs, normalized=True)
         return len(old)
@@ -303,8 +290,8 @@ class Index:
                 except OSError as e:
                     report.skipped.append((str(f), f"unreadable: {e.strerror or e}"))
                     continue
-                row = self._db.execute("SELECT sha256 FROM files WHERE source=?", (source,)).fetchone()
-                if row and row[0] == sha:
+                known = file_sha(self._db, source)
+                if known == sha:
                     report.files_unchanged += 1
                     continue
                 try:
@@ -313,8 +300,8 @@ class Index:
                     report.skipped.append((str(f), str(e)))
                     continue
                 report.warnings += doc.warnings
-                report.files_replaced += bool(row)
-                report.files_added += not row
+                report.files_replaced += known is not None
+                report.files_added += known is None
                 pending.append((source, sha, size, chunks))
                 if sum(len(p[3]) for p in pending) >= EMBED_BATCH:
                     flush()
@@ -338,30 +325,21 @@ class Index:
         for p in [paths] if isinstance(paths, (str, Path)) else paths:
             if not Path(p).is_dir():
                 continue
-            prefix = like_prefix(str(Path(p).resolve()))
-            rows = self._db.execute("SELECT source FROM files WHERE source LIKE ? ESCAPE '\\'", (prefix,))
-            gone += [src for (src,) in rows if src not in present and not Path(src).exists() and src not in gone]
+            rows = sources_matching(self._db, under=str(Path(p).resolve()))
+            gone += [src for src in rows if src not in present and not Path(src).exists() and src not in gone]
         return gone
 
     def remove(self, source: str | Path) -> int:
         """Remove a file's chunks (or every file under a folder). Returns chunks removed."""
         resolved = str(Path(source).resolve())
         with self._wmutex:
-            rows = self._db.execute("SELECT source FROM files WHERE source IN (?, ?) OR source LIKE ? ESCAPE '\\'",
-                                    (str(source), resolved, like_prefix(resolved))).fetchall()
+            rows = sources_matching(self._db, str(source), resolved, under=resolved)
             if not rows:
                 raise KeyError(f"{source}: no such source in index {self.folder}")
             removed = 0
-            for (src,) in rows:
+            for src in rows:
                 with self._rw.write():
-                    db = self._db
-                    db.execute("BEGIN IMMEDIATE")
-                    ids = [r[0] for r in db.execute("SELECT id FROM chunks WHERE source=?", (src,))]
-                    db.execute("DELETE FROM chunks WHERE source=?", (src,))
-                    db.execute("DELETE FROM files WHERE source=?", (src,))
-                    db.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key='generation'")
-                    db.execute("COMMIT")
-                    removed += self._vs.remove(np.array(ids, dtype=np.int64))
+                    removed += self._vs.remove(np.array(drop_source(self._db, src), dtype=np.int64))
             self._save()
         return removed
 
@@ -389,26 +367,19 @@ class Index:
             if self._vs.n == 0:
                 raise EmptyIndexError(f"index {self.folder} is empty: add documents first")
             ids, scores, _ = self._vs.search(q, k, mode)
-            marks = ",".join("?" * len(ids))
-            rows = self._reader().execute(f'SELECT id, source, text, heading, start, "end" FROM chunks '
-                                          f"WHERE id IN ({marks})", ids.tolist()).fetchall()
+            rows = chunk_rows(self._reader(), ids.tolist())
         by_id = {r[0]: r for r in rows}
-        return [Hit(int(i), by_id[i][1], by_id[i][2], float(s), by_id[i][3], by_id[i][4], by_id[i][5])
-                for i, s in zip(ids.tolist(), scores.tolist()) if i in by_id]
+        return [Hit.of(by_id[i], s) for i, s in zip(ids.tolist(), scores.tolist()) if i in by_id]
 
     def chunks_of(self, name: str) -> list[Hit]:
         """Every chunk of the document whose file name (or full source path) is `name`, in document order, with
         score 0: how a Q/A set's `sources` (file names) find their chunks."""
-        base = Path(name).name
-        pattern = "%/" + base.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
         with self._rw.read():
-            rows = self._reader().execute(
-                'SELECT id, source, text, heading, start, "end" FROM chunks WHERE source = ? OR source LIKE ? '
-                "ESCAPE '\\' ORDER BY source, start", (name, pattern)).fetchall()
-        return [Hit(int(r[0]), r[1], r[2], 0.0, r[3], r[4], r[5]) for r in rows]
+            rows = chunks_named(self._reader(), name)
+        return [Hit.of(r) for r in rows]
 
     def sources(self) -> list[str]:
-        return [r[0] for r in self._reader().execute("SELECT source FROM files ORDER BY source")]
+        return all_sources(self._reader())
 
     def stats(self) -> dict:
         with self._rw.read():
@@ -416,7 +387,7 @@ class Index:
 
     def _stats(self) -> dict:
         vs = self._vs
-        files = self._reader().execute("SELECT COUNT(*) FROM files").fetchone()[0]
+        files = count_files(self._reader())
         disk = sum(f.stat().st_size for f in self.folder.iterdir() if f.is_file())
         return {"folder": str(self.folder), "encoder": self.encoder_name, "dim": self.dim, "space": "cosine",
                 "files": files, "chunks": vs.n, "graph_nodes": vs.graph_nodes, "tombstones": vs.deleted,

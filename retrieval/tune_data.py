@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .chunkdb import DB, connect_reader
+from .chunkdb import DB, all_chunks, connect_reader
 from .chunking import Chunk
 from .encoder import Encoder
 from .manifest import MANIFEST
@@ -53,7 +53,7 @@ def index_chunks(folder: str | Path) -> list[tuple[str, str]]:
         raise NoIndexError(f"--index {folder}: no index there (`phiforge index add PATH --index {folder}` makes one)")
     conn = connect_reader(folder / DB)
     try:
-        rows = conn.execute("SELECT source, heading, text FROM chunks ORDER BY id").fetchall()
+        rows = all_chunks(conn)
     finally:
         conn.close()
     if not rows:
