@@ -1,8 +1,8 @@
 """Training pairs for `phiforge index tune`: each Q/A row's question and its gold passage.
 
 With an index, the passages are the index's chunks (the text the encoder embeds: heading + text), and a question's
-gold is the chunk of its source documents that holds most of the answer's words (ties: the one the untuned
-encoder ranks higher for the question); every chunk of its source documents counts as relevant, so none of them
+gold is the chunk of its source documents that holds most of the answer's numbers and content words, the rule RAFT
+picks its gold chunk by (raft.overlap; ties: the one the untuned encoder ranks higher for the question); every chunk of its source documents counts as relevant, so none of them
 is ever used as its negative (a document often repeats a fact in a second chunk). Without an index, the answers
 are the passages (question -> reply data, like the chatterbot corpus): one passage per distinct answer, and every
 answer given to the same question text is relevant to it.
@@ -11,7 +11,6 @@ Unanswerable rows are left out (they have no gold passage); with an index, so ar
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,11 +21,9 @@ from .chunking import Chunk
 from .encoder import Encoder
 from .manifest import MANIFEST
 from .qa import QAError, QARow
+from .raft import overlap
 from .store import NoIndexError
 from .tune import Pair
-
-_WORD = re.compile(r"\w+")
-
 
 @dataclass
 class TuneSet:
@@ -34,16 +31,6 @@ class TuneSet:
     pairs: list[Pair]
     corpus_vecs: np.ndarray | None = None  # the untuned encoder's chunk vectors, when computed here
     skipped: dict[str, int] = field(default_factory=dict)  # reason -> rows
-
-
-def words(text: str) -> set[str]:
-    return set(_WORD.findall(text.lower()))
-
-
-def answer_overlap(answer: str, passage: str) -> float:
-    """Share of the answer's distinct words found in the passage."""
-    a = words(answer)
-    return len(a & words(passage)) / len(a) if a else 0.0
 
 
 def index_chunks(folder: str | Path) -> list[tuple[str, str]]:
@@ -73,7 +60,8 @@ def answer_pairs(rows: list[QARow], path: str) -> TuneSet:
 
 
 def index_pairs(rows: list[QARow], path: str, index: str | Path, enc: Encoder) -> TuneSet:
-    """Index chunks as passages; gold = the source chunk holding most of the answer."""
+    """Index chunks as passages; gold = the source chunk holding most of the answer, by the rule RAFT picks its
+    gold chunk with (raft.overlap: numbers and content words), ties to the chunk closest to the question."""
     chunks = index_chunks(index)
     by_source: dict[str, list[int]] = {}
     for i, (src, _) in enumerate(chunks):
@@ -92,7 +80,7 @@ def index_pairs(rows: list[QARow], path: str, index: str | Path, enc: Encoder) -
     pairs = []
     for qi, r in enumerate(usable):
         cands = [i for s in r.sources for i in by_source[s]]
-        gold = max(cands, key=lambda i: (round(answer_overlap(r.answer, corpus[i]), 6), float(qv[qi] @ cv[i])))
+        gold = max(cands, key=lambda i: (overlap(r.answer, corpus[i]), float(qv[qi] @ cv[i])))
         pairs.append(Pair(r.question, gold, frozenset(cands)))
     return _checked(TuneSet(corpus, pairs, cv, skipped), path)
 
