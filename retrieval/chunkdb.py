@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -90,12 +91,24 @@ def file_sha(db: sqlite3.Connection, source: str) -> str | None:
     return row[0] if row else None
 
 
+@contextmanager
+def _commit(db: sqlite3.Connection):
+    """One write transaction that bumps the generation; rolled back whole if anything in it fails (Ctrl-C too)."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        db.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key='generation'")
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+
+
 def replace_source(db: sqlite3.Connection, source: str, sha: str, size: int, chunks: Sequence,
                    vecs: np.ndarray) -> tuple[list[int], list[int]]:
     """One transaction: a source's old chunks out, `chunks` with their (m, d) float32 vectors in, the file row
-    written, the generation bumped. Returns (old chunk ids, new chunk ids)."""
-    db.execute("BEGIN IMMEDIATE")
-    try:
+    written. Returns (old chunk ids, new chunk ids)."""
+    with _commit(db):
         old = [r[0] for r in db.execute("SELECT id FROM chunks WHERE source=?", (source,))]
         db.execute("DELETE FROM chunks WHERE source=?", (source,))
         new = []
@@ -105,22 +118,15 @@ def replace_source(db: sqlite3.Connection, source: str, sha: str, size: int, chu
                              (source, c.heading, c.start, c.end, c.text, c.hash, c.n_tokens, v.tobytes()))
             new.append(cur.lastrowid)
         db.execute("INSERT OR REPLACE INTO files VALUES (?,?,?,?,?)", (source, sha, size, len(chunks), time.time()))
-        db.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key='generation'")
-        db.execute("COMMIT")
-    except BaseException:
-        db.execute("ROLLBACK")
-        raise
     return old, new
 
 
 def drop_source(db: sqlite3.Connection, source: str) -> list[int]:
-    """One transaction: a source's chunks and file row out, the generation bumped. Returns the dropped chunk ids."""
-    db.execute("BEGIN IMMEDIATE")
-    ids = [r[0] for r in db.execute("SELECT id FROM chunks WHERE source=?", (source,))]
-    db.execute("DELETE FROM chunks WHERE source=?", (source,))
-    db.execute("DELETE FROM files WHERE source=?", (source,))
-    db.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key='generation'")
-    db.execute("COMMIT")
+    """One transaction: a source's chunks and file row out. Returns the dropped chunk ids."""
+    with _commit(db):
+        ids = [r[0] for r in db.execute("SELECT id FROM chunks WHERE source=?", (source,))]
+        db.execute("DELETE FROM chunks WHERE source=?", (source,))
+        db.execute("DELETE FROM files WHERE source=?", (source,))
     return ids
 
 
