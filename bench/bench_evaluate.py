@@ -18,7 +18,7 @@ load; compare modes within one run, never across runs.
 
 `retriever` section: bench/bench_tune.py's `tuning()`: chatterbot-corpus split by question into a tuning half
 and a held-out half; recall@1/5/10 and MRR@10 on the held-out half before and after `index tune`'s training on the
-tuning half, and the out-of-domain check on the bundled documents' questions.
+tuning half (three tuning seeds and their mean), and the out-of-domain check on the bundled documents' questions.
 """
 from __future__ import annotations
 
