@@ -53,6 +53,15 @@ def first_hit(ranked: list[list[int]], relevant: list[set[int]]) -> list[float]:
     return [next((1.0 / (i + 1) for i, d in enumerate(r) if d in rel), 0.0) for r, rel in zip(ranked, relevant)]
 
 
+def mrr_change(before: np.ndarray, after: np.ndarray, seed: int) -> dict:
+    """MRR and hit@1 before and after, and a paired bootstrap 95% interval (over questions) of the MRR change."""
+    boot = np.random.default_rng(seed).integers(0, len(before), (2000, len(before)))  # (resamples, questions)
+    lo, hi = np.percentile((after - before)[boot].mean(1), [2.5, 97.5])
+    return {"mrr@10_before": round(float(before.mean()), 4), "mrr@10_after": round(float(after.mean()), 4),
+            "hit@1_before": float(np.mean(before == 1)), "hit@1_after": float(np.mean(after == 1)),
+            "mrr_change_95ci": [round(float(lo), 4), round(float(hi), 4)], "fell_beyond_noise": bool(hi < 0)}
+
+
 # TuneConfig settings (over its defaults) compared by --select with 3-fold cross-validation inside the tuning half:
 # every tuning question is validated once, by a run that did not train on it; the held-out half is never seen.
 # TuneConfig's defaults (which tuning() runs) are the setting it picked
@@ -132,13 +141,8 @@ def tuning(seed: int = 0, select: bool = False, grid: list[dict] | None = None, 
                "heldout_after": score(res.encoder, held)}
         run["heldout_recall@10_gain"] = round(run["heldout_after"]["recall@10"] - out["heldout_before"]["recall@10"], 4)
         after = np.asarray(first_hit(ranks(res.encoder, d_corpus, d_queries), d_rel))
-        boot = np.random.default_rng(seed).integers(0, len(d_before), (2000, len(d_before)))  # paired, over questions
-        lo, hi = np.percentile((after - d_before)[boot].mean(1), [2.5, 97.5])
-        run["docs_out_of_domain"] = {
-            "questions": len(d_queries), "chunks": len(d_corpus), "mrr@10_before": round(float(d_before.mean()), 4),
-            "mrr@10_after": round(float(after.mean()), 4), "hit@1_before": float(np.mean(d_before == 1)),
-            "hit@1_after": float(np.mean(after == 1)), "mrr_change_95ci": [round(float(lo), 4), round(float(hi), 4)],
-            "fell_beyond_noise": bool(hi < 0)}
+        run["docs_out_of_domain"] = {"questions": len(d_queries), "chunks": len(d_corpus),
+                                     **mrr_change(d_before, after, seed)}
         out["runs"].append(run)
         say(json.dumps({k: run[k] for k in ("seed", "heldout_after", "heldout_recall@10_gain")}))
     runs = out["runs"]
