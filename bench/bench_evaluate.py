@@ -23,7 +23,6 @@ tuning half (three tuning seeds and their mean), and the out-of-domain check on 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -32,8 +31,8 @@ from pathlib import Path
 import torch
 
 from phiforge.bench.bench_tune import tuning
+from phiforge.bench.report import emit
 from phiforge.demo_evaluate import prepare
-from phiforge.engine.atomic import write_json_atomic
 from phiforge.evaluation import evaluate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -95,10 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         result["evaluate"] = run_evaluate(args)
     if "retriever" in sections:
         result["retriever"] = tuning()
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        write_json_atomic(args.out, result)
+    emit(result, args.out)
     return 0
 
 

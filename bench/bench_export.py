@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from phiforge.engine.atomic import write_text_atomic
+from phiforge.bench.report import emit
 from phiforge.engine.fetch import default_model_path
 from phiforge.engine.generate import Generator
 from phiforge.engine.gguf_export import TYPES, export_gguf
@@ -92,10 +92,7 @@ def main() -> None:
                 row["llama_cpp"] = "not installed (pass --llama-python)"
             report["types"][t] = row
             print(t, json.dumps(row), file=sys.stderr, flush=True)
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        write_text_atomic(args.out, text + "\n")
+    emit(report, args.out)
 
 
 if __name__ == "__main__":

@@ -45,6 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
+from phiforge.bench.report import emit
 from phiforge.engine.atomic import write_atomic, write_text_atomic
 from phiforge.engine.fetch import phiforge_home
 
@@ -279,14 +280,6 @@ def threshold(cv: np.ndarray, qv: np.ndarray, sizes=(100, 200, 300, 500, 1000, 2
     thr = next((r["n"] for i, r in enumerate(rows) if all(x["hnsw_p50_ms"] < x["exact_p50_ms"] for x in rows[i:])),
                None)
     return {"rows": rows, "hnsw_faster_at": faster, "measured_threshold": thr}
-
-
-def emit(result: dict, out: str | None) -> None:
-    """Print the bench's JSON, and write it to `out` (atomically) when given."""
-    text = json.dumps(result, indent=2)
-    print(text)
-    if out:
-        write_text_atomic(out, text + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -48,8 +48,8 @@ from typing import Any, Iterator
 import httpx2 as httpx
 import torch
 
+from phiforge.bench.report import emit
 from phiforge.engine.adapter import save_adapter
-from phiforge.engine.atomic import write_json_atomic
 from phiforge.engine.fetch import default_model_path
 from phiforge.engine.loader import load_model
 from phiforge.engine.lora import apply_lora
@@ -304,10 +304,7 @@ def main() -> None:
     for side in [s for s in args.lora_sides.split(",") if s] if args.lora else []:
         key = "multi_lora" if side == "bf16" else f"multi_lora_{side}"
         report[key] = lora_case(model, tok, lens, args, "nf4" if side == "nf4" else None)
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        write_json_atomic(args.out, report)
+    emit(report, args.out)
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ from pathlib import Path
 
 import torch
 
-from phiforge.engine.atomic import write_json_atomic
+from phiforge.bench.report import emit
 from phiforge.engine.train_memory import estimate
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -361,19 +361,13 @@ def ratios(runs: dict[str, dict], dtypes: list[str]) -> dict[str, float | None]:
     return out
 
 
-def _emit(result: dict, out: str | None) -> None:
-    print(json.dumps(result, indent=2))
-    if out:
-        write_json_atomic(out, result)
-
-
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     if a.worker:
         worker(a)
         return 0
     if a.nproc:
-        _emit(bench_nproc(a), a.out)
+        emit(bench_nproc(a), a.out)
         return 0
     runs = best_of_rounds(a, plan_runs(a))
     mini = a.shape == "phi3-mini"
@@ -386,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
                       this_run={m: estimate(shape, m, a.seq, a.batch, a.rank) for m in a.methods.split(",")},
                       seq2048_24GB={m: estimate(shape if mini else "phi3-mini-4k", m, 2048, 1, a.rank, budget_gb=24)
                                     for m in ("lora", "qlora")}))
-    _emit(result, a.out)
+    emit(result, a.out)
     return 0
 
 

@@ -27,7 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from phiforge.bench.bench_retrieval import chatterbot, emit, metrics
+from phiforge.bench.bench_retrieval import chatterbot, metrics
+from phiforge.bench.report import emit
 
 
 def ranks(enc, corpus: list[str], queries: list[str], k: int = 10, cv: np.ndarray | None = None) -> list[list[int]]:
