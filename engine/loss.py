@@ -60,7 +60,7 @@ def lm_loss_sum(model, input_ids: torch.Tensor, targets: torch.Tensor, position_
     h, y = h[sel], targets[sel]  # (n, C), (n,)
     weight = getattr(model, "module", model).lm_head.weight  # under DistributedDataParallel the model is .module
     if weight.requires_grad:  # a trained lm_head needs the ordinary path (autograd through the logits)
-        return F.cross_entropy((h @ weight.T).float(), y, reduction="sum")
+        return F.cross_entropy((h @ weight.T).float(), y, reduction="sum")  # (n, C)@(C, V) -> (n, V)
     return LinearCrossEntropySum.apply(h, weight, y, chunk)
 
 
@@ -68,4 +68,5 @@ def lm_loss_sum_ref(model, input_ids: torch.Tensor, targets: torch.Tensor, posit
                     segment_ids=None) -> torch.Tensor:
     """The naive reference: full logits (B, T, V), fp32 cross-entropy summed over labelled positions."""
     logits = model(input_ids, position_ids=position_ids, segment_ids=segment_ids).float()  # (B, T, V)
+    # (B*T, V) against (B*T,)
     return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")

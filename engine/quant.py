@@ -138,6 +138,7 @@ def nf4_tensors(q: NF4Weight) -> dict[str, torch.Tensor]:
     """The bitsandbytes serialization of one weight, keys relative to the module (`weight`, `weight.absmax`...)."""
     state = {"quant_type": "nf4", "blocksize": q.blocksize, "dtype": DTYPE_NAMES[q.dtype], "shape": list(q.shape)}
     # The two tables are shared by every weight in memory; cloned, as bitsandbytes does, so safetensors can save them.
+    # the packed bytes (n/2,) as bitsandbytes stores them, (n/2, 1)
     out = {"weight": q.packed.view(-1, 1), "weight.absmax": q.absmax, "weight.quant_map": q.code.clone()}
     if q.double_quant:
         out["weight.nested_absmax"] = q.nested_absmax

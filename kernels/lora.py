@@ -183,7 +183,7 @@ class LoRALinear(torch.autograd.Function):
         ctx.save_for_backward(x2, keep, P, A, B)
         ctx.weight, ctx.scaling, ctx.dropout = w, scaling, dropout
         ctx.dtypes = (x.dtype, lora_A.dtype, lora_B.dtype)
-        return y.view(*lead, y.shape[-1])
+        return y.view(*lead, y.shape[-1])  # (M, N) -> (..., N)
 
     @staticmethod
     @custom_bwd(device_type="cuda")
@@ -202,7 +202,7 @@ class LoRALinear(torch.autograd.Function):
             dx = _base_backward(dy2, ctx.weight, None)
             dx += (s * (G @ A)) * keep / (1 - p)  # the mask stops the epilogue: one extra (M, K) pass
         x_dt, a_dt, b_dt = ctx.dtypes
-        dx = dx.view(*lead, dx.shape[-1]).to(x_dt)
+        dx = dx.view(*lead, dx.shape[-1]).to(x_dt)  # (M, K) -> (..., K)
         return dx, None, dA.to(a_dt), dB.to(b_dt), None, None, None
 
 

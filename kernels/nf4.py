@@ -183,8 +183,8 @@ def _quantize_blockwise(flat: torch.Tensor, table: torch.Tensor, blocksize: int)
         x = flat[b0 * blocksize:b1 * blocksize].float().view(b1 - b0, blocksize)  # (blocks, blocksize)
         am = x.abs().amax(dim=1)
         absmax[b0:b1] = am
-        scaled = (x * (1.0 / am.clamp(min=1e-38)).view(-1, 1)).clamp_(-1, 1)
-        codes[b0 * blocksize:b1 * blocksize] = _nearest(scaled.view(-1), table)
+        scaled = (x * (1.0 / am.clamp(min=1e-38)).view(-1, 1)).clamp_(-1, 1)  # (blocks, blocksize) * (blocks, 1)
+        codes[b0 * blocksize:b1 * blocksize] = _nearest(scaled.view(-1), table)  # (blocks * blocksize,)
     if rem:
         x = flat[full_blocks * blocksize:].float()
         am = x.abs().amax().clamp(min=1e-38)  # the tail's stored absmax is clamped too, as in bitsandbytes

@@ -192,7 +192,7 @@ def _matmul(a: torch.Tensor, w: NF4Weight, lora: LoRAEpilogue | None, trans_w: b
     if a2.shape[0] == 0:  # an empty batch: no grid to launch
         return a.new_zeros(*lead, out_features)
     if lora is not None:
-        lora = LoRAEpilogue(lora.p.reshape(a2.shape[0], -1), lora.q, lora.scaling)
+        lora = LoRAEpilogue(lora.p.reshape(a2.shape[0], -1), lora.q, lora.scaling)  # p (..., r) -> (M, r)
     if method == "dequant" or (method == "auto" and not use_triton(a2)):
         if a2.device.type == "cpu" and method == "auto":
             out = None if trans_w else nf4_cpu.gemv(a2, w)  # decode: the fused native GEMV, when it applies
@@ -211,7 +211,7 @@ def _matmul(a: torch.Tensor, w: NF4Weight, lora: LoRAEpilogue | None, trans_w: b
             out = _gemm(a2, w, lora, trans_w)
     else:
         raise ValueError(f"nf4_matmul: method must be 'auto', 'fused' or 'dequant', got {method!r}")
-    return out.view(*lead, out.shape[-1])
+    return out.view(*lead, out.shape[-1])  # (M, out) -> (..., out)
 
 
 # ---------------------------------------------------------------------------------------------------------------
