@@ -130,10 +130,15 @@ def cached_embeddings(enc, n: int) -> tuple[list[str], np.ndarray, float | None]
 
 
 # ---------------------------------------------------------------------------------------------- sections
+def recall_each(ranked: list[list[int]], relevant: list[set[int]], k: int = 10) -> np.ndarray:
+    """Each query's recall@k: the share of its relevant ids in its top k."""
+    return np.asarray([len(set(r[:k]) & rel) / len(rel) for r, rel in zip(ranked, relevant)])
+
+
 def metrics(ranked: list[list[int]], relevant: list[set[int]]) -> dict:
     out = {}
     for k in (1, 5, 10):  # recall@k (BEIR): share of each query's relevant passages in the top k, averaged
-        out[f"recall@{k}"] = float(np.mean([len(set(r[:k]) & rel) / len(rel) for r, rel in zip(ranked, relevant)]))
+        out[f"recall@{k}"] = float(np.mean(recall_each(ranked, relevant, k)))
     for k in (1, 5, 10):  # hit@k: share of queries with at least one relevant passage in the top k
         out[f"hit@{k}"] = float(np.mean([bool(set(r[:k]) & rel) for r, rel in zip(ranked, relevant)]))
     rr, ndcg = [], []

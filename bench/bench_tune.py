@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from phiforge.bench.bench_retrieval import chatterbot, metrics
+from phiforge.bench.bench_retrieval import chatterbot, metrics, recall_each
 from phiforge.bench.report import emit
 
 
@@ -68,11 +68,6 @@ def mrr_change(before: np.ndarray, after: np.ndarray, seed: int) -> dict:
     return {"mrr@10_before": round(float(before.mean()), 4), "mrr@10_after": round(float(after.mean()), 4),
             "hit@1_before": float(np.mean(before == 1)), "hit@1_after": float(np.mean(after == 1)),
             "mrr_change_95ci": ci, "fell_beyond_noise": bool(ci[1] < 0)}
-
-
-def recall_each(ranked: list[list[int]], relevant: list[set[int]], k: int = 10) -> np.ndarray:
-    """Each query's recall@k (the share of its relevant ids in its top k): metrics()'s recall@k is their mean."""
-    return np.asarray([len(set(r[:k]) & rel) / len(rel) for r, rel in zip(ranked, relevant)])
 
 
 # TuneConfig settings (over its defaults) compared by --select with 3-fold cross-validation inside the tuning half:

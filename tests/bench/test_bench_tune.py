@@ -1,8 +1,7 @@
-"""bench/bench_tune.py's statistics: the paired bootstrap interval and per-question recall, against hand-made cases."""
+"""bench/bench_tune.py's statistics: the paired bootstrap interval and the MRR check, against hand-made cases."""
 import numpy as np
 
-from phiforge.bench.bench_retrieval import metrics
-from phiforge.bench.bench_tune import mrr_change, paired_interval, recall_each
+from phiforge.bench.bench_tune import mrr_change, paired_interval
 
 
 def test_interval_of_a_constant_shift_is_that_shift():
@@ -19,15 +18,6 @@ def test_interval_is_seeded_and_brackets_the_mean():
     assert ci != paired_interval(before, after, seed=4)
     assert ci[0] < float(np.mean(after - before)) < ci[1]
     assert 0.02 < ci[1] - ci[0] < 0.2  # sd of a mean of 200 differences of U(0,1): 0.029, so the 95% width ~0.11
-
-
-def test_recall_each_averages_to_metrics_recall():
-    ranked = [[1, 2, 3], [4, 5, 6], [7, 8, 9]]
-    relevant = [{2}, {5, 99}, {0}]
-    each = recall_each(ranked, relevant, k=10)
-    assert each.tolist() == [1.0, 0.5, 0.0]
-    assert float(each.mean()) == metrics(ranked, relevant)["recall@10"]
-    assert recall_each(ranked, relevant, k=1).tolist() == [0.0, 0.0, 0.0]
 
 
 def test_mrr_change_flags_only_a_fall_beyond_noise():
