@@ -141,9 +141,16 @@ def test_prompt_from_stdin(ws):
     assert r.stdout == ref.stdout and r.stdout.strip()
 
 
+def sigint_as_at_a_terminal() -> None:
+    """Run in the child before exec: a shell starts a background job (`make test &`) with SIGINT ignored and every
+    child inherits that, so Python would install no KeyboardInterrupt handler; Ctrl-C at a terminal never meets one."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_at_the_chat_prompt_exits_130(ws):
     p = subprocess.Popen([PHIFORGE, "chat", "--model", str(ws / "model")], stdin=subprocess.PIPE,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(),
+                         preexec_fn=sigint_as_at_a_terminal)
     time.sleep(6)  # importing or waiting at the prompt: either way Ctrl-C is one line and 130
     p.send_signal(signal.SIGINT)
     out, err = p.communicate(timeout=60)
@@ -179,7 +186,7 @@ def test_sigint_during_finetune_then_resume_equals_an_uninterrupted_run(ws, tmp_
 
     out = tmp_path / "run"
     p = subprocess.Popen([PHIFORGE, *common, "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True, env=env())
+                         text=True, env=env(), preexec_fn=sigint_as_at_a_terminal)
     metrics = out / "metrics.jsonl"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and p.poll() is None:
