@@ -12,7 +12,6 @@ interrupted run never leaves a half-written report beside a complete one.
 from __future__ import annotations
 
 import io
-import json
 from pathlib import Path
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
