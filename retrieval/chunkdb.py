@@ -104,13 +104,19 @@ def _commit(db: sqlite3.Connection):
         raise
 
 
+def _delete_chunks(db: sqlite3.Connection, source: str) -> list[int]:
+    """Delete a source's chunks (inside a caller's transaction); returns their ids."""
+    ids = [r[0] for r in db.execute("SELECT id FROM chunks WHERE source=?", (source,))]
+    db.execute("DELETE FROM chunks WHERE source=?", (source,))
+    return ids
+
+
 def replace_source(db: sqlite3.Connection, source: str, sha: str, size: int, chunks: Sequence,
                    vecs: np.ndarray) -> tuple[list[int], list[int]]:
     """One transaction: a source's old chunks out, `chunks` with their (m, d) float32 vectors in, the file row
     written. Returns (old chunk ids, new chunk ids)."""
     with _commit(db):
-        old = [r[0] for r in db.execute("SELECT id FROM chunks WHERE source=?", (source,))]
-        db.execute("DELETE FROM chunks WHERE source=?", (source,))
+        old = _delete_chunks(db, source)
         new = []
         for c, v in zip(chunks, vecs):
             cur = db.execute('INSERT INTO chunks(source, heading, start, "end", text, hash, n_tokens, vec)'
@@ -124,8 +130,7 @@ def replace_source(db: sqlite3.Connection, source: str, sha: str, size: int, chu
 def drop_source(db: sqlite3.Connection, source: str) -> list[int]:
     """One transaction: a source's chunks and file row out. Returns the dropped chunk ids."""
     with _commit(db):
-        ids = [r[0] for r in db.execute("SELECT id FROM chunks WHERE source=?", (source,))]
-        db.execute("DELETE FROM chunks WHERE source=?", (source,))
+        ids = _delete_chunks(db, source)
         db.execute("DELETE FROM files WHERE source=?", (source,))
     return ids
 
