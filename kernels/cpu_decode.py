@@ -23,11 +23,12 @@ Only the summation order and exp's last ulp (csrc/simd.h) differ from torch's ke
 rounding (tests/kernels/test_cpu_decode.py compares them with `model.forward` and with the torch decode step).
 
 Projections are dense fp32/bf16, or all NF4 (QLoRA's base model): then each projection runs kernels/nf4_cpu.py's
-fused dequantize-GEMV, the very code the torch step calls per NF4 linear, on the same row split, so the sums are
-the same; up to nf4_cpu.GEMV_MAX_M rows (beyond, the torch step dequantizes and runs a GEMM instead). NF4 reads a
-quarter of the bytes (bench/bench_generate.py measures what that buys). The engine (engine/decode.py) hands over the
-weights as tensors (`DecodeWeights`); a single-adapter LoRA projection, more than MAX_BATCH rows, or a library that
-cannot run (kernels/native.py says why: it needs AVX2 + FMA at least) keeps the torch step.
+kernels, the very code the torch step calls per NF4 linear, so the sums are the same: the fused dequantize-GEMV up
+to nf4_cpu.GEMV_MAX_M rows, and for a bf16 model the tile GEMM from TILE_MIN_M up to TILE_MAX_M rows (beyond, the
+torch step dequantizes the whole weight and runs a GEMM instead). NF4 reads a quarter of the bytes
+(bench/bench_generate.py measures what that buys). The engine (engine/decode.py) hands over the weights as tensors
+(`DecodeWeights`); a single-adapter LoRA projection, more than MAX_BATCH rows, or a library that cannot run
+(kernels/native.py says why: it needs AVX2 + FMA at least) keeps the torch step.
 
 Many adapters in one batch (the serving engine's AdapterSet, engine/multi_lora.py): `set_lora` takes each
 projection's stacked adapters (`LoRAStack`) and a call's `lora_slots` name each row's; after each projection the
@@ -61,7 +62,7 @@ class _Model(ctypes.Structure):
                 + [(n, ctypes.POINTER(_P)) for n in ("in_norm", "qkv_w", "o_w", "post_norm", "gate_up_w", "down_w")]
                 + [(n, _P) for n in ("final_norm", "lm_head", "embed", "cos", "sin", "k_cache", "v_cache", "pos",
                                      "x", "xn", "qkv", "att", "proj", "gu", "mid", "scores", "xb")]
-                + [("nf4", ctypes.c_int), ("xe", _P), ("xo", _P), ("nrows", ctypes.c_int), ("rows", _P)]
+                + [("nf4", ctypes.c_int), ("xe", _P), ("xo", _P), ("tile", _P), ("nrows", ctypes.c_int), ("rows", _P)]
                 + [("lora", _P), ("lora_slots", ctypes.c_int), ("lora_slot", _P), ("lh", _P), ("lgroup", _P),
                    ("lng", ctypes.c_int), ("lora_rowwise", ctypes.c_int)])
 
@@ -191,7 +192,9 @@ class NativeDecode:
         f32 = lambda n: torch.empty(n, dtype=torch.float32)  # noqa: E731
         L, nrows, smax = k_cache.shape[0], k_cache.shape[1], k_cache.shape[3]
         nf4 = isinstance(w.qkv[0], NF4Weight)
-        B = min(nrows, MAX_BATCH, nf4_cpu.GEMV_MAX_M if nf4 else MAX_BATCH)  # scratch for the most rows a call
+        tile = nf4 and dtype == torch.bfloat16  # csrc/nf4.h's tile GEMM: bf16 rows, every tier decode.c builds for
+        nf4_rows = nf4_cpu.TILE_MAX_M if tile else nf4_cpu.GEMV_MAX_M
+        B = min(nrows, MAX_BATCH, nf4_rows if nf4 else MAX_BATCH)  # scratch for the most rows a call
         V, C = w.embed.shape
         nh, nkv, hs, inter = w.heads, w.kv_heads, w.head_dim, w.down[0].shape[1]
         self.cos, self.sin = cos.to(dtype).contiguous(), sin.to(dtype).contiguous()   # (S_max, rd)
@@ -199,8 +202,10 @@ class NativeDecode:
         self.scratch = dict(x=f32(B * C), xn=f32(B * C), qkv=f32(B * (nh + 2 * nkv) * hs), att=f32(B * nh * hs),
                             proj=f32(B * C), gu=f32(B * 2 * inter), mid=f32(B * inter),
                             scores=f32(B * max(nh * smax, V)), xb=torch.empty(B * kmax, dtype=torch.int16))
-        if nf4:  # the GEMV input split into even / odd columns
+        if nf4:  # the GEMV input split into even / odd columns; from TILE_MIN_M rows a bf16 tile per thread
             self.scratch.update(xe=f32(B * kmax // 2), xo=f32(B * kmax // 2))
+            if tile and B >= nf4_cpu.TILE_MIN_M:
+                self.scratch["tile"] = self._tiles(torch.get_num_threads(), kmax)
         ptrs = lambda ts: (_P * len(ts))(*[t.data_ptr() for t in ts])  # noqa: E731
         # NF4: each projection pointer points at its NF4Desc (kept alive in self._descs)
         self._descs = [[_NF4Desc.of(m) for m in ms] for ms in w.projections] if nf4 else None
@@ -220,6 +225,10 @@ class NativeDecode:
         self._all_rows = torch.arange(nrows, dtype=torch.int64)
         self._kn = [(C, (nh + 2 * nkv) * hs), (nh * hs, C), (C, 2 * inter), (inter, C)]  # (K, N) per projection
         self.lora_slots = 0  # adapter slots of the stacks set_lora took; 0: none
+
+    @staticmethod
+    def _tiles(threads: int, kmax: int) -> torch.Tensor:
+        return torch.empty(threads, nf4_cpu.TILE_ROWS, kmax, dtype=torch.int16)  # one bf16 tile a thread
 
     def set_lora(self, stacks: list[list[LoRAStack | None]] | None) -> bool:
         """Take the adapters of every projection (per layer: qkv, o, gate_up, down; None where no adapter is
@@ -275,6 +284,10 @@ class NativeDecode:
                                  f"{self.lora_slots - 1} each (set_lora holds {self.lora_slots} slots)")
         self.m.lora_slot = None if lora_slots is None else lora_slots.data_ptr()
         self.m.threads, self.m.B = torch.get_num_threads(), B
+        tiles = self.scratch.get("tile")
+        if tiles is not None and tiles.shape[0] < self.m.threads:  # more threads than at creation: a tile each
+            self.scratch["tile"] = self._tiles(self.m.threads, tiles.shape[2])
+            self.m.tile = self.scratch["tile"].data_ptr()
         tokens = tokens.to(torch.int64).contiguous()                                      # (B,)
         positions = positions.to(torch.int64).contiguous()                                # (B,)
         logits = torch.empty(B, self.vocab, dtype=self.dtype)                             # (B, V)

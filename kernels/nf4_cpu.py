@@ -1,4 +1,4 @@
-"""NF4 matmul on CPU tensors: a tiny native kernel for decode, dequantize-into-a-buffer + oneDNN for the rest.
+"""NF4 matmul on CPU tensors: small native kernels for decode and batched decode, dequantize + oneDNN for the rest.
 
 Why native code on the CPU path: at M = 1 the dense bf16 GEMV streams 2 bytes per weight at memory speed. Any
 unfused torch NF4 path first writes the whole dequantized W (2 bytes per weight) and then reads it back, so it can
@@ -14,7 +14,15 @@ The whole NF4 table is 16 fp32 values = one AVX-512 register, so the lookup is o
     w_hi   = permutexvar(hi, table) * absmax        fp32, exactly as bitsandbytes dequantizes
     acc_m += w_hi * x_m[0::2] + w_lo * x_m[1::2]     x split into even/odd halves once per call
 
-The C is csrc/nf4.c around csrc/nf4.h, the GEMV the whole decode step (csrc/decode.c) calls too. Where the
+A few rows of bf16 x (a batched decode step, a short prefill chunk) are different: each decoded weight now meets
+M rows, and M fp32 FMAs per weight pair cost more than the decode. The tile GEMM decodes 16 weight rows into a bf16
+tile that stays in cache (bit-identical to the whole-weight dequantize) and runs the dense bf16 GEMM's
+micro-kernel (csrc/gemv.h) over it: bf16 dot products, W read once as nibbles, never written out at 2 bytes:
+
+    tile   = bf16(code[q] * absmax)     (16, K)    for weight rows n0..n0+16, one tile a thread
+    y[:, n0:n0+16] = x · tileᵀ          (M, 16)    x (M, K) bf16, fp32 sums
+
+The C is csrc/nf4.c around csrc/nf4.h, the kernels the whole decode step (csrc/decode.c) calls too. Where the
 library cannot run (kernels/native.py says why), or for shapes outside the fast path, kernels/nf4_matmul.py
 dequantizes (`dequantize_nf4_ref` here without the library) and runs a dense matmul.
 Shape legend: M rows of x, N = out_features, K = in_features, n = N*K, nb = n / blocksize.
@@ -28,14 +36,33 @@ import torch
 from phiforge.kernels import native
 from phiforge.kernels.nf4 import NF4Weight, dequantize_nf4_ref
 
-# The fused GEMV wins while W's bytes dominate; its fp32 FMAs grow with M, and oneDNN's bf16 GEMM after a dequantize
-# does not (bench/bench_nf4.py measures both), so it serves a few rows only (the C code allows up to 8).
+# Which kernel takes M rows (csrc/nf4.h's NF4_* limits, checked against the library at load). The fused GEMV wins
+# while W's bytes dominate; its fp32 FMAs grow with M. bf16 x from TILE_MIN_M up to TILE_MAX_M rows goes to the tile
+# GEMM (16 weight rows dequantized into a cache-resident bf16 tile, then the dense bf16 GEMM's micro-kernel: the
+# dequantize paid once for all rows); fp32 and fp16 x take the GEMV up to GEMV_MAX_M rows. More rows dequantize the
+# whole weight and run torch's GEMM. bench/bench_nf4.py times them.
 GEMV_MAX_M = 4
+TILE_MIN_M = 3
+TILE_MAX_M = 16
+TILE_ROWS = 16  # weight rows a tile
 P, I, L, F = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
-LIB = native.NativeLib("nf4_cpu", "nf4.c", tiers=tuple(native.TIERS), functions={
+
+
+def _check(lib: ctypes.CDLL) -> None:
+    got = (ctypes.c_int * 4)()
+    lib.nf4_config(got)
+    if tuple(got) != (GEMV_MAX_M, TILE_MIN_M, TILE_MAX_M, TILE_ROWS):
+        raise ValueError(f"csrc/nf4.h's row limits {tuple(got)} differ from nf4_cpu.py's "
+                         f"{(GEMV_MAX_M, TILE_MIN_M, TILE_MAX_M, TILE_ROWS)}")
+
+
+LIB = native.NativeLib("nf4_cpu", "nf4.c", tiers=tuple(native.TIERS), check=_check, functions={
     "nf4_dequant_all": (None, [P, P, P, P, P, F, I, I, I, L, P, I, I]),
     "nf4_gemv_all": (None, [P, P, I, P, P, P, P, P, F, I, I, I, L, L, P, I]),
+    "nf4_gemm_all": (None, [P, I, P, P, P, P, P, F, I, I, I, L, L, P, P, I]),
     "nf4_has_fp16": (I, []),
+    "nf4_has_tile": (I, []),
+    "nf4_config": (None, [P]),
 })
 _KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
@@ -63,11 +90,22 @@ def gemv_ready(w: NF4Weight) -> bool:
     return w.shape[1] % w.blocksize == 0 and all(t.device.type == "cpu" and t.is_contiguous() for t in parts)
 
 
-def gemv(x: torch.Tensor, w: NF4Weight) -> torch.Tensor | None:
-    """x (M, K) -> x·Wᵀ (M, N) in x's dtype via the fused C kernel; None when it does not apply (M > GEMV_MAX_M,
-    another dtype, K not a whole number of blocks, or the library cannot run): the caller dequantizes instead."""
+def tile_ready(dtype: torch.dtype) -> bool:
+    """Whether the tile GEMM serves TILE_MIN_M <= M <= TILE_MAX_M rows of this dtype here (bf16, on a tier with it)."""
     lib = LIB.get()
-    if lib is None or x.shape[0] > GEMV_MAX_M or x.dtype not in _KIND or w.shape[1] % w.blocksize:
+    return dtype == torch.bfloat16 and lib is not None and bool(lib.nf4_has_tile())
+
+
+def gemv(x: torch.Tensor, w: NF4Weight) -> torch.Tensor | None:
+    """x (M, K) -> x·Wᵀ (M, N) in x's dtype via a C kernel: the tile GEMM for TILE_MIN_M..TILE_MAX_M rows of bf16
+    x, else the fused GEMV up to GEMV_MAX_M rows; None when neither applies (more rows, K not a whole number of
+    blocks, or the library cannot run): the caller dequantizes instead."""
+    lib = LIB.get()
+    if lib is None or x.dtype not in _KIND or w.shape[1] % w.blocksize:
+        return None
+    if TILE_MIN_M <= x.shape[0] <= TILE_MAX_M and tile_ready(x.dtype):
+        return tile_gemm(x, w).to(x.dtype)
+    if x.shape[0] > GEMV_MAX_M:
         return None
     N, K = w.shape
     xe = x[:, 0::2].float().contiguous()  # (M, K/2) the weights in HIGH nibbles multiply these
@@ -76,3 +114,15 @@ def gemv(x: torch.Tensor, w: NF4Weight) -> torch.Tensor | None:
     lib.nf4_gemv_all(xe.data_ptr(), xo.data_ptr(), x.shape[0], *_w_args(w), w.blocksize, w.nested_blocksize, N, K,
                      y.data_ptr(), torch.get_num_threads())
     return y.to(x.dtype)
+
+
+def tile_gemm(x: torch.Tensor, w: NF4Weight) -> torch.Tensor:
+    """x (M, K) bf16 -> x·bf16(dequantize(W))ᵀ (M, N) fp32 sums, through the tile GEMM; needs tile_ready(x.dtype),
+    M <= TILE_MAX_M and K a whole number of blocks (gemv checks these)."""
+    N, K = w.shape
+    threads = torch.get_num_threads()
+    tiles = torch.empty(threads, TILE_ROWS, K, dtype=torch.bfloat16)                     # one bf16 tile a thread
+    y = torch.empty(x.shape[0], N, dtype=torch.float32)                                  # (M, N)
+    LIB.get().nf4_gemm_all(x.contiguous().data_ptr(), x.shape[0], *_w_args(w), w.blocksize, w.nested_blocksize, N,
+                           K, tiles.data_ptr(), y.data_ptr(), threads)
+    return y

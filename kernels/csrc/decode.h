@@ -23,6 +23,7 @@ typedef struct {
     uint16_t *xb;                                                               /* bf16 GEMV input rows */
     int nf4;                        /* the four projections are NF4: their pointers point at an NF4Desc each */
     float *xe, *xo;                 /* NF4 GEMV input: even / odd columns of x, B rows */
+    uint16_t *tile;                 /* NF4 tile GEMM scratch: threads x NF4_TILE x kmax(m) bf16 */
     int nrows;                      /* rows of the cache; the step's B rows are cache rows rows[0..B-1] */
     const int64_t *rows;            /* (B,) set per call by decode_step */
     const struct LoRA *lora;        /* L x 4 stacks (qkv, o, gate_up, down of each layer; decode_lora.h), or NULL */
@@ -37,7 +38,7 @@ typedef struct {
 #define MODEL_FIELDS(X) X(B) X(L) X(C) X(nh) X(nkv) X(hs) X(rd) X(I) X(V) X(smax) X(window) X(bf) X(threads)   \
     X(eps) X(scale) X(in_norm) X(qkv_w) X(o_w) X(post_norm) X(gate_up_w) X(down_w) X(final_norm) X(lm_head)      \
     X(embed) X(cos) X(sin) X(k_cache) X(v_cache) X(pos) X(x) X(xn) X(qkv) X(att) X(proj) X(gu) X(mid) X(scores)  \
-    X(xb) X(nf4) X(xe) X(xo) X(nrows) X(rows) X(lora) X(lora_slots) X(lora_slot) X(lh) X(lgroup) X(lng)  \
+    X(xb) X(nf4) X(xe) X(xo) X(tile) X(nrows) X(rows) X(lora) X(lora_slots) X(lora_slot) X(lh) X(lgroup) X(lng)  \
     X(lora_rowwise)
 
 typedef struct {                    /* one NF4 weight (kernels/nf4.py's NF4Weight), for nf4.h's GEMV */
@@ -60,6 +61,12 @@ typedef struct LoRA {               /* one projection's resident adapters (engin
 } LoRA;
 
 #define LORA_FIELDS(X) X(A) X(Bt) X(scale) X(rank) X(lo) X(hi) X(R)
+
+/* the widest projection input: the most columns a row of xb, xe/xo or an NF4 tile holds */
+static inline int kmax(const Model *m) {
+    int k = m->C > m->I ? m->C : m->I;
+    return k > m->nh * m->hs ? k : m->nh * m->hs;
+}
 
 static inline float R(const Model *m, float v) { return m->bf ? bf2f(f2bf(v)) : v; }
 static inline float ld(const Model *m, const void *p, int64_t i) {

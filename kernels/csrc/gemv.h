@@ -83,6 +83,13 @@
     for (int n0 = 0; n0 < N; n0 += 2) {                                                                   \
         const int rows = n0 < N2 ? 2 : 1;                                                                  \
         const T *w0 = W + (int64_t)n0 * K, *w1 = rows == 2 ? w0 + K : w0;                                 \
+        GEMM_PAIR(T, STEP, LOAD, MLOAD, FMA, MASK, STORE, n0)                                              \
+    }
+
+/* GEMM_BODY's micro-kernel: weight rows w0 and w1 (`rows` of them; w1 == w0 when 1), of K values each, against
+   every row of x, into y's columns n and n + 1. The caller names w0, w1, rows, Kf = K - K % STEP, x, B, N, K: the
+   NF4 tile GEMM (nf4.h) runs it over weight rows it has just dequantized into a buffer. */
+#define GEMM_PAIR(T, STEP, LOAD, MLOAD, FMA, MASK, STORE, n)                                              \
         for (int b0 = 0; b0 < B; b0 += GEMM_XB) {                                                          \
             const int nb = B - b0 < GEMM_XB ? B - b0 : GEMM_XB;                                            \
             const T *xs[GEMM_XB];                                                                          \
@@ -106,8 +113,7 @@
                 }                                                                                          \
             }                                                                                              \
             for (int b = 0; b < nb; b++) {                                                                 \
-                STORE((int64_t)(b0 + b) * N + n0, vsum(a0[b]));                                            \
-                if (rows == 2) STORE((int64_t)(b0 + b) * N + n0 + 1, vsum(a1[b]));                         \
+                STORE((int64_t)(b0 + b) * N + (n), vsum(a0[b]));                                           \
+                if (rows == 2) STORE((int64_t)(b0 + b) * N + (n) + 1, vsum(a1[b]));                        \
             }                                                                                              \
-        }                                                                                                  \
-    }
+        }

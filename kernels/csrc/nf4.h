@@ -1,14 +1,27 @@
-/* The fused NF4 dequantize-GEMV (kernels/nf4_cpu.py states the format and the math), shared by nf4.c (the
-   per-projection entry points) and decode.c (the decode step calls it per projection, so both compute the same
-   sums on the same row split).
+/* The NF4 kernels (kernels/nf4_cpu.py states the format and the math): the dequantize, the fused dequantize-GEMV and
+   the tile GEMM, shared by nf4.c (the per-projection entry points) and decode.c (the decode step calls them per
+   projection, so both compute the same sums).
 
    The whole NF4 table is 16 fp32 values = one AVX-512 register, so the lookup is one vpermps per 16 weights. On
    AVX2 the table is two 8-lane registers: two vpermps and a blend on the index's bit 3 per 8 weights. Without
    either a scalar loop computes the same sums in another order. */
 #pragma once
 #include <stdint.h>
+#ifdef __F16C__
+#include <immintrin.h>
+#endif
 
+#include "gemv.h"
 #include "simd.h"
+
+/* Which kernel takes M rows of x (kernels/nf4_cpu.py mirrors these and checks them against nf4_config): the fused
+   GEMV's fp32 FMAs grow with the rows while the weight bytes do not, so bf16 x from NF4_TILE_MIN_M rows goes to the
+   tile GEMM (bf16 dot products, the dequantize paid once for all rows); fp32 and fp16 x stay on the GEMV up to
+   NF4_GEMV_MAX_M rows. bench/bench_nf4.py times both. */
+#define NF4_GEMV_MAX_M 4
+#define NF4_TILE_MIN_M 3
+#define NF4_TILE_MAX_M 16   /* the decode step's most rows (kernels/cpu_decode.py's MAX_BATCH) */
+#define NF4_TILE 16         /* weight rows the tile GEMM dequantizes at once */
 
 /* absmax[b], or nested_code[a8[b]] * nested_absmax[b / nbs] + offset: two roundings, no FMA (-ffp-contract=off).
    A shift for the power-of-two group size: a 64-bit division per block would cost more than its 64 weights. */
@@ -17,6 +30,53 @@ static inline float nf4_scale(const void *absmax, const float *ncode, const floa
     if (!dq) return ((const float *)absmax)[b];
     int64_t g = (nbs & (nbs - 1)) == 0 ? b >> __builtin_ctz(nbs) : b / nbs;
     return ncode[((const uint8_t *)absmax)[b]] * nabs[g] + offset;
+}
+
+/* out[i] as `kind` (0 fp32, 1 bf16 rounded to nearest even as torch does, 2 fp16) */
+static inline void store_one(void *out, int kind, int64_t i, float v) {
+    if (kind == 0) ((float *)out)[i] = v;
+    else if (kind == 1) ((uint16_t *)out)[i] = f2bf(v);
+#ifdef __F16C__
+    else ((uint16_t *)out)[i] = _cvtss_sh(v, 0);
+#endif
+}
+
+/* out[i - i0] = code[q_i] * absmax[i / bs] for flat i in [i0, i1); i0 a multiple of bs. */
+static inline void nf4_dequant(const uint8_t *packed, const void *absmax, const float *code, const float *ncode,
+                               const float *nabs, float offset, int dq, int bs, int nbs, int64_t i0, int64_t i1,
+                               void *out, int kind) {
+    for (int64_t b0 = i0, b = i0 / bs; b0 < i1; b0 += bs, b++) {
+        float s = nf4_scale(absmax, ncode, nabs, offset, dq, nbs, b);
+        int64_t e = b0 + bs < i1 ? b0 + bs : i1, i = b0;
+#ifdef __AVX512F__
+        __m512 lut = _mm512_loadu_ps(code), vs = _mm512_set1_ps(s);
+        const __m512i even = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+        const __m512i odd = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
+        for (; i + 32 <= e; i += 32) {
+            __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(packed + i / 2)));
+            __m512 hi = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(q, 4), lut), vs);
+            __m512 lo = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_and_si512(q, _mm512_set1_epi32(15)), lut), vs);
+            __m512 v[2] = {_mm512_permutex2var_ps(hi, even, lo), _mm512_permutex2var_ps(hi, odd, lo)};
+#ifdef __AVX512BF16__
+            if (kind == 1) {  /* one instruction rounds both halves to bf16 (nearest even, as torch does) */
+                _mm512_storeu_si512((uint16_t *)out + (i - i0), (__m512i)_mm512_cvtne2ps_pbh(v[1], v[0]));
+                continue;
+            }
+#endif
+            for (int h = 0; h < 2; h++) {
+                if (kind == 2)
+                    _mm256_storeu_si256((__m256i *)((uint16_t *)out + (i - i0) + 16 * h),
+                                        _mm512_cvtps_ph(v[h], _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+                else
+                    store16(out, i - i0 + 16 * h, kind, round16(v[h], kind), 0xffff);
+            }
+        }
+#endif
+        for (; i < e; i++) {
+            uint8_t byte = packed[i / 2];
+            store_one(out, kind, i - i0, code[(i & 1) ? (byte & 15) : (byte >> 4)] * s);
+        }
+    }
 }
 
 /* y[m, n] = sum_k x[m, k] W[n, k] for rows n in [n0, n1); needs K % bs == 0 (bs a multiple of 32), M <= 8.
@@ -107,3 +167,33 @@ static inline void nf4_gemv(const float *xe, const float *xo, int M, const uint8
     else
         nf4_gemv_rows(xe, xo, M, packed, absmax, code, ncode, nabs, offset, dq, bs, nbs, N, K, n0, n1, y);
 }
+
+/* The tile GEMM, for NF4_TILE_MIN_M <= M <= NF4_TILE_MAX_M rows of bf16 x: weight rows [n0, n1) (at most NF4_TILE)
+   are dequantized to bf16 into `tile` (n1 - n0 rows of K), bit-identical to the dequantize torch's path runs, and
+   the dense bf16 GEMM's micro-kernel (gemv.h's GEMM_PAIR) multiplies them with x while they are still in cache.
+   The same products and fp32 sums as a dense bf16 model's GEMM, without writing the whole dequantized weight out to
+   memory and reading it back. x (M, K) bf16, y (M, N) fp32. */
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+#define NF4_HAS_TILE 1
+#define NF4_TILE_STORE(i, v) (y[i] = (v))
+static inline void nf4_gemm_tile(const uint16_t *x, int B, const uint8_t *packed, const void *absmax,
+                                 const float *code, const float *ncode, const float *nabs, float offset, int dq,
+                                 int bs, int nbs, int64_t N, int64_t K, int64_t n0, int64_t n1, uint16_t *tile,
+                                 float *y) {
+    nf4_dequant(packed, absmax, code, ncode, nabs, offset, dq, bs, nbs, n0 * K, n1 * K, tile, 1);
+    for (int64_t r = 0; r < n1 - n0; r += 2) {
+        const int rows = n1 - n0 - r >= 2 ? 2 : 1;
+        const uint16_t *w0 = tile + r * K, *w1 = rows == 2 ? w0 + K : w0;
+#ifdef __AVX512BF16__
+        const int64_t Kf = K - K % 32;
+        GEMM_PAIR(uint16_t, 32, _mm512_loadu_si512, _mm512_maskz_loadu_epi16, DPBF16, MASK32, NF4_TILE_STORE,
+                  n0 + r)
+#else
+        const int64_t Kf = K - K % VW;
+        GEMM_PAIR(uint16_t, VW, BF16W_LOAD, BF16W_MLOAD, FMA32, MASKW, NF4_TILE_STORE, n0 + r)
+#endif
+    }
+}
+#else
+#define NF4_HAS_TILE 0
+#endif

@@ -116,9 +116,10 @@ NF4_ODD = dict(ODD, hidden_size=320, intermediate_size=128)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("case", ["nf4-odd", "nf4-gqa"])
 def test_nf4_equals_torch_step(tmp_path, case, dtype):
-    """An NF4 model (QLoRA's base) runs natively with kernels/nf4_cpu.py's fused GEMV, the one the torch step calls
-    per projection, so the two agree to fp32 rounding (bf16: the same roundings in the same places); up to
-    nf4_cpu.GEMV_MAX_M rows, beyond which the torch step dequantizes instead and so does not go native."""
+    """An NF4 model (QLoRA's base) runs natively with kernels/nf4_cpu.py's kernels, the ones the torch step calls
+    per projection, so the two agree to fp32 rounding (bf16: the same roundings in the same places): the fused GEMV
+    up to nf4_cpu.GEMV_MAX_M rows, and for bf16 the tile GEMM from TILE_MIN_M up to TILE_MAX_M rows; beyond, the
+    torch step dequantizes instead and so does not go native."""
     make_hf_checkpoint(tmp_path, NF4_ODD if case == "nf4-odd" else dict(VARIANTS["gqa"][0], intermediate_size=128))
     model = quantize_model_(load_model(tmp_path, dtype=dtype))
     vocab = model.config.vocab_size
@@ -127,11 +128,37 @@ def test_nf4_equals_torch_step(tmp_path, case, dtype):
     ref, c2 = _run(model, prompt, steps, native=False)
     assert (got - ref).abs().max().item() <= (1e-4 if dtype == torch.float32 else 1e-2 * ref.abs().max().item())
     assert (c1.k.float() - c2.k.float()).abs().max().item() <= 1e-4 * max(1.0, c2.k.float().abs().max().item())
-    assert DecodeStep(model, model.new_cache(nf4_cpu.GEMV_MAX_M, 8)).native is not None
-    assert DecodeStep(model, model.new_cache(nf4_cpu.GEMV_MAX_M + 1, 8)).native.max_rows == nf4_cpu.GEMV_MAX_M
-    got, c1 = _run_batch(model, [7, 3, 9], 6, native=True, seed=4)               # left-padded rows
-    ref, c2 = _run_batch(model, [7, 3, 9], 6, native=False, seed=4)
-    assert (got - ref).abs().max().item() <= (1e-4 if dtype == torch.float32 else 1e-2 * ref.abs().max().item())
+    most = nf4_cpu.TILE_MAX_M if dtype == torch.bfloat16 else nf4_cpu.GEMV_MAX_M
+    assert DecodeStep(model, model.new_cache(most, 8)).native.max_rows == most
+    assert DecodeStep(model, model.new_cache(most + 1, 8)).native.max_rows == most
+    batches = [[7, 3, 9]] + ([[5, 3, 9, 9, 2, 11, 4, 6, 8]] if dtype == torch.bfloat16 else [])  # tile: 8 + 1 rows
+    for lens in batches:                                                          # left-padded rows
+        got, c1 = _run_batch(model, lens, 6, native=True, seed=4)
+        ref, c2 = _run_batch(model, lens, 6, native=False, seed=4)
+        assert (got - ref).abs().max().item() <= (1e-4 if dtype == torch.float32 else 1e-2 * ref.abs().max().item())
+
+
+def test_nf4_tiles_grow_with_the_threads(tmp_path):
+    """A bf16 NF4 step holds one tile GEMM buffer per thread; run on more threads than it was made under, it makes
+    one for each (two threads in one tile would overwrite each other's weights) and still equals the torch step."""
+    make_hf_checkpoint(tmp_path, NF4_ODD)
+    model = quantize_model_(load_model(tmp_path, dtype=torch.bfloat16))
+    rows = nf4_cpu.TILE_MIN_M
+    tokens, positions = _ids(model.config.vocab_size, rows, 3)[0], torch.zeros(rows, dtype=torch.long)  # (B,) each
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        step = DecodeStep(model, model.new_cache(rows, 4))
+        assert step.native.scratch["tile"].shape[0] == 1
+        torch.set_num_threads(2)
+        with torch.inference_mode():
+            got = step(tokens, positions)                                       # (B, V)
+        assert step.native.scratch["tile"].shape[0] == 2
+        with cpu_decode.LIB.disabled(), torch.inference_mode():
+            ref = DecodeStep(model, model.new_cache(rows, 4))(tokens, positions)
+    finally:
+        torch.set_num_threads(threads)
+    assert (got.float() - ref.float()).abs().max().item() <= 1e-2 * ref.float().abs().max().item()
 
 
 def test_steps_aside_for_weights_it_cannot_read_flat(tmp_path):

@@ -133,6 +133,39 @@ def test_cpu_gemv_and_dequantize_at_each_tier(tier, M):
                 assert torch.equal(nf4_cpu.dequantize_into(w, out), dequantize_nf4_ref(w, dtype))
 
 
+@pytest.mark.parametrize("tier", [t for t in native.runnable_tiers() if t in nf4_cpu.LIB.tiers])
+def test_cpu_tile_gemm_at_each_tier(tier):
+    """bf16 x of TILE_MIN_M..TILE_MAX_M rows goes to the tile GEMM where the tier has it (AVX-512 BF16's dot product;
+    AVX-512 and AVX2 widen bf16 to fp32): its fp32 sums are those of the bf16-dequantized weights to fp32 rounding,
+    through blocks of 8 rows of x and a lone one (9), tiles of 16 weight rows and a partial one, an odd last pair.
+    Where the tier lacks it (scalar x86-64) the GEMV takes up to GEMV_MAX_M rows and more go to the dequantize."""
+    with native.forced_tier(tier):
+        assert nf4_cpu.LIB.status().detail == tier
+        for N, K, bs, dq in ((37, 128, 64, True), (16, 96, 32, False), (3, 256, 128, True)):
+            w = _weight(N, K, bs, dq, seed=N)
+            wb = dequantize_nf4_ref(w, torch.bfloat16).double()                  # (N, K): the weights a tile holds
+            for M in (nf4_cpu.TILE_MIN_M, 8, 9, nf4_cpu.TILE_MAX_M):
+                x = _rand(M, K, dtype=torch.bfloat16, seed=M)
+                if not nf4_cpu.tile_ready(torch.bfloat16):
+                    assert tier == "x86-64" and (nf4_cpu.gemv(x, w) is None) == (M > nf4_cpu.GEMV_MAX_M)
+                    continue
+                y, ref = nf4_cpu.tile_gemm(x, w), x.double() @ wb.T                  # (M, N)
+                assert (y.double() - ref).abs().max().item() <= 1e-6 * ref.abs().max().item()
+                assert torch.equal(nf4_cpu.gemv(x, w), y.to(torch.bfloat16))
+            assert nf4_cpu.gemv(_rand(nf4_cpu.TILE_MAX_M + 1, K, dtype=torch.bfloat16), w) is None
+
+
+def test_row_limits_are_checked_against_the_c_side(monkeypatch):
+    """nf4_cpu.py's copies of csrc/nf4.h's row limits must match the library's, or it does not load."""
+    lib = nf4_cpu.LIB.get()
+    if lib is None:
+        pytest.skip(f"nf4_cpu: {nf4_cpu.LIB.status()}")
+    nf4_cpu._check(lib)
+    monkeypatch.setattr(nf4_cpu, "TILE_MIN_M", nf4_cpu.TILE_MIN_M + 1)
+    with pytest.raises(ValueError, match="row limits"):
+        nf4_cpu._check(lib)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("N,K,blocksize", SHAPES + [(7, 3, 64)])
 @pytest.mark.parametrize("double_quant", [True, False])
