@@ -8,7 +8,7 @@ For each layer (qkv 3072->9216, gate_up 3072->16384, down 8192->3072) and M in (
   - times the providers interleaved, one call each per round, and reports medians (robust on a shared machine):
         dense_bf16     x @ W.T with W in bf16                      (oneDNN on CPU, cuBLAS on CUDA)
         nf4            nf4_matmul(x, w): the dispatched path        (CPU: native GEMV for M <= nf4_cpu.GEMV_MAX_M,
-                                                                     bf16 x of TILE_MIN_M..TILE_MAX_M rows the tile
+                                                                     bf16 x of tile_min_m()..TILE_MAX_M rows the tile
                                                                      GEMM, else dequant+matmul;
                                                                      CUDA: the Triton GEMV / GEMM)
         nf4_dequant    dequantize into the reused buffer, then dense matmul     (the unfused alternative)

@@ -24,7 +24,7 @@ rounding (tests/kernels/test_cpu_decode.py compares them with `model.forward` an
 
 Projections are dense fp32/bf16, or all NF4 (QLoRA's base model): then each projection runs kernels/nf4_cpu.py's
 kernels, the very code the torch step calls per NF4 linear, so the sums are the same: the fused dequantize-GEMV up
-to nf4_cpu.GEMV_MAX_M rows, and for a bf16 model the tile GEMM from TILE_MIN_M up to TILE_MAX_M rows (beyond, the
+to nf4_cpu.GEMV_MAX_M rows, and for a bf16 model the tile GEMM from tile_min_m() up to TILE_MAX_M rows (beyond, the
 torch step dequantizes the whole weight and runs a GEMM instead). NF4 reads a quarter of the bytes
 (bench/bench_generate.py measures what that buys). The engine (engine/decode.py) hands over the weights as tensors
 (`DecodeWeights`); a single-adapter LoRA projection, more than MAX_BATCH rows, or a library that cannot run
@@ -202,9 +202,9 @@ class NativeDecode:
         self.scratch = dict(x=f32(B * C), xn=f32(B * C), qkv=f32(B * (nh + 2 * nkv) * hs), att=f32(B * nh * hs),
                             proj=f32(B * C), gu=f32(B * 2 * inter), mid=f32(B * inter),
                             scores=f32(B * max(nh * smax, V)), xb=torch.empty(B * kmax, dtype=torch.int16))
-        if nf4:  # the GEMV input split into even / odd columns; from TILE_MIN_M rows a bf16 tile per thread
+        if nf4:  # the GEMV input split into even / odd columns; a bf16 model's tile GEMM: a tile per thread
             self.scratch.update(xe=f32(B * kmax // 2), xo=f32(B * kmax // 2))
-            if tile and B >= nf4_cpu.TILE_MIN_M:
+            if tile:
                 self.scratch["tile"] = self._tiles(torch.get_num_threads(), kmax)
         ptrs = lambda ts: (_P * len(ts))(*[t.data_ptr() for t in ts])  # noqa: E731
         # NF4: each projection pointer points at its NF4Desc (kept alive in self._descs)

@@ -36,24 +36,30 @@ import torch
 from phiforge.kernels import native
 from phiforge.kernels.nf4 import NF4Weight, dequantize_nf4_ref
 
-# Which kernel takes M rows (csrc/nf4.h's NF4_* limits, checked against the library at load). The fused GEMV wins
-# while W's bytes dominate; its fp32 FMAs grow with M. bf16 x from TILE_MIN_M up to TILE_MAX_M rows goes to the tile
-# GEMM (16 weight rows dequantized into a cache-resident bf16 tile, then the dense bf16 GEMM's micro-kernel: the
-# dequantize paid once for all rows); fp32 and fp16 x take the GEMV up to GEMV_MAX_M rows. More rows dequantize the
-# whole weight and run torch's GEMM. bench/bench_nf4.py times them.
+# Which kernel takes M rows (csrc/nf4.h's NF4_* limits; the fixed ones checked against the library at load). The
+# fused GEMV wins while W's bytes dominate; its fp32 FMAs grow with M. bf16 x from tile_min_m() (3 on AVX512-BF16,
+# else 5: csrc/nf4.h says why) up to TILE_MAX_M rows goes to the tile GEMM (16 weight rows dequantized into a
+# cache-resident bf16 tile, then the dense bf16 GEMM's micro-kernel: the dequantize paid once for all rows); fp32
+# and fp16 x take the GEMV up to GEMV_MAX_M rows. More rows dequantize the whole weight and run torch's GEMM.
+# bench/bench_nf4.py times them.
 GEMV_MAX_M = 4
-TILE_MIN_M = 3
 TILE_MAX_M = 16
 TILE_ROWS = 16  # weight rows a tile
 P, I, L, F = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
 
 
-def _check(lib: ctypes.CDLL) -> None:
+def _config(lib: ctypes.CDLL) -> tuple[int, int, int, int]:
+    """csrc/nf4.h's (NF4_GEMV_MAX_M, NF4_TILE_MIN_M, NF4_TILE_MAX_M, NF4_TILE) at the library's tier."""
     got = (ctypes.c_int * 4)()
     lib.nf4_config(got)
-    if tuple(got) != (GEMV_MAX_M, TILE_MIN_M, TILE_MAX_M, TILE_ROWS):
-        raise ValueError(f"csrc/nf4.h's row limits {tuple(got)} differ from nf4_cpu.py's "
-                         f"{(GEMV_MAX_M, TILE_MIN_M, TILE_MAX_M, TILE_ROWS)}")
+    return tuple(got)
+
+
+def _check(lib: ctypes.CDLL) -> None:
+    gemv_max, tile_min, tile_max, tile_rows = _config(lib)
+    if (gemv_max, tile_max, tile_rows) != (GEMV_MAX_M, TILE_MAX_M, TILE_ROWS) or not 1 < tile_min <= gemv_max + 1:
+        raise ValueError(f"csrc/nf4.h's row limits {(gemv_max, tile_min, tile_max, tile_rows)} do not fit "
+                         f"nf4_cpu.py's GEMV_MAX_M {GEMV_MAX_M}, TILE_MAX_M {TILE_MAX_M}, TILE_ROWS {TILE_ROWS}")
 
 
 LIB = native.NativeLib("nf4_cpu", "nf4.c", tiers=tuple(native.TIERS), check=_check, functions={
@@ -90,20 +96,24 @@ def gemv_ready(w: NF4Weight) -> bool:
     return w.shape[1] % w.blocksize == 0 and all(t.device.type == "cpu" and t.is_contiguous() for t in parts)
 
 
-def tile_ready(dtype: torch.dtype) -> bool:
-    """Whether the tile GEMM serves TILE_MIN_M <= M <= TILE_MAX_M rows of this dtype here (bf16, on a tier with it)."""
+def tile_min_m(dtype: torch.dtype) -> int | None:
+    """The fewest rows of `dtype` x the tile GEMM takes here, up to TILE_MAX_M; None where it takes none (not bf16,
+    or a tier without it: the scalar one)."""
     lib = LIB.get()
-    return dtype == torch.bfloat16 and lib is not None and bool(lib.nf4_has_tile())
+    if dtype != torch.bfloat16 or lib is None or not lib.nf4_has_tile():
+        return None
+    return _config(lib)[1]
 
 
 def gemv(x: torch.Tensor, w: NF4Weight) -> torch.Tensor | None:
-    """x (M, K) -> x·Wᵀ (M, N) in x's dtype via a C kernel: the tile GEMM for TILE_MIN_M..TILE_MAX_M rows of bf16
-    x, else the fused GEMV up to GEMV_MAX_M rows; None when neither applies (more rows, K not a whole number of
-    blocks, or the library cannot run): the caller dequantizes instead."""
+    """x (M, K) -> x·Wᵀ (M, N) in x's dtype via a C kernel: the tile GEMM for tile_min_m()..TILE_MAX_M rows of
+    bf16 x, else the fused GEMV up to GEMV_MAX_M rows; None when neither applies (more rows, K not a whole number
+    of blocks, or the library cannot run): the caller dequantizes instead."""
     lib = LIB.get()
     if lib is None or x.dtype not in _KIND or w.shape[1] % w.blocksize:
         return None
-    if TILE_MIN_M <= x.shape[0] <= TILE_MAX_M and tile_ready(x.dtype):
+    tile_min = tile_min_m(x.dtype)
+    if tile_min is not None and tile_min <= x.shape[0] <= TILE_MAX_M:
         return tile_gemm(x, w).to(x.dtype)
     if x.shape[0] > GEMV_MAX_M:
         return None
@@ -117,8 +127,8 @@ def gemv(x: torch.Tensor, w: NF4Weight) -> torch.Tensor | None:
 
 
 def tile_gemm(x: torch.Tensor, w: NF4Weight) -> torch.Tensor:
-    """x (M, K) bf16 -> x·bf16(dequantize(W))ᵀ (M, N) fp32 sums, through the tile GEMM; needs tile_ready(x.dtype),
-    M <= TILE_MAX_M and K a whole number of blocks (gemv checks these)."""
+    """x (M, K) bf16 -> x·bf16(dequantize(W))ᵀ (M, N) fp32 sums, through the tile GEMM; needs a tier with it
+    (tile_min_m), M <= TILE_MAX_M and K a whole number of blocks (gemv checks these)."""
     N, K = w.shape
     threads = torch.get_num_threads()
     tiles = torch.empty(threads, TILE_ROWS, K, dtype=torch.bfloat16)                     # one bf16 tile a thread

@@ -48,7 +48,7 @@ void nf4_dequant_all(const uint8_t *packed, const void *absmax, const float *cod
 /* 1 if this tier has the tile GEMM (nf4_gemm_all), else the caller dequantizes the whole weight and runs torch's */
 int nf4_has_tile(void) { return NF4_HAS_TILE; }
 
-/* nf4.h's row limits, for kernels/nf4_cpu.py to check its copies against */
+/* nf4.h's row limits at this tier, for kernels/nf4_cpu.py */
 void nf4_config(int *out) {
     out[0] = NF4_GEMV_MAX_M, out[1] = NF4_TILE_MIN_M, out[2] = NF4_TILE_MAX_M, out[3] = NF4_TILE;
 }

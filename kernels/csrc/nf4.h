@@ -14,12 +14,17 @@
 #include "gemv.h"
 #include "simd.h"
 
-/* Which kernel takes M rows of x (kernels/nf4_cpu.py mirrors these and checks them against nf4_config): the fused
-   GEMV's fp32 FMAs grow with the rows while the weight bytes do not, so bf16 x from NF4_TILE_MIN_M rows goes to the
-   tile GEMM (bf16 dot products, the dequantize paid once for all rows); fp32 and fp16 x stay on the GEMV up to
-   NF4_GEMV_MAX_M rows. bench/bench_nf4.py times both. */
+/* Which kernel takes M rows of x (kernels/nf4_cpu.py reads these through nf4_config): the fused GEMV's fp32 FMAs
+   grow with the rows while the weight bytes do not, so bf16 x from NF4_TILE_MIN_M rows goes to the tile GEMM (the
+   dequantize paid once for all rows). With AVX512-BF16's dot product (32 products an instruction, twice an fp32
+   FMA's) the tile wins from 3 rows; with bf16 widened to fp32 it does the GEMV's FMAs plus the dequantize, so it
+   takes over only past the GEMV's rows. fp32 and fp16 x stay on the GEMV up to NF4_GEMV_MAX_M rows. */
 #define NF4_GEMV_MAX_M 4
+#ifdef __AVX512BF16__
 #define NF4_TILE_MIN_M 3
+#else
+#define NF4_TILE_MIN_M (NF4_GEMV_MAX_M + 1)
+#endif
 #define NF4_TILE_MAX_M 16   /* the decode step's most rows (kernels/cpu_decode.py's MAX_BATCH) */
 #define NF4_TILE 16         /* weight rows the tile GEMM dequantizes at once */
 
@@ -69,6 +74,28 @@ static inline void nf4_dequant(const uint8_t *packed, const void *absmax, const 
                                         _mm512_cvtps_ph(v[h], _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
                 else
                     store16(out, i - i0 + 16 * h, kind, round16(v[h], kind), 0xffff);
+            }
+        }
+#elif defined(__AVX2__) && defined(__FMA__)
+        /* the GEMV's two-register table, 16 weights a step; unpack + permute2f128 put hi/lo back in element order */
+        const __m256 lut0 = _mm256_loadu_ps(code), lut1 = _mm256_loadu_ps(code + 8), vs = _mm256_set1_ps(s);
+        for (; i + 16 <= e; i += 16) {
+            __m256i q = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(packed + i / 2)));
+            __m256i qh = _mm256_srli_epi32(q, 4), ql = _mm256_and_si256(q, _mm256_set1_epi32(15));
+            __m256 hi = _mm256_blendv_ps(_mm256_permutevar8x32_ps(lut0, qh), _mm256_permutevar8x32_ps(lut1, qh),
+                                         _mm256_castsi256_ps(_mm256_slli_epi32(qh, 28)));
+            __m256 lo = _mm256_blendv_ps(_mm256_permutevar8x32_ps(lut0, ql), _mm256_permutevar8x32_ps(lut1, ql),
+                                         _mm256_castsi256_ps(_mm256_slli_epi32(ql, 28)));
+            hi = _mm256_mul_ps(hi, vs);
+            lo = _mm256_mul_ps(lo, vs);
+            __m256 a = _mm256_unpacklo_ps(hi, lo), b = _mm256_unpackhi_ps(hi, lo);  /* h0 l0 h1 l1 | h4 l4 h5 l5 */
+            __m256 v[2] = {_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31)};
+            for (int h = 0; h < 2; h++) {
+                if (kind == 2)
+                    _mm_storeu_si128((__m128i *)((uint16_t *)out + (i - i0) + 8 * h),
+                                     _mm256_cvtps_ph(v[h], _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+                else
+                    store8(out, i - i0 + 8 * h, kind, round8(v[h], kind), 8);
             }
         }
 #endif

@@ -118,7 +118,7 @@ NF4_ODD = dict(ODD, hidden_size=320, intermediate_size=128)
 def test_nf4_equals_torch_step(tmp_path, case, dtype):
     """An NF4 model (QLoRA's base) runs natively with kernels/nf4_cpu.py's kernels, the ones the torch step calls
     per projection, so the two agree to fp32 rounding (bf16: the same roundings in the same places): the fused GEMV
-    up to nf4_cpu.GEMV_MAX_M rows, and for bf16 the tile GEMM from TILE_MIN_M up to TILE_MAX_M rows; beyond, the
+    up to nf4_cpu.GEMV_MAX_M rows, and for bf16 the tile GEMM from tile_min_m() up to TILE_MAX_M rows; beyond, the
     torch step dequantizes instead and so does not go native."""
     make_hf_checkpoint(tmp_path, NF4_ODD if case == "nf4-odd" else dict(VARIANTS["gqa"][0], intermediate_size=128))
     model = quantize_model_(load_model(tmp_path, dtype=dtype))
@@ -143,7 +143,7 @@ def test_nf4_tiles_grow_with_the_threads(tmp_path):
     one for each (two threads in one tile would overwrite each other's weights) and still equals the torch step."""
     make_hf_checkpoint(tmp_path, NF4_ODD)
     model = quantize_model_(load_model(tmp_path, dtype=torch.bfloat16))
-    rows = nf4_cpu.TILE_MIN_M
+    rows = nf4_cpu.GEMV_MAX_M + 1                                                # the tile GEMM at every tier
     tokens, positions = _ids(model.config.vocab_size, rows, 3)[0], torch.zeros(rows, dtype=torch.long)  # (B,) each
     threads = torch.get_num_threads()
     try:

@@ -119,7 +119,8 @@ def test_dequant_then_matmul_method(triton_path, monkeypatch):
 @pytest.mark.parametrize("M", [1, 3])
 def test_cpu_gemv_and_dequantize_at_each_tier(tier, M):
     """The native NF4 GEMV and dequantize at every instruction-set tier this CPU runs (AVX-512 vpermps, AVX2's two
-    permutes and a blend, scalar): the GEMV within the reference's error, the dequantize bit for bit."""
+    permutes and a blend, scalar): the GEMV within the reference's error, the dequantize (fp32, bf16, fp16) bit for
+    bit."""
     with native.forced_tier(tier):
         assert nf4_cpu.LIB.status().detail == tier
         for N, K, bs, dq in ((48, 128, 64, True), (37, 96, 32, False), (5, 256, 128, True)):
@@ -129,30 +130,35 @@ def test_cpu_gemv_and_dequantize_at_each_tier(tier, M):
                 y = nf4_cpu.gemv(x, w)
                 assert y is not None and y.dtype == dtype
                 assert_within_ref_error(y, nf4_matmul_ref(x, w), nf4_matmul_ref(x.double(), w))
+            for dtype in (torch.float32, torch.bfloat16, torch.float16):
                 out = torch.empty(N, K, dtype=dtype)
                 assert torch.equal(nf4_cpu.dequantize_into(w, out), dequantize_nf4_ref(w, dtype))
 
 
 @pytest.mark.parametrize("tier", [t for t in native.runnable_tiers() if t in nf4_cpu.LIB.tiers])
 def test_cpu_tile_gemm_at_each_tier(tier):
-    """bf16 x of TILE_MIN_M..TILE_MAX_M rows goes to the tile GEMM where the tier has it (AVX-512 BF16's dot product;
-    AVX-512 and AVX2 widen bf16 to fp32): its fp32 sums are those of the bf16-dequantized weights to fp32 rounding,
-    through blocks of 8 rows of x and a lone one (9), tiles of 16 weight rows and a partial one, an odd last pair.
-    Where the tier lacks it (scalar x86-64) the GEMV takes up to GEMV_MAX_M rows and more go to the dequantize."""
+    """bf16 x of tile_min_m()..TILE_MAX_M rows goes to the tile GEMM where the tier has it (AVX-512 BF16's dot
+    product from 3 rows; AVX-512 and AVX2, which widen bf16 to fp32, past the GEMV's rows): its fp32 sums are those of
+    the bf16-dequantized weights to fp32 rounding, through blocks of 8 rows of x and a lone one (9), tiles of 16
+    weight rows and a partial one, an odd last pair. Fewer rows take the GEMV; where the tier lacks the tile GEMM
+    (scalar x86-64) more than GEMV_MAX_M rows go to the dequantize."""
     with native.forced_tier(tier):
         assert nf4_cpu.LIB.status().detail == tier
+        tile_min = nf4_cpu.tile_min_m(torch.bfloat16)
+        assert tile_min == {"avx512bf16": 3, "x86-64": None}.get(tier, nf4_cpu.GEMV_MAX_M + 1)
+        assert nf4_cpu.tile_min_m(torch.float32) is None
         for N, K, bs, dq in ((37, 128, 64, True), (16, 96, 32, False), (3, 256, 128, True)):
             w = _weight(N, K, bs, dq, seed=N)
             wb = dequantize_nf4_ref(w, torch.bfloat16).double()                  # (N, K): the weights a tile holds
-            for M in (nf4_cpu.TILE_MIN_M, 8, 9, nf4_cpu.TILE_MAX_M):
+            for M in range(1, nf4_cpu.TILE_MAX_M + 2):
                 x = _rand(M, K, dtype=torch.bfloat16, seed=M)
-                if not nf4_cpu.tile_ready(torch.bfloat16):
-                    assert tier == "x86-64" and (nf4_cpu.gemv(x, w) is None) == (M > nf4_cpu.GEMV_MAX_M)
+                y = nf4_cpu.gemv(x, w)
+                if tile_min is None or not tile_min <= M <= nf4_cpu.TILE_MAX_M:
+                    assert (y is None) == (M > nf4_cpu.GEMV_MAX_M)               # the GEMV, or the dequantize
                     continue
-                y, ref = nf4_cpu.tile_gemm(x, w), x.double() @ wb.T                  # (M, N)
-                assert (y.double() - ref).abs().max().item() <= 1e-6 * ref.abs().max().item()
-                assert torch.equal(nf4_cpu.gemv(x, w), y.to(torch.bfloat16))
-            assert nf4_cpu.gemv(_rand(nf4_cpu.TILE_MAX_M + 1, K, dtype=torch.bfloat16), w) is None
+                got, ref = nf4_cpu.tile_gemm(x, w), x.double() @ wb.T                # (M, N)
+                assert (got.double() - ref).abs().max().item() <= 1e-6 * ref.abs().max().item()
+                assert torch.equal(y, got.to(torch.bfloat16))
 
 
 def test_row_limits_are_checked_against_the_c_side(monkeypatch):
@@ -161,7 +167,7 @@ def test_row_limits_are_checked_against_the_c_side(monkeypatch):
     if lib is None:
         pytest.skip(f"nf4_cpu: {nf4_cpu.LIB.status()}")
     nf4_cpu._check(lib)
-    monkeypatch.setattr(nf4_cpu, "TILE_MIN_M", nf4_cpu.TILE_MIN_M + 1)
+    monkeypatch.setattr(nf4_cpu, "TILE_MAX_M", nf4_cpu.TILE_MAX_M + 1)
     with pytest.raises(ValueError, match="row limits"):
         nf4_cpu._check(lib)
 
