@@ -1,12 +1,14 @@
 """NF4 matmul vs dense bf16 matmul on Phi-3-mini layer shapes, on the machine at hand. Prints JSON.
 
-    python bench/bench_nf4.py [--quick] [--iters N] [--threads N]
+    python bench/bench_nf4.py [--quick] [--iters N] [--threads N] [--dtype bfloat16|float32]
 
 For each layer (qkv 3072->9216, gate_up 3072->16384, down 8192->3072) and M in (1, 16, 512):
-  - checks both NF4 providers against the pure-torch reference first (within twice the bf16 reference's own error,
+  - checks both NF4 providers against the pure-torch reference first (within twice its own error in x's dtype,
     both measured against fp64), on up to 64 rows of x, which keeps M's dispatch bucket;
   - times the providers interleaved, one call each per round, and reports medians (robust on a shared machine):
-        dense_bf16     x @ W.T with W in bf16                      (oneDNN on CPU, cuBLAS on CUDA)
+        dense_bf16     x @ W.T with W in bf16                      (oneDNN on CPU, cuBLAS on CUDA; dense_fp32 with
+                                                                     --dtype float32, x's dtype too: what a CPU
+                                                                     without AVX512-BF16 computes in)
         nf4            nf4_matmul(x, w): the dispatched path        (CPU: native GEMV for M <= nf4_cpu.GEMV_MAX_M,
                                                                      bf16 x of tile_min_m()..TILE_MAX_M rows the tile
                                                                      GEMM, else dequant+matmul;
@@ -65,7 +67,7 @@ def _check(x: torch.Tensor, w) -> dict:
     for k, err in errs.items():
         if err > 2 * ref_err + 1e-6 * ref64.abs().max().item():
             raise SystemExit(f"bench_nf4: {k} is wrong for {tuple(w.shape)}, M={x.shape[0]}: error {err:.3g} vs "
-                             f"the bf16 reference's own {ref_err:.3g}")
+                             f"the reference's own {ref_err:.3g}")
     return dict(max_abs_err=errs, ref_bf16_max_abs_err=ref_err)
 
 
@@ -82,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="qkv and down only, M in (1, 16), fewer rounds")
     ap.add_argument("--iters", type=int, default=None, help="timed rounds per case (default 30, quick 8)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
+                    help="x's dtype and the dense reference weight's (default bfloat16)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -92,17 +96,19 @@ def main(argv: list[str] | None = None) -> int:
     peak = _peak_gbps(device)
     g = torch.Generator().manual_seed(0)
     results, ratios = [], {}
+    dtype = getattr(torch, args.dtype)
+    dense = {torch.bfloat16: "dense_bf16", torch.float32: "dense_fp32"}[dtype]
     for name, (K, N) in layers.items():
-        W = (torch.randn(N, K, generator=g) * 0.02).to(torch.bfloat16).to(device)  # (N, K)
+        W = (torch.randn(N, K, generator=g) * 0.02).to(torch.bfloat16).to(dtype).to(device)  # (N, K)
         w = quantize_nf4(W)  # double-quantized, bitsandbytes' default
         for M in ms_list:
-            x = torch.randn(M, K, generator=g).to(torch.bfloat16).to(device)  # (M, K)
+            x = torch.randn(M, K, generator=g).to(dtype).to(device)  # (M, K)
             check = _check(x, w)
-            fns = {"dense_bf16": lambda: x @ W.T, "nf4": lambda: nf4_matmul(x, w),
+            fns = {dense: lambda: x @ W.T, "nf4": lambda: nf4_matmul(x, w),
                    "nf4_dequant": lambda: nf4_matmul(x, w, method="dequant")}
             times = _time_interleaved(fns, iters, device)
-            io = (M * K + M * N) * 2  # bf16 activations in and out
-            bytes_moved = {"dense_bf16": N * K * 2 + io, "nf4": w.nbytes + io, "nf4_dequant": w.nbytes + io}
+            io = (M * K + M * N) * dtype.itemsize  # activations in and out
+            bytes_moved = {dense: N * K * dtype.itemsize + io, "nf4": w.nbytes + io, "nf4_dequant": w.nbytes + io}
             row = dict(layer=name, M=M, K=K, N=N, check=check, providers={})
             for p, ms in times.items():
                 gbps = bytes_moved[p] / (ms * 1e-3) / 1e9
@@ -110,17 +116,17 @@ def main(argv: list[str] | None = None) -> int:
                                            gflops=round(2 * M * N * K / (ms * 1e-3) / 1e9, 2))
                 if peak:
                     row["providers"][p]["frac_peak_bw"] = round(gbps / peak, 3)
-            row["nf4_over_dense"] = round(times["nf4"] / times["dense_bf16"], 3)
+            row["nf4_over_dense"] = round(times["nf4"] / times[dense], 3)
             row["fused_over_dequant"] = round(times["nf4"] / times["nf4_dequant"], 3)
             if M == 1:
                 ratios[name] = row["nf4_over_dense"]
             results.append(row)
-            print(f"# {name:<13} M={M:<4} dense {times['dense_bf16']:8.3f} ms  nf4 {times['nf4']:8.3f} ms  "
+            print(f"# {name:<13} M={M:<4} dense {times[dense]:8.3f} ms  nf4 {times['nf4']:8.3f} ms  "
                   f"dequant+mm {times['nf4_dequant']:8.3f} ms", file=os.sys.stderr, flush=True)
         del W, w
     report = dict(
         device=str(device), device_name=torch.cuda.get_device_name(device) if device.type == "cuda"
-        else platform.processor() or platform.machine(), threads=torch.get_num_threads(),
+        else platform.processor() or platform.machine(), threads=torch.get_num_threads(), dtype=args.dtype,
         load_average=os.getloadavg() if hasattr(os, "getloadavg") else None, peak_gbps=peak, iters=iters,
         results=results, decode_ratio=ratios, decode_target=DECODE_TARGET,
         decode_pass=all(r <= DECODE_TARGET for r in ratios.values()),

@@ -24,8 +24,8 @@ rounding (tests/kernels/test_cpu_decode.py compares them with `model.forward` an
 
 Projections are dense fp32/bf16, or all NF4 (QLoRA's base model): then each projection runs kernels/nf4_cpu.py's
 kernels, the very code the torch step calls per NF4 linear, so the sums are the same: the fused dequantize-GEMV up
-to nf4_cpu.GEMV_MAX_M rows, and for a bf16 model the tile GEMM from tile_min_m() up to TILE_MAX_M rows (beyond, the
-torch step dequantizes the whole weight and runs a GEMM instead). NF4 reads a quarter of the bytes
+to nf4_cpu.GEMV_MAX_M rows, and from tile_min_m() up to TILE_MAX_M rows the tile GEMM (beyond, the torch step
+dequantizes the whole weight and runs a GEMM instead). NF4 reads a quarter of the bytes
 (bench/bench_generate.py measures what that buys). The engine (engine/decode.py) hands over the weights as tensors
 (`DecodeWeights`); a single-adapter LoRA projection, more than MAX_BATCH rows, or a library that cannot run
 (kernels/native.py says why: it needs AVX2 + FMA at least) keeps the torch step.
@@ -192,9 +192,7 @@ class NativeDecode:
         f32 = lambda n: torch.empty(n, dtype=torch.float32)  # noqa: E731
         L, nrows, smax = k_cache.shape[0], k_cache.shape[1], k_cache.shape[3]
         nf4 = isinstance(w.qkv[0], NF4Weight)
-        tile = nf4 and dtype == torch.bfloat16  # csrc/nf4.h's tile GEMM: bf16 rows, every tier decode.c builds for
-        nf4_rows = nf4_cpu.TILE_MAX_M if tile else nf4_cpu.GEMV_MAX_M
-        B = min(nrows, MAX_BATCH, nf4_rows if nf4 else MAX_BATCH)  # scratch for the most rows a call
+        B = min(nrows, MAX_BATCH, nf4_cpu.TILE_MAX_M if nf4 else MAX_BATCH)  # scratch for the most rows a call
         V, C = w.embed.shape
         nh, nkv, hs, inter = w.heads, w.kv_heads, w.head_dim, w.down[0].shape[1]
         self.cos, self.sin = cos.to(dtype).contiguous(), sin.to(dtype).contiguous()   # (S_max, rd)
@@ -202,10 +200,9 @@ class NativeDecode:
         self.scratch = dict(x=f32(B * C), xn=f32(B * C), qkv=f32(B * (nh + 2 * nkv) * hs), att=f32(B * nh * hs),
                             proj=f32(B * C), gu=f32(B * 2 * inter), mid=f32(B * inter),
                             scores=f32(B * max(nh * smax, V)), xb=torch.empty(B * kmax, dtype=torch.int16))
-        if nf4:  # the GEMV input split into even / odd columns; a bf16 model's tile GEMM: a tile per thread
-            self.scratch.update(xe=f32(B * kmax // 2), xo=f32(B * kmax // 2))
-            if tile:
-                self.scratch["tile"] = self._tiles(torch.get_num_threads(), kmax)
+        if nf4:  # the GEMV input split into even / odd columns; the tile GEMM's tiles, one a thread
+            tiles = self._tiles(torch.get_num_threads(), kmax)
+            self.scratch.update(xe=f32(B * kmax // 2), xo=f32(B * kmax // 2), tile=tiles)
         ptrs = lambda ts: (_P * len(ts))(*[t.data_ptr() for t in ts])  # noqa: E731
         # NF4: each projection pointer points at its NF4Desc (kept alive in self._descs)
         self._descs = [[_NF4Desc.of(m) for m in ms] for ms in w.projections] if nf4 else None
@@ -228,7 +225,7 @@ class NativeDecode:
 
     @staticmethod
     def _tiles(threads: int, kmax: int) -> torch.Tensor:
-        return torch.empty(threads, nf4_cpu.TILE_ROWS, kmax, dtype=torch.int16)  # one bf16 tile a thread
+        return torch.empty(threads, nf4_cpu.TILE_ROWS, kmax, dtype=torch.float32)  # one tile a thread, fp32 or bf16
 
     def set_lora(self, stacks: list[list[LoRAStack | None]] | None) -> bool:
         """Take the adapters of every projection (per layer: qkv, o, gate_up, down; None where no adapter is

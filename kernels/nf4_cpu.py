@@ -14,13 +14,14 @@ The whole NF4 table is 16 fp32 values = one AVX-512 register, so the lookup is o
     w_hi   = permutexvar(hi, table) * absmax        fp32, exactly as bitsandbytes dequantizes
     acc_m += w_hi * x_m[0::2] + w_lo * x_m[1::2]     x split into even/odd halves once per call
 
-A few rows of bf16 x (a batched decode step, a short prefill chunk) are different: each decoded weight now meets
-M rows, and M fp32 FMAs per weight pair cost more than the decode. The tile GEMM decodes 16 weight rows into a bf16
-tile that stays in cache (bit-identical to the whole-weight dequantize) and runs the dense bf16 GEMM's
-micro-kernel (csrc/gemv.h) over it: bf16 dot products, W read once as nibbles, never written out at 2 bytes:
+A few more rows of x (a batched decode step, a short prefill chunk) are different: each decoded weight now meets
+M rows, and the dense GEMM's blocked micro-kernel does those products better than the GEMV's per-row chains (with
+AVX512-BF16, on bf16 dot products at twice the rate). The tile GEMM decodes 16 weight rows into a tile in x's dtype
+that stays in cache (bit-identical to the whole-weight dequantize) and runs the dense GEMM's micro-kernel
+(csrc/gemv.h) over it: W read once as nibbles, never written out whole at 2 or 4 bytes a weight:
 
-    tile   = bf16(code[q] * absmax)     (16, K)    for weight rows n0..n0+16, one tile a thread
-    y[:, n0:n0+16] = x · tileᵀ          (M, 16)    x (M, K) bf16, fp32 sums
+    tile   = code[q] * absmax           (16, K)    weight rows n0..n0+16 in x's dtype, one tile a thread
+    y[:, n0:n0+16] = x · tileᵀ          (M, 16)    x (M, K) fp32 or bf16, fp32 sums
 
 The C is csrc/nf4.c around csrc/nf4.h, the kernels the whole decode step (csrc/decode.c) calls too. Where the
 library cannot run (kernels/native.py says why), or for shapes outside the fast path, kernels/nf4_matmul.py
@@ -37,10 +38,10 @@ from phiforge.kernels import native
 from phiforge.kernels.nf4 import NF4Weight, dequantize_nf4_ref
 
 # Which kernel takes M rows (csrc/nf4.h's NF4_* limits; the fixed ones checked against the library at load). The
-# fused GEMV wins while W's bytes dominate; its fp32 FMAs grow with M. bf16 x from tile_min_m() (3 on AVX512-BF16,
-# else 5: csrc/nf4.h says why) up to TILE_MAX_M rows goes to the tile GEMM (16 weight rows dequantized into a
-# cache-resident bf16 tile, then the dense bf16 GEMM's micro-kernel: the dequantize paid once for all rows); fp32
-# and fp16 x take the GEMV up to GEMV_MAX_M rows. More rows dequantize the whole weight and run torch's GEMM.
+# fused GEMV wins while W's bytes dominate; its fp32 FMAs grow with M. fp32 and bf16 x from tile_min_m() (bf16 on
+# AVX512-BF16: 3, else 5; csrc/nf4.h says why) up to TILE_MAX_M rows go to the tile GEMM (16 weight rows dequantized
+# into a cache-resident tile in x's dtype, then the dense GEMM's micro-kernel: the dequantize paid once for all
+# rows); fp16 x takes the GEMV up to GEMV_MAX_M rows. More rows dequantize the whole weight and run torch's GEMM.
 # bench/bench_nf4.py times them.
 GEMV_MAX_M = 4
 TILE_MAX_M = 16
@@ -48,24 +49,26 @@ TILE_ROWS = 16  # weight rows a tile
 P, I, L, F = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
 
 
-def _config(lib: ctypes.CDLL) -> tuple[int, int, int, int]:
-    """csrc/nf4.h's (NF4_GEMV_MAX_M, NF4_TILE_MIN_M, NF4_TILE_MAX_M, NF4_TILE) at the library's tier."""
-    got = (ctypes.c_int * 4)()
+def _config(lib: ctypes.CDLL) -> tuple[int, ...]:
+    """csrc/nf4.h's (NF4_GEMV_MAX_M, NF4_TILE_MIN_M_BF16, NF4_TILE_MIN_M_F32, NF4_TILE_MAX_M, NF4_TILE) at the
+    library's tier."""
+    got = (ctypes.c_int * 5)()
     lib.nf4_config(got)
     return tuple(got)
 
 
 def _check(lib: ctypes.CDLL) -> None:
-    gemv_max, tile_min, tile_max, tile_rows = _config(lib)
-    if (gemv_max, tile_max, tile_rows) != (GEMV_MAX_M, TILE_MAX_M, TILE_ROWS) or not 1 < tile_min <= gemv_max + 1:
-        raise ValueError(f"csrc/nf4.h's row limits {(gemv_max, tile_min, tile_max, tile_rows)} do not fit "
-                         f"nf4_cpu.py's GEMV_MAX_M {GEMV_MAX_M}, TILE_MAX_M {TILE_MAX_M}, TILE_ROWS {TILE_ROWS}")
+    gemv_max, *tile_min, tile_max, tile_rows = _config(lib)
+    if (gemv_max, tile_max, tile_rows) != (GEMV_MAX_M, TILE_MAX_M, TILE_ROWS) \
+            or not all(1 < t <= gemv_max + 1 for t in tile_min):
+        raise ValueError(f"csrc/nf4.h's row limits {_config(lib)} do not fit nf4_cpu.py's GEMV_MAX_M {GEMV_MAX_M}, "
+                         f"TILE_MAX_M {TILE_MAX_M}, TILE_ROWS {TILE_ROWS}")
 
 
 LIB = native.NativeLib("nf4_cpu", "nf4.c", tiers=tuple(native.TIERS), check=_check, functions={
     "nf4_dequant_all": (None, [P, P, P, P, P, F, I, I, I, L, P, I, I]),
     "nf4_gemv_all": (None, [P, P, I, P, P, P, P, P, F, I, I, I, L, L, P, I]),
-    "nf4_gemm_all": (None, [P, I, P, P, P, P, P, F, I, I, I, L, L, P, P, I]),
+    "nf4_gemm_all": (None, [P, I, I, P, P, P, P, P, F, I, I, I, L, L, P, P, I]),
     "nf4_has_fp16": (I, []),
     "nf4_has_tile": (I, []),
     "nf4_config": (None, [P]),
@@ -96,18 +99,21 @@ def gemv_ready(w: NF4Weight) -> bool:
     return w.shape[1] % w.blocksize == 0 and all(t.device.type == "cpu" and t.is_contiguous() for t in parts)
 
 
+_TILE_KIND = {torch.float32: 0, torch.bfloat16: 1}
+
+
 def tile_min_m(dtype: torch.dtype) -> int | None:
-    """The fewest rows of `dtype` x the tile GEMM takes here, up to TILE_MAX_M; None where it takes none (not bf16,
-    or a tier without it: the scalar one)."""
+    """The fewest rows of `dtype` x the tile GEMM takes here, up to TILE_MAX_M; None where it takes none (fp16, or a
+    tier without it: the scalar one)."""
     lib = LIB.get()
-    if dtype != torch.bfloat16 or lib is None or not lib.nf4_has_tile():
+    if dtype not in _TILE_KIND or lib is None or not lib.nf4_has_tile():
         return None
-    return _config(lib)[1]
+    return _config(lib)[2 - _TILE_KIND[dtype]]
 
 
 def gemv(x: torch.Tensor, w: NF4Weight) -> torch.Tensor | None:
     """x (M, K) -> x·Wᵀ (M, N) in x's dtype via a C kernel: the tile GEMM for tile_min_m()..TILE_MAX_M rows of
-    bf16 x, else the fused GEMV up to GEMV_MAX_M rows; None when neither applies (more rows, K not a whole number
+    fp32 or bf16 x, else the fused GEMV up to GEMV_MAX_M rows; None when neither applies (more rows, K not a whole number
     of blocks, or the library cannot run): the caller dequantizes instead."""
     lib = LIB.get()
     if lib is None or x.dtype not in _KIND or w.shape[1] % w.blocksize:
@@ -127,12 +133,12 @@ def gemv(x: torch.Tensor, w: NF4Weight) -> torch.Tensor | None:
 
 
 def tile_gemm(x: torch.Tensor, w: NF4Weight) -> torch.Tensor:
-    """x (M, K) bf16 -> x·bf16(dequantize(W))ᵀ (M, N) fp32 sums, through the tile GEMM; needs a tier with it
-    (tile_min_m), M <= TILE_MAX_M and K a whole number of blocks (gemv checks these)."""
+    """x (M, K) fp32 or bf16 -> x·dequantize(W)ᵀ (M, N) as fp32 sums, W dequantized in x's dtype, through the tile
+    GEMM; needs a tier with it (tile_min_m), M <= TILE_MAX_M and K a whole number of blocks (gemv checks these)."""
     N, K = w.shape
     threads = torch.get_num_threads()
-    tiles = torch.empty(threads, TILE_ROWS, K, dtype=torch.bfloat16)                     # one bf16 tile a thread
+    tiles = torch.empty(threads, TILE_ROWS, K, dtype=x.dtype)                            # one tile a thread
     y = torch.empty(x.shape[0], N, dtype=torch.float32)                                  # (M, N)
-    LIB.get().nf4_gemm_all(x.contiguous().data_ptr(), x.shape[0], *_w_args(w), w.blocksize, w.nested_blocksize, N,
-                           K, tiles.data_ptr(), y.data_ptr(), threads)
+    LIB.get().nf4_gemm_all(x.contiguous().data_ptr(), _TILE_KIND[x.dtype], x.shape[0], *_w_args(w), w.blocksize,
+                           w.nested_blocksize, N, K, tiles.data_ptr(), y.data_ptr(), threads)
     return y

@@ -74,14 +74,13 @@ static void gemv(const Model *m, const void *W, const float *x, float *y, int N,
 }
 
 /* A decoder projection: the dense GEMV, or for an NF4 model kernels/nf4_cpu.py's NF4 kernels (the ones the torch
-   step runs, so the same sums): from NF4_TILE_MIN_M rows the tile GEMM on m->xb, each thread in its own tile of
-   m->tile (set for a bf16 model only), else the fused dequantize-GEMV (up to NF4_GEMV_MAX_M rows; kernels/
-   cpu_decode.py sizes B). NF4_TILE output rows a task, then y rounded to the model dtype as the torch step's
-   `.to(dtype)` does. */
+   step runs, so the same sums): from NF4_TILE_MIN_M_* rows the tile GEMM (on m->xb for bf16), each thread in its
+   own tile of m->tile, else the fused dequantize-GEMV (up to NF4_GEMV_MAX_M rows). NF4_TILE output rows a task, then
+   y rounded to the model dtype as the torch step's `.to(dtype)` does. */
 static void proj(const Model *m, const void *W, const float *x, float *y, int N, int K) {
     if (!m->nf4) { gemv(m, W, x, y, N, K); return; }
     const NF4Desc *d = (const NF4Desc *)W;
-    const int B = m->B, K2 = K / 2, tile = m->tile && B >= NF4_TILE_MIN_M;
+    const int B = m->B, K2 = K / 2, tile = B >= (m->bf ? NF4_TILE_MIN_M_BF16 : NF4_TILE_MIN_M_F32);
     if (!tile) {
         #pragma omp single
         for (int b = 0; b < B; b++)
@@ -90,13 +89,13 @@ static void proj(const Model *m, const void *W, const float *x, float *y, int N,
                 m->xo[(int64_t)b * K2 + k] = x[(int64_t)b * K + 2 * k + 1];
             }
     }
-    uint16_t *own = tile ? m->tile + (int64_t)omp_get_thread_num() * NF4_TILE * kmax(m) : NULL;
+    float *own = tile ? m->tile + (int64_t)omp_get_thread_num() * NF4_TILE * kmax(m) : NULL;
     #pragma omp for schedule(static)
     for (int n0 = 0; n0 < N; n0 += NF4_TILE) {
         const int n1 = n0 + NF4_TILE < N ? n0 + NF4_TILE : N;
         if (tile)
-            nf4_gemm_tile(m->xb, B, d->packed, d->absmax, d->code, d->ncode, d->nabs, d->offset, d->dq, d->bs,
-                          d->nbs, N, K, n0, n1, own, y);
+            nf4_gemm_tile(m->bf ? (const void *)m->xb : (const void *)x, m->bf, B, d->packed, d->absmax, d->code,
+                          d->ncode, d->nabs, d->offset, d->dq, d->bs, d->nbs, N, K, n0, n1, own, y);
         else
             nf4_gemv(m->xe, m->xo, B, d->packed, d->absmax, d->code, d->ncode, d->nabs, d->offset, d->dq, d->bs,
                      d->nbs, N, K, n0, n1, y);

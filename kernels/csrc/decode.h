@@ -23,7 +23,7 @@ typedef struct {
     uint16_t *xb;                                                               /* bf16 GEMV input rows */
     int nf4;                        /* the four projections are NF4: their pointers point at an NF4Desc each */
     float *xe, *xo;                 /* NF4 GEMV input: even / odd columns of x, B rows */
-    uint16_t *tile;                 /* NF4 tile GEMM scratch: threads x NF4_TILE x kmax(m) bf16 */
+    float *tile;                    /* NF4 tile GEMM scratch: threads x NF4_TILE x kmax(m), fp32 or bf16 */
     int nrows;                      /* rows of the cache; the step's B rows are cache rows rows[0..B-1] */
     const int64_t *rows;            /* (B,) set per call by decode_step */
     const struct LoRA *lora;        /* L x 4 stacks (qkv, o, gate_up, down of each layer; decode_lora.h), or NULL */

@@ -50,20 +50,22 @@ int nf4_has_tile(void) { return NF4_HAS_TILE; }
 
 /* nf4.h's row limits at this tier, for kernels/nf4_cpu.py */
 void nf4_config(int *out) {
-    out[0] = NF4_GEMV_MAX_M, out[1] = NF4_TILE_MIN_M, out[2] = NF4_TILE_MAX_M, out[3] = NF4_TILE;
+    out[0] = NF4_GEMV_MAX_M, out[1] = NF4_TILE_MIN_M_BF16, out[2] = NF4_TILE_MIN_M_F32, out[3] = NF4_TILE_MAX_M;
+    out[4] = NF4_TILE;
 }
 
-/* y (M, N) fp32 = x · Wᵀ for x (M, K) bf16, M <= NF4_TILE_MAX_M, through nf4_gemm_tile; tiles: threads x
-   NF4_TILE x K bf16 of scratch, one tile a thread */
-void nf4_gemm_all(const uint16_t *x, int M, const uint8_t *packed, const void *absmax, const float *code,
+/* y (M, N) fp32 = x · Wᵀ for x (M, K) fp32 (kind 0) or bf16 (kind 1), M <= NF4_TILE_MAX_M, through nf4_gemm_tile;
+   tiles: threads x NF4_TILE x K of scratch in x's dtype, one tile a thread */
+void nf4_gemm_all(const void *x, int kind, int M, const uint8_t *packed, const void *absmax, const float *code,
                   const float *ncode, const float *nabs, float offset, int dq, int bs, int nbs, int64_t N, int64_t K,
-                  uint16_t *tiles, float *y, int threads) {
+                  void *tiles, float *y, int threads) {
 #if NF4_HAS_TILE
     SPLIT(N, NF4_TILE, threads, for (int64_t n0 = lo_; n0 < hi_; n0 += NF4_TILE)
-              nf4_gemm_tile(x, M, packed, absmax, code, ncode, nabs, offset, dq, bs, nbs, N, K, n0,
-                            n0 + NF4_TILE < hi_ ? n0 + NF4_TILE : hi_, tiles + c_ * NF4_TILE * K, y));
+              nf4_gemm_tile(x, kind, M, packed, absmax, code, ncode, nabs, offset, dq, bs, nbs, N, K, n0,
+                            n0 + NF4_TILE < hi_ ? n0 + NF4_TILE : hi_,
+                            (char *)tiles + c_ * NF4_TILE * K * (kind ? 2 : 4), y));
 #else
-    (void)x, (void)M, (void)packed, (void)absmax, (void)code, (void)ncode, (void)nabs, (void)offset, (void)dq;
-    (void)bs, (void)nbs, (void)N, (void)K, (void)tiles, (void)y, (void)threads;
+    (void)x, (void)kind, (void)M, (void)packed, (void)absmax, (void)code, (void)ncode, (void)nabs, (void)offset;
+    (void)dq, (void)bs, (void)nbs, (void)N, (void)K, (void)tiles, (void)y, (void)threads;
 #endif
 }

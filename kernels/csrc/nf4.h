@@ -15,16 +15,17 @@
 #include "simd.h"
 
 /* Which kernel takes M rows of x (kernels/nf4_cpu.py reads these through nf4_config): the fused GEMV's fp32 FMAs
-   grow with the rows while the weight bytes do not, so bf16 x from NF4_TILE_MIN_M rows goes to the tile GEMM (the
+   grow with the rows while the weight bytes do not, so from NF4_TILE_MIN_M_* rows x goes to the tile GEMM (the
    dequantize paid once for all rows). With AVX512-BF16's dot product (32 products an instruction, twice an fp32
-   FMA's) the tile wins from 3 rows; with bf16 widened to fp32 it does the GEMV's FMAs plus the dequantize, so it
-   takes over only past the GEMV's rows. fp32 and fp16 x stay on the GEMV up to NF4_GEMV_MAX_M rows. */
+   FMA's) bf16 x wins there from 3 rows. fp32 x, and bf16 widened to fp32, do the GEMV's FMAs plus the dequantize,
+   so the tile takes over only past the GEMV's rows. fp16 x stays on the GEMV up to NF4_GEMV_MAX_M rows. */
 #define NF4_GEMV_MAX_M 4
 #ifdef __AVX512BF16__
-#define NF4_TILE_MIN_M 3
+#define NF4_TILE_MIN_M_BF16 3
 #else
-#define NF4_TILE_MIN_M (NF4_GEMV_MAX_M + 1)
+#define NF4_TILE_MIN_M_BF16 (NF4_GEMV_MAX_M + 1)
 #endif
+#define NF4_TILE_MIN_M_F32 (NF4_GEMV_MAX_M + 1)
 #define NF4_TILE_MAX_M 16   /* the decode step's most rows (kernels/cpu_decode.py's MAX_BATCH) */
 #define NF4_TILE 16         /* weight rows the tile GEMM dequantizes at once */
 
@@ -195,22 +196,29 @@ static inline void nf4_gemv(const float *xe, const float *xo, int M, const uint8
         nf4_gemv_rows(xe, xo, M, packed, absmax, code, ncode, nabs, offset, dq, bs, nbs, N, K, n0, n1, y);
 }
 
-/* The tile GEMM, for NF4_TILE_MIN_M <= M <= NF4_TILE_MAX_M rows of bf16 x: weight rows [n0, n1) (at most NF4_TILE)
-   are dequantized to bf16 into `tile` (n1 - n0 rows of K), bit-identical to the dequantize torch's path runs, and
-   the dense bf16 GEMM's micro-kernel (gemv.h's GEMM_PAIR) multiplies them with x while they are still in cache.
-   The same products and fp32 sums as a dense bf16 model's GEMM, without writing the whole dequantized weight out to
-   memory and reading it back. x (M, K) bf16, y (M, N) fp32. */
+/* The tile GEMM, for NF4_TILE_MIN_M_* <= M <= NF4_TILE_MAX_M rows of x, fp32 (kind 0) or bf16 (kind 1): weight rows
+   [n0, n1) (at most NF4_TILE) are dequantized in x's dtype into `tile` (n1 - n0 rows of K), bit-identical to the
+   whole-weight dequantize torch's path runs, and the dense GEMM's micro-kernel (gemv.h's GEMM_PAIR) multiplies them
+   with x while they are still in cache: the products and fp32 sums of a dense model's GEMM, without writing the
+   whole dequantized weight out to memory and reading it back. x (M, K), y (M, N) fp32. */
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #define NF4_HAS_TILE 1
 #define NF4_TILE_STORE(i, v) (y[i] = (v))
-static inline void nf4_gemm_tile(const uint16_t *x, int B, const uint8_t *packed, const void *absmax,
+static inline void nf4_gemm_tile(const void *xv, int kind, int B, const uint8_t *packed, const void *absmax,
                                  const float *code, const float *ncode, const float *nabs, float offset, int dq,
-                                 int bs, int nbs, int64_t N, int64_t K, int64_t n0, int64_t n1, uint16_t *tile,
+                                 int bs, int nbs, int64_t N, int64_t K, int64_t n0, int64_t n1, void *tile,
                                  float *y) {
-    nf4_dequant(packed, absmax, code, ncode, nabs, offset, dq, bs, nbs, n0 * K, n1 * K, tile, 1);
+    nf4_dequant(packed, absmax, code, ncode, nabs, offset, dq, bs, nbs, n0 * K, n1 * K, tile, kind);
     for (int64_t r = 0; r < n1 - n0; r += 2) {
         const int rows = n1 - n0 - r >= 2 ? 2 : 1;
-        const uint16_t *w0 = tile + r * K, *w1 = rows == 2 ? w0 + K : w0;
+        if (kind == 0) {
+            const float *x = (const float *)xv, *w0 = (const float *)tile + r * K, *w1 = rows == 2 ? w0 + K : w0;
+            const int64_t Kf = K - K % VW;
+            GEMM_PAIR(float, VW, F32_LOAD, F32_MLOAD, FMA32, MASKW, NF4_TILE_STORE, n0 + r)
+            continue;
+        }
+        const uint16_t *x = (const uint16_t *)xv, *w0 = (const uint16_t *)tile + r * K;
+        const uint16_t *w1 = rows == 2 ? w0 + K : w0;
 #ifdef __AVX512BF16__
         const int64_t Kf = K - K % 32;
         GEMM_PAIR(uint16_t, 32, _mm512_loadu_si512, _mm512_maskz_loadu_epi16, DPBF16, MASK32, NF4_TILE_STORE,

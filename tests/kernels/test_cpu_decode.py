@@ -118,8 +118,8 @@ NF4_ODD = dict(ODD, hidden_size=320, intermediate_size=128)
 def test_nf4_equals_torch_step(tmp_path, case, dtype):
     """An NF4 model (QLoRA's base) runs natively with kernels/nf4_cpu.py's kernels, the ones the torch step calls
     per projection, so the two agree to fp32 rounding (bf16: the same roundings in the same places): the fused GEMV
-    up to nf4_cpu.GEMV_MAX_M rows, and for bf16 the tile GEMM from tile_min_m() up to TILE_MAX_M rows; beyond, the
-    torch step dequantizes instead and so does not go native."""
+    up to nf4_cpu.GEMV_MAX_M rows, the tile GEMM from tile_min_m() up to TILE_MAX_M rows; beyond, the torch step
+    dequantizes instead and so does not go native."""
     make_hf_checkpoint(tmp_path, NF4_ODD if case == "nf4-odd" else dict(VARIANTS["gqa"][0], intermediate_size=128))
     model = quantize_model_(load_model(tmp_path, dtype=dtype))
     vocab = model.config.vocab_size
@@ -128,18 +128,16 @@ def test_nf4_equals_torch_step(tmp_path, case, dtype):
     ref, c2 = _run(model, prompt, steps, native=False)
     assert (got - ref).abs().max().item() <= (1e-4 if dtype == torch.float32 else 1e-2 * ref.abs().max().item())
     assert (c1.k.float() - c2.k.float()).abs().max().item() <= 1e-4 * max(1.0, c2.k.float().abs().max().item())
-    most = nf4_cpu.TILE_MAX_M if dtype == torch.bfloat16 else nf4_cpu.GEMV_MAX_M
-    assert DecodeStep(model, model.new_cache(most, 8)).native.max_rows == most
-    assert DecodeStep(model, model.new_cache(most + 1, 8)).native.max_rows == most
-    batches = [[7, 3, 9]] + ([[5, 3, 9, 9, 2, 11, 4, 6, 8]] if dtype == torch.bfloat16 else [])  # tile: 8 + 1 rows
-    for lens in batches:                                                          # left-padded rows
+    assert DecodeStep(model, model.new_cache(nf4_cpu.TILE_MAX_M, 8)).native.max_rows == nf4_cpu.TILE_MAX_M
+    assert DecodeStep(model, model.new_cache(nf4_cpu.TILE_MAX_M + 1, 8)).native.max_rows == nf4_cpu.TILE_MAX_M
+    for lens in ([7, 3, 9], [5, 3, 9, 9, 2, 11, 4, 6, 8]):                       # left-padded; tile: 8 + 1 rows
         got, c1 = _run_batch(model, lens, 6, native=True, seed=4)
         ref, c2 = _run_batch(model, lens, 6, native=False, seed=4)
         assert (got - ref).abs().max().item() <= (1e-4 if dtype == torch.float32 else 1e-2 * ref.abs().max().item())
 
 
 def test_nf4_tiles_grow_with_the_threads(tmp_path):
-    """A bf16 NF4 step holds one tile GEMM buffer per thread; run on more threads than it was made under, it makes
+    """An NF4 step holds one tile GEMM buffer per thread; run on more threads than it was made under, it makes
     one for each (two threads in one tile would overwrite each other's weights) and still equals the torch step."""
     make_hf_checkpoint(tmp_path, NF4_ODD)
     model = quantize_model_(load_model(tmp_path, dtype=torch.bfloat16))

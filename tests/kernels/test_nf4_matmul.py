@@ -136,29 +136,31 @@ def test_cpu_gemv_and_dequantize_at_each_tier(tier, M):
 
 
 @pytest.mark.parametrize("tier", [t for t in native.runnable_tiers() if t in nf4_cpu.LIB.tiers])
-def test_cpu_tile_gemm_at_each_tier(tier):
-    """bf16 x of tile_min_m()..TILE_MAX_M rows goes to the tile GEMM where the tier has it (AVX-512 BF16's dot
-    product from 3 rows; AVX-512 and AVX2, which widen bf16 to fp32, past the GEMV's rows): its fp32 sums are those of
-    the bf16-dequantized weights to fp32 rounding, through blocks of 8 rows of x and a lone one (9), tiles of 16
-    weight rows and a partial one, an odd last pair. Fewer rows take the GEMV; where the tier lacks the tile GEMM
-    (scalar x86-64) more than GEMV_MAX_M rows go to the dequantize."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_tile_gemm_at_each_tier(tier, dtype):
+    """fp32 and bf16 x of tile_min_m()..TILE_MAX_M rows go to the tile GEMM where the tier has it (bf16 on AVX-512
+    BF16's dot product from 3 rows; fp32, and bf16 widened to fp32, past the GEMV's rows): its fp32 sums are those of
+    the weights dequantized in x's dtype, to fp32 rounding, through blocks of 8 rows of x and a lone one (9), tiles
+    of 16 weight rows and a partial one, an odd last pair. Fewer rows take the GEMV; where the tier lacks the tile
+    GEMM (scalar x86-64) more than GEMV_MAX_M rows go to the dequantize."""
     with native.forced_tier(tier):
         assert nf4_cpu.LIB.status().detail == tier
-        tile_min = nf4_cpu.tile_min_m(torch.bfloat16)
-        assert tile_min == {"avx512bf16": 3, "x86-64": None}.get(tier, nf4_cpu.GEMV_MAX_M + 1)
-        assert nf4_cpu.tile_min_m(torch.float32) is None
+        tile_min = nf4_cpu.tile_min_m(dtype)
+        fast = tier == "avx512bf16" and dtype == torch.bfloat16
+        assert tile_min == (None if tier == "x86-64" else 3 if fast else nf4_cpu.GEMV_MAX_M + 1)
+        assert nf4_cpu.tile_min_m(torch.float16) is None
         for N, K, bs, dq in ((37, 128, 64, True), (16, 96, 32, False), (3, 256, 128, True)):
             w = _weight(N, K, bs, dq, seed=N)
-            wb = dequantize_nf4_ref(w, torch.bfloat16).double()                  # (N, K): the weights a tile holds
+            wd = dequantize_nf4_ref(w, dtype).double()                            # (N, K): the weights a tile holds
             for M in range(1, nf4_cpu.TILE_MAX_M + 2):
-                x = _rand(M, K, dtype=torch.bfloat16, seed=M)
+                x = _rand(M, K, dtype=dtype, seed=M)
                 y = nf4_cpu.gemv(x, w)
                 if tile_min is None or not tile_min <= M <= nf4_cpu.TILE_MAX_M:
                     assert (y is None) == (M > nf4_cpu.GEMV_MAX_M)               # the GEMV, or the dequantize
                     continue
-                got, ref = nf4_cpu.tile_gemm(x, w), x.double() @ wb.T                # (M, N)
+                got, ref = nf4_cpu.tile_gemm(x, w), x.double() @ wd.T                # (M, N)
                 assert (got.double() - ref).abs().max().item() <= 1e-6 * ref.abs().max().item()
-                assert torch.equal(y, got.to(torch.bfloat16))
+                assert torch.equal(y, got.to(dtype))
 
 
 def test_row_limits_are_checked_against_the_c_side(monkeypatch):
