@@ -181,6 +181,7 @@ def phiforge_cmd(model: Path, port: int, args: argparse.Namespace, quant: str | 
            "--served-model-name", "base", "--max-batch", "16", "--log-level", "warning"]
     cmd += ["--quant", quant] if quant else []
     cmd += ["--threads", str(args.threads)] if args.threads else []
+    cmd += ["--dtype", args.dtype] if args.dtype else []
     cmd += ["--prefill-chunk", str(args.prefill_chunk)] if args.prefill_chunk else []
     cmd += ["--step-tokens", str(args.step_tokens)] if args.step_tokens else []
     for name, path in adapters:
@@ -249,7 +250,8 @@ def main() -> None:
     ap.add_argument("--input-len", type=int, default=300)
     ap.add_argument("--output-min", type=int, default=64)
     ap.add_argument("--output-max", type=int, default=128)
-    ap.add_argument("--sides", default="bf16,nf4", help="phiforge sides to start: bf16, nf4 (empty: none)")
+    ap.add_argument("--sides", default="bf16,nf4", help="phiforge sides to start: bf16 (the dense base, in --dtype), "
+                    "nf4 (empty: none)")
     ap.add_argument("--url", default=None, help="also measure a server already running at this URL")
     ap.add_argument("--url-model", default=None, help="the `model` to send to --url (default: its first model)")
     ap.add_argument("--llama-server", default=None, help="llama.cpp's llama-server binary")
@@ -260,6 +262,8 @@ def main() -> None:
     ap.add_argument("--lora-repeats", type=int, default=2,
                     help="--lora: runs of each side, interleaved; the ratio is of their median throughputs")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                    help="phiforge serve --dtype (default: its own, bf16 where the CPU has AVX512-BF16, else fp32)")
     ap.add_argument("--prefill-chunk", type=int, default=None, help="phiforge serve --prefill-chunk")
     ap.add_argument("--step-tokens", type=int, default=None, help="phiforge serve --step-tokens")
     ap.add_argument("--seed", type=int, default=0)
@@ -281,6 +285,7 @@ def main() -> None:
     report: dict[str, Any] = {
         "model": str(model), "input_len": args.input_len, "output_len": [args.output_min, args.output_max],
         "num_prompts": args.num_prompts, "threads": args.threads or torch.get_num_threads(),
+        "dtype": args.dtype or "phiforge serve's default",
         "cpu_count": os.cpu_count(), "load_average_before": os.getloadavg(), "sides": {}}
     for side in [s for s in args.sides.split(",") if s]:
         port = free_port()
