@@ -31,6 +31,7 @@ Shape legend: M rows of x, N = out_features, K = in_features, n = N*K, nb = n / 
 from __future__ import annotations
 
 import ctypes
+import functools
 
 import torch
 
@@ -49,19 +50,20 @@ TILE_ROWS = 16  # weight rows a tile
 P, I, L, F = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
 
 
+@functools.lru_cache(maxsize=None)  # one per loaded library (a tier), read on every call of gemv
 def _config(lib: ctypes.CDLL) -> tuple[int, ...]:
-    """csrc/nf4.h's (NF4_GEMV_MAX_M, NF4_TILE_MIN_M_BF16, NF4_TILE_MIN_M_F32, NF4_TILE_MAX_M, NF4_TILE) at the
-    library's tier."""
-    got = (ctypes.c_int * 5)()
+    """csrc/nf4.h's (NF4_HAS_TILE, NF4_GEMV_MAX_M, NF4_TILE_MIN_M_BF16, NF4_TILE_MIN_M_F32, NF4_TILE_MAX_M,
+    NF4_TILE) at the library's tier."""
+    got = (ctypes.c_int * 6)()
     lib.nf4_config(got)
     return tuple(got)
 
 
 def _check(lib: ctypes.CDLL) -> None:
-    gemv_max, *tile_min, tile_max, tile_rows = _config(lib)
+    _, gemv_max, *tile_min, tile_max, tile_rows = _config(lib)
     if (gemv_max, tile_max, tile_rows) != (GEMV_MAX_M, TILE_MAX_M, TILE_ROWS) \
             or not all(1 < t <= gemv_max + 1 for t in tile_min):
-        raise ValueError(f"csrc/nf4.h's row limits {_config(lib)} do not fit nf4_cpu.py's GEMV_MAX_M {GEMV_MAX_M}, "
+        raise ValueError(f"csrc/nf4.h's row limits {_config(lib)[1:]} do not fit nf4_cpu.py's GEMV_MAX_M {GEMV_MAX_M}, "
                          f"TILE_MAX_M {TILE_MAX_M}, TILE_ROWS {TILE_ROWS}")
 
 
@@ -70,7 +72,6 @@ LIB = native.NativeLib("nf4_cpu", "nf4.c", tiers=tuple(native.TIERS), check=_che
     "nf4_gemv_all": (None, [P, P, I, P, P, P, P, P, F, I, I, I, L, L, P, I]),
     "nf4_gemm_all": (None, [P, I, I, P, P, P, P, P, F, I, I, I, L, L, P, P, I]),
     "nf4_has_fp16": (I, []),
-    "nf4_has_tile": (I, []),
     "nf4_config": (None, [P]),
 })
 _KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -106,9 +107,9 @@ def tile_min_m(dtype: torch.dtype) -> int | None:
     """The fewest rows of `dtype` x the tile GEMM takes here, up to TILE_MAX_M; None where it takes none (fp16, or a
     tier without it: the scalar one)."""
     lib = LIB.get()
-    if dtype not in _TILE_KIND or lib is None or not lib.nf4_has_tile():
+    if dtype not in _TILE_KIND or lib is None or not _config(lib)[0]:
         return None
-    return _config(lib)[2 - _TILE_KIND[dtype]]
+    return _config(lib)[3 - _TILE_KIND[dtype]]
 
 
 def gemv(x: torch.Tensor, w: NF4Weight) -> torch.Tensor | None:
