@@ -38,6 +38,15 @@ static inline float nf4_scale(const void *absmax, const float *ncode, const floa
     return ncode[((const uint8_t *)absmax)[b]] * nabs[g] + offset;
 }
 
+#if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
+/* code[q] for 8 indices q in 0..15 on AVX2: the 16-value table is two 8-lane registers, one vpermps each, and
+   bit 3 of q (shifted up into the sign bit) picks between them */
+static inline __m256 nf4_lookup8(__m256 lut0, __m256 lut1, __m256i q) {
+    return _mm256_blendv_ps(_mm256_permutevar8x32_ps(lut0, q), _mm256_permutevar8x32_ps(lut1, q),
+                            _mm256_castsi256_ps(_mm256_slli_epi32(q, 28)));
+}
+#endif
+
 /* out[i] as `kind` (0 fp32, 1 bf16 rounded to nearest even as torch does, 2 fp16) */
 static inline void store_one(void *out, int kind, int64_t i, float v) {
     if (kind == 0) ((float *)out)[i] = v;
@@ -78,17 +87,12 @@ static inline void nf4_dequant(const uint8_t *packed, const void *absmax, const 
             }
         }
 #elif defined(__AVX2__) && defined(__FMA__)
-        /* the GEMV's two-register table, 16 weights a step; unpack + permute2f128 put hi/lo back in element order */
+        /* 16 weights a step; unpack + permute2f128 put hi/lo back in element order */
         const __m256 lut0 = _mm256_loadu_ps(code), lut1 = _mm256_loadu_ps(code + 8), vs = _mm256_set1_ps(s);
         for (; i + 16 <= e; i += 16) {
             __m256i q = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(packed + i / 2)));
-            __m256i qh = _mm256_srli_epi32(q, 4), ql = _mm256_and_si256(q, _mm256_set1_epi32(15));
-            __m256 hi = _mm256_blendv_ps(_mm256_permutevar8x32_ps(lut0, qh), _mm256_permutevar8x32_ps(lut1, qh),
-                                         _mm256_castsi256_ps(_mm256_slli_epi32(qh, 28)));
-            __m256 lo = _mm256_blendv_ps(_mm256_permutevar8x32_ps(lut0, ql), _mm256_permutevar8x32_ps(lut1, ql),
-                                         _mm256_castsi256_ps(_mm256_slli_epi32(ql, 28)));
-            hi = _mm256_mul_ps(hi, vs);
-            lo = _mm256_mul_ps(lo, vs);
+            __m256 hi = _mm256_mul_ps(nf4_lookup8(lut0, lut1, _mm256_srli_epi32(q, 4)), vs);
+            __m256 lo = _mm256_mul_ps(nf4_lookup8(lut0, lut1, _mm256_and_si256(q, _mm256_set1_epi32(15))), vs);
             __m256 a = _mm256_unpacklo_ps(hi, lo), b = _mm256_unpackhi_ps(hi, lo);  /* h0 l0 h1 l1 | h4 l4 h5 l5 */
             __m256 v[2] = {_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31)};
             for (int h = 0; h < 2; h++) {
@@ -154,13 +158,8 @@ static inline __attribute__((always_inline)) void nf4_gemv_rows(
             for (int64_t j = k / 2; j < (k + bs) / 2; j += 8) {
                 int c = (int)(j >> 3) & 1;  /* alternate 8-byte halves between two pairs of chains */
                 __m256i q = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(row + j)));
-                __m256i qh = _mm256_srli_epi32(q, 4), ql = _mm256_and_si256(q, low4);
-                __m256 hi = _mm256_blendv_ps(_mm256_permutevar8x32_ps(lut0, qh), _mm256_permutevar8x32_ps(lut1, qh),
-                                             _mm256_castsi256_ps(_mm256_slli_epi32(qh, 28)));
-                __m256 lo = _mm256_blendv_ps(_mm256_permutevar8x32_ps(lut0, ql), _mm256_permutevar8x32_ps(lut1, ql),
-                                             _mm256_castsi256_ps(_mm256_slli_epi32(ql, 28)));
-                hi = _mm256_mul_ps(hi, vs);
-                lo = _mm256_mul_ps(lo, vs);
+                __m256 hi = _mm256_mul_ps(nf4_lookup8(lut0, lut1, _mm256_srli_epi32(q, 4)), vs);
+                __m256 lo = _mm256_mul_ps(nf4_lookup8(lut0, lut1, _mm256_and_si256(q, low4)), vs);
                 for (int m = 0; m < M; m++) {
                     acc[2 * c][m] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(xe + m * K2 + j), acc[2 * c][m]);
                     acc[2 * c + 1][m] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(xo + m * K2 + j), acc[2 * c + 1][m]);
