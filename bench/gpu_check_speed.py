@@ -174,7 +174,7 @@ def train_speed(ctx: Ctx) -> dict:
     hf = importlib.util.find_spec("peft") is not None and importlib.util.find_spec("transformers") is not None
     bnb = importlib.util.find_spec("bitsandbytes") is not None and ctx.cuda
     base = dict(dtype="bf16" if ctx.cuda else "fp32", device=ctx.device, rank=16, unfused=False, batch=1,
-                no_checkpointing=False, full_logits=False, threads=0, shape="phi3-mini",
+                no_checkpointing=False, full_logits=False, threads=0, shape="default" if ctx.tiny else "phi3-mini",
                 seq=32 if ctx.tiny else 2048, steps=1 if ctx.tiny else 3)
     out = {}
     with tempfile.TemporaryDirectory(prefix="gpu-check-train-") as tmp:
