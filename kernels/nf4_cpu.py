@@ -106,7 +106,10 @@ _TILE_KIND = {torch.float32: 0, torch.bfloat16: 1}
 def tile_min_m(dtype: torch.dtype) -> int | None:
     """The fewest rows of `dtype` x the tile GEMM takes here, up to TILE_MAX_M; None where it takes none (fp16, or a
     tier without it: the scalar one)."""
-    lib = LIB.get()
+    return _tile_min(LIB.get(), dtype)
+
+
+def _tile_min(lib: ctypes.CDLL | None, dtype: torch.dtype) -> int | None:
     if dtype not in _TILE_KIND or lib is None or not _config(lib)[0]:
         return None
     return _config(lib)[3 - _TILE_KIND[dtype]]
@@ -114,12 +117,12 @@ def tile_min_m(dtype: torch.dtype) -> int | None:
 
 def gemv(x: torch.Tensor, w: NF4Weight) -> torch.Tensor | None:
     """x (M, K) -> x·Wᵀ (M, N) in x's dtype via a C kernel: the tile GEMM for tile_min_m()..TILE_MAX_M rows of
-    fp32 or bf16 x, else the fused GEMV up to GEMV_MAX_M rows; None when neither applies (more rows, K not a whole number
-    of blocks, or the library cannot run): the caller dequantizes instead."""
+    fp32 or bf16 x, else the fused GEMV up to GEMV_MAX_M rows; None when neither applies (more rows, K not a whole
+    number of blocks, or the library cannot run): the caller dequantizes instead."""
     lib = LIB.get()
     if lib is None or x.dtype not in _KIND or w.shape[1] % w.blocksize:
         return None
-    tile_min = tile_min_m(x.dtype)
+    tile_min = _tile_min(lib, x.dtype)
     if tile_min is not None and tile_min <= x.shape[0] <= TILE_MAX_M:
         return tile_gemm(x, w).to(x.dtype)
     if x.shape[0] > GEMV_MAX_M:
