@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from phiforge.bench.bench_train import phi3_mini_random, run_hf, run_phiforge, timed
+from phiforge.bench.bench_train import phi3_mini_random, run_hf, run_phiforge
 from phiforge.bench.gpu_check_correct import torch_path
 from phiforge.bench.gpu_check_common import Ctx, copy_bandwidth_gbs, sync, time_ms, tiny_model
 from phiforge.engine.decode import DecodeStep

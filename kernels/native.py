@@ -1,10 +1,10 @@
 """Build-and-load for the small C kernels of the CPU path: one `NativeLib` per library in kernels/csrc/.
 
-Each library is one `.c` file in csrc/ that composes the shared headers (simd.h, gemv.h, nf4.h, ...) with
-`#include`. It is compiled once per machine and instruction-set tier (TIERS) with the system compiler (`$CC`, default `cc`) and `-Wall -Wextra
--Werror`, cached under `$PHIFORGE_HOME/build/` keyed by every file it includes, the flags and the CPU's feature flags
-(so `-march=native` code never runs on another CPU), and dlopened. The compile runs in a temporary directory beside
-the cache and is renamed into place: a concurrent process sees no file or the whole file.
+Each library is one `.c` file in csrc/ that includes the shared headers it needs (simd.h, gemv.h, nf4.h, ...). It
+is compiled once per machine and instruction-set tier (TIERS) with the system compiler (`$CC`, default `cc`) and
+`-Wall -Wextra -Werror`, cached under `$PHIFORGE_HOME/build/` keyed by every file it includes, the flags and the
+CPU's feature flags (so `-march=native` code never runs on another CPU), and dlopened. The compile runs in a
+temporary directory beside the cache and is renamed into place: a concurrent process sees no file or the whole file.
 
 What happens when a library cannot run is explicit (`NativeLib.status()`):
 

@@ -4,8 +4,9 @@ With an index, the passages are the index's chunks (the text the encoder embeds:
 gold is the chunk of its source documents that holds most of the answer's numbers and content words, the rule RAFT
 picks its gold chunk by (raft.overlap; ties: the one the untuned encoder ranks higher for the question); every
 chunk of its source documents counts as relevant, so none of them is ever used as its negative (a document often
-repeats a fact in a second chunk). Without an index, the answers are the passages (question -> reply data, like the chatterbot corpus): one passage per distinct answer, and every
-answer given to the same question text is relevant to it.
+repeats a fact in a second chunk). Without an index, the answers are the passages (question -> reply data, like the
+chatterbot corpus): one passage per distinct answer, and every answer given to the same question text is relevant
+to it.
 
 Unanswerable rows are left out (they have no gold passage); with an index, so are rows without sources.
 """
