@@ -37,7 +37,10 @@ adapter load (K/V depend on the weights that wrote them).
 
 **Threads.** `submit`, `abort`, `stats`, `shutdown` and the adapter calls are thread-safe; only the scheduler thread touches the
 model, the cache and the queues. `Engine(start=False)` runs no thread: the caller drives `step()` itself
-(engine/generate.py's Generator does, to check its cancel callback between steps).
+(engine/generate.py's Generator does, to check its cancel callback between steps). Starting the scheduler thread
+gives back the constructing thread's OpenMP pool (kernels/omp_pool.py): two idle-or-busy pools on one machine's
+cores make libgomp sleep at every barrier of every step. A caller that runs parallel torch work of its own while
+the engine serves makes a pool again, with the same effect for that time.
 """
 from __future__ import annotations
 
@@ -48,6 +51,8 @@ from contextlib import nullcontext
 from typing import Any, Callable
 
 import torch
+
+from phiforge.kernels import omp_pool
 
 from .decode import DecodeStep
 from .detokenize import IncrementalDetokenizer
@@ -102,6 +107,7 @@ class Engine:
                            preempted_total=0, cached_tokens_total=0)
         self._thread = None
         if start:
+            omp_pool.release()  # this thread's pool (from loading the model) would make the engine's barriers sleep
             self._thread = threading.Thread(target=self._loop, name="phiforge-engine", daemon=True)
             self._thread.start()
 
