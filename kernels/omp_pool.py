@@ -12,8 +12,8 @@ torch's default of one thread a core that is more threads than cores, and every 
 sleeping barriers. `release()` gives back the calling thread's pool (OpenMP 5's `omp_pause_resource_all`, which
 in libgomp ends the calling thread's pool only), so the engine thread's pool is the process's only one; a later
 parallel region on the releasing thread builds a new pool and the check counts it again.
-bench/bench_serve.py and bench/bench_engine.py measure what it changes; tests/kernels/test_omp_pool.py checks that
-the pool's threads end.
+What it changes was measured with bench/bench_serve.py against the commit before it (the README's serving rows);
+tests/kernels/test_omp_pool.py checks that the pool's threads end.
 
 Where the library cannot run (kernels/native.py), `release()` does nothing and returns False.
 """
