@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from phiforge.kernels import cpu_attention, cpu_decode, cpu_gemv, cpu_ops, native, nf4_cpu  # noqa: F401 (register)
+from phiforge.kernels import (cpu_attention, cpu_decode, cpu_gemv, cpu_ops, native, nf4_cpu,  # noqa: F401 (register)
+                              omp_pool)
 
 # the tiers each C file is built for, from the libraries that build it (peak.c: bench_generate's probe)
 TIERS = {lib.source.name: lib.tiers for lib in native.LIBRARIES.values()} | {"peak.c": ("avx512bf16",)}
