@@ -35,12 +35,13 @@ uses is refused** (AdapterBusy naming it and a request), never deferred: the cal
 requests or retry later, and a request never finds its adapter gone. Prefix reuse only joins requests of the same
 adapter load (K/V depend on the weights that wrote them).
 
-**Threads.** `submit`, `abort`, `stats`, `shutdown` and the adapter calls are thread-safe; only the scheduler thread touches the
-model, the cache and the queues. `Engine(start=False)` runs no thread: the caller drives `step()` itself
-(engine/generate.py's Generator does, to check its cancel callback between steps). Starting the scheduler thread
-gives back the constructing thread's OpenMP pool (kernels/omp_pool.py): two idle-or-busy pools on one machine's
-cores make libgomp sleep at every barrier of every step. A caller that runs parallel torch work of its own while
-the engine serves makes a pool again, with the same effect for that time.
+**Threads.** `submit`, `abort`, `stats`, `shutdown` and the adapter calls are thread-safe; only the scheduler
+thread touches the model, the cache and the queues. `Engine(start=False)` runs no thread: the caller drives
+`step()` itself (engine/generate.py's Generator does, to check its cancel callback between steps). Starting the
+scheduler thread gives back the constructing thread's OpenMP pool (kernels/omp_pool.py): beside the scheduler
+thread's own, it would make more OpenMP threads than cores, and libgomp then sleeps at every barrier of every step.
+A caller that runs parallel torch work of its own while the engine serves makes a pool again, with the same effect
+for that time.
 """
 from __future__ import annotations
 

@@ -4,16 +4,17 @@ At batch 1 a decode step is a chain of matrix-vector products: each weight is re
 is bound by memory bandwidth, and the only question is how close a kernel gets to it. torch's CPU linear for
 M = 1 (MKL sgemv for fp32, oneDNN for bf16) leaves a lot on the table here; this kernel is the obvious one:
 
-    for each output row n (rows split across the OpenMP threads):
+    for each output row n (contiguous blocks of rows per OpenMP thread):
         acc = Σ_k W[n, k] · x[k]                 in 16 fp32 lanes, reduced at the end
     bf16:  _mm512_dpbf16_ps multiplies 32 bf16 pairs exactly and adds them into 16 fp32 lanes (AVX512-BF16);
            without it, bf16 widened exactly to fp32 lanes and FMAs (AVX-512, or 8 lanes on AVX2)
     fp32:  _mm512_fmadd_ps, 16 lanes (8 on AVX2)
     y[n] = reduce(acc), rounded to the output dtype (bf16: round-to-nearest-even, as torch rounds)
 
-Four rows are done at once so one load of x feeds four independent accumulators (no FMA latency chain). Only
-M = 1 (batch-1 decode) runs here: for batches oneDNN's GEMM is the better kernel. Accumulation is in fp32 in both
-dtypes, like torch's kernels; only the summation order differs, so results agree to rounding
+Each thread takes a contiguous block of rows and reads them one after another: one sequential stream of W per
+thread, which the hardware prefetcher keeps ahead of (csrc/gemv.h); two accumulators per row hide the FMA latency.
+Only M = 1 (batch-1 decode) runs here: for batches oneDNN's GEMM is the better kernel. Accumulation is in fp32 in
+both dtypes, like torch's kernels; only the summation order differs, so results agree to rounding
 (tests/kernels/test_cpu_gemv.py).
 
 The C is csrc/gemv.c around csrc/gemv.h, the GEMV body the whole decode step (csrc/decode.c) uses too; compiled on

@@ -42,35 +42,25 @@
 #define GEMM_XB 4                   /* 2 x 4 accumulators: 2 x 8 would spill out of the 16 registers */
 #endif
 
-/* GEMV, one row of x: groups of four weight rows split over the threads, one load of x feeding four accumulators
-   (registers, not an array, and no FMA latency chain). The hot loop has full-width loads only; K % STEP and N % 4
-   leftovers go through masked loads and a one-row loop, outside it: masked loads in the hot loop, or the leftover
-   rows as a branch in it, are slower. */
+/* GEMV, one row of x: the weight rows split over the threads in contiguous blocks, each row read start to end, so
+   every thread reads its block of W as one sequential stream, the pattern the hardware prefetcher follows best
+   (several rows interleaved, one load of x feeding several rows, are several streams at once, which it follows
+   worse). x stays in L1. Two accumulators per row break the FMA latency chain; the K % (2 * STEP)
+   tail goes through masked loads after the hot loop (MASK(n) of n >= STEP is a full mask). */
 #define GEMV_BODY(T, STEP, LOAD, MLOAD, FMA, MASK, STORE)                                                 \
-    const int N4 = N - N % 4, Kf = K - K % STEP;                                                           \
-    _Pragma("omp single nowait")   /* N % 4 rows: the for-loop's barrier below waits for this thread too */ \
-    for (int n = N4; n < N; n++) {                                                                         \
-        vfloat a = vzero();                                                                                \
-        for (int k = 0; k < K; k += STEP)                                                                  \
-            a = FMA(a, MLOAD(MASK(K - k), W + (int64_t)n * K + k), MLOAD(MASK(K - k), x + k));             \
-        STORE(n, vsum(a));                                                                                 \
-    }                                                                                                      \
+    const int K2 = K - K % (2 * STEP);                                                                     \
     _Pragma("omp for schedule(static)")                                                                    \
-    for (int n0 = 0; n0 < N4; n0 += 4) {                                                                  \
-        const T *w0 = W + (int64_t)n0 * K, *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;                      \
-        vfloat a0 = vzero(), a1 = a0, a2 = a0, a3 = a0;                                                    \
-        for (int k = 0; k < Kf; k += STEP) {                                                               \
-            __typeof__(LOAD(x)) xv = LOAD(x + k);                                                         \
-            a0 = FMA(a0, LOAD(w0 + k), xv); a1 = FMA(a1, LOAD(w1 + k), xv);                               \
-            a2 = FMA(a2, LOAD(w2 + k), xv); a3 = FMA(a3, LOAD(w3 + k), xv);                               \
+    for (int n = 0; n < N; n++) {                                                                         \
+        const T *w = W + (int64_t)n * K;                                                                   \
+        vfloat a0 = vzero(), a1 = a0;                                                                      \
+        int k = 0;                                                                                         \
+        for (; k < K2; k += 2 * STEP) {                                                                    \
+            a0 = FMA(a0, LOAD(w + k), LOAD(x + k));                                                       \
+            a1 = FMA(a1, LOAD(w + k + STEP), LOAD(x + k + STEP));                                         \
         }                                                                                                  \
-        if (Kf < K) {                                                                                      \
-            __typeof__(LOAD(x)) xv = MLOAD(MASK(K - Kf), x + Kf);                                         \
-            a0 = FMA(a0, MLOAD(MASK(K - Kf), w0 + Kf), xv); a1 = FMA(a1, MLOAD(MASK(K - Kf), w1 + Kf), xv); \
-            a2 = FMA(a2, MLOAD(MASK(K - Kf), w2 + Kf), xv); a3 = FMA(a3, MLOAD(MASK(K - Kf), w3 + Kf), xv); \
-        }                                                                                                  \
-        STORE(n0, vsum(a0)); STORE(n0 + 1, vsum(a1));                                                      \
-        STORE(n0 + 2, vsum(a2)); STORE(n0 + 3, vsum(a3));                                                  \
+        for (; k < K; k += STEP)                                                                           \
+            a0 = FMA(a0, MLOAD(MASK(K - k), w + k), MLOAD(MASK(K - k), x + k));                            \
+        STORE(n, vsum(vadd(a0, a1)));                                                                      \
     }
 
 /* GEMM for B > 1 rows of x (row stride K) into y (B, N): two weight rows at a time, each loaded once for a block of
