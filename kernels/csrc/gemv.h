@@ -63,18 +63,52 @@
         STORE(n, vsum(vadd(a0, a1)));                                                                      \
     }
 
-/* GEMM for B > 1 rows of x (row stride K) into y (B, N): two weight rows at a time, each loaded once for a block of
-   GEMM_XB rows of x (2 x GEMM_XB accumulators, all in registers), so a batch streams the weights once instead of B
-   times. A block always computes GEMM_XB rows (missing ones re-read row b0 and are dropped): a fixed trip count is
-   what keeps the accumulators in registers. STORE(i, v) gets the flat index b * N + n. */
+/* GEMM for B > 1 rows of x (row stride K) into y (B, N), streaming the weights once instead of B times. Up to
+   GEMM_XB rows (one block of x) the step is still bound by reading the weights: one weight row at a time, as the
+   GEMV does (one sequential stream per thread), each weight load feeding the block's GEMM_XB accumulators. More rows
+   make it bound by the FMAs: two weight rows at a time (2 x GEMM_XB accumulators, all in registers), so each load
+   of x feeds two. A block always computes GEMM_XB rows (missing ones re-read row b0 and are dropped): a fixed trip
+   count is what keeps the accumulators in registers. STORE(i, v) gets the flat index b * N + n. */
 #define GEMM_BODY(T, STEP, LOAD, MLOAD, FMA, MASK, STORE)                                                 \
-    const int N2 = N - N % 2, Kf = K - K % STEP;                                                           \
-    _Pragma("omp for schedule(static)")                                                                    \
-    for (int n0 = 0; n0 < N; n0 += 2) {                                                                   \
-        const int rows = n0 < N2 ? 2 : 1;                                                                  \
-        const T *w0 = W + (int64_t)n0 * K, *w1 = rows == 2 ? w0 + K : w0;                                 \
-        GEMM_PAIR(T, STEP, LOAD, MLOAD, FMA, MASK, STORE, n0)                                              \
+    const int Kf = K - K % STEP;                                                                           \
+    if (B <= GEMM_XB) {                                                                                    \
+        _Pragma("omp for schedule(static)")                                                                \
+        for (int n = 0; n < N; n++) {                                                                     \
+            const T *w0 = W + (int64_t)n * K;                                                              \
+            GEMM_ROW(T, STEP, LOAD, MLOAD, FMA, MASK, STORE, n)                                            \
+        }                                                                                                  \
+    } else {                                                                                               \
+        const int N2 = N - N % 2;                                                                          \
+        _Pragma("omp for schedule(static)")                                                                \
+        for (int n0 = 0; n0 < N; n0 += 2) {                                                               \
+            const int rows = n0 < N2 ? 2 : 1;                                                              \
+            const T *w0 = W + (int64_t)n0 * K, *w1 = rows == 2 ? w0 + K : w0;                             \
+            GEMM_PAIR(T, STEP, LOAD, MLOAD, FMA, MASK, STORE, n0)                                          \
+        }                                                                                                  \
     }
+
+/* GEMM_BODY's micro-kernel for up to GEMM_XB rows of x: weight row w0, of K values, against every row of x, into
+   y's column n. The caller names w0, Kf = K - K % STEP, x, B, N, K. */
+#define GEMM_ROW(T, STEP, LOAD, MLOAD, FMA, MASK, STORE, n)                                               \
+        for (int b0 = 0; b0 < B; b0 += GEMM_XB) {                                                          \
+            const int nb = B - b0 < GEMM_XB ? B - b0 : GEMM_XB;                                            \
+            const T *xs[GEMM_XB];                                                                          \
+            for (int b = 0; b < GEMM_XB; b++) xs[b] = x + (int64_t)(b0 + (b < nb ? b : 0)) * K;            \
+            vfloat a0[GEMM_XB];                                                                            \
+            for (int b = 0; b < GEMM_XB; b++) a0[b] = vzero();                                             \
+            for (int k = 0; k < Kf; k += STEP) {                                                           \
+                __typeof__(LOAD(w0)) wv0 = LOAD(w0 + k);                                                   \
+                _Pragma("GCC unroll 8")                                                                    \
+                for (int b = 0; b < GEMM_XB; b++) a0[b] = FMA(a0[b], wv0, LOAD(xs[b] + k));                \
+            }                                                                                              \
+            if (Kf < K) {                                                                                  \
+                __typeof__(LOAD(w0)) wv0 = MLOAD(MASK(K - Kf), w0 + Kf);                                   \
+                _Pragma("GCC unroll 8")                                                                    \
+                for (int b = 0; b < GEMM_XB; b++)                                                          \
+                    a0[b] = FMA(a0[b], wv0, MLOAD(MASK(K - Kf), xs[b] + Kf));                              \
+            }                                                                                              \
+            for (int b = 0; b < nb; b++) STORE((int64_t)(b0 + b) * N + (n), vsum(a0[b]));                 \
+        }
 
 /* GEMM_BODY's micro-kernel: weight rows w0 and w1 (`rows` of them; w1 == w0 when 1), of K values each, against
    every row of x, into y's columns n and n + 1. The caller names w0, w1, rows, Kf = K - K % STEP, x, B, N, K: the
