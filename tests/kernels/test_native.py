@@ -3,6 +3,7 @@ a compile error warns once with the compiler's message (raises under PHIFORGE_CP
 instruction set is a quiet fallback even under require."""
 from __future__ import annotations
 
+import shutil
 import subprocess
 import warnings
 from pathlib import Path
@@ -37,17 +38,19 @@ def test_headers_are_shipped_and_included():
     assert "simd.h" in included
 
 
-def _lib(tmp_path: Path, body: str, needs: tuple[str, ...] = ()) -> native.NativeLib:
+PROBES = Path(__file__).with_name("probes")  # small C files the build tests compile, copied in as probe.c
+
+
+def _lib(tmp_path: Path, probe: str, needs: tuple[str, ...] = ()) -> native.NativeLib:
     src = tmp_path / "probe.c"
-    src.write_text(body)
+    shutil.copyfile(PROBES / probe, src)
     return native.NativeLib("probe", src, needs=needs, register=False)
 
 
 def test_tiers_cap_and_fall_back(tmp_path):
     if not X86:
         pytest.skip("native kernels build on x86-64 only")
-    lib = native.NativeLib("probe", _lib(tmp_path, "int f(void) { return 1; }\n").source, tiers=("avx2",),
-                           register=False)
+    lib = native.NativeLib("probe", _lib(tmp_path, "one.c").source, tiers=("avx2",), register=False)
     runnable = native.runnable_tiers()
     assert lib.tier() == ("avx2" if "avx2" in runnable else None)
     with native.forced_tier("x86-64"):                             # below the library's only tier
@@ -58,7 +61,7 @@ def test_tiers_cap_and_fall_back(tmp_path):
             pass
 
 
-BROKEN = "int f(void) { return 1 }\n"
+BROKEN = "broken.c"  # a missing semicolon: the compiler stops at 1:23
 
 
 @pytest.fixture(autouse=True)
@@ -92,12 +95,12 @@ def test_compile_error_warns_once_and_falls_back(tmp_path):
 @pytest.mark.skipif(not X86, reason="native kernels build on x86-64 only")
 def test_builds_and_caches(tmp_path, monkeypatch, capfd):
     monkeypatch.setenv("PHIFORGE_CPU_NATIVE", "require")
-    lib = _lib(tmp_path, "int f(void) { return 41 + 1; }\n")
+    lib = _lib(tmp_path, "answer.c")
     assert lib.get().f() == 42 and str(lib.status()) == "active: x86-64"
     assert len(list((tmp_path / "home" / "build").glob("probe-*.so"))) == 1
     # one line says why the first use pauses; loading it from the cache says nothing
     assert capfd.readouterr().err.count("building the native CPU kernels 'probe'") == 1
-    assert _lib(tmp_path, "int f(void) { return 41 + 1; }\n").get().f() == 42
+    assert _lib(tmp_path, "answer.c").get().f() == 42
     assert "building" not in capfd.readouterr().err
     with lib.disabled():
         assert lib.get() is None
@@ -116,10 +119,10 @@ def test_missing_instruction_set_is_a_fallback_even_under_require(tmp_path, monk
 def test_no_compiler(tmp_path, monkeypatch):
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     with pytest.warns(native.NativeBuildWarning, match="not found"):
-        assert _lib(tmp_path, "int f(void) { return 1; }\n").get() is None
+        assert _lib(tmp_path, "one.c").get() is None
     monkeypatch.setenv("PHIFORGE_CPU_NATIVE", "require")
     with pytest.raises(native.NativeBuildError, match="no compiler"):
-        _lib(tmp_path, "int f(void) { return 1; }\n").get()
+        _lib(tmp_path, "one.c").get()
 
 
 def test_disabled_by_environment(tmp_path, monkeypatch):
@@ -129,9 +132,9 @@ def test_disabled_by_environment(tmp_path, monkeypatch):
 
 
 def test_cache_key_covers_included_headers(tmp_path):
-    (tmp_path / "h.h").write_text("#define V 1\n")
+    shutil.copyfile(PROBES / "v1.h", tmp_path / "h.h")
     src = tmp_path / "probe.c"
-    src.write_text('#include "h.h"\nint f(void) { return V; }\n')
+    shutil.copyfile(PROBES / "with_header.c", src)
     assert native.NativeLib("probe", src, register=False).get().f() == 1
-    (tmp_path / "h.h").write_text("#define V 2\n")                  # only the header changes
+    shutil.copyfile(PROBES / "v2.h", tmp_path / "h.h")                # only the header changes
     assert native.NativeLib("probe", src, register=False).get().f() == 2
