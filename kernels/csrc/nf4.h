@@ -213,7 +213,7 @@ static inline void nf4_gemm_tile(const void *xv, int kind, int B, const uint8_t 
         if (kind == 0) {
             const float *x = (const float *)xv, *w0 = (const float *)tile + r * K, *w1 = rows == 2 ? w0 + K : w0;
             const int64_t Kf = K - K % VW;
-            GEMM_PAIR(float, VW, F32_LOAD, F32_MLOAD, FMA32, MASKW, NF4_TILE_STORE, n0 + r)
+            GEMM_PAIR(float, VW, F32_LOAD, F32_MLOAD, FMA32, MASKW, NF4_TILE_STORE, n0 + r, 0)
             continue;
         }
         const uint16_t *x = (const uint16_t *)xv, *w0 = (const uint16_t *)tile + r * K;
@@ -221,10 +221,10 @@ static inline void nf4_gemm_tile(const void *xv, int kind, int B, const uint8_t 
 #ifdef __AVX512BF16__
         const int64_t Kf = K - K % 32;
         GEMM_PAIR(uint16_t, 32, _mm512_loadu_si512, _mm512_maskz_loadu_epi16, DPBF16, MASK32, NF4_TILE_STORE,
-                  n0 + r)
+                  n0 + r, 0)
 #else
         const int64_t Kf = K - K % VW;
-        GEMM_PAIR(uint16_t, VW, BF16W_LOAD, BF16W_MLOAD, FMA32, MASKW, NF4_TILE_STORE, n0 + r)
+        GEMM_PAIR(uint16_t, VW, BF16W_LOAD, BF16W_MLOAD, FMA32, MASKW, NF4_TILE_STORE, n0 + r, 0)
 #endif
     }
 }
