@@ -31,9 +31,10 @@ int64_t decode_lora_size(void) { return (int64_t)sizeof(LoRA); }
 int64_t decode_lora_fields(void) { return 0 LORA_FIELDS(COUNT); }
 int64_t decode_lora_offset(const char *name) { LORA_FIELDS(LORA_OFFSET) return -1; }
 
-/* Make x (K values, already representable in the model dtype) the next GEMV's input: bf16 GEMVs read m->xb. */
-static void prep(const Model *m, const float *x, int K) {
-    if (m->bf) for (int k = 0; k < K; k++) m->xb[k] = f2bf(x[k]);
+/* Make row b of x (B rows of K values, already representable in the model dtype) the next GEMV's input: bf16
+   GEMVs read m->xb. */
+static void prep(const Model *m, const float *x, int K, int b) {
+    if (m->bf) for (int64_t k = (int64_t)b * K; k < (int64_t)(b + 1) * K; k++) m->xb[k] = f2bf(x[k]);
 }
 
 #define STORE_R(i, v) (y[i] = R(m, (v)))
@@ -104,16 +105,20 @@ static void proj(const Model *m, const void *W, const float *x, float *y, int N,
     }
 }
 
-/* every row: xn = R(w · R(x · rsqrt(mean(x²) + eps))); then xn becomes the GEMV input */
-static void rmsnorm(const Model *m, const void *w, const float *x, float *xn) {
-    for (int b = 0; b < m->B; b++) {
-        const float *xr = x + (int64_t)b * m->C;
-        float *yr = xn + (int64_t)b * m->C, ss = 0.f;
-        for (int c = 0; c < m->C; c++) ss += xr[c] * xr[c];
-        float r = 1.f / sqrtf(ss / m->C + m->eps);
-        for (int c = 0; c < m->C; c++) yr[c] = R(m, ld(m, w, c) * R(m, xr[c] * r));
-    }
-    prep(m, xn, m->B * m->C);
+/* row b: xn = R(w · R(x · rsqrt(mean(x²) + eps))); then xn becomes the GEMV input */
+static void rmsnorm(const Model *m, const void *w, const float *x, float *xn, int b) {
+    const float *xr = x + (int64_t)b * m->C;
+    float *yr = xn + (int64_t)b * m->C, ss = 0.f;
+    for (int c = 0; c < m->C; c++) ss += xr[c] * xr[c];
+    float r = 1.f / sqrtf(ss / m->C + m->eps);
+    for (int c = 0; c < m->C; c++) yr[c] = R(m, ld(m, w, c) * R(m, xr[c] * r));
+    prep(m, xn, m->C, b);
+}
+
+/* row b: x += proj (the residual), then xn = rmsnorm(x) with weight w */
+static void residual_norm(const Model *m, const void *w, int b) {
+    for (int64_t i = (int64_t)b * m->C; i < (int64_t)(b + 1) * m->C; i++) m->x[i] = R(m, m->x[i] + m->proj[i]);
+    rmsnorm(m, w, m->x, m->xn, b);
 }
 
 static void rope(const Model *m, float *h, const void *cos, const void *sin) {  /* one head, in place */
@@ -134,16 +139,17 @@ void decode_step(Model *m, const int64_t *tokens, const int64_t *positions, cons
     lora_groups(m);
     #pragma omp parallel num_threads(m->threads)
     {
-        #pragma omp single
-        {
-            for (int b = 0; b < B; b++)
-                for (int c = 0; c < C; c++) m->x[(int64_t)b * C + c] = ld(m, m->embed, tokens[b] * C + c);
-            rmsnorm(m, m->in_norm[0], m->x, m->xn);
+        /* The vector work between the projections is split by row (omp for), each row's own arithmetic in its own
+           order, so a row's values do not depend on the thread count. */
+        #pragma omp for schedule(static)
+        for (int b = 0; b < B; b++) {
+            for (int c = 0; c < C; c++) m->x[(int64_t)b * C + c] = ld(m, m->embed, tokens[b] * C + c);
+            rmsnorm(m, m->in_norm[0], m->x, m->xn, b);
         }
         for (int l = 0; l < m->L; l++) {
             proj(m, m->qkv_w[l], m->xn, m->qkv, nqkv, C);
             lora_apply(m, l, 0, m->xn, m->qkv, nqkv, C);
-            #pragma omp single
+            #pragma omp for schedule(static)
             for (int b = 0; b < B; b++) {
                 const int64_t t = positions[b] * m->rd;
                 float *row = m->qkv + (int64_t)b * nqkv;
@@ -164,36 +170,29 @@ void decode_step(Model *m, const int64_t *tokens, const int64_t *positions, cons
                 if (m->bf) attend_bf16(m, l, bh / nh, bh % nh, (int)slots[bh / nh], positions[bh / nh]); else
 #endif
                 attend(m, l, bh / nh, bh % nh, (int)slots[bh / nh], positions[bh / nh]);
-            #pragma omp single
-            prep(m, m->att, B * nh * hs);
+            #pragma omp for schedule(static)
+            for (int b = 0; b < B; b++) prep(m, m->att, nh * hs, b);
             proj(m, m->o_w[l], m->att, m->proj, C, nh * hs);
             lora_apply(m, l, 1, m->att, m->proj, C, nh * hs);
-            #pragma omp single
-            {
-                for (int i = 0; i < B * C; i++) m->x[i] = R(m, m->x[i] + m->proj[i]);
-                rmsnorm(m, m->post_norm[l], m->x, m->xn);
-            }
+            #pragma omp for schedule(static)
+            for (int b = 0; b < B; b++) residual_norm(m, m->post_norm[l], b);
             proj(m, m->gate_up_w[l], m->xn, m->gu, 2 * I, C);
             lora_apply(m, l, 2, m->xn, m->gu, 2 * I, C);
-            #pragma omp single
-            {
-                for (int b = 0; b < B; b++)                       /* mid = R(u · R(silu(g))) */
-                    for (int i = 0; i < I; i += VW) {
-                        const float *g = m->gu + (int64_t)b * 2 * I + i, *u = g + I;
-                        float sl[VW];
-                        vstoreu(sl, vsilu(vloadn(g, 0, 0, I - i)));
-                        for (int t = 0; t < VW && i + t < I; t++)
-                            m->mid[(int64_t)b * I + i + t] = R(m, u[t] * R(m, sl[t]));
-                    }
-                prep(m, m->mid, B * I);
+            #pragma omp for schedule(static)
+            for (int b = 0; b < B; b++) {                          /* mid = R(u · R(silu(g))) */
+                for (int i = 0; i < I; i += VW) {
+                    const float *g = m->gu + (int64_t)b * 2 * I + i, *u = g + I;
+                    float sl[VW];
+                    vstoreu(sl, vsilu(vloadn(g, 0, 0, I - i)));
+                    for (int t = 0; t < VW && i + t < I; t++)
+                        m->mid[(int64_t)b * I + i + t] = R(m, u[t] * R(m, sl[t]));
+                }
+                prep(m, m->mid, I, b);
             }
             proj(m, m->down_w[l], m->mid, m->proj, C, I);
             lora_apply(m, l, 3, m->mid, m->proj, C, I);
-            #pragma omp single
-            {
-                for (int i = 0; i < B * C; i++) m->x[i] = R(m, m->x[i] + m->proj[i]);
-                rmsnorm(m, l + 1 < m->L ? m->in_norm[l + 1] : m->final_norm, m->x, m->xn);
-            }
+            #pragma omp for schedule(static)
+            for (int b = 0; b < B; b++) residual_norm(m, l + 1 < m->L ? m->in_norm[l + 1] : m->final_norm, b);
         }
         gemv(m, m->lm_head, m->xn, m->scores, m->V, C);
         #pragma omp for schedule(static)
