@@ -1,7 +1,7 @@
 /* The whole decode step of a Phi-3 in one native call (kernels/cpu_decode.py states the math): embedding → layers
-   → lm_head for 1-16 rows, one OpenMP parallel region. The GEMVs split rows over the threads (gemv.h, or nf4.h for
-   an NF4 model), attention splits (row, head) pairs (decode_attention.h), and the small vector ops run on one
-   thread between barriers. Two tiers (simd.h's width-neutral vfloat): AVX-512 F/BW/VL, where bf16 models use the
+   → lm_head for 1-16 rows, one OpenMP parallel region. The GEMVs split weight rows over the threads (gemv.h, or nf4.h
+   for an NF4 model), attention splits (row, head) pairs (decode_attention.h), and the small vector ops between them
+   split the batch's rows. Two tiers (simd.h's width-neutral vfloat): AVX-512 F/BW/VL, where bf16 models use the
    bf16 dot product if the CPU has AVX512-BF16, and AVX2 + FMA (8 lanes, bf16 widened to fp32). Rows with a LoRA
    adapter get its delta after each projection (decode_lora.h). */
 #include <math.h>
