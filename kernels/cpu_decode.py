@@ -4,10 +4,10 @@ At batch 1 a decode step reads every weight once and does almost nothing else, s
 bandwidth. The same GEMV called from Python once per projection falls well short of it (each call pays ctypes,
 allocation and an OpenMP fork/join), and the ~1,000 small torch ops between them (norms, RoPE, attention over one
 query, SwiGLU) cost as much as the GEMVs themselves. This file does the step as one C function (csrc/decode.c)
-with one OpenMP parallel region: the GEMVs split rows over the threads, attention (csrc/decode_attention.h) splits
-(row, head) pairs, and the small vector ops run on one thread between barriers. Python calls it once per step.
-Batches (left-padded rows, pad slots at position -1) stream each weight once for all rows: two weight rows at a
-time against blocks of eight rows of x (csrc/gemv.h).
+with one OpenMP parallel region: the GEMVs split weight rows over the threads, attention (csrc/decode_attention.h)
+splits (row, head) pairs, and the small vector ops between barriers split the batch's rows. Python calls it once per
+step. Batches (left-padded rows, pad slots at position -1) stream each weight once for all rows: a block of x's rows
+(8 with AVX-512, 4 with AVX2) against one weight row at a time, more blocks against two (csrc/gemv.h).
 
 It computes exactly what `DecodeStep` (engine/decode.py) computes, rounding where torch rounds. With R(v) = v
 rounded to the model dtype (identity for fp32, round-to-nearest-even for bf16), per layer:
