@@ -23,9 +23,9 @@
 #endif
 /* bf16 without the dot-product instruction: 16 bf16 widened exactly to fp32 lanes, then FMA32 (the products of
    two bf16 values are exact in fp32 either way; only the summation order differs) */
-#define BF16W_LOAD(p) _mm512_castsi512_ps(_mm512_slli_epi32(                                                   \
+#define BF16W_LOAD(p) _mm512_castsi512_ps(_mm512_slli_epi32(                                               \
     _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(p))), 16))
-#define BF16W_MLOAD(mk, p) _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(                        \
+#define BF16W_MLOAD(mk, p) _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(                      \
     _mm256_maskz_loadu_epi16(mk, p)), 16))
 #define F32_LOAD _mm512_loadu_ps
 #define F32_MLOAD _mm512_maskz_loadu_ps
@@ -33,7 +33,7 @@
 #define GEMM_XB 8                   /* rows of x per GEMM block: 2 x 8 accumulators of the 32 registers */
 #elif defined(__AVX2__) && defined(__FMA__)
 #define FMA32(a, w, x) _mm256_fmadd_ps(w, x, a)
-#define BF16W_LOAD(p) _mm256_castsi256_ps(_mm256_slli_epi32(                                                   \
+#define BF16W_LOAD(p) _mm256_castsi256_ps(_mm256_slli_epi32(                                               \
     _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(p))), 16))
 #define BF16W_MLOAD(n, p) load8(p, 0, 1, n)
 #define F32_LOAD _mm256_loadu_ps
@@ -47,20 +47,20 @@
    (several rows interleaved, one load of x feeding several rows, are several streams at once, which it follows
    worse). x stays in L1. Two accumulators per row break the FMA latency chain; the K % (2 * STEP)
    tail goes through masked loads after the hot loop (MASK(n) of n >= STEP is a full mask). */
-#define GEMV_BODY(T, STEP, LOAD, MLOAD, FMA, MASK, STORE)                                                      \
-    const int K2 = K - K % (2 * STEP);                                                                         \
-    _Pragma("omp for schedule(static)")                                                                        \
-    for (int n = 0; n < N; n++) {                                                                              \
-        const T *w = W + (int64_t)n * K;                                                                       \
-        vfloat a0 = vzero(), a1 = a0;                                                                          \
-        int k = 0;                                                                                             \
-        for (; k < K2; k += 2 * STEP) {                                                                        \
-            a0 = FMA(a0, LOAD(w + k), LOAD(x + k));                                                            \
-            a1 = FMA(a1, LOAD(w + k + STEP), LOAD(x + k + STEP));                                              \
-        }                                                                                                      \
-        for (; k < K; k += STEP)                                                                               \
-            a0 = FMA(a0, MLOAD(MASK(K - k), w + k), MLOAD(MASK(K - k), x + k));                                \
-        STORE(n, vsum(vadd(a0, a1)));                                                                          \
+#define GEMV_BODY(T, STEP, LOAD, MLOAD, FMA, MASK, STORE)                                                 \
+    const int K2 = K - K % (2 * STEP);                                                                     \
+    _Pragma("omp for schedule(static)")                                                                    \
+    for (int n = 0; n < N; n++) {                                                                         \
+        const T *w = W + (int64_t)n * K;                                                                   \
+        vfloat a0 = vzero(), a1 = a0;                                                                      \
+        int k = 0;                                                                                         \
+        for (; k < K2; k += 2 * STEP) {                                                                    \
+            a0 = FMA(a0, LOAD(w + k), LOAD(x + k));                                                       \
+            a1 = FMA(a1, LOAD(w + k + STEP), LOAD(x + k + STEP));                                         \
+        }                                                                                                  \
+        for (; k < K; k += STEP)                                                                           \
+            a0 = FMA(a0, MLOAD(MASK(K - k), w + k), MLOAD(MASK(K - k), x + k));                            \
+        STORE(n, vsum(vadd(a0, a1)));                                                                      \
     }
 
 /* GEMM for B > 1 rows of x (row stride K) into y (B, N), streaming the weights once instead of B times. Up to
@@ -74,82 +74,82 @@
    memory at a fraction of the GEMV's rate. Each micro-kernel therefore prefetches its weight rows GEMM_PF bytes
    ahead (on the first block of x; a later block re-reads lines already in L1). */
 #define GEMM_PF 2048
-#define GEMM_BODY(T, STEP, LOAD, MLOAD, FMA, MASK, STORE)                                                      \
-    const int Kf = K - K % STEP;                                                                               \
-    if (B <= GEMM_XB) {                                                                                        \
-        _Pragma("omp for schedule(static)")                                                                    \
-        for (int n = 0; n < N; n++) {                                                                          \
-            const T *w0 = W + (int64_t)n * K;                                                                  \
-            GEMM_ROW(T, STEP, LOAD, MLOAD, FMA, MASK, STORE, n, GEMM_PF)                                       \
-        }                                                                                                      \
-    } else {                                                                                                   \
-        const int N2 = N - N % 2;                                                                              \
-        _Pragma("omp for schedule(static)")                                                                    \
-        for (int n0 = 0; n0 < N; n0 += 2) {                                                                    \
-            const int rows = n0 < N2 ? 2 : 1;                                                                  \
-            const T *w0 = W + (int64_t)n0 * K, *w1 = rows == 2 ? w0 + K : w0;                                  \
-            GEMM_PAIR(T, STEP, LOAD, MLOAD, FMA, MASK, STORE, n0, GEMM_PF)                                     \
-        }                                                                                                      \
+#define GEMM_BODY(T, STEP, LOAD, MLOAD, FMA, MASK, STORE)                                                 \
+    const int Kf = K - K % STEP;                                                                           \
+    if (B <= GEMM_XB) {                                                                                    \
+        _Pragma("omp for schedule(static)")                                                                \
+        for (int n = 0; n < N; n++) {                                                                     \
+            const T *w0 = W + (int64_t)n * K;                                                              \
+            GEMM_ROW(T, STEP, LOAD, MLOAD, FMA, MASK, STORE, n, GEMM_PF)                                   \
+        }                                                                                                  \
+    } else {                                                                                               \
+        const int N2 = N - N % 2;                                                                          \
+        _Pragma("omp for schedule(static)")                                                                \
+        for (int n0 = 0; n0 < N; n0 += 2) {                                                               \
+            const int rows = n0 < N2 ? 2 : 1;                                                              \
+            const T *w0 = W + (int64_t)n0 * K, *w1 = rows == 2 ? w0 + K : w0;                             \
+            GEMM_PAIR(T, STEP, LOAD, MLOAD, FMA, MASK, STORE, n0, GEMM_PF)                                 \
+        }                                                                                                  \
     }
 
 /* GEMM_BODY's micro-kernel for up to GEMM_XB rows of x: weight row w0, of K values, against every row of x, into
    y's column n, prefetching the weight row PF bytes ahead (0: no prefetch). The caller names w0, Kf = K - K % STEP,
    x, B, N, K. */
-#define GEMM_ROW(T, STEP, LOAD, MLOAD, FMA, MASK, STORE, n, PF)                                                \
-        for (int b0 = 0; b0 < B; b0 += GEMM_XB) {                                                              \
-            const int nb = B - b0 < GEMM_XB ? B - b0 : GEMM_XB;                                                \
-            const T *xs[GEMM_XB];                                                                              \
-            for (int b = 0; b < GEMM_XB; b++) xs[b] = x + (int64_t)(b0 + (b < nb ? b : 0)) * K;                \
-            vfloat a0[GEMM_XB];                                                                                \
-            for (int b = 0; b < GEMM_XB; b++) a0[b] = vzero();                                                 \
-            for (int k = 0; k < Kf; k += STEP) {                                                               \
-                if (PF) _mm_prefetch((const char *)(w0 + k) + PF, _MM_HINT_T0);                                \
-                __typeof__(LOAD(w0)) wv0 = LOAD(w0 + k);                                                       \
-                _Pragma("GCC unroll 8")                                                                        \
-                for (int b = 0; b < GEMM_XB; b++) a0[b] = FMA(a0[b], wv0, LOAD(xs[b] + k));                    \
-            }                                                                                                  \
-            if (Kf < K) {                                                                                      \
-                __typeof__(LOAD(w0)) wv0 = MLOAD(MASK(K - Kf), w0 + Kf);                                       \
-                _Pragma("GCC unroll 8")                                                                        \
-                for (int b = 0; b < GEMM_XB; b++)                                                              \
-                    a0[b] = FMA(a0[b], wv0, MLOAD(MASK(K - Kf), xs[b] + Kf));                                  \
-            }                                                                                                  \
-            for (int b = 0; b < nb; b++) STORE((int64_t)(b0 + b) * N + (n), vsum(a0[b]));                      \
+#define GEMM_ROW(T, STEP, LOAD, MLOAD, FMA, MASK, STORE, n, PF)                                            \
+        for (int b0 = 0; b0 < B; b0 += GEMM_XB) {                                                          \
+            const int nb = B - b0 < GEMM_XB ? B - b0 : GEMM_XB;                                            \
+            const T *xs[GEMM_XB];                                                                          \
+            for (int b = 0; b < GEMM_XB; b++) xs[b] = x + (int64_t)(b0 + (b < nb ? b : 0)) * K;            \
+            vfloat a0[GEMM_XB];                                                                            \
+            for (int b = 0; b < GEMM_XB; b++) a0[b] = vzero();                                             \
+            for (int k = 0; k < Kf; k += STEP) {                                                           \
+                if (PF) _mm_prefetch((const char *)(w0 + k) + PF, _MM_HINT_T0);                            \
+                __typeof__(LOAD(w0)) wv0 = LOAD(w0 + k);                                                   \
+                _Pragma("GCC unroll 8")                                                                    \
+                for (int b = 0; b < GEMM_XB; b++) a0[b] = FMA(a0[b], wv0, LOAD(xs[b] + k));                \
+            }                                                                                              \
+            if (Kf < K) {                                                                                  \
+                __typeof__(LOAD(w0)) wv0 = MLOAD(MASK(K - Kf), w0 + Kf);                                   \
+                _Pragma("GCC unroll 8")                                                                    \
+                for (int b = 0; b < GEMM_XB; b++)                                                          \
+                    a0[b] = FMA(a0[b], wv0, MLOAD(MASK(K - Kf), xs[b] + Kf));                              \
+            }                                                                                              \
+            for (int b = 0; b < nb; b++) STORE((int64_t)(b0 + b) * N + (n), vsum(a0[b]));                 \
         }
 
 /* GEMM_BODY's micro-kernel: weight rows w0 and w1 (`rows` of them; w1 == w0 when 1), of K values each, against
    every row of x, into y's columns n and n + 1, prefetching PF bytes ahead as GEMM_ROW. The caller names w0, w1,
    rows, Kf = K - K % STEP, x, B, N, K: the NF4 tile GEMM (nf4.h) runs it, without prefetch, over weight rows it has
    just dequantized into a buffer that is still in cache. */
-#define GEMM_PAIR(T, STEP, LOAD, MLOAD, FMA, MASK, STORE, n, PF)                                               \
-        for (int b0 = 0; b0 < B; b0 += GEMM_XB) {                                                              \
-            const int nb = B - b0 < GEMM_XB ? B - b0 : GEMM_XB;                                                \
-            const T *xs[GEMM_XB];                                                                              \
-            for (int b = 0; b < GEMM_XB; b++) xs[b] = x + (int64_t)(b0 + (b < nb ? b : 0)) * K;                \
-            vfloat a0[GEMM_XB], a1[GEMM_XB];                                                                   \
-            for (int b = 0; b < GEMM_XB; b++) a0[b] = a1[b] = vzero();                                         \
-            for (int k = 0; k < Kf; k += STEP) {                                                               \
-                if (PF && b0 == 0) {                                                                           \
-                    _mm_prefetch((const char *)(w0 + k) + PF, _MM_HINT_T0);                                    \
-                    _mm_prefetch((const char *)(w1 + k) + PF, _MM_HINT_T0);                                    \
-                }                                                                                              \
-                __typeof__(LOAD(w0)) wv0 = LOAD(w0 + k), wv1 = LOAD(w1 + k);                                   \
-                _Pragma("GCC unroll 8")                                                                        \
-                for (int b = 0; b < GEMM_XB; b++) {                                                            \
-                    __typeof__(wv0) xv = LOAD(xs[b] + k);                                                      \
-                    a0[b] = FMA(a0[b], wv0, xv); a1[b] = FMA(a1[b], wv1, xv);                                  \
-                }                                                                                              \
-            }                                                                                                  \
-            if (Kf < K) {                                                                                      \
-                __typeof__(LOAD(w0)) wv0 = MLOAD(MASK(K - Kf), w0 + Kf), wv1 = MLOAD(MASK(K - Kf), w1 + Kf);   \
-                _Pragma("GCC unroll 8")                                                                        \
-                for (int b = 0; b < GEMM_XB; b++) {                                                            \
-                    __typeof__(wv0) xv = MLOAD(MASK(K - Kf), xs[b] + Kf);                                      \
-                    a0[b] = FMA(a0[b], wv0, xv); a1[b] = FMA(a1[b], wv1, xv);                                  \
-                }                                                                                              \
-            }                                                                                                  \
-            for (int b = 0; b < nb; b++) {                                                                     \
-                STORE((int64_t)(b0 + b) * N + (n), vsum(a0[b]));                                               \
-                if (rows == 2) STORE((int64_t)(b0 + b) * N + (n) + 1, vsum(a1[b]));                            \
-            }                                                                                                  \
+#define GEMM_PAIR(T, STEP, LOAD, MLOAD, FMA, MASK, STORE, n, PF)                                           \
+        for (int b0 = 0; b0 < B; b0 += GEMM_XB) {                                                          \
+            const int nb = B - b0 < GEMM_XB ? B - b0 : GEMM_XB;                                            \
+            const T *xs[GEMM_XB];                                                                          \
+            for (int b = 0; b < GEMM_XB; b++) xs[b] = x + (int64_t)(b0 + (b < nb ? b : 0)) * K;            \
+            vfloat a0[GEMM_XB], a1[GEMM_XB];                                                               \
+            for (int b = 0; b < GEMM_XB; b++) a0[b] = a1[b] = vzero();                                     \
+            for (int k = 0; k < Kf; k += STEP) {                                                           \
+                if (PF && b0 == 0) {                                                                       \
+                    _mm_prefetch((const char *)(w0 + k) + PF, _MM_HINT_T0);                                \
+                    _mm_prefetch((const char *)(w1 + k) + PF, _MM_HINT_T0);                                \
+                }                                                                                          \
+                __typeof__(LOAD(w0)) wv0 = LOAD(w0 + k), wv1 = LOAD(w1 + k);                               \
+                _Pragma("GCC unroll 8")                                                                    \
+                for (int b = 0; b < GEMM_XB; b++) {                                                        \
+                    __typeof__(wv0) xv = LOAD(xs[b] + k);                                                  \
+                    a0[b] = FMA(a0[b], wv0, xv); a1[b] = FMA(a1[b], wv1, xv);                              \
+                }                                                                                          \
+            }                                                                                              \
+            if (Kf < K) {                                                                                  \
+                __typeof__(LOAD(w0)) wv0 = MLOAD(MASK(K - Kf), w0 + Kf), wv1 = MLOAD(MASK(K - Kf), w1 + Kf); \
+                _Pragma("GCC unroll 8")                                                                    \
+                for (int b = 0; b < GEMM_XB; b++) {                                                        \
+                    __typeof__(wv0) xv = MLOAD(MASK(K - Kf), xs[b] + Kf);                                  \
+                    a0[b] = FMA(a0[b], wv0, xv); a1[b] = FMA(a1[b], wv1, xv);                              \
+                }                                                                                          \
+            }                                                                                              \
+            for (int b = 0; b < nb; b++) {                                                                 \
+                STORE((int64_t)(b0 + b) * N + (n), vsum(a0[b]));                                           \
+                if (rows == 2) STORE((int64_t)(b0 + b) * N + (n) + 1, vsum(a1[b]));                        \
+            }                                                                                              \
         }
