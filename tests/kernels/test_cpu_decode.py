@@ -229,6 +229,27 @@ def test_batches_bf16_no_worse_than_torch_bf16(tmp_path):
     assert err <= 1.5 * budget + 1e-3 * ref.abs().max().item(), (err, budget)
 
 
+@pytest.mark.parametrize("quant", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_batches_do_not_depend_on_the_thread_count(tmp_path, dtype, quant):
+    """Every value of a step is computed whole by one thread (a weight row's sums, a (row, head) attention, a row's
+    norms and SwiGLU), so 1, 2 or 3 threads give the same bits; 9 rows: GEMM blocks of 8 and 1 and the row-split
+    vector work with more rows than threads."""
+    make_hf_checkpoint(tmp_path, NF4_ODD if quant else CASES["gqa"])
+    model = load_model(tmp_path, dtype=dtype)
+    if quant:
+        quantize_model_(model)
+    lens, threads = [5, 3, 9, 9, 2, 11, 4, 6, 8], torch.get_num_threads()
+    outs = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            outs.append(_run_batch(model, lens, 6, native=True, seed=10)[0])
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+
+
 def test_struct_layout_is_checked_against_the_c_side():
     """A ctypes mirror that drifts from csrc/decode.h (here two fields swapped) is refused at load, not used."""
     import ctypes
