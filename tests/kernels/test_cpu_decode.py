@@ -4,8 +4,9 @@ fp32 to fp32 rounding, bf16 no further from an fp32 reference than torch's own b
 multiples of the vector width, head dim 8), GQA, sliding window, partial rotary, tied embeddings, long rope,
 left-padded batches (more rows than one 8-row block); NF4 models (QLoRA's base) equal the torch step too; rows of
 different adapters and of none in one step (an AdapterSet: the LoRA epilogue of csrc/decode_lora.h) equal the torch
-step with the same adapters, on dense and NF4 bases; and it steps aside for what it does not cover (too many rows,
-single-adapter LoRA projections, NF4 weights the torch step dequantizes)."""
+step with the same adapters, on dense and NF4 bases; a batch gives the same bits on any thread count; and it steps
+aside for what it does not cover (too many rows, single-adapter LoRA projections, NF4 weights the torch step
+dequantizes)."""
 from __future__ import annotations
 
 import contextlib
