@@ -7,7 +7,8 @@ Each row times the kernel and its torch counterpart interleaved in the same run 
   - kernels/cpu_attention.py   causal prefill attention vs SDPA, (1, 9 heads, 512, 64), 3 KV heads, fp32 and bf16
   - kernels/cpu_ops.py         RMSNorm (512 x 576), SwiGLU (512 x 2·1536) and RoPE on q (9 heads x 512 x 64) vs
                                their torch forms, fp32 and bf16
-  - kernels/cpu_decode.py      the whole batch-1 decode step vs the torch step, default model, 512 cached tokens
+  - kernels/cpu_decode.py      the whole decode step vs the torch step, default model, 512 cached tokens a row,
+                               at each batch of `--decode-rows` (default 1; the serving engine steps up to 16)
 
 `--tier avx2` (any kernels/native.py tier) builds and runs every native library at that instruction-set tier or
 below, as on a CPU that has no more: e.g. the AVX2 decode step against the torch step on an AVX2 machine (whose own
@@ -16,7 +17,7 @@ unless capped as well: `ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2`. The J
 ran at and torch's capability.
 
     python bench/bench_cpu_kernels.py [--repeats 5] [--iters 20] [--threads T] [--skip-decode | --decode-only]
-                                  [--tier TIER]
+                                  [--decode-rows 1,8,16] [--tier TIER]
 """
 from __future__ import annotations
 
@@ -57,9 +58,16 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--skip-decode", action="store_true", help="skip the decode-step row (loads the default model)")
     ap.add_argument("--decode-only", action="store_true", help="only the decode-step rows")
+    ap.add_argument("--decode-rows", default="1", help="comma-separated batch sizes of the decode-step rows (1-16)")
     ap.add_argument("--tier", choices=list(native.TIERS), default=None,
                     help="cap every native library at this instruction-set tier (default: the widest this CPU runs)")
     args = ap.parse_args()
+    try:
+        args.rows = [int(b) for b in args.decode_rows.split(",")]
+    except ValueError:
+        ap.error(f"--decode-rows: comma-separated integers, got {args.decode_rows!r}")
+    if not all(1 <= b <= 16 for b in args.rows):
+        ap.error(f"--decode-rows: each from 1 to 16 (the native step's rows), got {args.decode_rows!r}")
     if args.threads:
         torch.set_num_threads(args.threads)
     with native.forced_tier(args.tier) if args.tier else contextlib.nullcontext(), torch.inference_mode():
@@ -104,18 +112,19 @@ def run(args: argparse.Namespace) -> dict:
         from phiforge.engine.fetch import default_model_path
         for dt in (torch.float32, torch.bfloat16):
             model = load_model(default_model_path(), dtype=dt)
-            caches = [model.new_cache(1, T + r * n * 2 + 8) for _ in range(2)]
-            ids = torch.randint(0, model.config.vocab_size, (1, T), generator=g)
-            for c in caches:
-                model(ids, cache=c, num_logits=1)
-            fused = DecodeStep(model, caches[0])
-            with cpu_decode.LIB.disabled():
-                plain = DecodeStep(model, caches[1])
-            tok = torch.tensor([7])
-            row = compare(lambda: fused(tok, torch.tensor([caches[0].length])),
-                          lambda: plain(tok, torch.tensor([caches[1].length])), r, n)
-            row["phiforge_tokens_per_s"] = 1e3 / row["phiforge_ms"]
-            out[f"decode_step_{str(dt).split('.')[1]}"] = row
+            for B in args.rows:
+                caches = [model.new_cache(B, T + r * n * 2 + 8) for _ in range(2)]
+                ids = torch.randint(0, model.config.vocab_size, (B, T), generator=g)            # (B, T)
+                for c in caches:
+                    model(ids, cache=c, num_logits=1)
+                fused = DecodeStep(model, caches[0])
+                with cpu_decode.LIB.disabled():
+                    plain = DecodeStep(model, caches[1])
+                tok = torch.full((B,), 7)                                                       # (B,)
+                row = compare(lambda: fused(tok, torch.full((B,), caches[0].length)),
+                              lambda: plain(tok, torch.full((B,), caches[1].length)), r, n)
+                row["phiforge_tokens_per_s"] = B * 1e3 / row["phiforge_ms"]
+                out[f"decode_step_{str(dt).split('.')[1]}" + (f"_b{B}" if B > 1 else "")] = row
     return out
 
 
