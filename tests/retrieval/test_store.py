@@ -164,6 +164,10 @@ def test_repair_rebuilds_graph_from_sqlite(tmp_path):
     q = np.ones(32, np.float32)
     with Index.open(tmp_path, HashEncoder(32), repair=True) as ix:
         assert len(ix) == 400
+        # the graph is rebuilt on several threads, so it differs from run to run and the calibrated ef finds the
+        # exact top 10 for most queries, not all: with ef = every node the walk visits the whole rebuilt graph,
+        # which answers exactly only if it holds every chunk under its right id
+        ix.set_ef(len(ix))
         assert [h.chunk_id for h in ix.search_vector(q, 10, "hnsw")] == \
                [h.chunk_id for h in ix.search_vector(q, 10, "exact")]
 
