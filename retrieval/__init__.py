@@ -21,6 +21,8 @@ _EXPORTS = {
     "chunk_file": "chunking",
     "Chunk": "chunking",
     "answer": "rag",
+    "Reranker": "rerank",
+    "load_reranker": "rerank",
 }
 
 __all__ = list(_EXPORTS)
