@@ -4,14 +4,16 @@
     phiforge index tune --data qa.jsonl --out TUNED_DIR [--index idx/] [--epochs N] [--lr X] [--lora-rank R]
     phiforge index rm docs/old.md --index idx/
     phiforge index stats --index idx/
-    phiforge search --index idx/ "boil water notice" -k 5
-    phiforge ask --index idx/ [--model DIR] [--adapter DIR] "When is a boil water notice issued?"
+    phiforge search --index idx/ "boil water notice" -k 5 [--rerank]
+    phiforge ask --index idx/ [--model DIR] [--adapter DIR] [--rerank] "When is a boil water notice issued?"
 
 Errors the user can fix (no index, empty index, corrupt file, wrong encoder, unknown source, a path that does not
 exist, a bad Q/A row) print one line to stderr and exit 1 instead of a traceback. Only `index add` creates an
 index; the other commands open it read-only and say when there is none. Re-adding a folder syncs it: files deleted
 from it leave the index. An index keeps the encoder it was built with (`index add --encoder DIR` for a tuned one)
-and every later command loads that one.
+and every later command loads that one. `--rerank` (search, ask) rescores the encoder's top candidates with the
+language model (retrieval/rerank.py): with the reranker `index tune --rerank` trained beside the index's encoder
+when there is one, else the default model zero-shot.
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ from .encoder import TUNED_CONFIG, load_encoder
 from .rag import answer_question, context_length, format_sources
 from .manifest import IndexCorrupt, IndexMismatch
 from .qa import load_qa
+from .rerank import RERANKER_DIR, RerankConfig, load_reranker, reranker_dir, train_reranker
 from .store import EmptyIndexError, Index, NoIndexError
 from .tune import NEGATIVE_POOLS, TuneConfig, save_tuned, tune
 from .tune_data import answer_pairs, index_pairs
@@ -89,6 +92,8 @@ def add_arguments_index(parser: argparse.ArgumentParser) -> None:
                    help="train a LoRA adapter of this rank (default 0: all weights)")
     t.add_argument("--interpolate", type=float, default=d.interpolate, metavar="A",
                    help=f"keep A * tuned + (1 - A) * untuned weights, WiSE-FT (default {d.interpolate})")
+    t.add_argument("--rerank", action="store_true", help="also LoRA-tune the language model as a reranker on the "
+                   f"same pairs, into OUT/{RERANKER_DIR} (search/ask --rerank use it; default off)")
     t.add_argument("--seed", type=int, default=d.seed)
     t.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice; on a busy "
                    "machine 1 can be faster)")
@@ -123,6 +128,13 @@ def run_tune(args: argparse.Namespace) -> int:
           f"{res.seconds:.0f} s); build an index with it: phiforge index add DOCS --index NEW --encoder {args.out}")
     if res.interrupted:
         raise KeyboardInterrupt(f"interrupted: saved the encoder as trained so far to {args.out}")
+    if args.rerank:
+        where = Path(args.out) / RERANKER_DIR
+        print(f"training the reranker on the same {len(ts.pairs)} pairs -> {where}")
+        rr = train_reranker([(p.query, ts.corpus[p.gold]) for p in ts.pairs], where, seed=args.seed,
+                            threads=args.threads)
+        print(f"saved the reranker to {where} ({rr['steps']} steps, loss {rr['losses'][0]:.3f} -> "
+              f"{rr['losses'][-1]:.3f})")
     return 0
 
 
@@ -166,6 +178,17 @@ def add_arguments_search(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("query")
     parser.add_argument("-k", type=int, default=5, help="number of hits (default 5)")
     parser.add_argument("--json", action="store_true", help="print hits as JSON lines")
+    _rerank_arg(parser)
+
+
+def _rerank_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--rerank", action="store_true", help=f"rescore the encoder's top {RerankConfig.depth} "
+                        "with the language model: the index's tuned reranker (index tune --rerank) or the default "
+                        "model zero-shot (default off)")
+
+
+def _reranker(ix: Index):
+    return load_reranker(reranker_dir(ix.encoder.path))
 
 
 def run_search(args: argparse.Namespace) -> int:
@@ -173,7 +196,11 @@ def run_search(args: argparse.Namespace) -> int:
         if args.k < 1:
             raise ValueError(f"-k: must be >= 1, got {args.k}")
         with Index.open(args.index, create=False) as ix:
-            hits = ix.search(args.query, k=args.k)
+            if args.rerank:
+                hits = _reranker(ix).rerank(args.query, ix.search(args.query, k=max(args.k, RerankConfig.depth)),
+                                            args.k)
+            else:
+                hits = ix.search(args.query, k=args.k)
     except USER_ERRORS as e:
         return _fail(e)
     for i, h in enumerate(hits, 1):
@@ -200,6 +227,7 @@ def add_arguments_ask(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=200)
     parser.add_argument("--max-prompt-tokens", type=int, default=3072,
                         help="prompt budget, further capped by the model's context (default 3072)")
+    _rerank_arg(parser)
 
 
 def _check_ask(args: argparse.Namespace) -> None:
@@ -230,6 +258,7 @@ def run_ask(args: argparse.Namespace) -> int:
                                  "tokens, which must also hold the question and its sources; give less")
             ans = answer_question(args.question, ix, gen, k=args.k, max_new_tokens=args.max_new_tokens,
                                   max_prompt_tokens=args.max_prompt_tokens,
+                                  reranker=_reranker(ix) if args.rerank else None,
                                   on_piece=lambda s: print(s, end="", flush=True))
     except USER_ERRORS as e:
         return _fail(e)

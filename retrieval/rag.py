@@ -142,11 +142,16 @@ def build_prompt(question: str, hits: list, tokenizer, budget: int) -> tuple[lis
 
 def answer_question(question: str, index, generator, k: int = 4, max_new_tokens: int = 200,
                     max_prompt_tokens: int = 3072, temperature: float = 0.0, stop: list[str] | None = None,
-                    repetition_penalty: float = 1.0, on_piece: Callable[[str], None] | None = None) -> Answer:
-    """Retrieve, prompt within budget, stream (pieces go to on_piece), then resolve citations."""
+                    repetition_penalty: float = 1.0, on_piece: Callable[[str], None] | None = None,
+                    reranker=None) -> Answer:
+    """Retrieve (and rerank the encoder's top `reranker.cfg.depth` when given a retrieval/rerank.Reranker), prompt
+    within budget, stream (pieces go to on_piece), then resolve citations."""
     if not question or not question.strip():
         raise ValueError("empty question")
-    hits = index.search(question, k=k)
+    if reranker is None:
+        hits = index.search(question, k=k)
+    else:
+        hits = reranker.rerank(question, index.search(question, k=max(k, reranker.cfg.depth)), k)
     budget = min(context_length(generator), max_prompt_tokens + max_new_tokens) - max_new_tokens
     messages, sources, used = build_prompt(question, hits, generator.tokenizer, budget)
     pieces = []

@@ -12,7 +12,8 @@ import pytest
 from phiforge.cli import main
 from phiforge.retrieval.encoder import ENCODER_NAME, load_encoder
 from phiforge.retrieval.manifest import IndexMismatch
-from phiforge.retrieval.store import Index
+from phiforge.retrieval.rerank import load_reranker, passage_text, reranker_dir
+from phiforge.retrieval.store import Hit, Index
 
 DOCS = {
     "pumps.md": "# Pumps\n\nPump stations switch to standby power within 30 seconds of a mains failure.",
@@ -164,3 +165,39 @@ def test_add_with_missing_encoder_folder(tmp_path, capsys):
                  str(tmp_path / "nope")]) == 1
     assert "--encoder" in capsys.readouterr().err
     assert not (tmp_path / "ix").exists()
+
+
+def _search_json(capsys, args: list[str]) -> list[dict]:
+    capsys.readouterr()
+    assert main(["search", *args, "--json"]) == 0
+    return [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+
+
+def test_tune_with_reranker_then_search_reranks_with_it(setup, tmp_path, capsys, one_thread):
+    qa = write_jsonl(tmp_path / "qa.jsonl", QA)
+    out = tmp_path / "enc"
+    assert main(["index", "tune", "--data", str(qa), "--out", str(out), "--index", str(setup / "base"), "--epochs",
+                 "1", "--batch", "4", "--lora-rank", "2", "--seed", "1", "--threads", "1", "--rerank"]) == 0
+    assert "saved the reranker to" in capsys.readouterr().out
+    adapter = reranker_dir(out)
+    assert adapter == out / "reranker" and (adapter / "adapter_model.safetensors").is_file()
+    rows = [json.loads(x) for x in (adapter / "train_data.jsonl").read_text().splitlines()]
+    assert {r["prompt"] for r in rows} == {f"Question: {r['question']}\nAnswer:" for r in QA[:4]}
+    assert main(["index", "add", str(setup / "docs"), "--index", str(tmp_path / "ix"), "--encoder", str(out)]) == 0
+    q = "When does a hosepipe ban start?"
+    plain = _search_json(capsys, ["--index", str(tmp_path / "ix"), q, "-k", "4"])
+    got = _search_json(capsys, ["--index", str(tmp_path / "ix"), q, "-k", "2", "--rerank"])
+    # the tuned reranker's fused scores, recomputed here from the encoder's hits
+    rr = load_reranker(adapter)
+    hits = [Hit(**h) for h in plain]
+    fused = {h.chunk_id: h.score + rr.cfg.weight * p for h, p in zip(hits, rr.pmi(q, [passage_text(h) for h in hits]))}
+    want = sorted(fused, key=lambda c: -fused[c])[:2]
+    assert [h["chunk_id"] for h in got] == want
+    assert [h["score"] for h in got] == pytest.approx([fused[c] for c in want], abs=1e-4)
+    # an index of the untuned encoder reranks with the default model zero-shot
+    base = _search_json(capsys, ["--index", str(setup / "base"), q, "-k", "4", "--rerank"])
+    zero = load_reranker(None)
+    plain = [Hit(**h) for h in _search_json(capsys, ["--index", str(setup / "base"), q, "-k", "4"])]
+    pmi = dict(zip([h.chunk_id for h in plain], zero.pmi(q, [passage_text(h) for h in plain])))
+    assert [h["score"] for h in base] == pytest.approx(
+        sorted((h.score + zero.cfg.weight * pmi[h.chunk_id] for h in plain), reverse=True), abs=1e-4)

@@ -64,6 +64,27 @@ def test_citations_resolve_and_invalid_ones_are_flagged():
         assert f"[{s.number}] {Path(s.hit.source).name}, {s.hit.heading}\n{s.text}" in prompt
 
 
+class ReverseReranker:
+    """Stands in for retrieval/rerank.Reranker: records what it was given, returns the worst first."""
+    cfg = SimpleNamespace(depth=5)
+
+    def __init__(self):
+        self.seen = []
+
+    def rerank(self, question, hits, k):
+        self.seen.append((question, [h.chunk_id for h in hits], k))
+        return list(reversed(hits))[:k]
+
+
+def test_reranker_reorders_the_sources_in_the_prompt():
+    rr, gen = ReverseReranker(), FakeGenerator(["ok [1]"])
+    ans = answer_question("How fast?", FakeIndex(6), gen, k=2, reranker=rr)
+    assert rr.seen == [("How fast?", [10, 11, 12, 13, 14], 2)]  # the encoder's top depth, not just k
+    assert [s.hit.chunk_id for s in ans.sources] == [14, 13]
+    prompt = gen.calls[0][0][1]["content"]
+    assert prompt.index("w4_0") < prompt.index("w3_0") and "w0_0" not in prompt
+
+
 def test_uncited_answer_lists_the_sources_given():
     ans = answer_question("q?", FakeIndex(2), FakeGenerator(["I do not know."]), k=2)
     assert not ans.cited and not ans.invalid
