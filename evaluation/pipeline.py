@@ -33,6 +33,7 @@ from phiforge.engine.loader import load_model
 from phiforge.engine.pretrained import check_adapter_dir, compute_dtype
 from phiforge.engine.tokenizer import load_tokenizer
 from phiforge.retrieval.qa import QAError, load_qa
+from phiforge.retrieval.rerank import load_reranker, reranker_dir
 from phiforge.retrieval.store import Index
 
 from .modes import ModeError, parse_adapters, parse_modes, select_modes
@@ -82,13 +83,15 @@ def evaluate(model: str | Path | None, data: str | Path, *, index: str | Path | 
              k: int = DEFAULT_K, out: str | Path | None = None, quant: str | None = None,
              max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, max_batch: int = DEFAULT_MAX_BATCH, seed: int = 0,
              retriever_baseline: str | Path | None = None, max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS,
-             dtype: torch.dtype | None = None, encoder=None, baseline_encoder=None,
+             dtype: torch.dtype | None = None, encoder=None, baseline_encoder=None, rerank: bool = False,
              log: Callable[[str], None] | None = print) -> dict:
     """Answer every question of `data` in every chosen mode, score, and (with `out`) write the report files.
 
     model: a model directory or Hugging Face id (None: the default model). adapters: {"ft": dir, "raft": dir}
     or ["ft=DIR", ...]. modes: "base,rag" or a list (None: every mode whose inputs are given). encoder /
-    baseline_encoder: the query encoders of `index` / `retriever_baseline` (None: the index's default).
+    baseline_encoder: the query encoders of `index` / `retriever_baseline` (None: the index's default). rerank:
+    `index`'s retrieval reranked by the language model (retrieval/rerank.py: the reranker `index tune --rerank`
+    saved beside the index's encoder, else the default model zero-shot); the baseline's never is.
     Returns the report dict (what report.json holds).
     """
     log = log or (lambda s: None)
@@ -101,6 +104,8 @@ def evaluate(model: str | Path | None, data: str | Path, *, index: str | Path | 
     rows = load_qa(data)
     adapter_dirs = _adapter_dirs(adapters)
     chosen = select_modes(parse_modes(modes), index is not None, adapter_dirs)
+    if rerank and index is None:
+        raise ModeError("--rerank: needs --index (the retrieval it reranks)")
     if retriever_baseline is not None and index is None:
         raise ModeError("--retriever-baseline: needs --index (the retriever it is compared with)")
     used = {m.adapter for m in chosen if m.adapter}
@@ -111,8 +116,11 @@ def evaluate(model: str | Path | None, data: str | Path, *, index: str | Path | 
     if index is not None:
         with Index.open(index, encoder=encoder, create=False) as ix:
             _check_sources(rows, index_documents(ix), data, Path(index))
-            log(f"retrieving top-{k} for {len(rows)} questions from {index}")
-            contexts = retrieve(ix, rows, k)
+            reranker = load_reranker(reranker_dir(getattr(ix.encoder, "path", None))) if rerank else None
+            log(f"retrieving top-{k} for {len(rows)} questions from {index}"
+                + (f", reranked from the top {reranker.cfg.depth}" if reranker else ""))
+            contexts = retrieve(ix, rows, k, reranker)
+            del reranker
         if retriever_baseline is not None:
             with Index.open(retriever_baseline, encoder=baseline_encoder, create=False) as bx:
                 _check_sources(rows, index_documents(bx), data, Path(retriever_baseline))
@@ -134,6 +142,7 @@ def evaluate(model: str | Path | None, data: str | Path, *, index: str | Path | 
     def finish(interrupted: bool) -> dict:
         report = _report(path, data, index, retriever_baseline, adapter_dirs, rows, k, max_new_tokens,
                          max_prompt_tokens, seed, list(seconds), records, seconds, ret_records, interrupted)
+        report["rerank"] = rerank
         if out is not None:
             write_report(out, report, records, ret_records)
         return report

@@ -44,11 +44,12 @@ def table_markdown(table: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def retrieval_markdown(retrieval: dict) -> str:
+def retrieval_markdown(retrieval: dict, reranked: bool = False) -> str:
     k = retrieval["k"]
     head = ["index"] + [m.label.replace("@k", f"@{k}") for m in RETRIEVAL_METRICS]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    names = {"after": "after (--index)" if "before" in retrieval else "--index", "before": "before (baseline)"}
+    index = "--index, reranked" if reranked else "--index"
+    names = {"after": f"after ({index})" if "before" in retrieval else index, "before": "before (baseline)"}
     for tag in ("before", "after"):
         if tag in retrieval:
             lines.append("| " + " | ".join([names[tag]] + [_cell(retrieval[tag].get(m.key), True)
@@ -66,7 +67,7 @@ def markdown(report: dict) -> str:
              table_markdown(report["table"])]
     if report.get("retrieval"):
         parts += ["", f"## Retrieval by document ({report['retrieval']['questions']} questions with gold sources)",
-                  "", retrieval_markdown(report["retrieval"])]
+                  "", retrieval_markdown(report["retrieval"], bool(report.get("rerank")))]
     parts += ["", "## Recommendation", ""] + [f"- {line}" for line in report["recommendation"]]
     return "\n".join(parts) + "\n"
 

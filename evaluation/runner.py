@@ -71,8 +71,9 @@ def gold_context(conn: sqlite3.Connection, q: np.ndarray, sources: list[str], k:
     return [Hit.of(rows[i], scores[i]) for i in order.tolist()]
 
 
-def retrieve(index, rows: list[QARow], k: int) -> Contexts:
-    """Top-k hits per question, and the k best chunks of its gold documents (one query encoding per question)."""
+def retrieve(index, rows: list[QARow], k: int, reranker=None) -> Contexts:
+    """Top-k hits per question (the encoder's top `reranker.cfg.depth` reranked to k when given a
+    retrieval/rerank.Reranker), and the k best chunks of its gold documents (one query encoding per question)."""
     vecs = index.encoder.encode([r.question for r in rows])  # (questions, d)
     retrieved, gold, known = [], [], []
     by_name: dict[str, list[str]] = {}
@@ -81,7 +82,10 @@ def retrieve(index, rows: list[QARow], k: int) -> Contexts:
     conn = connect_reader(Path(index.folder) / DB)
     try:
         for row, q in zip(rows, vecs):
-            hits = index.search_vector(q, k=k)
+            if reranker is None:
+                hits = index.search_vector(q, k=k)
+            else:
+                hits = reranker.rerank(row.question, index.search_vector(q, k=max(k, reranker.cfg.depth)), k)
             retrieved.append(hits)
             if row.sources:
                 gold.append(gold_context(conn, q, [s for n in row.sources for s in by_name.get(n, [])], k))

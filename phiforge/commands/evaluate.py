@@ -53,6 +53,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed (answers are greedy)")
     p.add_argument("--retriever-baseline", default=None, metavar="DIR",
                    help="a second index over the same documents (e.g. the untuned encoder's): retrieval before/after")
+    p.add_argument("--rerank", action="store_true", help="rerank --index's hits with the language model (the "
+                   "reranker `index tune --rerank` saved beside its encoder, else the default model zero-shot)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 
 
@@ -66,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"{flag} {v}: no such directory")
     report = evaluate(args.model, args.data, index=args.index, adapters=args.adapter, modes=args.modes, k=args.k,
                       out=args.out, quant=args.quant, max_new_tokens=args.max_new_tokens, max_batch=args.max_batch,
-                      seed=args.seed, retriever_baseline=args.retriever_baseline,
+                      seed=args.seed, retriever_baseline=args.retriever_baseline, rerank=args.rerank,
                       max_prompt_tokens=args.max_prompt_tokens,
                       log=lambda s: print(f"phiforge evaluate: {s}", file=sys.stderr, flush=True))
     print(markdown(report), end="")

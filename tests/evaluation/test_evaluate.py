@@ -221,6 +221,26 @@ def test_cli_errors_are_one_line(setup, capsys, tmp_path):
     assert "--max-batch: must be >= 1" in _cli_error(capsys, m + [str(data), "--max-batch", "0"])
     assert "--retriever-baseline: needs --index" in _cli_error(capsys, m + [str(data), "--retriever-baseline",
                                                                             str(root / "baseline")])
+    assert "--rerank: needs --index" in _cli_error(capsys, m + [str(data), "--rerank"])
+
+
+def test_rerank_orders_the_retrieved_context(setup, tmp_path):
+    """--rerank: the index's hits go through the default model's zero-shot reranker before the prompt; the
+    baseline index's ranking is left as it was."""
+    from phiforge.retrieval.rerank import load_reranker
+
+    root, model, adapters, data = setup
+    report = evaluate(model, data, index=root / "index", modes="rag", k=K, out=tmp_path / "o", max_new_tokens=2,
+                      max_batch=4, retriever_baseline=root / "baseline", dtype=torch.float32, encoder=HashEncoder(),
+                      baseline_encoder=HashEncoder(48, "test-baseline"), rerank=True, log=None)
+    assert report["rerank"] is True
+    assert "after (--index, reranked)" in (tmp_path / "o" / "report.md").read_text()
+    records = [json.loads(x) for x in (tmp_path / "o" / "results.jsonl").read_text().splitlines()]
+    rr = load_reranker(None)
+    with Index.open(root / "index", encoder=HashEncoder(), create=False) as ix:
+        for r in (x for x in records if x["context"] == "retrieved"):
+            want = rr.rerank(r["question"], ix.search(r["question"], k=rr.cfg.depth), K)
+            assert r["retrieved"] == [h.source.rsplit("/", 1)[-1] for h in want]
 
 
 def test_cli_prints_the_table_closed_book(setup, capsys, tmp_path):
