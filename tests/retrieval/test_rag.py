@@ -199,3 +199,24 @@ def test_ask_end_to_end_with_default_model(docs_index, capsys):
     assert listing.startswith(" cited:") == bool(cited)
     if cited:
         assert set(listed) == cited
+
+
+def test_ask_rerank_gives_the_model_the_reranked_sources(docs_index, capsys, monkeypatch):
+    """`ask --rerank`: the sources in the prompt are the zero-shot reranker's top k, in its order."""
+    from phiforge.retrieval.rerank import load_reranker
+
+    q = "When is a boil water notice issued?"
+    seen = []
+    real = answer_question
+
+    def spy(*a, **kw):
+        ans = real(*a, **kw)
+        seen.append([s.hit.chunk_id for s in ans.sources])
+        return ans
+
+    monkeypatch.setattr("phiforge.retrieval.cli.answer_question", spy)
+    assert main(["ask", "--index", str(docs_index), "--max-new-tokens", "4", "-k", "3", "--rerank", q]) == 0
+    rr = load_reranker(None)
+    with Index.open(docs_index, create=False) as ix:
+        want = [h.chunk_id for h in rr.rerank(q, ix.search(q, k=rr.cfg.depth), 3)]
+    assert seen == [want[:len(seen[0])]] and seen[0]
