@@ -19,9 +19,9 @@ the best k are returned with their fused scores.
 Tuned to the domain. `phiforge index tune --rerank` also fine-tunes a LoRA adapter of the language model on the
 same (question, gold passage) pairs the encoder learns from (`training_rows`: prompt "Question: q\\nAnswer:",
 completion " " + passage), saved as `reranker/` in the tuned encoder's folder; an index built with that encoder
-reranks with it, and without one the base model reranks zero-shot. The defaults (depth 20, weight 0.02, 32 passage
-tokens, the adapter's training settings) were chosen by 3-fold cross-validation inside chatterbot-corpus' tuning
-half (bench/bench_tune.py; README).
+reranks with it, and without one the base model reranks zero-shot. Depth 20 and weight 0.02 were chosen by 3-fold
+cross-validation inside chatterbot-corpus' tuning half; the 32 passage tokens and the adapter's training settings
+were the one setting tried (README, "The second stage"; bench/bench_tune.py --rerank measures the held-out half).
 
 Legend: R candidate rows in a forward, L the longest prompt + passage of the batch, C hidden size, V vocabulary.
 """
@@ -43,7 +43,7 @@ from phiforge.engine.train import finetune
 PROMPT = "Question: {question}\nAnswer:"
 PRIOR = "Answer:"
 RERANKER_DIR = "reranker"  # the adapter's folder inside a tuned encoder's folder
-# the adapter's training (engine TrainConfig fields), chosen with the defaults above
+# the adapter's training (engine TrainConfig fields)
 TRAINING = dict(epochs=2, batch_size=8, seq_len=96, rank=16, alpha=32.0, lr=2e-4)
 
 
