@@ -132,7 +132,7 @@ def run_tune(args: argparse.Namespace) -> int:
         where = Path(args.out) / RERANKER_DIR
         print(f"training the reranker on the same {len(ts.pairs)} pairs -> {where}")
         rr = train_reranker([(p.query, ts.corpus[p.gold]) for p in ts.pairs], where, seed=args.seed,
-                            threads=args.threads)
+                            threads=args.threads, progress=True)
         print(f"saved the reranker to {where} ({rr['steps']} steps, loss {rr['losses'][0]:.3f} -> "
               f"{rr['losses'][-1]:.3f})")
     return 0
