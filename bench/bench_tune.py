@@ -186,10 +186,10 @@ def docs_check(rr, tuned: list, docs: tuple, seed: int) -> list[dict]:
     out = []
     for enc in tuned:
         ranked = []
-        for q, top in zip(d_queries, ranks(enc, d_corpus, d_queries, k=rr.cfg.depth)):
-            s = enc.encode([q])[0] @ enc.encode([d_corpus[j] for j in top]).T  # (depth,)
-            fused = s + rr.cfg.weight * rr.pmi(q, [d_corpus[j] for j in top])
-            ranked.append([top[i] for i in np.argsort(-fused, kind="stable")[:10]])
+        for q, row in zip(d_queries, enc.encode(d_queries) @ enc.encode(d_corpus).T):  # row: (N,)
+            top = np.argsort(-row, kind="stable")[:rr.cfg.depth]
+            _, order = rr.fuse(row[top], rr.pmi(q, [d_corpus[j] for j in top]))
+            ranked.append([int(top[i]) for i in order[:10]])
         out.append(mrr_change(d_before, np.asarray(first_hit(ranked, d_rel)), seed))
     return out
 
@@ -237,9 +237,9 @@ def reranking(base, cv: np.ndarray, tuned: list, corpus: list[str], queries: lis
             for name in encoders:
                 ranked = []
                 for q in held:
-                    fused = [(s + rc.weight * pmi[q][j], j) for j, s in cands[name][q]]
-                    order = sorted(range(len(fused)), key=lambda i: -fused[i][0])  # stable: ties keep encoder order
-                    ranked.append([fused[i][1] for i in order[:10]])
+                    ids = [j for j, _ in cands[name][q]]
+                    _, order = rr.fuse(np.array([s for _, s in cands[name][q]]), np.array([pmi[q][j] for j in ids]))
+                    ranked.append([ids[i] for i in order[:10]])
                 m = metrics(ranked, [relevant[q] for q in held])
                 row = {k: round(m[k], 4) for k in ("recall@1", "recall@5", "recall@10", "mrr@10")}
                 out.setdefault(name, {})[f"reranked {lm}"] = row

@@ -33,7 +33,7 @@ from phiforge.engine.loader import load_model
 from phiforge.engine.pretrained import check_adapter_dir, compute_dtype
 from phiforge.engine.tokenizer import load_tokenizer
 from phiforge.retrieval.qa import QAError, load_qa
-from phiforge.retrieval.rerank import load_reranker, reranker_dir
+from phiforge.retrieval.rerank import reranker_for
 from phiforge.retrieval.store import Index
 
 from .modes import ModeError, parse_adapters, parse_modes, select_modes
@@ -116,7 +116,7 @@ def evaluate(model: str | Path | None, data: str | Path, *, index: str | Path | 
     if index is not None:
         with Index.open(index, encoder=encoder, create=False) as ix:
             _check_sources(rows, index_documents(ix), data, Path(index))
-            reranker = load_reranker(reranker_dir(getattr(ix.encoder, "path", None))) if rerank else None
+            reranker = reranker_for(ix) if rerank else None
             log(f"retrieving top-{k} for {len(rows)} questions from {index}"
                 + (f", reranked from the top {reranker.cfg.depth}" if reranker else ""))
             contexts = retrieve(ix, rows, k, reranker)

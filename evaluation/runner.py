@@ -82,10 +82,7 @@ def retrieve(index, rows: list[QARow], k: int, reranker=None) -> Contexts:
     conn = connect_reader(Path(index.folder) / DB)
     try:
         for row, q in zip(rows, vecs):
-            if reranker is None:
-                hits = index.search_vector(q, k=k)
-            else:
-                hits = reranker.rerank(row.question, index.search_vector(q, k=max(k, reranker.cfg.depth)), k)
+            hits = index.search_vector(q, k=k) if reranker is None else reranker.search(index, row.question, k, q)
             retrieved.append(hits)
             if row.sources:
                 gold.append(gold_context(conn, q, [s for n in row.sources for s in by_name.get(n, [])], k))

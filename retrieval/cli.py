@@ -33,7 +33,7 @@ from .encoder import TUNED_CONFIG, load_encoder
 from .rag import answer_question, context_length, format_sources
 from .manifest import IndexCorrupt, IndexMismatch
 from .qa import load_qa
-from .rerank import RERANKER_DIR, RerankConfig, load_reranker, reranker_dir, train_reranker
+from .rerank import RERANKER_DIR, RerankConfig, reranker_for, train_reranker
 from .store import EmptyIndexError, Index, NoIndexError
 from .tune import NEGATIVE_POOLS, TuneConfig, save_tuned, tune
 from .tune_data import answer_pairs, index_pairs
@@ -187,20 +187,12 @@ def _rerank_arg(parser: argparse.ArgumentParser) -> None:
                         "model zero-shot (default off)")
 
 
-def _reranker(ix: Index):
-    return load_reranker(reranker_dir(ix.encoder.path))
-
-
 def run_search(args: argparse.Namespace) -> int:
     try:
         if args.k < 1:
             raise ValueError(f"-k: must be >= 1, got {args.k}")
         with Index.open(args.index, create=False) as ix:
-            if args.rerank:
-                hits = _reranker(ix).rerank(args.query, ix.search(args.query, k=max(args.k, RerankConfig.depth)),
-                                            args.k)
-            else:
-                hits = ix.search(args.query, k=args.k)
+            hits = reranker_for(ix).search(ix, args.query, args.k) if args.rerank else ix.search(args.query, k=args.k)
     except USER_ERRORS as e:
         return _fail(e)
     for i, h in enumerate(hits, 1):
@@ -258,7 +250,7 @@ def run_ask(args: argparse.Namespace) -> int:
                                  "tokens, which must also hold the question and its sources; give less")
             ans = answer_question(args.question, ix, gen, k=args.k, max_new_tokens=args.max_new_tokens,
                                   max_prompt_tokens=args.max_prompt_tokens,
-                                  reranker=_reranker(ix) if args.rerank else None,
+                                  reranker=reranker_for(ix) if args.rerank else None,
                                   on_piece=lambda s: print(s, end="", flush=True))
     except USER_ERRORS as e:
         return _fail(e)

@@ -148,10 +148,7 @@ def answer_question(question: str, index, generator, k: int = 4, max_new_tokens:
     within budget, stream (pieces go to on_piece), then resolve citations."""
     if not question or not question.strip():
         raise ValueError("empty question")
-    if reranker is None:
-        hits = index.search(question, k=k)
-    else:
-        hits = reranker.rerank(question, index.search(question, k=max(k, reranker.cfg.depth)), k)
+    hits = index.search(question, k=k) if reranker is None else reranker.search(index, question, k)
     budget = min(context_length(generator), max_prompt_tokens + max_new_tokens) - max_new_tokens
     messages, sources, used = build_prompt(question, hits, generator.tokenizer, budget)
     pieces = []

@@ -118,9 +118,21 @@ class Reranker:
         top = hits[: self.cfg.depth]
         if not top:
             return []
-        fused = np.array([h.score for h in top]) + self.cfg.weight * self.pmi(question, [passage_text(h) for h in top])
-        order = np.argsort(-fused, kind="stable")
+        fused, order = self.fuse(np.array([h.score for h in top]), self.pmi(question, [passage_text(h) for h in top]))
         return [replace(top[i], score=float(fused[i])) for i in order[:k]]
+
+    def fuse(self, cos: np.ndarray, pmi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The fused scores cos + weight * pmi of candidates (n,), and their order best first (n,); stable, so ties
+        keep the encoder's order."""
+        fused = cos + self.cfg.weight * pmi
+        return fused, np.argsort(-fused, kind="stable")
+
+    def search(self, index, question: str, k: int, vector: np.ndarray | None = None) -> list:
+        """`index`'s best k for `question` after reranking its encoder's top max(k, depth); `vector`: the question's
+        embedding when already encoded."""
+        n = max(k, self.cfg.depth)
+        hits = index.search(question, k=n) if vector is None else index.search_vector(vector, k=n)
+        return self.rerank(question, hits, k)
 
 
 def train_reranker(pairs: list[tuple[str, str]], out: str | Path, *, seed: int = 0, threads: int | None = None,
@@ -141,6 +153,12 @@ def reranker_dir(encoder_path: str | Path | None) -> Path | None:
         return None
     d = Path(encoder_path) / RERANKER_DIR
     return d if (d / "adapter_config.json").is_file() else None
+
+
+def reranker_for(index, cfg: RerankConfig = RerankConfig()) -> Reranker:
+    """The reranker an index uses: the one `index tune --rerank` saved beside its encoder, else the default model
+    zero-shot."""
+    return load_reranker(reranker_dir(getattr(index.encoder, "path", None)), cfg)
 
 
 def load_reranker(adapter: str | Path | None = None, cfg: RerankConfig = RerankConfig(),

@@ -18,6 +18,7 @@ from phiforge.retrieval.rag import (Answer, Source, answer_question, build_promp
 from phiforge.cli import main
 from phiforge.retrieval import demo
 from phiforge.retrieval.demo import run_demo
+from phiforge.retrieval.rerank import Reranker
 from phiforge.retrieval.store import Hit, Index
 
 REPO = Path(__file__).resolve().parents[2]
@@ -64,8 +65,9 @@ def test_citations_resolve_and_invalid_ones_are_flagged():
         assert f"[{s.number}] {Path(s.hit.source).name}, {s.hit.heading}\n{s.text}" in prompt
 
 
-class ReverseReranker:
-    """Stands in for retrieval/rerank.Reranker: records what it was given, returns the worst first."""
+class ReverseReranker(Reranker):
+    """retrieval/rerank.Reranker's search with its rerank replaced: records what it was given, returns the worst
+    first."""
     cfg = SimpleNamespace(depth=5)
 
     def __init__(self):
