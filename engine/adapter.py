@@ -1,10 +1,11 @@
-"""LoRA adapters on disk, in PEFT's exact format, and the exact import of split-projection adapters.
+"""LoRA adapters on disk, in PEFT's format, and the exact import of split-projection adapters.
 
 A PEFT adapter directory is two files:
 
     adapter_model.safetensors   base_model.model.<module>.lora_A.weight (r, in)    fp32, metadata {"format": "pt"}
                                 base_model.model.<module>.lora_B.weight (out, r)
     adapter_config.json         peft_type LORA, r, lora_alpha, target_modules, use_rslora, rank_pattern, ...
+                                (the fields that define the adapter; PEFT defaults the rest)
 
 with <module> the Hugging Face module path (`model.layers.3.self_attn.qkv_proj`); our module names are Hugging
 Face's, so the keys are our state-dict keys with the `base_layer` level dropped. Written that way, the adapter
@@ -29,6 +30,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -50,20 +52,15 @@ class AdapterError(ValueError):
 
 def peft_config(r: int, alpha: float, dropout: float, targets: list[str], use_rslora: bool,
                 rank_pattern: dict, alpha_pattern: dict, base_model_name_or_path: str | None) -> dict:
-    """adapter_config.json with the keys and defaults peft 0.21 writes for a plain LoRA on a causal LM."""
+    """adapter_config.json: the LoraConfig fields that define a plain LoRA on a causal LM, each with the value PEFT
+    writes. PEFT fills every field left out with its default, so a release that adds a field (peft 0.22 added
+    `astra_config`) changes nothing here; writing only what we set keeps every key one that PEFT knows."""
     return {
-        "alora_invocation_tokens": None, "alpha_pattern": alpha_pattern, "arrow_config": None,
-        "auto_mapping": None, "base_model_name_or_path": base_model_name_or_path, "bias": "none",
-        "corda_config": None, "ensure_weight_tying": False, "eva_config": None, "exclude_modules": None,
-        "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True, "kasa_config": None,
-        "layer_replication": None, "layers_pattern": None, "layers_to_transform": None, "loftq_config": {},
-        "lora_alpha": alpha, "lora_bias": False, "lora_dropout": dropout, "lora_ga_config": None,
-        "megatron_config": None, "megatron_core": "megatron.core", "modules_to_save": None,
-        "monteclora_config": None, "peft_type": "LORA", "peft_version": "0.21.2", "qalora_group_size": 16,
-        "r": r, "rank_pattern": rank_pattern, "revision": None, "target_modules": targets,
-        "target_parameters": None, "task_type": "CAUSAL_LM", "trainable_token_indices": None,
-        "use_bdlora": None, "use_dora": False, "use_qalora": False, "use_rslora": use_rslora,
-        "velora_config": None,
+        "alpha_pattern": alpha_pattern, "base_model_name_or_path": base_model_name_or_path, "bias": "none",
+        "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True, "lora_alpha": alpha,
+        "lora_bias": False, "lora_dropout": dropout, "modules_to_save": None, "peft_type": "LORA", "r": r,
+        "rank_pattern": rank_pattern, "target_modules": targets, "task_type": "CAUSAL_LM", "use_dora": False,
+        "use_rslora": use_rslora,
     }
 
 
@@ -101,6 +98,24 @@ def save_adapter(model: nn.Module, out_dir: str | Path, base_model_name_or_path:
 
 # ---- loading --------------------------------------------------------------------------------------------------------
 
+# Fields of a PEFT LoraConfig that change the loaded adapter's math, with the one value phiforge computes with.
+REFUSED = {"use_dora": False, "fan_in_fan_out": False, "bias": "none", "lora_bias": False, "use_qalora": False,
+           "modules_to_save": None, "layer_replication": None, "trainable_token_indices": None,
+           "target_parameters": None, "alora_invocation_tokens": None, "arrow_config": None, "use_bdlora": None}
+# Fields phiforge reads, or that only describe how the adapter was made or where it came from: the tensors in the
+# file already hold what they produced, and the file's keys (not target_modules) say which modules are adapted.
+KNOWN = {"peft_type", "r", "lora_alpha", "lora_dropout", "use_rslora", "rank_pattern", "alpha_pattern",
+         "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern", "task_type", "auto_mapping",
+         "peft_version", "base_model_name_or_path", "revision", "inference_mode", "init_lora_weights",
+         "loftq_config", "eva_config", "corda_config", "lora_ga_config", "megatron_config", "megatron_core",
+         "qalora_group_size", "runtime_config", "ensure_weight_tying"}
+
+
+class AdapterConfigWarning(UserWarning):
+    """adapter_config.json sets a field this phiforge does not know; it is ignored, which changes the outputs if
+    the field changes the adapter's math."""
+
+
 def _read_config(path: Path) -> dict:
     p = path / "adapter_config.json"
     if not p.exists():
@@ -109,17 +124,22 @@ def _read_config(path: Path) -> dict:
         cfg = json.loads(p.read_text())
     except json.JSONDecodeError as e:
         raise AdapterError(f"{p}: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise AdapterError(f"{p}: not a JSON object")
     if cfg.get("peft_type", "LORA") != "LORA":
         raise AdapterError(f"{p}: field peft_type is {cfg.get('peft_type')!r}; phiforge loads LORA adapters")
-    for field, ok in (("use_dora", False), ("fan_in_fan_out", False), ("bias", "none"), ("lora_bias", False)):
-        if cfg.get(field, ok) != ok:
+    for field, ok in REFUSED.items():
+        if cfg.get(field, ok) != ok and not (ok is None and not cfg[field]):
             raise AdapterError(f"{p}: field {field} = {cfg[field]!r} is not supported (need {ok!r})")
-    if cfg.get("modules_to_save"):
-        raise AdapterError(f"{p}: field modules_to_save = {cfg['modules_to_save']!r} is not supported "
-                           "(full copies of modules are not LoRA)")
     for field in ("r", "lora_alpha"):
         if not isinstance(cfg.get(field), (int, float)):
             raise AdapterError(f"{p}: field {field} is missing or not a number")
+    # A newer PEFT's fields: unset (null, false, empty) they are PEFT's defaults and mean plain LoRA; set, they may not.
+    unset = (None, False, {}, [], "")
+    unknown = sorted(k for k, v in cfg.items() if k not in KNOWN | REFUSED.keys() and v not in unset)
+    if unknown:
+        warnings.warn(f"{p}: field(s) {', '.join(unknown)} set, unknown to phiforge and ignored; if they change the "
+                      "adapter's math, outputs differ from PEFT's", AdapterConfigWarning, stacklevel=3)
     return cfg
 
 

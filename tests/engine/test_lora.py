@@ -3,7 +3,9 @@ and merge parity."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import warnings
 
 import pytest
 import torch
@@ -11,7 +13,7 @@ from safetensors import safe_open
 
 from phiforge.cli import main as cli_main
 from phiforge.commands.merge import run as merge_run
-from phiforge.engine.adapter import AdapterError, load_adapter, save_adapter
+from phiforge.engine.adapter import AdapterConfigWarning, AdapterError, load_adapter, save_adapter
 from phiforge.engine.loader import load_model
 from phiforge.engine.lora import LoRALinear, apply_lora, lora_modules, merge_adapter
 from phiforge.engine.loss import IGNORE, lm_loss_sum, lm_loss_sum_ref
@@ -23,6 +25,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 peft = pytest.importorskip("peft")
+# the fields whose values change what a loaded adapter computes
+MATH_FIELDS = ("peft_type", "r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern", "target_modules",
+               "bias", "fan_in_fan_out", "use_dora", "lora_bias", "modules_to_save")
 IDS = torch.randint(0, 128, (2, 11), generator=torch.Generator().manual_seed(3))
 
 
@@ -134,11 +139,18 @@ def test_saved_adapter_loads_in_peft_and_transformers(tiny, tmp_path):
     pm.save_pretrained(tmp_path / "peft")
     mine = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
     theirs = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
-    assert set(mine) == set(theirs)
-    for k in theirs:
+    # every key we write is a LoraConfig field, with the value PEFT writes for the same adapter; a field PEFT adds
+    # in a later release is one we leave to its default
+    assert set(mine) <= {f.name for f in dataclasses.fields(peft.LoraConfig)}, set(mine) - set(theirs)
+    assert set(MATH_FIELDS) <= set(mine)
+    for k in mine:
         if k not in ("target_modules", "base_model_name_or_path"):
             assert mine[k] == theirs[k], k
     assert sorted(mine["target_modules"]) == sorted(theirs["target_modules"])
+    # and PEFT, filling in the fields we leave out, reads the same config as its own
+    read = [{k: v for k, v in peft.LoraConfig.from_pretrained(tmp_path / d).to_dict().items()
+             if k not in ("base_model_name_or_path", "peft_version")} for d in ("ad", "peft")]
+    assert read[0] == read[1]
     with safe_open(str(tmp_path / "ad" / "adapter_model.safetensors"), "pt") as a, \
             safe_open(str(tmp_path / "peft" / "adapter_model.safetensors"), "pt") as b:
         assert sorted(a.keys()) == sorted(b.keys()) and a.metadata() == b.metadata()
@@ -203,6 +215,28 @@ def test_bad_adapters_are_clear_errors(tiny, tmp_path):
     cfg_path.write_text(json.dumps({**cfg, "r": 8}))
     with pytest.raises(AdapterError, match="rank 4 in the file but 8"):
         load_adapter(model, tmp_path / "a")
+
+
+def test_newer_peft_fields_load_and_set_ones_are_named(tiny, tmp_path):
+    """A config from a newer PEFT: fields it adds load when unset (their defaults are plain LoRA); a set one whose
+    meaning phiforge does not know is named in a warning; a set one known to change the math is refused."""
+    pm = peft_model(hf_phi3()).eval()
+    want = pm(input_ids=IDS).logits
+    pm.save_pretrained(tmp_path / "a")
+    cfg_path = tmp_path / "a" / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg_path.write_text(json.dumps({**cfg, "astra_config": None, "some_future_config": {}, "some_future_flag": False}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                         # unset new fields: no warning at all
+        ours = load_model(tiny, dtype=torch.float32, adapter=tmp_path / "a")
+    torch.testing.assert_close(ours(IDS), want, rtol=1e-5, atol=1e-5)
+    cfg_path.write_text(json.dumps({**cfg, "astra_config": {"mode": "knowledge"}, "some_future_flag": True}))
+    with pytest.warns(AdapterConfigWarning, match="astra_config, some_future_flag"):
+        load_adapter(load_model(tiny, dtype=torch.float32), tmp_path / "a")
+    for field, value in (("use_qalora", True), ("layer_replication", [[0, 1]]), ("modules_to_save", ["lm_head"])):
+        cfg_path.write_text(json.dumps({**cfg, field: value}))
+        with pytest.raises(AdapterError, match=f"field {field} = "):
+            load_adapter(load_model(tiny, dtype=torch.float32), tmp_path / "a")
 
 
 def test_merge_parity_and_cli(tiny, tmp_path):
