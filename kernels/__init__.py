@@ -20,3 +20,10 @@
 Dispatch everywhere: CUDA tensors -> Triton; CPU tensors -> the torch (or native CPU) path;
 PHIFORGE_KERNELS=triton with TRITON_INTERPRET=1 forces Triton on CPU tensors (the tests do).
 """
+
+if __name__ != "phiforge.kernels":
+    # This folder is phiforge.kernels only (setup.py's package_dir). Under another name the repository root is on
+    # sys.path, where our kernels/ stands in for the Hugging Face `kernels` package that transformers imports.
+    raise ImportError(f"{__file__} imported as {__name__!r}: the phiforge repository root is on sys.path (python -m "
+                      "or -c run from the repo root, or an empty PYTHONPATH entry); run with python -P or "
+                      "PYTHONSAFEPATH=1, or from another directory")

@@ -10,6 +10,9 @@ and tests/kernels/test_lora.py can share a name).
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# Every python a test starts inherits this: `python -c` / `python -m` run from the repo root then do not put the root
+# on sys.path, where our kernels/ would stand in for the `kernels` package transformers imports (tests/test_sys_path.py).
+os.environ["PYTHONSAFEPATH"] = "1"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

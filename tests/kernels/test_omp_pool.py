@@ -4,12 +4,12 @@ runs in a fresh process (tests/kernels/omp_pool_probe.py), which counts the OS t
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
+from child_env import child_env
 from tiny_phi3 import make_hf_checkpoint
 
 from phiforge.kernels import omp_pool
@@ -19,8 +19,8 @@ PROBE = Path(__file__).with_name("omp_pool_probe.py")
 
 
 def _probe(*args: str) -> dict:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(PROBE.parents[1]), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, str(PROBE), *args], capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run([sys.executable, str(PROBE), *args], capture_output=True, text=True, env=child_env(),
+                          timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
