@@ -22,13 +22,14 @@ export PYTHONSAFEPATH := 1
 setup: $(STAMP)
 
 # pip, setuptools and torch first, from the lock: 2.13.0 is the CPU build on disk, and an unpinned torch pulls
-# several GB of CUDA wheels. phiforge builds with the locked setuptools (no isolated build environment that would
-# take the newest).
+# several GB of CUDA wheels. phiforge builds in an isolated environment with the locked setuptools: built in this one,
+# setuptools would load the egg_info writer of the Hugging Face `kernels` package (a transformers dependency), and
+# with the repo root on the build's sys.path that import finds our kernels/ instead.
 $(STAMP): setup.py $(LOCK) | lock-check
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(PIP) --upgrade pip setuptools
 	$(PIP) torch
-	$(PIP) --no-build-isolation -e '.[test]'
+	$(PIP) --build-constraint $(LOCK) -e '.[test]'
 	$(PIP) --no-deps $(MODELS)
 	touch $(STAMP)
 

@@ -77,6 +77,7 @@ def test_every_install_of_make_setup_goes_through_the_lock():
     recipe = re.search(r"^\$\(STAMP\):.*\n((?:\t.*\n)+)", text, re.M).group(1)
     installs = [line for line in recipe.splitlines() if "pip" in line and "install" in line or "$(PIP)" in line]
     assert len(installs) >= 4 and all(line.strip().startswith("$(PIP) ") for line in installs), installs
+    assert any("--build-constraint $(LOCK) -e" in line for line in installs)   # phiforge's own build too
     assert "| lock-check" in re.search(r"^\$\(STAMP\):.*$", text, re.M).group(0)
 
 
