@@ -1,4 +1,6 @@
 """phiforge: Phi-3 experts on one consumer GPU (RAG and LoRA/QLoRA fine-tuning)."""
+from pathlib import Path
+
 from setuptools import setup
 
 PACKAGES = ["engine", "kernels", "retrieval", "evaluation", "bench"]
@@ -22,10 +24,12 @@ setup(
     python_requires=">=3.10",
     # The folders install under the `phiforge.` prefix: bitsandbytes and transformers import a bare
     # top-level `kernels` module if one exists, so ours must never be importable under that name.
-    packages=["phiforge", "phiforge.commands"] + [f"phiforge.{p}" for p in PACKAGES],
+    # each folder's subpackages (engine/serve -> phiforge.engine.serve) map below it
+    packages=["phiforge", "phiforge.commands"] + [
+        "phiforge." + ".".join(init.parent.parts) for p in PACKAGES for init in sorted(Path(p).rglob("__init__.py"))],
     package_dir={"phiforge": "phiforge", **{f"phiforge.{p}": p for p in PACKAGES}},
-    # the C kernels of the CPU path, compiled on first use (kernels/native.py)
-    package_data={"phiforge.kernels": ["csrc/*.c", "csrc/*.h"]},
+    # the C kernels of the CPU path, compiled on first use (kernels/cpu/native.py)
+    package_data={"phiforge.kernels.cpu": ["csrc/*.c", "csrc/*.h"]},
     install_requires=RUNTIME,
     extras_require={"test": TEST},
     entry_points={"console_scripts": ["phiforge = phiforge.cli:main"]},

@@ -3,14 +3,14 @@
 Each row times the kernel and its torch counterpart interleaved in the same run (best of `--repeats` rounds of
 `--iters` calls) and prints both and the speedup:
 
-  - kernels/cpu_linear.py      oneDNN fp32 linear vs F.linear (MKL), forward and the backward dX form, 512 rows
-  - kernels/cpu_attention.py   causal prefill attention vs SDPA, (1, 9 heads, 512, 64), 3 KV heads, fp32 and bf16
-  - kernels/cpu_ops.py         RMSNorm (512 x 576), SwiGLU (512 x 2·1536) and RoPE on q (9 heads x 512 x 64) vs
+  - kernels/cpu/linear.py      oneDNN fp32 linear vs F.linear (MKL), forward and the backward dX form, 512 rows
+  - kernels/cpu/attention.py   causal prefill attention vs SDPA, (1, 9 heads, 512, 64), 3 KV heads, fp32 and bf16
+  - kernels/cpu/ops.py         RMSNorm (512 x 576), SwiGLU (512 x 2·1536) and RoPE on q (9 heads x 512 x 64) vs
                                their torch forms, fp32 and bf16
-  - kernels/cpu_decode.py      the whole decode step vs the torch step, default model, 512 cached tokens a row,
+  - kernels/cpu/decode.py      the whole decode step vs the torch step, default model, 512 cached tokens a row,
                                at each batch of `--decode-rows` (default 1; the serving engine steps up to 16)
 
-`--tier avx2` (any kernels/native.py tier) builds and runs every native library at that instruction-set tier or
+`--tier avx2` (any kernels/cpu/native.py tier) builds and runs every native library at that instruction-set tier or
 below, as on a CPU that has no more: e.g. the AVX2 decode step against the torch step on an AVX2 machine (whose own
 native GEMV and RMSNorm/SwiGLU/RoPE then run their AVX2 forms too). torch's own kernels keep what they detect
 unless capped as well: `ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2`. The JSON records the tier each library
@@ -30,7 +30,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from phiforge.kernels import cpu_attention, cpu_decode, cpu_gemv, cpu_linear, cpu_ops, native
+from phiforge.kernels.cpu import attention as cpu_attention, decode as cpu_decode, gemv as cpu_gemv, native
+from phiforge.kernels.cpu import linear as cpu_linear, ops as cpu_ops
 
 T, C, I, NH, NKV, HS = 512, 576, 1536, 9, 3, 64
 

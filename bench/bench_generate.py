@@ -48,7 +48,7 @@ from transformers.generation.streamers import BaseStreamer
 from phiforge.engine import Generator, load_model, load_tokenizer
 from phiforge.engine.fetch import default_gguf_path, default_model_path
 from phiforge.engine.quant import quantize_model_
-from phiforge.kernels import cpu_attention, cpu_decode, native
+from phiforge.kernels.cpu import attention as cpu_attention, decode as cpu_decode, native
 
 PROMPT_LEN = 512
 LONG_PROMPT_LEN = 1536
@@ -115,7 +115,7 @@ _PEAK = native.NativeLib("bench_peak", "peak.c", tiers=("avx512bf16",), register
 
 def arithmetic_peak_gflops(dtype: torch.dtype, n: int = 20_000_000) -> float | None:
     """GFLOP/s of the CPU's widest multiply-add in `dtype` on all torch threads (None without a compiler or bf16
-    dot products): what no kernel can exceed. The probe is kernels/csrc/peak.c."""
+    dot products): what no kernel can exceed. The probe is kernels/cpu/csrc/peak.c."""
     lib = _PEAK.get()
     if lib is None:
         return None

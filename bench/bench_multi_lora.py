@@ -3,7 +3,7 @@
 16 rows decode greedily after a short prompt; each configuration is timed over the same decode steps, repeats
 interleaved (this machine is shared: only same-run ratios mean anything):
 
-  - base_native: the plain model through DecodeStep, i.e. the native whole-step decode (kernels/cpu_decode.py)
+  - base_native: the plain model through DecodeStep, i.e. the native whole-step decode (kernels/cpu/decode.py)
     where it runs: what the engine runs when no row has an adapter;
   - base_torch: the plain model through the torch decode step;
   - adapters_none: an AdapterSet with the adapters loaded but every row on the base model (-1): the wrappers' cost;

@@ -16,11 +16,11 @@ the same KVCache, with:
     query head h = g·rep + r reads KV head g, so q (B, nh, hs) is viewed as (B, nkv, rep, hs) and no K/V copy
     is made;
   - RoPE applied to q and k in one go (they are adjacent in the fused qkv output);
-  - plain dense projections through kernels/cpu_gemv.py's native GEMV at batch 1 (a swapped-in NF4/LoRA linear is
+  - plain dense projections through kernels/cpu/gemv.py's native GEMV at batch 1 (a swapped-in NF4/LoRA linear is
     called as its module, so it keeps its own kernel).
 
 With dense fp32/bf16 projections (up to 16 rows) or NF4 ones (up to 4) the whole step is one native call instead
-(kernels/cpu_decode.py: same math, same roundings; `bench_generate.py --ablations` measures both); this module
+(kernels/cpu/decode.py: same math, same roundings; `bench_generate.py --ablations` measures both); this module
 hands it the model's weights as tensors (`decode_weights`) and, for a model with an AdapterSet (engine/multi_lora.py),
 the resident adapters' stacks: rows with an adapter get its delta in the native step too (csrc/decode_lora.h). This
 torch step serves larger batches, single-adapter LoRA models, and machines where the native library cannot run.
@@ -43,10 +43,10 @@ from typing import Callable
 import torch
 from torch import nn
 
-from phiforge.kernels import cpu_gemv
-from phiforge.kernels.cpu_decode import DecodeWeights, NativeDecode
-from phiforge.kernels.cpu_linear import is_plain
-from phiforge.kernels.cpu_ops import rotary_ref, swiglu
+from phiforge.kernels.cpu import gemv as cpu_gemv
+from phiforge.kernels.cpu.decode import DecodeWeights, NativeDecode
+from phiforge.kernels.cpu.linear import is_plain
+from phiforge.kernels.cpu.ops import rotary_ref, swiglu
 from phiforge.kernels.nf4 import NF4Weight
 
 from .model import RMSNorm
@@ -72,7 +72,7 @@ def _weight(module: nn.Module) -> torch.Tensor | NF4Weight | None:
 
 
 def decode_weights(model: nn.Module) -> DecodeWeights | None:
-    """The model's weights as kernels/cpu_decode.py takes them, or None when a projection or norm is something
+    """The model's weights as kernels/cpu/decode.py takes them, or None when a projection or norm is something
     else (a LoRA linear, a hooked module): then only the torch step applies."""
     cfg, layers = model.config, list(model.model.layers)
     sites = [[_weight(getattr(getattr(layer, part), name)) for layer in layers]
@@ -133,7 +133,7 @@ class DecodeStep:
         self.steps = {"native": 0, "native_lora": 0, "torch": 0}  # which path each call took (tests, benches)
 
     def _projection(self, module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-        """A plain nn.Linear runs through kernels/cpu_gemv.py (native GEMV for one row); anything else (batches,
+        """A plain nn.Linear runs through kernels/cpu/gemv.py (native GEMV for one row); anything else (batches,
         NF4Linear, LoRALinear, a module with hooks) runs through torch with the configured thread count."""
         weight = module.weight if _is_plain(module) else None
 

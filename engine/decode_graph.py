@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from phiforge.kernels.cpu_ops import rotary_ref, swiglu_ref
+from phiforge.kernels.cpu.ops import rotary_ref, swiglu_ref
 
 
 class CUDAGraphDecode:

@@ -38,7 +38,7 @@ adapter load (K/V depend on the weights that wrote them).
 **Threads.** `submit`, `abort`, `stats`, `shutdown` and the adapter calls are thread-safe; only the scheduler
 thread touches the model, the cache and the queues. `Engine(start=False)` runs no thread: the caller drives
 `step()` itself (engine/generate.py's Generator does, to check its cancel callback between steps). Starting the
-scheduler thread gives back the constructing thread's OpenMP pool (kernels/omp_pool.py): beside the scheduler
+scheduler thread gives back the constructing thread's OpenMP pool (kernels/cpu/omp_pool.py): beside the scheduler
 thread's own, it would make more OpenMP threads than cores, and libgomp then sleeps at every barrier of every step.
 A caller that runs parallel torch work of its own while the engine serves makes a pool again, with the same effect
 for that time.
@@ -53,7 +53,7 @@ from typing import Any, Callable
 
 import torch
 
-from phiforge.kernels import omp_pool
+from phiforge.kernels.cpu import omp_pool
 
 from .decode import DecodeStep
 from .detokenize import IncrementalDetokenizer

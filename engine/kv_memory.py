@@ -8,7 +8,7 @@
 **Layout: slots per row** (llama.cpp's server), not pages with a block table (vLLM). The cache is the model's
 KVCache, k/v (L, rows, nkv, row_len, hs); a request owns one row from admission to its end and writes slot t of its
 row for its token t, so slot = position and attention reads a contiguous run of slots. That is what both decode
-paths already read (engine/decode.py's torch step, kernels/csrc/decode.c), and what `model.forward` prefills through
+paths already read (engine/decode.py's torch step, kernels/cpu/csrc/decode.c), and what `model.forward` prefills through
 a one-row view; pages would add a gather (or a block-table walk in C) to every attention on CPU, for a benefit that
 only shows when requests' lengths vary widely. The price is llama.cpp's: a row is sized for the longest request
 it may hold, so `kv_tokens` = rows × row_len is reserved up front. Pages were not built or measured.

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from phiforge.kernels.cpu_linear import Linear
+from phiforge.kernels.cpu.linear import Linear
 from phiforge.kernels.lora import lora_linear
 from phiforge.kernels.nf4 import NF4Weight
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from phiforge.kernels.cpu_linear import matmul_nt
+from phiforge.kernels.cpu.linear import matmul_nt
 
 IGNORE = -100
 

@@ -30,9 +30,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from phiforge.kernels.cpu_attention import causal_attention
-from phiforge.kernels.cpu_linear import Linear
-from phiforge.kernels.cpu_ops import rms_norm, rotary, swiglu
+from phiforge.kernels.cpu.attention import causal_attention
+from phiforge.kernels.cpu.linear import Linear
+from phiforge.kernels.cpu.ops import rms_norm, rotary, swiglu
 
 from .config import Phi3Config
 
@@ -46,7 +46,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps)  # transformers' order and roundings (kernels/cpu_ops.py)
+        return rms_norm(x, self.weight, self.eps)  # transformers' order and roundings (kernels/cpu/ops.py)
 
 
 class RotaryEmbedding(nn.Module):

@@ -42,7 +42,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from phiforge.kernels.cpu_decode import LoRAStack
+from phiforge.kernels.cpu.decode import LoRAStack
 from phiforge.kernels.lora_gather import lora_gather_, segments_to_slots
 
 from .adapter import AdapterError, load_adapter, trained_base
@@ -142,7 +142,7 @@ class MultiLoRALinear(nn.Module):
         return self._rows.slots if self._rows.seg_lens is None else None
 
     def native_stack(self) -> LoRAStack | None:
-        """These stacks as the native decode step reads them (kernels/cpu_decode.py), or None when no resident
+        """These stacks as the native decode step reads them (kernels/cpu/decode.py), or None when no resident
         adapter targets this projection. A copy (B transposed per slot), so rebuild it when `version` changes."""
         if not any(self.ranks):
             return None

@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
-from phiforge.kernels.cpu_linear import Linear
+from phiforge.kernels.cpu.linear import Linear
 from phiforge.kernels.nf4 import BLOCKSIZES, NF4Weight, nf4_dequantize, quantize_nf4
 from phiforge.kernels.nf4_matmul import nf4_matmul
 

@@ -49,7 +49,7 @@ import triton.language as tl
 from torch.amp import custom_bwd, custom_fwd
 
 from phiforge.kernels.aot import aligned, signature
-from phiforge.kernels.cpu_linear import matmul_nt
+from phiforge.kernels.cpu.linear import matmul_nt
 from phiforge.kernels.nf4 import NF4Weight, dequantize_nf4_ref
 from phiforge.kernels.nf4_matmul import nf4_matmul, nf4_matmul_t
 from phiforge.kernels.nf4_tiles import LoRAEpilogue, _grouped_tile, _lora_args, _lora_epilogue, use_triton

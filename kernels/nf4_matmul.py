@@ -13,7 +13,7 @@ Each kernel optionally adds a LoRA epilogue  out += s · P · Qᵀ  before its s
 extra pass over the output: forward P = x·Aᵀ (M, r), Q = B (N, r); backward P = dY·B (M, r), Q = Aᵀ (K, r).
 
 Dispatch (`nf4_matmul`, `nf4_matmul_t`): CUDA tensors -> Triton (GEMV if M <= 8 else GEMM); CPU tensors -> torch
-(kernels/nf4_cpu.py: a native fused GEMV for decode, dequantize + matmul otherwise); PHIFORGE_KERNELS=triton forces
+(kernels/cpu/nf4.py: a native fused GEMV for decode, dequantize + matmul otherwise); PHIFORGE_KERNELS=triton forces
 Triton (the tests run it under TRITON_INTERPRET=1). `method="dequant"` instead dequantizes W into one reused buffer
 and calls cuBLAS, so the bench can measure which wins per shape instead of assuming fusion does.
 
@@ -31,9 +31,10 @@ import torch
 import triton
 import triton.language as tl
 
-from phiforge.kernels import nf4_cpu, nf4_gemv
+from phiforge.kernels import nf4_gemv
 from phiforge.kernels.aot import aligned, signature
-from phiforge.kernels.cpu_linear import matmul_nt
+from phiforge.kernels.cpu import nf4 as nf4_cpu
+from phiforge.kernels.cpu.linear import matmul_nt
 from phiforge.kernels.nf4 import NF4Weight, _nf4_dequantize_kernel, dequantize_nf4_ref
 from phiforge.kernels.nf4_gemv import GEMV_CONFIGS, GEMV_MAX_M, gemv_config  # noqa: F401  (re-exported)
 from phiforge.kernels.nf4_tiles import (

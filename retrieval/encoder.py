@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from tokenizers import Tokenizer
 
-from phiforge.kernels.cpu_linear import Linear
+from phiforge.kernels.cpu.linear import Linear
 
 from .manifest import sha256_file
 

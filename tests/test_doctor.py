@@ -5,7 +5,7 @@ import argparse
 import json
 
 from phiforge.commands import doctor
-from phiforge.kernels import native
+from phiforge.kernels.cpu import native
 
 
 def _run(capsys, *argv: str) -> str:

@@ -2,7 +2,7 @@
 `kernels`: transformers imports the Hugging Face package of that name whenever importlib finds one, and ours would
 stand in for it (transformers 5.25 then dies on `from kernels import CUDAProperties`).
 
-The children here are started the ways the suite starts its own (tests/kernels/test_omp_pool.py's probe script, the
+The children here are started the ways the suite starts its own (tests/kernels/cpu/test_omp_pool.py's probe script, the
 `python -c` probes of test_store/test_quant, `python -m` as `make demo` does), from the repo root, with the
 environment tests/conftest.py and the Makefile give every child (tests/child_env.py); and the folder itself refuses
 a bare import with a line that says why."""

@@ -11,7 +11,8 @@ import platform
 import torch
 import triton
 
-from phiforge.kernels import cpu_attention, cpu_decode, cpu_gemv, cpu_ops, native, nf4_cpu
+from phiforge.kernels.cpu import attention as cpu_attention, decode as cpu_decode, gemv as cpu_gemv, native
+from phiforge.kernels.cpu import nf4 as nf4_cpu, ops as cpu_ops
 
 ISA_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_bf16")
 LIBRARIES = (cpu_ops.LIB, cpu_gemv.LIB, nf4_cpu.LIB, cpu_attention.LIB, cpu_decode.LIB)

@@ -10,13 +10,13 @@ from tiny_phi3 import TINY, VARIANTS, left_padded, make_hf_checkpoint
 from phiforge.engine import load_model
 from phiforge.engine.decode import DecodeStep
 from phiforge.engine.kv_memory import KVRow
-from phiforge.kernels import cpu_decode
+from phiforge.kernels.cpu import decode as cpu_decode
 
 
 @pytest.mark.parametrize("variant,lens", [("mini-4k-window", [7, 19, 1]), ("gqa", [7, 19, 1]),
                                           ("partial-tied", [7, 19, 1]), ("gqa", [11])])
 @pytest.mark.parametrize("rope_long", [False, True])
-@pytest.mark.parametrize("native", [True, False])  # kernels/cpu_decode.py's whole step, or the torch step
+@pytest.mark.parametrize("native", [True, False])  # kernels/cpu/decode.py's whole step, or the torch step
 def test_decode_step_equals_model_forward(tmp_path, variant, lens, rope_long, native):
     with contextlib.nullcontext() if native else cpu_decode.LIB.disabled():
         make_hf_checkpoint(tmp_path, VARIANTS[variant][0])

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from phiforge.kernels import native
+from phiforge.kernels.cpu import native
 
 
 def _lib(module):

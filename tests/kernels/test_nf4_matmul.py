@@ -1,4 +1,4 @@
-"""NF4 dequant-matmul (kernels/nf4_matmul.py, kernels/nf4_cpu.py) against the pure-torch reference.
+"""NF4 dequant-matmul (kernels/nf4_matmul.py, kernels/cpu/nf4.py) against the pure-torch reference.
 
 Every Triton kernel (GEMV, GEMM, transposed GEMM, each with and without the LoRA epilogue) runs under the
 interpreter (tests/conftest.py sets TRITON_INTERPRET=1; PHIFORGE_KERNELS=triton routes CPU tensors to it), and the
@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from phiforge.kernels import native, nf4_cpu
+from phiforge.kernels.cpu import native, nf4 as nf4_cpu
 from ref_error import assert_within_ref_error
 from phiforge.kernels.nf4 import dequantize_nf4_ref, quantize_nf4
 from phiforge.kernels.nf4_matmul import (

@@ -1,4 +1,4 @@
-"""Run by tests/kernels/test_omp_pool.py in a fresh process (OpenMP pools live as long as their threads, so a
+"""Run by tests/kernels/cpu/test_omp_pool.py in a fresh process (OpenMP pools live as long as their threads, so a
 shared pytest process would count other tests' pools): prints, as JSON, the process's native threads (OS threads
 that are not Python threads: the OpenMP workers, here) at each stage.
 
@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from phiforge.kernels import omp_pool
+from phiforge.kernels.cpu import omp_pool
 
 
 def native_threads() -> int:

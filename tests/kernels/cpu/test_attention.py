@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from phiforge.kernels import cpu_attention
-from phiforge.kernels.cpu_attention import causal_attention, causal_attention_ref
+from phiforge.kernels.cpu import attention as cpu_attention
+from phiforge.kernels.cpu.attention import causal_attention, causal_attention_ref
 
 LIB = cpu_attention.LIB  # tests/kernels/conftest.py: every test runs at each tier; skipped only where the CPU cannot
 

@@ -15,11 +15,11 @@ Each thread takes a contiguous block of rows and reads them one after another: o
 thread, which the hardware prefetcher keeps ahead of (csrc/gemv.h); two accumulators per row hide the FMA latency.
 Only M = 1 (batch-1 decode) runs here: for batches oneDNN's GEMM is the better kernel. Accumulation is in fp32 in
 both dtypes, like torch's kernels; only the summation order differs, so results agree to rounding
-(tests/kernels/test_cpu_gemv.py).
+(tests/kernels/cpu/test_gemv.py).
 
 The C is csrc/gemv.c around csrc/gemv.h, the GEMV body the whole decode step (csrc/decode.c) uses too; compiled on
-first use and cached by kernels/native.py, called through ctypes. Where the library cannot run (kernels/native.py
-says why), for M > 1 or a non-contiguous weight, `linear` falls back to
+first use and cached by kernels/cpu/native.py, called through ctypes. Where the library cannot run
+(kernels/cpu/native.py says why), for M > 1 or a non-contiguous weight, `linear` falls back to
 `torch.nn.functional.linear`.
 
 Legend: M rows of x, N out_features, K in_features.
@@ -31,7 +31,7 @@ import ctypes
 import torch
 import torch.nn.functional as F
 
-from phiforge.kernels import native
+from phiforge.kernels.cpu import native
 
 P, I = ctypes.c_void_p, ctypes.c_int
 LIB = native.NativeLib("cpu_gemv", "gemv.c", tiers=("avx512bf16", "avx512", "avx2"), functions={

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from phiforge.kernels import cpu_linear
+from phiforge.kernels.cpu import linear as cpu_linear
 
 pytestmark = pytest.mark.skipif(not cpu_linear._HAS_OP, reason="this torch has no oneDNN linear op")
 

@@ -1,4 +1,4 @@
-/* Dense batch-1 GEMV for the decode path (kernels/cpu_gemv.py): y = x · Wᵀ, one row of x, fp32 or bf16 in and out
+/* Dense batch-1 GEMV for the decode path (kernels/cpu/gemv.py): y = x · Wᵀ, one row of x, fp32 or bf16 in and out
    with fp32 accumulation. The body is gemv.h's, the one the decode step runs too, at either tier: AVX-512 (bf16 on
    the dot-product instruction where the CPU has it, widened to fp32 otherwise) or AVX2 (8 lanes, bf16 widened). */
 #include <stdint.h>

@@ -1,4 +1,4 @@
-/* Causal prefill attention (kernels/cpu_attention.py states the math and the tiling): fp32, and bf16 on the bf16
+/* Causal prefill attention (kernels/cpu/attention.py states the math and the tiling): fp32, and bf16 on the bf16
    dot-product instruction when the CPU has AVX512-BF16. The fp32 form (bf16 widened, without that instruction) is
    written once on simd.h's width-neutral vfloat: VW = 16 lanes on AVX-512, 8 on AVX2, whose 16 registers take
    smaller tiles (KC, DC below). */

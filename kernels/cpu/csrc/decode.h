@@ -1,6 +1,6 @@
 /* The decode step's state (decode.c) and the scalar helpers its parts share (decode_attention.h).
 
-   Python fills a Model and one NF4Desc per NF4 projection through ctypes (kernels/cpu_decode.py). So that a field
+   Python fills a Model and one NF4Desc per NF4 projection through ctypes (kernels/cpu/decode.py). So that a field
    added, removed, renamed, reordered or retyped on either side cannot silently shift the others, the C side reports
    each field's offset by name and each struct's size (decode_model_offset, ...), and Python checks its ctypes
    mirror against them when it loads the library. MODEL_FIELDS / NF4DESC_FIELDS list the names; a field missing

@@ -20,20 +20,20 @@ rounded to the model dtype (identity for fp32, round-to-nearest-even for bf16), 
     x   = R(x + R(R(R(silu(g)) · u) · W_downᵀ)),  (g, u) = R(xn₂ · W_gate_upᵀ)
 
 Only the summation order and exp's last ulp (csrc/simd.h) differ from torch's kernels, so logits agree to
-rounding (tests/kernels/test_cpu_decode.py compares them with `model.forward` and with the torch decode step).
+rounding (tests/kernels/cpu/test_decode.py compares them with `model.forward` and with the torch decode step).
 
-Projections are dense fp32/bf16, or all NF4 (QLoRA's base model): then each projection runs kernels/nf4_cpu.py's
+Projections are dense fp32/bf16, or all NF4 (QLoRA's base model): then each projection runs kernels/cpu/nf4.py's
 kernels, the very code the torch step calls per NF4 linear, so the sums are the same: the fused dequantize-GEMV up
 to nf4_cpu.GEMV_MAX_M rows, and from tile_min_m() up to TILE_MAX_M rows the tile GEMM (beyond, the torch step
 dequantizes the whole weight and runs a GEMM instead). NF4 reads a quarter of the bytes
 (bench/bench_generate.py measures what that buys). The engine (engine/decode.py) hands over the weights as tensors
 (`DecodeWeights`); a single-adapter LoRA projection, more than MAX_BATCH rows, or a library that cannot run
-(kernels/native.py says why: it needs AVX2 + FMA at least) keeps the torch step.
+(kernels/cpu/native.py says why: it needs AVX2 + FMA at least) keeps the torch step.
 
 Many adapters in one batch (the serving engine's AdapterSet, engine/multi_lora.py): `set_lora` takes each
 projection's stacked adapters (`LoRAStack`) and a call's `lora_slots` name each row's; after each projection the
-rows with an adapter add its delta, y += R(R(x·A_sᵀ)·R(s_s))·B_sᵀ rounded once (csrc/decode_lora.h), rows grouped by
-adapter so each adapter's A and B are read once a step: the roundings of kernels/lora_gather.py's CPU path, so the
+rows with an adapter add its delta, y += R(R(x·A_sᵀ)·R(s_s))·B_sᵀ rounded once (csrc/decode_lora.h), rows grouped
+by adapter so each adapter's A and B are read once a step: the roundings of kernels/lora_gather.py's CPU path, so the
 step equals the torch step with the same adapters. The C is written once for two
 vector widths (csrc/simd.h's vfloat): AVX-512 (16 lanes; bf16 on AVX512-BF16's dot product where the CPU has it)
 and AVX2 (8 lanes, bf16 widened to fp32), the same roundings in the same places on both.
@@ -48,7 +48,7 @@ from dataclasses import dataclass
 
 import torch
 
-from phiforge.kernels import native, nf4_cpu
+from phiforge.kernels.cpu import native, nf4 as nf4_cpu
 from phiforge.kernels.nf4 import NF4Weight
 
 _P, _L = ctypes.c_void_p, ctypes.c_int64

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from phiforge.kernels import cpu_gemv
+from phiforge.kernels.cpu import gemv as cpu_gemv
 
 LIB = cpu_gemv.LIB  # tests/kernels/conftest.py: every test runs at each tier; skipped only where the CPU cannot
 

@@ -12,9 +12,9 @@ on each pass. Fused, each element is read once and written once (bench/bench_cpu
 
 R(v) rounds to the activation dtype (identity for fp32, round-to-nearest-even for bf16), at the places torch
 rounds, so the results equal the torch forms up to summation order (the mean) and exp's last ulp
-(tests/kernels/test_cpu_ops.py; RoPE has no sum or exp, so it is bit-equal). The C is csrc/ops.c; rows split
+(tests/kernels/cpu/test_ops.py; RoPE has no sum or exp, so it is bit-equal). The C is csrc/ops.c; rows split
 over the OpenMP threads. Training and anything else keep the torch forms: these functions fall back to them under
-autograd, on other devices and dtypes, or where the library cannot run (kernels/native.py).
+autograd, on other devices and dtypes, or where the library cannot run (kernels/cpu/native.py).
 
 Legend: B batch, T rows (tokens), h heads, hs head dim, rd rotary dims, C hidden size, I intermediate size.
 """
@@ -25,7 +25,7 @@ import ctypes
 import torch
 import torch.nn.functional as F
 
-from phiforge.kernels import native
+from phiforge.kernels.cpu import native
 
 P, L, I, Fl = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
 LIB = native.NativeLib("cpu_ops", "ops.c", tiers=("avx512", "avx2"), functions={

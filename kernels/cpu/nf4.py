@@ -24,7 +24,7 @@ that stays in cache (bit-identical to the whole-weight dequantize) and runs the 
     y[:, n0:n0+16] = x · tileᵀ          (M, 16)    x (M, K) fp32 or bf16, fp32 sums
 
 The C is csrc/nf4.c around csrc/nf4.h, the kernels the whole decode step (csrc/decode.c) calls too. Where the
-library cannot run (kernels/native.py says why), or for shapes outside the fast path, kernels/nf4_matmul.py
+library cannot run (kernels/cpu/native.py says why), or for shapes outside the fast path, kernels/nf4_matmul.py
 dequantizes (`dequantize_nf4_ref` here without the library) and runs a dense matmul.
 Shape legend: M rows of x, N = out_features, K = in_features, n = N*K, nb = n / blocksize.
 """
@@ -35,7 +35,7 @@ import functools
 
 import torch
 
-from phiforge.kernels import native
+from phiforge.kernels.cpu import native
 from phiforge.kernels.nf4 import NF4Weight, dequantize_nf4_ref
 
 # Which kernel takes M rows (csrc/nf4.h's NF4_* limits; the fixed ones checked against the library at load). The

@@ -1,4 +1,4 @@
-"""kernels/native.py: every C file compiles on its own with the real flags, and a library that cannot run says why:
+"""kernels/cpu/native.py: every C file compiles on its own with the real flags, and a library that cannot run says why:
 a compile error warns once with the compiler's message (raises under PHIFORGE_CPU_NATIVE=require), a missing
 instruction set is a quiet fallback even under require."""
 from __future__ import annotations
@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from phiforge.kernels import (cpu_attention, cpu_decode, cpu_gemv, cpu_ops, native, nf4_cpu,  # noqa: F401 (register)
-                              omp_pool)
+from phiforge.kernels.cpu import (attention, decode, gemv, native, nf4, omp_pool,  # noqa: F401 (register)
+                                  ops)
 
 # the tiers each C file is built for, from the libraries that build it (peak.c: bench_generate's probe)
 TIERS = {lib.source.name: lib.tiers for lib in native.LIBRARIES.values()} | {"peak.c": ("avx512bf16",)}

@@ -12,7 +12,7 @@ The math, with x (M, K), W (N, K), dy (M, N):
     dW = dyᵀ·x             = linear(dyᵀ, xᵀ), only when W is trainable
     db = Σ_m dy[m]
 
-Summation order differs from MKL's, so results agree to fp32 rounding, not bit for bit (tests/kernels/test_cpu_linear.py
+Summation order differs from MKL's, so results agree to fp32 rounding, not bit for bit (tests/kernels/cpu/test_linear.py
 holds both to the same error against an fp64 reference). Anything that is not an fp32 CPU tensor, or a torch
 without the op, runs `F.linear`. `Linear` is an `nn.Linear` with this forward: same parameters, same state-dict
 keys, so the model's projections use it with nothing else changed.

@@ -1,4 +1,4 @@
-/* NF4 on the CPU (kernels/nf4_cpu.py): nf4.h's fused dequantize-GEMV and tile GEMM over all output rows, and the
+/* NF4 on the CPU (kernels/cpu/nf4.py): nf4.h's fused dequantize-GEMV and tile GEMM over all output rows, and the
    dequantize into an fp32/bf16/fp16 buffer, bit-identical to bitsandbytes (kernels/nf4.py's reference). */
 #include <stdint.h>
 
@@ -45,7 +45,7 @@ void nf4_dequant_all(const uint8_t *packed, const void *absmax, const float *cod
                                           (char *)out + lo_ * (kind ? 2 : 4), kind));
 }
 
-/* For kernels/nf4_cpu.py: whether this tier has the tile GEMM (without it the caller dequantizes the whole weight
+/* For kernels/cpu/nf4.py: whether this tier has the tile GEMM (without it the caller dequantizes the whole weight
    and runs torch's GEMM), and nf4.h's row limits at this tier */
 void nf4_config(int *out) {
     out[0] = NF4_HAS_TILE, out[1] = NF4_GEMV_MAX_M, out[2] = NF4_TILE_MIN_M_BF16, out[3] = NF4_TILE_MIN_M_F32;

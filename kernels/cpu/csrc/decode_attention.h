@@ -12,7 +12,7 @@
    (R-rounded), so both products go through _mm512_dpbf16_ps straight from the bf16 cache (exact products, fp32
    sums): q·k_j 32 dims an instruction, and p·V two keys an instruction, the rows v_j, v_j+1 interleaved
    (unpacklo/hi_epi16) so each lane holds (v_j[d], v_j+1[d]). Same roundings in both; only the summation order
-   differs. Tests: tests/kernels/test_cpu_decode.py (both forms, at each tier, against the torch decode step and
+   differs. Tests: tests/kernels/cpu/test_decode.py (both forms, at each tier, against the torch decode step and
    model.forward, head dims 8-96). */
 #pragma once
 #include <math.h>

@@ -1,4 +1,4 @@
-/* RMSNorm, SwiGLU and RoPE for CPU inference, each one pass over the activation (kernels/cpu_ops.py states the math
+/* RMSNorm, SwiGLU and RoPE for CPU inference, each one pass over the activation (kernels/cpu/ops.py states the math
    and holds the torch references). vround() = the activation dtype's rounding, at the places torch rounds. Rows
    split over the OpenMP threads. Written once on simd.h's width-neutral vectors: VW = 16 lanes on AVX-512, 8 on
    AVX2. */

@@ -13,15 +13,15 @@ sleeping barriers. `release()` gives back the calling thread's pool (OpenMP 5's 
 in libgomp ends the calling thread's pool only), so the engine thread's pool is the process's only one; a later
 parallel region on the releasing thread builds a new pool and the check counts it again.
 What it changes was measured with bench/bench_serve.py against the commit before it (the README's serving rows);
-tests/kernels/test_omp_pool.py checks that the pool's threads end.
+tests/kernels/cpu/test_omp_pool.py checks that the pool's threads end.
 
-Where the library cannot run (kernels/native.py), `release()` does nothing and returns False.
+Where the library cannot run (kernels/cpu/native.py), `release()` does nothing and returns False.
 """
 from __future__ import annotations
 
 import ctypes
 
-from phiforge.kernels import native
+from phiforge.kernels.cpu import native
 
 LIB = native.NativeLib("omp_pool", "omp_pool.c", functions={"omp_pool_release": (ctypes.c_int, [])})
 

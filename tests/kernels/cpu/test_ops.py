@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from phiforge.kernels import cpu_ops, native
-from phiforge.kernels.cpu_ops import rms_norm, rms_norm_ref, rotary, rotary_ref, swiglu, swiglu_ref
+from phiforge.kernels.cpu import native, ops as cpu_ops
+from phiforge.kernels.cpu.ops import rms_norm, rms_norm_ref, rotary, rotary_ref, swiglu, swiglu_ref
 
 LIB = cpu_ops.LIB  # tests/kernels/conftest.py: every test runs at each tier; skipped only where the CPU cannot
 

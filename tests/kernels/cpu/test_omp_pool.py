@@ -1,6 +1,7 @@
-"""kernels/omp_pool.py: the calling thread's OpenMP workers end on release and come back with its next parallel
+"""kernels/cpu/omp_pool.py: the calling thread's OpenMP workers end on release and come back with its next parallel
 region; the serving engine's constructing thread gives its pool back when the scheduler thread starts. Each case
-runs in a fresh process (tests/kernels/omp_pool_probe.py), which counts the OS threads that are not Python threads."""
+runs in a fresh process (tests/kernels/cpu/omp_pool_probe.py), which counts the OS threads that are not Python
+threads."""
 from __future__ import annotations
 
 import json
@@ -12,7 +13,7 @@ import torch
 from child_env import child_env
 from tiny_phi3 import make_hf_checkpoint
 
-from phiforge.kernels import omp_pool
+from phiforge.kernels.cpu import omp_pool
 
 LIB = omp_pool.LIB
 PROBE = Path(__file__).with_name("omp_pool_probe.py")

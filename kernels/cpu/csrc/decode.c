@@ -1,4 +1,4 @@
-/* The whole decode step of a Phi-3 in one native call (kernels/cpu_decode.py states the math): embedding → layers
+/* The whole decode step of a Phi-3 in one native call (kernels/cpu/decode.py states the math): embedding → layers
    → lm_head for 1-16 rows, one OpenMP parallel region. The GEMVs split weight rows over the threads (gemv.h, or nf4.h
    for an NF4 model), attention splits (row, head) pairs (decode_attention.h), and the small vector ops between them
    split the batch's rows. Two tiers (simd.h's width-neutral vfloat): AVX-512 F/BW/VL, where bf16 models use the
@@ -74,7 +74,7 @@ static void gemv(const Model *m, const void *W, const float *x, float *y, int N,
     }
 }
 
-/* A decoder projection: the dense GEMV, or for an NF4 model kernels/nf4_cpu.py's NF4 kernels (the ones the torch
+/* A decoder projection: the dense GEMV, or for an NF4 model kernels/cpu/nf4.py's NF4 kernels (the ones the torch
    step runs, so the same sums): from NF4_TILE_MIN_M_* rows the tile GEMM (on m->xb for bf16), each thread in its
    own tile of m->tile, else the fused dequantize-GEMV (up to NF4_GEMV_MAX_M rows). NF4_TILE output rows a task, then
    y rounded to the model dtype as the torch step's `.to(dtype)` does. */

@@ -21,7 +21,7 @@ from phiforge.engine.lora import LoRALinear
 from phiforge.engine.model import part_sizes
 from phiforge.engine.multi_lora import AdapterSet
 from phiforge.engine.quant import quantize_model_
-from phiforge.kernels import cpu_decode, native, nf4_cpu
+from phiforge.kernels.cpu import decode as cpu_decode, native, nf4 as nf4_cpu
 
 LIB = cpu_decode.LIB  # tests/kernels/conftest.py: every test runs at each tier; skipped only where the CPU cannot
 
@@ -117,7 +117,7 @@ NF4_ODD = dict(ODD, hidden_size=320, intermediate_size=128)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("case", ["nf4-odd", "nf4-gqa"])
 def test_nf4_equals_torch_step(tmp_path, case, dtype):
-    """An NF4 model (QLoRA's base) runs natively with kernels/nf4_cpu.py's kernels, the ones the torch step calls
+    """An NF4 model (QLoRA's base) runs natively with kernels/cpu/nf4.py's kernels, the ones the torch step calls
     per projection, so the two agree to fp32 rounding (bf16: the same roundings in the same places): the fused GEMV
     up to nf4_cpu.GEMV_MAX_M rows, the tile GEMM from tile_min_m() up to TILE_MAX_M rows; beyond, the torch step
     dequantizes instead and so does not go native."""

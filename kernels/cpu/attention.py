@@ -22,7 +22,7 @@ scheduled (later blocks have more keys).
 Keys may run ahead of the queries: with S keys and T ≤ S queries, query i sits at slot S − T + i and sees keys
 0 … S − T + i, the triangle aligned bottom-right — a prefill chunk after cached tokens (a long prompt's later
 chunks, a chat's next turn). Only causal masks: padding, window or packing masks keep SDPA, as do autograd
-(training), other devices, and machines where the library cannot run (kernels/native.py says why).
+(training), other devices, and machines where the library cannot run (kernels/cpu/native.py says why).
 
 Legend: B rows, T queries, S keys (≥ T), nh/nkv query/KV heads, hs head dim.
 """
@@ -33,7 +33,7 @@ import ctypes
 import torch
 import torch.nn.functional as F
 
-from phiforge.kernels import native
+from phiforge.kernels.cpu import native
 
 P, I = ctypes.c_void_p, ctypes.c_int
 LIB = native.NativeLib("cpu_attention", "attention.c", tiers=("avx512bf16", "avx512", "avx2"), functions={

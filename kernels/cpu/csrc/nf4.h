@@ -1,4 +1,4 @@
-/* The NF4 kernels (kernels/nf4_cpu.py states the format and the math): the dequantize, the fused dequantize-GEMV and
+/* The NF4 kernels (kernels/cpu/nf4.py states the format and the math): the dequantize, the fused dequantize-GEMV and
    the tile GEMM, shared by nf4.c (the per-projection entry points) and decode.c (the decode step calls them per
    projection, so both compute the same sums).
 
@@ -14,7 +14,7 @@
 #include "gemv.h"
 #include "simd.h"
 
-/* Which kernel takes M rows of x (kernels/nf4_cpu.py reads these through nf4_config): the fused GEMV's fp32 FMAs
+/* Which kernel takes M rows of x (kernels/cpu/nf4.py reads these through nf4_config): the fused GEMV's fp32 FMAs
    grow with the rows while the weight bytes do not, so from NF4_TILE_MIN_M_* rows x goes to the tile GEMM (the
    dequantize paid once for all rows). With AVX512-BF16's dot product (32 products an instruction, twice an fp32
    FMA's) bf16 x wins there from 3 rows. fp32 x, and bf16 widened to fp32, do the GEMV's FMAs plus the dequantize,
@@ -26,7 +26,7 @@
 #define NF4_TILE_MIN_M_BF16 (NF4_GEMV_MAX_M + 1)
 #endif
 #define NF4_TILE_MIN_M_F32 (NF4_GEMV_MAX_M + 1)
-#define NF4_TILE_MAX_M 16   /* the decode step's most rows (kernels/cpu_decode.py's MAX_BATCH) */
+#define NF4_TILE_MAX_M 16   /* the decode step's most rows (kernels/cpu/decode.py's MAX_BATCH) */
 #define NF4_TILE 16         /* weight rows the tile GEMM dequantizes at once */
 
 /* absmax[b], or nested_code[a8[b]] * nested_absmax[b / nbs] + offset: two roundings, no FMA (-ffp-contract=off).

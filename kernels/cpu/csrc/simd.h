@@ -2,7 +2,7 @@
    16-lane loads/stores of fp32 or bf16 arrays. One home each, so the roundings of every kernel are the same code.
 
    bf16 rounding is torch's: round to nearest even (add 0x7fff plus the lowest kept bit, keep the top half),
-   NaN stays NaN. The vector part comes in two tiers, chosen by the compile flags (kernels/native.py builds each
+   NaN stays NaN. The vector part comes in two tiers, chosen by the compile flags (kernels/cpu/native.py builds each
    library once per tier the CPU runs): 16 lanes on AVX-512 (F, BW, VL), or 8 lanes on AVX2 + FMA, where tails
    go through a small buffer instead of a mask register. The scalar part compiles anywhere. */
 #pragma once
@@ -50,7 +50,7 @@ static inline void store16(void *p, int64_t i, int bf, __m512 v, __mmask16 mk) {
 
 /* exp(x) for 16 fp32 lanes: Cody-Waite reduction x = n·ln2 + r (ln2 in two parts, so n·hi is exact), a degree-6
    Taylor polynomial on |r| <= ln2/2, then 2^n by scalef. At most 2 ulp from torch.exp
-   (tests/kernels/test_cpu_attention.py), 0 below -87, inf above ~88.7, NaN kept. */
+   (tests/kernels/cpu/test_attention.py), 0 below -87, inf above ~88.7, NaN kept. */
 static inline __m512 exp512(__m512 x) {
     const __m512 lo = _mm512_set1_ps(-87.0f);
     __mmask16 under = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ), nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
