@@ -26,7 +26,7 @@ from phiforge.engine.fetch import default_model_path
 from phiforge.engine.generate import Generator
 from phiforge.engine.gguf_export import TYPES, export_gguf
 from phiforge.engine.loader import load_model
-from phiforge.engine.tokenizer import load_tokenizer
+from phiforge.engine.model.tokenizer import load_tokenizer
 
 PROMPT = [{"role": "user", "content": "Explain in three sentences why the sky is blue."}]
 

@@ -47,7 +47,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from phiforge.engine import Generator, load_model, load_tokenizer
 from phiforge.engine.fetch import default_gguf_path, default_model_path
-from phiforge.engine.quant import quantize_model_
+from phiforge.engine.model.quant import quantize_model_
 from phiforge.kernels.cpu import attention as cpu_attention, decode as cpu_decode, native
 
 PROMPT_LEN = 512

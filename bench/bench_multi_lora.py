@@ -39,8 +39,8 @@ import torch
 from phiforge.engine.adapter import save_adapter
 from phiforge.engine.decode import DecodeStep
 from phiforge.engine.loader import load_model
-from phiforge.engine.lora import apply_lora, lora_modules
-from phiforge.engine.model import KVCache
+from phiforge.engine.model.lora import apply_lora, lora_modules
+from phiforge.engine.model.phi3 import KVCache
 from phiforge.engine.multi_lora import AdapterSet
 from phiforge.engine.pretrained import default_model_path
 from phiforge.kernels.lora_gather import all_slots_, grouped_, lora_gather_ref

@@ -52,8 +52,8 @@ from phiforge.bench.report import emit
 from phiforge.engine.adapter import save_adapter
 from phiforge.engine.fetch import default_model_path
 from phiforge.engine.loader import load_model
-from phiforge.engine.lora import apply_lora
-from phiforge.engine.tokenizer import load_tokenizer
+from phiforge.engine.model.lora import apply_lora
+from phiforge.engine.model.tokenizer import load_tokenizer
 
 WORDS = ("the river city market engine quiet number garden light paper morning stone letter window science "
          "harbor music winter table story bridge forest signal").split()

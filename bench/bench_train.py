@@ -71,8 +71,8 @@ def peak_memory_bytes(device: str) -> int:
 
 def phi3_mini_random(dtype: torch.dtype, quant: bool, device: str):
     """Phi-3-mini shapes with random weights, one layer at a time (never two copies of anything)."""
-    from phiforge.engine.config import Phi3Config
-    from phiforge.engine.model import Phi3ForCausalLM, RotaryEmbedding
+    from phiforge.engine.model.config import Phi3Config
+    from phiforge.engine.model.phi3 import Phi3ForCausalLM, RotaryEmbedding
     cfg = Phi3Config.from_name("phi3-mini-4k")
     with torch.device("meta"):
         model = Phi3ForCausalLM(cfg)
@@ -90,7 +90,7 @@ def phi3_mini_random(dtype: torch.dtype, quant: bool, device: str):
 
 
 def random_nf4_linear(shape, dtype, device):
-    from phiforge.engine.quant import NF4Linear
+    from phiforge.engine.model.quant import NF4Linear
     from phiforge.kernels.nf4 import NF4Weight
     n = shape[0] * shape[1]
     nb = -(-n // 64)
@@ -105,7 +105,7 @@ def random_nf4_linear(shape, dtype, device):
 
 def run_phiforge(a, path: Path | None = None) -> dict:
     """One timed LoRA/QLoRA run: Phi-3-mini shapes (random), or the checkpoint at `path` (default: the default model)."""
-    from phiforge.engine.lora import LoRALinear, apply_lora, trainable_parameters
+    from phiforge.engine.model.lora import LoRALinear, apply_lora, trainable_parameters
     from phiforge.engine.loss import lm_loss_sum, lm_loss_sum_ref
     dtype, quant = DTYPES[a.dtype], a.method == "qlora"
     if a.shape == "phi3-mini":

@@ -11,8 +11,8 @@ from typing import Callable
 
 import torch
 
-from phiforge.engine.config import Phi3Config
-from phiforge.engine.model import Phi3ForCausalLM
+from phiforge.engine.model.config import Phi3Config
+from phiforge.engine.model.phi3 import Phi3ForCausalLM
 
 # A tiny Phi-3 with grouped-query heads and an intermediate size off the NF4 blocksize (blocks straddle rows).
 TINY_CFG = dict(vocab_size=211, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,

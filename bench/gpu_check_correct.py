@@ -13,9 +13,9 @@ from phiforge.bench.gpu_check_common import Ctx, Skip, default_model_dir, ref_er
 from phiforge.engine.decode import DecodeStep
 from phiforge.engine.decode_graph import CUDAGraphDecode
 from phiforge.engine.loader import load_model
-from phiforge.engine.lora import LoRALinear, apply_lora, trainable_parameters
-from phiforge.engine.quant import quantize_model_
-from phiforge.engine.tokenizer import load_tokenizer
+from phiforge.engine.model.lora import LoRALinear, apply_lora, trainable_parameters
+from phiforge.engine.model.quant import quantize_model_
+from phiforge.engine.model.tokenizer import load_tokenizer
 from phiforge.kernels.lora import lora_linear, lora_linear_ref
 from phiforge.kernels.nf4 import quantize_nf4
 from phiforge.kernels.nf4_matmul import LoRAEpilogue, dequantize_into_buffer, nf4_matmul, nf4_matmul_ref, nf4_matmul_t

@@ -1,6 +1,6 @@
 """phiforge.engine: config, loader, model, tokenizer, generation, LoRA and training.
 
-Public names are imported on first use (PEP 562), so importing one module (`phiforge.engine.config`) does not
+Public names are imported on first use (PEP 562), so importing one module (`phiforge.engine.model.config`) does not
 load the whole engine.
 """
 from __future__ import annotations
@@ -8,12 +8,12 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "Phi3Config": "config",
-    "Phi3ForCausalLM": "model",
-    "KVCache": "model",
+    "Phi3Config": "model.config",
+    "Phi3ForCausalLM": "model.phi3",
+    "KVCache": "model.phi3",
     "load_model": "loader",
-    "load_tokenizer": "tokenizer",
-    "Tokenizer": "tokenizer",
+    "load_tokenizer": "model.tokenizer",
+    "Tokenizer": "model.tokenizer",
     "default_model_path": "fetch",
     "Generator": "generate",
     "load_generator": "pretrained",

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from .tokenizer import END_OF_TURN_TOKENS
+from phiforge.engine.model.tokenizer import END_OF_TURN_TOKENS
 
 IGNORE = -100
 ROLES = ("system", "user", "assistant", "tool")

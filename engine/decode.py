@@ -43,15 +43,15 @@ from typing import Callable
 import torch
 from torch import nn
 
+from phiforge.engine.model.phi3 import RMSNorm
+from phiforge.engine.model.quant import NF4Linear
 from phiforge.kernels.cpu import gemv as cpu_gemv
 from phiforge.kernels.cpu.decode import DecodeWeights, NativeDecode
 from phiforge.kernels.cpu.linear import is_plain
 from phiforge.kernels.cpu.ops import rotary_ref, swiglu
 from phiforge.kernels.nf4 import NF4Weight
 
-from .model import RMSNorm
 from .multi_lora import MultiLoRALinear
-from .quant import NF4Linear
 
 
 def _is_plain(module: nn.Module) -> bool:

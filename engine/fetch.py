@@ -43,8 +43,9 @@ import torch
 from gguf.quants import dequantize
 from safetensors.torch import save_file
 
+from phiforge.engine.model.weights import DTYPES, CheckpointError
+
 from .atomic import atomic_dir
-from .checkpoint import DTYPES, CheckpointError
 from .gguf_export import STOP_IDS_KEY
 from .gguf_import import GGUFTensors, fields
 from .gguf_vocab import VocabError, tokenizer_from_fields

@@ -42,12 +42,13 @@ import torch
 from gguf import GGMLQuantizationType as Q
 from gguf import LlamaFileType
 
+from phiforge.engine.model.config import Phi3Config
+from phiforge.engine.model.lora import LoRALinear, lora_modules
+from phiforge.engine.model.phi3 import Phi3ForCausalLM
+from phiforge.engine.model.quant import NF4Linear
+
 from .atomic import write_atomic
-from .config import Phi3Config
 from .gguf_vocab import Vocab, VocabError, vocab_from_dir
-from .lora import LoRALinear, lora_modules
-from .model import Phi3ForCausalLM
-from .quant import NF4Linear
 
 ARCH = "phi3"
 TYPES: dict[str, tuple[Q, LlamaFileType]] = {

@@ -21,7 +21,8 @@ import torch
 from gguf import GGMLQuantizationType as Q
 from gguf.quants import dequantize
 
-from .checkpoint import CheckpointError
+from phiforge.engine.model.weights import CheckpointError
+
 from .gguf_export import BLOCK_NAMES, STOP_IDS_KEY
 
 SUPPORTED = {Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1}

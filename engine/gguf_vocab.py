@@ -22,7 +22,7 @@ from typing import Any
 from gguf import TokenType
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
-from .tokenizer import END_OF_TURN_TOKENS, load_tokenizer
+from phiforge.engine.model.tokenizer import END_OF_TURN_TOKENS, load_tokenizer
 
 
 class VocabError(ValueError):

@@ -1,5 +1,5 @@
 """Load and save Hugging Face Phi-3 models: safetensors, single or sharded, bf16/fp16/fp32, dense or bitsandbytes
-NF4, with a PEFT LoRA adapter applied on top (file reading and writing itself is engine/checkpoint.py's).
+NF4, with a PEFT LoRA adapter applied on top (file reading and writing itself is engine/model/weights.py's).
 
 The model is built on the meta device and each tensor is read from the memory-mapped file, cast and placed one at
 a time, so peak memory is the model in its target dtype plus one tensor, never two copies of the model. With
@@ -14,12 +14,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from phiforge.engine.model.config import Phi3Config
+from phiforge.engine.model.phi3 import LINEAR_NAMES, Phi3ForCausalLM
+from phiforge.engine.model.quant import NF4Linear, load_prequantized
+from phiforge.engine.model.weights import DTYPE_NAMES, DTYPES, CheckpointError, SafetensorsReader, write_checkpoint
+
 from .adapter import load_adapter
-from .checkpoint import DTYPE_NAMES, DTYPES, CheckpointError, SafetensorsReader, write_checkpoint
-from .config import Phi3Config
 from .gguf_import import GGUFTensors, open_phi3_gguf
-from .model import LINEAR_NAMES, Phi3ForCausalLM
-from .quant import NF4Linear, load_prequantized
 
 
 def expected_shapes(cfg: Phi3Config) -> dict[str, tuple[int, ...]]:

@@ -42,13 +42,13 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from phiforge.engine.model.lora import LoRALinear, base_device, base_dtype, base_features, lora_modules
+from phiforge.engine.model.phi3 import LINEAR_NAMES
+from phiforge.engine.model.quant import NF4Linear, quantize_model_
 from phiforge.kernels.cpu.decode import LoRAStack
 from phiforge.kernels.lora_gather import lora_gather_, segments_to_slots
 
 from .adapter import AdapterError, load_adapter, trained_base
-from .lora import LoRALinear, base_device, base_dtype, base_features, lora_modules
-from .model import LINEAR_NAMES
-from .quant import NF4Linear, quantize_model_
 
 
 DEFAULT_MAX_ADAPTERS = 8  # adapter slots when adapters are given without max_adapters

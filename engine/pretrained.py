@@ -14,12 +14,13 @@ from pathlib import Path
 
 import torch
 
+from phiforge.engine.model.tokenizer import load_tokenizer
+from phiforge.engine.model.weights import resolve_model
+
 from .adapter import AdapterError, trained_base
-from .checkpoint import resolve_model
 from .fetch import default_model_path
 from .generate import Generator
 from .loader import load_model
-from .tokenizer import load_tokenizer
 
 
 def compute_dtype(device: str | torch.device = "cpu") -> torch.dtype:

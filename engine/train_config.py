@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from .model import LINEAR_NAMES
+from phiforge.engine.model.phi3 import LINEAR_NAMES
 
 METHODS = ("lora", "qlora")
 SCHEDULES = ("cosine", "linear", "constant")

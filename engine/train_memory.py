@@ -17,7 +17,7 @@ Legend: L layers, B micro-batch, T sequence length, C hidden, I intermediate, V 
 """
 from __future__ import annotations
 
-from phiforge.engine.config import Phi3Config
+from phiforge.engine.model.config import Phi3Config
 
 GB = 1e9
 

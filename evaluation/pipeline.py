@@ -26,12 +26,12 @@ from typing import Callable
 
 import torch
 
-from phiforge.engine.checkpoint import resolve_model
+from phiforge.engine.model.weights import resolve_model
 from phiforge.engine.engine import Engine
 from phiforge.engine.fetch import default_model_path
 from phiforge.engine.loader import load_model
 from phiforge.engine.pretrained import check_adapter_dir, compute_dtype
-from phiforge.engine.tokenizer import load_tokenizer
+from phiforge.engine.model.tokenizer import load_tokenizer
 from phiforge.retrieval.qa import QAError, load_qa
 from phiforge.retrieval.rerank import reranker_for
 from phiforge.retrieval.store import Index

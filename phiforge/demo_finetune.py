@@ -22,8 +22,8 @@ import torch
 from phiforge.engine.fetch import default_model_path
 from phiforge.engine.generate import Generator
 from phiforge.engine.loader import load_model
-from phiforge.engine.lora import lora_modules
-from phiforge.engine.tokenizer import load_tokenizer
+from phiforge.engine.model.lora import lora_modules
+from phiforge.engine.model.tokenizer import load_tokenizer
 from phiforge.engine.train import finetune
 from phiforge.engine.train_config import TrainConfig
 

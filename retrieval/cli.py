@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from phiforge.engine.checkpoint import resolve_model
+from phiforge.engine.model.weights import resolve_model
 from phiforge.engine.pretrained import compute_dtype, load_generator
 
 from .chunking import Skipped

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from phiforge.engine.atomic import atomic_dir
-from phiforge.engine.lora import LoRALinear, lora_modules
+from phiforge.engine.model.lora import LoRALinear, lora_modules
 
 from .encoder import (ENCODER_NAME, TUNED_CONFIG, TUNED_FORMAT, Encoder, MiniLM, Packing, base_sha256,
                       merge_lora_state, model_dir, tuned_name)

@@ -4,8 +4,8 @@ TRITON_INTERPRET must be set before the first `import triton` anywhere in the pr
 CPU-only machine every Triton kernel runs in the interpreter on CPU tensors.
 
 Test modules never import each other: checkpoint factories live in tests/tiny_phi3.py, the kernel tolerance rule
-in tests/ref_error.py (pytest.ini puts tests/ on the path and imports test files by path, so tests/engine/test_lora.py
-and tests/kernels/test_lora.py can share a name).
+in tests/ref_error.py (pytest.ini puts tests/ on the path and imports test files by path, so
+tests/engine/model/test_lora.py and tests/kernels/test_lora.py can share a name).
 """
 import os
 

@@ -18,10 +18,10 @@ from phiforge.engine.adapter import save_adapter
 from phiforge.engine.engine import Engine
 from phiforge.engine.generate import Generator
 from phiforge.engine.loader import load_model
-from phiforge.engine.lora import apply_lora
+from phiforge.engine.model.lora import apply_lora
 from phiforge.engine.prometheus import parse
 from phiforge.engine.server import create_app
-from phiforge.engine.tokenizer import load_tokenizer
+from phiforge.engine.model.tokenizer import load_tokenizer
 
 N = 8  # new tokens per greedy comparison: one decode step of the tiny model is tens of ms on a busy 2-core box
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name three colors."}]

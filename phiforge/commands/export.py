@@ -15,12 +15,12 @@ from pathlib import Path
 import torch
 
 from phiforge.engine.adapter import AdapterError
-from phiforge.engine.checkpoint import CheckpointError
-from phiforge.engine.config import ConfigError
+from phiforge.engine.model.weights import CheckpointError
+from phiforge.engine.model.config import ConfigError
 from phiforge.engine.gguf_export import TYPES, ExportError, export_gguf
 from phiforge.engine.loader import load_model
-from phiforge.engine.lora import merge_adapter
-from phiforge.engine.model import Phi3ForCausalLM
+from phiforge.engine.model.lora import merge_adapter
+from phiforge.engine.model.phi3 import Phi3ForCausalLM
 from phiforge.engine.pretrained import resolve_quant
 
 

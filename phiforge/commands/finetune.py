@@ -29,10 +29,10 @@ from typing import Any
 from torch.distributed.elastic.multiprocessing.api import SignalException
 
 from phiforge.engine.atomic import write_jsonl_atomic
-from phiforge.engine.checkpoint import resolve_model
+from phiforge.engine.model.weights import resolve_model
 from phiforge.engine.distributed import launch, under_torchrun
 from phiforge.engine.fetch import default_model_path
-from phiforge.engine.tokenizer import load_tokenizer
+from phiforge.engine.model.tokenizer import load_tokenizer
 from phiforge.engine.train import finetune
 from phiforge.engine.train_config import TrainConfig, TrainConfigError, flag
 from phiforge.engine.train_state import TrainingInterrupted, check_out, holds_run, latest_checkpoint

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from phiforge.engine.checkpoint import resolve_model
+from phiforge.engine.model.weights import resolve_model
 from phiforge.engine.generate import GenerationResult, Generator, Prompt
 from phiforge.engine.pretrained import load_generator
 

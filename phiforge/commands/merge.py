@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
-from phiforge.engine.checkpoint import DTYPES, resolve_model
+from phiforge.engine.model.weights import DTYPES, resolve_model
 from phiforge.engine.loader import load_model, save_model
-from phiforge.engine.lora import merge_adapter
+from phiforge.engine.model.lora import merge_adapter
 from phiforge.engine.pretrained import check_adapter_dir, resolve_quant
 
 

@@ -25,7 +25,7 @@ from phiforge.engine.fetch import default_model_path
 from phiforge.engine.loader import load_model
 from phiforge.engine.pretrained import compute_dtype
 from phiforge.engine.server import create_app, run_server
-from phiforge.engine.tokenizer import load_tokenizer
+from phiforge.engine.model.tokenizer import load_tokenizer
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

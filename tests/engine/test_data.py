@@ -11,7 +11,7 @@ from phiforge.engine.data import (IGNORE, DataError, Loader, Sample, collate, en
 from phiforge.engine.fetch import default_model_path
 from phiforge.engine.loader import load_model
 from phiforge.engine.loss import lm_loss_sum
-from phiforge.engine.tokenizer import load_tokenizer
+from phiforge.engine.model.tokenizer import load_tokenizer
 from phiforge.engine.train import step_batches
 from tiny_phi3 import save_tiny
 
@@ -144,7 +144,7 @@ def test_phi3_template_spans_end_at_end_token(tok):
     import copy
 
     from phiforge.engine.data import chat_spans
-    from phiforge.engine.tokenizer import PHI3_CHAT_TEMPLATE, _compile
+    from phiforge.engine.model.tokenizer import PHI3_CHAT_TEMPLATE, _compile
 
     phi3 = copy.copy(tok)
     phi3.chat_template, phi3._template = PHI3_CHAT_TEMPLATE, _compile(PHI3_CHAT_TEMPLATE)

@@ -1,5 +1,5 @@
 """Many LoRA adapters through the serving engine: requests for different adapters (and for none) share steps, and
-each equals the same request run alone on a model loaded with only its adapter (engine/lora.py's LoRALinear, the
+each equals the same request run alone on a model loaded with only its adapter (engine/model/lora.py's LoRALinear, the
 single-adapter path), on a dense and an NF4 base; run-time load/unload; unknown and busy adapters; prefix reuse
 never crosses adapters."""
 from __future__ import annotations
@@ -15,9 +15,9 @@ from phiforge.engine.adapter import AdapterError, save_adapter
 from phiforge.engine.decode import DecodeStep
 from phiforge.engine.engine import Engine
 from phiforge.engine.loader import load_model
-from phiforge.engine.lora import apply_lora
+from phiforge.engine.model.lora import apply_lora
 from phiforge.engine.multi_lora import MultiLoRALinear
-from phiforge.engine.quant import NF4Linear
+from phiforge.engine.model.quant import NF4Linear
 from phiforge.engine.request import AdapterBusy, EngineError, Request, UnknownAdapter
 
 pytestmark = pytest.mark.usefixtures("one_thread")

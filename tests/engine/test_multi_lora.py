@@ -12,8 +12,8 @@ import torch
 from phiforge.engine.adapter import AdapterError, save_adapter
 from phiforge.engine.decode import DecodeStep
 from phiforge.engine.loader import load_model
-from phiforge.engine.lora import apply_lora
-from phiforge.engine.model import KVCache
+from phiforge.engine.model.lora import apply_lora
+from phiforge.engine.model.phi3 import KVCache
 from phiforge.engine.adapter import trained_base
 from phiforge.engine.multi_lora import AdapterSet, MultiLoRALinear
 from tiny_phi3 import hf_phi3, randomize_lora_B, save_tiny

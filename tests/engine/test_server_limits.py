@@ -21,7 +21,7 @@ from phiforge.engine.fetch import default_model_path
 from phiforge.engine.generate import Generator
 from phiforge.engine.loader import load_model
 from phiforge.engine.server import create_app
-from phiforge.engine.tokenizer import load_tokenizer
+from phiforge.engine.model.tokenizer import load_tokenizer
 
 
 def test_a_non_streamed_request_whose_client_leaves_is_aborted(tiny, monkeypatch):
@@ -169,7 +169,7 @@ def test_serve_flags_fail_in_one_line(argv, says, adapters, capsys):
 SERVE_STAND_IN = """
 import sys, torch
 from phiforge.engine.loader import load_model
-from phiforge.engine.tokenizer import load_tokenizer
+from phiforge.engine.model.tokenizer import load_tokenizer
 from phiforge.engine.server import create_app, run_server
 d, port = sys.argv[1], int(sys.argv[2])
 tok = load_tokenizer(d)

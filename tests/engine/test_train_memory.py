@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from phiforge.engine.config import Phi3Config
+from phiforge.engine.model.config import Phi3Config
 from phiforge.engine.train_memory import GB, estimate
 
 

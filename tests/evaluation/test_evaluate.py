@@ -17,8 +17,8 @@ from tiny_phi3 import randomize_lora_B, save_tiny
 from phiforge.cli import main
 from phiforge.engine.adapter import save_adapter
 from phiforge.engine.loader import load_model
-from phiforge.engine.lora import apply_lora
-from phiforge.engine.tokenizer import load_tokenizer
+from phiforge.engine.model.lora import apply_lora
+from phiforge.engine.model.tokenizer import load_tokenizer
 from phiforge.evaluation import evaluate
 from phiforge.evaluation import metrics
 from phiforge.evaluation.report import FILES

@@ -17,10 +17,10 @@ from tiny_phi3 import VARIANTS, make_hf_checkpoint
 
 from phiforge.engine import load_model
 from phiforge.engine.decode import DecodeStep
-from phiforge.engine.lora import LoRALinear
-from phiforge.engine.model import part_sizes
+from phiforge.engine.model.lora import LoRALinear
+from phiforge.engine.model.phi3 import part_sizes
 from phiforge.engine.multi_lora import AdapterSet
-from phiforge.engine.quant import quantize_model_
+from phiforge.engine.model.quant import quantize_model_
 from phiforge.kernels.cpu import decode as cpu_decode, native, nf4 as nf4_cpu
 
 LIB = cpu_decode.LIB  # tests/kernels/conftest.py: every test runs at each tier; skipped only where the CPU cannot

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from phiforge.engine import load_model
-from phiforge.engine.lora import apply_lora, trainable_parameters
+from phiforge.engine.model.lora import apply_lora, trainable_parameters
 from tiny_phi3 import make_hf_checkpoint
 
 

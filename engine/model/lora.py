@@ -29,7 +29,7 @@ from phiforge.kernels.cpu.linear import Linear
 from phiforge.kernels.lora import lora_linear
 from phiforge.kernels.nf4 import NF4Weight
 
-from .model import FUSED_OF, LINEAR_NAMES
+from .phi3 import FUSED_OF, LINEAR_NAMES
 from .quant import NF4Linear
 
 

@@ -34,8 +34,8 @@ from phiforge.kernels.cpu.linear import Linear
 from phiforge.kernels.nf4 import BLOCKSIZES, NF4Weight, nf4_dequantize, quantize_nf4
 from phiforge.kernels.nf4_matmul import nf4_matmul
 
-from .checkpoint import DTYPE_NAMES, DTYPES, CheckpointError, write_checkpoint
-from .model import FUSED_PARTS
+from .phi3 import FUSED_PARTS
+from .weights import DTYPE_NAMES, DTYPES, CheckpointError, write_checkpoint
 
 _QS_KEY = "weight.quant_state.bitsandbytes__nf4"
 

@@ -10,7 +10,7 @@ nkv key/value heads, hs head_dim, rd rotary dims, I intermediate_size, V vocab.
 Module names equal the checkpoint keys (`model.layers.N.self_attn.qkv_proj`, ...), so loading is a name-for-name
 copy. Every projection is a plain linear (`kernels/cpu_linear.Linear`: an `nn.Linear` whose fp32 CPU forward goes
 to oneDNN) until something swaps it with `model.set_submodule`:
-`NF4Linear` (engine/quant.py) or `LoRALinear` (engine/lora.py); all the model asks of a linear is
+`NF4Linear` (engine/model/quant.py) or `LoRALinear` (engine/model/lora.py); all the model asks of a linear is
 `forward(x (..., in)) -> (..., out)`.
 
 Attention masks are built from *positions*, *slots* and *segments* rather than assumed causal, because the same

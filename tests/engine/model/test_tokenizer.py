@@ -8,7 +8,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoTokenizer
 
 from phiforge.engine import load_tokenizer
-from phiforge.engine.tokenizer import PHI3_CHAT_TEMPLATE
+from phiforge.engine.model.tokenizer import PHI3_CHAT_TEMPLATE
 
 PHI3_SPECIALS = ["<unk>", "<s>", "</s>", "<|endoftext|>", "<|assistant|>", "<|system|>", "<|end|>", "<|user|>"]
 

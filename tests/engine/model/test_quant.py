@@ -1,5 +1,5 @@
-"""NF4 in the model (engine/quant.py) against transformers + bitsandbytes: their checkpoints load into phiforge with
-their logits, `phiforge quantize` writes checkpoints they load with ours, split layouts fuse exactly, and Phi-3-mini
+"""NF4 in the model (engine/model/quant.py) against transformers + bitsandbytes: their checkpoints load into phiforge
+with their logits, `phiforge quantize` writes checkpoints they load with ours, split layouts fuse exactly, and Phi-3-mini
 fits the memory budget.
 
 The reference model runs bnb's portable 4-bit path (dequantize_4bit, then a matmul). On CPUs with AVX512-BF16, bnb
@@ -24,7 +24,7 @@ bnb_F = pytest.importorskip("bitsandbytes.functional")
 
 from phiforge.engine import Phi3Config, Phi3ForCausalLM, load_model  # noqa: E402
 from phiforge.cli import main as cli_main  # noqa: E402
-from phiforge.engine.quant import NF4Linear, _fuse, load_nf4_state, quantize_model_, save_nf4_checkpoint  # noqa: E402
+from phiforge.engine.model.quant import NF4Linear, _fuse, load_nf4_state, quantize_model_, save_nf4_checkpoint  # noqa: E402
 from phiforge.kernels.nf4 import dequantize_nf4_ref, quantize_nf4  # noqa: E402
 
 # hidden 64, intermediate 128: every K is a multiple of the blocksize, which bnb's CPU kernels need
@@ -241,7 +241,7 @@ def test_phi3_mini_nf4_fits_in_2_4_gb():
 _PEAK_SCRIPT = r"""
 import json, sys, torch
 from phiforge.engine import load_model
-from phiforge.engine.quant import NF4Linear
+from phiforge.engine.model.quant import NF4Linear
 from phiforge.kernels.nf4 import quantize_nf4
 quantize_nf4(torch.randn(64, 64), 64, True)  # warm up allocator and imports before measuring
 

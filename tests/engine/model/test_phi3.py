@@ -8,7 +8,7 @@ import torch
 from transformers import Phi3ForCausalLM as HFModel
 
 from phiforge.engine import load_model
-from phiforge.engine.config import ConfigError, Phi3Config
+from phiforge.engine.model.config import ConfigError, Phi3Config
 from tiny_phi3 import TINY, VARIANTS, make_hf_checkpoint
 
 @pytest.mark.parametrize("variant", list(VARIANTS))

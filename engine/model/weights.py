@@ -26,7 +26,7 @@ from huggingface_hub import snapshot_download
 from huggingface_hub.errors import HFValidationError, HfHubHTTPError, LocalEntryNotFoundError
 from safetensors.torch import save_file
 
-from .atomic import atomic_dir
+from phiforge.engine.atomic import atomic_dir
 
 # The names config.json (torch_dtype), the CLIs and bitsandbytes' quant_state use for the compute dtypes.
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,

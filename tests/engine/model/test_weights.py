@@ -1,4 +1,4 @@
-"""engine/checkpoint.py: write_checkpoint + SafetensorsReader round-trip every dtype bit for bit (safetensors' own
+"""engine/model/weights.py: write_checkpoint + SafetensorsReader round-trip every dtype bit for bit (safetensors' own
 loader is the reference), a failed write leaves the previous checkpoint whole, and the dtype-name table is one
 consistent map."""
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from phiforge.engine.checkpoint import (DTYPE_NAMES, DTYPES, SafetensorsReader, copy_auxiliary_files,
+from phiforge.engine.model.weights import (DTYPE_NAMES, DTYPES, SafetensorsReader, copy_auxiliary_files,
                                         write_checkpoint)
 
 
