@@ -34,7 +34,7 @@ import torch
 from phiforge.bench.bench_multi_lora import make_adapters
 from phiforge.engine import load_model, load_tokenizer
 from phiforge.engine.engine import Engine
-from phiforge.engine.fetch import default_model_path
+from phiforge.engine.formats.default_model import default_model_path
 from phiforge.engine.request import Request
 
 

@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 
 from phiforge.bench.report import emit
-from phiforge.engine.fetch import default_model_path
+from phiforge.engine.formats.default_model import default_model_path
 from phiforge.engine.generate import Generator
-from phiforge.engine.gguf_export import TYPES, export_gguf
-from phiforge.engine.loader import load_model
+from phiforge.engine.formats.gguf.writer import TYPES, export_gguf
+from phiforge.engine.formats.loader import load_model
 from phiforge.engine.model.tokenizer import load_tokenizer
 
 PROMPT = [{"role": "user", "content": "Explain in three sentences why the sky is blue."}]

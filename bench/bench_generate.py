@@ -46,7 +46,7 @@ from transformers import BitsAndBytesConfig, Phi3ForCausalLM
 from transformers.generation.streamers import BaseStreamer
 
 from phiforge.engine import Generator, load_model, load_tokenizer
-from phiforge.engine.fetch import default_gguf_path, default_model_path
+from phiforge.engine.formats.default_model import default_gguf_path, default_model_path
 from phiforge.engine.model.quant import quantize_model_
 from phiforge.kernels.cpu import attention as cpu_attention, decode as cpu_decode, native
 

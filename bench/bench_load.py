@@ -52,7 +52,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     if args.model is None:
-        from phiforge.engine.fetch import default_model_path
+        from phiforge.engine.formats.default_model import default_model_path
         args.model = str(default_model_path())
     results: dict = {"model": args.model, "dtype": args.dtype}
     for which in ("phiforge", "transformers"):

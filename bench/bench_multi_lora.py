@@ -36,9 +36,9 @@ from pathlib import Path
 
 import torch
 
-from phiforge.engine.adapter import save_adapter
+from phiforge.engine.formats.peft import save_adapter
 from phiforge.engine.decode import DecodeStep
-from phiforge.engine.loader import load_model
+from phiforge.engine.formats.loader import load_model
 from phiforge.engine.model.lora import apply_lora, lora_modules
 from phiforge.engine.model.phi3 import KVCache
 from phiforge.engine.multi_lora import AdapterSet

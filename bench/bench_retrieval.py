@@ -47,7 +47,7 @@ import numpy as np
 
 from phiforge.bench.report import emit
 from phiforge.engine.atomic import write_atomic, write_text_atomic
-from phiforge.engine.fetch import phiforge_home
+from phiforge.engine.paths import phiforge_home
 
 
 def pct(xs: list[float], q: float) -> float:

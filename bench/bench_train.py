@@ -111,8 +111,8 @@ def run_phiforge(a, path: Path | None = None) -> dict:
     if a.shape == "phi3-mini":
         model = phi3_mini_random(dtype, quant, a.device)
     else:
-        from phiforge.engine.fetch import default_model_path
-        from phiforge.engine.loader import load_model
+        from phiforge.engine.formats.default_model import default_model_path
+        from phiforge.engine.formats.loader import load_model
         model = load_model(path or default_model_path(), dtype=dtype, device=a.device, quant="nf4" if quant else None)
     apply_lora(model, a.rank, 2 * a.rank, 0.05, TARGETS)
     LoRALinear.use_fused = not a.unfused
@@ -139,7 +139,7 @@ def run_hf(a, path: Path | None = None) -> dict:
         with torch.device(a.device):
             model = transformers.Phi3ForCausalLM(cfg).to(dtype)
     else:
-        from phiforge.engine.fetch import default_model_path
+        from phiforge.engine.formats.default_model import default_model_path
         kw = {}
         if quant:
             kw["quantization_config"] = transformers.BitsAndBytesConfig(

@@ -18,8 +18,8 @@ from phiforge.engine.model.phi3 import Phi3ForCausalLM
 TINY_CFG = dict(vocab_size=211, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2, max_position_embeddings=512, original_max_position_embeddings=512,
                 bos_token_id=1, eos_token_id=2, pad_token_id=0)
-# the default model's directory under PHIFORGE_HOME (engine/fetch.py builds it; fetch imports gguf, which a GPU
-# machine may lack, so the name is repeated here rather than imported)
+# the default model's directory under PHIFORGE_HOME (engine/formats/default_model.py builds it; that module imports
+# gguf, which a GPU machine may lack, so the name is repeated here rather than imported)
 DEFAULT_MODEL = "smollm2-135m-instruct-phi3"
 DEFAULT_MARKER = ".phiforge-complete"
 

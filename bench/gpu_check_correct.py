@@ -12,7 +12,7 @@ import torch
 from phiforge.bench.gpu_check_common import Ctx, Skip, default_model_dir, ref_error, rel_diff, require_cuda, tiny_model
 from phiforge.engine.decode import DecodeStep
 from phiforge.engine.decode_graph import CUDAGraphDecode
-from phiforge.engine.loader import load_model
+from phiforge.engine.formats.loader import load_model
 from phiforge.engine.model.lora import LoRALinear, apply_lora, trainable_parameters
 from phiforge.engine.model.quant import quantize_model_
 from phiforge.engine.model.tokenizer import load_tokenizer

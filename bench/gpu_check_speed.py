@@ -18,7 +18,7 @@ from phiforge.bench.gpu_check_correct import torch_path
 from phiforge.bench.gpu_check_common import Ctx, copy_bandwidth_gbs, sync, time_ms, tiny_model
 from phiforge.engine.decode import DecodeStep
 from phiforge.engine.decode_graph import CUDAGraphDecode
-from phiforge.engine.loader import save_model
+from phiforge.engine.formats.loader import save_model
 from phiforge.engine.model.quant import quantize_model_
 from phiforge.kernels.lora import lora_linear, lora_linear_ref
 from phiforge.kernels.nf4 import quantize_nf4

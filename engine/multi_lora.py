@@ -9,7 +9,7 @@ over stacked slots:
     lora_A (S, R, K)   lora_B (S, N, R)   scales (S,)     one slot per resident adapter, ranks zero-padded to R
                        (B stored as (N, S, R), see MultiLoRALinear)
 
-Adapters are PEFT directories as `phiforge finetune` writes them, read through engine/adapter.py's `load_adapter`
+Adapters are PEFT directories as `phiforge finetune` writes them, read through engine/formats/peft.py's `load_adapter`
 (so split q/k/v imports, rank_pattern, alpha_pattern and rsLoRA mean here what they mean everywhere) onto a weightless
 stand-in of the model, then copied into a free slot. An adapter that does not target a projection leaves that slot
 of it at rank 0: its rows get the base output there.
@@ -42,13 +42,12 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from phiforge.engine.formats.peft import AdapterError, load_adapter, trained_base
 from phiforge.engine.model.lora import LoRALinear, base_device, base_dtype, base_features, lora_modules
 from phiforge.engine.model.phi3 import LINEAR_NAMES
 from phiforge.engine.model.quant import NF4Linear, quantize_model_
 from phiforge.kernels.cpu.decode import LoRAStack
 from phiforge.kernels.lora_gather import lora_gather_, segments_to_slots
-
-from .adapter import AdapterError, load_adapter, trained_base
 
 
 DEFAULT_MAX_ADAPTERS = 8  # adapter slots when adapters are given without max_adapters

@@ -14,13 +14,13 @@ from pathlib import Path
 
 import torch
 
+from phiforge.engine.formats.default_model import default_model_path
+from phiforge.engine.formats.loader import load_model
+from phiforge.engine.formats.peft import AdapterError, trained_base
 from phiforge.engine.model.tokenizer import load_tokenizer
 from phiforge.engine.model.weights import resolve_model
 
-from .adapter import AdapterError, trained_base
-from .fetch import default_model_path
 from .generate import Generator
-from .loader import load_model
 
 
 def compute_dtype(device: str | torch.device = "cpu") -> torch.dtype:

@@ -46,7 +46,8 @@ from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .adapter import AdapterError
+from phiforge.engine.formats.peft import AdapterError
+
 from .openai_api import APIError, Chunks, Parsed, parse_chat, parse_completion, response
 from .prometheus import Histogram, sample
 from .request import AdapterBusy, EngineError, EngineStopped, PromptTooLong, QueueFull, Result, UnknownAdapter

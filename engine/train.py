@@ -48,17 +48,17 @@ from matplotlib.figure import Figure
 from torch import nn
 from tqdm.auto import tqdm
 
+from phiforge.engine.formats.default_model import default_model_path
+from phiforge.engine.formats.loader import load_model
+from phiforge.engine.formats.peft import save_adapter
 from phiforge.engine.model.lora import apply_lora, trainable_parameters
 from phiforge.engine.model.tokenizer import load_tokenizer
 from phiforge.engine.model.weights import resolve_model
 
 from . import distributed
-from .adapter import save_adapter
 from .atomic import write_atomic, write_json_atomic, write_text_atomic
 from .data import DataError, DataStats, Loader, load_dataset
 from .distributed import SINGLE, World
-from .fetch import default_model_path
-from .loader import load_model
 from .loss import lm_loss_sum
 from .train_config import TrainConfig, TrainConfigError, resume_changes
 from .train_state import (STATE_JSON, StopSignals, TrainingInterrupted, check_out, clear_run, holds_run,

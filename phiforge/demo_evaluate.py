@@ -25,7 +25,8 @@ from pathlib import Path
 from phiforge.commands.finetune import prepare_data
 from phiforge.demo_finetune import training_threads
 from phiforge.engine.atomic import write_json_atomic
-from phiforge.engine.fetch import default_model_path, phiforge_home
+from phiforge.engine.formats.default_model import default_model_path
+from phiforge.engine.paths import phiforge_home
 from phiforge.engine.train import finetune
 from phiforge.engine.train_config import TrainConfig
 from phiforge.evaluation import evaluate

@@ -12,7 +12,7 @@ import re
 import time
 from pathlib import Path
 
-from phiforge.engine.fetch import phiforge_home
+from phiforge.engine.paths import phiforge_home
 from phiforge.engine.pretrained import compute_dtype, load_generator
 
 from .rag import answer_question, format_sources

@@ -34,8 +34,8 @@ import numpy as np
 import torch
 
 from phiforge.engine.atomic import write_jsonl_atomic
-from phiforge.engine.fetch import default_model_path
-from phiforge.engine.loader import load_model
+from phiforge.engine.formats.default_model import default_model_path
+from phiforge.engine.formats.loader import load_model
 from phiforge.engine.pretrained import check_adapter_dir, compute_dtype
 from phiforge.engine.model.tokenizer import load_tokenizer
 from phiforge.engine.train import finetune

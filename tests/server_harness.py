@@ -14,10 +14,10 @@ import torch
 import uvicorn
 from tiny_phi3 import randomize_lora_B, save_tiny
 
-from phiforge.engine.adapter import save_adapter
+from phiforge.engine.formats.peft import save_adapter
 from phiforge.engine.engine import Engine
 from phiforge.engine.generate import Generator
-from phiforge.engine.loader import load_model
+from phiforge.engine.formats.loader import load_model
 from phiforge.engine.model.lora import apply_lora
 from phiforge.engine.prometheus import parse
 from phiforge.engine.server import create_app

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from phiforge.cli import COMMANDS, _hooks, main
-from phiforge.engine.fetch import default_model_path
+from phiforge.engine.formats.default_model import default_model_path
 
 
 def test_help_lists_every_command(capsys):

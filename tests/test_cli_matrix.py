@@ -229,7 +229,7 @@ def test_results_get_umask_permissions(ws, tmp_path):
 
 def test_hugging_face_ids_resolve_through_the_offline_cache(ws, tmp_path):
     """A real hub cache layout (refs/main -> snapshots/<commit>/, files linked from the default model), offline."""
-    default = Path(subprocess.run([sys.executable, "-c", "from phiforge.engine.fetch import default_model_path; "
+    default = Path(subprocess.run([sys.executable, "-c", "from phiforge.engine import default_model_path; "
                                    "print(default_model_path())"], capture_output=True, text=True, check=True,
                                   env=env()).stdout.strip())
     repo = tmp_path / "hf" / "hub" / "models--microsoft--Phi-3-mini-4k-instruct"

@@ -164,7 +164,7 @@ GRAPH_MODULES = {m for m in FILES if _layer(m) != "phiforge"}
 
 def test_the_parser_sees_the_known_edges():
     """The graph is read correctly: a relative import, an absolute one and the CLI's constant-less dispatch."""
-    loader = {e.dst for e in EDGES["phiforge.engine.loader"]}
+    loader = {e.dst for e in EDGES["phiforge.engine.formats.loader"]}
     assert {"phiforge.engine.model.weights", "phiforge.engine.model.quant", "phiforge.engine.model.phi3"} <= loader
     assert "phiforge.kernels.nf4_matmul" in {e.dst for e in EDGES["phiforge.engine.model.quant"]}
     assert len(FILES) > 40 and all(m.startswith("phiforge") for m in FILES)

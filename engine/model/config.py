@@ -167,7 +167,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "phi4-mini": dict(vocab_size=200064, num_attention_heads=24, num_key_value_heads=8,
                       partial_rotary_factor=0.75, tie_word_embeddings=True, max_position_embeddings=131072,
                       bos_token_id=199999, eos_token_id=199999, pad_token_id=199999),
-    # SmolLM2-135M-Instruct converted to Phi-3 layout: the default model (see engine/fetch.py)
+    # SmolLM2-135M-Instruct converted to Phi-3 layout: the default model (see engine/formats/default_model.py)
     "default": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                     num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
                     original_max_position_embeddings=8192, rope_theta=100000.0, tie_word_embeddings=True,

@@ -14,7 +14,7 @@ W may be a dense nn.Linear (LoRA) or an NF4Linear (QLoRA: the 4-bit base is dequ
 in 16 bits). Merging folds the update into a dense weight: W' = W + s·B·A (for QLoRA onto the dequantized W).
 
 Names match PEFT's LoRA layer (`base_layer`, `lora_A`, `lora_B`, `lora_dropout`), so `model.state_dict()` keys
-map one-to-one onto the adapter file (see engine/adapter.py for the file format and the split→fused import).
+map one-to-one onto the adapter file (see engine/formats/peft.py for the file format and the split→fused import).
 """
 from __future__ import annotations
 

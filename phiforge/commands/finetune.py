@@ -31,7 +31,7 @@ from torch.distributed.elastic.multiprocessing.api import SignalException
 from phiforge.engine.atomic import write_jsonl_atomic
 from phiforge.engine.model.weights import resolve_model
 from phiforge.engine.distributed import launch, under_torchrun
-from phiforge.engine.fetch import default_model_path
+from phiforge.engine.formats.default_model import default_model_path
 from phiforge.engine.model.tokenizer import load_tokenizer
 from phiforge.engine.train import finetune
 from phiforge.engine.train_config import TrainConfig, TrainConfigError, flag

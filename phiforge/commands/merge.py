@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from phiforge.engine.model.weights import DTYPES, resolve_model
-from phiforge.engine.loader import load_model, save_model
+from phiforge.engine.formats.loader import load_model, save_model
 from phiforge.engine.model.lora import merge_adapter
 from phiforge.engine.pretrained import check_adapter_dir, resolve_quant
 

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 from phiforge.engine.engine import Engine
-from phiforge.engine.fetch import default_model_path
-from phiforge.engine.loader import load_model
+from phiforge.engine.formats.default_model import default_model_path
+from phiforge.engine.formats.loader import load_model
 from phiforge.engine.pretrained import compute_dtype
 from phiforge.engine.server import create_app, run_server
 from phiforge.engine.model.tokenizer import load_tokenizer

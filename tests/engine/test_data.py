@@ -8,8 +8,8 @@ import torch
 
 from phiforge.engine.data import (IGNORE, DataError, Loader, Sample, collate, encode_row, load_dataset, make_sample,
                                   DataStats, read_jsonl)
-from phiforge.engine.fetch import default_model_path
-from phiforge.engine.loader import load_model
+from phiforge.engine.formats.default_model import default_model_path
+from phiforge.engine.formats.loader import load_model
 from phiforge.engine.loss import lm_loss_sum
 from phiforge.engine.model.tokenizer import load_tokenizer
 from phiforge.engine.train import step_batches

@@ -9,7 +9,7 @@ from phiforge.engine.detokenize import IncrementalDetokenizer
 
 @pytest.fixture(scope="module")
 def tok():
-    from phiforge.engine.fetch import default_model_path
+    from phiforge.engine.formats.default_model import default_model_path
     return load_tokenizer(default_model_path())
 
 

@@ -11,10 +11,10 @@ import pytest
 import torch
 from tiny_phi3 import randomize_lora_B, save_tiny
 
-from phiforge.engine.adapter import AdapterError, save_adapter
+from phiforge.engine.formats.peft import AdapterError, save_adapter
 from phiforge.engine.decode import DecodeStep
 from phiforge.engine.engine import Engine
-from phiforge.engine.loader import load_model
+from phiforge.engine.formats.loader import load_model
 from phiforge.engine.model.lora import apply_lora
 from phiforge.engine.multi_lora import MultiLoRALinear
 from phiforge.engine.model.quant import NF4Linear

@@ -15,7 +15,7 @@ from tiny_phi3 import StubTokenizer, TINY, longrope, make_hf_checkpoint, random_
 from transformers import Phi3ForCausalLM as HFModel
 
 from phiforge.engine import Generator, load_model, load_tokenizer
-from phiforge.engine.fetch import default_model_path
+from phiforge.engine.formats.default_model import default_model_path
 
 N_NEW = 32
 

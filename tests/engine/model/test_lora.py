@@ -13,8 +13,8 @@ from safetensors import safe_open
 
 from phiforge.cli import main as cli_main
 from phiforge.commands.merge import run as merge_run
-from phiforge.engine.adapter import AdapterConfigWarning, AdapterError, load_adapter, save_adapter
-from phiforge.engine.loader import load_model
+from phiforge.engine.formats.peft import AdapterConfigWarning, AdapterError, load_adapter, save_adapter
+from phiforge.engine.formats.loader import load_model
 from phiforge.engine.model.lora import LoRALinear, apply_lora, lora_modules, merge_adapter
 from phiforge.engine.loss import IGNORE, lm_loss_sum, lm_loss_sum_ref
 from phiforge.engine.model.phi3 import LINEAR_NAMES

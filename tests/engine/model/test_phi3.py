@@ -94,7 +94,7 @@ def test_default_model_greedy_32_equals_transformers():
     """The real default model, fp32: logits close and 32 greedy tokens (KV-cached loop) identical."""
     from transformers import AutoTokenizer
 
-    from phiforge.engine.fetch import default_model_path
+    from phiforge.engine.formats.default_model import default_model_path
     path = default_model_path()
     hf = HFModel.from_pretrained(path, dtype=torch.float32).eval()
     ours = load_model(path, dtype=torch.float32)

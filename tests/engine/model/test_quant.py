@@ -24,7 +24,8 @@ bnb_F = pytest.importorskip("bitsandbytes.functional")
 
 from phiforge.engine import Phi3Config, Phi3ForCausalLM, load_model  # noqa: E402
 from phiforge.cli import main as cli_main  # noqa: E402
-from phiforge.engine.model.quant import NF4Linear, _fuse, load_nf4_state, quantize_model_, save_nf4_checkpoint  # noqa: E402
+from phiforge.engine.formats.bnb import _fuse, load_nf4_state, save_nf4_checkpoint  # noqa: E402
+from phiforge.engine.model.quant import NF4Linear, quantize_model_  # noqa: E402
 from phiforge.kernels.nf4 import dequantize_nf4_ref, quantize_nf4  # noqa: E402
 
 # hidden 64, intermediate 128: every K is a multiple of the blocksize, which bnb's CPU kernels need

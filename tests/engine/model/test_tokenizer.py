@@ -21,7 +21,7 @@ CHATS = [
 
 @pytest.fixture(scope="module")
 def default_model_dir():
-    from phiforge.engine.fetch import default_model_path
+    from phiforge.engine.formats.default_model import default_model_path
     return default_model_path()
 
 

@@ -265,7 +265,7 @@ def test_struct_layout_is_checked_against_the_c_side():
 
 def _adapters(model, seed: int) -> AdapterSet:
     """Three slots: 0 rank 4 on every projection; 1 rank 2 on q_proj (the q rows of the fused qkv) and up_proj (the
-    up half of gate_up) only, as engine/adapter.py fuses split adapters; 2 rank 3 on o_proj and down_proj only."""
+    up half of gate_up) only, as engine/formats/peft.py fuses split adapters; 2 rank 3 on o_proj and down_proj only."""
     g = torch.Generator().manual_seed(seed)
     adapters = AdapterSet(model, max_adapters=3)
     for name, layer in adapters.layers.items():

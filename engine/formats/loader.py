@@ -14,13 +14,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from phiforge.engine.formats.gguf.reader import GGUFTensors, open_phi3_gguf
 from phiforge.engine.model.config import Phi3Config
 from phiforge.engine.model.phi3 import LINEAR_NAMES, Phi3ForCausalLM
-from phiforge.engine.model.quant import NF4Linear, load_prequantized
+from phiforge.engine.model.quant import NF4Linear
 from phiforge.engine.model.weights import DTYPE_NAMES, DTYPES, CheckpointError, SafetensorsReader, write_checkpoint
 
-from .adapter import load_adapter
-from .gguf_import import GGUFTensors, open_phi3_gguf
+from .bnb import load_prequantized
+from .peft import load_adapter
 
 
 def expected_shapes(cfg: Phi3Config) -> dict[str, tuple[int, ...]]:
@@ -58,7 +59,7 @@ def load_model(path: str | Path, dtype: torch.dtype | str | None = None, device:
     are. adapter: a PEFT LoRA directory applied unmerged.
     """
     path = Path(path)
-    if path.suffix == ".gguf":  # a phi3 GGUF, dequantized tensor by tensor (engine/gguf_import.py)
+    if path.suffix == ".gguf":  # a phi3 GGUF, dequantized tensor by tensor (engine/formats/gguf/reader.py)
         hf, reader = open_phi3_gguf(path)
         cfg = Phi3Config.from_hf(hf, source=str(path))
     else:

@@ -1,4 +1,4 @@
-"""GGUF export (engine/gguf_export.py) and import (engine/gguf_import.py, engine/gguf_vocab.py), judged by:
+"""GGUF export (engine/formats/gguf/writer.py) and import (engine/formats/gguf/reader.py, .../vocab.py), judged by:
 
 - the `gguf` package's own reader: keys, tensor names, ggml shapes, and values against the torch weights (f32
   exact; f16/bf16 within one rounding; q8_0/q4_0 within the per-block bound of their quantizers);
@@ -28,12 +28,13 @@ from tiny_phi3 import VARIANTS, make_hf_checkpoint, randomize_lora_B
 
 from phiforge.commands import export as export_cmd
 from phiforge.engine.model.weights import CheckpointError
-from phiforge.engine.fetch import build_default_model, default_gguf_path, default_model_path
-from phiforge.engine.gguf_export import STOP_IDS_KEY, ExportError, export_gguf, gguf_names
-from phiforge.engine.gguf_import import fields
+from phiforge.engine.formats.default_model import build_default_model, default_gguf_path, default_model_path
+from phiforge.engine.formats.gguf.names import STOP_IDS_KEY, gguf_names
+from phiforge.engine.formats.gguf.writer import ExportError, export_gguf
+from phiforge.engine.formats.gguf.reader import fields
 from phiforge.engine.generate import Generator
-from phiforge.engine.gguf_vocab import tokenizer_from_fields
-from phiforge.engine.loader import load_model
+from phiforge.engine.formats.gguf.vocab import tokenizer_from_fields
+from phiforge.engine.formats.loader import load_model
 from phiforge.engine.model.lora import apply_lora, merge_adapter
 from phiforge.engine.model.tokenizer import load_tokenizer
 

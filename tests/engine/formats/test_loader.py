@@ -10,7 +10,7 @@ from transformers import Phi3ForCausalLM
 
 from phiforge.engine import load_model
 from phiforge.engine.model.config import ConfigError
-from phiforge.engine.loader import CheckpointError, save_model
+from phiforge.engine.formats.loader import CheckpointError, save_model
 from tiny_phi3 import TINY, make_hf_checkpoint
 
 

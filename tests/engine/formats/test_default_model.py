@@ -1,4 +1,4 @@
-"""The default model conversion (engine/fetch.py), judged against independent references:
+"""The default model conversion (engine/formats/default_model.py), judged against independent references:
 
 - transformers' `Phi3ForCausalLM` loads the directory with no missing/unexpected keys and answers a chat correctly
   (a wrong Q/K permutation loads fine but talks nonsense: the negative control shows the check can fail);
@@ -19,7 +19,8 @@ import torch
 from tokenizers import Tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer, Phi3ForCausalLM
 
-from phiforge.engine import fetch
+from phiforge.commands import fetch as fetch_command
+from phiforge.engine.formats import default_model as fetch
 
 QUESTION = [{"role": "user", "content": "What is the capital of France? Answer briefly."}]
 STRINGS = [
@@ -205,9 +206,9 @@ def test_incomplete_dir_is_rebuilt(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 
 def test_cli_reports_missing_gguf(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     parser = argparse.ArgumentParser()
-    fetch.add_arguments(parser)
+    fetch_command.add_arguments(parser)
     missing = tmp_path / "nope.gguf"
     args = parser.parse_args(["--out", str(tmp_path / "m"), "--gguf", str(missing), "--force"])
-    assert fetch.run(args) == 1
+    assert fetch_command.run(args) == 1
     assert str(missing) in capsys.readouterr().err
     assert not (tmp_path / "m").exists()

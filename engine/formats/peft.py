@@ -39,10 +39,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from phiforge.engine.atomic import write_atomic, write_text_atomic
 from phiforge.engine.model.lora import LoRALinear, base_features, lora_modules
 from phiforge.engine.model.phi3 import FUSED_OF, FUSED_PARTS, part_sizes
-
-from .atomic import write_atomic, write_text_atomic
 
 PREFIX = "base_model.model."
 
