@@ -16,9 +16,9 @@ shape with random weights built layer by layer (no checkpoint file; NF4 weights 
 so the LoRA run never holds more than its bf16 model and the QLoRA run never holds a dense copy).
 
 The JSON ends with ratios measured in this run (phiforge LoRA / HF LoRA, phiforge QLoRA / phiforge LoRA, QLoRA peak
-memory / LoRA peak memory) and the memory model's estimate (engine/train_memory.py) for seq 2048 on a 24 GB GPU.
+memory / LoRA peak memory) and the memory model's estimate (engine/train/memory.py) for seq 2048 on a 24 GB GPU.
 
-`--nproc N` measures data-parallel training instead (engine/distributed.py): `phiforge finetune` on the default
+`--nproc N` measures data-parallel training instead (engine/train/distributed.py): `phiforge finetune` on the default
 model and the bundled data/train.jsonl (packed to seq), as N gloo processes of one thread at micro-batch `batch`
 against one process of N threads at micro-batch N·batch, so both see the same global batches with the same total
 threads. tokens/s is the median over the steps after the first (metrics.jsonl); peak memory is the peak RSS of the
@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 
 from phiforge.bench.report import emit
-from phiforge.engine.train_memory import estimate
+from phiforge.engine.train.memory import estimate
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TARGETS = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
@@ -106,7 +106,7 @@ def random_nf4_linear(shape, dtype, device):
 def run_phiforge(a, path: Path | None = None) -> dict:
     """One timed LoRA/QLoRA run: Phi-3-mini shapes (random), or the checkpoint at `path` (default: the default model)."""
     from phiforge.engine.model.lora import LoRALinear, apply_lora, trainable_parameters
-    from phiforge.engine.loss import lm_loss_sum, lm_loss_sum_ref
+    from phiforge.engine.train.loss import lm_loss_sum, lm_loss_sum_ref
     dtype, quant = DTYPES[a.dtype], a.method == "qlora"
     if a.shape == "phi3-mini":
         model = phi3_mini_random(dtype, quant, a.device)

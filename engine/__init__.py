@@ -18,8 +18,8 @@ _EXPORTS = {
     "Generator": "generate",
     "load_generator": "pretrained",
     "compute_dtype": "pretrained",
-    "finetune": "train",
-    "TrainConfig": "train_config",
+    "finetune": "train.loop",
+    "TrainConfig": "train.config",
 }
 
 __all__ = list(_EXPORTS)

@@ -24,8 +24,8 @@ from phiforge.engine.generate import Generator
 from phiforge.engine.formats.loader import load_model
 from phiforge.engine.model.lora import lora_modules
 from phiforge.engine.model.tokenizer import load_tokenizer
-from phiforge.engine.train import finetune
-from phiforge.engine.train_config import TrainConfig
+from phiforge.engine.train.loop import finetune
+from phiforge.engine.train.config import TrainConfig
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 QUESTION = "What is Calder Valley Water's emergency phone number?"

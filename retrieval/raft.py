@@ -62,7 +62,7 @@ class RaftExample:
     quote: str | None  # the verbatim sentence of the gold chunk quoted in the target
 
     def row(self) -> dict:
-        """A `{messages}` training row (engine/data.py)."""
+        """A `{messages}` training row (engine/train/data.py)."""
         return {"messages": self.messages + [{"role": "assistant", "content": self.target}]}
 
 

@@ -38,7 +38,7 @@ from phiforge.engine.formats.default_model import default_model_path
 from phiforge.engine.formats.loader import load_model
 from phiforge.engine.pretrained import check_adapter_dir, compute_dtype
 from phiforge.engine.model.tokenizer import load_tokenizer
-from phiforge.engine.train import finetune
+from phiforge.engine.train.loop import finetune
 
 PROMPT = "Question: {question}\nAnswer:"
 PRIOR = "Answer:"

@@ -1,12 +1,12 @@
-"""`phiforge finetune`: the argparse layer over engine/train.py, one flag per TrainConfig field.
+"""`phiforge finetune`: the argparse layer over engine/train/loop.py, one flag per TrainConfig field.
 
-Flags, types, choices, help and defaults are read off the dataclass (engine/train_config.py), so a new option is
+Flags, types, choices, help and defaults are read off the dataclass (engine/train/config.py), so a new option is
 one new field. A bool field that defaults to False is a `--name` switch; one that defaults to True is `--no-name`.
 `targets` is comma-separated on the command line.
 
 Ctrl-C (or SIGTERM) finishes the current step, writes a checkpoint and the adapter so far, and exits 130; the
 same command with --resume continues. `--nproc N` (outside torchrun) re-runs this same command as N ranks through torch.distributed.run; each rank then
-finds torchrun's environment and trains its share (engine/distributed.py). On several machines, start
+finds torchrun's environment and trains its share (engine/train/distributed.py). On several machines, start
 `torchrun ... -m phiforge.cli finetune ...` on each yourself.
 
 Q/A data (retrieval/qa.py rows: question, answer, sources) is turned into chat rows here, before the loop: the
@@ -30,12 +30,12 @@ from torch.distributed.elastic.multiprocessing.api import SignalException
 
 from phiforge.engine.atomic import write_jsonl_atomic
 from phiforge.engine.model.weights import resolve_model
-from phiforge.engine.distributed import launch, under_torchrun
+from phiforge.engine.train.distributed import launch, under_torchrun
 from phiforge.engine.formats.default_model import default_model_path
 from phiforge.engine.model.tokenizer import load_tokenizer
-from phiforge.engine.train import finetune
-from phiforge.engine.train_config import TrainConfig, TrainConfigError, flag
-from phiforge.engine.train_state import TrainingInterrupted, check_out, holds_run, latest_checkpoint
+from phiforge.engine.train.loop import finetune
+from phiforge.engine.train.config import TrainConfig, TrainConfigError, flag
+from phiforge.engine.train.state import TrainingInterrupted, check_out, holds_run, latest_checkpoint
 from phiforge.retrieval.manifest import IndexCorrupt, IndexMismatch
 from phiforge.retrieval.qa import load_qa
 from phiforge.retrieval.raft import closed_book_rows, is_qa_file, raft_examples

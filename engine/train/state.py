@@ -10,13 +10,13 @@ A resumed run must replay exactly what the uninterrupted run would have done, so
 step is saved: the LoRA weights (fp32, exact), AdamW's exp_avg / exp_avg_sq / step, the learning-rate schedule
 (a pure function of the step, so its state is the step), the torch CPU/CUDA RNG (dropout masks), and the data
 position (the micro-batch index; the loader's order is a pure function of seed and epoch). In a data-parallel run
-(engine/distributed.py) the weights and AdamW state are the same on every rank, but each rank draws its own dropout
-masks: rank r's RNG is stored as `rng.rank<r>.cpu` / `rng.rank<r>.cuda`, and the world size is recorded, because
-the data split and those RNG streams only replay with the same number of ranks.
+(engine/train/distributed.py) the weights and AdamW state are the same on every rank, but each rank draws its own
+dropout masks: rank r's RNG is stored as `rng.rank<r>.cpu` / `rng.rank<r>.cuda`, and the world size is recorded,
+because the data split and those RNG streams only replay with the same number of ranks.
 
 The --out folder's guards live here too: check_out refuses an --out holding an earlier run (unless --resume or
 --overwrite) and --resume without a checkpoint; StopSignals turns SIGINT/SIGTERM into a request the loop honours
-after its step (engine/train.py checkpoints, then raises TrainingInterrupted).
+after its step (engine/train/loop.py checkpoints, then raises TrainingInterrupted).
 
 A checkpoint is written into a temp dir and renamed into place, so a crash never leaves half of one; resume takes
 the newest complete `checkpoint-*`.
@@ -35,10 +35,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from phiforge.engine.atomic import atomic_dir
 from phiforge.engine.formats.peft import PREFIX, save_adapter
 
-from .atomic import atomic_dir
-from .train_config import TrainConfig, TrainConfigError
+from .config import TrainConfig, TrainConfigError
 
 STATE_JSON, STATE_ST = "trainer_state.json", "trainer_state.safetensors"
 
@@ -108,7 +108,7 @@ def load_checkpoint(ckpt: Path, model: nn.Module, optimizer: torch.optim.Optimiz
                     device: torch.device | None = None) -> dict:
     """Restore LoRA weights, optimizer (param groups as saved) and RNG in place; returns the JSON state. In a
     data-parallel run pass this process's `rank` and `device`: it takes that rank's generators. Whether the
-    resuming run's options (and world size) may differ is the caller's check (engine/train.py)."""
+    resuming run's options (and world size) may differ is the caller's check (engine/train/loop.py)."""
     state = read_state(ckpt)
     # LoRA weights: parameter "model.layers.0.self_attn.qkv_proj.lora_A.weight" <- key PREFIX + the same name
     with safe_open(str(ckpt / "adapter_model.safetensors"), framework="pt") as f:

@@ -6,13 +6,13 @@ import json
 import pytest
 import torch
 
-from phiforge.engine.data import (IGNORE, DataError, Loader, Sample, collate, encode_row, load_dataset, make_sample,
-                                  DataStats, read_jsonl)
+from phiforge.engine.train.data import (IGNORE, DataError, DataStats, Loader, Sample, collate, encode_row,
+                                        load_dataset, make_sample, read_jsonl)
 from phiforge.engine.formats.default_model import default_model_path
 from phiforge.engine.formats.loader import load_model
-from phiforge.engine.loss import lm_loss_sum
+from phiforge.engine.train.loss import lm_loss_sum
 from phiforge.engine.model.tokenizer import load_tokenizer
-from phiforge.engine.train import step_batches
+from phiforge.engine.train.loop import step_batches
 from tiny_phi3 import save_tiny
 
 
@@ -143,7 +143,7 @@ def test_phi3_template_spans_end_at_end_token(tok):
     """Phi-3's template ends a transcript with eos after the last <|end|>: the label stops at <|end|>."""
     import copy
 
-    from phiforge.engine.data import chat_spans
+    from phiforge.engine.train.data import chat_spans
     from phiforge.engine.model.tokenizer import PHI3_CHAT_TEMPLATE, _compile
 
     phi3 = copy.copy(tok)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from phiforge.commands.finetune import add_arguments, argv_for, config_from_args
-from phiforge.engine.train_config import (NOT_COMPARED, RESUMABLE, TrainConfig, TrainConfigError, flag,
+from phiforge.engine.train.config import (NOT_COMPARED, RESUMABLE, TrainConfig, TrainConfigError, flag,
                                           resume_changes)
 
 

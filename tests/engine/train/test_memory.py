@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from phiforge.engine.model.config import Phi3Config
-from phiforge.engine.train_memory import GB, estimate
+from phiforge.engine.train.memory import GB, estimate
 
 
 @pytest.mark.parametrize("method", ["lora", "qlora"])

@@ -5,7 +5,7 @@
           + LoRA state                    r·(in + out) per site × 16 B  (fp32 weight, grad, Adam m and v)
           + layer checkpoints             L · B · T · C · 2 B           (one bf16 layer input kept per layer)
           + one layer's recompute set     B · T · a · 2 B · 2           (activations of one layer, and their grads)
-          + loss                          chunk · V · 4 B · 2  +  n_labelled · C · 2 B   (engine/loss.py)
+          + loss                          chunk · V · 4 B · 2  +  n_labelled · C · 2 B   (engine/train/loss.py)
           + dequantized weight transient  largest projection in bf16 (QLoRA CPU / dequant fallback only)
           + CUDA context + fragmentation  0.75 GB
 

@@ -13,11 +13,11 @@ mean token loss over everything the step saw, however it is split.
 
 The base is frozen (bf16/fp32 for LoRA, NF4 for QLoRA); only the LoRA A/B matrices (fp32) get gradients and AdamW
 state. Activations are checkpointed per decoder layer (non-reentrant), the loss never materializes full logits
-(engine/loss.py), and on CUDA the forward runs under bf16 autocast. Schedule: linear warmup to lr, then cosine or
-linear decay towards 0. See engine/train_state.py for checkpoints that resume bit-for-bit.
+(engine/train/loss.py), and on CUDA the forward runs under bf16 autocast. Schedule: linear warmup to lr, then cosine or
+linear decay towards 0. See engine/train/state.py for checkpoints that resume bit-for-bit.
 
 Data-parallel (torchrun, `--nproc`): the same loop on every rank, each on its share of every micro-batch, N
-all-reduced over ranks and the gradients reduced by DDP; rank 0 alone writes. See engine/distributed.py.
+all-reduced over ranks and the gradients reduced by DDP; rank 0 alone writes. See engine/train/distributed.py.
 
 Stopping: SIGINT (Ctrl-C) or SIGTERM during the loop lets the current step finish, then writes a checkpoint and
 the adapter so far and raises TrainingInterrupted (a KeyboardInterrupt: the CLI exits 130) saying how to resume; a
@@ -27,7 +27,7 @@ fit in it). Besides --save-every, a checkpoint is written every --save-minutes o
 the same way), so a killed run loses at most that much. A run refuses an --out that holds an earlier run unless
 --resume or --overwrite is given, and a run that fails before its first checkpoint removes the --out it created.
 
-Options: engine/train_config.py (TrainConfig); the CLI layer: phiforge/commands/finetune.py.
+Options: engine/train/config.py (TrainConfig); the CLI layer: phiforge/commands/finetune.py.
 Outputs in OUT/: the final adapter (PEFT format), training_args.json, metrics.jsonl (one record per optimizer step,
 plus eval records), loss_curve.png, checkpoint-<step>/ directories.
 """
@@ -48,6 +48,7 @@ from matplotlib.figure import Figure
 from torch import nn
 from tqdm.auto import tqdm
 
+from phiforge.engine.atomic import write_atomic, write_json_atomic, write_text_atomic
 from phiforge.engine.formats.default_model import default_model_path
 from phiforge.engine.formats.loader import load_model
 from phiforge.engine.formats.peft import save_adapter
@@ -56,12 +57,11 @@ from phiforge.engine.model.tokenizer import load_tokenizer
 from phiforge.engine.model.weights import resolve_model
 
 from . import distributed
-from .atomic import write_atomic, write_json_atomic, write_text_atomic
+from .config import TrainConfig, TrainConfigError, resume_changes
 from .data import DataError, DataStats, Loader, load_dataset
 from .distributed import SINGLE, World
 from .loss import lm_loss_sum
-from .train_config import TrainConfig, TrainConfigError, resume_changes
-from .train_state import (STATE_JSON, StopSignals, TrainingInterrupted, check_out, clear_run, holds_run,
+from .state import (STATE_JSON, StopSignals, TrainingInterrupted, check_out, clear_run, holds_run,
                           latest_checkpoint, load_checkpoint, rank_rng_state, read_state, save_checkpoint)
 
 def lr_at(step: int, base_lr: float, total: int, warmup: int, schedule: str) -> float:
@@ -220,7 +220,7 @@ def setup(config: TrainConfig, base_model: nn.Module | None = None, tokenizer: A
 
 def _check_resume(config: TrainConfig, world: World = SINGLE) -> tuple[Path, list[str]]:
     """The newest checkpoint and the options this run changes; raises on one that must match it
-    (engine/train_config.py: RESUMABLE) and on a different number of ranks."""
+    (engine/train/config.py: RESUMABLE) and on a different number of ranks."""
     out = Path(config.out)
     ckpt = latest_checkpoint(out)
     assert ckpt is not None, "check_out refuses --resume without a checkpoint"
