@@ -109,7 +109,7 @@ def run(args: argparse.Namespace) -> dict:
                                         lambda: cpu_ops.rotary_ref(qr, cos, sin), r, n)
     if not args.skip_decode:
         from phiforge.engine import load_model
-        from phiforge.engine.decode import DecodeStep
+        from phiforge.engine.serve.decode import DecodeStep
         from phiforge.engine.formats.default_model import default_model_path
         for dt in (torch.float32, torch.bfloat16):
             model = load_model(default_model_path(), dtype=dt)

@@ -10,8 +10,8 @@ import os
 import torch
 
 from phiforge.bench.gpu_check_common import Ctx, Skip, default_model_dir, ref_error, rel_diff, require_cuda, tiny_model
-from phiforge.engine.decode import DecodeStep
-from phiforge.engine.decode_graph import CUDAGraphDecode
+from phiforge.engine.serve.decode import DecodeStep
+from phiforge.engine.serve.decode_graph import CUDAGraphDecode
 from phiforge.engine.formats.loader import load_model
 from phiforge.engine.model.lora import LoRALinear, apply_lora, trainable_parameters
 from phiforge.engine.model.quant import quantize_model_

@@ -16,8 +16,8 @@ import torch
 from phiforge.bench.bench_train import phi3_mini_random, run_hf, run_phiforge
 from phiforge.bench.gpu_check_correct import torch_path
 from phiforge.bench.gpu_check_common import Ctx, copy_bandwidth_gbs, sync, time_ms, tiny_model
-from phiforge.engine.decode import DecodeStep
-from phiforge.engine.decode_graph import CUDAGraphDecode
+from phiforge.engine.serve.decode import DecodeStep
+from phiforge.engine.serve.decode_graph import CUDAGraphDecode
 from phiforge.engine.formats.loader import save_model
 from phiforge.engine.model.quant import quantize_model_
 from phiforge.kernels.lora import lora_linear, lora_linear_ref

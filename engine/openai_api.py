@@ -27,8 +27,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from .request import Delta, Request, Result
-from .sampling import SamplingParams
+from phiforge.engine.serve.request import Delta, Request, Result
+from phiforge.engine.serve.sampling import SamplingParams
 
 MAX_STOP = 16                 # OpenAI documents 4; more is harmless for the engine, unbounded is not
 COMPLETION_DEFAULT_TOKENS = 16

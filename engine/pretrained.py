@@ -19,8 +19,7 @@ from phiforge.engine.formats.loader import load_model
 from phiforge.engine.formats.peft import AdapterError, trained_base
 from phiforge.engine.model.tokenizer import load_tokenizer
 from phiforge.engine.model.weights import resolve_model
-
-from .generate import Generator
+from phiforge.engine.serve.generate import Generator
 
 
 def compute_dtype(device: str | torch.device = "cpu") -> torch.dtype:
@@ -71,7 +70,7 @@ def load_generator(model_dir: str | Path | None = None, adapter_dir: str | Path 
 
     dtype None keeps the checkpoint's (config.json torch_dtype); pass `compute_dtype()` for this machine's fastest.
     quant "nf4" quantizes the decoder projections while loading, "none" keeps them dense, None follows the adapter's
-    training (NF4 for a QLoRA adapter). prefix_cache: see engine/generate.py.
+    training (NF4 for a QLoRA adapter). prefix_cache: see engine/serve/generate.py.
     """
     if adapter_dir is not None:
         check_adapter_dir(adapter_dir)

@@ -47,10 +47,10 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from phiforge.engine.formats.peft import AdapterError
+from phiforge.engine.serve.request import AdapterBusy, EngineError, EngineStopped, PromptTooLong, QueueFull, Result, UnknownAdapter
 
 from .openai_api import APIError, Chunks, Parsed, parse_chat, parse_completion, response
 from .prometheus import Histogram, sample
-from .request import AdapterBusy, EngineError, EngineStopped, PromptTooLong, QueueFull, Result, UnknownAdapter
 
 log = logging.getLogger("phiforge.server")
 MAX_BODY_BYTES = 8 << 20

@@ -27,7 +27,7 @@ from typing import Callable
 import torch
 
 from phiforge.engine.model.weights import resolve_model
-from phiforge.engine.engine import Engine
+from phiforge.engine.serve.engine import Engine
 from phiforge.engine.formats.default_model import default_model_path
 from phiforge.engine.formats.loader import load_model
 from phiforge.engine.pretrained import check_adapter_dir, compute_dtype

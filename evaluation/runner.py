@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from phiforge.engine.request import Request, Result
+from phiforge.engine.serve.request import Request, Result
 from phiforge.retrieval.chunkdb import DB, chunks_with_vectors, connect_reader
 from phiforge.retrieval.qa import QARow, closed_book_messages
 from phiforge.retrieval.rag import build_prompt, parse_citations

@@ -20,7 +20,7 @@ from typing import Iterator
 import torch
 
 from phiforge.engine.formats.default_model import default_model_path
-from phiforge.engine.generate import Generator
+from phiforge.engine.serve.generate import Generator
 from phiforge.engine.formats.loader import load_model
 from phiforge.engine.model.lora import lora_modules
 from phiforge.engine.model.tokenizer import load_tokenizer

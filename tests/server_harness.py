@@ -15,8 +15,8 @@ import uvicorn
 from tiny_phi3 import randomize_lora_B, save_tiny
 
 from phiforge.engine.formats.peft import save_adapter
-from phiforge.engine.engine import Engine
-from phiforge.engine.generate import Generator
+from phiforge.engine.serve.engine import Engine
+from phiforge.engine.serve.generate import Generator
 from phiforge.engine.formats.loader import load_model
 from phiforge.engine.model.lora import apply_lora
 from phiforge.engine.prometheus import parse

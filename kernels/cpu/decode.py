@@ -9,7 +9,7 @@ splits (row, head) pairs, and the small vector ops between barriers split the ba
 step. Batches (left-padded rows, pad slots at position -1) stream each weight once for all rows: a block of x's rows
 (8 with AVX-512, 4 with AVX2) against one weight row at a time, more blocks against two (csrc/gemv.h).
 
-It computes exactly what `DecodeStep` (engine/decode.py) computes, rounding where torch rounds. With R(v) = v
+It computes exactly what `DecodeStep` (engine/serve/decode.py) computes, rounding where torch rounds. With R(v) = v
 rounded to the model dtype (identity for fp32, round-to-nearest-even for bf16), per layer:
 
     h   = x · rsqrt(mean(x²) + eps)  (fp32);  xn = R(w_norm · R(h))            RMSNorm, transformers' order
@@ -26,11 +26,11 @@ Projections are dense fp32/bf16, or all NF4 (QLoRA's base model): then each proj
 kernels, the very code the torch step calls per NF4 linear, so the sums are the same: the fused dequantize-GEMV up
 to nf4_cpu.GEMV_MAX_M rows, and from tile_min_m() up to TILE_MAX_M rows the tile GEMM (beyond, the torch step
 dequantizes the whole weight and runs a GEMM instead). NF4 reads a quarter of the bytes
-(bench/bench_generate.py measures what that buys). The engine (engine/decode.py) hands over the weights as tensors
+(bench/bench_generate.py measures what that buys). The engine (engine/serve/decode.py) hands over the weights as tensors
 (`DecodeWeights`); a single-adapter LoRA projection, more than MAX_BATCH rows, or a library that cannot run
 (kernels/cpu/native.py says why: it needs AVX2 + FMA at least) keeps the torch step.
 
-Many adapters in one batch (the serving engine's AdapterSet, engine/multi_lora.py): `set_lora` takes each
+Many adapters in one batch (the serving engine's AdapterSet, engine/serve/multi_lora.py): `set_lora` takes each
 projection's stacked adapters (`LoRAStack`) and a call's `lora_slots` name each row's; after each projection the
 rows with an adapter add its delta, y += R(R(x·A_sᵀ)·R(s_s))·B_sᵀ rounded once (csrc/decode_lora.h), rows grouped
 by adapter so each adapter's A and B are read once a step: the roundings of kernels/lora_gather.py's CPU path, so the

@@ -6,7 +6,7 @@ barrier, whether the threads of all pools together outnumber the CPUs; if they d
 and sleeps in the kernel at each one, so every barrier costs a wake-up. The native decode step has hundreds of
 barriers a token (csrc/decode.c), torch's parallel ops one or more each.
 
-The serving engine (engine/engine.py) runs on its own thread, and the thread that built it has, as a rule, loaded
+The serving engine (engine/serve/engine.py) runs on its own thread, and the thread that built it has, as a rule, loaded
 the model with parallel torch ops: its pool is already there, idle, and the engine's own pool makes two. With
 torch's default of one thread a core that is more threads than cores, and every engine step would run with
 sleeping barriers. `release()` gives back the calling thread's pool (OpenMP 5's `omp_pause_resource_all`, which

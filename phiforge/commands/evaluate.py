@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from phiforge.engine.formats.peft import AdapterError
-from phiforge.engine.request import EngineError
+from phiforge.engine.serve.request import EngineError
 from phiforge.evaluation import evaluate
 from phiforge.evaluation.pipeline import (DEFAULT_K, DEFAULT_MAX_BATCH, DEFAULT_MAX_NEW_TOKENS,
                                           DEFAULT_MAX_PROMPT_TOKENS)

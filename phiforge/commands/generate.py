@@ -1,4 +1,4 @@
-"""`phiforge generate` and `phiforge chat`: thin terminal front-ends over engine/generate.py's Generator.
+"""`phiforge generate` and `phiforge chat`: thin terminal front-ends over engine/serve/generate.py's Generator.
 
     phiforge generate --prompt "Once upon a time" --max-new-tokens 64 --stats
     phiforge generate --chat --prompt "What is the capital of France?" --greedy
@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from phiforge.engine.model.weights import resolve_model
-from phiforge.engine.generate import GenerationResult, Generator, Prompt
+from phiforge.engine.serve.generate import GenerationResult, Generator, Prompt
 from phiforge.engine.pretrained import load_generator
 
 

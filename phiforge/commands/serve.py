@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from phiforge.engine.engine import Engine
+from phiforge.engine.serve.engine import Engine
 from phiforge.engine.formats.default_model import default_model_path
 from phiforge.engine.formats.loader import load_model
 from phiforge.engine.pretrained import compute_dtype

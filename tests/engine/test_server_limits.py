@@ -18,7 +18,7 @@ import torch
 from server_harness import CHAT, idle, adapters, client, free_port, metrics, ref, server, serving, tiny, wait_for  # noqa: F401  (fixtures)
 from phiforge.commands import serve
 from phiforge.engine.formats.default_model import default_model_path
-from phiforge.engine.generate import Generator
+from phiforge.engine.serve.generate import Generator
 from phiforge.engine.formats.loader import load_model
 from phiforge.engine.server import create_app
 from phiforge.engine.model.tokenizer import load_tokenizer

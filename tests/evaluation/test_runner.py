@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from phiforge.engine.request import Result, Usage
+from phiforge.engine.serve.request import Result, Usage
 from phiforge.evaluation.modes import MODES
 from phiforge.evaluation.runner import _Prompt, prompt_budget, retrieve, score
 from phiforge.retrieval.qa import ABSTAIN_ANSWER, QARow

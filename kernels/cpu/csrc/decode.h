@@ -51,7 +51,8 @@ typedef struct {                    /* one NF4 weight (kernels/nf4.py's NF4Weigh
 
 #define NF4DESC_FIELDS(X) X(packed) X(absmax) X(code) X(ncode) X(nabs) X(offset) X(dq) X(bs) X(nbs)
 
-typedef struct LoRA {               /* one projection's resident adapters (engine/multi_lora.py's MultiLoRALinear) */
+/* one projection's resident adapters (engine/serve/multi_lora.py's MultiLoRALinear) */
+typedef struct LoRA {
     const void *A;                  /* (S, R, K) model dtype: slot s's lora_A, rows rank[s]..R zero; NULL: none */
     const void *Bt;                 /* (S, R, N) model dtype: slot s's lora_B transposed, so the expand reads rows */
     const float *scale;             /* (S,) */

@@ -49,8 +49,8 @@ def main() -> None:
         from tiny_phi3 import StubTokenizer, random_prompt
 
         from phiforge.engine import load_model
-        from phiforge.engine.engine import Engine
-        from phiforge.engine.request import Request
+        from phiforge.engine.serve.engine import Engine
+        from phiforge.engine.serve.request import Request
 
         model = load_model(sys.argv[2], dtype=torch.float32)
         assert parallel_sum(1.0) == 1 << 22

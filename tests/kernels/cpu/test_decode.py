@@ -1,5 +1,5 @@
-"""The native whole-step decode computes what the torch decode step computes (tests/engine/test_decode.py holds that
-step, native, to model.forward), at every instruction-set tier this CPU runs (AVX-512 with and without BF16, AVX2):
+"""The native whole-step decode computes what the torch decode step computes (tests/engine/serve/test_decode.py holds
+that step, native, to model.forward), at every instruction-set tier this CPU runs (AVX-512 with and without BF16, AVX2):
 fp32 to fp32 rounding, bf16 no further from an fp32 reference than torch's own bf16 step; on odd shapes (K and N not
 multiples of the vector width, head dim 8), GQA, sliding window, partial rotary, tied embeddings, long rope,
 left-padded batches (more rows than one 8-row block); NF4 models (QLoRA's base) equal the torch step too; rows of
@@ -16,10 +16,10 @@ import torch
 from tiny_phi3 import VARIANTS, make_hf_checkpoint
 
 from phiforge.engine import load_model
-from phiforge.engine.decode import DecodeStep
+from phiforge.engine.serve.decode import DecodeStep
 from phiforge.engine.model.lora import LoRALinear
 from phiforge.engine.model.phi3 import part_sizes
-from phiforge.engine.multi_lora import AdapterSet
+from phiforge.engine.serve.multi_lora import AdapterSet
 from phiforge.engine.model.quant import quantize_model_
 from phiforge.kernels.cpu import decode as cpu_decode, native, nf4 as nf4_cpu
 

@@ -32,7 +32,7 @@ from phiforge.engine.formats.default_model import build_default_model, default_g
 from phiforge.engine.formats.gguf.names import STOP_IDS_KEY, gguf_names
 from phiforge.engine.formats.gguf.writer import ExportError, export_gguf
 from phiforge.engine.formats.gguf.reader import fields
-from phiforge.engine.generate import Generator
+from phiforge.engine.serve.generate import Generator
 from phiforge.engine.formats.gguf.vocab import tokenizer_from_fields
 from phiforge.engine.formats.loader import load_model
 from phiforge.engine.model.lora import apply_lora, merge_adapter

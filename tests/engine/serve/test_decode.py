@@ -8,8 +8,8 @@ import torch
 from tiny_phi3 import TINY, VARIANTS, left_padded, make_hf_checkpoint
 
 from phiforge.engine import load_model
-from phiforge.engine.decode import DecodeStep
-from phiforge.engine.kv_memory import KVRow
+from phiforge.engine.serve.decode import DecodeStep
+from phiforge.engine.serve.kv_memory import KVRow
 from phiforge.kernels.cpu import decode as cpu_decode
 
 

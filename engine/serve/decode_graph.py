@@ -1,6 +1,6 @@
 """The decode step with static shapes, replayed as one CUDA graph: no per-token Python or launch overhead on GPU.
 
-engine/decode.py's DecodeStep slices the cache to the `s + 1` slots in use, so every step has new shapes and runs
+engine/serve/decode.py's DecodeStep slices the cache to the `s + 1` slots in use, so every step has new shapes and runs
 as dozens of separate launches driven by Python. At batch 1 on a GPU those launches, not the weights' bytes, set
 the time per token. `CUDAGraphDecode` runs the same model on the same KVCache with shapes that never change:
 

@@ -5,26 +5,26 @@
     print(h.result().text)
     engine.shutdown(drain=True)
 
-Each `step()` (engine/scheduler.py gives the order) decodes one token for every running request in one call of
-engine/decode.py's step over their KV rows, each row at its own length (native C for dense/NF4 models, torch for
+Each `step()` (engine/serve/scheduler.py gives the order) decodes one token for every running request in one call of
+engine/serve/decode.py's step over their KV rows, each row at its own length (native C for dense/NF4 models, torch for
 the rest), prefills prompt chunks of newly admitted requests through `model.forward` on their own rows (a chunk
 per request within a per-step token budget), samples every request with its own parameters and seeded
 generator, applies its stop rules, and streams a Delta to its Handle. A request that ends (stop id, stop string,
 length, abort) frees its row at once; the next step admits the next waiting one. KV memory and the admission rule
-(reserve prompt + max_tokens: no request ever outgrows its row, no preemption) are in engine/kv_memory.py.
+(reserve prompt + max_tokens: no request ever outgrows its row, no preemption) are in engine/serve/kv_memory.py.
 
 **What a request's output depends on.** Only on itself: rows never see each other (each attends its own row),
 every request draws from its own generator, and its prompt is prefilled alone. In fp32, greedy tokens equal the
 same request run alone; they can differ only where a batched matmul sums in another order than a one-row one and
-a near-tie flips (bf16: the same, at bf16 near-ties, which are far more common; tests/engine/test_engine_bf16.py
+a near-tie flips (bf16: the same, at bf16 near-ties, which are far more common; tests/engine/serve/test_engine_bf16.py
 checks that every flip is one). With prefix reuse on, reused K/V equal a fresh prefill's up to rounding, with the
 same caveat.
 
-**LongRoPE.** A request's regime is fixed at admission (engine/generate.py's rule). Rows of both regimes share the
+**LongRoPE.** A request's regime is fixed at admission (engine/serve/generate.py's rule). Rows of both regimes share the
 cache but never a step call: decodes run one call per regime, each with its own cos/sin table.
 
-**Adapters** (engine/multi_lora.py). `Engine(model, tok, adapters={"name": dir}, max_adapters=8)` wraps the model's
-projections once, at start, in an AdapterSet; a request names one in `Request.adapter` (None: the base). Every
+**Adapters** (engine/serve/multi_lora.py). `Engine(model, tok, adapters={"name": dir}, max_adapters=8)` wraps the
+model's projections once, at start, in an AdapterSet; a request names one in `Request.adapter` (None: the base). Every
 prefill chunk runs inside `rows([its slot])`, every decode call inside `rows(slots of its rows)`, so rows of
 different adapters and of none share a step, natively where the base model runs natively (the decode step adds
 each row's adapter delta itself). The base must be the one the adapters were
@@ -37,7 +37,7 @@ adapter load (K/V depend on the weights that wrote them).
 
 **Threads.** `submit`, `abort`, `stats`, `shutdown` and the adapter calls are thread-safe; only the scheduler
 thread touches the model, the cache and the queues. `Engine(start=False)` runs no thread: the caller drives
-`step()` itself (engine/generate.py's Generator does, to check its cancel callback between steps). Starting the
+`step()` itself (engine/serve/generate.py's Generator does, to check its cancel callback between steps). Starting the
 scheduler thread gives back the constructing thread's OpenMP pool (kernels/cpu/omp_pool.py): beside the scheduler
 thread's own, it would make more OpenMP threads than cores, and libgomp then sleeps at every barrier of every step.
 A caller that runs parallel torch work of its own while the engine serves makes a pool again, with the same effect
@@ -74,9 +74,9 @@ class Engine:
                  max_adapters: int | None = None, adapters: dict[str, str] | None = None, prefix_cache: bool = True,
                  lean_decode: bool = True, start: bool = True) -> None:
         """prefill_chunk: prompt tokens a request prefills per step; step_tokens: prompt tokens per step in all
-        (engine/scheduler.py says why two budgets); max_adapters: adapter slots (None: multi_lora.DEFAULT_MAX_ADAPTERS
-        when `adapters` are given, else none; 0: none, and the model is left as it is); adapters: name -> PEFT
-        directory, loaded at start."""
+        (engine/serve/scheduler.py says why two budgets); max_adapters: adapter slots (None:
+        multi_lora.DEFAULT_MAX_ADAPTERS when `adapters` are given, else none; 0: none, and the model is left as it is);
+        adapters: name -> PEFT directory, loaded at start."""
         cfg = model.config
         for name, v in (("max_batch", max_batch), ("prefill_chunk", prefill_chunk), ("step_tokens", step_tokens),
                         ("max_queue", max_queue)):

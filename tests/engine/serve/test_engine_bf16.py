@@ -9,9 +9,9 @@ import torch
 from tiny_phi3 import StubTokenizer, make_hf_checkpoint, random_prompt
 
 from phiforge.engine import load_model, load_tokenizer
-from phiforge.engine.engine import Engine
+from phiforge.engine.serve.engine import Engine
 from phiforge.engine.formats.default_model import default_model_path
-from phiforge.engine.request import Request
+from phiforge.engine.serve.request import Request
 
 # bf16 keeps 8 significant bits (relative rounding 2^-8); a logit is a long sum of rounded products, so a near-tie
 # is a gap of a few bf16 steps of the largest logit (one step at 20 is 0.125)

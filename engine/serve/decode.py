@@ -21,17 +21,18 @@ the same KVCache, with:
 
 With dense fp32/bf16 projections (up to 16 rows) or NF4 ones (up to 4) the whole step is one native call instead
 (kernels/cpu/decode.py: same math, same roundings; `bench_generate.py --ablations` measures both); this module
-hands it the model's weights as tensors (`decode_weights`) and, for a model with an AdapterSet (engine/multi_lora.py),
-the resident adapters' stacks: rows with an adapter get its delta in the native step too (csrc/decode_lora.h). This
-torch step serves larger batches, single-adapter LoRA models, and machines where the native library cannot run.
+hands it the model's weights as tensors (`decode_weights`) and, for a model with an AdapterSet
+(engine/serve/multi_lora.py), the resident adapters' stacks: rows with an adapter get its delta in the native step too
+(csrc/decode_lora.h). This torch step serves larger batches, single-adapter LoRA models, and machines where the native
+library cannot run.
 
-**Rows of their own lengths** (the serving engine, engine/engine.py): `step(tokens, positions, rows, slots)` runs
+**Rows of their own lengths** (the serving engine, engine/serve/engine.py): `step(tokens, positions, rows, slots)` runs
 only the cache rows `rows`, row b writing its K/V into its own slot `slots[b]` and attending to its slots up to
 that one (slots past it may hold an earlier request's K/V: they are masked). Without `rows`/`slots` every row
 writes slot `cache.length` and the length advances (one batch in lock-step, as a left-padded batch decodes).
 
 Prefill stays with `model.forward` (long query blocks amortise its setup). Decode and prefill write
-the same cache, so they can alternate freely. tests/engine/test_decode.py checks logits against `model.forward`.
+the same cache, so they can alternate freely. tests/engine/serve/test_decode.py checks logits against `model.forward`.
 
 Legend: B rows (of the step), C hidden, nh/nkv query/KV heads, rep = nh/nkv, hs head dim, rd rotary dims, S cache slots used,
 V vocabulary.

@@ -10,9 +10,9 @@ import torch
 from tiny_phi3 import StubTokenizer, make_hf_checkpoint, random_prompt
 
 from phiforge.engine import load_model
-from phiforge.engine.engine import Engine
-from phiforge.engine.request import EngineStopped, PromptTooLong, QueueFull, Request, UnknownAdapter
-from phiforge.engine.sampling import SamplingParams
+from phiforge.engine.serve.engine import Engine
+from phiforge.engine.serve.request import EngineStopped, PromptTooLong, QueueFull, Request, UnknownAdapter
+from phiforge.engine.serve.sampling import SamplingParams
 
 
 @pytest.fixture(scope="module")

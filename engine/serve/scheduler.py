@@ -2,10 +2,10 @@
 
 Every step, in this order:
   1. **Aborts** leave at once: a waiting request is dropped, a running one ends ("abort") and its row is freed.
-  2. **Admission**, first come first served: while a KV row is free (engine/kv_memory.py), the oldest waiting
+  2. **Admission**, first come first served: while a KV row is free (engine/serve/kv_memory.py), the oldest waiting
      request takes one (the free row sharing the longest prefix with its prompt, among rows written under the same
      adapter: `Sequence.kv_key`), with its LongRoPE regime fixed
-     from the largest position it may run at (engine/generate.py states the rule).
+     from the largest position it may run at (engine/serve/generate.py states the rule).
   3. **Work**: every running request whose prompt is in the cache decodes one token; every request still
      prefilling gets its next prompt chunk of up to `prefill_chunk` tokens, oldest first, while the step's
      `step_tokens` prompt budget lasts. Decodes and chunks share the step, so a long prompt arriving delays the
@@ -19,7 +19,7 @@ Every step, in this order:
   4. After the model ran: each request with logits samples a token and tests its stop rules; one that ends
      frees its row, which the next step's admission hands to the next waiting request.
 
-The engine (engine/engine.py) runs the model and sampling; this module holds the queues and decides.
+The engine (engine/serve/engine.py) runs the model and sampling; this module holds the queues and decides.
 """
 from __future__ import annotations
 

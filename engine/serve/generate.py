@@ -4,7 +4,7 @@
     [r] = gen.generate("Once upon a time", max_new_tokens=64, temperature=0)      # r.text, r.token_ids, ...
     for piece in gen.stream([{"role": "user", "content": "Hi!"}]): print(piece, end="")
 
-A Generator is a client of the serving engine (engine/engine.py), the one generation code path: a call submits
+A Generator is a client of the serving engine (engine/serve/engine.py), the one generation code path: a call submits
 its prompts as Requests to an Engine it owns (one KV row per prompt, built for the call's size and kept while
 later calls fit) and drives the engine's steps itself, checking `cancel` before each one.
 
@@ -14,8 +14,8 @@ later calls fit) and drives the engine's steps itself, checking `cancel` before 
   2. **Prefill.** Each prompt is prefilled into its own row, in chunks of `prefill_chunk` tokens per step
      (bounded activation memory; cancellation is checked between steps); only the last chunk goes through the
      lm_head, and only for its last position. No padding: each row computes what it would alone.
-  3. **Decode.** One token per running row per step (engine/decode.py's step, every row at its own length):
-     sample (engine/sampling.py), detokenize (engine/detokenize.py), test the stop rules. A row ends on any id of
+  3. **Decode.** One token per running row per step (engine/serve/decode.py's step, every row at its own length):
+     sample (engine/serve/sampling.py), detokenize (engine/serve/detokenize.py), test the stop rules. A row ends on any id of
      the full stop set (`tokenizer.stop_ids`: generation_config's EOS ids plus the end-of-turn token), on a stop
      string (text cut right before it), at max_new_tokens, or when cancelled; its row is freed at once.
 
@@ -35,7 +35,7 @@ would be alone. Tests compare against transformers run with that same regime for
 **Sliding window** (mini-4k, 2047): the model masks keys older than the window. A row is linear (slot = position),
 sized for the call's longest prompt + max_new_tokens, which for a 4k model is at most 4096 slots.
 
-**Prefix cache.** A one-prompt call's row keeps its K/V and the tokens they hold (engine/kv_memory.py); the next
+**Prefix cache.** A one-prompt call's row keeps its K/V and the tokens they hold (engine/serve/kv_memory.py); the next
 one-prompt call reuses the K/V of its longest common prefix with them (all but its own last token, which must run to give logits) and
 prefills only the rest. A chat's next turn repeats the conversation so far, so its TTFT shrinks to the new turn's
 tokens. `cached_tokens` in the result says how many were reused. It is opt-in (`prefix_cache=True`; `phiforge
@@ -127,7 +127,7 @@ class Generator:
         self.config = model.config
         self.stop_ids = frozenset(int(i) for i in tokenizer.stop_ids)
         self.prefill_chunk = prefill_chunk
-        self.lean_decode = lean_decode  # engine/decode.py's DecodeStep (else model.forward) for one-token steps
+        self.lean_decode = lean_decode  # engine/serve/decode.py's DecodeStep (else model.forward) for one-token steps
         self._engine: Engine | None = None  # kept across calls while the row count matches and rows are long enough
         self.prefix_cache = prefix_cache  # opt-in: a one-prompt call reuses the previous call's leading K/V
         self.reused_tokens = 0            # how many prompt tokens the last call took from the cache

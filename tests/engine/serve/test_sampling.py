@@ -6,7 +6,8 @@ import torch
 from transformers.generation.logits_process import (RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
                                                     TopKLogitsWarper, TopPLogitsWarper)
 
-from phiforge.engine.sampling import SamplingParams, apply_repetition_penalty, filter_logits, make_generators, sample
+from phiforge.engine.serve.sampling import (SamplingParams, apply_repetition_penalty, filter_logits, make_generators,
+                                           sample)
 
 
 @pytest.mark.parametrize("top_k,top_p", [(None, 0.9), (20, 1.0), (20, 0.5), (None, 0.05)])

@@ -1,4 +1,4 @@
-"""Many adapters in one batch (engine/multi_lora.py): each row of a mixed batch equals that row run alone through
+"""Many adapters in one batch (engine/serve/multi_lora.py): each row of a mixed batch equals that row run alone through
 the single-adapter path (engine/formats/peft.py's load_adapter -> LoRALinear), on dense and NF4 bases, for a padded
 prefill, a packed (segmented) prefill and torch decode steps; PEFT as the outside reference for one adapter; the
 registry's rules (slots, base mismatch, ranks, unload)."""
@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from phiforge.engine.formats.peft import AdapterError, save_adapter
-from phiforge.engine.decode import DecodeStep
+from phiforge.engine.serve.decode import DecodeStep
 from phiforge.engine.formats.loader import load_model
 from phiforge.engine.model.lora import apply_lora
 from phiforge.engine.model.phi3 import KVCache
 from phiforge.engine.formats.peft import trained_base
-from phiforge.engine.multi_lora import AdapterSet, MultiLoRALinear
+from phiforge.engine.serve.multi_lora import AdapterSet, MultiLoRALinear
 from tiny_phi3 import hf_phi3, randomize_lora_B, save_tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")

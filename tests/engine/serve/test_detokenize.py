@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from phiforge.engine import load_tokenizer
-from phiforge.engine.detokenize import IncrementalDetokenizer
+from phiforge.engine.serve.detokenize import IncrementalDetokenizer
 
 
 @pytest.fixture(scope="module")

@@ -8,13 +8,13 @@
 **Layout: slots per row** (llama.cpp's server), not pages with a block table (vLLM). The cache is the model's
 KVCache, k/v (L, rows, nkv, row_len, hs); a request owns one row from admission to its end and writes slot t of its
 row for its token t, so slot = position and attention reads a contiguous run of slots. That is what both decode
-paths already read (engine/decode.py's torch step, kernels/cpu/csrc/decode.c), and what `model.forward` prefills through
-a one-row view; pages would add a gather (or a block-table walk in C) to every attention on CPU, for a benefit that
-only shows when requests' lengths vary widely. The price is llama.cpp's: a row is sized for the longest request
+paths already read (engine/serve/decode.py's torch step, kernels/cpu/csrc/decode.c), and what `model.forward` prefills
+through a one-row view; pages would add a gather (or a block-table walk in C) to every attention on CPU, for a benefit
+that only shows when requests' lengths vary widely. The price is llama.cpp's: a row is sized for the longest request
 it may hold, so `kv_tokens` = rows × row_len is reserved up front. Pages were not built or measured.
 
 **Admission rule: reserve prompt + max_tokens.** A request is admitted only into a free row, and only if its
-prompt + max_tokens fit the row (else it is refused at submit, engine/engine.py), so a running request can never
+prompt + max_tokens fit the row (else it is refused at submit, engine/serve/engine.py), so a running request can never
 outgrow its memory: there is no preemption and no recompute. When every row is taken, new requests wait in order.
 
 **Prefix reuse across requests.** A freed row keeps its K/V and the tokens they belong to (`held`). `acquire`

@@ -1,6 +1,6 @@
-"""CUDAGraphDecode's static-shape step (engine/decode_graph.py) computes what model.forward and DecodeStep compute,
-on every variant and padded batches, run eagerly on CPU. The graph capture itself needs CUDA: bench/gpu_check.py
-compares the replay with the eager step there."""
+"""CUDAGraphDecode's static-shape step (engine/serve/decode_graph.py) computes what model.forward and DecodeStep
+compute, on every variant and padded batches, run eagerly on CPU. The graph capture itself needs CUDA:
+bench/gpu_check.py compares the replay with the eager step there."""
 from __future__ import annotations
 
 import pytest
@@ -8,7 +8,7 @@ import torch
 from tiny_phi3 import VARIANTS, left_padded, make_hf_checkpoint
 
 from phiforge.engine import load_model
-from phiforge.engine.decode_graph import CUDAGraphDecode
+from phiforge.engine.serve.decode_graph import CUDAGraphDecode
 
 
 @pytest.mark.parametrize("variant,lens", [("mini-4k-window", [7, 19, 1]), ("gqa", [7, 19, 1]),
