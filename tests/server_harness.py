@@ -19,8 +19,8 @@ from phiforge.engine.serve.engine import Engine
 from phiforge.engine.serve.generate import Generator
 from phiforge.engine.formats.loader import load_model
 from phiforge.engine.model.lora import apply_lora
-from phiforge.engine.prometheus import parse
-from phiforge.engine.server import create_app
+from phiforge.engine.api.prometheus import parse
+from phiforge.engine.api.server import create_app
 from phiforge.engine.model.tokenizer import load_tokenizer
 
 N = 8  # new tokens per greedy comparison: one decode step of the tiny model is tens of ms on a busy 2-core box

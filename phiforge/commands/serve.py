@@ -1,4 +1,4 @@
-"""`phiforge serve`: the OpenAI-compatible HTTP server (engine/server.py) over the serving Engine.
+"""`phiforge serve`: the OpenAI-compatible HTTP server (engine/api/server.py) over the serving Engine.
 
     phiforge serve                                         # the default model on 127.0.0.1:8000
     phiforge serve --model DIR --quant nf4 --adapter sql=runs/sql-lora --adapter legal=runs/legal --port 8000
@@ -24,7 +24,7 @@ from phiforge.engine.serve.engine import Engine
 from phiforge.engine.formats.default_model import default_model_path
 from phiforge.engine.formats.loader import load_model
 from phiforge.engine.pretrained import compute_dtype
-from phiforge.engine.server import create_app, run_server
+from phiforge.engine.api.server import create_app, run_server
 from phiforge.engine.model.tokenizer import load_tokenizer
 
 

@@ -3,7 +3,7 @@
     app = create_app(engine, tokenizer, model_name="phi-3-mini")
     run_server(app, "127.0.0.1", 8000)         # uvicorn; SIGTERM drains (below)
 
-Routes: POST /v1/chat/completions and /v1/completions (streamed or not; engine/openai_api.py parses and shapes),
+Routes: POST /v1/chat/completions and /v1/completions (streamed or not; engine/api/protocol.py parses and shapes),
 GET /v1/models (the base model, then each adapter with `parent` = the base), GET /health, GET /metrics, and
 vLLM's run-time adapter routes: POST /v1/load_lora_adapter {"lora_name", "lora_path"} and POST
 /v1/unload_lora_adapter {"lora_name"} (API key guarded; 400 naming the field for a bad body, directory or base
@@ -47,10 +47,11 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from phiforge.engine.formats.peft import AdapterError
-from phiforge.engine.serve.request import AdapterBusy, EngineError, EngineStopped, PromptTooLong, QueueFull, Result, UnknownAdapter
+from phiforge.engine.serve.request import (AdapterBusy, EngineError, EngineStopped, PromptTooLong, QueueFull, Result,
+                                          UnknownAdapter)
 
-from .openai_api import APIError, Chunks, Parsed, parse_chat, parse_completion, response
 from .prometheus import Histogram, sample
+from .protocol import APIError, Chunks, Parsed, parse_chat, parse_completion, response
 
 log = logging.getLogger("phiforge.server")
 MAX_BODY_BYTES = 8 << 20

@@ -20,7 +20,7 @@ from phiforge.commands import serve
 from phiforge.engine.formats.default_model import default_model_path
 from phiforge.engine.serve.generate import Generator
 from phiforge.engine.formats.loader import load_model
-from phiforge.engine.server import create_app
+from phiforge.engine.api.server import create_app
 from phiforge.engine.model.tokenizer import load_tokenizer
 
 
@@ -170,7 +170,7 @@ SERVE_STAND_IN = """
 import sys, torch
 from phiforge.engine.formats.loader import load_model
 from phiforge.engine.model.tokenizer import load_tokenizer
-from phiforge.engine.server import create_app, run_server
+from phiforge.engine.api.server import create_app, run_server
 d, port = sys.argv[1], int(sys.argv[2])
 tok = load_tokenizer(d)
 engine = GeneratorEngine(load_model(d, dtype=torch.float32), tok)
