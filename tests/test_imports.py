@@ -1,6 +1,7 @@
 """The import graph of engine/, kernels/, retrieval/, evaluation/ and phiforge/, read with `ast` (nothing is
-imported): no cycles, no upward imports (kernels -> engine -> retrieval -> evaluation -> the CLI and demos), no
-imports inside functions.
+imported): no cycles, no upward imports (kernels -> engine -> retrieval -> evaluation -> the CLI and demos, and
+inside engine/ atomic/paths -> model -> formats -> train | serve -> api/pretrained: RANKS), no imports inside
+functions.
 
 Every import counts: module level and inside functions, relative ones resolved, and
 `importlib.import_module("phiforge....")` with a constant string. The one import allowed inside a function is the
@@ -9,16 +10,30 @@ CLI's dispatch to the chosen command (phiforge/cli.py), which keeps `phiforge --
 from __future__ import annotations
 
 import ast
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-# folder -> import prefix (setup.py's package_dir) and layer: a module may import its own layer or lower ones
-LAYERS = {"kernels": ("phiforge.kernels", 0), "engine": ("phiforge.engine", 1),
-          "retrieval": ("phiforge.retrieval", 2), "evaluation": ("phiforge.evaluation", 3),
-          "phiforge": ("phiforge", 4)}
+# folder -> import prefix (setup.py's package_dir)
+FOLDERS = {"kernels": "phiforge.kernels", "engine": "phiforge.engine", "retrieval": "phiforge.retrieval",
+           "evaluation": "phiforge.evaluation", "phiforge": "phiforge"}
+# The layers, by the longest prefix a module has: a module imports its own group or a lower rank, never a group of
+# its own rank or higher (so engine/train and engine/serve never import each other). engine/__init__.py (the
+# facade) loads its names lazily from strings, which no edge counts.
+RANKS = {
+    "phiforge.kernels": 0,
+    "phiforge.engine.atomic": 1, "phiforge.engine.paths": 1,
+    "phiforge.engine.model": 2,
+    "phiforge.engine.formats": 3,
+    "phiforge.engine.train": 4, "phiforge.engine.serve": 4,
+    "phiforge.engine.api": 5, "phiforge.engine.pretrained": 5, "phiforge.engine": 5,
+    "phiforge.retrieval": 6,
+    "phiforge.evaluation": 7,
+    "phiforge": 8,
+}
 LAZY_DISPATCH = {"phiforge.cli"}
 
 
@@ -32,14 +47,14 @@ class Edge:
 
 def _module_name(path: Path) -> str:
     rel = path.relative_to(ROOT)
-    prefix = LAYERS[rel.parts[0]][0]
+    prefix = FOLDERS[rel.parts[0]]
     parts = [p for p in rel.with_suffix("").parts[1:] if p != "__init__"]
     return ".".join([prefix, *parts])
 
 
 def _files() -> dict[str, Path]:
     out = {}
-    for folder in LAYERS:
+    for folder in FOLDERS:
         for path in sorted((ROOT / folder).rglob("*.py")):
             if "__pycache__" not in path.parts:
                 out[_module_name(path)] = path
@@ -94,8 +109,13 @@ def _edges(module: str, path: Path) -> list[Edge]:
 EDGES = {m: _edges(m, p) for m, p in FILES.items()}
 
 
+def _group(module: str) -> str:
+    return max((p for p in RANKS if module == p or module.startswith(p + ".")), key=len)
+
+
 def _layer(module: str) -> str:
-    for folder, (prefix, _) in LAYERS.items():
+    """The top folder a module lives in (kernels, engine, retrieval, evaluation, phiforge)."""
+    for folder, prefix in FOLDERS.items():
         if folder != "phiforge" and (module == prefix or module.startswith(prefix + ".")):
             return folder
     return "phiforge"
@@ -179,9 +199,23 @@ def test_no_import_cycles(layer):
 
 @pytest.mark.parametrize("module", sorted(FILES))
 def test_no_upward_imports(module):
-    rank = LAYERS[_layer(module)][1]
-    up = [e for e in EDGES[module] if e.dst in FILES and LAYERS[_layer(e.dst)][1] > rank]
-    assert not up, f"{module} imports a higher layer:\n" + "\n".join("  " + _where(e) for e in up)
+    group = _group(module)
+    up = [e for e in EDGES[module] if e.dst in FILES and _group(e.dst) != group
+          and RANKS[_group(e.dst)] >= RANKS[group]]
+    assert not up, f"{module} ({group}, layer {RANKS[group]}) imports its own layer or a higher one:\n" + "\n".join(
+        f"  {_where(e)} ({_group(e.dst)}, layer {RANKS[_group(e.dst)]})" for e in up)
+
+
+def test_the_layer_rule_can_fail():
+    """The rule sees the edges it forbids: serve and train are one layer, formats is below both."""
+    def allowed(src: str, dst: str) -> bool:
+        return _group(dst) == _group(src) or RANKS[_group(dst)] < RANKS[_group(src)]
+    assert not allowed("phiforge.engine.serve.engine", "phiforge.engine.train.loop")
+    assert not allowed("phiforge.engine.train.loop", "phiforge.engine.serve.decode")
+    assert not allowed("phiforge.engine.model.phi3", "phiforge.engine.formats.loader")
+    assert not allowed("phiforge.kernels.lora", "phiforge.engine.model.lora")
+    assert allowed("phiforge.engine.serve.decode", "phiforge.engine.model.quant")
+    assert allowed("phiforge.kernels.cpu.decode", "phiforge.kernels.nf4")
 
 
 @pytest.mark.parametrize("module", sorted(FILES))
@@ -197,3 +231,40 @@ def test_no_imports_inside_functions(module):
         return
     assert not inside, (f"{FILES[module].relative_to(ROOT)}: imports inside functions at lines "
                         f"{sorted(set(inside))}; import at the top of the module")
+
+
+# a path under one of the code folders, as docstrings and comments name files: engine/serve/engine.py, csrc/gemv.h
+PATH_MENTION = re.compile(r"(?<![\w/.-])((?:tests/|bench/)?(?:engine|kernels|retrieval|evaluation|phiforge|bench|tests)"
+                          r"/[\w/]*\w\.(?:py|c|h))\b")
+
+
+def _mentions(text: str) -> list[str]:
+    return PATH_MENTION.findall(text)
+
+
+def test_the_path_finder_sees_paths():
+    assert _mentions("(engine/serve/engine.py's rule; kernels/cpu/csrc/gemv.h; tests/engine/test_atomic.py)") == \
+        ["engine/serve/engine.py", "kernels/cpu/csrc/gemv.h", "tests/engine/test_atomic.py"]
+    assert _mentions("phiforge.engine.serve and ../engine/x.py and engine/") == []
+
+
+@pytest.mark.parametrize("folder", ["engine", "kernels", "retrieval", "evaluation", "phiforge", "bench", "tests"])
+def test_every_file_a_docstring_or_comment_names_exists(folder):
+    """After a move, a file path named in a docstring or comment still names a real file (paths count from the
+    repo root)."""
+    exts = ("*.py", "*.c", "*.h")
+    missing = []
+    for ext in exts:
+        for path in sorted((ROOT / folder).rglob(ext)):
+            if "__pycache__" in path.parts:
+                continue
+            for n, line in enumerate(path.read_text().splitlines(), 1):
+                missing += [f"{path.relative_to(ROOT)}:{n}: {m}" for m in _mentions(line) if not (ROOT / m).exists()]
+    assert not missing, "paths that name no file:\n  " + "\n  ".join(missing)
+
+
+def test_every_file_the_readme_and_makefile_name_exists():
+    missing = [f"{name}:{n}: {m}" for name in ("README.md", "Makefile", "pytest.ini")
+               for n, line in enumerate((ROOT / name).read_text().splitlines(), 1)
+               for m in _mentions(line) if not (ROOT / m).exists()]
+    assert not missing, "paths that name no file:\n  " + "\n  ".join(missing)
