@@ -67,6 +67,12 @@ def sample(name: str, kind: str, help_text: str, value: float, labels: dict[str,
     return [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name}{label} {_num(value)}"]
 
 
+def labelled(name: str, kind: str, help_text: str, label: str, values: dict[str, float]) -> list[str]:
+    """One gauge or counter with a sample per value of `label` (sorted), under one HELP/TYPE header."""
+    rows = [sample(name, kind, help_text, v, {label: k}) for k, v in sorted(values.items())]
+    return (rows[0][:2] if rows else sample(name, kind, help_text, 0)[:2]) + [r[2] for r in rows]
+
+
 def parse(text: str) -> dict[str, float]:
     """The samples of an exposition text as {'name{labels}': value}: what tests and the bench read back."""
     out: dict[str, float] = {}

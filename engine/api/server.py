@@ -11,9 +11,10 @@ mismatch, or when the engine has no adapter slots; 404 unknown; 409 while a requ
 rather than pull an adapter from under a running request).
 
 **Never dies of a request.** Bodies are parsed by hand (malformed JSON, a non-object, wrong types and out-of-range
-values are 400s naming the field); engine errors map to HTTP: QueueFull → 429 with Retry-After, PromptTooLong →
-400, UnknownAdapter → 404, EngineStopped → 503; unknown routes and anything unexpected still answer in OpenAI's
-error shape (a 500 is logged with its traceback, the server goes on).
+values are 400s naming the field); engine errors map to HTTP: QueueFull → 429 with Retry-After, PromptTooLong and
+InvalidRequest → 400 naming the field, UnknownAdapter → 404, EngineStopped → 503, a failed engine step → 500 with its
+cause (in-band when streaming); unknown routes and anything unexpected still answer in OpenAI's error shape (a 500
+is logged with its traceback, the server goes on).
 
 **Disconnects abort.** A client that goes away must not keep a batch row and its KV memory until max_tokens: each
 request races its output against a watcher on the ASGI `receive` channel, which yields `http.disconnect` when the
@@ -47,10 +48,9 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from phiforge.engine.formats.peft import AdapterError
-from phiforge.engine.serve.request import (AdapterBusy, EngineError, EngineStopped, PromptTooLong, QueueFull, Result,
-                                          UnknownAdapter)
+from phiforge.engine.serve.request import AdapterBusy, EngineError, EngineStopped, QueueFull, Result, UnknownAdapter
 
-from .prometheus import Histogram, sample
+from .prometheus import Histogram, labelled, sample
 from .protocol import APIError, Chunks, Parsed, parse_chat, parse_completion, response
 
 log = logging.getLogger("phiforge.server")
@@ -59,7 +59,7 @@ RETRY_AFTER_S = 1
 # engine.stats() key -> (metric name, kind, help)
 STATS = {
     "running": ("phiforge:num_requests_running", "gauge", "requests in the running batch"),
-    "waiting": ("phiforge:num_requests_waiting", "gauge", "requests admitted and waiting for a batch row"),
+    "waiting": ("phiforge:num_requests_waiting", "gauge", "requests queued for a batch row (not yet admitted)"),
     "kv_used_tokens": ("phiforge:kv_cache_used_tokens", "gauge", "KV cache tokens held by requests"),
     "kv_total_tokens": ("phiforge:kv_cache_total_tokens", "gauge", "KV cache budget in tokens"),
     "prompt_tokens_total": ("phiforge:prompt_tokens_total", "counter", "prompt tokens of admitted requests"),
@@ -68,7 +68,8 @@ STATS = {
     "generation_tokens_total": ("phiforge:generation_tokens_total", "counter", "tokens generated"),
     "aborted_total": ("phiforge:requests_aborted_total", "counter", "requests aborted (client gone, shutdown)"),
     "rejected_total": ("phiforge:requests_rejected_total", "counter", "requests refused because the queue was full"),
-    "preempted_total": ("phiforge:preemptions_total", "counter", "running requests preempted for KV memory"),
+    "failed_total": ("phiforge:requests_failed_total", "counter",
+                     "requests ended by a failed engine step (finish_reason error; the server log has the cause)"),
 }
 
 
@@ -138,9 +139,7 @@ class _Served:
             raise APIError(404, str(e), param="model", code="model_not_found") from None
         except EngineStopped as e:
             raise APIError(503, str(e), code="shutting_down") from None
-        except PromptTooLong as e:
-            raise APIError(400, str(e), param=getattr(e, "field", None) or "max_tokens") from None
-        except EngineError as e:
+        except EngineError as e:  # PromptTooLong, InvalidRequest: a 400 naming the field
             raise APIError(400, str(e), param=getattr(e, "field", None)) from None
 
     # ---- running ---------------------------------------------------------------------------------------------------
@@ -178,7 +177,10 @@ class _Served:
                     yield piece
             r = await self._result(handle)
             self._done(r)
-            yield chunks.finish(r)
+            if r.finish_reason == "error":
+                yield Chunks.error(APIError(500, f"the engine step failed: {r.error}"))
+            else:
+                yield chunks.finish(r)
             yield chunks.done()
         except Exception:  # mid-stream the status line is gone: report in-band, as OpenAI does
             log.exception("request %s failed while streaming", handle.id)
@@ -205,6 +207,8 @@ class _Served:
                 handle.abort()
             r = await task
             self._done(r)
+            if r.finish_reason == "error":
+                raise APIError(500, f"the engine step failed: {r.error}")
             return None if watcher.done() and r.finish_reason == "abort" else r
         finally:
             watcher.cancel()
@@ -220,9 +224,8 @@ class _Served:
         total = float(stats.get("kv_total_tokens", 0))
         lines += sample("phiforge:kv_cache_usage_ratio", "gauge", "KV cache tokens held / budget",
                         float(stats.get("kv_used_tokens", 0)) / total if total else 0.0)
-        lines += [f"# HELP phiforge:requests_finished_total requests ended, by finish reason",
-                  "# TYPE phiforge:requests_finished_total counter"]
-        lines += [f'phiforge:requests_finished_total{{finish_reason="{k}"}} {v}' for k, v in sorted(self.finished.items())]
+        lines += labelled("phiforge:requests_finished_total", "counter", "requests ended, by finish reason",
+                          "finish_reason", self.finished)
         for h in (self.ttft, self.itl, self.e2e):
             lines += h.render()
         return "\n".join(lines) + "\n"

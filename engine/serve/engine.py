@@ -20,8 +20,8 @@ a near-tie flips (bf16: the same, at bf16 near-ties, which are far more common; 
 checks that every flip is one). With prefix reuse on, reused K/V equal a fresh prefill's up to rounding, with the
 same caveat.
 
-**LongRoPE.** A request's regime is fixed at admission (engine/serve/generate.py's rule). Rows of both regimes share the
-cache but never a step call: decodes run one call per regime, each with its own cos/sin table.
+**LongRoPE.** A request's regime is fixed at admission (engine/serve/scheduler.py's rule). Rows of both regimes
+share the cache but never a step call: decodes run one call per regime, each with its own cos/sin table.
 
 **Adapters** (engine/serve/multi_lora.py). `Engine(model, tok, adapters={"name": dir}, max_adapters=8)` wraps the
 model's projections once, at start, in an AdapterSet; a request names one in `Request.adapter` (None: the base). Every
@@ -59,8 +59,8 @@ from .decode import DecodeStep
 from .detokenize import IncrementalDetokenizer
 from .kv_memory import KVMemory
 from .multi_lora import serving_adapters
-from .request import (AdapterBusy, Delta, EngineError, EngineStopped, Handle, PromptTooLong, QueueFull, Request,
-                      Result, UnknownAdapter, Usage)
+from .request import (AdapterBusy, Delta, EngineError, EngineStopped, Handle, InvalidRequest, PromptTooLong,
+                      QueueFull, Request, Result, UnknownAdapter, Usage)
 from .sampling import make_generators, sample
 from .scheduler import Scheduler, Sequence, now
 
@@ -105,7 +105,7 @@ class Engine:
         self._queued = 0                       # waiting requests as of the last step (read by submit)
         self._stopped, self._drain = False, True
         self._stats = dict(prompt_tokens_total=0, generation_tokens_total=0, aborted_total=0, rejected_total=0,
-                           preempted_total=0, cached_tokens_total=0)
+                           failed_total=0, cached_tokens_total=0)
         self._thread = None
         if start:
             omp_pool.release()  # this thread's pool (from loading the model) would make the engine's barriers sleep
@@ -220,13 +220,13 @@ class Engine:
     def _validate(self, r: Request) -> None:
         V = self.config.vocab_size
         if not r.prompt_ids:
-            raise PromptTooLong("prompt_ids is empty (at least one token is needed to start generating)",
-                                "prompt_ids")
+            raise InvalidRequest("prompt_ids is empty (at least one token is needed to start generating)",
+                                 "prompt_ids")
         bad = [t for t in r.prompt_ids if not (isinstance(t, int) and 0 <= t < V)]
         if bad:
-            raise PromptTooLong(f"prompt_ids: token id {bad[0]!r} outside the vocabulary [0, {V})", "prompt_ids")
+            raise InvalidRequest(f"prompt_ids: token id {bad[0]!r} outside the vocabulary [0, {V})", "prompt_ids")
         if not isinstance(r.max_tokens, int) or r.max_tokens < 1:
-            raise PromptTooLong(f"max_tokens must be a positive int, got {r.max_tokens!r}", "max_tokens")
+            raise InvalidRequest(f"max_tokens must be a positive int, got {r.max_tokens!r}", "max_tokens")
         need = len(r.prompt_ids) + r.max_tokens
         if need > self.max_context:
             raise PromptTooLong(f"{len(r.prompt_ids)} prompt tokens + max_tokens {r.max_tokens} = {need} > the "
@@ -250,14 +250,17 @@ class Engine:
             try:
                 self.step()
             except Exception as e:  # a failing step must not leave callers waiting forever
-                log.exception("engine step failed; aborting its requests")
+                log.exception("engine step failed; ending its requests with the error")
                 self._fail_all(e)
 
     def _fail_all(self, error: Exception) -> None:
+        """Every running and waiting request ends with finish_reason "error" and the error's text, so a caller
+        tells a failed step from its own abort."""
         s = self.scheduler
+        self._stats["failed_total"] += len(s.running) + len(s.waiting)
         for seq in [*s.running, *s.waiting]:
             s.remove(seq)
-            self._finish(seq, "abort")
+            self._finish(seq, "error", f"{type(error).__name__}: {error}")
 
     # ---- one iteration ----------------------------------------------------------------------------------------
     def step(self) -> None:
@@ -369,9 +372,9 @@ class Engine:
             self.scheduler.remove(seq)
             self._finish(seq, seq.finish)
 
-    def _finish(self, seq: Sequence, reason: str) -> None:
-        if reason == "abort":
-            self._stats["aborted_total"] += 1
+    def _finish(self, seq: Sequence, reason: str, error: str | None = None) -> None:
+        if reason in ("abort", "error"):
+            self._stats["aborted_total"] += reason == "abort"
             piece = seq.detok.finish()  # what was held back, released as the text so far
             if piece:
                 seq.handle._push(Delta(piece, []))
@@ -380,7 +383,7 @@ class Engine:
             id=seq.req.id, text=seq.detok.text, token_ids=seq.out, finish_reason=reason,
             usage=Usage(len(seq.req.prompt_ids), len(seq.out), seq.cached),
             ttft_s=seq.t_first - seq.t_submit if seq.out else 0.0, latency_s=t - seq.t_submit,
-            rope_long=seq.rope_long))
+            rope_long=seq.rope_long, error=error))
 
     def forget_prefixes(self) -> None:
         """Nothing cached before this call is reused (between a caller's unrelated batches)."""

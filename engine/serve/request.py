@@ -44,11 +44,12 @@ class Result:
     id: str
     text: str
     token_ids: list[int]
-    finish_reason: str                         # "stop" | "length" | "abort"
+    finish_reason: str                         # "stop" | "length" | "abort" | "error" (a failed step: see `error`)
     usage: Usage
     ttft_s: float                              # submit -> first token (0 when none came)
     latency_s: float                           # submit -> final
     rope_long: bool = False                    # the LongRoPE regime chosen at admission
+    error: str | None = None                   # finish_reason "error": the exception that ended the step
 
 
 @dataclass
@@ -66,6 +67,7 @@ class EngineError(ValueError):
 
 
 class QueueFull(EngineError): ...             # the waiting queue is at max_queue (server: 429 with Retry-After)
+class InvalidRequest(EngineError): ...        # a field the engine cannot take (empty prompt, bad id; server: 400)
 class PromptTooLong(EngineError): ...         # prompt + max_tokens over the context or a KV row (server: 400)
 class UnknownAdapter(EngineError): ...        # no adapter of that name is loaded (server: 404)
 class AdapterBusy(EngineError): ...           # unload_adapter while requests of it run or wait (server: 409)

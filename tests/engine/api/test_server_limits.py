@@ -149,6 +149,24 @@ def test_metrics_count_what_was_served(tiny):
         assert m["phiforge:prompt_tokens_total"] == sum(r.usage.prompt_tokens for r in rs) + 1 + 3 * first.usage.prompt_tokens
 
 
+def test_a_failed_engine_step_is_a_500_with_its_cause_not_an_abort(tiny, monkeypatch):
+    with serving(tiny) as (url, engine):
+        def failing_prefill(chunks):
+            raise RuntimeError("the native step returned -1")
+        monkeypatch.setattr(engine, "_prefill", failing_prefill)
+        c = client(url)
+        with pytest.raises(openai.InternalServerError, match="engine step failed: RuntimeError: the native step"):
+            c.chat.completions.create(model="tiny", messages=CHAT, max_tokens=4)
+        with pytest.raises(openai.APIError, match="engine step failed: RuntimeError: the native step"):
+            list(c.chat.completions.create(model="tiny", messages=CHAT, max_tokens=4, stream=True))
+        m = metrics(url)
+        assert m["phiforge:requests_failed_total"] == 2 and m["phiforge:requests_aborted_total"] == 0
+        assert m['phiforge:requests_finished_total{finish_reason="error"}'] == 2
+        assert not any("preempt" in k for k in m)          # no metric for what the engine never does
+        monkeypatch.undo()                                  # and it serves on
+        assert c.chat.completions.create(model="tiny", messages=CHAT, max_tokens=2).choices[0].finish_reason
+
+
 # ---- the command's flags ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("argv, says", [
     (["--max-adapters", "-1"], "--max-adapters must be >= 0"),

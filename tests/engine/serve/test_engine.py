@@ -11,7 +11,8 @@ from tiny_phi3 import StubTokenizer, make_hf_checkpoint, random_prompt
 
 from phiforge.engine import load_model
 from phiforge.engine.serve.engine import Engine
-from phiforge.engine.serve.request import EngineStopped, PromptTooLong, QueueFull, Request, UnknownAdapter
+from phiforge.engine.serve.request import (EngineStopped, InvalidRequest, PromptTooLong, QueueFull, Request,
+                                          UnknownAdapter)
 from phiforge.engine.serve.sampling import SamplingParams
 
 
@@ -139,8 +140,12 @@ def test_admission_errors_before_any_compute(model):
     assert err.value.field == "max_tokens"
     with pytest.raises(PromptTooLong, match="KV slots"):
         e.submit(Request(random_prompt(60, 1), 10))              # fits the context, not a 64-slot row
-    with pytest.raises(PromptTooLong, match="empty"):
-        e.submit(Request([], 10))
+    # what is not too long is not reported as such: an empty prompt, a bad id, max_tokens < 1 name their field
+    for req, field in ((Request([], 10), "prompt_ids"), (Request([3, 10**6], 10), "prompt_ids"),
+                       (Request([3], 0), "max_tokens")):
+        with pytest.raises(InvalidRequest) as err:
+            e.submit(req)
+        assert err.value.field == field and not isinstance(err.value, PromptTooLong)
     with pytest.raises(UnknownAdapter):
         e.submit(Request(random_prompt(5, 1), 10, adapter="sql"))
     e.submit(Request(random_prompt(5, 1), 10))
@@ -148,6 +153,24 @@ def test_admission_errors_before_any_compute(model):
     with pytest.raises(QueueFull):
         e.submit(Request(random_prompt(5, 3), 10))
     assert e.stats()["rejected_total"] == 1
+
+
+def test_a_failed_step_ends_its_requests_with_the_error(model, monkeypatch):
+    """A step that raises on the scheduler thread ends every running and waiting request with finish_reason
+    "error" and the cause (not as "abort", which a caller reads as its own), counts them, and the engine serves on."""
+    def failing_prefill(self, chunks):
+        raise RuntimeError("the native step returned -1")
+    monkeypatch.setattr(Engine, "_prefill", failing_prefill)
+    e = Engine(model, StubTokenizer(), max_batch=1, kv_tokens=256)
+    hs = [e.submit(Request(random_prompt(5, i), 8)) for i in range(2)]    # one runs, one waits for the row
+    rs = [h.result(60) for h in hs]
+    assert [r.finish_reason for r in rs] == ["error", "error"]
+    assert all(r.error == "RuntimeError: the native step returned -1" for r in rs)
+    assert e.stats()["failed_total"] == 2 and e.stats()["aborted_total"] == 0
+    monkeypatch.undo()                                                       # and the engine serves on
+    ok = e.submit(Request(random_prompt(5, 9), 3, stop_token_ids=frozenset()))
+    assert ok.result(60).finish_reason == "length"
+    e.shutdown(drain=False, timeout=60)
 
 
 def test_shutdown_drain_finishes_running_and_waiting_requests(model):
