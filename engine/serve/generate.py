@@ -15,30 +15,23 @@ later calls fit) and drives the engine's steps itself, checking `cancel` before 
      (bounded activation memory; cancellation is checked between steps); only the last chunk goes through the
      lm_head, and only for its last position. No padding: each row computes what it would alone.
   3. **Decode.** One token per running row per step (engine/serve/decode.py's step, every row at its own length):
-     sample (engine/serve/sampling.py), detokenize (engine/serve/detokenize.py), test the stop rules. A row ends on any id of
-     the full stop set (`tokenizer.stop_ids`: generation_config's EOS ids plus the end-of-turn token), on a stop
+     sample (engine/serve/sampling.py), detokenize (engine/serve/detokenize.py), test the stop rules. A row ends on any
+     id of the full stop set (`tokenizer.stop_ids`: generation_config's EOS ids plus the end-of-turn token), on a stop
      string (text cut right before it), at max_new_tokens, or when cancelled; its row is freed at once.
 
-**LongRoPE policy.** A longrope model (Phi-3-mini-128k, 3.5-mini, 4-mini) has two rotary tables: short factors
-while the sequence fits `original_max_position_embeddings`, long factors beyond. transformers decides *per forward*
-(from the largest position so far) and, the first time a sequence crosses the boundary, drops its KV cache and
-re-prefills everything with the long table. Here the regime is decided once, at admission, from the largest
-position the model can be run at, prompt_len + max_new_tokens − 2 (the last new token is sampled, never fed back):
-long iff `prompt_len + max_new_tokens − 1 > original_max` (`rotary_emb.use_long`), the test transformers applies
-at that last forward, so a request that cannot cross the boundary gets exactly transformers' short-table result.
-The cache is then never recomputed (TTFT stays predictable and the cache static), at the price that a request
-*allowed* to cross the boundary but stopping early was computed with the long table from its first token, where
-transformers would have used the short one until the crossing. Prompts of one call that choose different regimes
-run as separate sub-batches with separate caches (never mixed in one cache); each row's result is still what it
-would be alone. Tests compare against transformers run with that same regime for the whole sequence.
+**LongRoPE.** A longrope model's regime (short or long rotary factors) is chosen per request at admission and never
+changes: engine/serve/scheduler.py states the rule and why. Prompts of one call may choose different regimes; they
+share the call's engine and its one KV cache, each row computed in its own regime (decodes run one step call per
+regime), so each row's result is still what it would be alone. Tests compare against transformers run with that
+same regime for the whole sequence.
 
 **Sliding window** (mini-4k, 2047): the model masks keys older than the window. A row is linear (slot = position),
 sized for the call's longest prompt + max_new_tokens, which for a 4k model is at most 4096 slots.
 
 **Prefix cache.** A one-prompt call's row keeps its K/V and the tokens they hold (engine/serve/kv_memory.py); the next
-one-prompt call reuses the K/V of its longest common prefix with them (all but its own last token, which must run to give logits) and
-prefills only the rest. A chat's next turn repeats the conversation so far, so its TTFT shrinks to the new turn's
-tokens. `cached_tokens` in the result says how many were reused. It is opt-in (`prefix_cache=True`; `phiforge
+one-prompt call reuses the K/V of its longest common prefix with them (all but its own last token, which must run to
+give logits) and prefills only the rest. A chat's next turn repeats the conversation so far, so its TTFT shrinks to the
+new turn's tokens. `cached_tokens` in the result says how many were reused. It is opt-in (`prefix_cache=True`; `phiforge
 chat` turns it on): reused K/V are what the earlier call computed (by prefill or decode step, in other chunks),
 equal to a fresh prefill's only up to rounding, so with it a call's tokens can depend on the calls before it (in
 bf16 a near-tie can flip); off, the same inputs and seed give the same tokens whatever ran before. A batch call

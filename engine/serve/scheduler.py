@@ -4,8 +4,7 @@ Every step, in this order:
   1. **Aborts** leave at once: a waiting request is dropped, a running one ends ("abort") and its row is freed.
   2. **Admission**, first come first served: while a KV row is free (engine/serve/kv_memory.py), the oldest waiting
      request takes one (the free row sharing the longest prefix with its prompt, among rows written under the same
-     adapter: `Sequence.kv_key`), with its LongRoPE regime fixed
-     from the largest position it may run at (engine/serve/generate.py states the rule).
+     adapter: `Sequence.kv_key`), with its LongRoPE regime fixed from the largest position it may run at (below).
   3. **Work**: every running request whose prompt is in the cache decodes one token; every request still
      prefilling gets its next prompt chunk of up to `prefill_chunk` tokens, oldest first, while the step's
      `step_tokens` prompt budget lasts. Decodes and chunks share the step, so a long prompt arriving delays the
@@ -20,6 +19,18 @@ Every step, in this order:
      frees its row, which the next step's admission hands to the next waiting request.
 
 The engine (engine/serve/engine.py) runs the model and sampling; this module holds the queues and decides.
+
+**LongRoPE policy.** A longrope model (Phi-3-mini-128k, 3.5-mini, 4-mini) has two rotary tables: short factors
+while the sequence fits `original_max_position_embeddings`, long factors beyond. transformers decides *per forward*
+(from the largest position so far) and, the first time a sequence crosses the boundary, drops its KV cache and
+re-prefills everything with the long table. Here the regime is decided once, at admission (`admit`), from the
+largest position the model can be run at, prompt_len + max_tokens − 2 (the last new token is sampled, never fed
+back): long iff `prompt_len + max_tokens − 1 > original_max` (`rotary_emb.use_long`), the test transformers
+applies at that last forward, so a request that cannot cross the boundary gets exactly transformers' short-table
+result. The cache is then never recomputed (TTFT stays predictable and the cache static), at the price that a
+request *allowed* to cross the boundary but stopping early was computed with the long table from its first token,
+where transformers would have used the short one until the crossing. Rows of both regimes share the cache; the
+engine runs one decode call per regime, each with its own cos/sin table.
 """
 from __future__ import annotations
 
@@ -73,7 +84,6 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []       # in admission order
         self.prefix_reuse = True
-        self.admitting = True
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -94,7 +104,7 @@ class Scheduler:
 
     def admit(self) -> list[Sequence]:
         admitted = []
-        while self.admitting and self.waiting and self.kv.free:
+        while self.waiting and self.kv.free:
             seq = self.waiting.popleft()
             prompt = seq.req.prompt_ids
             # the largest position it may run at: the last new token is sampled, never fed back
@@ -119,7 +129,7 @@ class Scheduler:
 
     @property
     def idle(self) -> bool:
-        return not self.running and not (self.waiting and self.admitting)
+        return not self.running and not self.waiting
 
 
 def now() -> float:
