@@ -1,8 +1,11 @@
-"""From a model directory (or the default model) to a ready Generator, and the dtype to run it in.
+"""From a model spec (a directory, a Hugging Face id, or None for the default model) to a ready Generator or
+Engine, and the dtype to run it in.
 
-The one set-up shared by `phiforge generate` / `chat`, `phiforge ask`, the RAG pipeline and the demo: load the model
-(optionally NF4-quantized, optionally with a PEFT LoRA adapter applied unmerged), load its tokenizer, wrap both in
-a Generator.
+The one set-up shared by every command and client: `model_path` (engine/formats/default_model.py) turns the spec
+into a directory the same way for all (so `serve --model <id>` works where `generate --model <id>` does);
+`load_generator` (`generate` / `chat`, `ask`, the RAG pipeline, the demo) loads the model, optionally NF4-quantized
+and with a PEFT LoRA adapter applied unmerged, and its tokenizer, in a Generator; `load_engine` (`serve`,
+`evaluate`) does the same into a serving Engine with many adapters.
 
 An adapter runs on the base it was trained on: a QLoRA adapter (its training_args.json says method qlora) learnt
 its update against the NF4-dequantized weights, so every consumer (generate, chat, ask, merge) quantizes the base
@@ -11,14 +14,15 @@ to NF4 for it unless told otherwise (quant="none").
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from phiforge.engine.formats.default_model import default_model_path
+from phiforge.engine.formats.default_model import model_path
 from phiforge.engine.formats.loader import load_model
-from phiforge.engine.formats.peft import AdapterError, trained_base
-from phiforge.engine.model.tokenizer import load_tokenizer
-from phiforge.engine.model.weights import resolve_model
+from phiforge.engine.formats.peft import check_adapter_dir, resolve_quant
+from phiforge.engine.model.tokenizer import Tokenizer, load_tokenizer
+from phiforge.engine.serve.engine import Engine
 from phiforge.engine.serve.generate import Generator
 
 
@@ -38,29 +42,18 @@ def compute_dtype(device: str | torch.device = "cpu") -> torch.dtype:
     return torch.float32
 
 
-def check_adapter_dir(adapter_dir: str | Path) -> Path:
-    """The adapter directory, checked before any model is loaded: it exists and holds adapter_config.json."""
-    d = Path(adapter_dir)
-    if not d.is_dir():
-        raise FileNotFoundError(f"--adapter {d}: no such directory (a PEFT LoRA adapter directory, e.g. a finetune "
-                                "--out)")
-    if not (d / "adapter_config.json").is_file():
-        raise AdapterError(f"--adapter {d}: no adapter_config.json there, so it is not a PEFT LoRA adapter directory")
-    return d
+def load_engine(model: str | Path | None = None, adapters: dict[str, str | Path] | None = None,
+                dtype: torch.dtype | str | None = None, quant: str | None = None,
+                device: str | torch.device = "cpu", **engine_kw: Any) -> tuple[Engine, Tokenizer]:
+    """A serving Engine (and its tokenizer) for a model spec, with `adapters` (name -> PEFT directory) resident.
 
-
-def trained_quant(adapter_dir: str | Path) -> str | None:
-    """"nf4" when the adapter was trained with QLoRA (its training_args.json says so), else None."""
-    return "nf4" if trained_base(adapter_dir) == "nf4" else None
-
-
-def resolve_quant(quant: str | None, adapter_dir: str | Path | None) -> str | None:
-    """The quantization to load with: "none" means dense, None the adapter's trained base (dense without one)."""
-    if quant == "none":
-        return None
-    if quant is None and adapter_dir is not None:
-        return trained_quant(adapter_dir)
-    return quant
+    dtype None: this machine's fastest (`compute_dtype`); quant as in load_generator (the engine itself quantizes
+    the base at start when its adapters are QLoRA ones); engine_kw: Engine's options (max_batch, kv_tokens, ...)."""
+    path = model_path(model)
+    net = load_model(path, dtype=dtype or compute_dtype(device), device=device, quant=quant)
+    tokenizer = load_tokenizer(path)
+    named = None if adapters is None else {name: str(d) for name, d in adapters.items()}
+    return Engine(net, tokenizer, adapters=named, **engine_kw), tokenizer
 
 
 def load_generator(model_dir: str | Path | None = None, adapter_dir: str | Path | None = None,
@@ -75,6 +68,6 @@ def load_generator(model_dir: str | Path | None = None, adapter_dir: str | Path 
     if adapter_dir is not None:
         check_adapter_dir(adapter_dir)
     quant = resolve_quant(quant, adapter_dir)
-    path = resolve_model(model_dir) if model_dir else default_model_path()
+    path = model_path(model_dir)
     model = load_model(path, dtype=dtype, device=device, quant=quant, adapter=adapter_dir)
     return Generator(model, load_tokenizer(path), prefix_cache=prefix_cache)

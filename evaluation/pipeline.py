@@ -26,12 +26,9 @@ from typing import Callable
 
 import torch
 
-from phiforge.engine.model.weights import resolve_model
-from phiforge.engine.serve.engine import Engine
-from phiforge.engine.formats.default_model import default_model_path
-from phiforge.engine.formats.loader import load_model
-from phiforge.engine.pretrained import check_adapter_dir, compute_dtype
-from phiforge.engine.model.tokenizer import load_tokenizer
+from phiforge.engine.formats.peft import check_adapter_dir
+from phiforge.engine.model.config import Phi3Config
+from phiforge.engine.pretrained import load_engine, model_path
 from phiforge.retrieval.qa import QAError, load_qa
 from phiforge.retrieval.rerank import reranker_for
 from phiforge.retrieval.store import Index
@@ -69,15 +66,6 @@ def _check_sources(rows, docs: set[str], data: Path, folder: Path) -> None:
                               f"index {folder}")
 
 
-def _model_path(model: str | Path | None) -> Path:
-    if model is None:
-        return default_model_path()
-    path = resolve_model(model)
-    if not Path(path).is_dir():
-        raise FileNotFoundError(f"--model {model}: no such directory (a Hugging Face model directory or id)")
-    return Path(path)
-
-
 def evaluate(model: str | Path | None, data: str | Path, *, index: str | Path | None = None,
              adapters: dict[str, str | Path] | list[str] | None = None, modes: str | list[str] | None = None,
              k: int = DEFAULT_K, out: str | Path | None = None, quant: str | None = None,
@@ -110,7 +98,7 @@ def evaluate(model: str | Path | None, data: str | Path, *, index: str | Path | 
         raise ModeError("--retriever-baseline: needs --index (the retriever it is compared with)")
     used = {m.adapter for m in chosen if m.adapter}
     adapter_dirs = {n: check_adapter_dir(d) for n, d in adapter_dirs.items() if n in used}
-    path = _model_path(model)
+    path = model_path(model)
 
     contexts = baseline = None
     if index is not None:
@@ -127,15 +115,13 @@ def evaluate(model: str | Path | None, data: str | Path, *, index: str | Path | 
                 baseline = retrieve(bx, rows, k)
     ret_records = retrieval_records(rows, contexts, baseline, k) if contexts else []
 
-    net = load_model(path, dtype=dtype or compute_dtype(), quant=quant)
-    tokenizer = load_tokenizer(path)
-    ctx = int(net.config.max_position_embeddings)
+    ctx = int(Phi3Config.from_file(path).max_position_embeddings)
     budget = prompt_budget(ctx, max_prompt_tokens, max_new_tokens)
     row_len = min(ctx, budget + max_new_tokens)
     # a mode submits every prompt at once (two per question in a retrieval mode): the queue must hold them all
-    engine = Engine(net, tokenizer, max_batch=max_batch, kv_tokens=max_batch * row_len, max_queue=2 * len(rows),
-                    adapters={n: str(d) for n, d in adapter_dirs.items()} or None,
-                    max_adapters=len(adapter_dirs) or None)
+    engine, tokenizer = load_engine(path, adapter_dirs or None, dtype=dtype, quant=quant, max_batch=max_batch,
+                                    kv_tokens=max_batch * row_len, max_queue=2 * len(rows),
+                                    max_adapters=len(adapter_dirs) or None)
     records: list[dict] = []
     seconds: dict[str, float] = {}
 

@@ -34,9 +34,10 @@ import numpy as np
 import torch
 
 from phiforge.engine.atomic import write_jsonl_atomic
-from phiforge.engine.formats.default_model import default_model_path
+from phiforge.engine.formats.default_model import model_path
 from phiforge.engine.formats.loader import load_model
-from phiforge.engine.pretrained import check_adapter_dir, compute_dtype
+from phiforge.engine.formats.peft import check_adapter_dir
+from phiforge.engine.pretrained import compute_dtype
 from phiforge.engine.model.tokenizer import load_tokenizer
 from phiforge.engine.train.loop import finetune
 
@@ -166,6 +167,6 @@ def load_reranker(adapter: str | Path | None = None, cfg: RerankConfig = RerankC
     """The default model (or model_dir), with a reranker adapter from `index tune --rerank` when given."""
     if adapter is not None:
         check_adapter_dir(adapter)
-    path = Path(model_dir) if model_dir else default_model_path()
+    path = model_path(model_dir)
     model = load_model(path, dtype=dtype or compute_dtype(), adapter=adapter)
     return Reranker(model, load_tokenizer(path), cfg)

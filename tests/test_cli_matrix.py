@@ -16,8 +16,10 @@ import sys
 import time
 from pathlib import Path
 
+import httpx2 as httpx
 import pytest
 from safetensors.torch import load_file
+from server_harness import free_port
 
 from phiforge import cli
 
@@ -246,6 +248,25 @@ def test_hugging_face_ids_resolve_through_the_offline_cache(ws, tmp_path):
                         "--max-new-tokens", "3", "--greedy", "--threads", "1"], capture_output=True, text=True,
                        env=hub_env, timeout=300)
     assert r.returncode == 0 and r.stdout.strip(), r.stderr
+    # serve takes the same id the same way (it once refused anything but a directory)
+    port = free_port()
+    proc = subprocess.Popen([PHIFORGE, "serve", "--model", "microsoft/Phi-3-mini-4k-instruct", "--port", str(port),
+                             "--threads", "1", "--max-batch", "1"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env=hub_env)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stdout.read().decode(errors="replace")
+            assert time.monotonic() < deadline, "serve did not start"
+            try:
+                models = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).json()
+                break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        assert [m["id"] for m in models["data"]] == [commit]    # served under its snapshot directory's name
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
     r = subprocess.run([PHIFORGE, "generate", "--model", "nobody/nothing", "--prompt", "Hi"], capture_output=True,
                        text=True, env=hub_env, timeout=120)
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr

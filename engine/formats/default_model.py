@@ -45,7 +45,7 @@ from phiforge.engine.atomic import atomic_dir
 from phiforge.engine.formats.gguf.names import STOP_IDS_KEY
 from phiforge.engine.formats.gguf.reader import GGUFTensors, fields
 from phiforge.engine.formats.gguf.vocab import tokenizer_from_fields
-from phiforge.engine.model.weights import DTYPES
+from phiforge.engine.model.weights import DTYPES, resolve_model
 from phiforge.engine.paths import phiforge_home
 
 NAME = "smollm2-135m-instruct-phi3"
@@ -79,6 +79,15 @@ def default_model_path() -> Path:
     if not (out / MARKER).is_file():
         build_default_model(out, force=out.exists())  # a directory without the marker is not to be trusted
     return out
+
+
+def model_path(spec: str | Path | None) -> Path:
+    """Where a model spec's files are: None -> the default model (built on first use); a directory (or a phi3 GGUF
+    file) as it is; a Hugging Face id through the hub cache (resolve_model, which names the spec when it cannot)."""
+    path = Path(resolve_model(spec)) if spec else default_model_path()
+    if not path.exists():
+        raise FileNotFoundError(f"--model {spec}: no such directory (a model directory or a Hugging Face id)")
+    return path
 
 
 def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:

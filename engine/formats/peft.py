@@ -265,6 +265,18 @@ def _fuse(f: Path, site: str, members: dict, sizes: dict[str, int], in_f: int, r
     return torch.cat(As, dim=0), B_fused, r_total, alpha
 
 
+# ---- the base an adapter was trained on -----------------------------------------------------------------------------
+# A LoRA adapter's update was learnt against its base's exact weights: QLoRA's against the NF4 base, LoRA's against
+# the dense one. training_args.json's `method` records which; every rule about an adapter's base reads this table.
+BASE_OF_METHOD = {"qlora": "nf4", "lora": "dense"}
+METHOD_OF_BASE = {base: method for method, base in BASE_OF_METHOD.items()}
+
+
+def quant_of_method(method: str) -> str | None:
+    """The `quant` to load a base with for training or serving `method`: "nf4" for QLoRA, None (dense) for LoRA."""
+    return "nf4" if BASE_OF_METHOD[method] == "nf4" else None
+
+
 def trained_base(adapter_dir: str | Path) -> str | None:
     """"nf4" for a QLoRA adapter, "dense" for a LoRA one (training_args.json's method), None when the directory does
     not say (an adapter trained elsewhere)."""
@@ -275,4 +287,24 @@ def trained_base(adapter_dir: str | Path) -> str | None:
         method = json.loads(p.read_text()).get("method")
     except (json.JSONDecodeError, AttributeError) as e:
         raise AdapterError(f"{p}: not a JSON object ({e})") from None
-    return {"qlora": "nf4", "lora": "dense"}.get(method)
+    return BASE_OF_METHOD.get(method)
+
+
+def resolve_quant(quant: str | None, adapter_dir: str | Path | None) -> str | None:
+    """The quantization to load with: "none" means dense, None the adapter's trained base (dense without one)."""
+    if quant == "none":
+        return None
+    if quant is None and adapter_dir is not None:
+        return "nf4" if trained_base(adapter_dir) == "nf4" else None
+    return quant
+
+
+def check_adapter_dir(adapter_dir: str | Path) -> Path:
+    """The adapter directory, checked before any model is loaded: it exists and holds adapter_config.json."""
+    d = Path(adapter_dir)
+    if not d.is_dir():
+        raise FileNotFoundError(f"--adapter {d}: no such directory (a PEFT LoRA adapter directory, e.g. a finetune "
+                                "--out)")
+    if not (d / "adapter_config.json").is_file():
+        raise AdapterError(f"--adapter {d}: no adapter_config.json there, so it is not a PEFT LoRA adapter directory")
+    return d

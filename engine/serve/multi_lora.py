@@ -23,7 +23,7 @@ The engine tells the layers which rows use which slot for the next step:
 
 Base and adapter must match: a QLoRA adapter (training_args.json method "qlora") was trained against the
 NF4-dequantized weights and belongs on an NF4 base; a LoRA one on the dense base. A mismatch is refused unless
-`allow_base_mismatch` (the engine picks the base at start from its adapters: `adapter.trained_base(path)`).
+`allow_base_mismatch` (the engine picks the base at start from its adapters: `peft.trained_base(path)`).
 
 Thread safety: `load`/`unload` take a lock and write only the slot they own, so they may run beside a step on
 other slots; the engine must not unload an adapter while rows of it are running. The native decode step reads a copy
@@ -42,7 +42,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from phiforge.engine.formats.peft import AdapterError, load_adapter, trained_base
+from phiforge.engine.formats.peft import METHOD_OF_BASE, AdapterError, load_adapter, trained_base
 from phiforge.engine.model.lora import LoRALinear, base_device, base_dtype, base_features, lora_modules
 from phiforge.engine.model.phi3 import LINEAR_NAMES
 from phiforge.engine.model.quant import NF4Linear, quantize_model_
@@ -220,9 +220,9 @@ class AdapterSet:
         base = "nf4" if self.quantized else "dense"
         trained = trained_base(path)
         if trained is not None and trained != base and not allow:
-            method, need = ("qlora", "the NF4 base (quant nf4)") if trained == "nf4" else ("lora", "the dense base")
-            raise AdapterError(f"{path / 'training_args.json'}: method {method}: the adapter was trained on {need}, "
-                               f"but this model's base is {base}")
+            need = "the NF4 base (quant nf4)" if trained == "nf4" else "the dense base"
+            raise AdapterError(f"{path / 'training_args.json'}: method {METHOD_OF_BASE[trained]}: the adapter was "
+                               f"trained on {need}, but this model's base is {base}")
         weights = self._read(path)
         rank = max(A.shape[0] for A, _, _ in weights.values())
         if self.max_rank is not None and rank > self.max_rank:

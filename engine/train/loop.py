@@ -49,16 +49,15 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from phiforge.engine.atomic import write_atomic, write_json_atomic, write_text_atomic
-from phiforge.engine.formats.default_model import default_model_path
+from phiforge.engine.formats.default_model import model_path
 from phiforge.engine.formats.loader import load_model
-from phiforge.engine.formats.peft import save_adapter
+from phiforge.engine.formats.peft import quant_of_method, save_adapter
 from phiforge.engine.model.lora import apply_lora, trainable_parameters
 from phiforge.engine.model.tokenizer import load_tokenizer
-from phiforge.engine.model.weights import resolve_model
 
 from . import distributed
 from .config import TrainConfig, TrainConfigError, resume_changes
-from .data import DataError, DataStats, Loader, load_dataset
+from .data import DataError, DataStats, Batches, load_dataset
 from .distributed import SINGLE, World
 from .loss import lm_loss_sum
 from .state import (STATE_JSON, StopSignals, TrainingInterrupted, check_out, clear_run, holds_run,
@@ -78,7 +77,7 @@ def lr_at(step: int, base_lr: float, total: int, warmup: int, schedule: str) -> 
     raise ValueError(f"schedule must be cosine, linear or constant, got {schedule!r}")
 
 
-def step_batches(loader: Loader, step: int, grad_accum: int, world: World = SINGLE,
+def step_batches(loader: Batches, step: int, grad_accum: int, world: World = SINGLE,
                  device: torch.device | None = None) -> tuple[list, int]:
     """The micro-batches of optimizer step `step` (this rank's shares) and the total labelled-token count N of
     the whole step over all ranks (the loss divisor)."""
@@ -93,7 +92,7 @@ def step_batches(loader: Loader, step: int, grad_accum: int, world: World = SING
 
 
 @torch.no_grad()
-def evaluate(model, loader: Loader, device, autocast, world: World = SINGLE) -> tuple[float, float]:
+def evaluate(model, loader: Batches, device, autocast, world: World = SINGLE) -> tuple[float, float]:
     """Mean token NLL over the whole loader and its perplexity exp(NLL); ranks take every world.size-th batch
     and the sums are reduced."""
     was = model.training
@@ -144,8 +143,8 @@ class Run:
     model: nn.Module
     params: dict[str, nn.Parameter]
     optimizer: torch.optim.Optimizer
-    loader: Loader
-    eval_loader: Loader | None
+    loader: Batches
+    eval_loader: Batches | None
     total: int
     warmup: int
     device: torch.device
@@ -180,7 +179,7 @@ def setup(config: TrainConfig, base_model: nn.Module | None = None, tokenizer: A
     if base_model is None:
         # bf16 base by default: half the bytes of fp32, and bf16 GEMMs are native on GPUs and on AVX512-BF16/AMX
         base_model = load_model(c.model, dtype=c.dtype or torch.bfloat16, device=device,
-                                quant="nf4" if c.method == "qlora" else None)
+                                quant=quant_of_method(c.method))
     names = apply_lora(base_model, c.rank, c.alpha, c.dropout, c.targets, c.use_rslora)
     if world.size > 1:  # the same LoRA init on every rank, then each rank its own dropout masks
         torch.manual_seed(c.seed + 1_000_003 * world.rank)
@@ -190,7 +189,7 @@ def setup(config: TrainConfig, base_model: nn.Module | None = None, tokenizer: A
 
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     samples, stats = load_dataset(c.data, tok, c.seq_len, c.skip_bad)
-    loader = Loader(samples, c.batch_size, c.seq_len, pad_id, c.seed, packed=c.pack, rank=world.rank,
+    loader = Batches(samples, c.batch_size, c.seq_len, pad_id, c.seed, packed=c.pack, rank=world.rank,
                     world_size=world.size)
     if len(loader.rows) < world.size:
         raise TrainConfigError(f"--nproc: {world.size} processes but the data gives only {len(loader.rows)} rows"
@@ -198,7 +197,7 @@ def setup(config: TrainConfig, base_model: nn.Module | None = None, tokenizer: A
     eval_loader = None
     if c.eval_data is not None:
         ev_samples, _ = load_dataset(c.eval_data, tok, c.seq_len, c.skip_bad)
-        eval_loader = Loader(ev_samples, c.batch_size, c.seq_len, pad_id, c.seed, packed=c.pack, shuffle=False)
+        eval_loader = Batches(ev_samples, c.batch_size, c.seq_len, pad_id, c.seed, packed=c.pack, shuffle=False)
     total = c.total_steps(len(loader))
     opt = torch.optim.AdamW(list(params.values()), lr=c.lr, betas=(0.9, 0.999), eps=1e-8,
                             weight_decay=c.weight_decay)
@@ -320,8 +319,7 @@ def finetune(config: TrainConfig | None = None, /, *, base_model: nn.Module | No
         config = TrainConfig(**options)
     elif options:
         config = dataclasses.replace(config, **options)
-    config = dataclasses.replace(config, model=str(resolve_model(config.model)) if config.model
-                                 else default_model_path())
+    config = dataclasses.replace(config, model=str(model_path(config.model)))
     if config.nproc > 1 and not distributed.under_torchrun():
         raise TrainConfigError(f"--nproc {config.nproc}: finetune() trains in this one process; start the "
                                "processes with `phiforge finetune --nproc N` or torchrun", ("nproc",))

@@ -21,7 +21,7 @@ from phiforge.engine.formats.gguf.writer import TYPES, ExportError, export_gguf
 from phiforge.engine.formats.loader import load_model
 from phiforge.engine.model.lora import merge_adapter
 from phiforge.engine.model.phi3 import Phi3ForCausalLM
-from phiforge.engine.pretrained import resolve_quant
+from phiforge.engine.formats.peft import resolve_quant
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

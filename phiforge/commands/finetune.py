@@ -29,9 +29,8 @@ from typing import Any
 from torch.distributed.elastic.multiprocessing.api import SignalException
 
 from phiforge.engine.atomic import write_jsonl_atomic
-from phiforge.engine.model.weights import resolve_model
 from phiforge.engine.train.distributed import launch, under_torchrun
-from phiforge.engine.formats.default_model import default_model_path
+from phiforge.engine.formats.default_model import model_path
 from phiforge.engine.model.tokenizer import load_tokenizer
 from phiforge.engine.train.loop import finetune
 from phiforge.engine.train.config import TrainConfig, TrainConfigError, flag
@@ -129,8 +128,7 @@ def prepare_data(config: TrainConfig) -> TrainConfig:
     check_out(config)  # before writing into OUT
     changes: dict[str, Any] = {}
     # RAFT prompts are sized in the model's tokens; closed-book rows need no tokenizer
-    tokenizer = (load_tokenizer(resolve_model(config.model) if config.model else default_model_path())
-                 if config.raft else None)
+    tokenizer = load_tokenizer(model_path(config.model)) if config.raft else None
     if qa_train:
         if config.resume:
             if not Path(built).is_file():

@@ -20,12 +20,8 @@ from pathlib import Path
 
 import torch
 
-from phiforge.engine.serve.engine import Engine
-from phiforge.engine.formats.default_model import default_model_path
-from phiforge.engine.formats.loader import load_model
-from phiforge.engine.pretrained import compute_dtype
 from phiforge.engine.api.server import create_app, run_server
-from phiforge.engine.model.tokenizer import load_tokenizer
+from phiforge.engine.pretrained import load_engine, model_path
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -79,8 +75,6 @@ def _check(args: argparse.Namespace) -> None:
             raise ValueError(f"{flag} must be >= {lo}, got {v}")
     if args.port > 65535:
         raise ValueError(f"--port must be <= 65535, got {args.port}")
-    if args.model and not Path(args.model).is_dir():
-        raise ValueError(f"--model {args.model}: not a directory")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -95,17 +89,15 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
-    path = Path(args.model) if args.model else default_model_path()
-    name = args.served_model_name or path.name
-    if name in {n for n, _ in adapters}:
-        print(f"phiforge serve: --adapter {name}: the base model is served under that name", file=sys.stderr)
-        return 2
     try:
-        model = load_model(path, dtype=args.dtype or compute_dtype(), quant=args.quant)
-        tokenizer = load_tokenizer(path)
+        path = model_path(args.model)    # a directory, a Hugging Face id, or the default model
+        name = args.served_model_name or path.name
+        if name in {n for n, _ in adapters}:
+            raise ValueError(f"--adapter {name}: the base model is served under that name")
         chunk = {k: v for k, v in (("prefill_chunk", args.prefill_chunk), ("step_tokens", args.step_tokens)) if v}
-        engine = Engine(model, tokenizer, max_batch=args.max_batch, max_queue=args.max_queue,
-                        max_adapters=args.max_adapters, adapters={n: str(d) for n, d in adapters}, **chunk)
+        engine, tokenizer = load_engine(path, dict(adapters), dtype=args.dtype, quant=args.quant,
+                                        max_batch=args.max_batch, max_queue=args.max_queue,
+                                        max_adapters=args.max_adapters, **chunk)
     except (ValueError, OSError) as e:  # the loaders' errors name the file and the field
         print(f"phiforge serve: {e}", file=sys.stderr)
         return 2

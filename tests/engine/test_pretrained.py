@@ -11,7 +11,8 @@ import torch
 from phiforge.engine.formats.peft import AdapterError, save_adapter
 from phiforge.engine.formats.loader import load_model
 from phiforge.engine.model.lora import apply_lora, lora_modules
-from phiforge.engine.pretrained import check_adapter_dir, compute_dtype, load_generator, resolve_quant
+from phiforge.engine.formats.peft import check_adapter_dir, resolve_quant
+from phiforge.engine.pretrained import compute_dtype, load_generator
 from tiny_phi3 import randomize_lora_B, save_tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")
