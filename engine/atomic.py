@@ -28,15 +28,8 @@ def _umask() -> int:
     return mask
 
 
-def fsync_dir(folder: str | Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
+def fsync_path(path: str | Path) -> None:
+    """Flush a file's bytes, or a folder's entries (a rename is durable once its folder is), to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -54,11 +47,11 @@ def write_atomic(path: str | Path, writer: Callable[[str], None]) -> None:
     try:
         writer(str(tmp))
         os.chmod(tmp, 0o666 & ~_umask())
-        _fsync_file(tmp)
+        fsync_path(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    fsync_dir(path.parent)
+    fsync_path(path.parent)
 
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:
@@ -91,7 +84,7 @@ def atomic_dir(out_dir: str | Path) -> Iterator[Path]:
         for root, subdirs, names in os.walk(tmp):
             for n in names:
                 os.chmod(Path(root) / n, files)
-                _fsync_file(Path(root) / n)
+                fsync_path(Path(root) / n)
             for n in subdirs:
                 os.chmod(Path(root) / n, dirs)
         os.chmod(tmp, dirs)
@@ -102,6 +95,6 @@ def atomic_dir(out_dir: str | Path) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out_dir)
-        fsync_dir(out_dir.parent)
+        fsync_path(out_dir.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

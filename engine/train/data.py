@@ -32,7 +32,8 @@ import torch
 
 from phiforge.engine.model.tokenizer import END_OF_TURN_TOKENS
 
-IGNORE = -100
+from .loss import IGNORE
+
 ROLES = ("system", "user", "assistant", "tool")
 
 
@@ -238,7 +239,7 @@ def collate(rows: list[list[Sample]], pad_id: int, packed: bool) -> Batch:
     return Batch(ids, tgt, pos, seg if packed else None, n_tok, n_lab)
 
 
-class Loader:
+class Batches:
     """Deterministic, resumable batches: epoch e is a seeded permutation of the rows; position = micro-batch index.
 
     Micro-batch m of the whole run is batch m % per_epoch of epoch m // per_epoch, so resuming at m needs only m.

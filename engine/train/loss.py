@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from phiforge.kernels.cpu.linear import matmul_nt
 
-IGNORE = -100
+IGNORE = -100  # the label of a position the loss skips (PyTorch's and Hugging Face's value)
 
 
 class LinearCrossEntropySum(torch.autograd.Function):

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from phiforge.engine.train.data import (IGNORE, DataError, DataStats, Loader, Sample, collate, encode_row,
+from phiforge.engine.train.data import (IGNORE, DataError, DataStats, Batches, Sample, collate, encode_row,
                                         load_dataset, make_sample, read_jsonl)
 from phiforge.engine.formats.default_model import default_model_path
 from phiforge.engine.formats.loader import load_model
@@ -90,7 +90,7 @@ def test_truncation_is_counted_and_unlabelled_samples_dropped(tok, tmp_path):
 
 def test_fully_masked_batch_is_a_clear_error():
     masked = Sample([5, 6, 7], [IGNORE] * 3)
-    loader = Loader([masked, masked], batch_size=2, seq_len=16, pad_id=0, seed=0)
+    loader = Batches([masked, masked], batch_size=2, seq_len=16, pad_id=0, seed=0)
     with pytest.raises(DataError, match="every token .* is masked"):
         step_batches(loader, 0, grad_accum=1)
 
@@ -100,7 +100,7 @@ def test_packing_restarts_positions_and_isolates_samples(tok, tmp_path):
     model = load_model(path, dtype=torch.float32)
     rows = [CHAT, {"prompt": "Hello there", "completion": " general"}, {"prompt": "x", "completion": " y z"}]
     samples, _ = load_dataset(write(tmp_path / "p.jsonl", rows), tok, seq_len=128)
-    loader = Loader(samples, batch_size=1, seq_len=128, pad_id=0, seed=0, packed=True, shuffle=False)
+    loader = Batches(samples, batch_size=1, seq_len=128, pad_id=0, seed=0, packed=True, shuffle=False)
     assert len(loader) == 1
     b = loader.batch(0)
     lens = [len(s.ids) for s in samples]
@@ -131,8 +131,8 @@ def test_padding_does_not_change_the_loss(tok, tmp_path):
 
 def test_loader_is_deterministic_and_covers_each_epoch():
     samples = [Sample([i, i + 1], [i + 1, IGNORE]) for i in range(10)]
-    a = Loader(samples, 3, 16, 0, seed=7)
-    b = Loader(samples, 3, 16, 0, seed=7)
+    a = Batches(samples, 3, 16, 0, seed=7)
+    b = Batches(samples, 3, 16, 0, seed=7)
     seen = [a.batch(m).input_ids[:, 0].tolist() for m in range(len(a))]
     assert sorted(sum(seen, [])) == list(range(10))
     assert [b.batch(m).input_ids[:, 0].tolist() for m in range(len(b))] == seen
