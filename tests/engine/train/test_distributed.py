@@ -25,7 +25,7 @@ from tiny_phi3 import save_tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-DATA = Path(__file__).resolve().parents[2] / "data"
+DATA = Path(__file__).resolve().parents[3] / "data"
 FAST = dict(rank=4, alpha=8, seq_len=128, dtype="float32", warmup_steps=1, lr=5e-3, threads=1, progress=False)
 TOL = 1e-5
 
