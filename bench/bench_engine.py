@@ -33,8 +33,8 @@ import torch
 
 from phiforge.bench.bench_multi_lora import make_adapters
 from phiforge.engine import load_model, load_tokenizer
-from phiforge.engine.serve.engine import Engine
 from phiforge.engine.formats.default_model import default_model_path
+from phiforge.engine.serve.engine import Engine
 from phiforge.engine.serve.request import Request
 
 

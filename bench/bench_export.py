@@ -23,10 +23,10 @@ import torch
 
 from phiforge.bench.report import emit
 from phiforge.engine.formats.default_model import default_model_path
-from phiforge.engine.serve.generate import Generator
 from phiforge.engine.formats.gguf.writer import TYPES, export_gguf
 from phiforge.engine.formats.loader import load_model
 from phiforge.engine.model.tokenizer import load_tokenizer
+from phiforge.engine.serve.generate import Generator
 
 PROMPT = [{"role": "user", "content": "Explain in three sentences why the sky is blue."}]
 

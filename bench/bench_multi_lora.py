@@ -36,13 +36,13 @@ from pathlib import Path
 
 import torch
 
-from phiforge.engine.formats.peft import save_adapter
-from phiforge.engine.serve.decode import DecodeStep
 from phiforge.engine.formats.loader import load_model
+from phiforge.engine.formats.peft import save_adapter
 from phiforge.engine.model.lora import apply_lora, lora_modules
 from phiforge.engine.model.phi3 import KVCache
-from phiforge.engine.serve.multi_lora import AdapterSet
 from phiforge.engine.pretrained import default_model_path
+from phiforge.engine.serve.decode import DecodeStep
+from phiforge.engine.serve.multi_lora import AdapterSet
 from phiforge.kernels.lora_gather import all_slots_, grouped_, lora_gather_ref
 
 PROMPT_LEN = 32

@@ -49,9 +49,9 @@ import httpx2 as httpx
 import torch
 
 from phiforge.bench.report import emit
-from phiforge.engine.formats.peft import save_adapter
 from phiforge.engine.formats.default_model import default_model_path
 from phiforge.engine.formats.loader import load_model
+from phiforge.engine.formats.peft import save_adapter
 from phiforge.engine.model.lora import apply_lora
 from phiforge.engine.model.tokenizer import load_tokenizer
 

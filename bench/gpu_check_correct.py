@@ -10,17 +10,17 @@ import os
 import torch
 
 from phiforge.bench.gpu_check_common import Ctx, Skip, default_model_dir, ref_error, rel_diff, require_cuda, tiny_model
-from phiforge.engine.serve.decode import DecodeStep
-from phiforge.engine.serve.decode_graph import CUDAGraphDecode
 from phiforge.engine.formats.loader import load_model
 from phiforge.engine.model.lora import LoRALinear, apply_lora, trainable_parameters
 from phiforge.engine.model.quant import quantize_model_
 from phiforge.engine.model.tokenizer import load_tokenizer
+from phiforge.engine.serve.decode import DecodeStep
+from phiforge.engine.serve.decode_graph import CUDAGraphDecode
 from phiforge.kernels.lora import lora_linear, lora_linear_ref
 from phiforge.kernels.nf4 import quantize_nf4
+from phiforge.kernels.nf4 import dequantize_nf4_ref
 from phiforge.kernels.nf4_matmul import LoRAEpilogue, dequantize_into_buffer, nf4_matmul, nf4_matmul_ref, nf4_matmul_t
 from phiforge.kernels.nf4_matmul import nf4_matmul_t_ref
-from phiforge.kernels.nf4 import dequantize_nf4_ref
 
 try:  # a reference only, optional on the GPU machine
     import transformers

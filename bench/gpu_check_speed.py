@@ -14,12 +14,12 @@ from pathlib import Path
 import torch
 
 from phiforge.bench.bench_train import phi3_mini_random, run_hf, run_phiforge
-from phiforge.bench.gpu_check_correct import torch_path
 from phiforge.bench.gpu_check_common import Ctx, copy_bandwidth_gbs, sync, time_ms, tiny_model
-from phiforge.engine.serve.decode import DecodeStep
-from phiforge.engine.serve.decode_graph import CUDAGraphDecode
+from phiforge.bench.gpu_check_correct import torch_path
 from phiforge.engine.formats.loader import save_model
 from phiforge.engine.model.quant import quantize_model_
+from phiforge.engine.serve.decode import DecodeStep
+from phiforge.engine.serve.decode_graph import CUDAGraphDecode
 from phiforge.kernels.lora import lora_linear, lora_linear_ref
 from phiforge.kernels.nf4 import quantize_nf4
 from phiforge.kernels.nf4_matmul import nf4_matmul

@@ -27,8 +27,8 @@ from phiforge.demo_finetune import training_threads
 from phiforge.engine.atomic import write_json_atomic
 from phiforge.engine.formats.default_model import default_model_path
 from phiforge.engine.paths import phiforge_home
-from phiforge.engine.train.loop import finetune
 from phiforge.engine.train.config import TrainConfig
+from phiforge.engine.train.loop import finetune
 from phiforge.evaluation import evaluate
 from phiforge.evaluation.report import markdown
 from phiforge.retrieval.demo import data_dir, demo_index_dir, refresh_demo_index

@@ -20,12 +20,12 @@ from typing import Iterator
 import torch
 
 from phiforge.engine.formats.default_model import default_model_path
-from phiforge.engine.serve.generate import Generator
 from phiforge.engine.formats.loader import load_model
 from phiforge.engine.model.lora import lora_modules
 from phiforge.engine.model.tokenizer import load_tokenizer
-from phiforge.engine.train.loop import finetune
+from phiforge.engine.serve.generate import Generator
 from phiforge.engine.train.config import TrainConfig
+from phiforge.engine.train.loop import finetune
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 QUESTION = "What is Calder Valley Water's emergency phone number?"

@@ -30,9 +30,9 @@ from phiforge.engine.pretrained import compute_dtype, load_generator
 
 from .chunking import Skipped
 from .encoder import TUNED_CONFIG, load_encoder
-from .rag import answer_question, context_length, format_sources
 from .manifest import IndexCorrupt, IndexMismatch
 from .qa import load_qa
+from .rag import answer_question, context_length, format_sources
 from .rerank import RERANKER_DIR, RerankConfig, reranker_for, train_reranker
 from .store import EmptyIndexError, Index, NoIndexError
 from .tune import NEGATIVE_POOLS, TuneConfig, save_tuned, tune

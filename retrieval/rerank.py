@@ -37,8 +37,8 @@ from phiforge.engine.atomic import write_jsonl_atomic
 from phiforge.engine.formats.default_model import model_path
 from phiforge.engine.formats.loader import load_model
 from phiforge.engine.formats.peft import check_adapter_dir
-from phiforge.engine.pretrained import compute_dtype
 from phiforge.engine.model.tokenizer import load_tokenizer
+from phiforge.engine.pretrained import compute_dtype
 from phiforge.engine.train.loop import finetune
 
 PROMPT = "Question: {question}\nAnswer:"

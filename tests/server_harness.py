@@ -14,14 +14,14 @@ import torch
 import uvicorn
 from tiny_phi3 import randomize_lora_B, save_tiny
 
-from phiforge.engine.formats.peft import save_adapter
-from phiforge.engine.serve.engine import Engine
-from phiforge.engine.serve.generate import Generator
-from phiforge.engine.formats.loader import load_model
-from phiforge.engine.model.lora import apply_lora
 from phiforge.engine.api.prometheus import parse
 from phiforge.engine.api.server import create_app
+from phiforge.engine.formats.loader import load_model
+from phiforge.engine.formats.peft import save_adapter
+from phiforge.engine.model.lora import apply_lora
 from phiforge.engine.model.tokenizer import load_tokenizer
+from phiforge.engine.serve.engine import Engine
+from phiforge.engine.serve.generate import Generator
 
 N = 8  # new tokens per greedy comparison: one decode step of the tiny model is tens of ms on a busy 2-core box
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name three colors."}]

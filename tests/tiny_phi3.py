@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Phi3Config, Phi3ForCausalLM
 
-from phiforge.engine.model.weights import copy_auxiliary_files
 from phiforge.engine.formats.default_model import default_model_path
 from phiforge.engine.model.tokenizer import load_tokenizer
+from phiforge.engine.model.weights import copy_auxiliary_files
 
 TINY = dict(vocab_size=211, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             max_position_embeddings=256, original_max_position_embeddings=256, pad_token_id=0, bos_token_id=1,

@@ -14,14 +14,14 @@ from pathlib import Path
 
 import torch
 
-from phiforge.engine.formats.peft import AdapterError
-from phiforge.engine.model.weights import CheckpointError
-from phiforge.engine.model.config import ConfigError
 from phiforge.engine.formats.gguf.writer import TYPES, ExportError, export_gguf
 from phiforge.engine.formats.loader import load_model
+from phiforge.engine.formats.peft import AdapterError
+from phiforge.engine.formats.peft import resolve_quant
+from phiforge.engine.model.config import ConfigError
 from phiforge.engine.model.lora import merge_adapter
 from phiforge.engine.model.phi3 import Phi3ForCausalLM
-from phiforge.engine.formats.peft import resolve_quant
+from phiforge.engine.model.weights import CheckpointError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -29,11 +29,11 @@ from typing import Any
 from torch.distributed.elastic.multiprocessing.api import SignalException
 
 from phiforge.engine.atomic import write_jsonl_atomic
-from phiforge.engine.train.distributed import launch, under_torchrun
 from phiforge.engine.formats.default_model import model_path
 from phiforge.engine.model.tokenizer import load_tokenizer
-from phiforge.engine.train.loop import finetune
 from phiforge.engine.train.config import TrainConfig, TrainConfigError, flag
+from phiforge.engine.train.distributed import launch, under_torchrun
+from phiforge.engine.train.loop import finetune
 from phiforge.engine.train.state import TrainingInterrupted, check_out, holds_run, latest_checkpoint
 from phiforge.retrieval.manifest import IndexCorrupt, IndexMismatch
 from phiforge.retrieval.qa import load_qa

@@ -18,8 +18,8 @@ from typing import Any
 import torch
 
 from phiforge.engine.model.weights import resolve_model
-from phiforge.engine.serve.generate import GenerationResult, Generator, Prompt
 from phiforge.engine.pretrained import load_generator
+from phiforge.engine.serve.generate import GenerationResult, Generator, Prompt
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import torch
 
-from phiforge.engine.model.weights import DTYPES, resolve_model
 from phiforge.engine.formats.loader import load_model, save_model
-from phiforge.engine.model.lora import merge_adapter
 from phiforge.engine.formats.peft import check_adapter_dir, resolve_quant
+from phiforge.engine.model.lora import merge_adapter
+from phiforge.engine.model.weights import DTYPES, resolve_model
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import torch
 
-from phiforge.engine.model.weights import resolve_model
-from phiforge.engine.formats.loader import load_model
 from phiforge.engine.formats.bnb import save_nf4_checkpoint
+from phiforge.engine.formats.loader import load_model
 from phiforge.engine.model.quant import nf4_modules, quantize_model_
+from phiforge.engine.model.weights import resolve_model
 from phiforge.kernels.nf4 import BLOCKSIZES
 
 

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from phiforge.engine.formats.peft import AdapterError, save_adapter
 from phiforge.engine.formats.loader import load_model
-from phiforge.engine.model.lora import apply_lora, lora_modules
+from phiforge.engine.formats.peft import AdapterError, save_adapter
 from phiforge.engine.formats.peft import check_adapter_dir, resolve_quant
+from phiforge.engine.model.lora import apply_lora, lora_modules
 from phiforge.engine.pretrained import compute_dtype, load_generator
 from tiny_phi3 import randomize_lora_B, save_tiny
 

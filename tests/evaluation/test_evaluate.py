@@ -15,8 +15,8 @@ import torch
 from tiny_phi3 import randomize_lora_B, save_tiny
 
 from phiforge.cli import main
-from phiforge.engine.formats.peft import save_adapter
 from phiforge.engine.formats.loader import load_model
+from phiforge.engine.formats.peft import save_adapter
 from phiforge.engine.model.lora import apply_lora
 from phiforge.engine.model.tokenizer import load_tokenizer
 from phiforge.evaluation import evaluate

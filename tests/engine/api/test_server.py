@@ -17,9 +17,9 @@ import pytest
 import torch
 
 from server_harness import CHAT, N, idle, adapters, client, metrics, ref, server, serving, tiny, wait_for  # noqa: F401  (fixtures)
-from phiforge.engine.serve.generate import Generator
 from phiforge.engine.formats.loader import load_model
 from phiforge.engine.model.tokenizer import load_tokenizer
+from phiforge.engine.serve.generate import Generator
 
 
 # ---- chat and completions ---------------------------------------------------------------------------------------

@@ -17,11 +17,11 @@ import torch
 
 from server_harness import CHAT, idle, adapters, client, free_port, metrics, ref, server, serving, tiny, wait_for  # noqa: F401  (fixtures)
 from phiforge.commands import serve
-from phiforge.engine.formats.default_model import default_model_path
-from phiforge.engine.serve.generate import Generator
-from phiforge.engine.formats.loader import load_model
 from phiforge.engine.api.server import create_app
+from phiforge.engine.formats.default_model import default_model_path
+from phiforge.engine.formats.loader import load_model
 from phiforge.engine.model.tokenizer import load_tokenizer
+from phiforge.engine.serve.generate import Generator
 
 
 def test_a_non_streamed_request_whose_client_leaves_is_aborted(tiny, monkeypatch):
@@ -186,9 +186,9 @@ def test_serve_flags_fail_in_one_line(argv, says, adapters, capsys):
 # ---- SIGTERM ------------------------------------------------------------------------------------------------------
 SERVE_STAND_IN = """
 import sys, torch
+from phiforge.engine.api.server import create_app, run_server
 from phiforge.engine.formats.loader import load_model
 from phiforge.engine.model.tokenizer import load_tokenizer
-from phiforge.engine.api.server import create_app, run_server
 d, port = sys.argv[1], int(sys.argv[2])
 tok = load_tokenizer(d)
 engine = GeneratorEngine(load_model(d, dtype=torch.float32), tok)

@@ -9,8 +9,8 @@ from safetensors.torch import load_file, save_file
 from transformers import Phi3ForCausalLM
 
 from phiforge.engine import load_model
-from phiforge.engine.model.config import ConfigError
 from phiforge.engine.formats.loader import CheckpointError, save_model
+from phiforge.engine.model.config import ConfigError
 from tiny_phi3 import TINY, make_hf_checkpoint
 
 

@@ -13,11 +13,11 @@ from safetensors import safe_open
 
 from phiforge.cli import main as cli_main
 from phiforge.commands.merge import run as merge_run
-from phiforge.engine.formats.peft import AdapterConfigWarning, AdapterError, load_adapter, save_adapter
 from phiforge.engine.formats.loader import load_model
+from phiforge.engine.formats.peft import AdapterConfigWarning, AdapterError, load_adapter, save_adapter
 from phiforge.engine.model.lora import LoRALinear, apply_lora, lora_modules, merge_adapter
-from phiforge.engine.train.loss import IGNORE, lm_loss_sum, lm_loss_sum_ref
 from phiforge.engine.model.phi3 import LINEAR_NAMES
+from phiforge.engine.train.loss import IGNORE, lm_loss_sum, lm_loss_sum_ref
 from tiny_phi3 import hf_llama_from_phi3, hf_phi3, randomize_lora_B, save_tiny
 
 

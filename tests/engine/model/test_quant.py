@@ -22,8 +22,8 @@ from torch import nn
 transformers = pytest.importorskip("transformers")
 bnb_F = pytest.importorskip("bitsandbytes.functional")
 
-from phiforge.engine import Phi3Config, Phi3ForCausalLM, load_model  # noqa: E402
 from phiforge.cli import main as cli_main  # noqa: E402
+from phiforge.engine import Phi3Config, Phi3ForCausalLM, load_model  # noqa: E402
 from phiforge.engine.formats.bnb import _fuse, load_nf4_state, save_nf4_checkpoint  # noqa: E402
 from phiforge.engine.model.quant import NF4Linear, quantize_model_  # noqa: E402
 from phiforge.kernels.nf4 import dequantize_nf4_ref, quantize_nf4  # noqa: E402

@@ -11,13 +11,13 @@ import pytest
 import torch
 from tiny_phi3 import randomize_lora_B, save_tiny
 
+from phiforge.engine.formats.loader import load_model
 from phiforge.engine.formats.peft import AdapterError, save_adapter
+from phiforge.engine.model.lora import apply_lora
+from phiforge.engine.model.quant import NF4Linear
 from phiforge.engine.serve.decode import DecodeStep
 from phiforge.engine.serve.engine import Engine
-from phiforge.engine.formats.loader import load_model
-from phiforge.engine.model.lora import apply_lora
 from phiforge.engine.serve.multi_lora import MultiLoRALinear
-from phiforge.engine.model.quant import NF4Linear
 from phiforge.engine.serve.request import AdapterBusy, EngineError, Request, UnknownAdapter
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -9,8 +9,8 @@ import torch
 from tiny_phi3 import StubTokenizer, make_hf_checkpoint, random_prompt
 
 from phiforge.engine import load_model, load_tokenizer
-from phiforge.engine.serve.engine import Engine
 from phiforge.engine.formats.default_model import default_model_path
+from phiforge.engine.serve.engine import Engine
 from phiforge.engine.serve.request import Request
 
 # bf16 keeps 8 significant bits (relative rounding 2^-8); a logit is a long sum of rounded products, so a near-tie

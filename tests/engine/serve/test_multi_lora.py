@@ -9,12 +9,12 @@ import json
 import pytest
 import torch
 
-from phiforge.engine.formats.peft import AdapterError, save_adapter
-from phiforge.engine.serve.decode import DecodeStep
 from phiforge.engine.formats.loader import load_model
+from phiforge.engine.formats.peft import AdapterError, save_adapter
+from phiforge.engine.formats.peft import trained_base
 from phiforge.engine.model.lora import apply_lora
 from phiforge.engine.model.phi3 import KVCache
-from phiforge.engine.formats.peft import trained_base
+from phiforge.engine.serve.decode import DecodeStep
 from phiforge.engine.serve.multi_lora import AdapterSet, MultiLoRALinear
 from tiny_phi3 import hf_phi3, randomize_lora_B, save_tiny
 

@@ -10,9 +10,9 @@ from phiforge.engine.train.data import (IGNORE, DataError, DataStats, Batches, S
                                         load_dataset, make_sample, read_jsonl)
 from phiforge.engine.formats.default_model import default_model_path
 from phiforge.engine.formats.loader import load_model
-from phiforge.engine.train.loss import lm_loss_sum
 from phiforge.engine.model.tokenizer import load_tokenizer
 from phiforge.engine.train.loop import step_batches
+from phiforge.engine.train.loss import lm_loss_sum
 from tiny_phi3 import save_tiny
 
 

@@ -18,9 +18,9 @@ import torch
 from safetensors.torch import load_file
 
 from phiforge.commands.finetune import argv_for
+from phiforge.engine.train.config import TrainConfig, TrainConfigError
 from phiforge.engine.train.distributed import World
 from phiforge.engine.train.loop import finetune, setup
-from phiforge.engine.train.config import TrainConfig, TrainConfigError
 from tiny_phi3 import save_tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")

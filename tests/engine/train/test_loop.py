@@ -11,8 +11,8 @@ import torch
 
 import phiforge.engine.train.loop as train
 from phiforge.cli import main as cli_main
-from phiforge.engine.train.loop import finetune, lr_at
 from phiforge.engine.train.config import TrainConfigError
+from phiforge.engine.train.loop import finetune, lr_at
 from phiforge.engine.train.state import STATE_JSON
 from tiny_phi3 import save_tiny
 

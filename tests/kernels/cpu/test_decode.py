@@ -16,11 +16,11 @@ import torch
 from tiny_phi3 import VARIANTS, make_hf_checkpoint
 
 from phiforge.engine import load_model
-from phiforge.engine.serve.decode import DecodeStep
 from phiforge.engine.model.lora import LoRALinear
 from phiforge.engine.model.phi3 import part_sizes
-from phiforge.engine.serve.multi_lora import AdapterSet
 from phiforge.engine.model.quant import quantize_model_
+from phiforge.engine.serve.decode import DecodeStep
+from phiforge.engine.serve.multi_lora import AdapterSet
 from phiforge.kernels.cpu import decode as cpu_decode, native, nf4 as nf4_cpu
 
 LIB = cpu_decode.LIB  # tests/kernels/conftest.py: every test runs at each tier; skipped only where the CPU cannot

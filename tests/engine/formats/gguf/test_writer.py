@@ -27,16 +27,16 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from tiny_phi3 import VARIANTS, make_hf_checkpoint, randomize_lora_B
 
 from phiforge.commands import export as export_cmd
-from phiforge.engine.model.weights import CheckpointError
 from phiforge.engine.formats.default_model import build_default_model, default_gguf_path, default_model_path
 from phiforge.engine.formats.gguf.names import STOP_IDS_KEY, gguf_names
-from phiforge.engine.formats.gguf.writer import ExportError, export_gguf
 from phiforge.engine.formats.gguf.reader import fields
-from phiforge.engine.serve.generate import Generator
 from phiforge.engine.formats.gguf.vocab import tokenizer_from_fields
+from phiforge.engine.formats.gguf.writer import ExportError, export_gguf
 from phiforge.engine.formats.loader import load_model
 from phiforge.engine.model.lora import apply_lora, merge_adapter
 from phiforge.engine.model.tokenizer import load_tokenizer
+from phiforge.engine.model.weights import CheckpointError
+from phiforge.engine.serve.generate import Generator
 
 STRINGS = ["Hello world", "  two spaces, digits 1234567890 and 3.14", "héllo wörld — 日本語 🙂",
            "<|im_start|>user\nhi<|im_end|>\n", "def f(x):\n\treturn x**2\n"]
