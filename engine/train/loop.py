@@ -44,11 +44,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from matplotlib.figure import Figure
 from torch import nn
 from tqdm.auto import tqdm
 
-from phiforge.engine.atomic import write_atomic, write_json_atomic, write_text_atomic
+from phiforge.engine.atomic import write_json_atomic
 from phiforge.engine.formats.default_model import model_path
 from phiforge.engine.formats.loader import load_model
 from phiforge.engine.formats.peft import quant_of_method, save_adapter
@@ -60,6 +59,7 @@ from .config import TrainConfig, TrainConfigError, resume_changes
 from .data import DataError, DataStats, Batches, load_dataset
 from .distributed import SINGLE, World
 from .loss import lm_loss_sum
+from .metrics import plot_losses, rewrite_metrics
 from .state import (STATE_JSON, StopSignals, TrainingInterrupted, check_out, clear_run, holds_run,
                           latest_checkpoint, load_checkpoint, rank_rng_state, read_state, save_checkpoint)
 
@@ -107,31 +107,6 @@ def evaluate(model, loader: Batches, device, autocast, world: World = SINGLE) ->
     total, count = distributed.all_reduce_sum([total, count], world, device)
     nll = total / max(count, 1)
     return nll, math.exp(min(nll, 50.0))
-
-
-def plot_losses(metrics_path: Path, png: Path) -> None:
-    recs = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    train = [(r["step"], r["loss"]) for r in recs if "loss" in r]
-    ev = [(r["step"], r["eval_loss"]) for r in recs if "eval_loss" in r]
-    fig = Figure(figsize=(6, 3.5))  # the object API: no pyplot state, no global backend switch
-    ax = fig.subplots()
-    if train:
-        ax.plot(*zip(*train), label="train loss")
-    if ev:
-        ax.plot(*zip(*ev), "o-", label="eval loss")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (nats/token)")
-    ax.legend()
-    fig.tight_layout()
-    write_atomic(png, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-
-
-def _rewrite_metrics(path: Path, upto_step: int) -> None:
-    """On resume, drop records the interrupted run wrote after its last checkpoint (they will be redone)."""
-    if not path.exists():
-        return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= upto_step]
-    write_text_atomic(path, "".join(line + "\n" for line in keep))
 
 
 # ---- set-up ----------------------------------------------------------------------------------------------------------
@@ -244,7 +219,7 @@ def _resume(run: Run, ckpt: Path, changes: list[str]) -> None:
         return
     for change in run.resume_changes:
         print(f"finetune: resume from {ckpt.name}: {change} (applied from step {run.step + 1})")
-    _rewrite_metrics(run.out / "metrics.jsonl", run.step)
+    rewrite_metrics(run.out / "metrics.jsonl", run.step)
 
 
 # ---- one optimizer step; eval and checkpoint -------------------------------------------------------------------------
