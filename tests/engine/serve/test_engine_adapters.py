@@ -108,13 +108,18 @@ def _mixed_run(tiny, names, quant=None, native_only=False, max_batch=8, **engine
     def go(i):
         handles[i] = e.submit(reqs[i])
     threads = [threading.Thread(target=go, args=(i,)) for i in range(len(reqs))]
+    # the scheduler thread steps only once every thread has submitted: on a loaded machine the first requests could
+    # otherwise finish before the last arrive, and no step would mix the adapters this test is about
+    gate, step = threading.Event(), e.step
     with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(e, "step", lambda: (gate.wait(), step())[1])
         if native_only:
             patch.setattr(DecodeStep, "_step", _torch_step_refused)
         for t in threads:
             t.start()
         for t in threads:
             t.join()
+        gate.set()
         got = [h.result(120).token_ids for h in handles]
         e.shutdown()
     want = [None] * len(reqs)
