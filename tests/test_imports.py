@@ -264,7 +264,8 @@ def test_every_file_a_docstring_or_comment_names_exists(folder):
 
 
 def test_every_file_the_readme_and_makefile_name_exists():
-    missing = [f"{name}:{n}: {m}" for name in ("README.md", "Makefile", "pytest.ini")
+    docs = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md"))
+    missing = [f"{name}:{n}: {m}" for name in ("README.md", "Makefile", "pytest.ini", *docs)
                for n, line in enumerate((ROOT / name).read_text().splitlines(), 1)
                for m in _mentions(line) if not (ROOT / m).exists()]
     assert not missing, "paths that name no file:\n  " + "\n  ".join(missing)
