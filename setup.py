@@ -12,10 +12,11 @@ PACKAGES = ["engine", "kernels", "retrieval", "evaluation", "bench"]
 RUNTIME = [
     "torch>=2.4", "triton>=3.0", "safetensors>=0.4", "tokenizers>=0.19", "hnswlib>=0.8", "numpy>=1.24",
     "jinja2>=3.1", "gguf>=0.10", "tqdm>=4.60", "matplotlib>=3.7", "huggingface_hub>=0.23", "fastapi>=0.110",
-    "uvicorn>=0.29",
+    "uvicorn>=0.29", "llguidance>=1.9",
 ]
 # The references the tests compare against; never imported at run time.
-TEST = ["pytest>=8", "pytest-benchmark>=4", "transformers>=4.45", "peft>=0.13", "bitsandbytes>=0.43", "openai>=1.0"]
+TEST = ["pytest>=8", "pytest-benchmark>=4", "transformers>=4.45", "peft>=0.13", "bitsandbytes>=0.43", "openai>=1.0",
+        "jsonschema>=4"]
 
 setup(
     name="phiforge",

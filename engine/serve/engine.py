@@ -48,6 +48,7 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from typing import Any, Callable
 
@@ -55,6 +56,7 @@ import torch
 
 from phiforge.kernels.cpu import omp_pool
 
+from .constraint import ConstraintError, Grammars
 from .decode import DecodeStep
 from .detokenize import IncrementalDetokenizer
 from .kv_memory import KVMemory
@@ -104,6 +106,9 @@ class Engine:
         self._aborts: set[str] = set()
         self._queued = 0                       # waiting requests as of the last step (read by submit)
         self._stopped, self._drain = False, True
+        self._grammars: Grammars | None = None   # built on the first constrained request
+        self._grammars_lock = threading.Lock()
+        self._mask_pool: ThreadPoolExecutor | None = None   # computes grammar masks while the forward runs
         self._stats = dict(prompt_tokens_total=0, generation_tokens_total=0, aborted_total=0, rejected_total=0,
                            failed_total=0, cached_tokens_total=0)
         self._thread = None
@@ -130,6 +135,11 @@ class Engine:
         seq = Sequence(req=request, handle=Handle(request.id, self.abort),
                        stop_ids=self.stop_ids if request.stop_token_ids is None else frozenset(request.stop_token_ids),
                        detok=IncrementalDetokenizer(self.tokenizer, request.stop), t_submit=now())
+        if request.constraint is not None:  # compiled here, on the caller's thread: a new grammar never stalls a step
+            try:
+                seq.matcher = self._grammar_set().matcher(request.constraint)
+            except ConstraintError as e:
+                raise InvalidRequest(str(e), e.field) from None
         with self._lock:  # with unload_adapter's check: an adapter is never unloaded under a request it admitted
             if self._stopped:
                 raise EngineStopped("the engine is shut down", None)
@@ -145,6 +155,13 @@ class Engine:
             self._lock.notify_all()
         return seq.handle
 
+    def _grammar_set(self) -> Grammars:
+        """The grammar machinery, built on the first constrained request (reading the tokenizer takes a moment)."""
+        with self._grammars_lock:  # not the engine's lock: the scheduler thread steps on meanwhile
+            if self._grammars is None:
+                self._grammars = Grammars(self.tokenizer, self.config.vocab_size)
+            return self._grammars
+
     def abort(self, request_id: str) -> None:
         with self._lock:
             self._aborts.add(request_id)
@@ -157,6 +174,8 @@ class Engine:
             self._lock.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
+        if self._mask_pool is not None:
+            self._mask_pool.shutdown(wait=False)
 
     def stats(self) -> dict:
         with self._lock:
@@ -281,6 +300,7 @@ class Engine:
         for seq in s.admit():
             self._start(seq)
         plan = s.plan()
+        self._prefetch_masks(plan)
         with torch.inference_mode():
             ready = self._prefill(plan.chunks)
             ready += self._decode_all(plan.decodes)
@@ -288,6 +308,16 @@ class Engine:
                 self._emit(seq, logits)
         with self._lock:
             self._queued = len(s.waiting)
+
+    def _prefetch_masks(self, plan) -> None:
+        """The constrained rows that sample this step start their masks now, beside the forward."""
+        last_chunks = [seq for seq, start, n in plan.chunks if start + n == len(seq.req.prompt_ids)]
+        rows = [seq for seq in (*plan.decodes, *last_chunks) if seq.matcher is not None]
+        if rows:
+            if self._mask_pool is None:
+                self._mask_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="phiforge-masks")
+            for seq in rows:
+                seq.matcher.prefetch(self._mask_pool)
 
     def _start(self, seq: Sequence) -> None:
         p, V = seq.req.sampling, self.config.vocab_size
@@ -349,8 +379,12 @@ class Engine:
     def _emit(self, seq: Sequence, logits: torch.Tensor) -> None:
         """Sample the next token, apply the stop rules, stream the Delta; finish the request if it ended."""
         r = seq.req
+        if seq.matcher is not None:  # this row's logits only, on a copy: what its grammar forbids cannot be drawn
+            logits = seq.matcher.mask_(logits.to(torch.float32, copy=True))
         t = int(sample(logits[None], r.sampling, [seq.generator], None if seq.seen is None else seq.seen[None],
                        None if seq.counts is None else seq.counts[None])[0])
+        if seq.matcher is not None:
+            seq.matcher.advance(t)
         if not seq.out:
             seq.t_first = now()
         seq.out.append(t)
@@ -365,6 +399,8 @@ class Engine:
             piece = seq.detok.push(t)
             if seq.detok.stopped:
                 seq.finish = "stop"
+            elif seq.matcher is not None and seq.matcher.done:  # the grammar is complete: nothing may follow
+                seq.finish, piece = "stop", piece + seq.detok.finish()
             elif len(seq.out) == r.max_tokens:
                 seq.finish, piece = "length", piece + seq.detok.finish()
         seq.handle._push(Delta(piece, [t]))

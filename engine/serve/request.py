@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable, Iterator
 from uuid import uuid4
 
+from .constraint import Constraint
 from .sampling import SamplingParams
 
 
@@ -29,6 +30,7 @@ class Request:
     stop: tuple[str, ...] = ()                 # stop strings: held back while they may still match, cut exactly
     stop_token_ids: frozenset[int] | None = None   # None: the tokenizer's stop set
     adapter: str | None = None                 # a registered adapter name; None = the base model
+    constraint: Constraint | None = None       # the output must match it (engine/serve/constraint.py); None: free
     id: str = field(default_factory=lambda: uuid4().hex)
 
 

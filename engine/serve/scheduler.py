@@ -37,6 +37,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -65,6 +66,7 @@ class Sequence:
     generator: torch.Generator | None = None
     seen: torch.Tensor | None = None     # (V,) bool: prompt + output tokens, for the repetition penalty
     counts: torch.Tensor | None = None   # (V,) output token counts, for presence/frequency penalties
+    matcher: Any = None                  # its constraint's place in the grammar (constraint.Matcher); None: free
 
     @property
     def prefilling(self) -> bool:
