@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from phiforge.engine.serve.constraint import Constraint
 from phiforge.engine.serve.request import Delta, Request, Result
 from phiforge.engine.serve.sampling import SamplingParams
 
@@ -188,7 +189,34 @@ def _common(body: Any, models: Callable[[], list[str]]) -> dict[str, Any]:
     if seed is not None and not _is_int(seed):
         raise bad("seed", f"'seed' must be an integer, got {json.dumps(seed)}")
     return dict(model=model, adapter=adapter, stream=stream, include_usage=include_usage, seed=seed,
-                stop=_stop(body), sampling=_sampling(body))
+                stop=_stop(body), sampling=_sampling(body), constraint=_response_format(body))
+
+
+def _response_format(body: dict) -> Constraint | None:
+    """OpenAI's response_format as the engine's constraint: text (none), json_object (any JSON object) or
+    json_schema ({"json_schema": {"name", "schema", "strict"?}}); any other type is refused, never ignored."""
+    rf = body.get("response_format")
+    if rf is None:
+        return None
+    if not isinstance(rf, dict) or not isinstance(rf.get("type"), str):
+        raise bad("response_format", f"'response_format' must be an object with a 'type', got {json.dumps(rf)}")
+    kind = rf["type"]
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return Constraint("json_object", None, "response_format")
+    if kind == "json_schema":
+        spec = rf.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+            raise bad("response_format.json_schema", "'response_format.json_schema' must be an object with a "
+                                                     "'name' and a 'schema'")
+        schema = spec.get("schema", {})
+        if not isinstance(schema, dict):
+            raise bad("response_format.json_schema.schema", "'response_format.json_schema.schema' must be a "
+                                                            f"JSON-schema object, got {json.dumps(schema)}")
+        return Constraint("json_schema", schema, "response_format.json_schema.schema")
+    raise bad("response_format.type", f"response_format type {json.dumps(kind)} is not supported (text, "
+                                      "json_object or json_schema)")
 
 
 def _budget(prompt_ids: list[int], max_tokens: int | None, max_context: int, prompt_field: str,
@@ -244,7 +272,7 @@ def parse_chat(body: Any, tokenizer: Any, max_context: int, models: Callable[[],
         raise bad("messages", f"the chat template rejected the messages: {e}") from None
     budget = _budget(ids, max_tokens, max_context, "messages", name)
     req = Request(prompt_ids=ids, max_tokens=budget, sampling=c["sampling"], seed=c["seed"], stop=c["stop"],
-                  adapter=c["adapter"])
+                  adapter=c["adapter"], constraint=c["constraint"])
     return Parsed("chat", c["model"], req, c["stream"], c["include_usage"])
 
 
@@ -277,7 +305,7 @@ def parse_completion(body: Any, tokenizer: Any, max_context: int, models: Callab
     budget = _budget(ids, COMPLETION_DEFAULT_TOKENS if max_tokens is None else max_tokens, max_context, "prompt",
                      "max_tokens")
     req = Request(prompt_ids=ids, max_tokens=budget, sampling=c["sampling"], seed=c["seed"], stop=c["stop"],
-                  adapter=c["adapter"])
+                  adapter=c["adapter"], constraint=c["constraint"])
     return Parsed("completion", c["model"], req, c["stream"], c["include_usage"])
 
 
