@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import httpx2 as httpx
+import jsonschema
 import pytest
 from safetensors.torch import load_file
 from server_harness import free_port
@@ -62,6 +63,8 @@ def ws(tmp_path_factory) -> Path:
     (w / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
     (w / "empty.jsonl").write_text("")
     (w / "broken.jsonl").write_text(json.dumps(ROWS[1]) + "\n" + BROKEN + "\n")
+    (w / "schema.json").write_text(json.dumps(SCHEMA))
+    (w / "bad_schema.json").write_text(json.dumps({"type": "nonsense"}))
     (w / "notmodel").mkdir()
     (w / "notmodel" / "readme.txt").write_text("not a model\n")
     (w / "oldrun").mkdir()
@@ -75,6 +78,9 @@ def ws(tmp_path_factory) -> Path:
 
 
 M = "{ws}/model"
+SCHEMA = {"type": "object", "properties": {"capital": {"enum": ["Paris", "Lyon"]},
+                                           "population": {"type": "integer", "minimum": 0, "maximum": 99999}},
+          "required": ["capital", "population"], "additionalProperties": False}
 FTA = ["--model", M, "--data", "{ws}/train.jsonl", "--out", "{ws}/ft", *FT]
 # (argv, exit code, regex the single `error:` line must match)
 CASES = [
@@ -85,6 +91,13 @@ CASES = [
     (["generate", "--model", M, "--prompt-file", "{ws}/nope.txt"], 1, r"--prompt-file \S+nope\.txt: no such file"),
     (["generate", "--model", M, "--prompt", "hi", "--adapter", "/nope"], 1, r"--adapter /nope: no such directory"),
     (["generate", "--model", M, "--prompt", "hi", "--adapter", "{ws}/docs"], 1, r"no adapter_config\.json"),
+    (["generate", "--model", M, "--prompt", "hi", "--json-schema", "{ws}/nope.json"], 1,
+     r"--json-schema \S+nope\.json: no such file"),
+    (["generate", "--model", M, "--prompt", "hi", "--json-schema", "{ws}/train.jsonl"], 1,
+     r"--json-schema \S+train\.jsonl: not a JSON file"),
+    (["generate", "--model", M, "--prompt", "hi", "--json-schema", "{ws}/bad_schema.json"], 1,
+     r"--json-schema \S+bad_schema\.json: .*nonsense"),
+    (["generate", "--model", M, "--prompt", "hi", "--choice", ","], 1, r"--choice: give one or more"),
     (["chat", "--model", M, "--temperature", "-1"], 1, r"--temperature: must be >= 0"),
     (["merge", "--model", M, "--adapter", "/nope", "--out", "{ws}/merged"], 1, r"--adapter /nope: no such dir"),
     (["merge", "--model", "/nope", "--adapter", "/nope", "--out", "{ws}/merged"], 1, r"--model /nope: no such dir"),
@@ -227,6 +240,20 @@ def test_results_get_umask_permissions(ws, tmp_path):
         for p in [tmp_path / top, *(tmp_path / top).rglob("*")]:
             want = (0o777 if p.is_dir() else 0o666) & ~mask
             assert p.stat().st_mode & 0o777 == want, (p, oct(p.stat().st_mode))
+
+
+@pytest.mark.parametrize("flags, check", [
+    (["--json-schema", "{ws}/schema.json", "--seed", "3"], lambda out: jsonschema.validate(json.loads(out), SCHEMA)),
+    (["--regex", "[0-9]{3}-[a-z]{2}", "--greedy"], lambda out: re.fullmatch(r"[0-9]{3}-[a-z]{2}", out)),
+    (["--choice", "yes,no,maybe", "--seed", "1"], lambda out: out in ("yes", "no", "maybe")),
+])
+def test_generate_holds_its_output_to_a_constraint(ws, flags, check):
+    """The tiny model writes random tokens; held by the flag, what it writes still parses (sampled or greedy)."""
+    argv = [a.replace("{ws}", str(ws)) for a in flags]
+    r = phiforge("generate", "--model", str(ws / "model"), "--chat", "--prompt", "Answer.", "--max-new-tokens", "48",
+                 "--threads", "1", *argv)
+    assert r.returncode == 0, r.stderr
+    assert check(r.stdout.strip()) is not False
 
 
 def test_hugging_face_ids_resolve_through_the_offline_cache(ws, tmp_path):

@@ -58,6 +58,7 @@ from typing import Any, Callable, Iterator, Sequence, Union
 
 import torch
 
+from .constraint import Constraint
 from .engine import Engine
 from .request import Request
 from .sampling import SamplingParams
@@ -106,6 +107,12 @@ def _cancel_fn(cancel: Cancel) -> Callable[[], bool]:
     raise TypeError(f"cancel must be a callable or have is_set() (threading.Event), got {type(cancel).__name__}")
 
 
+def _constraint(json_schema: dict | None, constraint: Constraint | None) -> Constraint | None:
+    if json_schema is not None and constraint is not None:
+        raise ValueError("json_schema and constraint: give one (json_schema is Constraint('json_schema', ...))")
+    return Constraint("json_schema", json_schema, "json_schema") if json_schema is not None else constraint
+
+
 class Generator:
     """The generation loop over one model and its tokenizer, owning one KV cache: `generate` returns a
     GenerationResult per prompt, `stream` yields text pieces as they decode. One call runs at a time (a second,
@@ -130,10 +137,13 @@ class Generator:
     def generate(self, prompts: Prompts, max_new_tokens: int = 256, temperature: float = 0.7,
                  top_k: int | None = None, top_p: float = 1.0, repetition_penalty: float = 1.0,
                  seed: int | Sequence[int] | None = None, stop: str | Sequence[str] | Sequence[Sequence[str]] | None = None,
-                 cancel: Cancel = None) -> list[GenerationResult]:
+                 cancel: Cancel = None, json_schema: dict | None = None,
+                 constraint: Constraint | None = None) -> list[GenerationResult]:
         """One GenerationResult per prompt, in order. `prompts`: a string, a chat (list of messages), token ids,
-        or a list of those. `stop`: strings for every prompt, or one list per prompt."""
-        run = self._run(prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop, cancel)
+        or a list of those. `stop`: strings for every prompt, or one list per prompt. `json_schema` (or any
+        `constraint`, engine/serve/constraint.py): every output is held to it."""
+        run = self._run(prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop, cancel,
+                        _constraint(json_schema, constraint))
         while True:
             try:
                 with torch.inference_mode():
@@ -144,11 +154,13 @@ class Generator:
     def stream(self, prompts: Prompts, max_new_tokens: int = 256, temperature: float = 0.7,
                top_k: int | None = None, top_p: float = 1.0, repetition_penalty: float = 1.0,
                seed: int | Sequence[int] | None = None, stop: str | Sequence[str] | Sequence[Sequence[str]] | None = None,
-               cancel: Cancel = None) -> Iterator[str] | Iterator[tuple[int, str]]:
+               cancel: Cancel = None, json_schema: dict | None = None,
+               constraint: Constraint | None = None) -> Iterator[str] | Iterator[tuple[int, str]]:
         """Text pieces as they are decoded: `str` for one prompt, `(prompt index, str)` for several.
         The generator's return value (StopIteration.value) is the list of GenerationResults."""
         single = not self._is_batch(prompts)
-        run = self._run(prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop, cancel)
+        run = self._run(prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop, cancel,
+                        _constraint(json_schema, constraint))
         while True:
             try:
                 # inference mode only while the loop runs: the caller's code between pieces (and a stream left
@@ -233,7 +245,8 @@ class Generator:
         return e
 
     # ---- the loop -------------------------------------------------------------------------------------------------
-    def _run(self, prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop, cancel):
+    def _run(self, prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop, cancel,
+             constraint):
         """Yields (prompt index, text piece); returns the results. Validation happens before any compute."""
         if not self._busy.acquire(blocking=False):  # taken before admission, so two threads cannot both pass
             raise RuntimeError("this Generator is already running a call; use one Generator per thread")
@@ -246,7 +259,9 @@ class Generator:
             one = len(reqs) == 1
             engine = self._engine_for(len(reqs), max(len(r.ids) for r in reqs) + max_new_tokens, one)
             t_submit = time.perf_counter()
-            handles = [engine.submit(Request(r.ids, max_new_tokens, params, r.seed, tuple(r.stop))) for r in reqs]
+            # one constraint for all: the first submit compiles it (or refuses it) before any other is queued
+            handles = [engine.submit(Request(r.ids, max_new_tokens, params, r.seed, tuple(r.stop),
+                                             constraint=constraint)) for r in reqs]
             live = set(range(len(reqs)))
             while live:
                 if cancelled():

@@ -4,6 +4,7 @@
     phiforge generate --chat --prompt "What is the capital of France?" --greedy
     phiforge chat --system "You are terse." --stats          (/reset starts over, /exit or Ctrl-D quits)
     phiforge generate --prompt-file question.txt              (`--prompt -` or `--prompt-file -` reads stdin)
+    phiforge generate --chat --prompt "..." --json-schema invoice.json   (or --regex RE, --choice yes,no)
 
 Text streams to stdout as it is decoded; `--stats` prints prompt size, TTFT and decode tokens/s to stderr, so
 stdout stays the model's text only. `--model` defaults to the default model (built on first use).
@@ -11,6 +12,7 @@ stdout stays the model's text only. `--model` defaults to the default model (bui
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,7 @@ import torch
 
 from phiforge.engine.model.weights import resolve_model
 from phiforge.engine.pretrained import load_generator
+from phiforge.engine.serve.constraint import Constraint
 from phiforge.engine.serve.generate import GenerationResult, Generator, Prompt
 
 
@@ -48,7 +51,34 @@ def add_arguments_generate(p: argparse.ArgumentParser) -> None:
     src.add_argument("--prompt", help="the prompt text; - reads it from stdin")
     src.add_argument("--prompt-file", metavar="FILE", help="read the prompt from FILE (- for stdin)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn in the chat template")
+    held = p.add_mutually_exclusive_group()
+    held.add_argument("--json-schema", metavar="FILE", help="hold the output to the JSON schema in FILE")
+    held.add_argument("--regex", metavar="RE", help="hold the output to a regular expression")
+    held.add_argument("--choice", metavar="A,B,...", help="the output is one of these comma-separated strings")
     _add_common(p)
+
+
+def read_constraint(args: argparse.Namespace) -> Constraint | None:
+    """--json-schema FILE | --regex RE | --choice A,B,...: checked before the model loads (the engine compiles it)."""
+    if args.regex is not None:
+        return Constraint("regex", args.regex, "--regex")
+    if args.choice is not None:
+        options = [c for c in args.choice.split(",") if c]
+        if not options:
+            raise ValueError("--choice: give one or more comma-separated strings")
+        return Constraint("choice", options, "--choice")
+    if args.json_schema is None:
+        return None
+    path = Path(args.json_schema)
+    if not path.is_file():
+        raise FileNotFoundError(f"--json-schema {path}: no such file")
+    try:
+        schema = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"--json-schema {path}: not a JSON file ({e})") from None
+    if not isinstance(schema, dict):
+        raise ValueError(f"--json-schema {path}: a JSON schema is an object, got {type(schema).__name__}")
+    return Constraint("json_schema", schema, f"--json-schema {path}")
 
 
 def add_arguments_chat(p: argparse.ArgumentParser) -> None:
@@ -129,13 +159,15 @@ def _print_stats(r: GenerationResult) -> None:
 
 def run_generate(args: argparse.Namespace) -> int:
     text = read_prompt(args)
+    constraint = read_constraint(args)
     gen = _load(args)
     if args.chat:
         prompt: Any = ([{"role": "system", "content": args.system}] if args.system else []) + \
                       [{"role": "user", "content": text}]
     else:
         prompt = text
-    r = _stream_to_stdout(gen, prompt, _sampling(args))  # a prompt over the context: cli.py prints its one line
+    # a prompt over the context, or a constraint the engine cannot compile: cli.py prints its one line
+    r = _stream_to_stdout(gen, prompt, {**_sampling(args), "constraint": constraint})
     if args.stats:
         _print_stats(r)
     return 0

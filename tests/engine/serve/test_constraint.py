@@ -17,6 +17,7 @@ from phiforge.engine.formats.loader import load_model
 from phiforge.engine.model.tokenizer import load_tokenizer
 from phiforge.engine.serve.constraint import Constraint
 from phiforge.engine.serve.engine import Engine
+from phiforge.engine.serve.generate import Generator
 from phiforge.engine.serve.request import InvalidRequest, Request
 from phiforge.engine.serve.sampling import SamplingParams
 
@@ -123,3 +124,19 @@ def test_the_same_schema_compiles_once(served):
     engine.submit(Request(_ids(tok), 4, constraint=Constraint("json_schema", reordered))).result(60)
     engine.submit(Request(_ids(tok), 4, constraint=Constraint("json_schema", json.dumps(schema)))).result(60)
     assert len(engine._grammars._compiled) == n
+
+
+def test_the_generator_takes_a_json_schema(served):
+    engine, tok = served
+    gen = Generator(engine.model, tok)
+    schema = SCHEMAS["array with bounds"]
+    r, s = gen.generate([PROMPT, PROMPT], max_new_tokens=48, temperature=1.0, seed=[4, 5], json_schema=schema)
+    for x in (r, s):
+        assert x.finish_reason == "stop"
+        jsonschema.validate(json.loads(x.text), schema)
+    pieces = list(gen.stream(PROMPT, max_new_tokens=48, temperature=0, constraint=Constraint("choice", ["a", "b"])))
+    assert "".join(pieces) in ("a", "b")
+    with pytest.raises(ValueError, match="give one"):
+        gen.generate(PROMPT, json_schema=schema, constraint=Constraint("json_object"))
+    with pytest.raises(InvalidRequest, match="json_schema: "):
+        gen.generate(PROMPT, json_schema={"type": "nonsense"})
