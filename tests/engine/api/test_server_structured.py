@@ -58,3 +58,14 @@ def test_bad_response_formats_are_400s_naming_the_field(server, fmt, param):
     with pytest.raises(openai.BadRequestError) as e:
         client(server).chat.completions.create(model="tiny", messages=CHAT, max_tokens=4, response_format=fmt)
     assert e.value.body["param"] == param, e.value.body
+
+
+def test_completions_take_response_format_too(server):
+    """/v1/completions shares the field (as vLLM's does): held to the schema, or refused naming it."""
+    c = client(server)
+    r = c.completions.create(model="tiny", prompt="Colour:", max_tokens=64, temperature=0,
+                             extra_body={"response_format": _format()})
+    jsonschema.validate(json.loads(r.choices[0].text), SCHEMA)
+    with pytest.raises(openai.BadRequestError) as e:
+        c.completions.create(model="tiny", prompt="x", max_tokens=4, extra_body={"response_format": {"type": "xml"}})
+    assert e.value.body["param"] == "response_format.type"
