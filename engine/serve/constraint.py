@@ -2,7 +2,7 @@
 among strings or a Lark grammar, by a token mask on that request's own row of logits at every step.
 
     grammars = Grammars(tokenizer, vocab_size)      # one per engine: the tokenizer is read once (~0.2 s)
-    m = grammars.matcher(Constraint("json_schema", schema))   # checked and compiled in the caller's thread
+    m = grammars.matcher(Constraint("json_schema", schema))   # checked and built on the caller's thread
     m.mask_(logits)                                  # (V,) in place, before sampling: what the grammar forbids -> -inf
     m.advance(token)                                 # after sampling
 
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -99,18 +98,10 @@ class Matcher:
     def __init__(self, matcher: llguidance.LLMatcher, vocab_size: int) -> None:
         self._m = matcher
         self._V = vocab_size
-        self._next: Future[bytes] | None = None
-
-    def prefetch(self, pool: ThreadPoolExecutor) -> None:
-        """Start computing the next mask on `pool`. The mask depends only on the tokens consumed so far, so the
-        engine starts it before the step's forward and the two run at once (llguidance drops the GIL)."""
-        if self._next is None:
-            self._next = pool.submit(self._m.compute_bitmask)
 
     def mask_(self, logits: torch.Tensor) -> torch.Tensor:
         """(V,) logits with every token the grammar forbids next set to -inf, in place."""
-        raw, self._next = (self._next.result() if self._next is not None else self._m.compute_bitmask()), None
-        bits = np.frombuffer(raw, dtype=np.uint8)
+        bits = np.frombuffer(self._m.compute_bitmask(), dtype=np.uint8)
         allowed = np.unpackbits(bits, bitorder="little")[:self._V].astype(bool)       # (V,)
         forbid = torch.from_numpy(~allowed)
         logits[:forbid.numel()].masked_fill_(forbid, float("-inf"))
@@ -118,7 +109,6 @@ class Matcher:
         return logits
 
     def advance(self, token: int) -> None:
-        assert self._next is None, "advance before the prefetched mask was used"
         if not self._m.consume_token(token):
             raise RuntimeError(f"the grammar refused token {token}, which its own mask allowed: "
                                f"{self._m.get_error() or 'no error given'}")
@@ -129,7 +119,7 @@ class Matcher:
 
 
 class Grammars:
-    """The engine's grammar machinery: the tokenizer read once, each distinct constraint compiled once."""
+    """The engine's grammar machinery: the tokenizer read once, each distinct constraint's grammar text built once."""
 
     def __init__(self, tokenizer: Any, vocab_size: int) -> None:
         self._tok = llguidance.LLTokenizer(tokenizer.backend_json(), n_vocab=vocab_size,
@@ -138,21 +128,17 @@ class Grammars:
         self._compiled: dict[tuple[str, str], str] = {}
         self._lock = threading.Lock()   # submit() runs on callers' threads
 
-    def compile(self, c: Constraint) -> str:
+    def matcher(self, c: Constraint) -> Matcher:
+        """A fresh matcher for `c`; its grammar text is built once per distinct spec. The matcher itself checks the
+        grammar (a bad one leaves it in an error state), so a grammar is only cached once a matcher took it."""
         key = c.key()
         with self._lock:
-            if key in self._compiled:
-                return self._compiled[key]
-        grammar = grammar_text(c)
-        is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, self._tok)
-        if is_error:
-            raise ConstraintError(f"{c.field}: {messages[0]}", c.field)
-        with self._lock:
-            self._compiled[key] = grammar
-        return grammar
-
-    def matcher(self, c: Constraint) -> Matcher:
-        m = llguidance.LLMatcher(self._tok, self.compile(c), log_level=0)
+            grammar = self._compiled.get(key)
+        if grammar is None:
+            grammar = grammar_text(c)
+        m = llguidance.LLMatcher(self._tok, grammar, log_level=0)
         if m.is_error():
             raise ConstraintError(f"{c.field}: {m.get_error()}", c.field)
+        with self._lock:
+            self._compiled[key] = grammar
         return Matcher(m, self.vocab_size)

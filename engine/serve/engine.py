@@ -48,7 +48,6 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from typing import Any, Callable
 
@@ -108,7 +107,6 @@ class Engine:
         self._stopped, self._drain = False, True
         self._grammars: Grammars | None = None   # built on the first constrained request
         self._grammars_lock = threading.Lock()
-        self._mask_pool: ThreadPoolExecutor | None = None   # computes grammar masks while the forward runs
         self._stats = dict(prompt_tokens_total=0, generation_tokens_total=0, aborted_total=0, rejected_total=0,
                            failed_total=0, cached_tokens_total=0)
         self._thread = None
@@ -174,8 +172,6 @@ class Engine:
             self._lock.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
-        if self._mask_pool is not None:
-            self._mask_pool.shutdown(wait=False)
 
     def stats(self) -> dict:
         with self._lock:
@@ -300,7 +296,6 @@ class Engine:
         for seq in s.admit():
             self._start(seq)
         plan = s.plan()
-        self._prefetch_masks(plan)
         with torch.inference_mode():
             ready = self._prefill(plan.chunks)
             ready += self._decode_all(plan.decodes)
@@ -308,16 +303,6 @@ class Engine:
                 self._emit(seq, logits)
         with self._lock:
             self._queued = len(s.waiting)
-
-    def _prefetch_masks(self, plan) -> None:
-        """The constrained rows that sample this step start their masks now, beside the forward."""
-        last_chunks = [seq for seq, start, n in plan.chunks if start + n == len(seq.req.prompt_ids)]
-        rows = [seq for seq in (*plan.decodes, *last_chunks) if seq.matcher is not None]
-        if rows:
-            if self._mask_pool is None:
-                self._mask_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="phiforge-masks")
-            for seq in rows:
-                seq.matcher.prefetch(self._mask_pool)
 
     def _start(self, seq: Sequence) -> None:
         p, V = seq.req.sampling, self.config.vocab_size
