@@ -36,12 +36,15 @@ def test_a_non_streamed_request_whose_client_leaves_is_aborted(tiny, monkeypatch
         assert metrics(server)["phiforge:generation_tokens_total"] < 400
 
 
-def test_a_full_queue_gets_429_with_retry_after(tiny):
-    with serving(tiny, max_batch=1, max_queue=1) as (url, _):
+def test_a_full_queue_gets_429_with_retry_after(tiny, monkeypatch):
+    with serving(tiny, max_batch=1, max_queue=1) as (url, engine):
+        step = engine.step  # slowed, or the running request may finish and admit the waiting one before the third
+        monkeypatch.setattr(engine, "step", lambda: (time.sleep(0.02), step())[1])  # arrives, and nothing is full
         c = client(url)
-        streams = [c.completions.create(model="tiny", prompt=f"Long {i}", max_tokens=400, stream=True)
-                   for i in range(2)]  # one running, one waiting: the queue is full
-        wait_for(lambda: metrics(url)["phiforge:num_requests_waiting"] == 1, what="a waiting request")
+        streams = [c.completions.create(model="tiny", prompt="Long 0", max_tokens=400, stream=True)]
+        wait_for(lambda: metrics(url)["phiforge:num_requests_running"] == 1, what="a running request")
+        streams.append(c.completions.create(model="tiny", prompt="Long 1", max_tokens=400, stream=True))
+        wait_for(lambda: metrics(url)["phiforge:num_requests_waiting"] == 1, what="a waiting request")  # queue full
         with pytest.raises(openai.RateLimitError) as e:
             c.completions.create(model="tiny", prompt="One more", max_tokens=2)
         assert e.value.response.status_code == 429 and int(e.value.response.headers["retry-after"]) >= 1
