@@ -49,6 +49,7 @@ import itertools
 import logging
 import threading
 from contextlib import nullcontext
+from dataclasses import replace
 from typing import Any, Callable
 
 import torch
@@ -62,7 +63,7 @@ from .kv_memory import KVMemory
 from .multi_lora import serving_adapters
 from .request import (AdapterBusy, Delta, EngineError, EngineStopped, Handle, InvalidRequest, PromptTooLong,
                       QueueFull, Request, Result, UnknownAdapter, Usage)
-from .sampling import make_generators, sample
+from .sampling import MAX_LOGPROBS, choice_seed, make_generators, sample, token_logprob
 from .scheduler import Scheduler, Sequence, now
 
 DEFAULT_ROW_TOKENS = 2048   # a row's slots when kv_tokens is not given (capped by the model's context)
@@ -129,15 +130,31 @@ class Engine:
         self.scheduler.prefill_chunk = n
 
     def submit(self, request: Request) -> Handle:
+        return self.submit_choices(request, 1)[0]
+
+    def submit_choices(self, request: Request, n: int) -> list[Handle]:
+        """n completions of one request (OpenAI's `n`), admitted together: the first choice prefills the prompt, the
+        others copy its K/V rows and sample its last logits, each from its own generator (choice i > 0 of a seeded
+        request draws from `choice_seed(seed, i)`) and with its own matcher. Choice i's id is `{id}-{i}` (n > 1)."""
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1 or n > self.kv.rows:
+            raise InvalidRequest(f"n must be an int in [1, {self.kv.rows}] (the engine's rows), got {n!r}", "n")
         self._validate(request)
-        seq = Sequence(req=request, handle=Handle(request.id, self.abort),
-                       stop_ids=self.stop_ids if request.stop_token_ids is None else frozenset(request.stop_token_ids),
-                       detok=IncrementalDetokenizer(self.tokenizer, request.stop), t_submit=now())
-        if request.constraint is not None:  # compiled here, on the caller's thread: a new grammar never stalls a step
-            try:
-                seq.matcher = self._grammar_set().matcher(request.constraint)
-            except ConstraintError as e:
-                raise InvalidRequest(str(e), e.field) from None
+        reqs = [request] if n == 1 else [
+            replace(request, id=f"{request.id}-{i}", seed=choice_seed(request.seed, i)) for i in range(n)]
+        seqs = []
+        for r in reqs:
+            seq = Sequence(req=r, handle=Handle(r.id, self.abort),
+                           stop_ids=self.stop_ids if r.stop_token_ids is None else frozenset(r.stop_token_ids),
+                           detok=IncrementalDetokenizer(self.tokenizer, r.stop), t_submit=now())
+            if r.constraint is not None:  # compiled here, on the caller's thread: a new grammar never stalls a step
+                try:
+                    seq.matcher = self._grammar_set().matcher(r.constraint)
+                except ConstraintError as e:
+                    raise InvalidRequest(str(e), e.field) from None
+            seqs.append(seq)
+        for seq in seqs[1:]:
+            seq.fork_of = seqs[0]
+        seqs[0].forks = seqs[1:]
         with self._lock:  # with unload_adapter's check: an adapter is never unloaded under a request it admitted
             if self._stopped:
                 raise EngineStopped("the engine is shut down", None)
@@ -145,13 +162,15 @@ class Engine:
                 if self.adapter_set is None or request.adapter not in self.adapter_set:
                     raise UnknownAdapter(f"adapter {request.adapter!r} is not loaded (loaded: "
                                          f"{', '.join(self.adapters()) or 'none'})", "adapter")
-                seq.slot, seq.kv_key = self.adapter_set.slot(request.adapter), self._adapter_keys[request.adapter]
+                for seq in seqs:
+                    seq.slot = self.adapter_set.slot(request.adapter)
+                    seq.kv_key = self._adapter_keys[request.adapter]
             if len(self._inbox) + self._queued >= self.max_queue:
                 self._stats["rejected_total"] += 1
                 raise QueueFull(f"{self.max_queue} requests are already waiting (max_queue)", None)
-            self._inbox.append(seq)
+            self._inbox.extend(seqs)
             self._lock.notify_all()
-        return seq.handle
+        return [seq.handle for seq in seqs]
 
     def _grammar_set(self) -> Grammars:
         """The grammar machinery, built on the first constrained request (reading the tokenizer takes a moment)."""
@@ -246,6 +265,8 @@ class Engine:
         if need > self.max_context:
             raise PromptTooLong(f"{len(r.prompt_ids)} prompt tokens + max_tokens {r.max_tokens} = {need} > the "
                                 f"model's context of {self.max_context} tokens", "max_tokens")
+        if r.logprobs is not None and (not isinstance(r.logprobs, int) or not 0 <= r.logprobs <= MAX_LOGPROBS):
+            raise InvalidRequest(f"logprobs must be an int in [0, {MAX_LOGPROBS}], got {r.logprobs!r}", "logprobs")
         if need > self.kv.row_len:
             raise PromptTooLong(f"{len(r.prompt_ids)} prompt tokens + max_tokens {r.max_tokens} = {need} > the "
                                 f"{self.kv.row_len} KV slots a request may hold (kv_tokens / max_batch)", "max_tokens")
@@ -328,6 +349,11 @@ class Engine:
             seq.computed += n
             if last:
                 ready.append((seq, out[0, -1]))                                       # (V,)
+                for fork in seq.forks:  # the other choices: the same K/V, the same last logits
+                    if fork.fork_of is seq and fork in self.scheduler.running and fork.prefilling:
+                        self.kv.copy_row(seq.row, fork.row)
+                        fork.computed = len(fork.req.prompt_ids)
+                        ready.append((fork, out[0, -1]))
         return ready
 
     def _decode_all(self, seqs: list[Sequence]) -> list[tuple[Sequence, torch.Tensor]]:
@@ -388,7 +414,10 @@ class Engine:
                 seq.finish, piece = "stop", piece + seq.detok.finish()
             elif len(seq.out) == r.max_tokens:
                 seq.finish, piece = "length", piece + seq.detok.finish()
-        seq.handle._push(Delta(piece, [t]))
+        lp = None if r.logprobs is None else [] if t in seq.stop_ids else [token_logprob(logits, t, r.logprobs)]
+        if lp:
+            seq.logprobs.extend(lp)
+        seq.handle._push(Delta(piece, [t], lp))
         if seq.finish:
             self.scheduler.remove(seq)
             self._finish(seq, seq.finish)
@@ -404,7 +433,7 @@ class Engine:
             id=seq.req.id, text=seq.detok.text, token_ids=seq.out, finish_reason=reason,
             usage=Usage(len(seq.req.prompt_ids), len(seq.out), seq.cached),
             ttft_s=seq.t_first - seq.t_submit if seq.out else 0.0, latency_s=t - seq.t_submit,
-            rope_long=seq.rope_long, error=error))
+            rope_long=seq.rope_long, error=error, logprobs=None if seq.req.logprobs is None else seq.logprobs))
 
     def forget_prefixes(self) -> None:
         """Nothing cached before this call is reused (between a caller's unrelated batches)."""

@@ -100,6 +100,14 @@ class KVMemory:
     def view(self, row: int, rope_long: bool) -> KVRow:
         return KVRow(self.cache, row, self.length[row], rope_long)
 
+    def copy_row(self, src: int, dst: int) -> None:
+        """Row dst takes row src's written slots (K, V, positions, tokens, key): one prefill for n choices."""
+        n = self.length[src]
+        self.cache.k[:, dst, :, :n] = self.cache.k[:, src, :, :n]                 # (L, nkv, n, hs)
+        self.cache.v[:, dst, :, :n] = self.cache.v[:, src, :, :n]                 # (L, nkv, n, hs)
+        self.cache.pos[dst] = self.cache.pos[src]                                 # (S,)
+        self.length[dst], self.held[dst], self.key[dst] = n, list(self.held[src]), self.key[src]
+
     def wrote(self, row: int, tokens: list[int]) -> None:
         """Record that `tokens` went into the row's next slots."""
         self.length[row] += len(tokens)

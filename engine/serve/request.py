@@ -3,6 +3,7 @@
     h = engine.submit(Request(prompt_ids=ids, max_tokens=64, stop=("\\n\\n",)))
     for d in h: print(d.text, end="")          # blocking; `async for d in h` from asyncio
     r = h.result()                             # text, token_ids, finish_reason, usage, ttft_s, latency_s
+    hs = engine.submit_choices(Request(ids, 64, sampling, seed=7), n=3)   # 3 choices, one prefill between them
 
 A Handle is filled by the engine's scheduler thread and read from any thread or event loop: events are appended
 under a lock, blocking readers wait on a condition, asyncio readers are woken with `call_soon_threadsafe` (the
@@ -18,7 +19,7 @@ from typing import AsyncIterator, Callable, Iterator
 from uuid import uuid4
 
 from .constraint import Constraint
-from .sampling import SamplingParams
+from .sampling import SamplingParams, TokenLogprob
 
 
 @dataclass
@@ -31,6 +32,7 @@ class Request:
     stop_token_ids: frozenset[int] | None = None   # None: the tokenizer's stop set
     adapter: str | None = None                 # a registered adapter name; None = the base model
     constraint: Constraint | None = None       # the output must match it (engine/serve/constraint.py); None: free
+    logprobs: int | None = None                # k: each output token's logprob and the k most likely (0 <= k <= 20)
     id: str = field(default_factory=lambda: uuid4().hex)
 
 
@@ -52,12 +54,14 @@ class Result:
     latency_s: float                           # submit -> final
     rope_long: bool = False                    # the LongRoPE regime chosen at admission
     error: str | None = None                   # finish_reason "error": the exception that ended the step
+    logprobs: list[TokenLogprob] | None = None  # Request.logprobs set: one per output token but a stop token
 
 
 @dataclass
 class Delta:
     text: str                                  # "" while a stop string is held back or a character is incomplete
     token_ids: list[int]
+    logprobs: list[TokenLogprob] | None = None  # Request.logprobs set: those of token_ids (a stop token has none)
 
 
 class EngineError(ValueError):

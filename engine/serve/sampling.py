@@ -13,6 +13,9 @@ Presence / frequency penalties (OpenAI's, applied after the repetition penalty, 
 
 `temperature == 0` is greedy: argmax of l' (the penalty still applies, as in transformers).
 
+Logprobs (`token_logprob`) are log_softmax of the logits as `sample` receives them: after a constraint's mask,
+before penalties and temperature (vLLM's default), so they describe the model, not the sampling settings.
+
 Reproducibility: every row draws from its own `torch.Generator`, so a row's tokens depend only on its seed and its
 logits, not on which other prompts share the batch. Legend: B batch rows, V vocabulary.
 """
@@ -52,9 +55,42 @@ class SamplingParams:
         return self.temperature == 0
 
 
+MAX_LOGPROBS = 20       # OpenAI's chat limit for top_logprobs
+LOGPROB_FLOOR = -9999.0  # what a forbidden token's -inf is reported as (JSON has no infinity; vLLM's value)
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One output token's log-probability, and the `logprobs` most likely tokens at its position (best first):
+    log_softmax of the logits the sampler was given, after the constraint's mask, before penalties and
+    temperature (vLLM's default, "raw_logprobs"), floored at LOGPROB_FLOOR."""
+    id: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
 def make_generators(seeds: list[int | None]) -> list[torch.Generator | None]:
     """One CPU generator per row; None (no seed) draws from torch's global RNG."""
     return [None if s is None else torch.Generator().manual_seed(int(s)) for s in seeds]
+
+
+def choice_seed(seed: int | None, i: int) -> int | None:
+    """The seed of choice i of an n > 1 request: choice 0 keeps the request's (so n = 1 and choice 0 agree), the
+    others get distinct streams mixed from (seed, i); no seed stays none (torch's global RNG)."""
+    if seed is None or i == 0:
+        return seed
+    return (int(seed) * 0x9E3779B97F4A7C15 + i * 0xBF58476D1CE4E5B9) % (1 << 63)
+
+
+def token_logprob(logits: torch.Tensor, token: int, k: int) -> TokenLogprob:
+    """logits (V,) as the sampler receives them → the token's log-probability and the k most likely (ties: the
+    lower id first, as topk on a sorted copy gives), -inf floored at LOGPROB_FLOOR."""
+    lp = torch.log_softmax(logits.float(), dim=-1).clamp_min(LOGPROB_FLOOR)     # (V,)
+    top = []
+    if k:
+        values, ids = lp.topk(k)                                                # (k,), (k,)
+        top = list(zip(ids.tolist(), values.tolist()))
+    return TokenLogprob(int(token), float(lp[token]), top)
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:

@@ -46,9 +46,9 @@ from .kv_memory import KVMemory
 from .request import Handle, Request
 
 
-@dataclass
+@dataclass(eq=False)
 class Sequence:
-    """A request's state inside the engine."""
+    """A request's state inside the engine (compared by identity: queues hold the very object)."""
     req: Request
     handle: Handle
     stop_ids: frozenset[int]
@@ -67,6 +67,9 @@ class Sequence:
     seen: torch.Tensor | None = None     # (V,) bool: prompt + output tokens, for the repetition penalty
     counts: torch.Tensor | None = None   # (V,) output token counts, for presence/frequency penalties
     matcher: Any = None                  # its constraint's place in the grammar (constraint.Matcher); None: free
+    logprobs: list = field(default_factory=list)   # request.TokenLogprob of each output token (Request.logprobs)
+    forks: list["Sequence"] = field(default_factory=list)   # the other choices of an n > 1 request (on choice 0)
+    fork_of: "Sequence | None" = None    # choice 0, whose prefill this choice copies (engine.submit_choices)
 
     @property
     def prefilling(self) -> bool:
@@ -105,22 +108,32 @@ class Scheduler:
             self.kv.release(seq.row)
 
     def admit(self) -> list[Sequence]:
+        """The choices of one request are admitted together or not at all, so they share choice 0's prefill."""
         admitted = []
         while self.waiting and self.kv.free:
-            seq = self.waiting.popleft()
-            prompt = seq.req.prompt_ids
-            # the largest position it may run at: the last new token is sampled, never fed back
-            seq.rope_long = self.use_long(len(prompt) + seq.req.max_tokens - 2)
-            seq.row, seq.cached = self.kv.acquire(prompt, self.prefix_reuse, seq.kv_key)
-            seq.computed = seq.cached
-            self.running.append(seq)
-            admitted.append(seq)
+            forks = [f for f in self.waiting[0].forks if f in self.waiting]
+            if len(self.kv.free) < 1 + len(forks):
+                break
+            for seq in [self.waiting[0], *forks]:
+                self.waiting.remove(seq)
+                self._run(seq)
+                admitted.append(seq)
         return admitted
+
+    def _run(self, seq: Sequence) -> None:
+        prompt = seq.req.prompt_ids
+        # the largest position it may run at: the last new token is sampled, never fed back
+        seq.rope_long = self.use_long(len(prompt) + seq.req.max_tokens - 2)
+        seq.row, seq.cached = self.kv.acquire(prompt, self.prefix_reuse and seq.fork_of is None, seq.kv_key)
+        seq.computed = seq.cached
+        self.running.append(seq)
 
     def plan(self) -> Plan:
         chunks, budget, decodes = [], self.step_tokens, []
         for seq in self.running:
             if seq.prefilling:
+                if seq.fork_of is not None and seq.fork_of in self.running and seq.fork_of.prefilling:
+                    continue  # its K/V will be copied from choice 0's (a choice 0 that left: it prefills itself)
                 n = min(self.prefill_chunk, budget, len(seq.req.prompt_ids) - seq.computed)
                 if n > 0:
                     chunks.append((seq, seq.computed, n))
