@@ -7,12 +7,16 @@ One base config, `TINY`. Two shapes of weights on top of it:
 - `hf_phi3` / `save_tiny`: the LoRA/training shape (`LORA_TINY`: GQA, no sliding window, vocab 128) with fatter
   N(0, 0.08) weights, so a few LoRA steps move the logits visibly; `with_tokenizer=True` copies the default model's
   tokenizer and sizes the vocab to it, so real chat data can be tokenized (the weights stay random).
+`write_tokenizer(dir, spm)` trains a small tokenizer of either family: byte-level BPE or SentencePiece-style
+byte-fallback BPE (Phi-3-mini's kind).
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, Phi3Config, Phi3ForCausalLM
 
 from phiforge.engine.formats.default_model import default_model_path
@@ -148,3 +152,38 @@ def left_padded(lens: list[int], steps: int, seed: int = 0) -> tuple[torch.Tenso
     for b, n in enumerate(lens):
         pos[b, P - n:] = torch.arange(n)
     return ids, pos
+
+
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def write_tokenizer(d: Path, spm: bool = False) -> int:
+    """A small trained tokenizer in `d`: byte-level BPE (gpt2 style) or SentencePiece-style byte-fallback BPE."""
+    text = ["the quick brown fox jumps over the lazy dog", "hello world, hello phiforge", "numbers 12345 and 678"] * 20
+    if spm:
+        tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+        tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+        tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                         decoders.Strip(" ", 1, 0)])
+        alphabet = [f"<0x{i:02X}>" for i in range(256)]
+        trainer = trainers.BpeTrainer(vocab_size=360, special_tokens=["<unk>", *SPECIALS], initial_alphabet=[])
+        tok.train_from_iterator(text, trainer)
+        j = json.loads(tok.to_str())  # byte pieces belong to the model's vocab, as in Phi-3's tokenizer.json
+        vocab = j["model"]["vocab"]
+        for t in alphabet:
+            vocab.setdefault(t, max(vocab.values()) + 1)
+        tok = Tokenizer.from_str(json.dumps(j))
+    else:
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=SPECIALS,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        tok.train_from_iterator(text, trainer)
+    tok.save(str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+        **({"unk_token": "<unk>"} if spm else {}), "chat_template": CHATML, "add_bos_token": False}))
+    return tok.get_vocab_size()

@@ -6,6 +6,9 @@
   loopcontrols, a `tojson` that does not HTML-escape, `raise_exception` and `strftime_now`, and the special tokens
   passed as variables; the text is then encoded without adding special tokens. That is what makes the ids equal to
   `apply_chat_template`'s, token for token.
+- `token_bytes(id)` is the raw bytes a token stands for (logprobs' `bytes`): a byte-level BPE's characters map back
+  through GPT-2's byte alphabet, a SentencePiece piece's `<0xNN>` is byte NN and its `▁` a space, an added token
+  is its text. Decoding one id instead gives U+FFFD for half a character.
 - The stop set is every EOS id of `generation_config.json` and `config.json` plus the template's end-of-turn token
   (Phi-3 stops on 32000, 32001 and 32007; a ChatML model on `<|im_end|>`): stopping on one id is the commonest
   Phi bug.
@@ -13,6 +16,7 @@
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -31,6 +35,7 @@ PHI3_CHAT_TEMPLATE = (
     "{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
 )
+BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 END_OF_TURN_TOKENS = ("<|end|>", "<|im_end|>", "<|eot_id|>", "<end_of_turn>")
 SPECIAL_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token")
 
@@ -38,6 +43,14 @@ SPECIAL_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token"
 def _token_text(v: Any) -> str | None:
     # tokenizer_config.json stores special tokens either as strings or as AddedToken dicts.
     return v.get("content") if isinstance(v, dict) else v
+
+
+def _byte_alphabet() -> dict[str, int]:
+    """GPT-2's printable stand-in for each byte (the characters of a byte-level BPE's vocabulary) -> the byte.
+    Printable Latin-1 bytes stand for themselves; the other 68 take the code points from 256 up, in byte order."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    rest = [b for b in range(256) if b not in keep]
+    return {**{chr(b): b for b in keep}, **{chr(256 + i): b for i, b in enumerate(rest)}}
 
 
 def _compile(template: str) -> jinja2.Template:
@@ -81,6 +94,7 @@ class Tokenizer:
         self.chat_template: str = template or PHI3_CHAT_TEMPLATE
         self._template = _compile(self.chat_template)
         self.stop_ids: set[int] = self._stop_set(path)
+        self._bytes: list[bytes] | None = None   # token_bytes' table, built on first use
 
     @staticmethod
     def _read_json(p: Path) -> dict:
@@ -110,6 +124,27 @@ class Tokenizer:
     def backend_json(self) -> str:
         """The tokenizer.json text of the Rust tokenizer (what grammar libraries build their token tries from)."""
         return self._tok.to_str()
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes token `token_id` stands for in generated text (module docstring); b"" outside the vocabulary."""
+        if self._bytes is None:
+            spec = json.loads(self._tok.to_str())
+            byte_level = "ByteLevel" in json.dumps(spec.get("decoder"))
+            alphabet = _byte_alphabet()
+            added = {t["id"] for t in spec.get("added_tokens", [])}
+            table = []
+            for i in range(self.vocab_size):
+                piece = self._tok.id_to_token(i) or ""
+                if i in added:
+                    table.append(piece.encode())
+                elif byte_level:
+                    table.append(bytes(alphabet[c] for c in piece if c in alphabet))
+                elif m := BYTE_PIECE.fullmatch(piece):
+                    table.append(bytes([int(m.group(1), 16)]))
+                else:
+                    table.append(piece.replace("\u2581", " ").encode())
+            self._bytes = table
+        return self._bytes[token_id] if 0 <= token_id < len(self._bytes) else b""
 
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)

@@ -30,7 +30,6 @@ Legend: L layers, nkv KV heads, hs head dim, S slots of a row.
 """
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 

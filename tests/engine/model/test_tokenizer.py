@@ -1,13 +1,17 @@
-"""Chat templates render token-for-token as transformers' apply_chat_template; the stop set is complete."""
+"""Chat templates render token-for-token as transformers' apply_chat_template; the stop set is complete; every
+token's bytes equal llguidance's reading of the tokenizer."""
 from __future__ import annotations
 
 import json
 
+import llguidance
 import pytest
+from tiny_phi3 import write_tokenizer
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoTokenizer
 
 from phiforge.engine import load_tokenizer
+from phiforge.engine.formats.default_model import default_model_path
 from phiforge.engine.model.tokenizer import PHI3_CHAT_TEMPLATE
 
 PHI3_SPECIALS = ["<unk>", "<s>", "</s>", "<|endoftext|>", "<|assistant|>", "<|system|>", "<|end|>", "<|user|>"]
@@ -21,7 +25,6 @@ CHATS = [
 
 @pytest.fixture(scope="module")
 def default_model_dir():
-    from phiforge.engine.formats.default_model import default_model_path
     return default_model_path()
 
 
@@ -85,3 +88,25 @@ def test_bad_tokenizer_file_named(tmp_path):
     (tmp_path / "tokenizer.json").write_text("{not json")
     with pytest.raises(ValueError, match="tokenizer.json"):
         load_tokenizer(tmp_path)
+
+
+@pytest.mark.parametrize("family", ["byte-level (the default model)", "sentencepiece byte-fallback"])
+def test_token_bytes_equal_llguidance_for_every_id(tmp_path, family):
+    """Each id's bytes (logprobs' `bytes`) against llguidance's own reading of the same tokenizer.json, which the
+    grammar masks rely on; characters split across byte tokens rebuild exactly."""
+    if family.startswith("byte-level"):
+        d = default_model_path()
+    else:
+        d = tmp_path
+        write_tokenizer(d, spm=True)
+    tok = load_tokenizer(d)
+    ref = llguidance.LLTokenizer(tok.backend_json(), n_vocab=tok.vocab_size, eos_token=sorted(tok.stop_ids) or [0])
+    ff = tok.token_to_id("<0xFF>")  # llguidance keeps byte 0xFF (never in UTF-8) as its special-token marker
+    assert [tok.token_bytes(i) for i in range(tok.vocab_size) if i != ff] == \
+        [ref.decode_bytes([i]) for i in range(tok.vocab_size) if i != ff]
+    if ff is not None:
+        assert tok.token_bytes(ff) == b"\xff"
+    text = "héllo wörld — 日本語 🙂"
+    ids = tok.encode(text, add_special_tokens=False)
+    assert b"".join(tok.token_bytes(i) for i in ids).decode().strip() == text
+    assert tok.token_bytes(tok.vocab_size) == b""

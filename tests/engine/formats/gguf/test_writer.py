@@ -23,8 +23,7 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-from tiny_phi3 import VARIANTS, make_hf_checkpoint, randomize_lora_B
+from tiny_phi3 import CHATML, VARIANTS, make_hf_checkpoint, randomize_lora_B, write_tokenizer
 
 from phiforge.commands import export as export_cmd
 from phiforge.engine.formats.default_model import build_default_model, default_gguf_path, default_model_path
@@ -40,46 +39,11 @@ from phiforge.engine.serve.generate import Generator
 
 STRINGS = ["Hello world", "  two spaces, digits 1234567890 and 3.14", "héllo wörld — 日本語 🙂",
            "<|im_start|>user\nhi<|im_end|>\n", "def f(x):\n\treturn x**2\n"]
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-
-
-def _write_tokenizer(d: Path, spm: bool = False) -> int:
-    """A small trained tokenizer in `d`: byte-level BPE (gpt2 style) or SentencePiece-style byte-fallback BPE."""
-    text = ["the quick brown fox jumps over the lazy dog", "hello world, hello phiforge", "numbers 12345 and 678"] * 20
-    if spm:
-        tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
-        tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
-        tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                         decoders.Strip(" ", 1, 0)])
-        alphabet = [f"<0x{i:02X}>" for i in range(256)]
-        trainer = trainers.BpeTrainer(vocab_size=360, special_tokens=["<unk>", *SPECIALS], initial_alphabet=[])
-        tok.train_from_iterator(text, trainer)
-        j = json.loads(tok.to_str())  # byte pieces belong to the model's vocab, as in Phi-3's tokenizer.json
-        vocab = j["model"]["vocab"]
-        for t in alphabet:
-            vocab.setdefault(t, max(vocab.values()) + 1)
-        tok = Tokenizer.from_str(json.dumps(j))
-    else:
-        tok = Tokenizer(models.BPE())
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        tok.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=SPECIALS,
-                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-        tok.train_from_iterator(text, trainer)
-    tok.save(str(d / "tokenizer.json"))
-    (d / "tokenizer_config.json").write_text(json.dumps({
-        "bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
-        **({"unk_token": "<unk>"} if spm else {}), "chat_template": CHATML, "add_bos_token": False}))
-    return tok.get_vocab_size()
-
-
 def _tiny(tmp: Path, overrides: dict, spm: bool = False) -> Path:
     d = tmp / "model"
     d.mkdir()
     make_hf_checkpoint(d, {**overrides, "vocab_size": 400})
-    _write_tokenizer(d, spm)
+    write_tokenizer(d, spm)
     return d
 
 
