@@ -29,8 +29,10 @@ from typing import Any, Callable
 
 from phiforge.engine.serve.constraint import Constraint
 from phiforge.engine.serve.request import Delta, Request, Result
-from phiforge.engine.serve.sampling import SamplingParams
+from phiforge.engine.serve.sampling import SamplingParams, TokenLogprob
 
+MAX_CHAT_LOGPROBS, MAX_COMPLETION_LOGPROBS = 20, 5   # OpenAI's limits for top_logprobs and logprobs
+DEFAULT_MAX_N = 8             # choices per request unless the server says otherwise (serve --max-n)
 MAX_STOP = 16                 # OpenAI documents 4; more is harmless for the engine, unbounded is not
 COMPLETION_DEFAULT_TOKENS = 16
 ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
@@ -38,8 +40,7 @@ ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: 
                500: "server_error", 503: "unavailable_error"}
 ROLES = ("system", "developer", "user", "assistant", "tool")
 # fields whose effect this engine does not implement: allowed only at their "off" values
-UNSUPPORTED = {"logprobs": (None, False, 0), "top_logprobs": (None, 0), "logit_bias": (None, {}),
-               "echo": (None, False), "suffix": (None, ""), "best_of": (None, 1), "tools": (None, []),
+UNSUPPORTED = {"logit_bias": (None, {}), "echo": (None, False), "suffix": (None, ""), "best_of": (None, 1), "tools": (None, []),
                "functions": (None, []), "tool_choice": (None, "none")}
 
 
@@ -69,6 +70,7 @@ class Parsed:
     request: Request
     stream: bool
     include_usage: bool
+    n: int = 1                  # choices
 
 
 # ---- field checks -------------------------------------------------------------------------------------------------
@@ -167,14 +169,12 @@ def _sampling(body: dict) -> SamplingParams:
     return SamplingParams(**kw)
 
 
-def _common(body: Any, models: Callable[[], list[str]]) -> dict[str, Any]:
-    """The fields chat and completions share, checked; the prompt and max_tokens are each kind's own."""
+def _common(body: Any, models: Callable[[], list[str]], max_n: int) -> dict[str, Any]:
+    """The fields chat and completions share, checked; the prompt, max_tokens and logprobs are each kind's own."""
     if not isinstance(body, dict):
         raise bad(None, "the request body must be a JSON object")
     _unsupported(body)
-    n = body.get("n")
-    if n is not None and (not _is_int(n) or n != 1):
-        raise bad("n", f"only n = 1 is supported, got {json.dumps(n)}")
+    n = _integer(body, "n", 1, max_n)
     model, adapter = _model(body, models)
     stream = _flag(body, "stream")
     opts = body.get("stream_options")
@@ -189,7 +189,16 @@ def _common(body: Any, models: Callable[[], list[str]]) -> dict[str, Any]:
     if seed is not None and not _is_int(seed):
         raise bad("seed", f"'seed' must be an integer, got {json.dumps(seed)}")
     return dict(model=model, adapter=adapter, stream=stream, include_usage=include_usage, seed=seed,
-                stop=_stop(body), sampling=_sampling(body), constraint=_response_format(body))
+                stop=_stop(body), sampling=_sampling(body), constraint=_response_format(body), n=n or 1)
+
+
+def _chat_logprobs(body: dict) -> int | None:
+    """`logprobs: true` + `top_logprobs` k -> k (0 without it); None when logprobs are not asked for."""
+    want = _flag(body, "logprobs")
+    k = _integer(body, "top_logprobs", 0, MAX_CHAT_LOGPROBS)
+    if k is not None and not want:
+        raise bad("top_logprobs", "'top_logprobs' needs 'logprobs': true")
+    return (k or 0) if want else None
 
 
 def _response_format(body: dict) -> Constraint | None:
@@ -258,8 +267,10 @@ def _message_text(m: Any, i: int) -> dict[str, str]:
     return {"role": "system" if role == "developer" else role, "content": content}
 
 
-def parse_chat(body: Any, tokenizer: Any, max_context: int, models: Callable[[], list[str]]) -> Parsed:
-    c = _common(body, models)
+def parse_chat(body: Any, tokenizer: Any, max_context: int, models: Callable[[], list[str]],
+               max_n: int = DEFAULT_MAX_N) -> Parsed:
+    c = _common(body, models, max_n)
+    logprobs = _chat_logprobs(body)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise bad("messages", "'messages' must be a non-empty list of {role, content} objects")
@@ -272,8 +283,8 @@ def parse_chat(body: Any, tokenizer: Any, max_context: int, models: Callable[[],
         raise bad("messages", f"the chat template rejected the messages: {e}") from None
     budget = _budget(ids, max_tokens, max_context, "messages", name)
     req = Request(prompt_ids=ids, max_tokens=budget, sampling=c["sampling"], seed=c["seed"], stop=c["stop"],
-                  adapter=c["adapter"], constraint=c["constraint"])
-    return Parsed("chat", c["model"], req, c["stream"], c["include_usage"])
+                  adapter=c["adapter"], constraint=c["constraint"], logprobs=logprobs)
+    return Parsed("chat", c["model"], req, c["stream"], c["include_usage"], c["n"])
 
 
 def _prompt_ids(prompt: Any, tokenizer: Any, vocab: int) -> list[int]:
@@ -296,8 +307,9 @@ def _prompt_ids(prompt: Any, tokenizer: Any, vocab: int) -> list[int]:
 
 
 def parse_completion(body: Any, tokenizer: Any, max_context: int, models: Callable[[], list[str]],
-                     vocab_size: int | None = None) -> Parsed:
-    c = _common(body, models)
+                     vocab_size: int | None = None, max_n: int = DEFAULT_MAX_N) -> Parsed:
+    c = _common(body, models, max_n)
+    logprobs = _integer(body, "logprobs", 0, MAX_COMPLETION_LOGPROBS)
     if "prompt" not in body:
         raise bad("prompt", "'prompt' is required")
     ids = _prompt_ids(body["prompt"], tokenizer, vocab_size or tokenizer.vocab_size)
@@ -305,8 +317,8 @@ def parse_completion(body: Any, tokenizer: Any, max_context: int, models: Callab
     budget = _budget(ids, COMPLETION_DEFAULT_TOKENS if max_tokens is None else max_tokens, max_context, "prompt",
                      "max_tokens")
     req = Request(prompt_ids=ids, max_tokens=budget, sampling=c["sampling"], seed=c["seed"], stop=c["stop"],
-                  adapter=c["adapter"], constraint=c["constraint"])
-    return Parsed("completion", c["model"], req, c["stream"], c["include_usage"])
+                  adapter=c["adapter"], constraint=c["constraint"], logprobs=logprobs)
+    return Parsed("completion", c["model"], req, c["stream"], c["include_usage"], c["n"])
 
 
 # ---- responses ----------------------------------------------------------------------------------------------------
@@ -314,32 +326,88 @@ def response_id(p: Parsed) -> str:
     return ("chatcmpl-" if p.kind == "chat" else "cmpl-") + p.request.id
 
 
-def usage(r: Result) -> dict[str, Any]:
-    u = r.usage
-    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
-            "total_tokens": u.prompt_tokens + u.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": u.cached_tokens}}
+def usage(rs: list[Result]) -> dict[str, Any]:
+    """The prompt counted once, the completions of every choice summed (OpenAI's rule for n > 1)."""
+    prompt, done = rs[0].usage.prompt_tokens, sum(r.usage.completion_tokens for r in rs)
+    return {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done,
+            "prompt_tokens_details": {"cached_tokens": rs[0].usage.cached_tokens}}
 
 
-def response(p: Parsed, r: Result, created: int | None = None) -> dict[str, Any]:
-    """The whole (non-streamed) response."""
-    if p.kind == "chat":
-        choice = {"index": 0, "message": {"role": "assistant", "content": r.text}, "logprobs": None,
-                  "finish_reason": r.finish_reason}
-        obj = "chat.completion"
-    else:
-        choice = {"index": 0, "text": r.text, "logprobs": None, "finish_reason": r.finish_reason}
-        obj = "text_completion"
-    return {"id": response_id(p), "object": obj, "created": created or int(time.time()), "model": p.model,
-            "choices": [choice], "usage": usage(r)}
+class Logprobs:
+    """Engine TokenLogprobs in OpenAI's two shapes: chat's list of {token, logprob, bytes, top_logprobs}, and
+    completions' parallel arrays {tokens, token_logprobs, top_logprobs (a dict per token, the chosen one always
+    in it), text_offset (the character where each token starts, counted from the tokens' bytes)}."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tok = tokenizer
+        self.chars: dict[int, str] = {}   # per choice: the text so far, decoded from its tokens' bytes
+        self.pending: dict[int, bytes] = {}
+
+    def _entry(self, token_id: int, logprob: float) -> dict[str, Any]:
+        b = self.tok.token_bytes(token_id)
+        return {"token": b.decode("utf-8", "replace"), "logprob": logprob, "bytes": list(b)}
+
+    def chat(self, entries: list[TokenLogprob] | None) -> dict[str, Any] | None:
+        if entries is None:
+            return None
+        return {"content": [{**self._entry(e.id, e.logprob), "top_logprobs": [self._entry(i, v) for i, v in e.top]}
+                            for e in entries], "refusal": None}
+
+    def completion(self, entries: list[TokenLogprob] | None, index: int = 0) -> dict[str, Any] | None:
+        if entries is None:
+            return None
+        out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for e in entries:
+            text = self.chars.get(index, "")
+            out["text_offset"].append(len(text))
+            raw = self.pending.get(index, b"") + self.tok.token_bytes(e.id)
+            k = _cut(raw)
+            self.chars[index], self.pending[index] = text + raw[:k].decode("utf-8", "replace"), raw[k:]
+            tok = self._entry(e.id, e.logprob)["token"]
+            out["tokens"].append(tok)
+            out["token_logprobs"].append(e.logprob)
+            top = {self._entry(i, v)["token"]: v for i, v in e.top}
+            top.setdefault(tok, e.logprob)
+            out["top_logprobs"].append(top)
+        return out
+
+
+def _cut(raw: bytes) -> int:
+    """Where the last complete UTF-8 character of `raw` ends (a character split across tokens waits)."""
+    for back in range(1, min(4, len(raw)) + 1):
+        b = raw[-back]
+        if b & 0xC0 != 0x80:  # a lead byte (or ASCII): the character it starts needs this many bytes
+            need = 1 if b < 0x80 else 2 if b >> 5 == 0b110 else 3 if b >> 4 == 0b1110 else 4
+            return len(raw) if need <= back else len(raw) - back
+    return len(raw)
+
+
+def _message(p: Parsed, r: Result) -> dict[str, Any]:
+    return {"role": "assistant", "content": r.text}
+
+
+def response(p: Parsed, rs: list[Result], tokenizer: Any, created: int | None = None) -> dict[str, Any]:
+    """The whole (non-streamed) response: one choice per Result, in index order."""
+    lp, choices = Logprobs(tokenizer), []
+    for i, r in enumerate(rs):
+        if p.kind == "chat":
+            choices.append({"index": i, "message": _message(p, r), "logprobs": lp.chat(r.logprobs),
+                            "finish_reason": r.finish_reason})
+        else:
+            choices.append({"index": i, "text": r.text, "logprobs": lp.completion(r.logprobs, i),
+                            "finish_reason": r.finish_reason})
+    return {"id": response_id(p), "object": "chat.completion" if p.kind == "chat" else "text_completion",
+            "created": created or int(time.time()), "model": p.model, "choices": choices, "usage": usage(rs)}
 
 
 class Chunks:
-    """The SSE chunks of one streamed response, in order: [role chunk (chat)], text chunks, the finish chunk,
-    [the usage chunk], then `done()`. Every chunk carries `"usage": null` when usage was asked for, as OpenAI's do."""
+    """The SSE chunks of one streamed response: [a role chunk per choice (chat)], text chunks, a finish chunk per
+    choice, [the usage chunk], then `done()`. Every chunk carries `"usage": null` when usage was asked for, as
+    OpenAI's do."""
 
-    def __init__(self, p: Parsed) -> None:
+    def __init__(self, p: Parsed, tokenizer: Any) -> None:
         self.p, self.created, self.id = p, int(time.time()), response_id(p)
+        self.lp = Logprobs(tokenizer)
 
     def _chunk(self, choices: list[dict], usage_: dict | None = None, last: bool = False) -> str:
         chunk: dict[str, Any] = {"id": self.id, "object": "chat.completion.chunk" if self.p.kind == "chat"
@@ -349,28 +417,34 @@ class Chunks:
             chunk["usage"] = usage_ if last else None
         return "data: " + json.dumps(chunk, ensure_ascii=False) + "\n\n"
 
-    def _choice(self, text: str | None, finish: str | None, role: bool = False) -> dict[str, Any]:
+    def _choice(self, i: int, text: str | None, finish: str | None, logprobs: list | None = None,
+                role: bool = False) -> dict[str, Any]:
         if self.p.kind == "chat":
             delta: dict[str, Any] = {}
             if role:
                 delta = {"role": "assistant", "content": ""}
             elif text is not None:
                 delta = {"content": text}
-            return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-        return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+            return {"index": i, "delta": delta, "logprobs": self.lp.chat(logprobs), "finish_reason": finish}
+        return {"index": i, "text": text or "", "logprobs": self.lp.completion(logprobs, i), "finish_reason": finish}
 
     def first(self) -> str | None:
-        """The chat role chunk, sent before any token so the client sees the stream open at once."""
-        return self._chunk([self._choice(None, None, role=True)]) if self.p.kind == "chat" else None
+        """The chat role chunks, sent before any token so the client sees the stream open at once."""
+        if self.p.kind != "chat":
+            return None
+        return "".join(self._chunk([self._choice(i, None, None, role=True)]) for i in range(self.p.n))
 
-    def delta(self, d: Delta) -> str | None:
-        return self._chunk([self._choice(d.text, None)]) if d.text else None
+    def delta(self, d: Delta, i: int = 0) -> str | None:
+        """A chunk for the Delta when it has text or logprobs (a held-back character waits for its text)."""
+        if not d.text and not d.logprobs:
+            return None
+        return self._chunk([self._choice(i, d.text, None, d.logprobs or None)])
 
-    def finish(self, r: Result) -> str:
-        out = self._chunk([self._choice(None if self.p.kind == "chat" else "", r.finish_reason)])
-        if self.p.include_usage:
-            out += self._chunk([], usage(r), last=True)
-        return out
+    def finish(self, r: Result, i: int = 0) -> str:
+        return self._chunk([self._choice(i, None if self.p.kind == "chat" else "", r.finish_reason)])
+
+    def usage(self, rs: list[Result]) -> str:
+        return self._chunk([], usage(rs), last=True) if self.p.include_usage else ""
 
     @staticmethod
     def error(e: APIError) -> str:

@@ -51,7 +51,7 @@ from phiforge.engine.formats.peft import AdapterError
 from phiforge.engine.serve.request import AdapterBusy, EngineError, EngineStopped, QueueFull, Result, UnknownAdapter
 
 from .prometheus import Histogram, labelled, sample
-from .protocol import APIError, Chunks, Parsed, parse_chat, parse_completion, response
+from .protocol import DEFAULT_MAX_N, APIError, Chunks, Parsed, parse_chat, parse_completion, response
 
 log = logging.getLogger("phiforge.server")
 MAX_BODY_BYTES = 8 << 20
@@ -76,8 +76,9 @@ STATS = {
 class _Served:
     """What the routes share: the engine, its tokenizer, the names, the histograms."""
 
-    def __init__(self, engine: Any, tokenizer: Any, model_name: str, api_key: str | None) -> None:
+    def __init__(self, engine: Any, tokenizer: Any, model_name: str, api_key: str | None, max_n: int) -> None:
         self.engine, self.tokenizer, self.model_name, self.api_key = engine, tokenizer, model_name, api_key
+        self.max_n = max_n
         self.draining = False
         self.created = int(time.time())
         self.ttft = Histogram("phiforge:time_to_first_token_seconds", "submit to first token")
@@ -127,11 +128,12 @@ class _Served:
         log.info("adapter %r unloaded", name)
         return {"id": name, "object": "model", "deleted": True}
 
-    def submit(self, p: Parsed) -> Any:
+    def submit(self, p: Parsed) -> list[Any]:
+        """The request's n handles (engine.submit_choices), or the APIError the engine's refusal maps to."""
         if self.draining:
             raise APIError(503, "the server is shutting down", code="shutting_down")
         try:
-            return self.engine.submit(p.request)
+            return self.engine.submit_choices(p.request, p.n)
         except QueueFull as e:
             raise APIError(429, f"the server is at capacity: {e}", code="queue_full",
                            headers={"Retry-After": str(RETRY_AFTER_S)}) from None
@@ -162,58 +164,86 @@ class _Served:
         # the iterator has ended, so the Result is (about to be) set; never block the event loop on it
         return handle.result(timeout=0) if handle.done else await asyncio.to_thread(handle.result, 60.0)
 
-    async def stream(self, request: HTTPRequest, p: Parsed, handle: Any) -> AsyncIterator[str]:
-        chunks = Chunks(p)
-        watcher = asyncio.create_task(_abort_on_disconnect(request, handle))
+    async def stream(self, request: HTTPRequest, p: Parsed, handles: list[Any]) -> AsyncIterator[str]:
+        """The SSE stream: the choices' chunks as they come (interleaved for n > 1), each choice's finish chunk when
+        it ends, then usage and [DONE]. Any choice's client-side end aborts them all."""
+        chunks = Chunks(p, self.tokenizer)
+        watcher = asyncio.create_task(_abort_on_disconnect(request, handles))
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i: int, handle: Any) -> None:
+            try:
+                last = None
+                async for d in handle:
+                    last = self._tick(last, d)
+                    await queue.put((i, d, None))
+                await queue.put((i, None, await self._result(handle)))
+            except Exception as e:  # reported in-band below
+                await queue.put((i, None, e))
+
+        pumps = [asyncio.create_task(pump(i, h)) for i, h in enumerate(handles)]
         try:
             first = chunks.first()
             if first:
                 yield first
-            last = None
-            async for d in handle:
-                last = self._tick(last, d)
-                piece = chunks.delta(d)
-                if piece:
-                    yield piece
-            r = await self._result(handle)
-            self._done(r)
-            if r.finish_reason == "error":
-                yield Chunks.error(APIError(500, f"the engine step failed: {r.error}"))
-            else:
-                yield chunks.finish(r)
+            results: list[Result | None] = [None] * len(handles)
+            while any(r is None for r in results):
+                i, d, r = await queue.get()
+                if isinstance(r, Exception):
+                    raise r
+                if d is not None:
+                    piece = chunks.delta(d, i)
+                    if piece:
+                        yield piece
+                    continue
+                results[i] = r
+                self._done(r)
+                if r.finish_reason == "error":
+                    yield Chunks.error(APIError(500, f"the engine step failed: {r.error}"))
+                    yield chunks.done()
+                    return
+                yield chunks.finish(r, i)
+            yield chunks.usage(results)
             yield chunks.done()
         except Exception:  # mid-stream the status line is gone: report in-band, as OpenAI does
-            log.exception("request %s failed while streaming", handle.id)
+            log.exception("request %s failed while streaming", handles[0].id)
             yield Chunks.error(APIError(500, "internal error while generating; see the server log"))
             yield Chunks.done()
         finally:
             watcher.cancel()
-            if not handle.done:
-                handle.abort()
+            for t in pumps:
+                t.cancel()
+            for h in handles:
+                if not h.done:
+                    h.abort()
 
-    async def collect(self, request: HTTPRequest, handle: Any) -> Result | None:
-        """The Result, or None when the client went away first (the request is then aborted)."""
-        async def consume() -> Result:
+    async def collect(self, request: HTTPRequest, handles: list[Any]) -> list[Result] | None:
+        """The Results in choice order, or None when the client went away first (the requests are then aborted)."""
+        async def consume(handle: Any) -> Result:
             last = None
             async for d in handle:
                 last = self._tick(last, d)
             return await self._result(handle)
 
-        task = asyncio.create_task(consume())
+        task = asyncio.ensure_future(asyncio.gather(*(consume(h) for h in handles)))
         watcher = asyncio.create_task(_wait_disconnect(request))
         try:
             await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
             if not task.done():
-                handle.abort()
-            r = await task
-            self._done(r)
-            if r.finish_reason == "error":
-                raise APIError(500, f"the engine step failed: {r.error}")
-            return None if watcher.done() and r.finish_reason == "abort" else r
+                for h in handles:
+                    h.abort()
+            rs = await task
+            for r in rs:
+                self._done(r)
+            failed = [r for r in rs if r.finish_reason == "error"]
+            if failed:
+                raise APIError(500, f"the engine step failed: {failed[0].error}")
+            return None if watcher.done() and any(r.finish_reason == "abort" for r in rs) else rs
         finally:
             watcher.cancel()
-            if not handle.done:
-                handle.abort()
+            for h in handles:
+                if not h.done:
+                    h.abort()
 
     # ---- metrics ---------------------------------------------------------------------------------------------------
     def metrics(self) -> str:
@@ -237,10 +267,11 @@ async def _wait_disconnect(request: HTTPRequest) -> None:
         pass
 
 
-async def _abort_on_disconnect(request: HTTPRequest, handle: Any) -> None:
+async def _abort_on_disconnect(request: HTTPRequest, handles: list[Any]) -> None:
     await _wait_disconnect(request)
-    if not handle.done:
-        handle.abort()
+    for h in handles:
+        if not h.done:
+            h.abort()
 
 
 def _strings(body: Any, *fields: str) -> list[str]:
@@ -263,9 +294,11 @@ async def _json_body(request: HTTPRequest) -> Any:
         raise APIError(400, f"the request body is not valid JSON: {e}") from None
 
 
-def create_app(engine: Any, tokenizer: Any, *, model_name: str, api_key: str | None = None) -> FastAPI:
-    """The app over a started Engine; its shutdown (SIGTERM under uvicorn) drains and stops the engine."""
-    served = _Served(engine, tokenizer, model_name, api_key)
+def create_app(engine: Any, tokenizer: Any, *, model_name: str, api_key: str | None = None,
+               max_n: int = DEFAULT_MAX_N) -> FastAPI:
+    """The app over a started Engine; its shutdown (SIGTERM under uvicorn) drains and stops the engine. max_n: the
+    most choices one request may ask for (`n`)."""
+    served = _Served(engine, tokenizer, model_name, api_key, max_n)
     vocab = getattr(getattr(getattr(engine, "model", None), "config", None), "vocab_size", None)
 
     @asynccontextmanager
@@ -295,17 +328,18 @@ def create_app(engine: Any, tokenizer: Any, *, model_name: str, api_key: str | N
         served.check_key(request)
         body = await _json_body(request)
         if kind == "chat":
-            p = parse_chat(body, tokenizer, engine.max_context, served.models)
+            p = parse_chat(body, tokenizer, engine.max_context, served.models, served.max_n)
         else:
-            p = parse_completion(body, tokenizer, engine.max_context, served.models, vocab)
-        handle = served.submit(p)
+            p = parse_completion(body, tokenizer, engine.max_context, served.models, vocab, served.max_n)
+        # off the event loop: a constrained request's first compile of its grammar must not stall other streams
+        handles = await asyncio.to_thread(served.submit, p)
         if p.stream:
-            return StreamingResponse(served.stream(request, p, handle), media_type="text/event-stream",
+            return StreamingResponse(served.stream(request, p, handles), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        r = await served.collect(request, handle)
-        if r is None:  # nobody is listening; 499 is nginx's "client closed request"
+        rs = await served.collect(request, handles)
+        if rs is None:  # nobody is listening; 499 is nginx's "client closed request"
             return Response(status_code=499)
-        return JSONResponse(response(p, r))
+        return JSONResponse(response(p, rs, tokenizer))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: HTTPRequest) -> Response:

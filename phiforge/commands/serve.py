@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from phiforge.engine.api.protocol import DEFAULT_MAX_N
 from phiforge.engine.api.server import create_app, run_server
 from phiforge.engine.pretrained import load_engine, model_path
 
@@ -47,6 +48,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="prompt tokens per step in all, across the requests prefilling together; bounds the "
                         "stall a burst of arrivals puts on the running streams (default: the engine's, 4096)")
     p.add_argument("--max-queue", type=int, default=256, help="requests waiting beyond the batch; more get a 429")
+    p.add_argument("--max-n", type=int, default=DEFAULT_MAX_N, metavar="N",
+                   help=f"choices one request may ask for with 'n' (at most --max-batch; default {DEFAULT_MAX_N})")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
@@ -70,7 +73,7 @@ def _check(args: argparse.Namespace) -> None:
     for flag, v, lo in (("--port", args.port, 0), ("--max-batch", args.max_batch, 1),
                         ("--max-queue", args.max_queue, 0), ("--threads", args.threads, 1),
                         ("--max-adapters", args.max_adapters, 0), ("--prefill-chunk", args.prefill_chunk, 1),
-                        ("--step-tokens", args.step_tokens, 1)):
+                        ("--step-tokens", args.step_tokens, 1), ("--max-n", args.max_n, 1)):
         if v is not None and v < lo:
             raise ValueError(f"{flag} must be >= {lo}, got {v}")
     if args.port > 65535:
@@ -101,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as e:  # the loaders' errors name the file and the field
         print(f"phiforge serve: {e}", file=sys.stderr)
         return 2
-    app = create_app(engine, tokenizer, model_name=name, api_key=args.api_key)
+    app = create_app(engine, tokenizer, model_name=name, api_key=args.api_key, max_n=min(args.max_n, args.max_batch))
     print(f"phiforge serve: {name} ({', '.join([n for n, _ in adapters]) or 'no adapters'}) on "
           f"http://{args.host}:{args.port}/v1", file=sys.stderr)
     run_server(app, args.host, args.port, log_level=args.log_level)
