@@ -1,5 +1,5 @@
-"""The OpenAI API surface: a request body in, an engine Request out (or one APIError naming the field); a Result or
-Deltas in, response and SSE chunk dicts out.
+"""The OpenAI API's requests: a request body in, an engine Request out (or one APIError naming the field);
+engine/api/response.py shapes what comes back.
 
     parse_chat(body, tokenizer, max_context, models)        -> Parsed   (POST /v1/chat/completions)
     parse_completion(body, tokenizer, max_context, models)  -> Parsed   (POST /v1/completions)
@@ -8,8 +8,12 @@ Validation is by hand, not by a pydantic model: every rejection is a 400 whose `
 (`messages[2].content`, `stop[1]`), in OpenAI's error shape {"error": {"message", "type", "param", "code"}}, and
 the checks run before anything is tokenized or submitted. Booleans are never numbers here (`"max_tokens": true` is
 a 400, though Python's bool is an int). Unknown fields are ignored, as OpenAI's clients send extras (`user`,
-`metadata`); fields that would change the output and that this engine does not implement (`logprobs`,
-`logit_bias`, `tools`, `n` > 1, ...) are a 400 rather than silently ignored.
+`metadata`); fields that would change the output and that this engine does not implement (`logit_bias`, `echo`,
+`best_of`, `functions`) are a 400 rather than silently ignored.
+
+What the engine is asked for beyond sampling: `response_format` (a Constraint), `tools` / `tool_choice` (an
+envelope constraint and the tools in the prompt, engine/api/tools.py), chat `logprobs` + `top_logprobs` (0-20) or
+completions `logprobs` (0-5), and `n` choices up to the server's `max_n`.
 
 Adapters are chosen with the `model` field (vLLM's convention): the base model's name or a loaded adapter's name;
 an unknown name is a 404. A missing `model` means the base model.
@@ -23,13 +27,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import numbers
-import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from phiforge.engine.serve.constraint import Constraint
-from phiforge.engine.serve.request import Delta, Request, Result
-from phiforge.engine.serve.sampling import SamplingParams, TokenLogprob
+from phiforge.engine.serve.request import Request
+from phiforge.engine.serve.sampling import SamplingParams
+
+from .tools import ToolError, ToolSpec, parse_tools, past_turn
 
 MAX_CHAT_LOGPROBS, MAX_COMPLETION_LOGPROBS = 20, 5   # OpenAI's limits for top_logprobs and logprobs
 DEFAULT_MAX_N = 8             # choices per request unless the server says otherwise (serve --max-n)
@@ -40,8 +45,8 @@ ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: 
                500: "server_error", 503: "unavailable_error"}
 ROLES = ("system", "developer", "user", "assistant", "tool")
 # fields whose effect this engine does not implement: allowed only at their "off" values
-UNSUPPORTED = {"logit_bias": (None, {}), "echo": (None, False), "suffix": (None, ""), "best_of": (None, 1), "tools": (None, []),
-               "functions": (None, []), "tool_choice": (None, "none")}
+UNSUPPORTED = {"logit_bias": (None, {}), "echo": (None, False), "suffix": (None, ""), "best_of": (None, 1),
+               "functions": (None, []), "function_call": (None, "none")}   # the last two: `tools`' old names
 
 
 class APIError(Exception):
@@ -71,6 +76,7 @@ class Parsed:
     stream: bool
     include_usage: bool
     n: int = 1                  # choices
+    tools: ToolSpec | None = None   # chat with tools in play: the reply is a tool-call envelope (engine/api/tools.py)
 
 
 # ---- field checks -------------------------------------------------------------------------------------------------
@@ -243,16 +249,7 @@ def _budget(prompt_ids: list[int], max_tokens: int | None, max_context: int, pro
     return max_tokens
 
 
-def _message_text(m: Any, i: int) -> dict[str, str]:
-    where = f"messages[{i}]"
-    if not isinstance(m, dict):
-        raise bad(where, f"{where} must be an object with 'role' and 'content'")
-    role = m.get("role")
-    if role not in ROLES:
-        raise bad(f"{where}.role", f"{where}.role must be one of {', '.join(ROLES)}, got {json.dumps(role)}")
-    content = m.get("content")
-    if content is None and role == "assistant":
-        content = ""
+def _content(content: Any, where: str) -> str:
     if isinstance(content, list):  # content parts: only text ones
         texts = []
         for j, part in enumerate(content):
@@ -264,7 +261,45 @@ def _message_text(m: Any, i: int) -> dict[str, str]:
     if not isinstance(content, str):
         raise bad(f"{where}.content", f"{where}.content must be a string or a list of text parts, "
                                       f"got {json.dumps(content)}")
-    return {"role": "system" if role == "developer" else role, "content": content}
+    return content
+
+
+def _tool_calls(calls: Any, where: str) -> list[dict[str, Any]]:
+    """An assistant message's past tool calls, checked: [{id, type: function, function: {name, arguments}}]."""
+    if not isinstance(calls, list):
+        raise bad(f"{where}.tool_calls", f"{where}.tool_calls must be a list")
+    for j, c in enumerate(calls):
+        at = f"{where}.tool_calls[{j}]"
+        f = c.get("function") if isinstance(c, dict) else None
+        if not isinstance(f, dict) or not isinstance(f.get("name"), str):
+            raise bad(at, f"{at} must be {{\"id\", \"type\": \"function\", \"function\": {{\"name\", \"arguments\"}}}}")
+        try:
+            if not isinstance(json.loads(f.get("arguments") or "{}"), dict):
+                raise ValueError("not an object")
+        except (TypeError, ValueError) as e:
+            raise bad(f"{at}.function.arguments", f"{at}.function.arguments must be a JSON object as a string "
+                                                  f"({e})") from None
+    return calls
+
+
+def _message_text(m: Any, i: int) -> dict[str, Any]:
+    where = f"messages[{i}]"
+    if not isinstance(m, dict):
+        raise bad(where, f"{where} must be an object with 'role' and 'content'")
+    role = m.get("role")
+    if role not in ROLES:
+        raise bad(f"{where}.role", f"{where}.role must be one of {', '.join(ROLES)}, got {json.dumps(role)}")
+    content = m.get("content")
+    if content is None and role == "assistant":
+        content = ""
+    out: dict[str, Any] = {"role": "system" if role == "developer" else role, "content": _content(content, where)}
+    if role == "assistant" and m.get("tool_calls"):
+        out["tool_calls"] = _tool_calls(m["tool_calls"], where)
+    if role == "tool":
+        if not isinstance(m.get("tool_call_id"), str):
+            raise bad(f"{where}.tool_call_id", f"{where} (a tool result) needs its 'tool_call_id'")
+        out["tool_call_id"] = m["tool_call_id"]
+    return out
 
 
 def parse_chat(body: Any, tokenizer: Any, max_context: int, models: Callable[[], list[str]],
@@ -275,16 +310,28 @@ def parse_chat(body: Any, tokenizer: Any, max_context: int, models: Callable[[],
     if not isinstance(messages, list) or not messages:
         raise bad("messages", "'messages' must be a non-empty list of {role, content} objects")
     chat = [_message_text(m, i) for i, m in enumerate(messages)]
+    extra: dict[str, Any] = {}
+    try:
+        tools = parse_tools(body)
+        if tools is not None:  # a response_format shapes the text answer inside the envelope
+            chat, extra = tools.prompt(chat, tokenizer.chat_template)
+            rf = c["constraint"]
+            c["constraint"] = tools.constraint(None if rf is None else {"type": "object"} if rf.kind == "json_object"
+                                               else rf.value)
+    except ToolError as e:
+        raise bad(e.param, str(e)) from None
+    if tools is None:  # earlier calls and results still read as the model wrote and got them
+        chat = [past_turn(m) for m in chat]
     name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     max_tokens = _integer(body, name, 1)
     try:
-        ids = list(tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True))
+        ids = list(tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, **extra))
     except Exception as e:  # a template's raise_exception (e.g. roles that must alternate) is the client's error
         raise bad("messages", f"the chat template rejected the messages: {e}") from None
     budget = _budget(ids, max_tokens, max_context, "messages", name)
     req = Request(prompt_ids=ids, max_tokens=budget, sampling=c["sampling"], seed=c["seed"], stop=c["stop"],
                   adapter=c["adapter"], constraint=c["constraint"], logprobs=logprobs)
-    return Parsed("chat", c["model"], req, c["stream"], c["include_usage"], c["n"])
+    return Parsed("chat", c["model"], req, c["stream"], c["include_usage"], c["n"], tools)
 
 
 def _prompt_ids(prompt: Any, tokenizer: Any, vocab: int) -> list[int]:
@@ -309,6 +356,9 @@ def _prompt_ids(prompt: Any, tokenizer: Any, vocab: int) -> list[int]:
 def parse_completion(body: Any, tokenizer: Any, max_context: int, models: Callable[[], list[str]],
                      vocab_size: int | None = None, max_n: int = DEFAULT_MAX_N) -> Parsed:
     c = _common(body, models, max_n)
+    for name in ("tools", "tool_choice"):
+        if body.get(name) not in (None, [], "none"):
+            raise bad(name, f"'{name}' is a chat completions field (POST /v1/chat/completions)")
     logprobs = _integer(body, "logprobs", 0, MAX_COMPLETION_LOGPROBS)
     if "prompt" not in body:
         raise bad("prompt", "'prompt' is required")
@@ -319,137 +369,3 @@ def parse_completion(body: Any, tokenizer: Any, max_context: int, models: Callab
     req = Request(prompt_ids=ids, max_tokens=budget, sampling=c["sampling"], seed=c["seed"], stop=c["stop"],
                   adapter=c["adapter"], constraint=c["constraint"], logprobs=logprobs)
     return Parsed("completion", c["model"], req, c["stream"], c["include_usage"], c["n"])
-
-
-# ---- responses ----------------------------------------------------------------------------------------------------
-def response_id(p: Parsed) -> str:
-    return ("chatcmpl-" if p.kind == "chat" else "cmpl-") + p.request.id
-
-
-def usage(rs: list[Result]) -> dict[str, Any]:
-    """The prompt counted once, the completions of every choice summed (OpenAI's rule for n > 1)."""
-    prompt, done = rs[0].usage.prompt_tokens, sum(r.usage.completion_tokens for r in rs)
-    return {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done,
-            "prompt_tokens_details": {"cached_tokens": rs[0].usage.cached_tokens}}
-
-
-class Logprobs:
-    """Engine TokenLogprobs in OpenAI's two shapes: chat's list of {token, logprob, bytes, top_logprobs}, and
-    completions' parallel arrays {tokens, token_logprobs, top_logprobs (a dict per token, the chosen one always
-    in it), text_offset (the character where each token starts, counted from the tokens' bytes)}."""
-
-    def __init__(self, tokenizer: Any) -> None:
-        self.tok = tokenizer
-        self.chars: dict[int, str] = {}   # per choice: the text so far, decoded from its tokens' bytes
-        self.pending: dict[int, bytes] = {}
-
-    def _entry(self, token_id: int, logprob: float) -> dict[str, Any]:
-        b = self.tok.token_bytes(token_id)
-        return {"token": b.decode("utf-8", "replace"), "logprob": logprob, "bytes": list(b)}
-
-    def chat(self, entries: list[TokenLogprob] | None) -> dict[str, Any] | None:
-        if entries is None:
-            return None
-        return {"content": [{**self._entry(e.id, e.logprob), "top_logprobs": [self._entry(i, v) for i, v in e.top]}
-                            for e in entries], "refusal": None}
-
-    def completion(self, entries: list[TokenLogprob] | None, index: int = 0) -> dict[str, Any] | None:
-        if entries is None:
-            return None
-        out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-        for e in entries:
-            text = self.chars.get(index, "")
-            out["text_offset"].append(len(text))
-            raw = self.pending.get(index, b"") + self.tok.token_bytes(e.id)
-            k = _cut(raw)
-            self.chars[index], self.pending[index] = text + raw[:k].decode("utf-8", "replace"), raw[k:]
-            tok = self._entry(e.id, e.logprob)["token"]
-            out["tokens"].append(tok)
-            out["token_logprobs"].append(e.logprob)
-            top = {self._entry(i, v)["token"]: v for i, v in e.top}
-            top.setdefault(tok, e.logprob)
-            out["top_logprobs"].append(top)
-        return out
-
-
-def _cut(raw: bytes) -> int:
-    """Where the last complete UTF-8 character of `raw` ends (a character split across tokens waits)."""
-    for back in range(1, min(4, len(raw)) + 1):
-        b = raw[-back]
-        if b & 0xC0 != 0x80:  # a lead byte (or ASCII): the character it starts needs this many bytes
-            need = 1 if b < 0x80 else 2 if b >> 5 == 0b110 else 3 if b >> 4 == 0b1110 else 4
-            return len(raw) if need <= back else len(raw) - back
-    return len(raw)
-
-
-def _message(p: Parsed, r: Result) -> dict[str, Any]:
-    return {"role": "assistant", "content": r.text}
-
-
-def response(p: Parsed, rs: list[Result], tokenizer: Any, created: int | None = None) -> dict[str, Any]:
-    """The whole (non-streamed) response: one choice per Result, in index order."""
-    lp, choices = Logprobs(tokenizer), []
-    for i, r in enumerate(rs):
-        if p.kind == "chat":
-            choices.append({"index": i, "message": _message(p, r), "logprobs": lp.chat(r.logprobs),
-                            "finish_reason": r.finish_reason})
-        else:
-            choices.append({"index": i, "text": r.text, "logprobs": lp.completion(r.logprobs, i),
-                            "finish_reason": r.finish_reason})
-    return {"id": response_id(p), "object": "chat.completion" if p.kind == "chat" else "text_completion",
-            "created": created or int(time.time()), "model": p.model, "choices": choices, "usage": usage(rs)}
-
-
-class Chunks:
-    """The SSE chunks of one streamed response: [a role chunk per choice (chat)], text chunks, a finish chunk per
-    choice, [the usage chunk], then `done()`. Every chunk carries `"usage": null` when usage was asked for, as
-    OpenAI's do."""
-
-    def __init__(self, p: Parsed, tokenizer: Any) -> None:
-        self.p, self.created, self.id = p, int(time.time()), response_id(p)
-        self.lp = Logprobs(tokenizer)
-
-    def _chunk(self, choices: list[dict], usage_: dict | None = None, last: bool = False) -> str:
-        chunk: dict[str, Any] = {"id": self.id, "object": "chat.completion.chunk" if self.p.kind == "chat"
-                                 else "text_completion", "created": self.created, "model": self.p.model,
-                                 "choices": choices}
-        if self.p.include_usage:
-            chunk["usage"] = usage_ if last else None
-        return "data: " + json.dumps(chunk, ensure_ascii=False) + "\n\n"
-
-    def _choice(self, i: int, text: str | None, finish: str | None, logprobs: list | None = None,
-                role: bool = False) -> dict[str, Any]:
-        if self.p.kind == "chat":
-            delta: dict[str, Any] = {}
-            if role:
-                delta = {"role": "assistant", "content": ""}
-            elif text is not None:
-                delta = {"content": text}
-            return {"index": i, "delta": delta, "logprobs": self.lp.chat(logprobs), "finish_reason": finish}
-        return {"index": i, "text": text or "", "logprobs": self.lp.completion(logprobs, i), "finish_reason": finish}
-
-    def first(self) -> str | None:
-        """The chat role chunks, sent before any token so the client sees the stream open at once."""
-        if self.p.kind != "chat":
-            return None
-        return "".join(self._chunk([self._choice(i, None, None, role=True)]) for i in range(self.p.n))
-
-    def delta(self, d: Delta, i: int = 0) -> str | None:
-        """A chunk for the Delta when it has text or logprobs (a held-back character waits for its text)."""
-        if not d.text and not d.logprobs:
-            return None
-        return self._chunk([self._choice(i, d.text, None, d.logprobs or None)])
-
-    def finish(self, r: Result, i: int = 0) -> str:
-        return self._chunk([self._choice(i, None if self.p.kind == "chat" else "", r.finish_reason)])
-
-    def usage(self, rs: list[Result]) -> str:
-        return self._chunk([], usage(rs), last=True) if self.p.include_usage else ""
-
-    @staticmethod
-    def error(e: APIError) -> str:
-        return "data: " + json.dumps(e.body()) + "\n\n"
-
-    @staticmethod
-    def done() -> str:
-        return "data: [DONE]\n\n"

@@ -3,7 +3,8 @@
     app = create_app(engine, tokenizer, model_name="phi-3-mini")
     run_server(app, "127.0.0.1", 8000)         # uvicorn; SIGTERM drains (below)
 
-Routes: POST /v1/chat/completions and /v1/completions (streamed or not; engine/api/protocol.py parses and shapes),
+Routes: POST /v1/chat/completions and /v1/completions (streamed or not; engine/api/protocol.py parses,
+engine/api/response.py shapes),
 GET /v1/models (the base model, then each adapter with `parent` = the base), GET /health, GET /metrics, and
 vLLM's run-time adapter routes: POST /v1/load_lora_adapter {"lora_name", "lora_path"} and POST
 /v1/unload_lora_adapter {"lora_name"} (API key guarded; 400 naming the field for a bad body, directory or base
@@ -51,7 +52,9 @@ from phiforge.engine.formats.peft import AdapterError
 from phiforge.engine.serve.request import AdapterBusy, EngineError, EngineStopped, QueueFull, Result, UnknownAdapter
 
 from .prometheus import Histogram, labelled, sample
-from .protocol import DEFAULT_MAX_N, APIError, Chunks, Parsed, parse_chat, parse_completion, response
+from .protocol import DEFAULT_MAX_N, APIError, Parsed, parse_chat, parse_completion
+from .response import Chunks, response
+from .tools import ToolError, check_tool_parameters
 
 log = logging.getLogger("phiforge.server")
 MAX_BODY_BYTES = 8 << 20
@@ -142,7 +145,12 @@ class _Served:
         except EngineStopped as e:
             raise APIError(503, str(e), code="shutting_down") from None
         except EngineError as e:  # PromptTooLong, InvalidRequest: a 400 naming the field
-            raise APIError(400, str(e), param=getattr(e, "field", None)) from None
+            if e.field == "tools" and p.tools is not None:  # which tool's parameters the grammar could not take
+                try:
+                    check_tool_parameters(p.tools, self.engine.check_constraint)
+                except ToolError as bad_tool:
+                    raise APIError(400, str(bad_tool), param=bad_tool.param) from None
+            raise APIError(400, str(e), param=e.field) from None
 
     # ---- running ---------------------------------------------------------------------------------------------------
     def _tick(self, last: float | None, d: Any) -> float:

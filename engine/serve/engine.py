@@ -56,14 +56,13 @@ import torch
 
 from phiforge.kernels.cpu import omp_pool
 
-from .constraint import ConstraintError, Grammars
+from .constraint import Constraint, ConstraintError, Grammars
 from .decode import DecodeStep
 from .detokenize import IncrementalDetokenizer
 from .kv_memory import KVMemory
 from .multi_lora import serving_adapters
-from .request import (AdapterBusy, Delta, EngineError, EngineStopped, Handle, InvalidRequest, PromptTooLong,
-                      QueueFull, Request, Result, UnknownAdapter, Usage)
-from .sampling import MAX_LOGPROBS, choice_seed, make_generators, sample, token_logprob
+from .request import (AdapterBusy, Delta, EngineError, EngineStopped, Handle, InvalidRequest, QueueFull, Request, Result, UnknownAdapter, Usage)
+from .sampling import choice_seed, make_generators, sample, token_logprob
 from .scheduler import Scheduler, Sequence, now
 
 DEFAULT_ROW_TOKENS = 2048   # a row's slots when kv_tokens is not given (capped by the model's context)
@@ -138,7 +137,7 @@ class Engine:
         request draws from `choice_seed(seed, i)`) and with its own matcher. Choice i's id is `{id}-{i}` (n > 1)."""
         if not isinstance(n, int) or isinstance(n, bool) or n < 1 or n > self.kv.rows:
             raise InvalidRequest(f"n must be an int in [1, {self.kv.rows}] (the engine's rows), got {n!r}", "n")
-        self._validate(request)
+        request.check(self.config.vocab_size, self.max_context, self.kv.row_len)
         reqs = [request] if n == 1 else [
             replace(request, id=f"{request.id}-{i}", seed=choice_seed(request.seed, i)) for i in range(n)]
         seqs = []
@@ -171,6 +170,13 @@ class Engine:
             self._inbox.extend(seqs)
             self._lock.notify_all()
         return [seq.handle for seq in seqs]
+
+    def check_constraint(self, constraint: Constraint) -> None:
+        """Compile the constraint (cached for later requests), or InvalidRequest naming its field."""
+        try:
+            self._grammar_set().matcher(constraint)
+        except ConstraintError as e:
+            raise InvalidRequest(str(e), e.field) from None
 
     def _grammar_set(self) -> Grammars:
         """The grammar machinery, built on the first constrained request (reading the tokenizer takes a moment)."""
@@ -249,27 +255,6 @@ class Engine:
             except Exception as e:  # the caller's error, raised in its thread
                 box.append(e)
             done.set()
-
-    # ---- validation (before any compute) ----------------------------------------------------------------------
-    def _validate(self, r: Request) -> None:
-        V = self.config.vocab_size
-        if not r.prompt_ids:
-            raise InvalidRequest("prompt_ids is empty (at least one token is needed to start generating)",
-                                 "prompt_ids")
-        bad = [t for t in r.prompt_ids if not (isinstance(t, int) and 0 <= t < V)]
-        if bad:
-            raise InvalidRequest(f"prompt_ids: token id {bad[0]!r} outside the vocabulary [0, {V})", "prompt_ids")
-        if not isinstance(r.max_tokens, int) or r.max_tokens < 1:
-            raise InvalidRequest(f"max_tokens must be a positive int, got {r.max_tokens!r}", "max_tokens")
-        need = len(r.prompt_ids) + r.max_tokens
-        if need > self.max_context:
-            raise PromptTooLong(f"{len(r.prompt_ids)} prompt tokens + max_tokens {r.max_tokens} = {need} > the "
-                                f"model's context of {self.max_context} tokens", "max_tokens")
-        if r.logprobs is not None and (not isinstance(r.logprobs, int) or not 0 <= r.logprobs <= MAX_LOGPROBS):
-            raise InvalidRequest(f"logprobs must be an int in [0, {MAX_LOGPROBS}], got {r.logprobs!r}", "logprobs")
-        if need > self.kv.row_len:
-            raise PromptTooLong(f"{len(r.prompt_ids)} prompt tokens + max_tokens {r.max_tokens} = {need} > the "
-                                f"{self.kv.row_len} KV slots a request may hold (kv_tokens / max_batch)", "max_tokens")
 
     # ---- the scheduler thread ---------------------------------------------------------------------------------
     def _loop(self) -> None:

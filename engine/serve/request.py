@@ -19,7 +19,7 @@ from typing import AsyncIterator, Callable, Iterator
 from uuid import uuid4
 
 from .constraint import Constraint
-from .sampling import SamplingParams, TokenLogprob
+from .sampling import MAX_LOGPROBS, SamplingParams, TokenLogprob
 
 
 @dataclass
@@ -34,6 +34,27 @@ class Request:
     constraint: Constraint | None = None       # the output must match it (engine/serve/constraint.py); None: free
     logprobs: int | None = None                # k: each output token's logprob and the k most likely (0 <= k <= 20)
     id: str = field(default_factory=lambda: uuid4().hex)
+
+    def check(self, vocab_size: int, max_context: int, row_len: int) -> None:
+        """The engine's checks before any compute: InvalidRequest / PromptTooLong naming the field."""
+        if not self.prompt_ids:
+            raise InvalidRequest("prompt_ids is empty (at least one token is needed to start generating)",
+                                 "prompt_ids")
+        bad = [t for t in self.prompt_ids if not (isinstance(t, int) and 0 <= t < vocab_size)]
+        if bad:
+            raise InvalidRequest(f"prompt_ids: token id {bad[0]!r} outside the vocabulary [0, {vocab_size})",
+                                 "prompt_ids")
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise InvalidRequest(f"max_tokens must be a positive int, got {self.max_tokens!r}", "max_tokens")
+        k = self.logprobs
+        if k is not None and (not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= MAX_LOGPROBS):
+            raise InvalidRequest(f"logprobs must be an int in [0, {MAX_LOGPROBS}], got {k!r}", "logprobs")
+        need = len(self.prompt_ids) + self.max_tokens
+        for limit, what in ((max_context, "the model's context of"),
+                            (row_len, "the KV slots a request may hold (kv_tokens / max_batch):")):
+            if need > limit:
+                raise PromptTooLong(f"{len(self.prompt_ids)} prompt tokens + max_tokens {self.max_tokens} = {need} "
+                                    f"> {what} {limit}", "max_tokens")
 
 
 @dataclass
