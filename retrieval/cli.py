@@ -27,6 +27,7 @@ import torch
 
 from phiforge.engine.model.weights import resolve_model
 from phiforge.engine.pretrained import compute_dtype, load_generator
+from phiforge.engine.serve.constraint import read_schema
 
 from .chunking import Skipped
 from .encoder import TUNED_CONFIG, load_encoder
@@ -219,6 +220,9 @@ def add_arguments_ask(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=200)
     parser.add_argument("--max-prompt-tokens", type=int, default=3072,
                         help="prompt budget, further capped by the model's context (default 3072)")
+    parser.add_argument("--json-schema", metavar="FILE", default=None,
+                        help="answer as one JSON object valid against the schema in FILE, with a 'citations' field "
+                             "listing the sources used")
     _rerank_arg(parser)
 
 
@@ -240,6 +244,7 @@ def _check_ask(args: argparse.Namespace) -> None:
 def run_ask(args: argparse.Namespace) -> int:
     try:
         _check_ask(args)
+        schema = read_schema(args.json_schema) if args.json_schema else None
         with Index.open(args.index, create=False) as ix:
             if not len(ix):
                 ix.search(args.question)  # raises the empty-index error with its hint
@@ -250,7 +255,7 @@ def run_ask(args: argparse.Namespace) -> int:
                                  "tokens, which must also hold the question and its sources; give less")
             ans = answer_question(args.question, ix, gen, k=args.k, max_new_tokens=args.max_new_tokens,
                                   max_prompt_tokens=args.max_prompt_tokens,
-                                  reranker=reranker_for(ix) if args.rerank else None,
+                                  reranker=reranker_for(ix) if args.rerank else None, json_schema=schema,
                                   on_piece=lambda s: print(s, end="", flush=True))
     except USER_ERRORS as e:
         return _fail(e)

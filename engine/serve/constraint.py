@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import llguidance
@@ -59,6 +60,20 @@ class Constraint:
             except ValueError:
                 pass  # not JSON: grammar_text names the error
         return self.kind, json.dumps(value, sort_keys=True)
+
+
+def read_schema(path: str | Path, flag: str = "--json-schema") -> dict:
+    """A JSON schema file, or a one-line error naming the flag and the file (missing, not JSON, not an object)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{flag} {path}: no such file")
+    try:
+        schema = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{flag} {path}: not a JSON file ({e})") from None
+    if not isinstance(schema, dict):
+        raise ValueError(f"{flag} {path}: a JSON schema is an object, got {type(schema).__name__}")
+    return schema
 
 
 def grammar_text(c: Constraint) -> str:

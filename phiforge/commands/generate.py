@@ -12,7 +12,6 @@ stdout stays the model's text only. `--model` defaults to the default model (bui
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ import torch
 
 from phiforge.engine.model.weights import resolve_model
 from phiforge.engine.pretrained import load_generator
-from phiforge.engine.serve.constraint import Constraint
+from phiforge.engine.serve.constraint import Constraint, read_schema
 from phiforge.engine.serve.generate import GenerationResult, Generator, Prompt
 
 
@@ -69,16 +68,7 @@ def read_constraint(args: argparse.Namespace) -> Constraint | None:
         return Constraint("choice", options, "--choice")
     if args.json_schema is None:
         return None
-    path = Path(args.json_schema)
-    if not path.is_file():
-        raise FileNotFoundError(f"--json-schema {path}: no such file")
-    try:
-        schema = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"--json-schema {path}: not a JSON file ({e})") from None
-    if not isinstance(schema, dict):
-        raise ValueError(f"--json-schema {path}: a JSON schema is an object, got {type(schema).__name__}")
-    return Constraint("json_schema", schema, f"--json-schema {path}")
+    return Constraint("json_schema", read_schema(args.json_schema), f"--json-schema {args.json_schema}")
 
 
 def add_arguments_chat(p: argparse.ArgumentParser) -> None:

@@ -10,11 +10,12 @@ import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
+import jsonschema
 import pytest
 from word_tokenizer import WordTokenizer
 
 from phiforge.retrieval.rag import (Answer, Source, answer_question, build_prompt, format_sources,
-                                    parse_citations)
+                                    parse_citations, with_citations)
 from phiforge.cli import main
 from phiforge.retrieval import demo
 from phiforge.retrieval.demo import run_demo
@@ -222,3 +223,41 @@ def test_ask_rerank_gives_the_model_the_reranked_sources(docs_index, capsys, mon
     with Index.open(docs_index, create=False) as ix:
         want = [h.chunk_id for h in rr.rerank(q, ix.search(q, k=rr.cfg.depth), 3)]
     assert seen == [want[:len(seen[0])]] and seen[0]
+
+
+# ------------------------------------------------------------------------------------------ structured answers
+TARIFF = REPO / "data" / "schemas" / "tariff.json"
+
+
+def test_with_citations_adds_a_field_of_only_the_shown_sources():
+    obj = json.loads(TARIFF.read_text())
+    s = with_citations(obj, 3)
+    jsonschema.validate({"standing_charge_gbp": 1, "rate_per_cubic_metre_gbp": 2, "service": "water",
+                         "citations": [1, 3]}, s)
+    for bad in ([], [4], [0]):   # none, or a number that names no source
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate({"standing_charge_gbp": 1, "rate_per_cubic_metre_gbp": 2, "service": "water",
+                                 "citations": bad}, s)
+    wrapped = with_citations({"type": "string"}, 2)
+    jsonschema.validate({"answer": "x", "citations": [2]}, wrapped)
+    with pytest.raises(ValueError, match="'citations' property of its own"):
+        with_citations({"type": "object", "properties": {"citations": {}}}, 2)
+
+
+def test_ask_json_schema_end_to_end_with_default_model(docs_index, capsys, tmp_path):
+    """`phiforge ask --json-schema`: the printed answer is JSON valid against the schema plus its citations field,
+    and the source list is exactly the sources it cites."""
+    capsys.readouterr()
+    rc = main(["ask", "--index", str(docs_index), "--json-schema", str(TARIFF), "--max-new-tokens", "80", "-k", "3",
+               "What are the metered water standing charge and volumetric rate for 2026/27?"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    answer, sep, listing = out.rpartition("\n\nSources cited:")
+    assert sep, out
+    data = json.loads(answer)
+    jsonschema.validate(data, with_citations(json.loads(TARIFF.read_text()), 3))
+    listed = [int(line.split("]")[0].strip(" [")) for line in listing.splitlines() if line.strip().startswith("[")]
+    assert listed == list(dict.fromkeys(data["citations"]))
+    (tmp_path / "bad.json").write_text("[1, 2]")
+    assert main(["ask", "--index", str(docs_index), "--json-schema", str(tmp_path / "bad.json"), "q"]) == 1
+    assert "--json-schema" in capsys.readouterr().err
