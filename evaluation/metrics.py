@@ -80,6 +80,25 @@ def contains(prediction: str, gold: str) -> float:
     return float(bool(g) and f" {g} " in f" {normalize_answer(prediction)} ")
 
 
+def field_exact_match(prediction: dict | None, gold: dict) -> float:
+    """The share of the gold fields the structured answer got exactly: numbers equal as numbers (1.5 == 1.50),
+    booleans only to booleans, strings after normalize_answer, anything else by ==. A missing answer (cut, not JSON) scores 0."""
+    if not gold:
+        raise ValueError("field_exact_match needs at least one gold field")
+    if not isinstance(prediction, dict):
+        return 0.0
+
+    def same(p, g) -> bool:
+        if isinstance(g, bool) or isinstance(p, bool):  # JSON's true is not the number 1
+            return p is g
+        if isinstance(g, (int, float)):
+            return isinstance(p, (int, float)) and abs(p - g) <= 1e-9 * max(1, abs(g))
+        if isinstance(g, str):
+            return isinstance(p, str) and normalize_answer(p) == normalize_answer(g)
+        return p == g
+    return sum(same(prediction.get(k), v) for k, v in gold.items()) / len(gold)
+
+
 def recall_at_k(ranked: Sequence[str], gold: Iterable[str], k: int) -> float | None:
     gold = set(gold)
     if not gold:

@@ -72,14 +72,15 @@ def evaluate(model: str | Path | None, data: str | Path, *, index: str | Path | 
              max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, max_batch: int = DEFAULT_MAX_BATCH, seed: int = 0,
              retriever_baseline: str | Path | None = None, max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS,
              dtype: torch.dtype | None = None, encoder=None, baseline_encoder=None, rerank: bool = False,
-             log: Callable[[str], None] | None = print) -> dict:
+             json_schema: dict | None = None, log: Callable[[str], None] | None = print) -> dict:
     """Answer every question of `data` in every chosen mode, score, and (with `out`) write the report files.
 
     model: a model directory or Hugging Face id (None: the default model). adapters: {"ft": dir, "raft": dir}
     or ["ft=DIR", ...]. modes: "base,rag" or a list (None: every mode whose inputs are given). encoder /
     baseline_encoder: the query encoders of `index` / `retriever_baseline` (None: the index's default). rerank:
     `index`'s retrieval reranked by the language model (retrieval/rerank.py: the reranker `index tune --rerank`
-    saved beside the index's encoder, else the default model zero-shot); the baseline's never is.
+    saved beside the index's encoder, else the default model zero-shot); the baseline's never is. json_schema:
+    structured answers held to it, scored for validity and per-field exact match (evaluation/runner.py).
     Returns the report dict (what report.json holds).
     """
     log = log or (lambda s: None)
@@ -129,6 +130,7 @@ def evaluate(model: str | Path | None, data: str | Path, *, index: str | Path | 
         report = _report(path, data, index, retriever_baseline, adapter_dirs, rows, k, max_new_tokens,
                          max_prompt_tokens, seed, list(seconds), records, seconds, ret_records, interrupted)
         report["rerank"] = rerank
+        report["json_schema"] = json_schema
         if out is not None:
             write_report(out, report, records, ret_records)
         return report
@@ -138,7 +140,7 @@ def evaluate(model: str | Path | None, data: str | Path, *, index: str | Path | 
             log(f"mode {mode.name}: answering {len(rows)} questions"
                 + (" with retrieved and gold context" if mode.retrieval else ""))
             recs, wall = run_mode(engine, tokenizer, mode, rows, contexts, k=k, budget=budget,
-                                  max_new_tokens=max_new_tokens, seed=seed)
+                                  max_new_tokens=max_new_tokens, seed=seed, schema=json_schema)
             records += recs
             seconds[mode.name] = wall
             log(f"mode {mode.name}: {len(recs)} answers in {wall:.1f} s")

@@ -19,7 +19,7 @@ from matplotlib.figure import Figure
 
 from phiforge.engine.atomic import write_bytes_atomic, write_json_atomic, write_jsonl_atomic, write_text_atomic
 
-from .summary import CHART_METRICS, METRICS, RETRIEVAL_METRICS
+from .summary import CHART_METRICS, METRICS, RETRIEVAL_METRICS, STRUCTURED
 
 FILES = ("report.md", "report.json", "chart.png", "results.jsonl", "retrieval.jsonl")
 
@@ -35,11 +35,13 @@ def _cell(cell: dict | None, percent: bool) -> str:
 
 
 def table_markdown(table: list[dict]) -> str:
-    head = ["mode", "questions"] + [m.label for m in METRICS] + ["mode s"]
+    # the structured-answer columns only when some row has them (evaluate --json-schema)
+    shown = [m for m in METRICS if m.key not in STRUCTURED or any(r["metrics"].get(m.key) for r in table)]
+    head = ["mode", "questions"] + [m.label for m in shown] + ["mode s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in table:
         secs = f"{r['mode_seconds']:.1f}" if r.get("mode_seconds") is not None else "–"
-        cells = [r["label"], str(r["questions"])] + [_cell(r["metrics"].get(m.key), m.percent) for m in METRICS]
+        cells = [r["label"], str(r["questions"])] + [_cell(r["metrics"].get(m.key), m.percent) for m in shown]
         lines.append("| " + " | ".join(cells + [secs]) + " |")
     return "\n".join(lines)
 

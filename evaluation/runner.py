@@ -20,12 +20,19 @@ Each Result gives the prompt tokens, the time to first token and the total laten
 measured from submission, so they include the wait in the queue behind the rest of the mode's questions (a
 loaded server's view, not one request alone). The mode's wall seconds are kept.
 
+Structured answers (`schema`, evaluate --json-schema): every prompt asks for a JSON answer of the schema and the
+engine holds the output to it (retrieval prompts: with the citations field of retrieval/rag.py, whose numbers are
+the cited sources). `json_valid` is whether the answer is a complete document of the grammar (it ended by the
+grammar, not by max_new_tokens, and parses); `field_em` (rows whose `answer` is an object) the share of its fields
+the answer got (metrics.field_exact_match). The text metrics (EM, F1, contains, abstention) stay off for these.
+
 Retrieval scores (recall@k and MRR by document) belong to the index, not to a mode: `retrieval_records` computes
 them per question for the index and, optionally, a baseline index over the same documents (before/after a tuned
 retriever), and every "retrieved" record of a retrieval mode repeats the index's so a record stands alone.
 """
 from __future__ import annotations
 
+import json
 import sqlite3
 import time
 from dataclasses import dataclass
@@ -33,10 +40,11 @@ from pathlib import Path
 
 import numpy as np
 
+from phiforge.engine.serve.constraint import Constraint
 from phiforge.engine.serve.request import Request, Result
 from phiforge.retrieval.chunkdb import DB, chunks_with_vectors, connect_reader
 from phiforge.retrieval.qa import QARow, closed_book_messages
-from phiforge.retrieval.rag import build_prompt, parse_citations
+from phiforge.retrieval.rag import build_prompt, parse_citations, with_citations
 from phiforge.retrieval.store import Hit
 
 from . import metrics
@@ -123,30 +131,47 @@ class _Prompt:
     ids: list[int]
     shown: list[str]        # documents of the numbered sources, in prompt order ([] closed-book)
     ranked: list[str] | None  # the retrieved documents, best first (retrieved context only)
+    schema: dict | None = None  # the structured answer's schema (with its citations field in a retrieval mode)
 
 
-def _prompts(mode: Mode, rows: list[QARow], tokenizer, contexts: Contexts | None, budget: int, k: int) -> list[_Prompt]:
+def _prompts(mode: Mode, rows: list[QARow], tokenizer, contexts: Contexts | None, budget: int, k: int,
+             schema: dict | None = None) -> list[_Prompt]:
     out = []
     for i, row in enumerate(rows):
         if not mode.retrieval:
-            ids = tokenizer.apply_chat_template(closed_book_messages(row.question), add_generation_prompt=True)
-            out.append(_Prompt(row, "none", list(ids), [], None))
+            ids = tokenizer.apply_chat_template(closed_book_messages(row.question, schema), add_generation_prompt=True)
+            out.append(_Prompt(row, "none", list(ids), [], None, schema))
             continue
         for context, hits in (("retrieved", contexts.retrieved[i]), ("gold", contexts.gold[i])):
-            messages, sources, _ = build_prompt(row.question, hits, tokenizer, budget)
+            messages, sources, _ = build_prompt(row.question, hits, tokenizer, budget, schema)
             ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
             ranked = [doc(h) for h in contexts.retrieved[i]][:k] if context == "retrieved" else None
-            out.append(_Prompt(row, context, list(ids), [doc(s.hit) for s in sources], ranked))
+            held = None if schema is None else with_citations(schema, max(1, len(sources)))
+            out.append(_Prompt(row, context, list(ids), [doc(s.hit) for s in sources], ranked, held))
     return out
+
+
+def _structured(p: _Prompt, r: Result) -> tuple[dict | None, bool]:
+    """(the parsed answer, whether it is a complete document of the schema's grammar)."""
+    try:
+        data = json.loads(r.text)
+    except ValueError:
+        return None, False
+    return (data if isinstance(data, dict) else {"answer": data}), r.finish_reason == "stop"
 
 
 def score(mode: Mode, p: _Prompt, r: Result, gold_known: bool = True) -> dict:
     """One per-question record: what was asked and answered, every metric, and the cost."""
     row, text = p.row, r.text
     answer = metrics.extract_answer(text)
-    ok = row.answerable
-    abstain, false_abstain = metrics.abstention(answer, row.answerable)
+    ok = row.answerable and p.schema is None
+    abstain, false_abstain = metrics.abstention(answer, row.answerable) if p.schema is None else (None, None)
     cited = parse_citations(text) if p.shown else []
+    data = valid = field_em = None
+    if p.schema is not None:
+        data, valid = _structured(p, r)
+        cited = [n for n in dict.fromkeys((data or {}).get("citations", [])) if isinstance(n, int)] if p.shown else []
+        field_em = metrics.field_exact_match(data, row.fields) if row.fields else None
     cite_p, cite_r = metrics.citation_scores(cited, p.shown, row.sources) if p.shown else (None, None)
     return {
         "mode": mode.name, "context": p.context, "line": row.line, "question": row.question,
@@ -159,6 +184,7 @@ def score(mode: Mode, p: _Prompt, r: Result, gold_known: bool = True) -> dict:
         "abstain": abstain, "false_abstain": false_abstain,
         "shown": p.shown, "cited": cited, "cited_any": float(bool(cited)) if p.shown else None,
         "cite_precision": cite_p, "cite_recall": cite_r,
+        "json_valid": None if p.schema is None else float(valid), "field_em": field_em,
         "retrieved": p.ranked,
         "recall": metrics.recall_at_k(p.ranked, row.sources, len(p.ranked)) if p.ranked is not None else None,
         "mrr": metrics.mrr(p.ranked, row.sources) if p.ranked is not None else None,
@@ -168,18 +194,22 @@ def score(mode: Mode, p: _Prompt, r: Result, gold_known: bool = True) -> dict:
 
 
 def run_mode(engine, tokenizer, mode: Mode, rows: list[QARow], contexts: Contexts | None, *, k: int,
-             budget: int, max_new_tokens: int, seed: int = 0) -> tuple[list[dict], float]:
-    """Every question of `rows` answered in `mode` (both contexts for a retrieval mode): (records, wall seconds)."""
+             budget: int, max_new_tokens: int, seed: int = 0,
+             schema: dict | None = None) -> tuple[list[dict], float]:
+    """Every question of `rows` answered in `mode` (both contexts for a retrieval mode): (records, wall seconds).
+    schema: structured answers held to it (module docstring)."""
     if mode.retrieval and contexts is None:
         raise ValueError(f"mode {mode.name} needs an index (--index)")
-    prompts = _prompts(mode, rows, tokenizer, contexts, budget, k)
+    prompts = _prompts(mode, rows, tokenizer, contexts, budget, k, schema)
     known = {row.line: (contexts.gold_known[i] if contexts else True) for i, row in enumerate(rows)}
     t0 = time.perf_counter()
     handles: dict[tuple[int, ...], object] = {}
     for p in prompts:  # a prompt met twice (an unanswerable question's gold context is its retrieved one) runs once
         key = tuple(p.ids)
         if key not in handles:
-            handles[key] = engine.submit(Request(p.ids, max_new_tokens, seed=seed, adapter=mode.adapter))
+            held = None if p.schema is None else Constraint("json_schema", p.schema, "--json-schema")
+            handles[key] = engine.submit(Request(p.ids, max_new_tokens, seed=seed, adapter=mode.adapter,
+                                                 constraint=held))
     results = [handles[tuple(p.ids)].result() for p in prompts]
     wall = time.perf_counter() - t0
     aborted = [r for r in results if r.finish_reason == "abort"]

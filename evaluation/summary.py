@@ -33,10 +33,13 @@ METRICS = (
     Metric("cited_any", "cites", True, True),
     Metric("abstain", "abstain (unans.)", True, True),
     Metric("false_abstain", "false abstain", False, True),
+    Metric("json_valid", "JSON valid", True, True),      # evaluate --json-schema only
+    Metric("field_em", "field EM", True, True),          # rows whose answer is an object of fields
     Metric("ttft_s", "TTFT s", False, False),
     Metric("latency_s", "latency s", False, False),
     Metric("prompt_tokens", "prompt tok", False, False),
 )
+STRUCTURED = ("json_valid", "field_em")
 RETRIEVAL_METRICS = (Metric("recall", "recall@k", True, True), Metric("mrr", "MRR", True, True))
 CHART_METRICS = ("f1", "contains", "em", "cite_recall", "abstain")
 CONTEXT_ORDER = {"none": 0, "retrieved": 1, "gold": 2}
@@ -56,7 +59,7 @@ def summarize(records: list[dict], seconds: dict[str, float], seed: int = 0) -> 
     for (mode, context), recs in sorted(groups.items(), key=lambda kv: (order[kv[0][0]], CONTEXT_ORDER[kv[0][1]])):
         cells = {}
         for m in METRICS:
-            iv = bootstrap_mean((r[m.key] for r in recs), seed)
+            iv = bootstrap_mean((r.get(m.key) for r in recs), seed)
             cells[m.key] = iv.to_dict() if iv else None
         rows.append({"label": label(mode, context), "mode": mode, "context": context, "questions": len(recs),
                      "mode_seconds": seconds.get(mode), "metrics": cells})
@@ -106,15 +109,18 @@ def recommend(table: list[dict], retrieval: dict | None = None) -> list[str]:
     """Short sentences from the numbers: the winner on answers, on abstention, where retrieval costs, the price."""
     lines: list[str] = []
     deploy = [r for r in table if r["context"] != "gold"]
-    ranked = _best(deploy, "f1")
+    # structured answers (evaluate --json-schema) are judged by their fields, text answers by token F1
+    key, name, what = ("f1", "F1", "token F1, answerable questions")
+    if not _best(deploy, "f1") and _best(deploy, "field_em"):
+        key, name, what = ("field_em", "Field EM", "fields exactly right, structured answers")
+    ranked = _best(deploy, key)
     if not ranked:
         lines.append("No answerable question: answer quality cannot be compared (only abstention).")
     else:
         top = ranked[0]
-        lines.append(f"Best answers (token F1, answerable questions): {top['label']} with "
-                     f"{_pts(top['metrics']['f1']['mean'])}.")
+        lines.append(f"Best answers ({what}): {top['label']} with {_pts(top['metrics'][key]['mean'])}.")
         for other in ranked[1:]:
-            lines.append(_compare("F1", top, other, "f1", "F1"))
+            lines.append(_compare(name, top, other, key, name))
         by_contain = _best(deploy, "contains")
         top_contains = (top["metrics"].get("contains") or {"mean": -1.0})["mean"]
         if by_contain and by_contain[0]["metrics"]["contains"]["mean"] > top_contains:
@@ -136,16 +142,16 @@ def recommend(table: list[dict], retrieval: dict | None = None) -> list[str]:
         if r["context"] != "gold":
             continue
         ret = next((x for x in table if x["mode"] == r["mode"] and x["context"] == "retrieved"), None)
-        if ret and r["metrics"].get("f1") and ret["metrics"].get("f1"):
-            g, t = _iv(r["metrics"]["f1"]), _iv(ret["metrics"]["f1"])
+        if ret and r["metrics"].get(key) and ret["metrics"].get(key):
+            g, t = _iv(r["metrics"][key]), _iv(ret["metrics"][key])
             gap = 100 * (g.mean - t.mean)
             if not g.overlaps(t):
                 where = ("retrieval loses these points (a better retriever helps)" if gap > 0
                          else "retrieved context reads better than the gold documents alone")
             else:
                 where = (f"the intervals overlap, so these {g.n} questions do not show retrieval costing anything; "
-                         f"with the right documents in hand the reader reaches F1 {_pts(g.mean)}")
-            lines.append(f"{r['mode']}: F1 {_pts(t.mean)} with retrieved context, {_pts(g.mean)} with the gold "
+                         f"with the right documents in hand the reader reaches {name} {_pts(g.mean)}")
+            lines.append(f"{r['mode']}: {name} {_pts(t.mean)} with retrieved context, {_pts(g.mean)} with the gold "
                          f"documents ({gap:+.1f} points): {where}.")
     if ranked:
         top = ranked[0]

@@ -9,6 +9,9 @@
 3. `evaluate` answers every question of data/qa/test.jsonl in the modes base, rag, ft, rag+ft and raft+rag, and
    prints the table (with 95% bootstrap intervals) and the recommendation written from it; the report files
    (Markdown, JSON, PNG chart, per-question JSONL) go to $PHIFORGE_HOME/demo-eval/report.
+4. Structured answers: `evaluate --json-schema data/schemas/tariff.json` on data/qa/tariffs.jsonl (questions whose
+   answers are JSON fields) in the base and rag modes: how many answers are valid JSON of the schema, and how many
+   of their fields are right; the report goes to $PHIFORGE_HOME/demo-eval/report-json.
 
     python -m phiforge.demo_evaluate [--steps 60] [--raft-steps 30] [--retrain]
 """
@@ -27,6 +30,7 @@ from phiforge.demo_finetune import training_threads
 from phiforge.engine.atomic import write_json_atomic
 from phiforge.engine.formats.default_model import default_model_path
 from phiforge.engine.paths import phiforge_home
+from phiforge.engine.serve.constraint import read_schema
 from phiforge.engine.train.config import TrainConfig
 from phiforge.engine.train.loop import finetune
 from phiforge.evaluation import evaluate
@@ -112,6 +116,18 @@ def run_evaluate_demo(steps: int = 60, raft_steps: int = 30, lr: float = 3e-3, r
     print()
     print(markdown(report), end="")
     print(f"\nreport files (Markdown, JSON, chart.png, per-question results.jsonl) in {home / 'report'}")
+    structured(index, k, home / "report-json")
+    return report
+
+
+def structured(index: Path, k: int, out: Path) -> dict:
+    """Step 4: structured answers held to a schema, scored for validity and per-field exact match."""
+    data, schema = data_dir() / "qa" / "tariffs.jsonl", data_dir() / "schemas" / "tariff.json"
+    print(f"\nevaluate --json-schema {schema.name}: {data.name}, answers as JSON fields (base and rag)", flush=True)
+    report = evaluate(None, data, index=index, modes="base,rag", k=k, out=out, max_new_tokens=96, max_batch=8,
+                      json_schema=read_schema(schema), log=lambda s: print(f"  {s}", flush=True))
+    print()
+    print(markdown(report), end="")
     return report
 
 

@@ -4,6 +4,9 @@ One JSON object per line:
 
     {"question": "...", "answer": "...", "sources": ["04_burst_mains.html"], "answerable": true}
 
+`answer` may also be a JSON object: the fields a structured answer (`evaluate --json-schema`) should hold, kept in
+`QARow.fields` (and, compact, as the `answer` text).
+
 `sources` (optional, default []) names the documents that hold the answer by file name, the way an index's hits
 name them (`Path(hit.source).name`), so a set survives re-chunking. `answerable` (optional, default true) is false
 for a question the documents cannot answer; its `answer` is then the abstention the model should give. A bad row
@@ -40,14 +43,20 @@ class QARow:
     sources: tuple[str, ...] = field(default_factory=tuple)
     answerable: bool = True
     line: int = 0  # 1-based line in its file, for messages
+    fields: dict | None = None  # an object `answer`: the expected fields of a structured answer
 
 
 def _row(obj: object, where: str) -> QARow:
     if not isinstance(obj, dict):
         raise QAError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-    for k in ("question", "answer"):
-        if not isinstance(obj.get(k), str) or not obj[k].strip():
-            raise QAError(f"{where}: field {k!r} must be a non-empty string")
+    if not isinstance(obj.get("question"), str) or not obj["question"].strip():
+        raise QAError(f"{where}: field 'question' must be a non-empty string")
+    answer, fields = obj.get("answer"), None
+    if isinstance(answer, dict) and answer:
+        fields, answer = answer, json.dumps(answer, ensure_ascii=False, separators=(",", ":"))
+    if not isinstance(answer, str) or not answer.strip():
+        raise QAError(f"{where}: field 'answer' must be a non-empty string (or, for structured answers, a "
+                      "non-empty object)")
     sources = obj.get("sources", [])
     if not isinstance(sources, list) or not all(isinstance(s, str) and s.strip() for s in sources):
         raise QAError(f"{where}: field 'sources' must be a list of file names")
@@ -56,8 +65,8 @@ def _row(obj: object, where: str) -> QARow:
         raise QAError(f"{where}: field 'answerable' must be true or false")
     if not answerable and sources:
         raise QAError(f"{where}: an unanswerable question cannot have 'sources'")
-    return QARow(obj["question"].strip(), obj["answer"].strip(), tuple(Path(s).name for s in sources), answerable,
-                 int(where.rsplit(":", 1)[1]))
+    return QARow(obj["question"].strip(), answer.strip(), tuple(Path(s).name for s in sources), answerable,
+                 int(where.rsplit(":", 1)[1]), fields)
 
 
 def load_qa(path: str | Path) -> list[QARow]:
@@ -86,6 +95,9 @@ def abstained(text: str) -> bool:
     return bool(_ABSTAIN.search(text.lower().replace("\u2019", "'")))
 
 
-def closed_book_messages(question: str) -> list[dict]:
-    """The chat a question is asked in without sources (base and fine-tuned modes, and their training rows)."""
+def closed_book_messages(question: str, schema: dict | None = None) -> list[dict]:
+    """The chat a question is asked in without sources (base and fine-tuned modes, and their training rows); with
+    `schema`, the question asks for a JSON answer of that schema."""
+    if schema is not None:
+        question += "\nAnswer as JSON with this schema: " + json.dumps(schema)
     return [{"role": "system", "content": CLOSED_BOOK_SYSTEM}, {"role": "user", "content": question}]

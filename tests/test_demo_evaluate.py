@@ -5,9 +5,11 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import jsonschema
 import pytest
 
 from phiforge import demo_evaluate
+from phiforge.retrieval.qa import load_qa
 
 
 def _ft(tmp_path):
@@ -68,3 +70,16 @@ def test_interrupted_training_is_not_taken_as_trained(home, tmp_path):
     fake.interrupt = False
     demo_evaluate._adapter("ft", cfg, retrain=False)
     assert len(calls) == 2
+
+
+def test_the_structured_demo_data_fits_its_schema():
+    """Step 4's questions: each answer is an object valid against the shipped schema, its sources shipped, and
+    the numbers are the documents' own (so a right answer can score)."""
+    data = demo_evaluate.data_dir()
+    schema = demo_evaluate.read_schema(data / "schemas" / "tariff.json")
+    rows = load_qa(data / "qa" / "tariffs.jsonl")
+    assert rows and all(r.fields for r in rows)
+    for r in rows:
+        jsonschema.validate(r.fields, schema)
+        docs = [(data / "docs" / s).read_text() for s in r.sources]
+        assert all(any(f"£{v:.2f}" in d for d in docs) for v in r.fields.values() if isinstance(v, float))

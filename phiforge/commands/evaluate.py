@@ -4,6 +4,7 @@
     phiforge evaluate --model DIR --data data/qa/test.jsonl --index runs/index \\
         --adapter ft=runs/ft-lora --adapter raft=runs/raft-lora --out runs/eval
     phiforge evaluate --data qa.jsonl --index runs/tuned-index --retriever-baseline runs/index --modes rag
+    phiforge evaluate --data data/qa/tariffs.jsonl --index runs/index --json-schema data/schemas/tariff.json
 
 Prints the table and the recommendation; with --out also writes report.md, report.json, chart.png,
 results.jsonl and retrieval.jsonl there. Bad flags, a bad Q/A row (file:line), an unknown mode, a mode without
@@ -18,6 +19,7 @@ from pathlib import Path
 import torch
 
 from phiforge.engine.formats.peft import AdapterError
+from phiforge.engine.serve.constraint import read_schema
 from phiforge.engine.serve.request import EngineError
 from phiforge.evaluation import evaluate
 from phiforge.evaluation.pipeline import (DEFAULT_K, DEFAULT_MAX_BATCH, DEFAULT_MAX_NEW_TOKENS,
@@ -55,6 +57,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a second index over the same documents (e.g. the untuned encoder's): retrieval before/after")
     p.add_argument("--rerank", action="store_true", help="rerank --index's hits with the language model (the "
                    "reranker `index tune --rerank` saved beside its encoder, else the default model zero-shot)")
+    p.add_argument("--json-schema", default=None, metavar="FILE",
+                   help="structured answers: every answer held to the JSON schema in FILE, scored for validity and, "
+                        "on rows whose answer is an object, per-field exact match")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 
 
@@ -70,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
                       out=args.out, quant=args.quant, max_new_tokens=args.max_new_tokens, max_batch=args.max_batch,
                       seed=args.seed, retriever_baseline=args.retriever_baseline, rerank=args.rerank,
                       max_prompt_tokens=args.max_prompt_tokens,
+                      json_schema=read_schema(args.json_schema) if args.json_schema else None,
                       log=lambda s: print(f"phiforge evaluate: {s}", file=sys.stderr, flush=True))
     print(markdown(report), end="")
     if args.out:

@@ -8,6 +8,7 @@ import json
 import re
 import sys
 
+import jsonschema
 import numpy as np
 import pytest
 from hash_encoder import HashEncoder
@@ -25,6 +26,7 @@ from phiforge.evaluation.report import FILES
 from phiforge.evaluation.runner import run_mode
 from phiforge.evaluation.summary import METRICS
 from phiforge.retrieval.qa import ABSTAIN_ANSWER, QAError, closed_book_messages
+from phiforge.retrieval.rag import with_citations
 from phiforge.retrieval.store import Index
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -271,3 +273,52 @@ def test_ctrl_c_keeps_the_finished_modes(setup, tmp_path, monkeypatch):
     report = json.loads((tmp_path / "o" / "report.json").read_text())
     assert calls == ["base", "ft"] and report["interrupted"] is True and report["modes"] == ["base"]
     assert {json.loads(x)["mode"] for x in (tmp_path / "o" / "results.jsonl").read_text().splitlines()} == {"base"}
+
+
+# ---- structured answers (--json-schema) ----------------------------------------------------------------------------
+PRICE = {"type": "object", "properties": {"price": {"type": "number", "minimum": 0, "maximum": 10,
+                                                    "multipleOf": 0.01},
+                                          "unit": {"enum": ["cubic metre", "litre"]}},
+         "required": ["price", "unit"], "additionalProperties": False}
+
+
+def test_json_schema_answers_validate_and_score_their_fields(setup, tmp_path, capsys):
+    root, model, _, _ = setup
+    data = tmp_path / "fields.jsonl"
+    rows = [{"question": "What does residential water cost?", "answer": {"price": 1.87, "unit": "cubic metre"},
+             "sources": ["tariff.txt"]},
+            {"question": "What does sewerage cost?", "answer": {"price": 2.31, "unit": "cubic metre"},
+             "sources": ["tariff.txt"]},
+            {"question": "How often is pump 4 serviced?", "answer": "every 6 months", "sources": ["pumps.md"]}]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    report = evaluate(model, data, index=root / "index", modes="base,rag", k=K, out=out, max_new_tokens=40,
+                      max_batch=4, dtype=torch.float32, encoder=HashEncoder(), json_schema=PRICE, log=None)
+    records = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    assert len(records) == 3 * 3
+    for r in records:
+        assert r["em"] is None and r["f1"] is None and r["abstain"] is None   # text metrics stay off
+        valid = r["finish_reason"] == "stop"
+        assert r["json_valid"] == float(valid)
+        if not valid:
+            continue
+        got = json.loads(r["text"])
+        if r["context"] == "none":
+            jsonschema.validate(got, PRICE)
+        else:  # the citations field names only sources shown, and they are what is scored as cited
+            jsonschema.validate(got, with_citations(PRICE, len(r["shown"])))
+            assert r["cited"] == list(dict.fromkeys(got["citations"]))
+        gold = rows[r["line"] - 1]["answer"]
+        want = None if isinstance(gold, str) else \
+            (abs(got["price"] - gold["price"]) < 1e-9) / 2 + (got["unit"] == gold["unit"]) / 2
+        assert r["field_em"] == (pytest.approx(want) if want is not None else None)
+    assert any(r["json_valid"] for r in records)
+    md = (out / "report.md").read_text()
+    assert "| JSON valid | field EM |" in md and report["json_schema"] == PRICE
+    assert report["recommendation"][0].startswith("Best answers (fields exactly right, structured answers)")
+    assert "JSON valid" not in (setup[0] / "out" / "report.md").read_text()   # not shown for text answers
+    (tmp_path / "bad.json").write_text("{nope")
+    assert main(["evaluate", "--model", str(model), "--data", str(data), "--json-schema",
+                 str(tmp_path / "bad.json")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--json-schema" in err[0] and "not a JSON file" in err[0]

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from phiforge.evaluation.metrics import (Interval, abstention, bootstrap_mean, citation_scores, contains,
-                                         exact_match, extract_answer, mrr, normalize_answer, recall_at_k, token_f1)
+                                         exact_match, extract_answer, field_exact_match, mrr, normalize_answer,
+                                         recall_at_k, token_f1)
 from phiforge.retrieval.qa import ABSTAIN_ANSWER
 
 
@@ -128,3 +129,13 @@ def test_bootstrap_edge_cases():
     assert bootstrap_mean([1.0, 1.0, 1.0]) == Interval(1.0, 1.0, 1.0, 3)
     assert Interval(0.1, 0.0, 0.2, 5).overlaps(Interval(0.3, 0.2, 0.4, 5))
     assert not Interval(0.1, 0.0, 0.19, 5).overlaps(Interval(0.3, 0.2, 0.4, 5))
+
+
+def test_field_exact_match():
+    gold = {"price": 1.87, "unit": "cubic metre", "metered": True}
+    assert field_exact_match({"price": 1.870, "unit": "Cubic metre.", "metered": True}, gold) == 1.0
+    assert field_exact_match({"price": 1.88, "unit": "cubic metre", "metered": 1}, gold) == pytest.approx(1 / 3)
+    assert field_exact_match({"price": "1.87"}, gold) == 0.0      # a string is not the number
+    assert field_exact_match(None, gold) == 0.0                   # cut or not JSON
+    with pytest.raises(ValueError):
+        field_exact_match({}, {})

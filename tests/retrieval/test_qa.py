@@ -18,6 +18,12 @@ def test_rows_load_with_defaults(tmp_path):
     a, b = load_qa(p)
     assert (a.question, a.answer, a.sources, a.answerable, a.line) == ("Q1?", "A1", ("a.md",), True, 1)
     assert (b.sources, b.answerable, b.line) == ((), False, 3)
+    assert a.fields is None and b.fields is None
+
+
+def test_an_object_answer_is_the_fields_of_a_structured_answer(tmp_path):
+    (row,) = load_qa(_write(tmp_path, [{"question": "Price?", "answer": {"price": 1.87, "unit": "m³"}}]))
+    assert row.fields == {"price": 1.87, "unit": "m³"} and row.answer == '{"price":1.87,"unit":"m³"}'
 
 
 @pytest.mark.parametrize("row, why", [
@@ -25,6 +31,8 @@ def test_rows_load_with_defaults(tmp_path):
     ([1, 2], "expected a JSON object, got list"),
     ({"answer": "x"}, "field 'question' must be a non-empty string"),
     ({"question": "q", "answer": " "}, "field 'answer' must be a non-empty string"),
+    ({"question": "q", "answer": {}}, "(or, for structured answers, a non-empty object)"),
+    ({"question": "q", "answer": 3}, "field 'answer' must be a non-empty string"),
     ({"question": "q", "answer": "a", "sources": "a.md"}, "field 'sources' must be a list of file names"),
     ({"question": "q", "answer": "a", "answerable": "no"}, "field 'answerable' must be true or false"),
     ({"question": "q", "answer": "a", "answerable": False, "sources": ["a.md"]}, "cannot have 'sources'"),
