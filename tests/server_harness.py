@@ -34,12 +34,12 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def serving(model_dir, adapters=(), api_key=None, loaded=None, **engine_kw):
+def serving(model_dir, adapters=(), api_key=None, loaded=None, ignore_unknown_fields=False, **engine_kw):
     """A server over a fresh Engine (adapters loaded at its start) in a thread; yields (base url, engine); stops by
     itself, draining the engine."""
     model, tok = loaded or (load_model(model_dir, dtype=torch.float32), load_tokenizer(model_dir))
     engine = Engine(model, tok, adapters={name: str(path) for name, path in adapters} or None, **engine_kw)
-    app = create_app(engine, tok, model_name="tiny", api_key=api_key)
+    app = create_app(engine, tok, model_name="tiny", api_key=api_key, ignore_unknown_fields=ignore_unknown_fields)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)

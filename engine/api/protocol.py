@@ -7,13 +7,14 @@ engine/api/response.py shapes what comes back.
 Validation is by hand, not by a pydantic model: every rejection is a 400 whose `param` is the exact field at fault
 (`messages[2].content`, `stop[1]`), in OpenAI's error shape {"error": {"message", "type", "param", "code"}}, and
 the checks run before anything is tokenized or submitted. Booleans are never numbers here (`"max_tokens": true` is
-a 400, though Python's bool is an int). Unknown fields are ignored, as OpenAI's clients send extras (`user`,
-`metadata`); fields that would change the output and that this engine does not implement (`logit_bias`, `echo`,
-`best_of`, `functions`) are a 400 rather than silently ignored.
+a 400, though Python's bool is an int). Which fields exist, and which are honoured, accepted without effect or
+refused, is engine/api/fields.py's table: an unknown field is a 400 naming it (OpenAI's own API answers so), unless
+the server ignores unknown fields.
 
-What the engine is asked for beyond sampling: `response_format` (a Constraint), `tools` / `tool_choice` (an
-envelope constraint and the tools in the prompt, engine/api/tools.py), chat `logprobs` + `top_logprobs` (0-20) or
-completions `logprobs` (0-5), and `n` choices up to the server's `max_n`.
+What the engine is asked for beyond sampling (temperature, top_p, top_k, min_p, penalties, logit_bias, seed,
+stop): `response_format` (a Constraint), `tools` / `tool_choice` (an envelope constraint and the tools in the
+prompt, engine/api/tools.py), chat `logprobs` + `top_logprobs` (0-20) or completions `logprobs` (0-5), `n` choices
+up to the server's `max_n`, and for completions a list of prompts (one Request each).
 
 Adapters are chosen with the `model` field (vLLM's convention): the base model's name or a loaded adapter's name;
 an unknown name is a 404. A missing `model` means the base model.
@@ -24,7 +25,6 @@ max_tokens over the context is a 400 here, before any compute.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import numbers
 from dataclasses import dataclass
@@ -34,6 +34,7 @@ from phiforge.engine.serve.constraint import Constraint
 from phiforge.engine.serve.request import Request
 from phiforge.engine.serve.sampling import SamplingParams
 
+from .fields import FieldError, check_fields
 from .tools import ToolError, ToolSpec, parse_tools, past_turn
 
 MAX_CHAT_LOGPROBS, MAX_COMPLETION_LOGPROBS = 20, 5   # OpenAI's limits for top_logprobs and logprobs
@@ -44,9 +45,7 @@ ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: 
                413: "invalid_request_error", 429: "rate_limit_error", 499: "invalid_request_error",
                500: "server_error", 503: "unavailable_error"}
 ROLES = ("system", "developer", "user", "assistant", "tool")
-# fields whose effect this engine does not implement: allowed only at their "off" values
-UNSUPPORTED = {"logit_bias": (None, {}), "echo": (None, False), "suffix": (None, ""), "best_of": (None, 1),
-               "functions": (None, []), "function_call": (None, "none")}   # the last two: `tools`' old names
+MAX_PROMPTS = 64              # prompts in one completions request (each with its n choices)
 
 
 class APIError(Exception):
@@ -72,11 +71,15 @@ class Parsed:
     """A validated request: what the engine runs and how the response is to be shaped."""
     kind: str                   # "chat" | "completion"
     model: str                  # the name the client asked for (echoed in responses)
-    request: Request
+    requests: list[Request]     # one per prompt (chat: one); each runs n choices
     stream: bool
     include_usage: bool
-    n: int = 1                  # choices
+    n: int = 1                  # choices per prompt: choice j of prompt i has index i * n + j
     tools: ToolSpec | None = None   # chat with tools in play: the reply is a tool-call envelope (engine/api/tools.py)
+
+    @property
+    def request(self) -> Request:
+        return self.requests[0]
 
 
 # ---- field checks -------------------------------------------------------------------------------------------------
@@ -136,12 +139,6 @@ def _stop(body: dict) -> tuple[str, ...]:
     return tuple(items)
 
 
-def _unsupported(body: dict) -> None:
-    for name, off in UNSUPPORTED.items():
-        if name in body and body[name] not in off:
-            raise bad(name, f"'{name}' is not supported by this server")
-
-
 def _model(body: dict, models: Callable[[], list[str]]) -> tuple[str, str | None]:
     """(the name asked for, the adapter to run: None for the base). models()[0] is the base model's name."""
     names = models()
@@ -156,30 +153,52 @@ def _model(body: dict, models: Callable[[], list[str]]) -> tuple[str, str | None
     return v, (None if v == names[0] else v)
 
 
-def _sampling(body: dict) -> SamplingParams:
+def _logit_bias(body: dict, vocab: int) -> tuple[tuple[int, float], ...]:
+    """OpenAI's logit_bias: {"token id": bias in [-100, 100]}, every id inside the vocabulary."""
+    v = body.get("logit_bias")
+    if v is None:
+        return ()
+    if not isinstance(v, dict):
+        raise bad("logit_bias", f"'logit_bias' must be an object of token id -> bias, got {json.dumps(v)}")
+    out = []
+    for key, bias in v.items():
+        try:
+            tid = int(key)
+        except ValueError:
+            raise bad("logit_bias", f"logit_bias: {json.dumps(key)} is not a token id") from None
+        if not 0 <= tid < vocab:
+            raise bad("logit_bias", f"logit_bias: token id {tid} is outside the vocabulary [0, {vocab})")
+        if not _is_num(bias) or not -100 <= bias <= 100:
+            raise bad("logit_bias", f"logit_bias[{key}] must be a number in [-100, 100], got {json.dumps(bias)}")
+        out.append((tid, float(bias)))
+    return tuple(out)
+
+
+def _sampling(body: dict, vocab: int) -> SamplingParams:
     kw: dict[str, Any] = dict(temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
                               top_p=_number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True),
-                              repetition_penalty=_number(body, "repetition_penalty", 1.0, 0.0, 10.0, lo_open=True))
+                              repetition_penalty=_number(body, "repetition_penalty", 1.0, 0.0, 10.0, lo_open=True),
+                              min_p=_number(body, "min_p", 0.0, 0.0, 1.0), logit_bias=_logit_bias(body, vocab))
     top_k = body.get("top_k")
     if top_k is not None:
         if not _is_int(top_k) or top_k < -1:
             raise bad("top_k", f"'top_k' must be an integer >= -1 (-1 or 0: off), got {json.dumps(top_k)}")
         kw["top_k"] = None if top_k <= 0 else int(top_k)
-    known = {f.name for f in dataclasses.fields(SamplingParams)}
     for name in ("presence_penalty", "frequency_penalty"):
-        v = _number(body, name, 0.0, -2.0, 2.0)
-        if name in known:
-            kw[name] = v
-        elif v != 0.0:
-            raise bad(name, f"'{name}' is not supported by this engine")
+        kw[name] = _number(body, name, 0.0, -2.0, 2.0)
     return SamplingParams(**kw)
 
 
-def _common(body: Any, models: Callable[[], list[str]], max_n: int) -> dict[str, Any]:
-    """The fields chat and completions share, checked; the prompt, max_tokens and logprobs are each kind's own."""
+def _common(body: Any, models: Callable[[], list[str]], max_n: int, kind: str, vocab: int,
+            ignore_unknown: bool) -> dict[str, Any]:
+    """The fields chat and completions share, checked (engine/api/fields.py first: a refused or unknown field is
+    a 400); the prompt, max_tokens and logprobs are each kind's own."""
     if not isinstance(body, dict):
         raise bad(None, "the request body must be a JSON object")
-    _unsupported(body)
+    try:
+        check_fields(body, kind, ignore_unknown)
+    except FieldError as e:
+        raise bad(e.param, str(e)) from None
     n = _integer(body, "n", 1, max_n)
     model, adapter = _model(body, models)
     stream = _flag(body, "stream")
@@ -191,11 +210,14 @@ def _common(body: Any, models: Callable[[], list[str]], max_n: int) -> dict[str,
         if not isinstance(opts, dict):
             raise bad("stream_options", f"'stream_options' must be an object, got {json.dumps(opts)}")
         include_usage = _flag(opts, "include_usage")
+        extra = [k for k in opts if k != "include_usage"]
+        if extra:
+            raise bad(f"stream_options.{extra[0]}", f"stream_options.{extra[0]} is not supported (include_usage is)")
     seed = body.get("seed")
     if seed is not None and not _is_int(seed):
         raise bad("seed", f"'seed' must be an integer, got {json.dumps(seed)}")
     return dict(model=model, adapter=adapter, stream=stream, include_usage=include_usage, seed=seed,
-                stop=_stop(body), sampling=_sampling(body), constraint=_response_format(body), n=n or 1)
+                stop=_stop(body), sampling=_sampling(body, vocab), constraint=_response_format(body), n=n or 1)
 
 
 def _chat_logprobs(body: dict) -> int | None:
@@ -303,8 +325,8 @@ def _message_text(m: Any, i: int) -> dict[str, Any]:
 
 
 def parse_chat(body: Any, tokenizer: Any, max_context: int, models: Callable[[], list[str]],
-               max_n: int = DEFAULT_MAX_N) -> Parsed:
-    c = _common(body, models, max_n)
+               max_n: int = DEFAULT_MAX_N, vocab_size: int | None = None, ignore_unknown: bool = False) -> Parsed:
+    c = _common(body, models, max_n, "chat", vocab_size or tokenizer.vocab_size, ignore_unknown)
     logprobs = _chat_logprobs(body)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
@@ -331,41 +353,48 @@ def parse_chat(body: Any, tokenizer: Any, max_context: int, models: Callable[[],
     budget = _budget(ids, max_tokens, max_context, "messages", name)
     req = Request(prompt_ids=ids, max_tokens=budget, sampling=c["sampling"], seed=c["seed"], stop=c["stop"],
                   adapter=c["adapter"], constraint=c["constraint"], logprobs=logprobs)
-    return Parsed("chat", c["model"], req, c["stream"], c["include_usage"], c["n"], tools)
+    return Parsed("chat", c["model"], [req], c["stream"], c["include_usage"], c["n"], tools)
 
 
-def _prompt_ids(prompt: Any, tokenizer: Any, vocab: int) -> list[int]:
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-        prompt = prompt[0]  # a batch of one
+def _prompt_ids(prompt: Any, tokenizer: Any, vocab: int, where: str = "prompt") -> list[int]:
+    """One prompt: a string or a non-empty list of token ids."""
     if isinstance(prompt, str):
         ids = list(tokenizer.encode(prompt))
     elif isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt):
         for i, t in enumerate(prompt):
             if not 0 <= t < vocab:
-                raise bad(f"prompt[{i}]", f"token id {t} is outside the vocabulary [0, {vocab})")
+                raise bad(f"{where}[{i}]", f"token id {t} is outside the vocabulary [0, {vocab})")
         ids = [int(t) for t in prompt]
-    elif isinstance(prompt, list) and len(prompt) > 1:
-        raise bad("prompt", "only one prompt per request is supported (send one request per prompt)")
     else:
-        raise bad("prompt", "'prompt' must be a string or a non-empty list of token ids")
+        raise bad(where, f"'{where}' must be a string or a non-empty list of token ids")
     if not ids:
-        raise bad("prompt", "the prompt is empty: at least one token is needed to start generating")
+        raise bad(where, f"{where} is empty: at least one token is needed to start generating")
     return ids
 
 
+def _prompts(prompt: Any, tokenizer: Any, vocab: int) -> list[tuple[str, list[int]]]:
+    """(field, ids) of each prompt in OpenAI's four forms: a string, token ids, a list of strings, a list of
+    token-id lists."""
+    if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
+        if len(prompt) > MAX_PROMPTS:
+            raise bad("prompt", f"'prompt' holds {len(prompt)} prompts; at most {MAX_PROMPTS} per request")
+        return [(f"prompt[{i}]", _prompt_ids(p, tokenizer, vocab, f"prompt[{i}]")) for i, p in enumerate(prompt)]
+    return [("prompt", _prompt_ids(prompt, tokenizer, vocab))]
+
+
 def parse_completion(body: Any, tokenizer: Any, max_context: int, models: Callable[[], list[str]],
-                     vocab_size: int | None = None, max_n: int = DEFAULT_MAX_N) -> Parsed:
-    c = _common(body, models, max_n)
-    for name in ("tools", "tool_choice"):
-        if body.get(name) not in (None, [], "none"):
-            raise bad(name, f"'{name}' is a chat completions field (POST /v1/chat/completions)")
+                     vocab_size: int | None = None, max_n: int = DEFAULT_MAX_N,
+                     ignore_unknown: bool = False) -> Parsed:
+    vocab = vocab_size or tokenizer.vocab_size
+    c = _common(body, models, max_n, "completion", vocab, ignore_unknown)
     logprobs = _integer(body, "logprobs", 0, MAX_COMPLETION_LOGPROBS)
     if "prompt" not in body:
         raise bad("prompt", "'prompt' is required")
-    ids = _prompt_ids(body["prompt"], tokenizer, vocab_size or tokenizer.vocab_size)
     max_tokens = _integer(body, "max_tokens", 1)
-    budget = _budget(ids, COMPLETION_DEFAULT_TOKENS if max_tokens is None else max_tokens, max_context, "prompt",
-                     "max_tokens")
-    req = Request(prompt_ids=ids, max_tokens=budget, sampling=c["sampling"], seed=c["seed"], stop=c["stop"],
-                  adapter=c["adapter"], constraint=c["constraint"], logprobs=logprobs)
-    return Parsed("completion", c["model"], req, c["stream"], c["include_usage"], c["n"])
+    reqs = []
+    for where, ids in _prompts(body["prompt"], tokenizer, vocab):
+        budget = _budget(ids, COMPLETION_DEFAULT_TOKENS if max_tokens is None else max_tokens, max_context, where,
+                         "max_tokens")
+        reqs.append(Request(prompt_ids=ids, max_tokens=budget, sampling=c["sampling"], seed=c["seed"],
+                            stop=c["stop"], adapter=c["adapter"], constraint=c["constraint"], logprobs=logprobs))
+    return Parsed("completion", c["model"], reqs, c["stream"], c["include_usage"], c["n"])

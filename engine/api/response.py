@@ -27,11 +27,13 @@ def response_id(p: Parsed) -> str:
     return ("chatcmpl-" if p.kind == "chat" else "cmpl-") + p.request.id
 
 
-def usage(rs: list[Result]) -> dict[str, Any]:
-    """The prompt counted once, the completions of every choice summed (OpenAI's rule for n > 1)."""
-    prompt, done = rs[0].usage.prompt_tokens, sum(r.usage.completion_tokens for r in rs)
+def usage(rs: list[Result], n: int = 1) -> dict[str, Any]:
+    """Each prompt counted once (its first choice's), the completions of every choice summed (OpenAI's rule for
+    n > 1 and for a list of prompts)."""
+    firsts = rs[::n]
+    prompt, done = sum(r.usage.prompt_tokens for r in firsts), sum(r.usage.completion_tokens for r in rs)
     return {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done,
-            "prompt_tokens_details": {"cached_tokens": rs[0].usage.cached_tokens}}
+            "prompt_tokens_details": {"cached_tokens": sum(r.usage.cached_tokens for r in firsts)}}
 
 
 class Logprobs:
@@ -101,7 +103,7 @@ def response(p: Parsed, rs: list[Result], tokenizer: Any, created: int | None = 
             choices.append({"index": i, "text": r.text, "logprobs": lp.completion(r.logprobs, i),
                             "finish_reason": r.finish_reason})
     return {"id": response_id(p), "object": "chat.completion" if p.kind == "chat" else "text_completion",
-            "created": created or int(time.time()), "model": p.model, "choices": choices, "usage": usage(rs)}
+            "created": created or int(time.time()), "model": p.model, "choices": choices, "usage": usage(rs, p.n)}
 
 
 class Chunks:
@@ -112,7 +114,7 @@ class Chunks:
     def __init__(self, p: Parsed, tokenizer: Any) -> None:
         self.p, self.created, self.id = p, int(time.time()), response_id(p)
         self.lp = Logprobs(tokenizer)
-        self.tools = [ToolStream() for _ in range(p.n)] if p.tools is not None else None   # per choice
+        self.tools = [ToolStream() for _ in range(p.n)] if p.tools is not None else None   # per choice (chat)
 
     def _chunk(self, choices: list[dict], usage_: dict | None = None, last: bool = False) -> str:
         chunk: dict[str, Any] = {"id": self.id, "object": "chat.completion.chunk" if self.p.kind == "chat"
@@ -134,7 +136,7 @@ class Chunks:
         """The chat role chunks, sent before any token so the client sees the stream open at once."""
         if self.p.kind != "chat":
             return None
-        return "".join(self._chunk([self._choice(i, None, None, role=True)]) for i in range(self.p.n))
+        return "".join(self._chunk([self._choice(i, None, None, role=True)]) for i in range(self.p.n))  # chat: 1 prompt
 
     def delta(self, d: Delta, i: int = 0) -> str | None:
         """A chunk for the Delta when it has text or logprobs (a held-back character waits for its text)."""
@@ -153,7 +155,7 @@ class Chunks:
         return self._chunk([self._choice(i, None if self.p.kind == "chat" else "", reason)])
 
     def usage(self, rs: list[Result]) -> str:
-        return self._chunk([], usage(rs), last=True) if self.p.include_usage else ""
+        return self._chunk([], usage(rs, self.p.n), last=True) if self.p.include_usage else ""
 
     @staticmethod
     def error(e: APIError) -> str:

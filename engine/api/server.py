@@ -79,9 +79,10 @@ STATS = {
 class _Served:
     """What the routes share: the engine, its tokenizer, the names, the histograms."""
 
-    def __init__(self, engine: Any, tokenizer: Any, model_name: str, api_key: str | None, max_n: int) -> None:
+    def __init__(self, engine: Any, tokenizer: Any, model_name: str, api_key: str | None, max_n: int,
+                 ignore_unknown: bool) -> None:
         self.engine, self.tokenizer, self.model_name, self.api_key = engine, tokenizer, model_name, api_key
-        self.max_n = max_n
+        self.max_n, self.ignore_unknown = max_n, ignore_unknown
         self.draining = False
         self.created = int(time.time())
         self.ttft = Histogram("phiforge:time_to_first_token_seconds", "submit to first token")
@@ -132,25 +133,34 @@ class _Served:
         return {"id": name, "object": "model", "deleted": True}
 
     def submit(self, p: Parsed) -> list[Any]:
-        """The request's n handles (engine.submit_choices), or the APIError the engine's refusal maps to."""
+        """Every prompt's n handles (engine.submit_choices; prompt i's are handles[i * n:(i + 1) * n]), or the
+        APIError the engine's refusal maps to; a prompt refused aborts the ones before it."""
         if self.draining:
             raise APIError(503, "the server is shutting down", code="shutting_down")
+        handles: list[Any] = []
         try:
-            return self.engine.submit_choices(p.request, p.n)
-        except QueueFull as e:
-            raise APIError(429, f"the server is at capacity: {e}", code="queue_full",
-                           headers={"Retry-After": str(RETRY_AFTER_S)}) from None
-        except UnknownAdapter as e:
-            raise APIError(404, str(e), param="model", code="model_not_found") from None
-        except EngineStopped as e:
-            raise APIError(503, str(e), code="shutting_down") from None
-        except EngineError as e:  # PromptTooLong, InvalidRequest: a 400 naming the field
-            if e.field == "tools" and p.tools is not None:  # which tool's parameters the grammar could not take
-                try:
-                    check_tool_parameters(p.tools, self.engine.check_constraint)
-                except ToolError as bad_tool:
-                    raise APIError(400, str(bad_tool), param=bad_tool.param) from None
-            raise APIError(400, str(e), param=e.field) from None
+            for r in p.requests:
+                handles += self.engine.submit_choices(r, p.n)
+            return handles
+        except EngineError as e:
+            for h in handles:
+                h.abort()
+            raise self._api_error(p, e) from None
+
+    def _api_error(self, p: Parsed, e: EngineError) -> APIError:
+        if isinstance(e, QueueFull):
+            return APIError(429, f"the server is at capacity: {e}", code="queue_full",
+                            headers={"Retry-After": str(RETRY_AFTER_S)})
+        if isinstance(e, UnknownAdapter):
+            return APIError(404, str(e), param="model", code="model_not_found")
+        if isinstance(e, EngineStopped):
+            return APIError(503, str(e), code="shutting_down")
+        if e.field == "tools" and p.tools is not None:  # which tool's parameters the grammar could not take
+            try:
+                check_tool_parameters(p.tools, self.engine.check_constraint)
+            except ToolError as bad_tool:
+                return APIError(400, str(bad_tool), param=bad_tool.param)
+        return APIError(400, str(e), param=e.field)  # PromptTooLong, InvalidRequest: a 400 naming the field
 
     # ---- running ---------------------------------------------------------------------------------------------------
     def _tick(self, last: float | None, d: Any) -> float:
@@ -303,10 +313,11 @@ async def _json_body(request: HTTPRequest) -> Any:
 
 
 def create_app(engine: Any, tokenizer: Any, *, model_name: str, api_key: str | None = None,
-               max_n: int = DEFAULT_MAX_N) -> FastAPI:
+               max_n: int = DEFAULT_MAX_N, ignore_unknown_fields: bool = False) -> FastAPI:
     """The app over a started Engine; its shutdown (SIGTERM under uvicorn) drains and stops the engine. max_n: the
-    most choices one request may ask for (`n`)."""
-    served = _Served(engine, tokenizer, model_name, api_key, max_n)
+    most choices one request may ask for (`n`); ignore_unknown_fields: log a request field that is in neither
+    endpoint's table (engine/api/fields.py) and go on, instead of the 400."""
+    served = _Served(engine, tokenizer, model_name, api_key, max_n, ignore_unknown_fields)
     vocab = getattr(getattr(getattr(engine, "model", None), "config", None), "vocab_size", None)
 
     @asynccontextmanager
@@ -336,9 +347,11 @@ def create_app(engine: Any, tokenizer: Any, *, model_name: str, api_key: str | N
         served.check_key(request)
         body = await _json_body(request)
         if kind == "chat":
-            p = parse_chat(body, tokenizer, engine.max_context, served.models, served.max_n)
+            p = parse_chat(body, tokenizer, engine.max_context, served.models, served.max_n, vocab,
+                           served.ignore_unknown)
         else:
-            p = parse_completion(body, tokenizer, engine.max_context, served.models, vocab, served.max_n)
+            p = parse_completion(body, tokenizer, engine.max_context, served.models, vocab, served.max_n,
+                                 served.ignore_unknown)
         # off the event loop: a constrained request's first compile of its grammar must not stall other streams
         handles = await asyncio.to_thread(served.submit, p)
         if p.stream:

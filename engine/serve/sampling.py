@@ -1,12 +1,17 @@
-"""Next-token choice: repetition penalty, temperature, top-k, top-p, then a seeded draw (or argmax).
+"""Next-token choice: logit bias, repetition penalty, temperature, top-k, top-p, min-p, then a seeded draw (or argmax).
 
-The order is transformers' (`RepetitionPenaltyLogitsProcessor` → `TemperatureLogitsWarper` → `TopKLogitsWarper`
-→ `TopPLogitsWarper` → softmax → multinomial), so the same settings mean the same distribution:
+The order is transformers' (`SequenceBiasLogitsProcessor` → `RepetitionPenaltyLogitsProcessor` →
+`TemperatureLogitsWarper` → `TopKLogitsWarper` → `TopPLogitsWarper` → `MinPLogitsWarper` → softmax → multinomial),
+so the same settings mean the same distribution:
 
     l'_v = l_v / p   if v was seen and l_v > 0        (repetition penalty p, CTRL-style; seen = prompt + output)
          = l_v * p   if v was seen and l_v <= 0
     q    = softmax(l' / T) restricted to the k largest, then to the smallest prefix of the sorted tokens whose
-           mass reaches top_p (always at least one token)
+           mass reaches top_p (always at least one token), then to the tokens whose probability is at least
+           min_p times the most likely one's
+
+OpenAI's logit bias is added first: l_v += bias_v (bias in [-100, 100]: -100 bans v in practice, +100 all but
+forces it).
 
 Presence / frequency penalties (OpenAI's, applied after the repetition penalty, on output tokens only):
     l'_v -= presence · [c_v > 0] + frequency · c_v      c_v = how often v was generated so far
@@ -35,6 +40,8 @@ class SamplingParams:
     repetition_penalty: float = 1.0   # 1.0: off
     presence_penalty: float = 0.0     # 0.0: off (OpenAI's range is [-2, 2])
     frequency_penalty: float = 0.0    # 0.0: off
+    min_p: float = 0.0                # 0.0: off
+    logit_bias: tuple[tuple[int, float], ...] = ()   # (token id, added to its logit); (): off
 
     def __post_init__(self) -> None:
         if not self.temperature >= 0:
@@ -49,6 +56,11 @@ class SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2.0 <= getattr(self, name) <= 2.0:
                 raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        for tid, bias in self.logit_bias:
+            if not (isinstance(tid, int) and tid >= 0 and -100.0 <= bias <= 100.0):
+                raise ValueError(f"logit_bias entries are (token id >= 0, bias in [-100, 100]), got {(tid, bias)}")
 
     @property
     def greedy(self) -> bool:
@@ -101,8 +113,8 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     return torch.where(seen, penalized, logits)
 
 
-def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float) -> torch.Tensor:
-    """Set everything outside the top-k / top-p set to -inf. logits (B, V) already divided by temperature."""
+def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float, min_p: float = 0.0) -> torch.Tensor:
+    """Set everything outside the top-k / top-p / min-p set to -inf. logits (B, V) already divided by temperature."""
     if top_k and top_k < logits.shape[-1]:
         kth = logits.topk(top_k, dim=-1).values[:, -1:]                  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -114,6 +126,10 @@ def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float) -> torc
         drop_sorted = (probs.cumsum(dim=-1) - probs) >= top_p
         drop = torch.zeros_like(drop_sorted).scatter_(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
+    if min_p > 0.0:
+        probs = logits.softmax(dim=-1)                                   # (B, V)
+        floor = min_p * probs.amax(dim=-1, keepdim=True)                 # (B, 1); the top token always stays
+        logits = logits.masked_fill(probs < floor, float("-inf"))
     return logits
 
 
@@ -125,13 +141,16 @@ def sample(logits: torch.Tensor, params: SamplingParams, generators: list[torch.
     has one entry per row; `counts` (B, V) how often each token was generated (presence/frequency penalties).
     """
     logits = logits.float()
+    if params.logit_bias:
+        ids = torch.tensor([t for t, _ in params.logit_bias])
+        logits = logits.index_add(-1, ids, torch.tensor([b for _, b in params.logit_bias]).expand(logits.shape[0], -1))
     if seen is not None:
         logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
     if counts is not None and (params.presence_penalty or params.frequency_penalty):
         logits = logits - params.presence_penalty * (counts > 0) - params.frequency_penalty * counts
     if params.greedy:
         return logits.argmax(dim=-1)
-    logits = filter_logits(logits / params.temperature, params.top_k, params.top_p)
+    logits = filter_logits(logits / params.temperature, params.top_k, params.top_p, params.min_p)
     probs = logits.softmax(dim=-1)                                       # (B, V)
     out = torch.empty(probs.shape[0], dtype=torch.long)
     for b, g in enumerate(generators):  # per-row generators: a row's draw never depends on its batch mates

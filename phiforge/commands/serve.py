@@ -50,6 +50,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-queue", type=int, default=256, help="requests waiting beyond the batch; more get a 429")
     p.add_argument("--max-n", type=int, default=DEFAULT_MAX_N, metavar="N",
                    help=f"choices one request may ask for with 'n' (at most --max-batch; default {DEFAULT_MAX_N})")
+    p.add_argument("--ignore-unknown-fields", action="store_true",
+                   help="log and ignore request fields OpenAI's API does not have (default: a 400 naming the field)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
@@ -104,7 +106,8 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as e:  # the loaders' errors name the file and the field
         print(f"phiforge serve: {e}", file=sys.stderr)
         return 2
-    app = create_app(engine, tokenizer, model_name=name, api_key=args.api_key, max_n=min(args.max_n, args.max_batch))
+    app = create_app(engine, tokenizer, model_name=name, api_key=args.api_key, max_n=min(args.max_n, args.max_batch),
+                     ignore_unknown_fields=args.ignore_unknown_fields)
     print(f"phiforge serve: {name} ({', '.join([n for n, _ in adapters]) or 'no adapters'}) on "
           f"http://{args.host}:{args.port}/v1", file=sys.stderr)
     run_server(app, args.host, args.port, log_level=args.log_level)

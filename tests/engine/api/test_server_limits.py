@@ -90,7 +90,10 @@ BAD = [  # (route, body (a str is sent raw), status, param)
     ("chat", {"model": "nope", "messages": MSG}, 404, "model"),
     ("completions", {"model": "tiny"}, 400, "prompt"),
     ("completions", {"model": "tiny", "prompt": {"a": 1}}, 400, "prompt"),
-    ("completions", {"model": "tiny", "prompt": ["a", "b"]}, 400, "prompt"),
+    ("completions", {"model": "tiny", "prompt": ["a", 5]}, 400, "prompt"),
+    ("completions", {"model": "tiny", "prompt": ["a", ["b"]]}, 400, "prompt[1]"),
+    ("completions", {"model": "tiny", "prompt": ["a", [1, 10 ** 9]]}, 400, "prompt[1][1]"),
+    ("completions", {"model": "tiny", "prompt": ["a"] * 65}, 400, "prompt"),
     ("completions", {"model": "tiny", "prompt": [1, 10 ** 9]}, 400, "prompt[1]"),
     ("completions", {"model": "tiny", "prompt": "x " * 600}, 400, "prompt"),
 ]
