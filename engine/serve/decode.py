@@ -99,9 +99,14 @@ class DecodeStep:
     with rows of the other as long as each step runs one regime. `native=False` keeps the whole step in torch.
     Adapter rows (AdapterSet.rows around the call) run natively too; `steps` counts the calls each path took."""
 
-    def __init__(self, model: nn.Module, cache, rope_long: bool | None = None, native: bool = True) -> None:
+    def __init__(self, model: nn.Module, cache, rope_long: bool | None = None, native: bool = True,
+                 batch_invariant: bool = False) -> None:
+        """batch_invariant: in the native step, a row's logits are bitwise the same whatever else is in the call (one
+        kernel for every row count). The torch step makes no such promise: its batched matmuls pick kernels by
+        shape."""
         cfg = model.config
         self.model, self.cache, self.cfg = model, cache, cfg
+        self.batch_invariant = batch_invariant
         self.layers = list(model.model.layers)
         # per layer: (input norm, qkv, o, post-attention norm, gate_up, down), looked up once
         self.procs = []
@@ -124,6 +129,8 @@ class DecodeStep:
         weights = decode_weights(model) if native else None
         self.native = None if weights is None else NativeDecode.create(
             weights, cache.k, cache.v, cache.pos, self.cos, self.sin)                  # one C call a step
+        if self.native is not None:
+            self.native.set_invariant(batch_invariant)
         # per layer the multi-LoRA projections (qkv, o, gate_up, down; None where plain), handed to the native step
         sites = [(layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj)
                  for layer in self.layers]

@@ -73,11 +73,12 @@ class Engine:
     def __init__(self, model: torch.nn.Module, tokenizer: Any, *, max_batch: int = 16, kv_tokens: int | None = None,
                  prefill_chunk: int = 256, step_tokens: int = 4096, max_queue: int = 256,
                  max_adapters: int | None = None, adapters: dict[str, str] | None = None, prefix_cache: bool = True,
-                 lean_decode: bool = True, start: bool = True) -> None:
+                 lean_decode: bool = True, batch_invariant: bool = True, start: bool = True) -> None:
         """prefill_chunk: prompt tokens a request prefills per step; step_tokens: prompt tokens per step in all
         (engine/serve/scheduler.py says why two budgets); max_adapters: adapter slots (None:
         multi_lora.DEFAULT_MAX_ADAPTERS when `adapters` are given, else none; 0: none, and the model is left as it is);
-        adapters: name -> PEFT directory, loaded at start."""
+        adapters: name -> PEFT directory, loaded at start; batch_invariant: a request's logits do not depend on what
+        else runs (module docstring), at the price of engine/serve/scheduler.py's rules for it."""
         cfg = model.config
         for name, v in (("max_batch", max_batch), ("prefill_chunk", prefill_chunk), ("step_tokens", step_tokens),
                         ("max_queue", max_queue)):
@@ -90,8 +91,9 @@ class Engine:
         self.model, self.tokenizer, self.config = model.eval(), tokenizer, cfg
         self.stop_ids = frozenset(int(i) for i in tokenizer.stop_ids)
         self.kv = KVMemory(model, max_batch, min(row_len, cfg.max_position_embeddings))
-        self.scheduler = Scheduler(self.kv, prefill_chunk, step_tokens, model.rotary_emb.use_long)
+        self.scheduler = Scheduler(self.kv, prefill_chunk, step_tokens, model.rotary_emb.use_long, batch_invariant)
         self.scheduler.prefix_reuse = prefix_cache
+        self.batch_invariant = batch_invariant
         self.adapter_set = serving_adapters(model, dict(adapters or {}), max_adapters)
         self.max_adapters = 0 if self.adapter_set is None else self.adapter_set.max_adapters
         self._loads = itertools.count()
@@ -330,7 +332,7 @@ class Engine:
                 out = self.model(torch.tensor([ids]), position_ids=torch.arange(start, start + n)[None],
                                  cache=self.kv.view(seq.row, seq.rope_long), num_logits=1,
                                  return_hidden=not last)
-            self.kv.wrote(seq.row, ids)
+            self.kv.wrote(seq.row, ids, prefill=True)
             seq.computed += n
             if last:
                 ready.append((seq, out[0, -1]))                                       # (V,)
@@ -347,27 +349,34 @@ class Engine:
             group = [q for q in seqs if q.rope_long == long]
             if not group:
                 continue
-            tokens = torch.tensor([q.out[-1] for q in group])                          # (B,)
-            slots = torch.tensor([self.kv.length[q.row] for q in group])               # (B,) slot = position
-            rows = torch.tensor([q.row for q in group])                                # (B,)
-            lora = torch.tensor([q.slot for q in group])                               # (B,) adapter slots
-            if self.lean_decode:
-                step = self._decode.get(long)
-                if step is None:
-                    step = self._decode[long] = DecodeStep(self.model, self.kv.cache, rope_long=long)
-                with self._rows(lora):
-                    logits = step(tokens, slots, rows, slots)                          # (B, V)
-            else:  # model.forward, one row at a time (any model that takes a cache)
-                logits = []
-                for b, q in enumerate(group):
-                    with self._rows(lora[b:b + 1]):
-                        logits.append(self.model(tokens[b:b + 1, None], position_ids=slots[b:b + 1, None],
-                                                 cache=self.kv.view(q.row, long))[:, -1])  # (1, V)
-                logits = torch.cat(logits)                                             # (B, V)
-            for b, q in enumerate(group):
-                self.kv.wrote(q.row, [q.out[-1]])
-                ready.append((q, logits[b]))
+            if not self.lean_decode:  # model.forward, one row at a time (any model that takes a cache)
+                for q in group:
+                    ready += self._decode_call(None, [q], long)
+                continue
+            step = self._decode.get(long)
+            if step is None:
+                step = self._decode[long] = DecodeStep(self.model, self.kv.cache, rope_long=long,
+                                                       batch_invariant=self.batch_invariant)
+            # batch-invariant: never more rows a call than the native step takes (the torch step's sums differ)
+            size = step.native.max_rows if self.batch_invariant and step.native is not None else len(group)
+            for i in range(0, len(group), size):
+                ready += self._decode_call(step, group[i:i + size], long)
         return ready
+
+    def _decode_call(self, step: DecodeStep | None, group: list[Sequence],
+                     long: bool) -> list[tuple[Sequence, torch.Tensor]]:
+        tokens = torch.tensor([q.out[-1] for q in group])                              # (B,)
+        slots = torch.tensor([self.kv.length[q.row] for q in group])                   # (B,) slot = position
+        lora = torch.tensor([q.slot for q in group])                                   # (B,) adapter slots
+        with self._rows(lora):
+            if step is not None:
+                logits = step(tokens, slots, torch.tensor([q.row for q in group]), slots)   # (B, V)
+            else:
+                logits = self.model(tokens[:, None], position_ids=slots[:, None],
+                                    cache=self.kv.view(group[0].row, long))[:, -1]  # (1, V)
+        for b, q in enumerate(group):
+            self.kv.wrote(q.row, [q.out[-1]])
+        return [(q, logits[b]) for b, q in enumerate(group)]
 
     def _rows(self, slots):
         return nullcontext() if self.adapter_set is None else self.adapter_set.rows(torch.as_tensor(slots))

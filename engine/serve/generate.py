@@ -119,7 +119,7 @@ class Generator:
     concurrent one is a RuntimeError: use one Generator per thread); the module docstring gives the loop, its policies and the results."""
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, prefill_chunk: int = 512,
-                 lean_decode: bool = True, prefix_cache: bool = False) -> None:
+                 lean_decode: bool = True, prefix_cache: bool = False, batch_invariant: bool = True) -> None:
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
         self.model = model.eval()
@@ -130,6 +130,7 @@ class Generator:
         self.lean_decode = lean_decode  # engine/serve/decode.py's DecodeStep (else model.forward) for one-token steps
         self._engine: Engine | None = None  # kept across calls while the row count matches and rows are long enough
         self.prefix_cache = prefix_cache  # opt-in: a one-prompt call reuses the previous call's leading K/V
+        self.batch_invariant = batch_invariant  # Engine's: a prompt's output does not depend on its batch mates
         self.reused_tokens = 0            # how many prompt tokens the last call took from the cache
         self._busy = threading.Lock()     # one call at a time: the Generator owns one KV cache
 
@@ -237,7 +238,8 @@ class Generator:
             self._engine = e = None  # free the old cache before allocating
             slots = min(max(need, -(-need // 256) * 256), self.config.max_position_embeddings)
             e = self._engine = Engine(self.model, self.tokenizer, max_batch=rows, kv_tokens=rows * slots,
-                                      prefill_chunk=self.prefill_chunk, lean_decode=self.lean_decode, start=False)
+                                      prefill_chunk=self.prefill_chunk, lean_decode=self.lean_decode,
+                                      batch_invariant=self.batch_invariant, start=False)
         e.prefill_chunk = self.prefill_chunk
         e.scheduler.prefix_reuse = self.prefix_cache and one
         if not one:

@@ -56,6 +56,7 @@ class KVMemory:
         self.length = [0] * rows                  # slots written in each row (the running request's tokens so far)
         self.held: list[list[int]] = [[] for _ in range(rows)]  # token of each written slot, for prefix reuse
         self.key: list[object] = [None] * rows    # what wrote the row's K/V (the adapter); reuse needs the same
+        self.prefilled = [0] * rows               # leading slots written by prefill chunks (the rest: decode steps)
 
     @property
     def used_tokens(self) -> int:
@@ -66,9 +67,12 @@ class KVMemory:
     def total_tokens(self) -> int:
         return self.rows * self.row_len
 
-    def acquire(self, prompt: list[int], reuse: bool, key: object = None) -> tuple[int, int] | None:
+    def acquire(self, prompt: list[int], reuse: bool, key: object = None,
+                align: int | None = None) -> tuple[int, int] | None:
         """(row, cached) for a new request: a free row and how many leading prompt tokens it already holds (only
-        rows written under the same `key` count); None when no row is free."""
+        rows written under the same `key` count); None when no row is free. `align` (batch-invariant prefill):
+        reuse only slots a prefill wrote, and a multiple of `align` of them, so what is left to prefill runs in the
+        very chunks a fresh prefill would run, and each reused slot holds what that chunk wrote."""
         if not self.free:
             return None
         best, cached = self.free[0], 0
@@ -77,6 +81,8 @@ class KVMemory:
                 if self.key[r] != key:
                     continue
                 n = _common_prefix(self.held[r], prompt, len(prompt) - 1)
+                if align:
+                    n = min(n, self.prefilled[r]) // align * align
                 if n > cached:
                     best, cached = r, n
         self.free.remove(best)
@@ -84,6 +90,7 @@ class KVMemory:
         self.length[best] = cached
         del self.held[best][cached:]
         self.key[best] = key
+        self.prefilled[best] = min(cached, self.prefilled[best])
         return best, cached
 
     def release(self, row: int) -> None:
@@ -94,7 +101,7 @@ class KVMemory:
         """Drop every free row's held tokens: nothing is reused from before this call."""
         for r in self.free:
             self.held[r].clear()
-            self.length[r] = 0
+            self.length[r] = self.prefilled[r] = 0
 
     def view(self, row: int, rope_long: bool) -> KVRow:
         return KVRow(self.cache, row, self.length[row], rope_long)
@@ -106,9 +113,12 @@ class KVMemory:
         self.cache.v[:, dst, :, :n] = self.cache.v[:, src, :, :n]                 # (L, nkv, n, hs)
         self.cache.pos[dst] = self.cache.pos[src]                                 # (S,)
         self.length[dst], self.held[dst], self.key[dst] = n, list(self.held[src]), self.key[src]
+        self.prefilled[dst] = self.prefilled[src]
 
-    def wrote(self, row: int, tokens: list[int]) -> None:
-        """Record that `tokens` went into the row's next slots."""
+    def wrote(self, row: int, tokens: list[int], prefill: bool = False) -> None:
+        """Record that `tokens` went into the row's next slots (`prefill`: by a prefill chunk)."""
+        if prefill and self.prefilled[row] == self.length[row]:
+            self.prefilled[row] += len(tokens)
         self.length[row] += len(tokens)
         self.held[row].extend(tokens)
 

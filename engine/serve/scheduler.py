@@ -84,8 +84,9 @@ class Plan:
 
 
 class Scheduler:
-    def __init__(self, kv: KVMemory, prefill_chunk: int, step_tokens: int, use_long) -> None:
+    def __init__(self, kv: KVMemory, prefill_chunk: int, step_tokens: int, use_long, invariant: bool = False) -> None:
         self.kv, self.prefill_chunk, self.step_tokens, self.use_long = kv, prefill_chunk, step_tokens, use_long
+        self.invariant = invariant
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []       # in admission order
         self.prefix_reuse = True
@@ -124,7 +125,8 @@ class Scheduler:
         prompt = seq.req.prompt_ids
         # the largest position it may run at: the last new token is sampled, never fed back
         seq.rope_long = self.use_long(len(prompt) + seq.req.max_tokens - 2)
-        seq.row, seq.cached = self.kv.acquire(prompt, self.prefix_reuse and seq.fork_of is None, seq.kv_key)
+        seq.row, seq.cached = self.kv.acquire(prompt, self.prefix_reuse and seq.fork_of is None, seq.kv_key,
+                                              self.chunk if self.invariant else None)
         seq.computed = seq.cached
         self.running.append(seq)
 
@@ -134,13 +136,20 @@ class Scheduler:
             if seq.prefilling:
                 if seq.fork_of is not None and seq.fork_of in self.running and seq.fork_of.prefilling:
                     continue  # its K/V will be copied from choice 0's (a choice 0 that left: it prefills itself)
-                n = min(self.prefill_chunk, budget, len(seq.req.prompt_ids) - seq.computed)
+                n = min(self.chunk, len(seq.req.prompt_ids) - seq.computed)
+                if n > budget:  # batch-invariant: a whole chunk next step, never a cut one that depends on load
+                    n = 0 if self.invariant else budget
                 if n > 0:
                     chunks.append((seq, seq.computed, n))
                     budget -= n
             elif seq.out:
                 decodes.append(seq)
         return Plan(chunks, decodes)
+
+    @property
+    def chunk(self) -> int:
+        """A request's prompt chunk: a batch-invariant prefill runs exactly these, from position 0."""
+        return min(self.prefill_chunk, self.step_tokens) if self.invariant else self.prefill_chunk
 
     @property
     def idle(self) -> bool:

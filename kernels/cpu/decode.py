@@ -64,7 +64,7 @@ class _Model(ctypes.Structure):
                                      "x", "xn", "qkv", "att", "proj", "gu", "mid", "scores", "xb")]
                 + [("nf4", ctypes.c_int), ("xe", _P), ("xo", _P), ("tile", _P), ("nrows", ctypes.c_int), ("rows", _P)]
                 + [("lora", _P), ("lora_slots", ctypes.c_int), ("lora_slot", _P), ("lh", _P), ("lgroup", _P),
-                   ("lng", ctypes.c_int), ("lora_rowwise", ctypes.c_int)])
+                   ("lng", ctypes.c_int), ("lora_rowwise", ctypes.c_int), ("invariant", ctypes.c_int)])
 
 
 class _NF4Desc(ctypes.Structure):
@@ -254,6 +254,11 @@ class NativeDecode:
             ctypes.addressof(descs), S, lh.data_ptr(), lgroup.data_ptr()
         self.lora_slots = S
         return True
+
+    def set_invariant(self, on: bool) -> None:
+        """Batch-invariant: every row count through the same kernels (the GEMM's one FMA chain per output, NF4's
+        tile GEMM), so a row's logits are bitwise the same whatever else is in the step (csrc/decode.c's gemv)."""
+        self.m.invariant = int(on)
 
     def set_lora_rowwise(self, on: bool) -> None:
         """The LoRA epilogue one row at a time instead of grouping rows by adapter (each adapter's A and B read

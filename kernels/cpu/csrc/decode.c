@@ -63,9 +63,12 @@ static void gemm_f32(const Model *m, const float *W, const float *x, float *y, i
     GEMM_BODY(float, VW, F32_LOAD, F32_MLOAD, FMA32, MASKW, STORE_R)
 }
 
-/* y (B, N) = R(x (B, K) · Wᵀ); bf16 GEMVs read x from m->xb (see prep) */
+/* y (B, N) = R(x (B, K) · Wᵀ); bf16 GEMVs read x from m->xb (see prep). Batch-invariant (m->invariant), one row
+   goes through the GEMM too: the GEMV's two FMA chains per output sum in another order than the GEMM's one, so a
+   row alone would round differently from the same row in a batch. The GEMM's micro-kernels all run one chain per
+   output over k in the same order, whatever B, so a row's sums are the same for every B. */
 static void gemv(const Model *m, const void *W, const float *x, float *y, int N, int K) {
-    if (m->B == 1) {
+    if (m->B == 1 && !m->invariant) {
         if (m->bf) { gemv_bf16(m, (const uint16_t *)W, m->xb, y, N, K); return; }
         gemv_f32(m, (const float *)W, x, y, N, K);
     } else {
@@ -76,12 +79,14 @@ static void gemv(const Model *m, const void *W, const float *x, float *y, int N,
 
 /* A decoder projection: the dense GEMV, or for an NF4 model kernels/cpu/nf4.py's NF4 kernels (the ones the torch
    step runs, so the same sums): from NF4_TILE_MIN_M_* rows the tile GEMM (on m->xb for bf16), each thread in its
-   own tile of m->tile, else the fused dequantize-GEMV (up to NF4_GEMV_MAX_M rows). NF4_TILE output rows a task, then
-   y rounded to the model dtype as the torch step's `.to(dtype)` does. */
+   own tile of m->tile, else the fused dequantize-GEMV (up to NF4_GEMV_MAX_M rows); batch-invariant, the tile GEMM
+   for every row count (the fused GEMV sums fp32 x in four chains, the tile GEMM x in the model dtype in one).
+   NF4_TILE output rows a task, then y rounded to the model dtype as the torch step's `.to(dtype)` does. */
 static void proj(const Model *m, const void *W, const float *x, float *y, int N, int K) {
     if (!m->nf4) { gemv(m, W, x, y, N, K); return; }
     const NF4Desc *d = (const NF4Desc *)W;
-    const int B = m->B, K2 = K / 2, tile = B >= (m->bf ? NF4_TILE_MIN_M_BF16 : NF4_TILE_MIN_M_F32);
+    const int B = m->B, K2 = K / 2,
+              tile = m->invariant || B >= (m->bf ? NF4_TILE_MIN_M_BF16 : NF4_TILE_MIN_M_F32);
     if (!tile) {
         #pragma omp single
         for (int b = 0; b < B; b++)

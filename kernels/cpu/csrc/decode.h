@@ -33,13 +33,14 @@ typedef struct {
     int *lgroup;                    /* (3B + 1) scratch: rows grouped by slot (decode_lora.h's lora_groups) */
     int lng;                        /* groups this call */
     int lora_rowwise;               /* 1: one group per row, no sharing (an ablation: bench_multi_lora.py) */
+    int invariant;                  /* 1: one kernel for every row count, so a row's sums never depend on B */
 } Model;
 
 #define MODEL_FIELDS(X) X(B) X(L) X(C) X(nh) X(nkv) X(hs) X(rd) X(I) X(V) X(smax) X(window) X(bf) X(threads)   \
     X(eps) X(scale) X(in_norm) X(qkv_w) X(o_w) X(post_norm) X(gate_up_w) X(down_w) X(final_norm) X(lm_head)      \
     X(embed) X(cos) X(sin) X(k_cache) X(v_cache) X(pos) X(x) X(xn) X(qkv) X(att) X(proj) X(gu) X(mid) X(scores)  \
     X(xb) X(nf4) X(xe) X(xo) X(tile) X(nrows) X(rows) X(lora) X(lora_slots) X(lora_slot) X(lh) X(lgroup) X(lng)  \
-    X(lora_rowwise)
+    X(lora_rowwise) X(invariant)
 
 typedef struct {                    /* one NF4 weight (kernels/nf4.py's NF4Weight), for nf4.h's GEMV */
     const uint8_t *packed;

@@ -125,12 +125,13 @@ def test_prompts_arriving_together_prefill_together_a_chunk_each_within_the_step
         e.step()
     for r, h in zip(reqs, [running, *burst]):
         assert h.result().token_ids == _alone(model, Request(r.prompt_ids, r.max_tokens)).token_ids
-    tight = Engine(model, StubTokenizer(), max_batch=4, kv_tokens=4 * 128, prefill_chunk=16, step_tokens=20,
-                   prefix_cache=False, start=False)
-    hs = [tight.submit(Request(r.prompt_ids, r.max_tokens)) for r in reqs[1:]]
-    tight.step()
-    computed = [s.computed for s in tight.scheduler.running]
-    assert computed == [12, 8, 0] and len(hs[0].poll()) == 1 and not hs[1].poll()  # oldest first within the budget
+    for invariant, want in ((False, [12, 8, 0]), (True, [12, 0, 0])):  # batch-invariant: whole chunks only
+        tight = Engine(model, StubTokenizer(), max_batch=4, kv_tokens=4 * 128, prefill_chunk=16, step_tokens=20,
+                       prefix_cache=False, batch_invariant=invariant, start=False)
+        hs = [tight.submit(Request(r.prompt_ids, r.max_tokens)) for r in reqs[1:]]
+        tight.step()
+        computed = [s.computed for s in tight.scheduler.running]
+        assert computed == want and len(hs[0].poll()) == 1 and not hs[1].poll()  # oldest first within the budget
 
 
 def test_admission_errors_before_any_compute(model):
@@ -188,8 +189,9 @@ def test_shutdown_drain_finishes_running_and_waiting_requests(model):
 
 def test_asyncio_stream_and_prefix_reuse_across_requests(model):
     """`async for` over a Handle; a chat's next turn reuses the finished request's K/V and generates what a cold
-    engine generates."""
-    e = Engine(model, StubTokenizer(), max_batch=2, kv_tokens=2 * 128)
+    engine generates. Batch-invariant, only whole prefill chunks a prefill wrote are reused (the rest is prefilled
+    in the chunks a cold prefill runs)."""
+    e = Engine(model, StubTokenizer(), max_batch=2, kv_tokens=2 * 128, batch_invariant=False)
     first = random_prompt(20, 4)
 
     async def run(req):
@@ -202,3 +204,14 @@ def test_asyncio_stream_and_prefix_reuse_across_requests(model):
     assert r2.usage.cached_tokens == len(first) + len(r1_ids) - 1
     cold = _alone(model, Request(turn2, 10), prefix_cache=False)
     assert r2.token_ids == cold.token_ids and cold.usage.cached_tokens == 0
+
+    e = Engine(model, StubTokenizer(), max_batch=2, kv_tokens=2 * 128, prefill_chunk=16)   # batch-invariant
+    r1 = e.submit(Request(first, 10)).result(120)
+    turn2 = first + r1.token_ids + random_prompt(7, 5)
+    r2 = e.submit(Request(turn2, 10)).result(120)
+    again = e.submit(Request(turn2, 10)).result(120)
+    e.shutdown()
+    assert r2.usage.cached_tokens == 16            # of the 20 prefilled prompt tokens, one whole chunk
+    assert again.usage.cached_tokens == 32         # turn2's own prefill wrote 37: two whole chunks
+    cold = _alone(model, Request(turn2, 10), prefill_chunk=16)
+    assert r2.token_ids == again.token_ids == cold.token_ids

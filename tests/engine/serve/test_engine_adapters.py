@@ -185,7 +185,7 @@ def test_base_mismatch_and_bad_sets_are_refused(tiny):
 def test_load_unload_at_run_time_busy_and_unknown(tiny):
     path, dirs = tiny
     e = Engine(load_model(path, dtype=torch.float32), StubTokenizer(), max_batch=2, kv_tokens=2 * 160,
-               max_adapters=2)
+               max_adapters=2, prefill_chunk=4)   # batch-invariant reuse is by whole chunks: small ones here
     p = _prompt(12, 99)
     try:
         with pytest.raises(UnknownAdapter, match="'a' is not loaded") as err:

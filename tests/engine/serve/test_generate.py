@@ -266,7 +266,9 @@ def test_prefix_cache_next_turn_equals_a_fresh_run(tmp_path):
     generates what a fresh Generator generates; sliding window model, so reused slots must still age out."""
     make_hf_checkpoint(tmp_path, dict(sliding_window=15, num_key_value_heads=2))
     model = load_model(tmp_path, dtype=torch.float32)
-    warm, cold = Generator(model, StubTokenizer(), prefix_cache=True), Generator(model, StubTokenizer())
+    # token-granular reuse (batch-invariant reuse is by whole prefill chunks: tests/engine/serve/test_engine.py)
+    warm = Generator(model, StubTokenizer(), prefix_cache=True, batch_invariant=False)
+    cold = Generator(model, StubTokenizer())
     kw = dict(max_new_tokens=10, temperature=0)
     first = random_prompt(20, 4)
     [r1] = warm.generate([first], **kw)
