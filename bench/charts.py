@@ -34,8 +34,8 @@ RESULTS = ROOT / "bench" / "results"
 DOCS = ROOT / "docs"
 PAGE = "benchmarks.md"
 # The page's order; machine.json is the page's introduction, not a section.
-AREAS = ("load", "nf4", "decode", "cpu_kernels", "training", "serving", "structured", "export", "retrieval",
-         "evaluate")
+AREAS = ("load", "nf4", "decode", "cpu_kernels", "training", "serving", "structured", "invariance", "export",
+         "retrieval", "evaluate")
 INTRO = "machine"
 ROW_FIELDS = ("id", "what", "phiforge", "reference", "ratio", "command")
 # Small and stable: no build date or version in the PNG, a fixed hash salt for matplotlib's SVG ids.

@@ -58,16 +58,18 @@ def load_engine(model: str | Path | None = None, adapters: dict[str, str | Path]
 
 def load_generator(model_dir: str | Path | None = None, adapter_dir: str | Path | None = None,
                    dtype: torch.dtype | str | None = None, quant: str | None = None,
-                   device: str | torch.device = "cpu", prefix_cache: bool = False) -> Generator:
+                   device: str | torch.device = "cpu", prefix_cache: bool = False,
+                   batch_invariant: bool = True) -> Generator:
     """A Generator for `model_dir`, a directory or a Hugging Face id (default: the default model, built on first use).
 
     dtype None keeps the checkpoint's (config.json torch_dtype); pass `compute_dtype()` for this machine's fastest.
     quant "nf4" quantizes the decoder projections while loading, "none" keeps them dense, None follows the adapter's
-    training (NF4 for a QLoRA adapter). prefix_cache: see engine/serve/generate.py.
+    training (NF4 for a QLoRA adapter). prefix_cache, batch_invariant: see engine/serve/generate.py and
+    engine/serve/engine.py.
     """
     if adapter_dir is not None:
         check_adapter_dir(adapter_dir)
     quant = resolve_quant(quant, adapter_dir)
     path = model_path(model_dir)
     model = load_model(path, dtype=dtype, device=device, quant=quant, adapter=adapter_dir)
-    return Generator(model, load_tokenizer(path), prefix_cache=prefix_cache)
+    return Generator(model, load_tokenizer(path), prefix_cache=prefix_cache, batch_invariant=batch_invariant)

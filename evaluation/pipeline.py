@@ -72,7 +72,8 @@ def evaluate(model: str | Path | None, data: str | Path, *, index: str | Path | 
              max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, max_batch: int = DEFAULT_MAX_BATCH, seed: int = 0,
              retriever_baseline: str | Path | None = None, max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS,
              dtype: torch.dtype | None = None, encoder=None, baseline_encoder=None, rerank: bool = False,
-             json_schema: dict | None = None, log: Callable[[str], None] | None = print) -> dict:
+             json_schema: dict | None = None, batch_invariant: bool = True,
+             log: Callable[[str], None] | None = print) -> dict:
     """Answer every question of `data` in every chosen mode, score, and (with `out`) write the report files.
 
     model: a model directory or Hugging Face id (None: the default model). adapters: {"ft": dir, "raft": dir}
@@ -81,6 +82,7 @@ def evaluate(model: str | Path | None, data: str | Path, *, index: str | Path | 
     `index`'s retrieval reranked by the language model (retrieval/rerank.py: the reranker `index tune --rerank`
     saved beside the index's encoder, else the default model zero-shot); the baseline's never is. json_schema:
     structured answers held to it, scored for validity and per-field exact match (evaluation/runner.py).
+    batch_invariant: the Engine's (an answer does not depend on the other questions in its batch).
     Returns the report dict (what report.json holds).
     """
     log = log or (lambda s: None)
@@ -122,7 +124,7 @@ def evaluate(model: str | Path | None, data: str | Path, *, index: str | Path | 
     # a mode submits every prompt at once (two per question in a retrieval mode): the queue must hold them all
     engine, tokenizer = load_engine(path, adapter_dirs or None, dtype=dtype, quant=quant, max_batch=max_batch,
                                     kv_tokens=max_batch * row_len, max_queue=2 * len(rows),
-                                    max_adapters=len(adapter_dirs) or None)
+                                    max_adapters=len(adapter_dirs) or None, batch_invariant=batch_invariant)
     records: list[dict] = []
     seconds: dict[str, float] = {}
 

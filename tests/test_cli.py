@@ -41,10 +41,11 @@ def test_console_script_fetch_prints_the_model_dir():
 
 def test_chat_streams_turns_and_reuses_the_conversation(monkeypatch, capsys):
     """`phiforge chat`: two turns on stdin, each reply streamed; the second turn's prompt (the whole conversation)
-    comes mostly from the prefix cache; /reset empties the history."""
+    comes mostly from the prefix cache (with --batch-invariant off: on, only whole 512-token prefill chunks are
+    reused); /reset empties the history."""
     monkeypatch.setattr("sys.stdin", io.StringIO("What is the capital of France?\nAnd of Italy?\n/reset\nHi\n/exit\n"))
     assert main(["chat", "--model", str(default_model_path()), "--greedy", "--max-new-tokens", "12",
-                     "--stats"]) == 0
+                     "--stats", "--batch-invariant", "off"]) == 0
     out, err = capsys.readouterr()
     replies = [line for line in out.splitlines() if line.strip()]
     assert len(replies) == 3 and "Paris" in replies[0]

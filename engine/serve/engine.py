@@ -13,12 +13,18 @@ generator, applies its stop rules, and streams a Delta to its Handle. A request 
 length, abort) frees its row at once; the next step admits the next waiting one. KV memory and the admission rule
 (reserve prompt + max_tokens: no request ever outgrows its row, no preemption) are in engine/serve/kv_memory.py.
 
-**What a request's output depends on.** Only on itself: rows never see each other (each attends its own row),
-every request draws from its own generator, and its prompt is prefilled alone. In fp32, greedy tokens equal the
-same request run alone; they can differ only where a batched matmul sums in another order than a one-row one and
-a near-tie flips (bf16: the same, at bf16 near-ties, which are far more common; tests/engine/serve/test_engine_bf16.py
-checks that every flip is one). With prefix reuse on, reused K/V equal a fresh prefill's up to rounding, with the
-same caveat.
+**What a request's output depends on: only on itself** (`batch_invariant`, on by default). Rows never see each
+other (each attends its own row), every request draws from its own generator, and its prompt is prefilled alone, in
+chunks of `prefill_chunk` tokens counted from position 0. What could still tie a row's numbers to the rest of the
+step is fixed: the native decode step sums every row with the same kernel whatever the row count (csrc/decode.c's
+gemv: one FMA chain per output, NF4's tile GEMM), a step never hands it more rows than it takes (the torch step
+would sum otherwise), a prompt chunk is never cut short by the step's token budget (it waits a step instead), and
+prefix reuse takes only whole chunks that a prefill wrote (decode-written K/V, and a cut chunk, differ in their last
+bits from a fresh prefill's), so what is left runs in the very chunks a cold prefill would. A request's logits are
+then bitwise the same alone, in any batch, warm or cold (tests/engine/serve/test_batch_invariance.py), in fp32,
+bf16 and NF4. Not covered: the torch decode step (no native library, fp16, a single-adapter LoRALinear model), and
+a different `prefill_chunk` (another chunking is another sum). `batch_invariant=False` gives back token-granular
+prefix reuse and the two-chain GEMV.
 
 **LongRoPE.** A request's regime is fixed at admission (engine/serve/scheduler.py's rule). Rows of both regimes
 share the cache but never a step call: decodes run one call per regime, each with its own cos/sin table.

@@ -18,6 +18,10 @@ Every step, in this order:
   4. After the model ran: each request with logits samples a token and tests its stop rules; one that ends
      frees its row, which the next step's admission hands to the next waiting request.
 
+Batch-invariant (`invariant`, the engine's default): a chunk is always `chunk` tokens (or the prompt's rest), never
+cut to what the step's budget has left (the request waits a step), and admission reuses only whole chunks of a
+prefill-written prefix (KVMemory.acquire's `align`), so a prompt runs the same chunks however busy the engine is.
+
 The engine (engine/serve/engine.py) runs the model and sampling; this module holds the queues and decides.
 
 **LongRoPE policy.** A longrope model (Phi-3-mini-128k, 3.5-mini, 4-mini) has two rotary tables: short factors

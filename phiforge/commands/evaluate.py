@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from phiforge.commands.generate import add_batch_invariant
 from phiforge.engine.formats.peft import AdapterError
 from phiforge.engine.serve.constraint import read_schema
 from phiforge.engine.serve.request import EngineError
@@ -60,6 +61,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json-schema", default=None, metavar="FILE",
                    help="structured answers: every answer held to the JSON schema in FILE, scored for validity and, "
                         "on rows whose answer is an object, per-field exact match")
+    add_batch_invariant(p)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 
 
@@ -76,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
                       seed=args.seed, retriever_baseline=args.retriever_baseline, rerank=args.rerank,
                       max_prompt_tokens=args.max_prompt_tokens,
                       json_schema=read_schema(args.json_schema) if args.json_schema else None,
+                      batch_invariant=args.batch_invariant == "on",
                       log=lambda s: print(f"phiforge evaluate: {s}", file=sys.stderr, flush=True))
     print(markdown(report), end="")
     if args.out:

@@ -43,6 +43,14 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--system", default=None, help="system message (chat)")
     p.add_argument("--stats", action="store_true", help="print TTFT and decode tokens/s to stderr")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    add_batch_invariant(p)
+
+
+def add_batch_invariant(p: argparse.ArgumentParser) -> None:
+    """--batch-invariant on|off, shared by generate, chat, serve and evaluate (engine/serve/engine.py)."""
+    p.add_argument("--batch-invariant", choices=["on", "off"], default="on",
+                   help="on (default): a prompt's answer never depends on what else runs beside it; off: the last "
+                        "few percent of speed, and the prefix cache reuses any prefix")
 
 
 def add_arguments_generate(p: argparse.ArgumentParser) -> None:
@@ -118,7 +126,8 @@ def _load(args: argparse.Namespace, prefix_cache: bool = False) -> Generator:
     check_sampling(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    return load_generator(args.model, args.adapter, dtype=args.dtype, quant=args.quant, prefix_cache=prefix_cache)
+    return load_generator(args.model, args.adapter, dtype=args.dtype, quant=args.quant, prefix_cache=prefix_cache,
+                          batch_invariant=args.batch_invariant == "on")
 
 
 def _sampling(args: argparse.Namespace) -> dict[str, Any]:

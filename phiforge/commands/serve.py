@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from phiforge.commands.generate import add_batch_invariant
 from phiforge.engine.api.protocol import DEFAULT_MAX_N
 from phiforge.engine.api.server import create_app, run_server
 from phiforge.engine.pretrained import load_engine, model_path
@@ -50,6 +51,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-queue", type=int, default=256, help="requests waiting beyond the batch; more get a 429")
     p.add_argument("--max-n", type=int, default=DEFAULT_MAX_N, metavar="N",
                    help=f"choices one request may ask for with 'n' (at most --max-batch; default {DEFAULT_MAX_N})")
+    add_batch_invariant(p)
     p.add_argument("--ignore-unknown-fields", action="store_true",
                    help="log and ignore request fields OpenAI's API does not have (default: a 400 naming the field)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
@@ -102,7 +104,8 @@ def run(args: argparse.Namespace) -> int:
         chunk = {k: v for k, v in (("prefill_chunk", args.prefill_chunk), ("step_tokens", args.step_tokens)) if v}
         engine, tokenizer = load_engine(path, dict(adapters), dtype=args.dtype, quant=args.quant,
                                         max_batch=args.max_batch, max_queue=args.max_queue,
-                                        max_adapters=args.max_adapters, **chunk)
+                                        max_adapters=args.max_adapters,
+                                        batch_invariant=args.batch_invariant == "on", **chunk)
     except (ValueError, OSError) as e:  # the loaders' errors name the file and the field
         print(f"phiforge serve: {e}", file=sys.stderr)
         return 2

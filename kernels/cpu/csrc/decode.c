@@ -46,6 +46,9 @@ static void gemm_bf16(const Model *m, const uint16_t *W, const uint16_t *x, floa
     const int B = m->B;
     GEMM_BODY(uint16_t, 32, _mm512_loadu_si512, _mm512_maskz_loadu_epi16, DPBF16, MASK32, STORE_R)
 }
+static void gemv1_bf16(const Model *m, const uint16_t *W, const uint16_t *x, float *y, int N, int K) {
+    GEMV1_BODY(uint16_t, 32, _mm512_loadu_si512, _mm512_maskz_loadu_epi16, DPBF16, MASK32, STORE_R)
+}
 #else
 static void gemv_bf16(const Model *m, const uint16_t *W, const uint16_t *x, float *y, int N, int K) {
     GEMV_BODY(uint16_t, VW, BF16W_LOAD, BF16W_MLOAD, FMA32, MASKW, STORE_R)
@@ -53,6 +56,9 @@ static void gemv_bf16(const Model *m, const uint16_t *W, const uint16_t *x, floa
 static void gemm_bf16(const Model *m, const uint16_t *W, const uint16_t *x, float *y, int N, int K) {
     const int B = m->B;
     GEMM_BODY(uint16_t, VW, BF16W_LOAD, BF16W_MLOAD, FMA32, MASKW, STORE_R)
+}
+static void gemv1_bf16(const Model *m, const uint16_t *W, const uint16_t *x, float *y, int N, int K) {
+    GEMV1_BODY(uint16_t, VW, BF16W_LOAD, BF16W_MLOAD, FMA32, MASKW, STORE_R)
 }
 #endif
 static void gemv_f32(const Model *m, const float *W, const float *x, float *y, int N, int K) {
@@ -62,13 +68,19 @@ static void gemm_f32(const Model *m, const float *W, const float *x, float *y, i
     const int B = m->B;
     GEMM_BODY(float, VW, F32_LOAD, F32_MLOAD, FMA32, MASKW, STORE_R)
 }
+static void gemv1_f32(const Model *m, const float *W, const float *x, float *y, int N, int K) {
+    GEMV1_BODY(float, VW, F32_LOAD, F32_MLOAD, FMA32, MASKW, STORE_R)
+}
 
 /* y (B, N) = R(x (B, K) · Wᵀ); bf16 GEMVs read x from m->xb (see prep). Batch-invariant (m->invariant), one row
-   goes through the GEMM too: the GEMV's two FMA chains per output sum in another order than the GEMM's one, so a
-   row alone would round differently from the same row in a batch. The GEMM's micro-kernels all run one chain per
-   output over k in the same order, whatever B, so a row's sums are the same for every B. */
+   goes through GEMV1, the GEMM's sums: the GEMV's two FMA chains per output sum in another order than the GEMM's
+   one, so a row alone would round differently from the same row in a batch. The GEMM's micro-kernels (and DOT1)
+   all run one chain per output over k in the same order, whatever B, so a row's sums are the same for every B. */
 static void gemv(const Model *m, const void *W, const float *x, float *y, int N, int K) {
-    if (m->B == 1 && !m->invariant) {
+    if (m->B == 1 && m->invariant) {
+        if (m->bf) { gemv1_bf16(m, (const uint16_t *)W, m->xb, y, N, K); return; }
+        gemv1_f32(m, (const float *)W, x, y, N, K);
+    } else if (m->B == 1) {
         if (m->bf) { gemv_bf16(m, (const uint16_t *)W, m->xb, y, N, K); return; }
         gemv_f32(m, (const float *)W, x, y, N, K);
     } else {

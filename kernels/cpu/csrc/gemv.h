@@ -63,6 +63,28 @@
         STORE(n, vsum(vadd(a0, a1)));                                                                      \
     }
 
+/* One output of the GEMM's sums for one row of x: weight row w against x, one FMA chain over k in STEP steps and
+   one masked tail, then vsum: exactly what GEMM_ROW / GEMM_PAIR compute for each (row of x, weight row), so a
+   batch-invariant step (decode.c) takes it for a single row without the GEMM's padding to GEMM_XB rows. The
+   caller names K; `out` gets the fp32 sum. */
+#define DOT1(T, STEP, LOAD, MLOAD, FMA, MASK, w, x, out)                                                   \
+    {                                                                                                      \
+        const int Kf1 = K - K % STEP;                                                                      \
+        vfloat a0 = vzero();                                                                               \
+        for (int k = 0; k < Kf1; k += STEP) a0 = FMA(a0, LOAD((w) + k), LOAD((x) + k));                    \
+        if (Kf1 < K) a0 = FMA(a0, MLOAD(MASK(K - Kf1), (w) + Kf1), MLOAD(MASK(K - Kf1), (x) + Kf1));       \
+        out = vsum(a0);                                                                                    \
+    }
+
+/* GEMV1: the one-row GEMV with the GEMM's sums (DOT1 per weight row), weight rows split over the threads. */
+#define GEMV1_BODY(T, STEP, LOAD, MLOAD, FMA, MASK, STORE)                                                \
+    _Pragma("omp for schedule(static)")                                                                    \
+    for (int n = 0; n < N; n++) {                                                                         \
+        float v;                                                                                           \
+        DOT1(T, STEP, LOAD, MLOAD, FMA, MASK, W + (int64_t)n * K, x, v)                                    \
+        STORE(n, v);                                                                                       \
+    }
+
 /* GEMM for B > 1 rows of x (row stride K) into y (B, N), streaming the weights once instead of B times. Up to
    GEMM_XB rows (one block of x) the step is still bound by reading the weights: one weight row at a time, as the
    GEMV does (one sequential stream per thread), each weight load feeding the block's GEMM_XB accumulators. More rows

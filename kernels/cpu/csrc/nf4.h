@@ -208,6 +208,24 @@ static inline void nf4_gemm_tile(const void *xv, int kind, int B, const uint8_t 
                                  int bs, int nbs, int64_t N, int64_t K, int64_t n0, int64_t n1, void *tile,
                                  float *y) {
     nf4_dequant(packed, absmax, code, ncode, nabs, offset, dq, bs, nbs, n0 * K, n1 * K, tile, kind);
+    if (B == 1) {  /* GEMM_PAIR's sums without its padding to GEMM_XB rows of x (the batch-invariant single row) */
+        for (int64_t r = 0; r < n1 - n0; r++) {
+            float v;
+            if (kind == 0) {
+                DOT1(float, VW, F32_LOAD, F32_MLOAD, FMA32, MASKW, (const float *)tile + r * K, (const float *)xv, v)
+            } else {
+#ifdef __AVX512BF16__
+                DOT1(uint16_t, 32, _mm512_loadu_si512, _mm512_maskz_loadu_epi16, DPBF16, MASK32,
+                     (const uint16_t *)tile + r * K, (const uint16_t *)xv, v)
+#else
+                DOT1(uint16_t, VW, BF16W_LOAD, BF16W_MLOAD, FMA32, MASKW, (const uint16_t *)tile + r * K,
+                     (const uint16_t *)xv, v)
+#endif
+            }
+            y[n0 + r] = v;
+        }
+        return;
+    }
     for (int64_t r = 0; r < n1 - n0; r += 2) {
         const int rows = n1 - n0 - r >= 2 ? 2 : 1;
         if (kind == 0) {
