@@ -132,7 +132,7 @@ def test_api_key(tiny):
 
 
 def test_metrics_count_what_was_served(tiny):
-    with serving(tiny) as (url, _):
+    with serving(tiny, prefill_chunk=16) as (url, _):  # batch-invariant reuse is by whole chunks: small ones
         c = client(url)
         rs = [c.completions.create(model="tiny", prompt=p, max_tokens=4, temperature=0) for p in ("a b", "c d e")]
         list(c.completions.create(model="tiny", prompt="f", max_tokens=4, temperature=0, stream=True))
