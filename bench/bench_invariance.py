@@ -9,6 +9,12 @@ prefix cache is in the README).
 
     python bench/bench_invariance.py [--dtypes bfloat16,float32] [--quants none,nf4] [--concurrency 1,4,16]
                                      [--new 48] [--repeats 3] [--threads T] [--out FILE]
+    python bench/bench_invariance.py --diagnose [--dtypes bfloat16,float32] [--quants none,nf4] [--chunks 16,32]
+
+`--diagnose` names what is still not invariant in the prefill: one prompt prefilled through `model.forward` in
+chunks of each size in --chunks, every module's output at the same positions compared bitwise, layer by layer; it
+prints the first module whose output differs between chunkings (or that none does), in the order the forward
+runs. That is the work left for prefill-chunk invariance (engine/serve/engine.py's docstring).
 """
 from __future__ import annotations
 
@@ -35,6 +41,42 @@ def run(engine: Engine, prompts: list[list[int]], new: int) -> float:
     return sum(len(r.token_ids) for r in results) / wall
 
 
+def diagnose(model, prompt: list[int], chunks: list[int]) -> dict:
+    """{"first": the first module (in forward order) whose outputs at the same positions differ between the
+    chunkings, or None; "modules": how many were compared}."""
+    outputs: dict[int, dict[str, list[torch.Tensor]]] = {}
+    order: list[str] = []
+
+    def record(name):
+        def hook(_module, _args, out):
+            if isinstance(out, torch.Tensor):
+                if name not in order:
+                    order.append(name)
+                outputs[current].setdefault(name, []).append(out.detach()[0].clone())   # (T, ...) of the chunk
+        return hook
+
+    hooks = [m.register_forward_hook(record(n)) for n, m in model.named_modules() if n and not list(m.children())]
+    try:
+        for current in chunks:
+            outputs[current] = {}
+            cache = model.new_cache(1, len(prompt) + 1)
+            with torch.inference_mode():
+                for start in range(0, len(prompt), current):
+                    ids = prompt[start:start + current]
+                    model(torch.tensor([ids]), cache=cache, return_hidden=True)   # advances cache.length
+    finally:
+        for h in hooks:
+            h.remove()
+    whole = {c: {n: torch.cat(v) for n, v in outs.items() if all(t.dim() >= 1 for t in v)}
+             for c, outs in outputs.items()}                                   # per module: (T, ...) over the prompt
+    a, b = chunks[0], chunks[1]
+    for name in order:
+        x, y = whole[a].get(name), whole[b].get(name)
+        if x is not None and y is not None and x.shape == y.shape and not torch.equal(x, y):
+            return {"first": name, "modules": len(order)}
+    return {"first": None, "modules": len(order)}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dtypes", default="bfloat16,float32")
@@ -44,9 +86,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default=None, help="also write the JSON here")
+    ap.add_argument("--diagnose", action="store_true", help="name the first prefill module that chunking changes")
+    ap.add_argument("--chunks", default="16,32", help="--diagnose: two prefill chunk sizes")
     a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
+    if a.diagnose:
+        path = default_model_path()
+        tok = load_tokenizer(path)
+        prompt = tok.encode(" ".join(f"Station {i} reported {i * 37 % 101} psi." for i in range(12)))
+        chunks = [int(c) for c in a.chunks.split(",")][:2]
+        out = {f"{d}_{q}": diagnose(load_model(path, dtype=getattr(torch, d), quant=None if q == "none" else q),
+                                    prompt, chunks) for d in a.dtypes.split(",") for q in a.quants.split(",")}
+        emit({"prompt_tokens": len(prompt), "chunks": chunks, **out}, a.out)
+        return 0
     levels = [int(c) for c in a.concurrency.split(",")]
     path = default_model_path()
     tok = load_tokenizer(path)
