@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_phi3 import randomize_lora_B
 
 from phiforge.engine.formats.default_model import default_model_path
 from phiforge.engine.formats.loader import load_model
+from phiforge.engine.formats.peft import save_adapter
+from phiforge.engine.model.lora import apply_lora
 from phiforge.engine.model.tokenizer import load_tokenizer
 from phiforge.engine.serve.engine import Engine
 from phiforge.engine.serve.request import Request
@@ -98,3 +101,30 @@ def test_without_invariance_bf16_logits_move(tok):
     alone = _alone(model, tok, reqs, invariant=False)
     busy, _, _ = _run(model, tok, reqs, 12, invariant=False)
     assert busy != alone
+
+
+def test_adapter_rows_bitwise_equal_alone_and_beside_other_adapters(tok, tmp_path):
+    """Rows of two LoRA adapters and of the base in one step (the native step's grouped adapter epilogue): each
+    request's logprobs are what they are alone (bf16)."""
+    dirs = {}
+    for i, name in enumerate(("a", "b")):
+        net = load_model(default_model_path(), dtype=torch.float32)
+        apply_lora(net, r=4, alpha=8, dropout=0.0)
+        randomize_lora_B(net, seed=30 + i, std=0.02)
+        dirs[name] = str(save_adapter(net, tmp_path / name))
+    def run(reqs):  # a fresh base each time: an Engine wraps its model's projections for the adapters
+        model = load_model(default_model_path(), dtype=torch.bfloat16)
+        e = Engine(model, tok, max_batch=16, kv_tokens=16 * 256, prefill_chunk=32, adapters=dirs, start=False)
+        hs = [e.submit(r) for r in reqs]
+        while not all(h.done for h in hs):
+            e.step()
+        if any(r.adapter for r in reqs):                 # the native step's adapter epilogue ran
+            assert e._decode[False].steps["native_lora"] > 0, e._decode[False].steps
+        return [_answer(h.result()) for h in hs]
+
+    reqs = [Request(_ids(tok, q), NEW, logprobs=5, stop_token_ids=frozenset(), adapter=a)
+            for q, a in zip(QUESTIONS * 3, ["a", "b", None] * 4)]
+    together = run(reqs)
+    assert together[:6] == [run([r])[0] for r in reqs[:6]]
+    base = run([Request(reqs[0].prompt_ids, NEW, logprobs=5, stop_token_ids=frozenset())])[0]
+    assert base != together[0]                            # the adapter changes the answer
