@@ -21,8 +21,8 @@ gemv: one FMA chain per output, NF4's tile GEMM), a step never hands it more row
 would sum otherwise), a prompt chunk is never cut short by the step's token budget (it waits a step instead), and
 prefix reuse takes only whole chunks that a prefill wrote (decode-written K/V, and a cut chunk, differ in their last
 bits from a fresh prefill's), so what is left runs in the very chunks a cold prefill would. A request's logits are
-then bitwise the same alone, in any batch, warm or cold (tests/engine/serve/test_batch_invariance.py), in fp32,
-bf16 and NF4. Not covered: the torch decode step (no native library, fp16, a single-adapter LoRALinear model), and
+then bitwise the same alone, in any batch (adapter rows included), warm or cold
+(tests/engine/serve/test_batch_invariance.py), in fp32, bf16 and NF4. Not covered: the torch decode step (no native library, fp16, a single-adapter LoRALinear model), and
 a different `prefill_chunk` (another chunking is another sum). `batch_invariant=False` gives back token-granular
 prefix reuse and the two-chain GEMV.
 
