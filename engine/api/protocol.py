@@ -32,12 +32,12 @@ from typing import Any, Callable
 
 from phiforge.engine.serve.constraint import Constraint
 from phiforge.engine.serve.request import Request
-from phiforge.engine.serve.sampling import SamplingParams
+from phiforge.engine.serve.sampling import MAX_LOGPROBS, SamplingParams
 
 from .fields import FieldError, check_fields
 from .tools import ToolError, ToolSpec, parse_tools, past_turn
 
-MAX_CHAT_LOGPROBS, MAX_COMPLETION_LOGPROBS = 20, 5   # OpenAI's limits for top_logprobs and logprobs
+MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit for completions' logprobs (chat's top_logprobs: the engine's, 20)
 DEFAULT_MAX_N = 8             # choices per request unless the server says otherwise (serve --max-n)
 MAX_STOP = 16                 # OpenAI documents 4; more is harmless for the engine, unbounded is not
 COMPLETION_DEFAULT_TOKENS = 16
@@ -223,7 +223,7 @@ def _common(body: Any, models: Callable[[], list[str]], max_n: int, kind: str, v
 def _chat_logprobs(body: dict) -> int | None:
     """`logprobs: true` + `top_logprobs` k -> k (0 without it); None when logprobs are not asked for."""
     want = _flag(body, "logprobs")
-    k = _integer(body, "top_logprobs", 0, MAX_CHAT_LOGPROBS)
+    k = _integer(body, "top_logprobs", 0, MAX_LOGPROBS)
     if k is not None and not want:
         raise bad("top_logprobs", "'top_logprobs' needs 'logprobs': true")
     return (k or 0) if want else None

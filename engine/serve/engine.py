@@ -62,7 +62,7 @@ import torch
 
 from phiforge.kernels.cpu import omp_pool
 
-from .constraint import Constraint, ConstraintError, Grammars
+from .constraint import Constraint, ConstraintError, Grammars, Matcher
 from .decode import DecodeStep
 from .detokenize import IncrementalDetokenizer
 from .kv_memory import KVMemory
@@ -154,10 +154,7 @@ class Engine:
                            stop_ids=self.stop_ids if r.stop_token_ids is None else frozenset(r.stop_token_ids),
                            detok=IncrementalDetokenizer(self.tokenizer, r.stop), t_submit=now())
             if r.constraint is not None:  # compiled here, on the caller's thread: a new grammar never stalls a step
-                try:
-                    seq.matcher = self._grammar_set().matcher(r.constraint)
-                except ConstraintError as e:
-                    raise InvalidRequest(str(e), e.field) from None
+                seq.matcher = self.check_constraint(r.constraint)
             seqs.append(seq)
         for seq in seqs[1:]:
             seq.fork_of = seqs[0]
@@ -179,10 +176,11 @@ class Engine:
             self._lock.notify_all()
         return [seq.handle for seq in seqs]
 
-    def check_constraint(self, constraint: Constraint) -> None:
-        """Compile the constraint (cached for later requests), or InvalidRequest naming its field."""
+    def check_constraint(self, constraint: Constraint) -> Matcher:
+        """A fresh matcher of the constraint (its grammar cached for later requests), or InvalidRequest naming its
+        field."""
         try:
-            self._grammar_set().matcher(constraint)
+            return self._grammar_set().matcher(constraint)
         except ConstraintError as e:
             raise InvalidRequest(str(e), e.field) from None
 
